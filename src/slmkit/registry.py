@@ -1,0 +1,63 @@
+"""A named registry per technique family (quantizers, pruners, losses, ...).
+
+Modelled on lm-evaluation-harness' registry: duplicate names are rejected and an
+unknown name raises a :class:`~slmkit.errors.ConfigError` listing near matches.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
+
+from slmkit.errors import ConfigError
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    """Maps names to objects of one family.
+
+    >>> LOSSES: Registry[Callable] = Registry("loss")
+    >>> @LOSSES.register("fkl")
+    ... def forward_kl(...): ...
+    """
+
+    def __init__(self, family: str):
+        self.family = family
+        self._items: dict[str, T] = {}
+
+    def register(self, name: str, *aliases: str) -> Callable[[T], T]:
+        def deco(obj: T) -> T:
+            for key in (name, *aliases):
+                if key in self._items:
+                    raise ValueError(f"{self.family} {key!r} is already registered")
+                self._items[key] = obj
+            return obj
+
+        return deco
+
+    def add(self, name: str, obj: T) -> T:
+        return self.register(name)(obj)
+
+    def get(self, name: str) -> T:
+        try:
+            return self._items[name]
+        except KeyError:
+            near = difflib.get_close_matches(name, list(self._items), n=3, cutoff=0.5)
+            hint = f"did you mean {', '.join(near)}?" if near else None
+            raise ConfigError(
+                f"unknown {self.family} {name!r}; known: {', '.join(sorted(self._items))}", hint
+            ) from None
+
+    def names(self) -> list[str]:
+        return sorted(self._items)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._items
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def __len__(self) -> int:
+        return len(self._items)

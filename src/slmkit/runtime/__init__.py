@@ -1,0 +1,1 @@
+"""Runtime: serving and generation."""

@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny random models (built in process), the default model, the shared data."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from slmkit.data.paths import data_dir
+from slmkit.models.tiny import save_tiny, tiny_llama_config, tiny_model, tiny_tokenizer
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def tiny_tok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_tok):
+    """(model, tokenizer): 2 layers, hidden 64, GQA 4/2, tied embeddings."""
+    return tiny_model(tiny_llama_config(tiny_tok)), tiny_tok
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tiny_llama, tmp_path_factory):
+    model, tok = tiny_llama
+    return save_tiny(model, tok, tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tiny_llama, tmp_path_factory):
+    from slmkit.export.gguf import export_gguf
+
+    model, tok = tiny_llama
+    return export_gguf(model, tok, tmp_path_factory.mktemp("tinygguf") / "tiny.gguf", "F32")
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """The embedded default model (SmolLM2-135M-Instruct), fp32; for integration tests."""
+    from slmkit.models import load
+
+    return load("default")
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+    root = data_dir()
+    if root is None:
+        pytest.skip("shared data not found: set SLMKIT_DATA to the folder holding wikitext-2/, truthfulqa/, ...")
+    return root
