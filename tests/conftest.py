@@ -49,6 +49,19 @@ def default_model():
 @pytest.fixture(scope="session")
 def shared_data():
     root = data_dir()
-    if root is None:
-        pytest.skip("shared data not found: set SLMKIT_DATA to the folder holding wikitext-2/, truthfulqa/, ...")
+    if root is None or not root.is_dir():
+        pytest.skip(f"shared data not found ({root or '../shared/data'}): set SLMKIT_DATA to the folder holding wikitext-2/, truthfulqa/, ...")
     return root
+
+
+@pytest.fixture
+def shared_file(shared_data):
+    """``shared_file("wikitext-2/test.txt")`` -> Path, or skip naming the missing file."""
+
+    def get(relative: str):
+        path = shared_data / relative
+        if not path.exists():
+            pytest.skip(f"shared data file {path} not found (set SLMKIT_DATA)")
+        return path
+
+    return get

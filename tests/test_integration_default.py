@@ -22,8 +22,8 @@ def test_default_answers_capital_of_france(default_model):
     assert "Paris" in out[0].text
 
 
-def test_default_wikitext_perplexity(default_model, shared_data):
+def test_default_wikitext_perplexity(default_model, shared_file):
     model, tok = default_model
-    text = (shared_data / "wikitext-2" / "test.txt").read_text()
+    text = shared_file("wikitext-2/test.txt").read_text()
     res = perplexity(model, tok, text, PerplexityConfig(context=512, stride=512, max_tokens=4096))
     assert 10 < res.perplexity < 35  # measured here: about 20 on the full test set
