@@ -108,11 +108,34 @@ def check_safetensors(path: Path) -> None:
         ) from None
 
 
+def converted_dir(gguf_path: Path) -> Path:
+    """Cache directory for the Hugging Face conversion of a packaged GGUF file.
+
+    Keyed by the file's path, size and mtime and the transformers version, so a
+    new package or a new converter gives a new entry.
+    """
+    import hashlib
+
+    import transformers
+
+    st = gguf_path.stat()
+    key = f"{gguf_path.resolve()}:{st.st_size}:{st.st_mtime_ns}:{transformers.__version__}"
+    return zoo.cache_dir() / "converted" / f"{gguf_path.stem}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
+
+
 def resolve(spec: str) -> ModelSource:
-    """Classify ``spec`` without loading weights."""
+    """Classify ``spec`` without loading weights.
+
+    A packaged (zoo) model resolves to its converted safetensors copy in the
+    cache once :func:`load` has made one (loading a GGUF means dequantising
+    every tensor and rebuilding the tokenizer, ~15 s for the default model).
+    """
     spec = str(spec)
     if spec in zoo.ZOO:
         path = zoo.locate(spec)
+        cached = converted_dir(path)
+        if (cached / "config.json").is_file():
+            return ModelSource(spec, "dir", str(cached), None)
         return ModelSource(spec, "zoo", str(path.parent), path.name)
     p = Path(spec).expanduser()
     if p.is_file():
@@ -212,6 +235,17 @@ def load_tokenizer(spec: str | ModelSource, trust_remote_code: bool = False):
     return tok
 
 
+def _cache_conversion(model, tokenizer, src: ModelSource) -> None:
+    """Save a packaged GGUF's dequantised model as safetensors for fast later loads (best effort)."""
+    from slmkit.artefact import Manifest, save_model
+
+    dest = converted_dir(Path(src.path) / src.gguf_file)
+    try:
+        save_model(model, tokenizer, dest, Manifest(source=str(Path(src.path) / src.gguf_file), stages=[{"stage": "gguf-dequantise"}]))
+    except OSError as err:
+        log.warning("could not cache the conversion of %s in %s: %s", src.spec, dest, err)
+
+
 def load(
     spec: str,
     dtype: str | torch.dtype = "fp32",
@@ -232,7 +266,7 @@ def load(
         raise UnsupportedModelError(f"{spec}: encoder-decoder models are not supported; slmkit needs a decoder-only LM")
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            src.path, dtype=torch_dtype, **_kwargs(src, trust_remote_code)
+            src.path, dtype=torch.float32 if src.kind == "zoo" else torch_dtype, **_kwargs(src, trust_remote_code)
         )
     except OSError as err:
         if src.kind == "hub":
@@ -246,8 +280,10 @@ def load(
     for attr in ("hf_quantizer", "quantization_method"):
         if getattr(model, attr, None) is not None and src.gguf_file:
             setattr(model, attr, None)
-    model.to(device).eval()
-    model.config.name_or_path = spec
     tokenizer = load_tokenizer(src, trust_remote_code)
+    if src.kind == "zoo":
+        _cache_conversion(model, tokenizer, src)
+    model.to(device=device, dtype=torch_dtype).eval()
+    model.config.name_or_path = spec
     log.info("loaded %s (%s) as %s on %s", spec, src.kind, torch_dtype, device)
     return model, tokenizer
