@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,7 +160,7 @@ class LinearStats:
     Linears that read the same tensor (q/k/v, gate/up) share one object: read it, do not edit it.
     """
 
-    H: torch.Tensor  #: (in, in) fp32, sum_x x x^T / n  (GPTQ's Hessian 2 X X^T, up to a factor)
+    H: torch.Tensor  #: (in, in) fp32, sum_x x x^T / n  (GPTQ's Hessian 2 X X^T, up to a factor); (0, 0) if not asked
     sq_norm: torch.Tensor  #: (in,) fp32, sum_x x_j^2 (Wanda's ||X_j||_2^2)
     abs_mean: torch.Tensor  #: (in,) fp32, mean_x |x_j| (AWQ's activation scale)
     n: int  #: tokens seen
@@ -168,8 +168,8 @@ class LinearStats:
 
 
 class _Accumulator:
-    def __init__(self, dim: int, total_rows: int, sample_rows: int, gen: torch.Generator):
-        self.xtx = torch.zeros(dim, dim, dtype=torch.float64)
+    def __init__(self, dim: int, total_rows: int, sample_rows: int, gen: torch.Generator, hessian: bool = True):
+        self.xtx = torch.zeros(dim, dim, dtype=torch.float64) if hessian else None
         self.sq = torch.zeros(dim, dtype=torch.float64)
         self.abs = torch.zeros(dim, dtype=torch.float64)
         self.n = 0
@@ -180,7 +180,8 @@ class _Accumulator:
 
     def add(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).float().cpu()  # (n, in)
-        self.xtx += (x.T @ x).double()
+        if self.xtx is not None:
+            self.xtx += (x.T @ x).double()
         self.sq += x.square().sum(0).double()
         self.abs += x.abs().sum(0).double()
         self.n += x.shape[0]
@@ -190,9 +191,10 @@ class _Accumulator:
 
     def finish(self) -> LinearStats:
         n = max(self.n, 1)
-        sample = torch.cat(self.samples)[: self.sample_rows] if self.samples else torch.zeros(0, self.xtx.shape[0])
+        dim = self.sq.shape[0]
+        sample = torch.cat(self.samples)[: self.sample_rows] if self.samples else torch.zeros(0, dim)
         return LinearStats(
-            H=(self.xtx / n).float(),
+            H=(self.xtx / n).float() if self.xtx is not None else torch.empty(0, 0),
             sq_norm=self.sq.float(),
             abs_mean=(self.abs / n).float(),
             n=self.n,
@@ -266,10 +268,19 @@ StatsFn = Callable[[int, nn.Module, dict[str, LinearStats]], None]
 
 @torch.no_grad()
 def collect_stats(
-    block: nn.Module, xs: list[torch.Tensor], kws: list[dict], seed: int = 0, sample_rows: int = SAMPLE_ROWS
+    block: nn.Module,
+    xs: list[torch.Tensor],
+    kws: list[dict],
+    seed: int = 0,
+    sample_rows: int = SAMPLE_ROWS,
+    hessian: bool = True,
+    only: Collection[str] | None = None,
 ) -> dict[str, LinearStats]:
-    """Run ``block`` on every batch with hooks on its Linears; return their input statistics."""
-    lins = linears(block)
+    """Run ``block`` on every batch with hooks on its Linears; return their input statistics.
+
+    ``hessian=False`` skips ``H`` (left empty), the costly part; ``only`` limits the Linears hooked.
+    """
+    lins = {k: v for k, v in linears(block).items() if only is None or k in only}
     total = sum(x.shape[0] * x.shape[1] for x in xs)
     gen = torch.Generator().manual_seed(seed)
     accs: dict[int, _Accumulator] = {}  # one accumulator per distinct input tensor
@@ -286,7 +297,7 @@ def collect_stats(
             acc_id = owner.get(name)
             if acc_id is None:
                 acc_id = len(accs)
-                accs[acc_id] = _Accumulator(x.shape[-1], total, sample_rows, gen)
+                accs[acc_id] = _Accumulator(x.shape[-1], total, sample_rows, gen, hessian)
                 owner[name] = acc_id
             seen[key] = acc_id
             accs[acc_id].add(x)
@@ -314,6 +325,8 @@ def sequential(
     collect: bool = True,
     seed: int = 0,
     on_block: Callable[[int, list[torch.Tensor], list[torch.Tensor]], None] | None = None,
+    hessian: bool = True,
+    only: Collection[str] | None = None,
 ) -> list[torch.Tensor]:
     """Calibrate ``model`` block by block, letting ``fn`` compress each block in place.
 
@@ -321,13 +334,13 @@ def sequential(
     (when ``collect``; else ``fn`` gets ``{}``), call ``fn(i, block, stats)``, then
     run the (possibly modified) block to produce the inputs of block ``i + 1``.
     ``on_block(i, inputs, outputs)``, if given, sees each block's input and output
-    batches (after ``fn``). Returns the hidden states leaving the last block
+    batches (after ``fn``). ``hessian`` and ``only`` are passed to :func:`collect_stats`. Returns the hidden states leaving the last block
     (before the final norm), one ``(B, T, D)`` tensor per batch.
     """
     layers = decoder_layers(model)
     xs, kws = block_inputs(model, ids, batch_size)
     for i, block in enumerate(layers):
-        stats = collect_stats(block, xs, kws, seed=seed + i) if collect else {}
+        stats = collect_stats(block, xs, kws, seed=seed + i, hessian=hessian, only=only) if collect else {}
         fn(i, block, stats)
         outs = [_run_block(block, x, kw) for x, kw in zip(xs, kws)]
         if on_block is not None:

@@ -267,7 +267,7 @@ def wanda(model, calib_ids: torch.Tensor, cfg: WandaConfig = WandaConfig()):
         for name, lin in linears(block).items():
             lin.weight.copy_(wanda_prune(lin.weight, stats[name].sq_norm, cfg.sparsity, nm))
 
-    sequential(model, calib_ids, fn, batch_size=cfg.batch_size)
+    sequential(model, calib_ids, fn, batch_size=cfg.batch_size, hessian=False)
     return model
 
 
@@ -303,6 +303,8 @@ def weight_sparsity(model) -> float:
 
 def prune(model, calib_ids: torch.Tensor | None, method: str, cfg) -> nn.Module:
     """Run the registered pruner ``method`` with its config ``cfg`` (in place; returns the model)."""
+    import slmkit.compress.structured  # noqa: F401  (registers depth and width)
+
     fn = PRUNERS.get(method)
     expected = PRUNER_CONFIGS.get(method)
     if expected is not None and not isinstance(cfg, expected):
