@@ -238,6 +238,13 @@ def load(
             model.to(device).eval()
             model.config.name_or_path = spec
             return model, load_tokenizer(src, trust_remote_code)
+        from slmkit.compress.lowrank import is_lowrank_config, load_lowrank
+
+        if is_lowrank_config(config):  # factorised Linears written by `slmkit lowrank`
+            model = load_lowrank(src.path, config, torch_dtype)
+            model.to(device).eval()
+            model.config.name_or_path = spec
+            return model, load_tokenizer(src, trust_remote_code)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             src.path, dtype=torch_dtype, **_kwargs(src, trust_remote_code)
