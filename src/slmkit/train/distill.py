@@ -235,6 +235,16 @@ def last_complete_checkpoint(ckpt_dir: Path) -> Path | None:
     return best
 
 
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def _prepare_run_dir(output: Path, identity: dict, resume: bool) -> Path | None:
     """Check ``output`` against this run's identity; returns the checkpoint to resume from (or None)."""
     run_file = output / RUN_FILE
@@ -244,10 +254,10 @@ def _prepare_run_dir(output: Path, identity: dict, resume: bool) -> Path | None:
     if resume:
         if not run_file.is_file():
             raise ConfigError(f"nothing to resume in {output}: no {RUN_FILE} there", "drop --resume to start a new run")
-        old = json.loads(run_file.read_text())
-        diff = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
+        old, new = _flat(json.loads(run_file.read_text())), _flat(identity)
+        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         if diff:
-            shown = "; ".join(f"{k}: {old.get(k)!r} there, {identity.get(k)!r} now" for k in diff[:3])
+            shown = "; ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in diff[:3])
             raise ConfigError(f"{output} holds a different run ({shown})",
                               "resume with the same teacher, student, data and settings, or choose another --output")
         ckpt = last_complete_checkpoint(ckpts)
@@ -369,7 +379,7 @@ def _finalize(model, tokenizer, output: Path, identity: dict, cfg: DistillConfig
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / MANIFEST).write_text(manifest.to_json())
-        for name in (RUN_FILE, CHECKPOINTS):  # the run state moves into the finished directory last
-            if (output / name).exists():
-                os.replace(output / name, tmp / name)
+        for entry in sorted(output.iterdir()):  # run state (run.json, checkpoints, teacher data) moves in last
+            if not (tmp / entry.name).exists():
+                os.replace(entry, tmp / entry.name)
 
