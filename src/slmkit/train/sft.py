@@ -215,7 +215,7 @@ def latest_checkpoint(directory: str | Path) -> Path | None:
     return max(cks, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
 
-def trainer_args(cfg, ckpt: Path, config_cls):
+def trainer_args(cfg, ckpt: Path) -> dict:
     """Training arguments common to SFT and preference trainers (CPU, no reporting)."""
     return dict(
         output_dir=str(ckpt),
@@ -266,7 +266,7 @@ def sft(
     dataset = build_dataset(tokenizer, conversations)
     ckpt = Path(checkpoints)
     args = TRLSFTConfig(
-        **trainer_args(cfg, ckpt, TRLSFTConfig),
+        **trainer_args(cfg, ckpt),
         max_length=cfg.max_length,
         packing=cfg.packing,
         packing_strategy="bfd",
