@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,8 +17,8 @@ PACKAGED_PROMPTS = Path(__file__).resolve().parent.parent / "data" / "prompts.tx
 
 @dataclass(frozen=True)
 class GenDataConfig:
-    prompts: str = "packaged"  #: "packaged" (64 general instructions shipped with slmkit), or a .txt / .jsonl file
-    n: int = 64  #: completions to generate (prompts are cycled when there are fewer)
+    prompts: str = "packaged"  #: "packaged" (64 general instructions shipped with slmkit), or a .txt / .jsonl prompts file
+    n: int = 64  #: answers to keep (at most one per prompt)
     max_new_tokens: int = 96  #: tokens per completion at most
     temperature: float = 0.0  #: 0 = greedy; > 0 samples (seeded by the recipe's seed)
     holdout: float = 0.125  #: fraction of rows kept out of training and used as evaluation text
@@ -37,23 +36,8 @@ class GenDataConfig:
             raise ConfigError(f"prompts file {self.prompts} does not exist", "use `prompts: packaged` or an existing file")
 
 
-def read_prompts(spec: str) -> list[str]:
-    """Prompts from the packaged list, a text file (one per line) or a jsonl file with "prompt"."""
-    from slmkit.data import read_jsonl, read_lines
-
-    path = PACKAGED_PROMPTS if spec == "packaged" else Path(spec)
-    if path.suffix in (".jsonl", ".gz"):
-        rows = read_jsonl(path, required=("prompt",))
-        prompts = [str(r["prompt"]) for r in rows]
-    else:
-        prompts = [line.strip() for line in read_lines(path) if line.strip()]
-    if not prompts:
-        raise DataError(f"prompts file {path} has no prompts")
-    return prompts
-
-
 def _read_partial(path: Path) -> list[dict]:
-    """Rows already written by an interrupted run (a torn last line is dropped)."""
+    """Rows already in a jsonl file that is appended row by row (a torn last line is dropped)."""
     rows = []
     if path.is_file():
         for line in path.read_text(encoding="utf-8").splitlines():
@@ -64,64 +48,78 @@ def _read_partial(path: Path) -> list[dict]:
     return rows
 
 
+class _Counting:
+    """A backend that reports each generate call as a step of the stage (``ctx.progress``)."""
+
+    def __init__(self, backend, progress, done: int, total: int):
+        self.backend, self.progress, self.done, self.total = backend, progress, done, total
+        self.name = backend.name
+
+    def generate(self, prompts, params):
+        out = self.backend.generate(prompts, params)
+        self.done += len(prompts)
+        self.progress(min(self.done, self.total), self.total)
+        return out
+
+    def score(self, texts, contexts=None):
+        return self.backend.score(texts, contexts)
+
+
+def _reply(row: dict) -> str:
+    return row["messages"][-1]["content"]
+
+
 @stage("gen-data", GenDataConfig, makes=("data",))
 def gen_data(ctx: Context, cfg: GenDataConfig) -> StageResult:
-    """The teacher answers prompts; the answers become training and evaluation data.
+    """The teacher answers prompts (:func:`slmkit.data.synth.generate_dataset`); its answers become the data.
 
-    Checkpointed row by row: an interrupted run keeps what it wrote and
-    continues from the next prompt. Writes ``train.jsonl`` (``{"messages"}``
-    chats) and ``eval.txt`` (the held-out answers as plain text).
+    ``generate_dataset`` appends and flushes one row at a time and skips
+    prompts already answered, so an interrupted stage continues where it
+    stopped. Writes ``train.jsonl`` (``{"messages"}`` chats), ``eval.txt`` (the
+    held-out answers, as plain text) and ``calib.txt`` (the training chats as
+    plain text, for calibration).
     """
-    from slmkit.backends import GenParams, HFBackend
+    from slmkit.artefact import atomic_file
+    from slmkit.backends import HFBackend
+    from slmkit.data.synth import SynthConfig, generate_dataset, read_prompts
 
-    prompts = read_prompts(cfg.prompts)
-    partial = ctx.work / "rows.partial.jsonl"
-    rows = _read_partial(partial)
-    resumed = len(rows)
+    prompts = read_prompts(PACKAGED_PROMPTS if cfg.prompts == "packaged" else cfg.prompts)
+    if cfg.n > len(prompts):
+        raise DataError(f"n={cfg.n} but the prompts file has only {len(prompts)} prompts", f"set n <= {len(prompts)}")
+    out = ctx.work / "all.jsonl"
+    resumed = len(_read_partial(out))
     if resumed:
         log.info("gen-data: resuming after %d of %d rows", resumed, cfg.n)
-        partial.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     ctx.progress(resumed, cfg.n)
-    if resumed < cfg.n:
-        model, tok = ctx.teacher()
-        backend = HFBackend(model, tok, name=ctx.recipe.teacher)
-        with open(partial, "a", encoding="utf-8") as fh:
-            for i in range(resumed, cfg.n):
-                prompt = prompts[i % len(prompts)]
-                msgs = [{"role": "user", "content": prompt}] if getattr(tok, "chat_template", None) else prompt
-                params = GenParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=ctx.recipe.seed + i)
-                c = backend.generate([msgs], params)[0]
-                row = {"prompt": prompt, "completion": c.text.strip(), "tokens": c.tokens}
-                fh.write(json.dumps(row) + "\n")
-                fh.flush()
-                os.fsync(fh.fileno())
-                rows.append(row)
-                ctx.progress(i + 1, cfg.n)
-    n_eval = max(1, round(cfg.n * cfg.holdout))
-    train, held = rows[: cfg.n - n_eval], rows[cfg.n - n_eval :]
-    if not any(r["completion"] for r in held):
-        raise DataError(
-            f"the teacher's {len(held)} held-out answers are all empty, so there is no evaluation text",
-            "raise n or holdout, or set temperature > 0 so the teacher says something",
-        )
-    from slmkit.artefact import atomic_file
-
-    with atomic_file(ctx.work / "eval.txt") as tmp:
-        tmp.write_text("\n\n".join(r["completion"] for r in held if r["completion"]), encoding="utf-8")
-    with atomic_file(ctx.work / "train.jsonl") as tmp:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            for r in train:
-                msgs = [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}]
-                fh.write(json.dumps({"messages": msgs, "prompt": r["prompt"], "completion": r["completion"]}) + "\n")
-    tokens = sum(r["tokens"] for r in rows)
+    scfg = SynthConfig(n=cfg.n, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=ctx.recipe.seed,
+                       min_words=1)
+    model, tok = ctx.teacher()
+    report = generate_dataset(_Counting(HFBackend(model, tok, name=ctx.recipe.teacher), ctx.progress, resumed, cfg.n),
+                              prompts, out, scfg)
+    rows = _read_partial(out)
+    n_eval = max(1, round(len(rows) * cfg.holdout))
+    if len(rows) < 2:
+        raise DataError(f"the teacher gave only {len(rows)} usable answers", "raise n or max_new_tokens")
+    train, held = rows[: len(rows) - n_eval], rows[len(rows) - n_eval :]
+    train_path, eval_path, calib_path = data_paths_in(ctx.work)
+    with atomic_file(eval_path) as tmp:
+        tmp.write_text("\n\n".join(_reply(r) for r in held), encoding="utf-8")
+    with atomic_file(calib_path) as tmp:
+        tmp.write_text("\n\n".join(f"{r['messages'][0]['content']}\n{_reply(r)}" for r in train), encoding="utf-8")
+    with atomic_file(train_path) as tmp:
+        tmp.write_text("".join(json.dumps({"messages": r["messages"]}) + "\n" for r in train), encoding="utf-8")
     return StageResult(
         outputs={"data": ctx.rel(ctx.work)},
-        metrics={"rows": len(rows), "train_rows": len(train), "eval_rows": len(held), "generated_tokens": tokens,
-                 "resumed_after_rows": resumed, "prompts": cfg.prompts},
+        metrics={"rows": len(rows), "train_rows": len(train), "eval_rows": len(held), "resumed_after_rows": resumed,
+                 "generated_this_run": report.generated, "rejected": report.rejected, "prompts": cfg.prompts,
+                 "eval_words": sum(len(_reply(r).split()) for r in held)},
     )
 
 
-def data_paths(ctx: Context) -> tuple[Path, Path]:
-    """(train.jsonl, eval.txt) of the data slot."""
-    root = Path(ctx.slot("data"))
-    return root / "train.jsonl", root / "eval.txt"
+def data_paths_in(root: Path) -> tuple[Path, Path, Path]:
+    return root / "train.jsonl", root / "eval.txt", root / "calib.txt"
+
+
+def data_paths(ctx: Context) -> tuple[Path, Path, Path]:
+    """(train.jsonl, eval.txt, calib.txt) of the data slot."""
+    return data_paths_in(Path(ctx.slot("data")))

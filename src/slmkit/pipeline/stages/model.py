@@ -14,12 +14,12 @@ log = logging.getLogger(__name__)
 
 
 def dir_bytes(path: str | Path) -> int:
-    """Bytes of a model on disk: a file's size, or the weights (and everything else) in a directory."""
+    """Bytes of a model's weights on disk: a file's size, or a directory's top-level weight files."""
     p = Path(path)
     if p.is_file():
         return p.stat().st_size
     if p.is_dir():
-        return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+        return sum(f.stat().st_size for f in p.iterdir() if f.is_file() and f.suffix in (".safetensors", ".gguf", ".bin"))
     return 0
 
 
@@ -41,50 +41,44 @@ def student(ctx: Context, cfg: StudentConfig) -> StageResult:
 @dataclass(frozen=True)
 class ExportConfig:
     format: Literal["gguf", "safetensors"]  #: file format (required)
-    type: Literal["F32", "F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0"] = "Q4_0"  #: GGUF tensor type (ignored for safetensors)
+    type: Literal["F32", "F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0"] = "Q4_0"  #: GGUF tensor type
 
     def __post_init__(self):
-        if self.format == "safetensors" and self.type not in ("F32", "Q4_0"):
+        if self.format == "safetensors" and self.type != "Q4_0":
             raise ConfigError("type applies to GGUF only", "drop `type:` or use `format: gguf`")
-
-
-def _gguf_roundtrip_error(model, path: Path) -> float:
-    """Largest relative error of any 2-D weight after writing and reading the GGUF back."""
-    import torch
-
-    from slmkit.export.gguf import read_gguf_weights
-
-    back = read_gguf_weights(path, model.config)
-    state = model.state_dict()
-    worst = 0.0
-    for name, w in back.items():
-        ref = state.get(name)
-        if ref is None or ref.ndim != 2:
-            continue
-        ref = ref.float()
-        err = (w - ref).abs().max().item() / max(ref.abs().max().item(), 1e-12)
-        worst = max(worst, err)
-    return float(worst) if back else float("nan")
 
 
 @stage("export", ExportConfig, needs=("model",), makes=("gguf",))
 def export(ctx: Context, cfg: ExportConfig) -> StageResult:
-    """Export the student as GGUF (validated by reading it back) or as a safetensors directory."""
-    from slmkit.artefact import Manifest, save_model
-    from slmkit.export.gguf import export_gguf
-    from slmkit.models.load import check_gguf
+    """Export the student as GGUF or safetensors, validated by reading it back (:mod:`slmkit.export`).
 
-    model, tok = ctx.load("model")
+    A student quantised on a GGUF grid by a ``quantize`` stage keeps its codes
+    exactly when exported with the same type.
+    """
+    from slmkit.compress.qstore import is_quantized_dir, load_quantized
+    from slmkit.export.gguf import export_gguf_validated
+    from slmkit.export.safetensors import export_safetensors
+    from slmkit.models import load_tokenizer
+
+    src = ctx.slot("model")
+    quantized = None
+    if Path(src).is_dir() and is_quantized_dir(src):
+        model, quantized = load_quantized(src)
+        tok = load_tokenizer(src)
+        model.config.name_or_path = ctx.recipe.name
+    else:
+        model, tok = ctx.load("model")
     if cfg.format == "safetensors":
-        man = Manifest(source=ctx.slots["model"])
-        man.add_stage("export", cfg)
-        dest = save_model(model, tok, ctx.work / "model", man)
-        return StageResult(outputs={}, metrics={"format": "safetensors", "bytes": dir_bytes(dest), "path": ctx.rel(dest)})
-    path = export_gguf(model, tok, ctx.work / "model.gguf", cfg.type)
-    check_gguf(path)
-    err = _gguf_roundtrip_error(model, path)
-    log.info("export: %s (%s), max relative weight error after read-back %.4g", path, cfg.type, err)
-    return StageResult(
-        outputs={"gguf": ctx.rel(path)},
-        metrics={"format": "gguf", "type": cfg.type, "bytes": path.stat().st_size, "max_rel_weight_error": err},
-    )
+        from slmkit.artefact import Manifest
+
+        manifest = (Manifest.read(src) if Path(src).is_dir() else None) or Manifest(source=ctx.slots["model"])
+        rep = export_safetensors(model, tok, ctx.work / "model", manifest)
+        return StageResult(outputs={}, metrics={"format": "safetensors", **_report(rep)})
+    rep = export_gguf_validated(model, tok, ctx.work / "model.gguf", cfg.type, quantized)
+    log.info("export: %s", rep)
+    return StageResult(outputs={"gguf": ctx.rel(ctx.work / "model.gguf")},
+                       metrics={"format": "gguf", "type": cfg.type, "codes_kept_exactly": quantized is not None, **_report(rep)})
+
+
+def _report(rep) -> dict:
+    return {k: v for k, v in vars(rep).items() if isinstance(v, (int, float, str, bool)) or v is None}
