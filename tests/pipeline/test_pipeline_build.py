@@ -72,44 +72,49 @@ def test_failed_stage_keeps_finished_ones(tiny_dir, tmp_path):
     assert res.stages[2]["metrics"]["models"][0]["perplexity"] > 1
 
 
-def _rows(path: Path) -> list[str]:
-    return path.read_text().splitlines() if path.is_file() else []
+DISTILL = "  - stage: distill\n    max_steps: {steps}\n    batch_size: 2\n    block_size: 128\n    save_steps: 2\n"
 
 
-def test_sigkill_mid_stage_then_rerun_resumes(tiny_dir, tmp_path):
-    """Kill `slmkit build` with SIGKILL while the long stage runs; the same command resumes it."""
-    n = 40
+def _checkpoint(stage_dir: Path):
+    from slmkit.train.distill import CHECKPOINTS, last_complete_checkpoint
+
+    ckpts = stage_dir / "model" / CHECKPOINTS
+    return last_complete_checkpoint(ckpts) if ckpts.is_dir() else None
+
+
+def test_sigkill_mid_distillation_then_rerun_resumes(tiny_dir, tmp_path):
+    """Kill `slmkit build` with SIGKILL in the middle of distillation; the same command resumes and finishes."""
+    steps = 8
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(tiny_recipe(tiny_dir, STUDENT, GEN.format(n=n, tokens=8), EXPORT.format(type="F16")))
+    recipe.write_text(tiny_recipe(tiny_dir, GEN.format(n=6, tokens=12), STUDENT, DISTILL.format(steps=steps),
+                                  EXPORT.format(type="F16")))
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "slmkit", "build", str(recipe), "--output", str(run), "--json"]
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    partial = run / "02-gen-data" / "rows.partial.jsonl"
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + 300
     try:
-        while len(_rows(partial)) < 3:
+        while _checkpoint(run / "03-distill") is None:
             assert proc.poll() is None, "the build ended before it could be killed"
-            assert time.monotonic() < deadline, "the long stage never started"
+            assert time.monotonic() < deadline, "distillation never wrote a checkpoint"
             time.sleep(0.05)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    assert not (run / "02-gen-data" / "stage.json").exists()
-    written = _rows(partial)
-    student_mtime = (run / "01-student" / "stage.json").stat().st_mtime_ns
+    assert not (run / "03-distill" / "stage.json").exists()  # killed mid-stage
+    before = mtimes(run)
+    assert set(before) == {"01-gen-data", "02-student"}
 
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
-    assert [s["status"] for s in out["stages"]] == ["cached", "resumed", "ran"]
-    assert (run / "01-student" / "stage.json").stat().st_mtime_ns == student_mtime
-    gen = record(run, "02-gen-data")
-    assert gen["resumed"] is True
-    assert gen["metrics"]["resumed_after_rows"] >= len(written) - 1  # a torn last line may be dropped
-    assert gen["metrics"]["rows"] == n
-    final = _rows(partial)
-    assert final[: len(written) - 1] == written[: len(written) - 1]  # rows from before the kill were kept, not redone
-    assert (run / "report.html").is_file() and (run / "03-export" / "model.gguf").is_file()
+    assert [s["status"] for s in out["stages"]] == ["cached", "cached", "resumed", "ran"]
+    after = mtimes(run)
+    assert {k: after[k] for k in before} == before  # finished stages were not recomputed
+    dist = record(run, "03-distill")
+    assert dist["resumed"] is True and dist["metrics"]["resumed_from"] is not None
+    assert "checkpoint-" in dist["metrics"]["resumed_from"]
+    assert dist["metrics"]["steps"] == steps
+    assert (run / "04-export" / "model.gguf").is_file() and (run / "report.html").is_file()
     assert "resuming" in (run / "build.log").read_text()
