@@ -15,15 +15,18 @@ def tiny_recipe(teacher: Path, *stages: str, name: str = "tiny") -> str:
 GEN = "  - stage: gen-data\n    n: {n}\n    max_new_tokens: {tokens}\n    temperature: 1.0\n    holdout: 0.25\n"
 STUDENT = "  - stage: student\n"
 EXPORT = "  - stage: export\n    format: gguf\n    type: {type}\n"
+PRUNE = "  - stage: prune\n    method: width\n    ratio: 0.8\n    calib_samples: 4\n    calib_len: 32\n"
+QUANT = "  - stage: quantize\n    method: gptq\n    gguf: Q4_0\n    calib_samples: 4\n    calib_len: 32\n"
 EVAL = "  - stage: eval\n    max_tokens: 96\n    context: 32\n    efficiency: {eff}\n    prompt_tokens: 8\n    new_tokens: 4\n"
 
 
 @pytest.fixture(scope="session")
 def finished_run(tiny_dir, tmp_path_factory):
-    """A complete tiny build (gen-data, student, GGUF F16 export, eval with efficiency) and its report."""
+    """A complete tiny build (gen-data, student, width prune, GPTQ on Q4_0, GGUF Q4_0, eval) and its report."""
     from slmkit.pipeline import build, parse_text
 
-    text = tiny_recipe(tiny_dir, GEN.format(n=8, tokens=12), STUDENT, EXPORT.format(type="F16"), EVAL.format(eff="true"))
+    text = tiny_recipe(tiny_dir, GEN.format(n=8, tokens=12), STUDENT, PRUNE, QUANT, EXPORT.format(type="Q4_0"),
+                       EVAL.format(eff="true"))
     run_dir = tmp_path_factory.mktemp("run") / "tiny"
     result = build(parse_text(text, "tiny.yaml"), run_dir)
     return run_dir, result

@@ -28,26 +28,32 @@ def test_agreement_counts_equal_top1_choices():
 def test_report_numbers_match_direct_computation(finished_run, tiny_dir):
     run_dir, result = finished_run
     data = json.loads((run_dir / "report.json").read_text())
-    assert data["complete"] and [s["state"] for s in data["stages"]] == ["finished"] * 4
+    assert data["complete"] and [s["state"] for s in data["stages"]] == ["finished"] * 6
     rows = {r["label"]: r for r in data["table"]}
-    assert rows["teacher"]["role"] == "teacher" and rows["student (= teacher)"]["role"] == "student"
-    assert rows["export (gguf)"]["role"] == "export"
-    # perplexity of the teacher on the held-out generated text, computed here from scratch
+    assert [r["label"] for r in data["table"]] == ["teacher", "prune", "quantize", "export (gguf)"]
+    assert [r["role"] for r in data["table"]] == ["teacher", "stage", "student", "export"]
     text = (run_dir / "01-gen-data" / "eval.txt").read_text()
-    model, tok = load(str(tiny_dir))
-    direct = perplexity(model, tok, text, PerplexityConfig(context=32, stride=32, max_tokens=96))
+    pcfg = PerplexityConfig(context=32, stride=32, max_tokens=96)
+    teacher, tok = load(str(tiny_dir))
+    direct = perplexity(teacher, tok, text, pcfg)
     assert rows["teacher"]["perplexity"] == pytest.approx(direct.perplexity, rel=1e-5)
     assert rows["teacher"]["agreement"] == 1.0
-    # the F16 GGUF read back: nearly the same model, so nearly the same numbers
+    assert rows["teacher"]["parameters"] == sum(p.numel() for p in teacher.parameters())
+    # the pruned model on disk has the parameters the report says, and fewer than the teacher
+    pruned, _ = load(str(run_dir / "03-prune" / "model"))
+    assert rows["prune"]["parameters"] == sum(p.numel() for p in pruned.parameters()) < rows["teacher"]["parameters"]
+    # GPTQ codes on the Q4_0 grid are written into the GGUF exactly: same weights, same perplexity
+    assert result.stages[4]["metrics"]["codes_kept_exactly"] and result.stages[4]["metrics"]["max_abs_diff"] == 0.0
     gg = rows["export (gguf)"]
-    assert gg["perplexity"] == pytest.approx(direct.perplexity, rel=1e-2)
+    assert gg["perplexity"] == pytest.approx(rows["quantize"]["perplexity"], rel=1e-4)
+    gmodel, _ = load(str(run_dir / "05-export" / "model.gguf"))
+    assert gg["perplexity"] == pytest.approx(perplexity(gmodel, tok, text, pcfg).perplexity, rel=1e-5)
     ids = tok(text, add_special_tokens=False, return_tensors="pt").input_ids[0][:96]
-    gmodel, _ = load(str(run_dir / "03-export" / "model.gguf"))
-    assert gg["agreement"] == pytest.approx(agreement(next_token_argmax(gmodel, ids, 32), next_token_argmax(model, ids, 32)))
-    assert gg["bytes"] == (run_dir / "03-export" / "model.gguf").stat().st_size
-    assert gg["parameters"] == rows["teacher"]["parameters"] == sum(p.numel() for p in model.parameters())
-    assert rows["teacher"]["decode_tokens_per_s"] > 0
-    assert data["summary"]["perplexity_ratio"] == pytest.approx(1.0)
+    assert gg["agreement"] == pytest.approx(agreement(next_token_argmax(gmodel, ids, 32), next_token_argmax(teacher, ids, 32)))
+    assert gg["bytes"] == gg["weight_memory_bytes"] == (run_dir / "05-export" / "model.gguf").stat().st_size
+    assert gg["bytes"] < rows["teacher"]["bytes"] / 4  # 4.5 bits per weight against fp32
+    assert rows["teacher"]["decode_tokens_per_s"] > 0 and rows["quantize"]["decode_tokens_per_s"] > 0
+    assert data["summary"]["parameter_ratio"] == pytest.approx(rows["prune"]["parameters"] / rows["teacher"]["parameters"])
     # the exact recipe is in the report
     assert data["recipe"]["text"] == (run_dir / "recipe.yaml").read_text()
 
@@ -77,7 +83,7 @@ def test_report_renders_in_headless_chromium(finished_run, tmp_path):
     console = [line for line in res.stderr.splitlines() if ":CONSOLE" in line or "Uncaught" in line]
     assert console == [], console
     assert "<table" in dom and 'class="models"' in dom
-    for label in ("teacher", "export (gguf)"):
+    for label in ("teacher", "prune", "quantize", "export (gguf)"):
         assert f"<td>{label}</td>" in dom
     assert dom.count("<svg") >= 2  # quality vs size, speed
     assert 'id="plot-quality-size"' in dom and 'id="plot-speed"' in dom

@@ -98,6 +98,12 @@ def _model_rows(ctx: Context, cfg: EvalConfig) -> list[dict]:
     return rows
 
 
+def _is_quantized(path: str) -> bool:
+    from slmkit.compress.qstore import is_quantized_dir
+
+    return Path(path).is_dir() and is_quantized_dir(path)
+
+
 def _disk_bytes(ctx: Context, spec: str) -> int:
     from slmkit.models import resolve
 
@@ -137,7 +143,9 @@ def evaluate(ctx: Context, cfg: EvalConfig) -> StageResult:
             nll=ppl.nll,
             tokens_scored=ppl.tokens,
         )
-        weights = row["bytes"] if row["role"] == "export" else facts.weight_memory_bytes["bf16" if ctx.recipe.dtype == "bf16" else "fp32"]
+        # weights in the format the model runs in: the file for a GGUF or packed 4-bit codes, else the load dtype
+        packed = row["role"] == "export" or _is_quantized(ctx.resolve(row["spec"]))
+        weights = row["bytes"] if packed else facts.weight_memory_bytes["bf16" if ctx.recipe.dtype == "bf16" else "fp32"]
         kv = facts.kv_cache_bytes_per_1k_tokens["bf16"] * cfg.fit_context // 1024
         row.update(weight_memory_bytes=weights, kv_cache_bytes=kv, memory_bytes=weights + kv)
         if _same_vocab(tok, ttok):
