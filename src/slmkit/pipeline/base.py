@@ -100,6 +100,11 @@ class Context:
 
         spec = self.resolve(value)
         if not cached:
+            if spec in self.cache:  # e.g. the student starts as the teacher: copy it rather than load it again
+                import copy
+
+                model, tok = self.cache[spec]
+                return copy.deepcopy(model), copy.deepcopy(tok)
             return load(spec, dtype=self.recipe.dtype)
         if spec not in self.cache:
             self.cache[spec] = load(spec, dtype=self.recipe.dtype)

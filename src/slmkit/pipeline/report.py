@@ -72,7 +72,7 @@ def collect(run_dir: str | Path) -> dict:
                  "state": "finished" if rec else ("interrupted" if state == "partial" else "not run"),
                  "config": _jsonable(spec.config)}
         if rec:
-            entry.update(seconds=rec.get("seconds"), outputs=rec.get("outputs", {}), metrics=rec.get("metrics", {}),
+            entry.update(seconds=rec.get("seconds"), cpu_seconds=rec.get("cpu_seconds"), outputs=rec.get("outputs", {}), metrics=rec.get("metrics", {}),
                          finished=rec.get("finished"), resumed=rec.get("resumed", False))
             last[spec.kind] = entry
         stages.append(entry)
@@ -83,6 +83,7 @@ def collect(run_dir: str | Path) -> dict:
                    "dtype": recipe.dtype, "text": text},
         "complete": all(s["state"] == "finished" for s in stages),
         "build_seconds": sum(s.get("seconds") or 0.0 for s in stages),
+        "build_cpu_seconds": sum(s.get("cpu_seconds") or 0.0 for s in stages),
         "stages": stages,
         "table": [],
         "summary": {},
@@ -176,8 +177,9 @@ def render_html(data: dict) -> str:
         rows = [[k.replace("_", " "), _fmt(v)] for k, v in sp.items() if isinstance(v, (int, float, str))]
         parts.append(section("Speculative decoding (student drafts for the teacher)", table(["measure", "value"], rows, "spec"), "speculative"))
     srows = [[s["index"], s["name"], s["kind"], s["state"], "-" if s.get("seconds") is None else f"{s['seconds']:.1f} s",
-              "yes" if s.get("resumed") else "", s["key"]] for s in data["stages"]]
-    parts.append(section("Stages", table(["#", "stage", "kind", "state", "time", "resumed", "key"], srows, "stages"), "stages"))
+              "-" if s.get("cpu_seconds") is None else f"{s['cpu_seconds']:.1f} s", "yes" if s.get("resumed") else "", s["key"]]
+             for s in data["stages"]]
+    parts.append(section("Stages", table(["#", "stage", "kind", "state", "wall time", "CPU time", "resumed", "key"], srows, "stages"), "stages"))
     parts.append(section("Recipe", f'<p class="note">{esc(r["source"])}</p><pre>{esc(r["text"])}</pre>', "recipe"))
     status = "complete" if data["complete"] else "incomplete (some stages have not finished)"
     return page(f"slmkit build report: {r['name']}", parts,

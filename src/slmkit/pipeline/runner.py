@@ -192,6 +192,7 @@ def _run_stage(spec, key, state, sdir, run_dir, recipe, slots, history, cache, v
     )
     started = time.time()
     t0 = time.perf_counter()
+    c0 = time.process_time()
     try:
         out = kind.run(ctx, spec.config)
     except BaseException as err:
@@ -210,6 +211,7 @@ def _run_stage(spec, key, state, sdir, run_dir, recipe, slots, history, cache, v
         "outputs": out.outputs,
         "metrics": out.metrics,
         "seconds": seconds,
+        "cpu_seconds": time.process_time() - c0,  #: all threads of this process; robust to a shared machine
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "resumed": resumed,
