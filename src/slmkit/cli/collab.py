@@ -139,14 +139,16 @@ def judge(
     model: str = typer.Option("default", "--model", help="the judging (small) MODEL"),
     method: str = typer.Option("logprob", "--method", help="logprob | consistency"),
     samples: int = typer.Option(4, "--samples", min=2),
-    limit: int = typer.Option(0, "--limit", min=0),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="flag items whose risk exceeds this"),
+    limit: int = typer.Option(0, "--limit", min=0, help="first N rows (TruthfulQA: N questions, 2N pairs)"),
     dtype: str = typer.Option("fp32", "--dtype"),
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Score (question, answer) pairs for hallucination risk; AUROC when labels are given."""
+    """Score (question, answer) pairs for hallucination risk (TruthfulQA.csv or jsonl); AUROC when labelled."""
     from slmkit.collab.judge import JudgeConfig, judge_file
 
-    report = judge_file(model, data, JudgeConfig(method=method, samples=samples), limit=limit, dtype=dtype)
+    cfg = JudgeConfig(method=method, samples=samples, threshold=threshold)
+    report = judge_file(model, data, cfg, limit=limit, dtype=dtype)
     if json_out:
         print_json(report)
         return
