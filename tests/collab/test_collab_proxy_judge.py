@@ -124,3 +124,21 @@ def test_truthfulqa_pairs_and_cli(shared_data, tiny_dir, capsys):
     assert rc == 0
     rep = json.loads(capsys.readouterr().out)
     assert rep["n"] == 8 and 0.0 <= rep["auroc"] <= 1.0 and len(rep["items"]) == 8
+
+
+def test_retrieval_filter_scores_and_keeps(tiny_llama):
+    from slmkit.collab.retrieval import FilterConfig, filter_passages, relevance_prompt
+
+    model, tok = tiny_llama
+    be = HFBackend(model, tok)
+    passages = ["The cat sees the house.", "A dog likes green apples.", "The river is near a bright star."]
+    keep, scores = filter_passages(be, "What does the cat see?", passages, FilterConfig(threshold=0.0, min_keep=1))
+    ctx = relevance_prompt(be, "What does the cat see?", passages[1])
+    want = be.score(["Yes"], [ctx])[0].total - be.score(["No"], [ctx])[0].total
+    assert scores[1] == pytest.approx(want, abs=1e-5)
+    best = max(range(3), key=lambda i: scores[i])
+    assert keep == sorted({best} | {i for i, s in enumerate(scores) if s >= 0.0})
+    keep_all, _ = filter_passages(be, "q", passages, FilterConfig(threshold=-1e9))
+    assert keep_all == [0, 1, 2]
+    keep_top2, _ = filter_passages(be, "q", passages, FilterConfig(threshold=1e9, min_keep=2))
+    assert len(keep_top2) == 2

@@ -65,6 +65,21 @@ def test_greedy_identical_to_target_alone(pair, prompt):
     assert speculate(target, "lookup", ids, cfg).tokens == ref
 
 
+def test_reduced_vocab_draft_is_still_exact(pair):
+    from slmkit.collab.speculative import ModelDrafter, frequent_vocab
+
+    target, draft, tok = pair
+    ids = torch.tensor(tok("The small bird finds a question.").input_ids)
+    ref = _hf_greedy(target, ids, 24)
+    vocab = frequent_vocab(tok, 60, texts=["The small bird finds a question. It is 3 steps away, yes!"])
+    assert vocab.numel() < len(tok) and set(tok.all_special_ids) <= set(vocab.tolist())
+    out = speculate(target, ModelDrafter(draft, vocab), ids, SpecConfig(max_new_tokens=24))
+    assert out.tokens == ref
+    gen = torch.Generator().manual_seed(0)
+    sampled = speculate(target, ModelDrafter(draft, vocab), ids, SpecConfig(max_new_tokens=24, temperature=1.0), gen)
+    assert len(sampled.tokens) == 24
+
+
 def test_self_draft_accepts_everything_and_saves_target_calls(pair):
     target, _, tok = pair
     ids = torch.tensor(tok("My friend reads the old book.").input_ids)
@@ -91,7 +106,7 @@ def test_rejection_rule_keeps_target_distribution():
     gen = torch.Generator().manual_seed(0)
     p = torch.tensor([[0.45, 0.25, 0.15, 0.1, 0.05], [0.2, 0.2, 0.2, 0.2, 0.2]])
     q = torch.tensor([[0.05, 0.15, 0.5, 0.2, 0.1]])
-    N = 20000
+    N = 8000
     counts = torch.zeros(5)
     counts_lookup = torch.zeros(5)
     for _ in range(N):

@@ -9,6 +9,10 @@ References
   Sampling" (arXiv:2302.01318): the same modified rejection sampling.
 * Saxena 2023, "Prompt Lookup Decoding": drafting by copying the continuation of the
   most recent earlier occurrence of the last n-gram; no draft model.
+* Zhao et al. 2025, "FR-Spec: Accelerating Large-Vocabulary Language Models via
+  Frequency-Ranked Speculative Sampling" (arXiv:2502.14856): the draft scores only a
+  subset of frequent tokens, which cuts its LM-head cost (a large share of a small
+  model's compute); the verification, hence the output, is unchanged.
 
 Exactness
 ---------
@@ -227,6 +231,14 @@ class _CachedLM:
         self.calls += 1
         return out.logits[0]
 
+    def feed_hidden(self, ids: torch.Tensor) -> torch.Tensor:
+        """Like :meth:`feed` but returns the last position's final hidden state (H,), no LM head."""
+        out = self.model.base_model(input_ids=ids[None], cache=self.cache, use_cache=True)
+        self.cache = out.cache
+        self.n += ids.shape[0]
+        self.calls += 1
+        return out.last_hidden_state[0, -1]
+
     def crop(self, n: int) -> None:
         """Forget every cached token past the first ``n``."""
         if n < self.n:
@@ -336,11 +348,27 @@ class Drafter(Protocol):
 
 
 class ModelDrafter:
-    """Drafts with a small causal LM that shares the target's vocabulary."""
+    """Drafts with a small causal LM that shares the target's vocabulary.
 
-    def __init__(self, model):
+    ``vocab`` (optional, 1-D ids): the draft scores only these tokens (FR-Spec); its
+    distribution ``q`` is zero elsewhere, which the rejection rule handles exactly.
+    :func:`frequent_vocab` builds one. Needs a plain linear LM head (no logit soft-capping).
+    """
+
+    def __init__(self, model, vocab: torch.Tensor | None = None):
         self.lm = _CachedLM(model)
         self.dev = _device(model)
+        self.model = model
+        self.vocab = None if vocab is None else torch.as_tensor(vocab, dtype=torch.long).unique()
+        if self.vocab is not None:
+            w = model.get_output_embeddings().weight
+            self.head = w.detach()[self.vocab.to(w.device)]  # (V', H)
+            self.n_full = w.shape[0]
+
+    def _next_logits(self, feed: torch.Tensor) -> torch.Tensor:
+        if self.vocab is None:
+            return self.lm.feed(feed, 1)[-1]
+        return F.linear(self.lm.feed_hidden(feed), self.head)  # (V',) scores of the frequent tokens
 
     @property
     def calls(self) -> int:
@@ -351,13 +379,17 @@ class ModelDrafter:
         qs: list[torch.Tensor] = []
         feed = ctx[self.lm.n :].to(self.dev)  # the tokens the draft has not seen yet
         for _ in range(k):
-            logits = self.lm.feed(feed, 1)[-1]
+            logits = self._next_logits(feed)
             if cfg.temperature == 0:
                 t = int(logits.argmax(-1))
             else:
                 q = token_probs(logits, cfg.temperature, cfg.top_p).cpu()
                 t = int(torch.multinomial(q, 1, generator=gen))
+                if self.vocab is not None:
+                    q = torch.zeros(self.n_full).index_copy_(0, self.vocab, q)
                 qs.append(q)
+            if self.vocab is not None:
+                t = int(self.vocab[t])
             toks.append(t)
             feed = torch.tensor([t], device=self.dev)
         q = torch.stack(qs) if qs else None
@@ -365,6 +397,27 @@ class ModelDrafter:
 
     def keep(self, n: int) -> None:
         self.lm.crop(n)
+
+
+def frequent_vocab(tokenizer, size: int, texts: list[str] | None = None) -> torch.Tensor:
+    """The ``size`` most frequent token ids, plus every special token.
+
+    With ``texts`` the ranking is by counts in them (FR-Spec); without, by id, which for
+    BPE tokenizers follows merge order, itself a frequency ranking of the tokenizer's corpus.
+    """
+    n = len(tokenizer)
+    if not 1 <= size <= n:
+        raise ConfigError(f"draft vocabulary size must be in [1, {n}], got {size}")
+    if texts:
+        counts = torch.zeros(n)
+        for t in texts:
+            ids = torch.tensor(tokenizer(t, add_special_tokens=False).input_ids, dtype=torch.long)
+            counts.index_add_(0, ids, torch.ones(ids.shape[0]))
+        top = counts.argsort(descending=True, stable=True)[:size]
+    else:
+        top = torch.arange(size)
+    special = torch.tensor(tokenizer.all_special_ids, dtype=torch.long)
+    return torch.cat([top, special]).unique()
 
 
 class LookupDrafter:
@@ -383,8 +436,8 @@ class LookupDrafter:
 def speculate(target, draft, ids, cfg: SpecConfig, gen: torch.Generator | None = None) -> SpecOutput:
     """Generate up to ``cfg.max_new_tokens`` tokens after ``ids`` with ``target``, drafted by ``draft``.
 
-    ``draft`` is a causal LM sharing the target's vocabulary, or ``"lookup"`` (or None)
-    for prompt-lookup drafting. ``gen`` drives every random draw (sampling only).
+    ``draft`` is a causal LM sharing the target's vocabulary, a :class:`ModelDrafter`
+    (e.g. with a reduced vocabulary), or ``"lookup"`` (or None) for prompt-lookup drafting. ``gen`` drives every random draw (sampling only).
     Greedy output equals :func:`autoregressive` on the target; sampled output is
     distributed as the target's (see the module docstring).
     """
@@ -395,6 +448,14 @@ def speculate(target, draft, ids, cfg: SpecConfig, gen: torch.Generator | None =
         c = 0.0 if cfg.cost_ratio is None else cfg.cost_ratio
     elif isinstance(draft, str):
         raise ConfigError(f"draft must be a model or 'lookup', got {draft!r}")
+    elif isinstance(draft, ModelDrafter):
+        check_same_vocab(target, draft.model)
+        drafter = ModelDrafter(draft.model, draft.vocab)  # fresh cache for this call
+        n_draft = _param_count(draft.model)
+        if draft.vocab is not None:  # the LM head now scores only |vocab| rows
+            w = draft.model.get_output_embeddings().weight
+            n_draft -= (w.shape[0] - draft.vocab.numel()) * w.shape[1]
+        c = cfg.cost_ratio if cfg.cost_ratio is not None else min(0.95, max(0.01, n_draft / _param_count(target)))
     else:
         check_same_vocab(target, draft)
         drafter = ModelDrafter(draft)
