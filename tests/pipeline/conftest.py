@@ -17,16 +17,17 @@ STUDENT = "  - stage: student\n"
 EXPORT = "  - stage: export\n    format: gguf\n    type: {type}\n"
 PRUNE = "  - stage: prune\n    method: width\n    ratio: 0.8\n    calib_samples: 4\n    calib_len: 32\n"
 QUANT = "  - stage: quantize\n    method: gptq\n    gguf: Q4_0\n    calib_samples: 4\n    calib_len: 32\n"
+SPEC = "  - stage: speculative\n    prompts: 2\n    max_new_tokens: 8\n"
 EVAL = "  - stage: eval\n    max_tokens: 96\n    context: 32\n    efficiency: {eff}\n    prompt_tokens: 8\n    new_tokens: 4\n"
 
 
 @pytest.fixture(scope="session")
 def finished_run(tiny_dir, tmp_path_factory):
-    """A complete tiny build (gen-data, student, width prune, GPTQ on Q4_0, GGUF Q4_0, eval) and its report."""
+    """A complete tiny build (gen-data, student, width prune, GPTQ on Q4_0, GGUF Q4_0, eval, speculative check) and its report."""
     from slmkit.pipeline import build, parse_text
 
     text = tiny_recipe(tiny_dir, GEN.format(n=8, tokens=12), STUDENT, PRUNE, QUANT, EXPORT.format(type="Q4_0"),
-                       EVAL.format(eff="true"))
+                       EVAL.format(eff="true"), SPEC)
     run_dir = tmp_path_factory.mktemp("run") / "tiny"
     result = build(parse_text(text, "tiny.yaml"), run_dir)
     return run_dir, result

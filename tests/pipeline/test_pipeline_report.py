@@ -28,7 +28,7 @@ def test_agreement_counts_equal_top1_choices():
 def test_report_numbers_match_direct_computation(finished_run, tiny_dir):
     run_dir, result = finished_run
     data = json.loads((run_dir / "report.json").read_text())
-    assert data["complete"] and [s["state"] for s in data["stages"]] == ["finished"] * 6
+    assert data["complete"] and [s["state"] for s in data["stages"]] == ["finished"] * 7
     rows = {r["label"]: r for r in data["table"]}
     assert [r["label"] for r in data["table"]] == ["teacher", "prune", "quantize", "export (gguf)"]
     assert [r["role"] for r in data["table"]] == ["teacher", "stage", "student", "export"]
@@ -54,6 +54,10 @@ def test_report_numbers_match_direct_computation(finished_run, tiny_dir):
     assert gg["bytes"] < rows["teacher"]["bytes"] / 4  # 4.5 bits per weight against fp32
     assert rows["teacher"]["decode_tokens_per_s"] > 0 and rows["quantize"]["decode_tokens_per_s"] > 0
     assert data["summary"]["parameter_ratio"] == pytest.approx(rows["prune"]["parameters"] / rows["teacher"]["parameters"])
+    # speculative check: the student drafts, greedy output is exactly the teacher's
+    spec = data["speculative"]
+    assert spec["exact"] is True and spec["identical_to_teacher"] == spec["prompts"] == 2
+    assert 0 <= spec["acceptance_rate"] <= 1 and spec["speedup"] > 0
     # the exact recipe is in the report
     assert data["recipe"]["text"] == (run_dir / "recipe.yaml").read_text()
 
@@ -86,6 +90,7 @@ def test_report_renders_in_headless_chromium(finished_run, tmp_path):
     for label in ("teacher", "prune", "quantize", "export (gguf)"):
         assert f"<td>{label}</td>" in dom
     assert dom.count("<svg") >= 2  # quality vs size, speed
+    assert 'id="speculative"' in dom
     assert 'id="plot-quality-size"' in dom and 'id="plot-speed"' in dom
     assert "stage: gen-data" in dom  # the exact recipe
     # and it paints: a screenshot is a real PNG

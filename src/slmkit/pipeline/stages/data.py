@@ -76,7 +76,7 @@ def gen_data(ctx: Context, cfg: GenDataConfig) -> StageResult:
     ``generate_dataset`` appends and flushes one row at a time and skips
     prompts already answered, so an interrupted stage continues where it
     stopped. Writes ``train.jsonl`` (``{"messages"}`` chats), ``eval.txt`` (the
-    held-out answers, as plain text) and ``calib.txt`` (the training chats as
+    held-out answers, as plain text; their chats in ``heldout.jsonl``) and ``calib.txt`` (the training chats as
     plain text, for calibration).
     """
     from slmkit.artefact import atomic_file
@@ -106,6 +106,8 @@ def gen_data(ctx: Context, cfg: GenDataConfig) -> StageResult:
         tmp.write_text("\n\n".join(_reply(r) for r in held), encoding="utf-8")
     with atomic_file(calib_path) as tmp:
         tmp.write_text("\n\n".join(f"{r['messages'][0]['content']}\n{_reply(r)}" for r in train), encoding="utf-8")
+    with atomic_file(ctx.work / "heldout.jsonl") as tmp:
+        tmp.write_text("".join(json.dumps({"messages": r["messages"]}) + "\n" for r in held), encoding="utf-8")
     with atomic_file(train_path) as tmp:
         tmp.write_text("".join(json.dumps({"messages": r["messages"]}) + "\n" for r in train), encoding="utf-8")
     return StageResult(
