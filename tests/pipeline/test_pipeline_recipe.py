@@ -46,6 +46,11 @@ def test_valid_recipe_becomes_frozen_dataclasses(tiny_dir):
         (("    type: F16\n", "    type: Q3_K\n"), ["stage 3 (export)", "key 'type' must be", "'Q3_K'"]),
         (("    n: 8\n", "    n: 8\n    max_tokens: 5\n"), ["stage 1 (gen-data)", "unknown key 'max_tokens'", "did you mean max_new_tokens"]),
         (("    n: 8\n", "    n: 1\n"), ["stage 1 (gen-data)", "n must be >= 2"]),
+        # a technique's own range check, reported with the stage
+        (("  - stage: export\n", "  - stage: prune\n    method: width\n    ratio: 1.5\n  - stage: export\n"),
+         ["stage 3 (prune)", "ratio", "(0, 1)"]),
+        (("  - stage: export\n", "  - stage: prune\n    method: depth\n  - stage: export\n"),
+         ["stage 3 (prune)", "method depth needs key 'keep_layers'"]),
         (("  - stage: eval\n", "  - stage: eval\n    text: /no/such/file.txt\n"), ["stage 4 (eval)", "/no/such/file.txt"]),
         (("name: t\n", "name: t\nteachr: x\n"), ["unknown top-level key 'teachr'", "did you mean teacher"]),
         (("name: t\n", "name: t\nseed: zero\n"), ["top-level key 'seed' must be int"]),
@@ -62,6 +67,8 @@ def test_bad_recipes_name_stage_and_key(tiny_dir, edit, needles):
 @pytest.mark.parametrize(
     "stages, needles",
     [
+        # distillation with no student to train
+        ("  - stage: gen-data\n  - stage: distill\n", ["stage 2 (distill)", "needs a student model ('model')", "prune"]),
         # export before any student model exists
         ("  - stage: export\n    format: gguf\n  - stage: student\n", ["stage 1 (export)", "needs a student model ('model')", "student"]),
         # evaluation on generated text with no gen-data stage
