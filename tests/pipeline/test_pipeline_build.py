@@ -53,6 +53,24 @@ def test_unchanged_stages_are_not_rerun_and_changes_rerun_downstream(tiny_dir, t
     assert record(run, "03-export16")["key"] != first.stages[2]["key"]
 
 
+def test_one_build_at_a_time_and_python_recipes_round_trip(tiny_dir, tmp_path):
+    from dataclasses import replace
+
+    from slmkit.errors import SlmkitError
+    from slmkit.pipeline.runner import _locked, recipe_yaml
+
+    r = parse_text(tiny_recipe(tiny_dir, STUDENT, EXPORT.format(type="F16")), "c.yaml")
+    run = tmp_path / "run"
+    run.mkdir()
+    with _locked(run):
+        with pytest.raises(SlmkitError, match="another build is running"):
+            build(r, run, report=False)
+    assert not (run / "01-student").exists()
+    # a recipe made in Python (no YAML text) is written as YAML that parses back to the same stages
+    again = parse_text(recipe_yaml(replace(r, text="")), "x.yaml")
+    assert again.stages == r.stages and again.teacher == r.teacher
+
+
 def test_failed_stage_keeps_finished_ones(tiny_dir, tmp_path):
     # the eval text file disappears after validation: the eval stage fails, the export stays finished
     text_file = tmp_path / "t.txt"

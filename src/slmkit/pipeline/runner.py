@@ -54,6 +54,16 @@ class BuildResult:
     report: Path | None = None
 
 
+def recipe_yaml(recipe: Recipe) -> str:
+    """YAML text of a recipe built in Python (parses back to the same recipe)."""
+    import yaml
+
+    stages = [{"stage": s.kind, **({"name": s.name} if s.name != s.kind else {}), **_jsonable(dataclasses.asdict(s.config))}
+              for s in recipe.stages]
+    data = {"name": recipe.name, "teacher": recipe.teacher, "seed": recipe.seed, "dtype": recipe.dtype, "stages": stages}
+    return yaml.safe_dump(data, sort_keys=False)
+
+
 def stage_key(spec: StageSpec, recipe: Recipe, previous: str) -> str:
     """Hash of (stage kind, its config, recipe settings, the previous stage's key)."""
     payload = {
@@ -79,6 +89,24 @@ def read_record(stage_dir: Path) -> dict | None:
 def _write_json(path: Path, data) -> None:
     with atomic_file(path) as tmp:
         tmp.write_text(json.dumps(_jsonable(data), indent=2))
+
+
+@contextlib.contextmanager
+def _locked(run_dir: Path) -> Iterator[None]:
+    """One build at a time per run directory (an advisory lock, released when the process dies)."""
+    import fcntl
+
+    from slmkit.errors import SlmkitError
+
+    with open(run_dir / ".lock", "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SlmkitError(f"another build is running in {run_dir}", "wait for it to finish, or use another --output") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 @contextlib.contextmanager
@@ -128,11 +156,15 @@ def build(recipe: Recipe, run_dir: str | Path, view: View | None = None, report:
     """Run ``recipe`` in ``run_dir``: skip finished stages, resume interrupted ones, run the rest."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    view = view or LogView()
+    with _locked(run_dir):
+        return _build(recipe, run_dir, view or LogView(), report)
+
+
+def _build(recipe: Recipe, run_dir: Path, view: View, report: bool) -> BuildResult:
     result = BuildResult(run_dir, recipe)
     t_build = time.perf_counter()
     with atomic_file(run_dir / "recipe.yaml") as tmp:
-        tmp.write_text(recipe.text or json.dumps(_jsonable(recipe), indent=2), encoding="utf-8")
+        tmp.write_text(recipe.text or recipe_yaml(recipe), encoding="utf-8")
     with _log_to(run_dir / "build.log"):
         log.info("build %s (%s) in %s: %d stages", recipe.name, recipe.source, run_dir, len(recipe.stages))
         steps = plan(recipe, run_dir)
