@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import functools
 import json
 import queue
@@ -96,7 +97,12 @@ def create_app(backend_or_engine, model_name: str | None = None, api_key: str | 
     tok = engine.tok
     latencies: collections.deque[float] = collections.deque(maxlen=2000)
     counts: collections.Counter = collections.Counter()
-    app = FastAPI(title="slmkit", version="1")
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        yield
+        engine.close()
+
+    app = FastAPI(title="slmkit", version="1", lifespan=lifespan)
     app.state.engine = engine
 
     @app.middleware("http")
@@ -412,10 +418,6 @@ def create_app(backend_or_engine, model_name: str | None = None, api_key: str | 
                          "finish_reason": end.finish_reason, "logprobs": content_lp(merged)}],
             "usage": {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n},
         })
-
-    @app.on_event("shutdown")
-    def _close() -> None:
-        engine.close()
 
     return app
 
