@@ -59,7 +59,7 @@ def serve(
 
 def fit(
     model: str = typer.Argument(..., help="default | hub id | directory | file.gguf | device-free config"),
-    memory: str = typer.Option(..., "--memory", help="memory budget (e.g. 4GB, 512MB) or a device preset: " ),
+    memory: str = typer.Option(..., "--memory", help="budget (4GB, 512MB, 6GiB) or a preset: phone-4gb, phone-8gb, rpi5-4gb, rpi5-8gb, laptop-16gb"),
     context: str = typer.Option("4k", "--context", help="context length in tokens (e.g. 8k, 2048)"),
     precision: str = typer.Option("bf16", "--precision", help="weights: fp32, bf16, int8 or int4"),
     kv: str = typer.Option("full", "--kv", help="KV policy: full, int8, int4, streaming, h2o"),
