@@ -43,7 +43,7 @@ class PreferenceConfig:
     simpo_gamma: float = 0.5  #: SimPO target margin (in units of beta-scaled reward)
     lora: LoraSettings | None = field(default_factory=LoraSettings)  #: None = full fine-tuning
     max_steps: int = 50
-    learning_rate: float | None = None  #: default 5e-5 with LoRA, 5e-7 for full fine-tuning
+    learning_rate: float | None = None  #: default 5e-5 with LoRA, 1e-6 for full fine-tuning
     batch_size: int = 2  #: pairs per step
     grad_accum: int = 1
     max_length: int = 512  #: prompt + answer tokens (longer pairs are truncated)
@@ -67,7 +67,7 @@ class PreferenceConfig:
     def lr(self) -> float:
         if self.learning_rate is not None:
             return self.learning_rate
-        return 5e-5 if self.lora is not None else 5e-7
+        return 5e-5 if self.lora is not None else 1e-6
 
     @property
     def effective_beta(self) -> float:
