@@ -261,10 +261,14 @@ def preference_train(
         tokenizer.pad_token = tokenizer.eos_token
     ckpt = Path(checkpoints)
     model.train()
+    use_cache = model.config.use_cache
     trainer = PREFERENCE_METHODS.get(cfg.method)(model, tokenizer, pairs, cfg, ckpt, callbacks)
     quiet(trainer)
     start = latest_checkpoint(ckpt) if resume else None
-    out = trainer.train(resume_from_checkpoint=str(start) if start is not None else None)
+    try:
+        out = trainer.train(resume_from_checkpoint=str(start) if start is not None else None)
+    finally:
+        model.config.use_cache = use_cache
     trained = trainer.model
     trained.eval()
     loss = float(out.training_loss) if out.training_loss is not None else math.nan
