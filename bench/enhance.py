@@ -242,9 +242,15 @@ def bench_index_libraries(args, out, real_queries, real_index):
             s = Q @ V.T
             return np.argpartition(-s, kk - 1, axis=1)[:, :kk]
 
-        t0 = time.perf_counter()
-        truth = exact_search()
-        base_q = time.perf_counter() - t0
+        def timed(fn, repeats=5):
+            best, res = float("inf"), None
+            for _ in range(repeats):  # best of N: the machine is shared
+                t0 = time.perf_counter()
+                res = fn()
+                best = min(best, time.perf_counter() - t0)
+            return best, res
+
+        base_q, truth = timed(exact_search)
         truth_sets = [set(r) for r in truth]
         rows["numpy exact"] = {"build_s": 0.0, "query_s": base_q, "recall": 1.0}
         try:
@@ -256,9 +262,7 @@ def bench_index_libraries(args, out, real_queries, real_index):
                 ix = make()
                 ix.add(np.ascontiguousarray(V))
                 build = time.perf_counter() - t0
-                t0 = time.perf_counter()
-                _, I = ix.search(np.ascontiguousarray(Q), kk)
-                q_s = time.perf_counter() - t0
+                q_s, (_, I) = timed(lambda ix=ix: ix.search(np.ascontiguousarray(Q), kk))
                 rows[label] = {"build_s": build, "query_s": q_s, "recall": float(np.mean([len(set(a) & t) / kk for a, t in zip(I, truth_sets)]))}
         except ImportError:
             log("faiss-cpu not installed: skipped")
@@ -269,9 +273,7 @@ def bench_index_libraries(args, out, real_queries, real_index):
             ix = Index(ndim=d, metric="ip", dtype="f32")
             ix.add(np.arange(len(V)), np.ascontiguousarray(V))
             build = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            m = ix.search(np.ascontiguousarray(Q), kk)
-            q_s = time.perf_counter() - t0
+            q_s, m = timed(lambda: ix.search(np.ascontiguousarray(Q), kk))
             keys = np.asarray(m.keys)
             rows["usearch HNSW"] = {"build_s": build, "query_s": q_s, "recall": float(np.mean([len(set(a.tolist()) & t) / kk for a, t in zip(keys, truth_sets)]))}
         except ImportError:
