@@ -64,10 +64,14 @@ def test_lora_adapter_served_by_name_equals_peft(lively, tmp_path):
     ids = tok("The cat sees the", return_tensors="pt").input_ids
     with torch.no_grad():
         ref = peft_model(input_ids=ids).logits[0, -1]
-    fms = adapter_models(model, {"alice": str(tmp_path / "ad")})
+    fms = adapter_models(model, tok, {"alice": str(tmp_path / "ad")})
     got = G.prefill(fms["alice"], ids[0], fms["alice"].new_cache(context=32))
     assert torch.allclose(got, ref, atol=1e-4)
     base = G.prefill(G.build(model), ids[0], G.build(model).new_cache(context=32))
     assert not torch.allclose(base, ref, atol=1e-2)  # the adapter changed something; the base stays untouched
     with torch.no_grad():
         assert torch.allclose(model(input_ids=ids).logits[0, -1], base, atol=1e-4)
+    from slmkit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="not valid"):
+        adapter_models(model, tok, {"bad name!": str(tmp_path / "ad")})

@@ -211,3 +211,26 @@ def test_api_key_is_enforced(lively):
         assert tc.get("/v1/models").status_code == 401
         assert tc.get("/v1/models", headers={"authorization": "Bearer k1"}).json()["data"][0]["id"] == "tiny"
         assert tc.get("/health").status_code == 200
+
+
+def test_models_by_name_each_answer_with_their_own_weights(lively):
+    """Two fast models behind one engine (as with LoRA adapters): the request's model picks the weights."""
+    import copy
+
+    from fastapi.testclient import TestClient
+
+    from slmkit.runtime.engine import Engine
+    from slmkit.runtime.server import create_app
+
+    model, tok = lively
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.model.layers[0].mlp.down_proj.weight.mul_(-1.0)
+    engine = Engine({"tiny": G.build(model), "alice": G.build(other)}, tok)
+    ids = torch.tensor(tok("The cat sees").input_ids)
+    with TestClient(create_app(engine)) as tc:
+        assert [m["id"] for m in tc.get("/v1/models").json()["data"]] == ["tiny", "alice"]
+        for name, m in (("tiny", model), ("alice", other)):
+            r = tc.post("/v1/completions", json={"model": name, "prompt": "The cat sees", "max_tokens": 8, "temperature": 0})
+            want = [t for t in G.generate(G.build(m), ids, 8) if t != tok.eos_token_id]
+            assert r.json()["choices"][0]["text"] == tok.decode(want, skip_special_tokens=True)

@@ -21,8 +21,10 @@ OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``; an optional
 API key is checked on ``/v1``. Binds to 127.0.0.1 unless told otherwise.
 
 Several models by name: ``models`` maps each served name to a fast model
-(e.g. a LoRA adapter merged into the base, see :func:`adapter_models`); the
-request's ``model`` picks one.
+(LoRA adapters loaded through issue 5's ``AdapterSet`` and merged into copies of
+the base, see :func:`adapter_models`; ``slmkit serve MODEL --adapter NAME=DIR``);
+the request's ``model`` picks one. Requests for different models are batched
+per model within each step.
 """
 
 from __future__ import annotations
@@ -422,26 +424,27 @@ def create_app(backend_or_engine, model_name: str | None = None, api_key: str | 
     return app
 
 
-def adapter_models(base_model, adapters: dict[str, str], fast_cfg=None) -> dict:
-    """Fast models for LoRA adapters by name: each adapter merged into a copy of ``base_model``.
+def adapter_models(base_model, tokenizer, adapters: dict[str, str], fast_cfg=None, base_name: str = "base") -> dict:
+    """Fast models for LoRA adapters by name, each adapter merged into its own copy of ``base_model``.
 
-    Extension point for multi-LoRA serving: an adapter's weights are merged
-    (W + s B A) so serving it costs one forward like the base; memory grows by
-    one model per adapter (fp32 copies share nothing). Uses peft directly.
+    Loading and checking go through :class:`slmkit.train.adapters.AdapterSet` (it
+    validates names and refuses an adapter trained on another base model); each
+    adapter is then merged (W + s B A, Hu et al. 2021) so it decodes at the speed
+    of the base. Memory grows by one set of weights per adapter. ``base_model`` is
+    not modified.
     """
     import copy
 
-    from peft import PeftModel
-
     from slmkit.runtime.generate import FastConfig, build
+    from slmkit.train.adapters import AdapterSet
 
-    out = {}
+    aset = AdapterSet(copy.deepcopy(base_model), tokenizer, name=base_name)
     for name, path in adapters.items():
-        try:
-            merged = PeftModel.from_pretrained(copy.deepcopy(base_model), str(path), is_trainable=False).merge_and_unload()
-        except (OSError, ValueError, RuntimeError, KeyError) as err:
-            raise ConfigError(f"cannot load LoRA adapter {name!r} from {path}: {str(err).splitlines()[0][:200]}",
-                              "pass a PEFT LoRA directory trained on this base model") from None
+        aset.add(name, path)
+    out = {}
+    for name in adapters:
+        with aset.use(name) as backend:  # the PEFT model with this adapter active
+            merged = copy.deepcopy(backend.model).merge_and_unload(adapter_names=[name])
         out[name] = build(merged.eval(), fast_cfg or FastConfig())
     return out
 
@@ -457,7 +460,7 @@ def serve(backend, host: str = "127.0.0.1", port: int = 8000, api_key: str | Non
     fast_cfg = fast_cfg or FastConfig()
     models = {backend.name: build(backend.model, fast_cfg)}
     if adapters:
-        models.update(adapter_models(backend.model, adapters, fast_cfg))
+        models.update(adapter_models(backend.model, backend.tokenizer, adapters, fast_cfg, base_name=backend.name))
     engine = Engine(models, backend.tokenizer, engine_cfg or EngineConfig(), default=backend.name)
     cfg = cfg or ServerConfig(api_key=api_key)
     uvicorn.run(create_app(engine, cfg=cfg), host=host, port=port, log_level="warning")
