@@ -193,3 +193,14 @@ def test_tokenizer_without_chat_template_is_a_clear_error(tiny_tok):
     tok.chat_template = None
     with pytest.raises(UnsupportedModelError, match="no chat template"):
         tokenize_chat(tok, CONV)
+
+
+@pytest.mark.integration
+def test_default_model_template_masks_assistant_turns():
+    """SmolLM2's template (which injects a default system prompt) is prefix-preserving: masking works."""
+    from slmkit.models import load_tokenizer
+
+    tok = load_tokenizer("default")
+    row = tokenize_chat(tok, CONV[1:])
+    labelled = tok.decode([t for t in row["labels"] if t != -100])
+    assert labelled == "The cat is near the house.<|im_end|>\nA dog reads the old book.<|im_end|>\n"

@@ -43,7 +43,7 @@ class PreferenceConfig:
     simpo_gamma: float = 0.5  #: SimPO target margin (in units of beta-scaled reward)
     lora: LoraSettings | None = field(default_factory=LoraSettings)  #: None = full fine-tuning
     max_steps: int = 50
-    learning_rate: float | None = None  #: default 5e-5 with LoRA, 5e-7 for full fine-tuning
+    learning_rate: float | None = None  #: default 5e-5 with LoRA, 1e-6 for full fine-tuning
     batch_size: int = 2  #: pairs per step
     grad_accum: int = 1
     max_length: int = 512  #: prompt + answer tokens (longer pairs are truncated)
@@ -67,7 +67,7 @@ class PreferenceConfig:
     def lr(self) -> float:
         if self.learning_rate is not None:
             return self.learning_rate
-        return 5e-5 if self.lora is not None else 5e-7
+        return 5e-5 if self.lora is not None else 1e-6
 
     @property
     def effective_beta(self) -> float:
@@ -261,10 +261,14 @@ def preference_train(
         tokenizer.pad_token = tokenizer.eos_token
     ckpt = Path(checkpoints)
     model.train()
+    use_cache = model.config.use_cache
     trainer = PREFERENCE_METHODS.get(cfg.method)(model, tokenizer, pairs, cfg, ckpt, callbacks)
     quiet(trainer)
     start = latest_checkpoint(ckpt) if resume else None
-    out = trainer.train(resume_from_checkpoint=str(start) if start is not None else None)
+    try:
+        out = trainer.train(resume_from_checkpoint=str(start) if start is not None else None)
+    finally:
+        model.config.use_cache = use_cache
     trained = trainer.model
     trained.eval()
     loss = float(out.training_loss) if out.training_loss is not None else math.nan

@@ -274,6 +274,7 @@ def sft(
     )
     model.train()
     # packed rows are kept apart by position ids, which transformers only honours without a KV cache
+    use_cache = model.config.use_cache
     model.config.use_cache = False
     trainer = SFTTrainer(
         model=model,
@@ -287,7 +288,10 @@ def sft(
     start = latest_checkpoint(ckpt) if resume else None
     if start is not None:
         log.info("resuming SFT from %s", start)
-    out = trainer.train(resume_from_checkpoint=str(start) if start is not None else None)
+    try:
+        out = trainer.train(resume_from_checkpoint=str(start) if start is not None else None)
+    finally:
+        model.config.use_cache = use_cache
     trained = trainer.model
     trained.eval()
     loss = float(out.training_loss) if out.training_loss is not None else math.nan
