@@ -54,6 +54,14 @@ def test_report_numbers_match_direct_computation(finished_run, tiny_dir):
     assert gg["bytes"] < rows["teacher"]["bytes"] / 4  # 4.5 bits per weight against fp32
     assert rows["teacher"]["decode_tokens_per_s"] > 0 and rows["quantize"]["decode_tokens_per_s"] > 0
     assert data["summary"]["parameter_ratio"] == pytest.approx(rows["prune"]["parameters"] / rows["teacher"]["parameters"])
+    # device fit from slmkit.runtime.fit: the Q4_0 GGUF is planned at int4, the teacher at fp32
+    from slmkit.models import describe_model
+    from slmkit.runtime.fit import FitConfig, Sizes, plan_sizes
+
+    assert gg["precision"] == "int4" and rows["teacher"]["precision"] == "fp32"
+    want = plan_sizes(Sizes.of(describe_model(gmodel)), FitConfig.parse("phone-4gb", context=2048, precision="int4"))
+    assert gg["fit"]["phone-4gb"] == {"fits": want.fits, "total_bytes": want.total_bytes, "memory_bytes": want.memory_bytes,
+                                      "max_context": want.max_context}
     # speculative check: the student drafts, greedy output is exactly the teacher's
     spec = data["speculative"]
     assert spec["exact"] is True and spec["identical_to_teacher"] == spec["prompts"] == 2
@@ -90,7 +98,7 @@ def test_report_renders_in_headless_chromium(finished_run, tmp_path):
     for label in ("teacher", "prune", "quantize", "export (gguf)"):
         assert f"<td>{label}</td>" in dom
     assert dom.count("<svg") >= 2  # quality vs size, speed
-    assert 'id="speculative"' in dom
+    assert 'id="speculative"' in dom and 'id="fit"' in dom
     assert 'id="plot-quality-size"' in dom and 'id="plot-speed"' in dom
     assert "stage: gen-data" in dom  # the exact recipe
     # and it paints: a screenshot is a real PNG

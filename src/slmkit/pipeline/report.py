@@ -92,7 +92,7 @@ def collect(run_dir: str | Path) -> dict:
         m = last["eval"]["metrics"]
         data["table"] = m.get("models", [])
         data["summary"] = dict(m.get("summary", {}))
-        data["eval"] = {k: m.get(k) for k in ("text", "tokens", "context", "threads")}
+        data["eval"] = {k: m.get(k) for k in ("text", "tokens", "context", "threads", "fit_context")}
     if "audit" in last:
         m = last["audit"]["metrics"]
         data["trust"] = {"scores": m.get("scores", {}), "dimensions": m.get("dimensions", {})}
@@ -157,6 +157,23 @@ def _table_html(data: dict) -> str:
     return table(headers, body, "models") + note
 
 
+def _fit_html(data: dict) -> str:
+    rows = [r for r in data["table"] if r.get("fit")]
+    if not rows:
+        return ""
+    presets = list(rows[0]["fit"])
+    body = []
+    for r in rows:
+        cells = []
+        for p in presets:
+            f = r["fit"][p]
+            cells.append(f"yes, up to {f['max_context']:,} tokens" if f["fits"] else f"no: needs {_fmt_bytes(f['total_bytes'])} of {_fmt_bytes(f['memory_bytes'])}")
+        body.append([r["label"], r.get("precision", "-"), *cells])
+    note = (f'<p class="note">slmkit.runtime.fit at a {esc(data.get("eval", {}).get("fit_context"))}-token context: weights at the '
+            "precision shown + KV cache + activations + PyTorch runtime overhead, against the memory one app may use on each device.</p>")
+    return section("Device fit", table(["model", "precision", *presets], body, "fit") + note, "fit")
+
+
 def render_html(data: dict) -> str:
     r = data["recipe"]
     parts = []
@@ -164,6 +181,9 @@ def render_html(data: dict) -> str:
     if summ:
         parts.append(section("Summary", table(["measure", "value"], [[k.replace("_", " "), _fmt(v)] for k, v in summ.items()], "summary"), "summary"))
     parts.append(section("Teacher \u2192 student", _table_html(data), "models"))
+    fit = _fit_html(data)
+    if fit:
+        parts.append(fit)
     plots = _plots(data)
     body = "".join(figure(svg, cap, ident) for ident, cap, svg in plots) or '<p class="note">No plots: no eval stage finished.</p>'
     parts.append(section("Plots", f'<div class="plots">{body}</div>', "plots"))

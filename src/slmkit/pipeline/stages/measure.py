@@ -26,9 +26,15 @@ class EvalConfig:
     efficiency: bool = True  #: measure prefill/decode speed of the teacher and the final student
     prompt_tokens: int = 64  #: efficiency prefill length
     new_tokens: int = 32  #: efficiency decode length
-    fit_context: int = 2048  #: context length assumed for memory (weights + KV cache)
+    fit_context: int = 2048  #: context length assumed for memory (weights + KV cache) and device fit
+    presets: tuple[str, ...] = ("phone-4gb", "rpi5-4gb", "laptop-16gb")  #: devices of slmkit.runtime.fit to check
 
     def __post_init__(self):
+        from slmkit.runtime.fit import DEVICES
+
+        for p in self.presets:
+            if p not in DEVICES:
+                raise ConfigError(f"unknown device preset {p!r}; known: {', '.join(DEVICES)}")
         if self.text not in TEXT_KEYWORDS and not Path(self.text).is_file():
             raise ConfigError(f"text {self.text!r} is neither a keyword ({', '.join(TEXT_KEYWORDS)}) nor an existing file")
         if self.max_tokens < 16 or self.context < 8:
@@ -113,9 +119,35 @@ def _disk_bytes(ctx: Context, spec: str) -> int:
     return dir_bytes(src.path) if src.kind == "dir" else 0
 
 
+#: precision of the fit planner for each GGUF type (bits per weight incl. block scales, rounded up)
+GGUF_PRECISION = {"F32": "fp32", "F16": "fp16", "Q8_0": "int8", "Q5_0": "int8", "Q4_0": "int4", "Q4_1": "int4"}
+
+
+def _precision(ctx: Context, row: dict) -> str:
+    """The precision the model in ``row`` runs at: its GGUF type, its quantised bits, or the load dtype."""
+    rec = next((r for r in ctx.history if r["dir"] == row["stage"]), None) if row["stage"] else None
+    metrics = rec["metrics"] if rec else {}
+    if row["role"] == "export" and metrics.get("type") in GGUF_PRECISION:
+        return GGUF_PRECISION[metrics["type"]]
+    if rec is not None and rec["kind"] == "quantize":
+        return "int4" if metrics.get("bits", 8) <= 4 else "int8"
+    return ctx.recipe.dtype
+
+
+def device_fit(facts, label: str, precision: str, cfg: EvalConfig) -> dict:
+    """{preset: fit} from :func:`slmkit.runtime.fit.plan_sizes` at ``cfg.fit_context``."""
+    from slmkit.runtime.fit import FitConfig, Sizes, plan_sizes
+
+    out = {}
+    for preset in cfg.presets:
+        r = plan_sizes(Sizes.of(facts), FitConfig.parse(preset, context=cfg.fit_context, precision=precision), label)
+        out[preset] = {"fits": r.fits, "total_bytes": r.total_bytes, "memory_bytes": r.memory_bytes, "max_context": r.max_context}
+    return out
+
+
 @stage("eval", EvalConfig, needs=_needs_eval)
 def evaluate(ctx: Context, cfg: EvalConfig) -> StageResult:
-    """Perplexity, agreement with the teacher, size, memory and speed of the teacher and each stage's model."""
+    """Perplexity, agreement with the teacher, size, memory, speed and device fit of the teacher and each stage's model."""
     from slmkit.eval import EfficiencyConfig, PerplexityConfig, measure, perplexity
     from slmkit.models import describe_model
 
@@ -153,6 +185,9 @@ def evaluate(ctx: Context, cfg: EvalConfig) -> StageResult:
             row["agreement"] = 1.0 if same else agreement(next_token_argmax(model, sids, cfg.context), teacher_pred)
         else:
             row["agreement"] = None
+        if row["role"] in ("teacher", "student", "export") and cfg.presets:
+            row["precision"] = _precision(ctx, row)
+            row["fit"] = device_fit(facts, row["label"], row["precision"], cfg)
         if cfg.efficiency and row["role"] in ("teacher", "student"):
             eff = measure(model, ecfg)
             row.update(decode_tokens_per_s=eff.decode_tokens_per_s, prefill_tokens_per_s=eff.prefill_tokens_per_s)
@@ -170,4 +205,5 @@ def evaluate(ctx: Context, cfg: EvalConfig) -> StageResult:
         summary["decode_speedup"] = s["decode_tokens_per_s"] / t["decode_tokens_per_s"]
         summary["prefill_speedup"] = s["prefill_tokens_per_s"] / t["prefill_tokens_per_s"]
     return StageResult(metrics={"text": source, "tokens": int(ids.numel()), "context": cfg.context, "models": rows,
+                                "fit_context": cfg.fit_context,
                                 "summary": summary, "threads": torch.get_num_threads()})
