@@ -1,0 +1,6 @@
+"""Stage kinds, one module per family; importing this package registers them all in ``STAGES``."""
+
+from slmkit.pipeline.base import STAGES, Context, StageKind, StageResult, stage
+from slmkit.pipeline.stages import data, measure, model  # noqa: F401  (registration)
+
+__all__ = ["STAGES", "Context", "StageKind", "StageResult", "stage"]
