@@ -197,8 +197,10 @@ def _score_shared_context(backend, texts: Sequence[str], contexts: Sequence[str]
         pre = torch.tensor([prefix], device=dev)
         res = model(input_ids=pre, use_cache=True, logits_to_keep=1)
         first = F.log_softmax(res.logits[:, -1].float(), -1)  # (1, V): predicts each continuation's first token
-        for b in range(0, len(members), max(1, backend.batch_size)):
-            chunk = members[b : b + backend.batch_size]
+        longest = max(len(ids) for _, ids in members)
+        step = max(1, backend.batch_size, 256 // max(1, longest))  # short continuations: more per batch
+        for b in range(0, len(members), step):
+            chunk = members[b : b + step]
             L = max(len(ids) for _, ids in chunk)
             B = len(chunk)
             inp = torch.full((B, L), pad, dtype=torch.long)
