@@ -109,3 +109,21 @@ def test_report_renders_in_headless_chromium(finished_run, tmp_path):
     subprocess.run(cmd2, capture_output=True, timeout=120, check=True)
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
     shutil.rmtree(tmp_path / "profile", ignore_errors=True)
+
+
+def test_audit_stage_scores_teacher_and_student_and_draws_the_radar(tiny_dir, shared_data, tmp_path):
+    from conftest import STUDENT, tiny_recipe
+
+    from slmkit.pipeline import build, parse_text
+
+    audit = "  - stage: audit\n    dimensions: [reliability, fairness]\n    limit: 2\n"
+    run = tmp_path / "run"
+    build(parse_text(tiny_recipe(tiny_dir, STUDENT, audit), "a.yaml"), run)
+    data = json.loads((run / "report.json").read_text())
+    scores = data["trust"]["scores"]
+    assert set(scores) == {"teacher", "student"} and set(scores["teacher"]) == {"reliability", "fairness"}
+    assert all(0.0 <= v <= 1.0 for v in scores["teacher"].values())
+    # the student is the teacher here: the same model audited twice gives the same scores
+    assert scores["student"] == scores["teacher"]
+    html = (run / "report.html").read_text()
+    assert 'id="plot-trust-radar"' in html and 'id="trust"' in html

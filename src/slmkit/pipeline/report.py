@@ -93,9 +93,9 @@ def collect(run_dir: str | Path) -> dict:
         data["table"] = m.get("models", [])
         data["summary"] = dict(m.get("summary", {}))
         data["eval"] = {k: m.get(k) for k in ("text", "tokens", "context", "threads", "fit_context")}
-    if "audit" in last:
+    if "audit" in last and last["audit"]["metrics"].get("scores"):
         m = last["audit"]["metrics"]
-        data["trust"] = {"scores": m.get("scores", {}), "dimensions": m.get("dimensions", {})}
+        data["trust"] = {"scores": m.get("scores", {}), "dimensions": m.get("dimensions", {}), "skipped": m.get("skipped", {})}
         for row in data["table"]:
             scores = m.get("scores", {}).get(row["role"] if row["role"] == "teacher" else "student")
             if scores and row["role"] in ("teacher", "student"):
