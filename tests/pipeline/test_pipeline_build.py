@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import EVAL, EXPORT, GEN, STUDENT, tiny_recipe
+from pipeline_helpers import EVAL, EXPORT, GEN, STUDENT, tiny_recipe
 
 from slmkit.pipeline import build, parse_text, plan
 

@@ -112,7 +112,7 @@ def test_report_renders_in_headless_chromium(finished_run, tmp_path):
 
 
 def test_audit_stage_scores_teacher_and_student_and_draws_the_radar(tiny_dir, shared_data, tmp_path):
-    from conftest import STUDENT, tiny_recipe
+    from pipeline_helpers import STUDENT, tiny_recipe
 
     from slmkit.pipeline import build, parse_text
 
