@@ -54,6 +54,8 @@ def test_valid_recipe_becomes_frozen_dataclasses(tiny_dir):
         (("  - stage: eval\n", "  - stage: eval\n    text: /no/such/file.txt\n"), ["stage 4 (eval)", "/no/such/file.txt"]),
         (("name: t\n", "name: t\nteachr: x\n"), ["unknown top-level key 'teachr'", "did you mean teacher"]),
         (("name: t\n", "name: t\nseed: zero\n"), ["top-level key 'seed' must be int"]),
+        (("teacher: ", "teacher: /no/such/"), ["top-level key 'teacher'", "no such file or directory"]),
+        (("  - stage: student\n", "  - stage: student\n    source: ./missing-dir\n"), ["stage 2 (student)", "missing-dir"]),
     ],
 )
 def test_bad_recipes_name_stage_and_key(tiny_dir, edit, needles):

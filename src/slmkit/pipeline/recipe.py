@@ -171,6 +171,16 @@ def build_config(cls: type, settings: dict, where: str) -> Any:
         raise RecipeError(f"{where}: {err}") from None
 
 
+def _check_model_spec(spec: str, where: str) -> None:
+    """The spec points at something loadable (a path that exists, a packaged name or a hub id); reads no weights."""
+    from slmkit.models import resolve
+
+    try:
+        resolve(spec)
+    except SlmkitError as err:
+        raise RecipeError(f"{where}: {err.problem}", err.hint) from None
+
+
 def parse_recipe(data: Any, source: str = "", text: str = "") -> Recipe:
     """Validate a loaded YAML document into a :class:`Recipe` (nothing runs)."""
     from slmkit.pipeline.stages import STAGES
@@ -191,6 +201,7 @@ def parse_recipe(data: Any, source: str = "", text: str = "") -> Recipe:
             raise RecipeError(f"{where0}: missing top-level key {key!r}")
     if not data["stages"]:
         raise RecipeError(f"{where0}: 'stages' is empty", "list at least one stage")
+    _check_model_spec(data["teacher"], f"{where0}: top-level key 'teacher'")
     dtype = data.get("dtype", "fp32")
     if dtype not in _DTYPES:
         raise RecipeError(f"{where0}: top-level key 'dtype' must be one of {', '.join(_DTYPES)}, got {dtype!r}")

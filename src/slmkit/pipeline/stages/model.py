@@ -27,6 +27,12 @@ def dir_bytes(path: str | Path) -> int:
 class StudentConfig:
     source: str = "teacher"  #: "teacher" (start from a copy of the teacher) or a model spec to start from
 
+    def __post_init__(self):
+        if self.source != "teacher":
+            from slmkit.models import resolve
+
+            resolve(self.source)  # a path that does not exist fails here, before anything runs
+
 
 @stage("student", StudentConfig, makes=("model",))
 def student(ctx: Context, cfg: StudentConfig) -> StageResult:
