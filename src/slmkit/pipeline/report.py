@@ -189,9 +189,12 @@ def render_html(data: dict) -> str:
     parts.append(section("Plots", f'<div class="plots">{body}</div>', "plots"))
     if data.get("trust"):
         dims = data["trust"]["dimensions"]
-        rows = [[who, dim, key, _fmt(val)] for who, per in dims.items() for dim, ms in per.items() for key, val in ms.items()
-                if isinstance(val, (int, float)) or val is None]
-        parts.append(section("Trust audit", table(["model", "dimension", "metric", "value"], rows, "trust"), "trust"))
+        who = list(dims)  # teacher (when audited) and student
+        keys = list(dict.fromkeys((d, k) for per in dims.values() for d, ms in per.items() for k in ms))
+        rows = [[d, k, *[_fmt(dims[w].get(d, {}).get(k)) for w in who]] for d, k in keys]
+        skipped = data["trust"].get("skipped") or {}
+        note = "".join(f'<p class="note">{esc(d)} skipped: {esc(why)}</p>' for d, why in skipped.items())
+        parts.append(section("Trust audit", table(["dimension", "metric", *who], rows, "trust") + note, "trust"))
     if data.get("speculative"):
         sp = data["speculative"]
         rows = [[k.replace("_", " "), _fmt(v)] for k, v in sp.items() if isinstance(v, (int, float, str))]
