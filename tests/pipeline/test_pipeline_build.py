@@ -102,7 +102,7 @@ def _checkpoint(stage_dir: Path):
 
 def test_sigkill_mid_distillation_then_rerun_resumes(tiny_dir, tmp_path):
     """Kill `slmkit build` with SIGKILL in the middle of distillation; the same command resumes and finishes."""
-    steps = 8
+    steps = 20  # long enough that the kill lands before distillation ends, even on a fast machine
     recipe = tmp_path / "r.yaml"
     recipe.write_text(tiny_recipe(tiny_dir, GEN.format(n=6, tokens=12), STUDENT, DISTILL.format(steps=steps),
                                   EXPORT.format(type="F16")))
