@@ -94,10 +94,12 @@ DISTILL = "  - stage: distill\n    max_steps: {steps}\n    batch_size: 2\n    bl
 
 
 def _checkpoint(stage_dir: Path):
-    from slmkit.train.distill import CHECKPOINTS, last_complete_checkpoint
+    """A complete distillation checkpoint, if any; read-only (the build is writing them meanwhile)."""
+    from slmkit.train.distill import CHECKPOINTS, _complete
 
     ckpts = stage_dir / "model" / CHECKPOINTS
-    return last_complete_checkpoint(ckpts) if ckpts.is_dir() else None
+    found = [p for p in ckpts.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()] if ckpts.is_dir() else []
+    return next((p for p in found if _complete(p)), None)
 
 
 def test_sigkill_mid_distillation_then_rerun_resumes(tiny_dir, tmp_path):
