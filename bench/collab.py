@@ -1,0 +1,200 @@
+"""Benchmark of the small/large collaboration on the default model (CPU).
+
+1. Speculative decoding: the default model (target, 30 layers) drafted by a copy of its
+   first N layers, and by prompt lookup; against the target alone (transformers
+   ``generate``, and our own cached loop) and transformers' assisted generation
+   (``assistant_model=``, ``prompt_lookup_num_tokens=``), all in the same run; ``spec_ours_fr``
+   is the same draft scoring only the first ``--draft-vocab`` token ids (FR-Spec), methods
+   interleaved per prompt. Speed is a ratio to the target alone from the same run.
+2. Cascade on rag-qa (question + its passage; answer checked by containment): the same
+   truncated copy answers first, low mean-log-prob answers escalate to the default
+   model; quality kept vs share escalated, against random routing at the same rate.
+3. Hallucination detection on TruthfulQA (best answer vs first incorrect answer): AUROC
+   of the default model's token-probability risk.
+
+Usage: PYTHONPATH=src python bench/collab.py [--prompts 3] [--tokens 48] [--draft-layers 10] [--draft-vocab 8192]
+       [--qa 40] [--tqa 60] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import random
+import sys
+import time
+
+import torch
+
+
+def truncated(model, n: int):
+    """A draft sharing the model's first ``n`` decoder blocks, embeddings, norm and head."""
+    d = copy.copy(model)
+    d.model = copy.copy(model.model)
+    d.model.layers = torch.nn.ModuleList(list(model.model.layers[:n]))
+    d.config = copy.deepcopy(model.config)
+    d.config.num_hidden_layers = n
+    d.model.config = d.config
+    return d
+
+
+PROMPTS = [
+    "Write a short story about a cat who learns to fly.",
+    "Explain how photosynthesis works in simple terms.",
+    "List five tips for staying productive when working from home.",
+    "Describe the water cycle step by step.",
+    "What are the main differences between Python lists and tuples?",
+    "Write a polite e-mail asking a colleague to review a document.",
+]
+
+
+def _hf(model, ids, n, **kw):
+    t0 = time.perf_counter()
+    out = model.generate(ids[None], attention_mask=torch.ones_like(ids[None]), max_new_tokens=n, do_sample=False,
+                         temperature=None, top_p=None, top_k=None, **kw)
+    return out[0, ids.shape[0]:].tolist(), time.perf_counter() - t0
+
+
+def bench_speculative(model, tok, args) -> dict:
+    from slmkit.collab.speculative import ModelDrafter, SpecConfig, autoregressive, frequent_vocab, speculate
+
+    draft = truncated(model, args.draft_layers)
+    fr_draft = ModelDrafter(draft, frequent_vocab(tok, args.draft_vocab))
+    eos = (tok.eos_token_id,)
+    cfg = SpecConfig(max_new_tokens=args.tokens, eos_token_ids=eos)
+    stats = {m: {"tokens": 0, "seconds": 0.0, "drafted": 0, "accepted": 0, "identical": 0}
+             for m in ("target_hf", "target_ours", "assisted_hf", "spec_ours", "spec_ours_fr", "lookup_hf", "lookup_ours")}
+    n_prompts = 0
+    for i, p in enumerate(PROMPTS[: args.prompts]):
+        text = tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+        ids = torch.tensor(tok(text, add_special_tokens=False).input_ids)
+        if i == 0:  # warm-up, off the clock
+            _hf(model, ids, 4)
+            _hf(model, ids, 4, assistant_model=draft)
+            speculate(model, draft, ids, SpecConfig(max_new_tokens=4))
+        ref, dt = _hf(model, ids, args.tokens)
+        stats["target_hf"]["tokens"] += len(ref)
+        stats["target_hf"]["seconds"] += dt
+        runs = [
+            ("target_ours", lambda: autoregressive(model, ids, cfg)),
+            ("spec_ours", lambda: speculate(model, draft, ids, cfg)),
+            ("spec_ours_fr", lambda: speculate(model, fr_draft, ids, cfg)),
+            ("lookup_ours", lambda: speculate(model, "lookup", ids, cfg)),
+        ]
+        for name, fn in runs:
+            o = fn()
+            s = stats[name]
+            s["tokens"] += len(o.tokens)
+            s["seconds"] += o.seconds
+            s["drafted"] += o.drafted
+            s["accepted"] += o.accepted
+            s["identical"] += int(o.tokens == ref)
+        for name, kw in (("assisted_hf", {"assistant_model": draft}), ("lookup_hf", {"prompt_lookup_num_tokens": 10})):
+            toks, dt = _hf(model, ids, args.tokens, **kw)
+            stats[name]["tokens"] += len(toks)
+            stats[name]["seconds"] += dt
+            stats[name]["identical"] += int(toks == ref)
+        stats["target_hf"]["identical"] += 1
+        n_prompts += 1
+        print(f"  prompt {i}: done", file=sys.stderr, flush=True)
+    base = stats["target_hf"]["tokens"] / stats["target_hf"]["seconds"]
+    rows = {}
+    for name, s in stats.items():
+        tps = s["tokens"] / s["seconds"]
+        rows[name] = {
+            "tokens_per_s": tps,
+            "speedup_vs_target_hf": tps / base,
+            "acceptance_rate": (s["accepted"] / s["drafted"]) if s["drafted"] else None,
+            "identical_to_target": f"{s['identical']}/{n_prompts}",
+            "tokens": s["tokens"],
+        }
+    for name in ("spec_ours", "spec_ours_fr"):
+        rows[name]["vs_assisted_hf"] = rows[name]["tokens_per_s"] / rows["assisted_hf"]["tokens_per_s"]
+    rows["lookup_ours"]["vs_lookup_hf"] = rows["lookup_ours"]["tokens_per_s"] / rows["lookup_hf"]["tokens_per_s"]
+    return rows
+
+
+def bench_cascade(model, tok, args) -> dict:
+    from slmkit.backends import HFBackend
+    from slmkit.collab.cascade import CascadeConfig, run_cascade
+    from slmkit.data import data_file, read_jsonl
+
+    passages = {r["id"]: r["text"] for r in read_jsonl(data_file("rag-qa/passages.jsonl"))}
+    qs = read_jsonl(data_file("rag-qa/questions.jsonl"))
+    rng = random.Random(0)
+    rng.shuffle(qs)  # questions come grouped by passage; shuffle once (seeded) so both splits see all kinds
+    rows = [{"question": q["question"], "answer": q["answer"], "context": passages[q["passage_id"]]} for q in qs[: args.qa]]
+    small = HFBackend(truncated(model, args.small_layers), tok)
+    large = HFBackend(model, tok)
+    cfg = CascadeConfig(signal="logprob", escalate=0.3, max_new_tokens=args.answer_tokens, calib_fraction=0.5)
+    rep = run_cascade(small, large, rows, cfg)
+    rep.pop("answers")
+    return rep
+
+
+def bench_judge(model, tok, args) -> dict:
+    from slmkit.backends import HFBackend
+    from slmkit.collab.judge import JudgeConfig, auroc, judge, truthfulqa_items
+    from slmkit.data import data_file
+
+    items = truthfulqa_items(data_file("truthfulqa/TruthfulQA.csv"), limit=args.tqa)
+    labels = [it.label for it in items]
+    out = {"pairs": len(items)}
+    for name, m in (("default", model), (f"first {args.small_layers} layers", truncated(model, args.small_layers))):
+        risk = judge(HFBackend(m, tok), items, JudgeConfig(method="logprob"))
+        out[f"auroc_logprob_{name}"] = auroc(risk, labels)
+    if args.tqa_consistency:
+        sub = items[: 2 * args.tqa_consistency]
+        risk = judge(HFBackend(model, tok), sub, JudgeConfig(method="consistency", samples=3, max_new_tokens=16))
+        out["auroc_consistency_default"] = auroc(risk, [it.label for it in sub])
+        out["consistency_pairs"] = len(sub)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--prompts", type=int, default=3)
+    ap.add_argument("--tokens", type=int, default=48)
+    ap.add_argument("--draft-layers", type=int, default=10)
+    ap.add_argument("--draft-vocab", type=int, default=8192, help="FR-Spec draft head: the first N token ids")
+    ap.add_argument("--small-layers", type=int, default=20)
+    ap.add_argument("--qa", type=int, default=40)
+    ap.add_argument("--answer-tokens", type=int, default=12)
+    ap.add_argument("--tqa", type=int, default=60)
+    ap.add_argument("--tqa-consistency", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--parts", default="spec,cascade,judge")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    from slmkit.models import load
+
+    model, tok = load("default")
+    info = {"device": f"CPU ({platform.processor() or platform.machine()}), {args.threads} torch thread(s), shared machine",
+            "torch": torch.__version__, "args": vars(args)}
+    print(json.dumps(info), flush=True)
+    parts = args.parts.split(",")
+    if "spec" in parts:
+        rows = bench_speculative(model, tok, args)
+        print("\n## speculative decoding (greedy, fp32)")
+        print(f"{'method':<14}{'tok/s':>8}{'vs target':>11}{'accept':>8}{'same':>7}")
+        for name, r in rows.items():
+            acc = "" if r["acceptance_rate"] is None else f"{r['acceptance_rate']:.2f}"
+            print(f"{name:<14}{r['tokens_per_s']:>8.2f}{r['speedup_vs_target_hf']:>10.2f}x{acc:>8}{r['identical_to_target']:>7}")
+        print(json.dumps({"speculative": rows}), flush=True)
+    if "cascade" in parts:
+        rep = bench_cascade(model, tok, args)
+        print("\n## cascade on rag-qa (logprob signal, target escalation 0.3)")
+        print(f"{'escalated':>9}{'quality':>9}{'kept':>7}{'random':>8}{'rnd kept':>9}")
+        for r in rep.get("curve", []):
+            print(f"{r['escalated']:>9.2f}{r['quality']:>9.3f}{r['quality_kept']:>7.2f}{r['random_quality']:>8.3f}{r['random_quality_kept']:>9.2f}")
+        print(json.dumps({"cascade": {k: v for k, v in rep.items()}}, default=str), flush=True)
+    if "judge" in parts:
+        rep = bench_judge(model, tok, args)
+        print("\n## hallucination detection on TruthfulQA pairs")
+        print(json.dumps({"judge": rep}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

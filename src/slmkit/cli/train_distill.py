@@ -1,0 +1,145 @@
+"""Distillation verbs: distill, gen-data."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from slmkit.cli._common import console, err_console, kv_table, print_json
+
+log = logging.getLogger(__name__)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("distill")(distill_cmd)
+    app.command("gen-data")(gen_data_cmd)
+
+
+def _is_url(spec: str) -> bool:
+    return spec.startswith(("http://", "https://"))
+
+
+def distill_cmd(
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="default | hub id | dir | file.gguf | http(s) endpoint (black-box: sequence-level KD)"),
+    student: str = typer.Option(..., "--student", help="the model to train: default | hub id | dir | file.gguf"),
+    data: Path = typer.Option(..., "--data", help="plain-text file (language modelling) or messages jsonl (chat)"),
+    loss: str = typer.Option("fkl", "--loss", help="fkl | rkl | jsd | skl | srkl | tvd | ce (ce = plain fine-tuning)"),
+    output: Path = typer.Option(..., "--output", help="directory for checkpoints and the final model"),
+    max_steps: int = typer.Option(100, "--max-steps", min=1, help="optimizer steps"),
+    resume: bool = typer.Option(False, "--resume", help="continue the run in --output from its last complete checkpoint"),
+    temperature: float = typer.Option(1.0, "--temperature", help="distillation softmax temperature"),
+    beta: float = typer.Option(0.5, "--beta", help="JSD beta in (0, 1)"),
+    alpha: float = typer.Option(0.1, "--alpha", help="skew KL alpha in (0, 1)"),
+    ce_weight: float = typer.Option(0.0, "--ce-weight", help="mix in cross-entropy on the data: (1-w) div + w ce"),
+    top_k: int = typer.Option(0, "--top-k", help="keep only the teacher's top-k tokens (0 = all)"),
+    lmbda: float = typer.Option(0.0, "--lmbda", help="on-policy fraction: batches whose completions the student samples"),
+    seq_kd: bool = typer.Option(False, "--seq-kd", help="train on teacher-generated completions"),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="length of on-policy / seq-KD samples"),
+    batch_size: int = typer.Option(4, "--batch-size", min=1),
+    grad_accum: int = typer.Option(1, "--grad-accum", min=1),
+    lr: float = typer.Option(5e-5, "--lr", help="learning rate"),
+    block_size: int = typer.Option(256, "--block-size", help="tokens per example"),
+    max_examples: int = typer.Option(0, "--max-examples", help="use the first N examples of --data (0 = all)"),
+    save_steps: int = typer.Option(50, "--save-steps", min=1),
+    seed: int = typer.Option(0, "--seed"),
+    dtype: str = typer.Option("fp32", "--dtype", help="fp32 or bf16 (both models)"),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """Distil TEACHER into STUDENT on DATA (or fine-tune with --loss ce); write the model to OUTPUT."""
+    from slmkit.artefact import Manifest
+    from slmkit.errors import ConfigError
+    from slmkit.models import load
+    from slmkit.train.data import DataConfig
+    from slmkit.train.distill import DistillConfig, check_same_tokenizer, distill
+    from slmkit.train.losses import LossConfig
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    lcfg = LossConfig(loss=loss, temperature=temperature, beta=beta, alpha=alpha, ce_weight=ce_weight, top_k=top_k)
+    data_path = data
+    black_box = teacher is not None and _is_url(teacher)
+    if black_box:
+        # a text-only API: sequence-level KD on its answers to the data's prompts
+        from slmkit.backends import from_spec
+        from slmkit.data.synth import SynthConfig, generate_dataset, read_prompts
+
+        if lcfg.loss != "ce" or lmbda > 0 or seq_kd:
+            err_console.print(f"[yellow]teacher {teacher} returns only text: using sequence-level KD (--loss ce on its answers)[/]")
+        lcfg = LossConfig(loss="ce")
+        lmbda, seq_kd = 0.0, False
+        output.mkdir(parents=True, exist_ok=True)
+        data_path = output / "teacher-data.jsonl"
+        generate_dataset(from_spec(teacher), read_prompts(data, limit=max_examples), data_path,
+                         SynthConfig(max_new_tokens=max(max_new_tokens, 128), seed=seed))
+    elif teacher is None and lcfg.uses_teacher:
+        raise ConfigError(f"--loss {loss} needs --teacher", "pass --teacher MODEL, or --loss ce for plain fine-tuning")
+    cfg = DistillConfig(
+        loss=lcfg, data=DataConfig(block_size=block_size, max_examples=max_examples), lmbda=lmbda, seq_kd=seq_kd,
+        max_new_tokens=max_new_tokens, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
+        learning_rate=lr, save_steps=min(save_steps, max_steps), seed=seed, logging_steps=max(1, min(10, max_steps // 5)),
+    )
+    s_model, s_tok = load(student, dtype=dtype)
+    t_model = None
+    if teacher is not None and not black_box and (lcfg.uses_teacher or seq_kd):
+        t_model, t_tok = load(teacher, dtype=dtype)
+        check_same_tokenizer(t_tok, s_tok)
+    base = Manifest.read(student) if Path(student).is_dir() else None
+    res = distill(s_model, s_tok, data_path, output, cfg, teacher=t_model, resume=resume,
+                  source={"teacher": teacher, "student": student, "black_box": black_box}, base_manifest=base)
+    first = res.history[0]["loss"] if res.history else None
+    last = res.history[-1]["loss"] if res.history else None
+    out = {"output": str(output), "teacher": teacher, "student": student, "loss": lcfg.loss, "steps": res.steps,
+           "train_loss": res.train_loss, "first_logged_loss": first, "last_logged_loss": last,
+           "seconds": round(res.seconds, 2), "resumed_from": res.resumed_from, "data_kind": res.data_kind,
+           "examples": res.examples, "black_box": black_box}
+    if json_out:
+        print_json(out)
+        return
+    console.print(kv_table(f"distill -> {output}", [(k, v) for k, v in out.items() if v is not None]))
+
+
+def gen_data_cmd(
+    model: str = typer.Argument(..., help="teacher: default | hub id | dir | file.gguf | http(s) endpoint (URL#model)"),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="jsonl (messages/prompt/instruction/turns/question) or text, one per line"),
+    output: Path = typer.Option(..., "--output", help="messages jsonl to append to (resumable)"),
+    n: int = typer.Option(0, "--n", min=0, help="accepted examples to produce at most (0 = one per prompt)"),
+    self_instruct: int = typer.Option(0, "--self-instruct", min=0, help="also let the teacher write N new prompts from --prompts as seeds"),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0),
+    seed: int = typer.Option(0, "--seed"),
+    min_words: int = typer.Option(3, "--min-words"),
+    max_words: int = typer.Option(2000, "--max-words"),
+    near_dup: float = typer.Option(0.8, "--near-dup", help="3-gram Jaccard threshold for near duplicates (1 = exact only)"),
+    max_perplexity: float = typer.Option(0.0, "--max-perplexity", help="drop replies above this teacher perplexity (0 = off)"),
+    judge: Optional[str] = typer.Option(None, "--judge", help="judge model or endpoint for --min-judge-score"),
+    min_judge_score: float = typer.Option(0.0, "--min-judge-score", help="drop replies the judge scores below this (1-10)"),
+    dtype: str = typer.Option("fp32", "--dtype"),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """Write teacher answers to prompts as messages jsonl, filtered (length, duplicates, perplexity, judge)."""
+    from slmkit.backends import from_spec
+    from slmkit.data.synth import SynthConfig, generate_dataset, read_prompts, self_instruct_prompts
+    from slmkit.errors import ConfigError
+
+    if prompts is None:
+        raise ConfigError("gen-data needs --prompts FILE", "e.g. --prompts ../shared/data/instructions/self_instruct_seed_tasks.jsonl")
+    if min_judge_score > 0 and judge is None:
+        raise ConfigError("--min-judge-score needs --judge MODEL")
+    cfg = SynthConfig(n=n, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, min_words=min_words,
+                      max_words=max_words, near_dup=near_dup, max_perplexity=max_perplexity, min_judge_score=min_judge_score)
+    items = read_prompts(prompts)
+    teacher = from_spec(model, dtype=dtype)
+    if self_instruct:
+        items = items + self_instruct_prompts(teacher, items, self_instruct, seed=seed)
+    judge_b = from_spec(judge, dtype=dtype) if judge else None
+    rep = generate_dataset(teacher, items, output, cfg, judge=judge_b)
+    if json_out:
+        print_json(rep)
+        return
+    rows = [("output", rep.output), ("rows in output", rep.accepted), ("generated now", rep.generated),
+            ("already done", rep.skipped_done), ("rejected now", ", ".join(f"{k} {v}" for k, v in rep.rejected.items()) or "0")]
+    console.print(kv_table(f"gen-data {model}", rows))

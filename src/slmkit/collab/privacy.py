@@ -1,0 +1,258 @@
+"""Privacy shield: find personal data on the device, send placeholders, restore the reply.
+
+Detectors (all local):
+
+* e-mail addresses, phone numbers, payment-card numbers (13-19 digits that pass the
+  Luhn checksum, ISO/IEC 7812-1 Annex B), IBANs (ISO 13616 mod-97 check), IPv4
+  addresses and street addresses (house number + words + a street suffix) by pattern;
+* person names by cue patterns ("Mr./Dr. ...", "my name is ...", "Dear ...",
+  "Regards, ...") and, when a small model is given, by asking it to list the names in
+  the text; a candidate is kept only if it occurs verbatim in the text and looks like a
+  name (1-4 capitalised words), so a confused model cannot invent redactions.
+
+Why the small model and not a PII library: Presidio (the well-kept choice) needs a
+spaCy NER model that is downloaded from GitHub, not PyPI, so it cannot be installed on
+an offline machine; the small model is already on the device and is what the shield
+is for. Its recall on names is limited; the cue patterns cover the common forms.
+
+Each distinct value gets one placeholder (``[EMAIL_1]``, ``[NAME_2]``, ...), the remote
+model sees only placeholders, and :func:`restore` puts the values back into its reply.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from slmkit.backends.base import Backend, Completion, GenParams, Prompt
+from slmkit.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+KINDS = ("email", "card", "iban", "phone", "ip", "address", "name")
+
+EMAIL = re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}\b")
+CARD = re.compile(r"(?<![\d-])(?:\d[ -]?){12,18}\d(?![\d-])")
+IBAN = re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?\b")
+PHONE = re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\d{2,4}(?:[ .-]?\d{2,4}){1,4}(?![\w])")
+IPV4 = re.compile(r"\b(?:(?:25[0-5]|2[0-4]\d|1?\d?\d)\.){3}(?:25[0-5]|2[0-4]\d|1?\d?\d)\b")
+STREET_SUFFIX = r"(?:Street|St|Avenue|Ave|Road|Rd|Boulevard|Blvd|Lane|Ln|Drive|Dr|Court|Ct|Way|Place|Pl|Square|Sq|Terrace|Close|Crescent)"
+ADDRESS = re.compile(
+    rf"\b\d{{1,5}}[A-Za-z]?(?:\s+[A-Z][a-z]+){{1,4}}\s+{STREET_SUFFIX}\b\.?(?:,?\s+(?:Apt|Suite|Unit|Flat)\.?\s*\w+)?"
+    rf"(?:,\s*[A-Z][a-z]+(?:\s+[A-Z][a-z]+)*)?(?:,?\s+[A-Z]{{2}})?(?:\s+\d{{5}}(?:-\d{{4}})?)?"
+)
+_NAME = r"[A-Z][a-z]+(?:[-'][A-Z][a-z]+)?"
+_FULLNAME = rf"{_NAME}(?:\s+{_NAME}){{0,3}}"
+NAME_CUES = [
+    re.compile(rf"\b(?:Mr|Mrs|Ms|Miss|Dr|Prof|Sir|Madam)\.?\s+(?P<name>{_FULLNAME})"),
+    re.compile(rf"\b(?:[Mm]y name is|[Nn]ame:|I am|I'm|[Tt]his is|[Cc]all me|[Cc]ontact|[Ss]igned,?)\s+(?P<name>{_FULLNAME})"),
+    re.compile(rf"\b(?:Dear|Hi|Hello|Regards,|Thanks,|Sincerely,|Best,|Cheers,)\s+(?P<name>{_FULLNAME})"),
+]
+_NOT_NAMES = {"I", "The", "A", "An", "It", "We", "You", "He", "She", "They", "Please", "Thanks", "Hello", "Hi", "Dear",
+              "Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday", "Sir", "Madam", "Team", "All"}
+
+
+def luhn_ok(digits: str) -> bool:
+    """Luhn checksum (ISO/IEC 7812-1): double every second digit from the right."""
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = int(ch)
+        if i % 2:
+            d = d * 2 - 9 if d > 4 else d * 2
+        total += d
+    return total % 10 == 0
+
+
+def iban_ok(s: str) -> bool:
+    """ISO 13616: move the first four characters to the end, letters to numbers, mod 97 == 1."""
+    s = s.replace(" ", "")
+    if not 15 <= len(s) <= 34:
+        return False
+    num = "".join(str(int(ch, 36)) for ch in s[4:] + s[:4])
+    return int(num) % 97 == 1
+
+
+@dataclass(frozen=True)
+class Span:
+    kind: str
+    start: int
+    end: int
+    text: str
+
+
+@dataclass(frozen=True)
+class ShieldConfig:
+    kinds: tuple[str, ...] = KINDS  #: which kinds of personal data to redact
+    model_names: bool = True  #: ask the small model for person names (when one is given)
+    max_new_tokens: int = 48  #: budget of the small model's name list
+
+    def __post_init__(self):
+        bad = [k for k in self.kinds if k not in KINDS]
+        if bad:
+            raise ConfigError(f"unknown PII kind(s) {bad}; known: {', '.join(KINDS)}")
+
+
+def _looks_like_name(s: str) -> bool:
+    words = s.split()
+    return 1 <= len(words) <= 4 and all(re.fullmatch(_NAME, w) for w in words) and words[0] not in _NOT_NAMES
+
+
+def model_names(small: Backend, text: str, max_new_tokens: int = 48) -> list[str]:
+    """Person names the small model finds in ``text`` (only verbatim, name-shaped candidates)."""
+    ask = (
+        "List every person's name that appears in the text below, one per line. "
+        "If there is none, answer NONE.\n\nText: " + text
+    )
+    tok = getattr(small, "tokenizer", None)
+    prompt: Prompt = [{"role": "user", "content": ask}] if tok is None or getattr(tok, "chat_template", None) else ask + "\nNames:"
+    reply = small.generate([prompt], GenParams(max_new_tokens=max_new_tokens))[0].text
+    out = []
+    for line in reply.splitlines():
+        cand = re.sub(r"^[\s\-*\d.)]+", "", line).strip().strip(".,;:")
+        if cand and cand in text and _looks_like_name(cand) and cand not in out:
+            out.append(cand)
+    return out
+
+
+def detect(text: str, cfg: ShieldConfig = ShieldConfig(), small: Backend | None = None) -> list[Span]:
+    """Non-overlapping spans of personal data in ``text`` (earlier, longer, higher-priority kinds win)."""
+    found: list[Span] = []
+    kinds = set(cfg.kinds)
+
+    def add(kind, m_start, m_end):
+        found.append(Span(kind, m_start, m_end, text[m_start:m_end]))
+
+    if "email" in kinds:
+        for m in EMAIL.finditer(text):
+            add("email", *m.span())
+    if "card" in kinds:
+        for m in CARD.finditer(text):
+            digits = re.sub(r"\D", "", m.group())
+            if 13 <= len(digits) <= 19 and luhn_ok(digits):
+                add("card", *m.span())
+    if "iban" in kinds:
+        for m in IBAN.finditer(text):
+            if iban_ok(m.group()):
+                add("iban", *m.span())
+    if "ip" in kinds:
+        for m in IPV4.finditer(text):
+            add("ip", *m.span())
+    if "address" in kinds:
+        for m in ADDRESS.finditer(text):
+            add("address", *m.span())
+    if "phone" in kinds:
+        for m in PHONE.finditer(text):
+            digits = re.sub(r"\D", "", m.group())
+            if 7 <= len(digits) <= 15 and (m.group().startswith(("+", "(")) or re.search(r"[ .-]", m.group())):
+                add("phone", *m.span())
+    if "name" in kinds:
+        names: list[str] = []
+        for cue in NAME_CUES:
+            for m in cue.finditer(text):
+                cand = m.group("name")
+                # trim trailing words that are not names (e.g. "Dr Smith Please")
+                words = cand.split()
+                while words and words[-1] in _NOT_NAMES:
+                    words.pop()
+                cand = " ".join(words)
+                if cand and _looks_like_name(cand):
+                    names.append(cand)
+        if small is not None and cfg.model_names:
+            names += model_names(small, text, cfg.max_new_tokens)
+        # every occurrence of each name, and of its parts (a surname alone, a first name alone)
+        parts = {p for n in names for p in [n, *n.split()] if len(p) >= 3 and p not in _NOT_NAMES}
+        for p in sorted(parts, key=len, reverse=True):
+            for m in re.finditer(rf"\b{re.escape(p)}\b", text):
+                add("name", *m.span())
+    # resolve overlaps: priority by kind order, then length, then position
+    prio = {k: i for i, k in enumerate(KINDS)}
+    found.sort(key=lambda s: (prio[s.kind], -(s.end - s.start), s.start))
+    taken: list[Span] = []
+    for s in found:
+        if all(s.end <= t.start or s.start >= t.end for t in taken):
+            taken.append(s)
+    return sorted(taken, key=lambda s: s.start)
+
+
+@dataclass
+class Redaction:
+    """Placeholders and the values they stand for (kept on the device)."""
+
+    mapping: dict[str, str] = field(default_factory=dict)  #: placeholder -> original value
+    _by_value: dict[tuple[str, str], str] = field(default_factory=dict)
+    _count: dict[str, int] = field(default_factory=dict)
+
+    def placeholder(self, kind: str, value: str) -> str:
+        key = (kind, value)
+        if key not in self._by_value:
+            self._count[kind] = self._count.get(kind, 0) + 1
+            ph = f"[{kind.upper()}_{self._count[kind]}]"
+            self._by_value[key] = ph
+            self.mapping[ph] = value
+        return self._by_value[key]
+
+
+def redact(text: str, cfg: ShieldConfig = ShieldConfig(), small: Backend | None = None, red: Redaction | None = None) -> tuple[str, Redaction]:
+    """``text`` with every detected span replaced by its placeholder."""
+    red = red if red is not None else Redaction()
+    out, pos = [], 0
+    for s in detect(text, cfg, small):
+        out += [text[pos : s.start], red.placeholder(s.kind, s.text)]
+        pos = s.end
+    out.append(text[pos:])
+    return "".join(out), red
+
+
+def restore(text: str, red: Redaction) -> str:
+    """Put the original values back where the reply uses placeholders (also without brackets)."""
+    for ph in sorted(red.mapping, key=len, reverse=True):
+        text = text.replace(ph, red.mapping[ph])
+    for ph in sorted(red.mapping, key=len, reverse=True):
+        text = re.sub(rf"\b{re.escape(ph[1:-1])}\b", lambda _m, v=red.mapping[ph]: v, text)
+    return text
+
+
+def redact_prompt(prompt: Prompt, cfg: ShieldConfig, small: Backend | None, red: Redaction) -> Prompt:
+    if isinstance(prompt, str):
+        return redact(prompt, cfg, small, red)[0]
+    return [{**m, "content": redact(str(m.get("content", "")), cfg, small, red)[0]} for m in prompt]
+
+
+def shielded_generate(
+    remote: Backend, prompts: Sequence[Prompt], params: GenParams, cfg: ShieldConfig = ShieldConfig(), small: Backend | None = None
+) -> list[Completion]:
+    """Generate with ``remote`` while only placeholders leave the device; replies are restored.
+
+    Each completion's ``meta`` gets ``redacted`` (count per kind) and ``placeholders``.
+    """
+    out = []
+    for prompt in prompts:
+        red = Redaction()
+        safe = redact_prompt(prompt, cfg, small, red)
+        c = remote.generate([safe], params)[0]
+        kinds: dict[str, int] = {}
+        for ph in red.mapping:
+            k = ph[1:].rsplit("_", 1)[0].lower()
+            kinds[k] = kinds.get(k, 0) + 1
+        out.append(Completion(restore(c.text, red), c.tokens, c.finish_reason, c.logprobs,
+                              {**c.meta, "redacted": kinds, "placeholders": len(red.mapping)}))
+    return out
+
+
+class ShieldedBackend:
+    """A :class:`~slmkit.backends.base.Backend` that redacts prompts before calling ``remote``."""
+
+    def __init__(self, remote: Backend, small: Backend | None = None, cfg: ShieldConfig = ShieldConfig()):
+        self.remote, self.small, self.cfg = remote, small, cfg
+        self.name = f"shield({remote.name})"
+
+    def generate(self, prompts: Sequence[Prompt], params: GenParams) -> list[Completion]:
+        return shielded_generate(self.remote, prompts, params, self.cfg, self.small)
+
+    def score(self, texts, contexts=None):
+        red = Redaction()
+        safe_texts = [redact(t, self.cfg, self.small, red)[0] for t in texts]
+        safe_ctx = None if contexts is None else [redact(c, self.cfg, self.small, red)[0] for c in contexts]
+        return self.remote.score(safe_texts, safe_ctx)

@@ -1,0 +1,315 @@
+"""Teacher-generated training data (sequence-level / black-box distillation data).
+
+Prompts come from a file (jsonl with ``messages``, ``prompt``, ``instruction``
+(+ ``instances[0].input``, the Self-Instruct seed format), ``turns`` (MT-Bench,
+first turn), ``question`` or ``text``; or a plain-text file, one prompt per line),
+or are written by the teacher itself from seed tasks, Self-Instruct style (Wang et
+al. 2023). The teacher is any :class:`~slmkit.backends.Backend`: a local HF model
+or an OpenAI-compatible endpoint (vLLM, a cloud API), so a teacher that returns
+only text still yields training data (black-box distillation, trained with
+``--loss ce``).
+
+Quality filters, in order: length (words), exact duplicates (normalised text),
+near duplicates (Jaccard similarity of word 3-gram shingles, as in the
+Self-Instruct / Alpaca pipelines' ROUGE-L filter but cheaper), teacher perplexity
+of the response given its prompt (drops degenerate text), and an optional judge
+score (an LLM judge rates 1-10).
+
+Output is ``messages`` jsonl, appended one row at a time and flushed, so a crash
+keeps what was generated; rerunning skips every prompt already answered or
+rejected (rejections go to ``<output>.rejected.jsonl``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from slmkit.backends.base import Backend, GenParams
+from slmkit.data.readers import _open
+from slmkit.errors import BackendError, ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    n: int = 0  #: accepted examples to produce at most (0 = one per prompt)
+    max_new_tokens: int = 256  #: teacher reply length cap
+    temperature: float = 0.0  #: teacher sampling temperature (0 = greedy)
+    seed: int = 0
+    min_words: int = 3  #: drop replies shorter than this
+    max_words: int = 2000  #: drop replies longer than this
+    near_dup: float = 0.8  #: drop a reply whose 3-gram Jaccard similarity to a kept one is >= this (1 = exact only)
+    max_perplexity: float = 0.0  #: drop replies whose teacher perplexity exceeds this (0 = no filter)
+    min_judge_score: float = 0.0  #: with a judge: drop replies it scores below this (1-10)
+    drop_truncated: bool = False  #: drop replies that hit max_new_tokens
+
+    def __post_init__(self):
+        if self.n < 0 or self.max_new_tokens < 1:
+            raise ConfigError(f"n must be >= 0 and max_new_tokens >= 1, got {self.n}, {self.max_new_tokens}")
+        if not 0 < self.near_dup <= 1:
+            raise ConfigError(f"near_dup must be in (0, 1], got {self.near_dup}")
+        if self.min_words > self.max_words:
+            raise ConfigError(f"min_words {self.min_words} > max_words {self.max_words}")
+        if not 0 <= self.min_judge_score <= 10:
+            raise ConfigError(f"min_judge_score must be in [0, 10], got {self.min_judge_score}")
+
+
+@dataclass
+class PromptItem:
+    id: str
+    messages: list[dict]  #: the conversation to answer (ends with a user turn)
+
+
+@dataclass
+class SynthReport:
+    output: str
+    accepted: int  #: rows in the output after this call
+    generated: int  #: replies generated in this call
+    skipped_done: int  #: prompts already answered or rejected in an earlier call
+    rejected: dict[str, int] = field(default_factory=dict)  #: reason -> count (this call)
+
+
+# ------------------------------------------------------------------ prompts
+
+
+def _prompt_of(row: dict, where: str) -> list[dict]:
+    if isinstance(row.get("messages"), list) and row["messages"]:
+        msgs = [m for m in row["messages"] if isinstance(m, dict)]
+        while msgs and msgs[-1].get("role") == "assistant":  # answer the last user turn afresh
+            msgs = msgs[:-1]
+        if msgs and all(isinstance(m.get("content"), str) for m in msgs):
+            return msgs
+    text = None
+    if isinstance(row.get("prompt"), str):
+        text = row["prompt"]
+    elif isinstance(row.get("instruction"), str):
+        text = row["instruction"]
+        inst = row.get("instances") or []
+        extra = row.get("input") or (inst[0].get("input") if inst and isinstance(inst[0], dict) else "")
+        if extra:
+            text = f"{text}\n\n{extra}"
+    elif isinstance(row.get("turns"), list) and row["turns"] and isinstance(row["turns"][0], str):
+        text = row["turns"][0]
+    elif isinstance(row.get("question"), str):
+        text = row["question"]
+    elif isinstance(row.get("text"), str):
+        text = row["text"]
+    if not text or not text.strip():
+        raise DataError(f"{where}: no prompt found", "rows need messages, prompt, instruction, turns, question or text")
+    return [{"role": "user", "content": text.strip()}]
+
+
+def read_prompts(path: str | Path, limit: int = 0) -> list[PromptItem]:
+    """Prompts of a jsonl file (formats in the module docstring) or a text file (one per line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"prompts file {path} does not exist")
+    items: list[PromptItem] = []
+    jsonl = str(path).endswith((".jsonl", ".json", ".jsonl.gz"))
+    with _open(path) as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            if jsonl:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise DataError(f"{where}: not valid JSON ({err.msg})") from None
+                if not isinstance(row, dict):
+                    raise DataError(f"{where}: expected a JSON object")
+                rid = row.get("id", row.get("question_id"))
+                items.append(PromptItem(str(rid) if rid is not None else f"{path.name}:{lineno}", _prompt_of(row, where)))
+            else:
+                items.append(PromptItem(f"{path.name}:{lineno}", [{"role": "user", "content": line.strip()}]))
+            if limit and len(items) >= limit:
+                break
+    if not items:
+        raise DataError(f"prompts file {path} is empty")
+    return items
+
+
+def self_instruct_prompts(teacher: Backend, seeds: list[PromptItem], n: int, seed: int = 0, examples: int = 3,
+                          max_new_tokens: int = 96) -> list[PromptItem]:
+    """``n`` new instructions written by the teacher from random seed tasks (Self-Instruct, Wang et al. 2023, Sec. 2.2)."""
+    rng = random.Random(seed)
+    out: list[PromptItem] = []
+    seen = [_shingles(s.messages[-1]["content"]) for s in seeds]
+    tries = 0
+    while len(out) < n and tries < 4 * n + 8:
+        tries += 1
+        shots = rng.sample(seeds, min(examples, len(seeds)))
+        listing = "\n".join(f"Task {i + 1}: {s.messages[-1]['content'].splitlines()[0]}" for i, s in enumerate(shots))
+        ask = (f"Here are some tasks:\n{listing}\n\nWrite one new, different task of the same kind. "
+               f"Reply with the task only.")
+        params = GenParams(max_new_tokens=max_new_tokens, temperature=0.8, seed=seed * 100003 + tries)
+        text = teacher.generate([[{"role": "user", "content": ask}]], params)[0].text.strip()
+        text = re.sub(r"^(task\s*\d*\s*:)\s*", "", text, flags=re.I).strip()
+        sh = _shingles(text)
+        if len(text.split()) < 3 or any(_jaccard(sh, o) >= 0.7 for o in seen):
+            continue
+        seen.append(sh)
+        out.append(PromptItem(f"self-instruct-{seed}-{tries}", [{"role": "user", "content": text}]))
+    return out
+
+
+# ------------------------------------------------------------------ filters (pure)
+
+
+def normalise(text: str) -> str:
+    return " ".join(re.findall(r"\w+", text.lower()))
+
+
+def _shingles(text: str, k: int = 3) -> frozenset[str]:
+    words = normalise(text).split()
+    if len(words) < k:
+        return frozenset([" ".join(words)])
+    return frozenset(" ".join(words[i : i + k]) for i in range(len(words) - k + 1))
+
+
+def _jaccard(a: frozenset, b: frozenset) -> float:
+    return len(a & b) / len(a | b) if a or b else 1.0
+
+
+class DedupIndex:
+    """Exact (normalised hash) and near-duplicate (3-gram Jaccard) membership over kept texts."""
+
+    def __init__(self, threshold: float):
+        self.threshold = threshold
+        self.hashes: set[str] = set()
+        self.shingles: list[frozenset[str]] = []
+
+    def check(self, text: str) -> str | None:
+        """The rejection reason for ``text`` ("duplicate" / "near_duplicate") or None."""
+        h = hashlib.sha1(normalise(text).encode()).hexdigest()
+        if h in self.hashes:
+            return "duplicate"
+        sh = _shingles(text)
+        if self.threshold < 1 and any(_jaccard(sh, o) >= self.threshold for o in self.shingles):
+            return "near_duplicate"
+        return None
+
+    def add(self, text: str) -> None:
+        self.hashes.add(hashlib.sha1(normalise(text).encode()).hexdigest())
+        self.shingles.append(_shingles(text))
+
+
+JUDGE_PROMPT = ("Rate how helpful, correct and well written the answer is, from 1 (bad) to 10 (excellent).\n\n"
+                "Question:\n{q}\n\nAnswer:\n{a}\n\nReply with the number only.")
+
+
+def judge_score(judge: Backend, question: str, answer: str) -> float | None:
+    """A 1-10 score from an LLM judge (MT-Bench style single-answer grading); None if it gives no number."""
+    reply = judge.generate([[{"role": "user", "content": JUDGE_PROMPT.format(q=question, a=answer)}]],
+                           GenParams(max_new_tokens=8))[0].text
+    m = re.search(r"\d+(\.\d+)?", reply)
+    return min(max(float(m.group()), 1.0), 10.0) if m else None
+
+
+def _context_text(backend: Backend, messages: list[dict]) -> str:
+    tok = getattr(backend, "tokenizer", None)
+    if tok is not None and getattr(tok, "chat_template", None):
+        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return "\n".join(m["content"] for m in messages) + "\n"
+
+
+def teacher_perplexity(teacher: Backend, messages: list[dict], reply: str) -> float:
+    s = teacher.score([reply], [_context_text(teacher, messages)])[0]
+    return math.exp(-s.total / max(len(s.logprobs), 1))
+
+
+# ------------------------------------------------------------------ the loop
+
+
+def _read_done(path: Path) -> list[dict]:
+    """Rows already written; a truncated last line (a crash mid-write) is cut off the file."""
+    if not path.exists():
+        return []
+    rows, good_bytes = [], 0
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                row = json.loads(raw)
+            except ValueError:
+                if raw.endswith(b"\n"):
+                    raise DataError(f"{path}:{lineno}: not valid JSON; not an output of gen-data?") from None
+                log.warning("%s: dropping a half-written last line", path)
+                break
+            rows.append(row)
+            good_bytes += len(raw)
+    if good_bytes < path.stat().st_size:
+        with open(path, "r+b") as fh:
+            fh.truncate(good_bytes)
+    return rows
+
+
+def _append(path: Path, row: dict) -> None:
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def generate_dataset(teacher: Backend, prompts: list[PromptItem], output: str | Path, cfg: SynthConfig = SynthConfig(),
+                     judge: Backend | None = None) -> SynthReport:
+    """Answer ``prompts`` with ``teacher``, filter, and append ``messages`` rows to ``output`` (resumable)."""
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    rejected_path = output.with_name(output.name + ".rejected.jsonl")
+    kept = _read_done(output)
+    done = {str(r.get("id")) for r in kept} | {str(r.get("id")) for r in _read_done(rejected_path)}
+    dedup = DedupIndex(cfg.near_dup)
+    for r in kept:
+        dedup.add(r["messages"][-1]["content"])
+    target = cfg.n or len(prompts)
+    report = SynthReport(str(output), len(kept), 0, 0)
+    use_ppl = cfg.max_perplexity > 0
+    for item in prompts:
+        if report.accepted >= target:
+            break
+        if item.id in done:
+            report.skipped_done += 1
+            continue
+        # the sampling seed depends only on (seed, prompt id), so a resumed run samples what a fresh one would
+        item_seed = cfg.seed * 1_000_003 + int(hashlib.sha1(item.id.encode()).hexdigest()[:8], 16)
+        params = GenParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=item_seed)
+        c = teacher.generate([item.messages], params)[0]
+        report.generated += 1
+        reply = c.text.strip()
+        meta: dict = {"teacher": teacher.name, "finish_reason": c.finish_reason}
+        words = len(reply.split())
+        reason = None
+        if words < cfg.min_words or words > cfg.max_words:
+            reason = "length"
+        elif cfg.drop_truncated and c.finish_reason == "length":
+            reason = "truncated"
+        else:
+            reason = dedup.check(reply)
+        if reason is None and use_ppl:
+            try:
+                meta["perplexity"] = round(teacher_perplexity(teacher, item.messages, reply), 4)
+                reason = "perplexity" if meta["perplexity"] > cfg.max_perplexity else None
+            except BackendError as err:
+                log.warning("teacher perplexity filter off: %s", err.problem)
+                use_ppl = False
+        if reason is None and judge is not None and cfg.min_judge_score > 0:
+            meta["judge_score"] = judge_score(judge, item.messages[-1]["content"], reply)
+            if meta["judge_score"] is None or meta["judge_score"] < cfg.min_judge_score:
+                reason = "judge"
+        if reason is not None:
+            report.rejected[reason] = report.rejected.get(reason, 0) + 1
+            _append(rejected_path, {"id": item.id, "reason": reason, "reply": reply, "meta": meta})
+            continue
+        dedup.add(reply)
+        _append(output, {"id": item.id, "messages": [*item.messages, {"role": "assistant", "content": reply}], "meta": meta})
+        report.accepted += 1
+    return report

@@ -1,0 +1,222 @@
+"""The report of a run directory: ``report.json`` and a self-contained ``report.html``.
+
+Everything comes from the run directory alone: ``recipe.yaml`` (the exact
+recipe, shown verbatim) and each stage's ``stage.json``. The teacher->student
+table comes from the last ``eval`` stage, trust scores from the last ``audit``
+stage and the speculative-decoding numbers from the last ``speculative`` stage.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+from slmkit.artefact import _jsonable, atomic_file
+from slmkit.errors import ConfigError
+from slmkit.report import charts
+from slmkit.report.page import esc, figure, page, section, table
+
+log = logging.getLogger(__name__)
+
+
+def _fmt_bytes(n) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def _fmt(v, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}g}" if abs(v) < 1e4 else f"{v:,.0f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def _finite(obj):
+    """NaN and infinities become null, so report.json is strict JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def collect(run_dir: str | Path) -> dict:
+    """The report's data, read from ``run_dir`` (``recipe.yaml`` and every ``stage.json``)."""
+    from slmkit.pipeline.recipe import parse_text
+    from slmkit.pipeline.runner import plan, read_record
+
+    run_dir = Path(run_dir)
+    rpath = run_dir / "recipe.yaml"
+    if not rpath.is_file():
+        raise ConfigError(f"{run_dir} is not a run directory (no recipe.yaml)", "pass the --output directory of `slmkit build`")
+    text = rpath.read_text(encoding="utf-8")
+    recipe = parse_text(text, str(rpath))
+    stages = []
+    last: dict[str, dict] = {}
+    for spec, key, state in plan(recipe, run_dir):
+        rec = read_record(run_dir / spec.dirname) if state == "done" else None
+        entry = {"index": spec.index, "name": spec.name, "kind": spec.kind, "dir": spec.dirname, "key": key,
+                 "state": "finished" if rec else ("interrupted" if state == "partial" else "not run"),
+                 "config": _jsonable(spec.config)}
+        if rec:
+            entry.update(seconds=rec.get("seconds"), cpu_seconds=rec.get("cpu_seconds"), outputs=rec.get("outputs", {}), metrics=rec.get("metrics", {}),
+                         finished=rec.get("finished"), resumed=rec.get("resumed", False))
+            last[spec.kind] = entry
+        stages.append(entry)
+    data = {
+        "run_dir": str(run_dir),
+        "generated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "recipe": {"name": recipe.name, "source": recipe.source, "teacher": recipe.teacher, "seed": recipe.seed,
+                   "dtype": recipe.dtype, "text": text},
+        "complete": all(s["state"] == "finished" for s in stages),
+        "build_seconds": sum(s.get("seconds") or 0.0 for s in stages),
+        "build_cpu_seconds": sum(s.get("cpu_seconds") or 0.0 for s in stages),
+        "stages": stages,
+        "table": [],
+        "summary": {},
+    }
+    if "eval" in last:
+        m = last["eval"]["metrics"]
+        data["table"] = m.get("models", [])
+        data["summary"] = dict(m.get("summary", {}))
+        data["eval"] = {k: m.get(k) for k in ("text", "tokens", "context", "threads", "fit_context")}
+    if "audit" in last and last["audit"]["metrics"].get("scores"):
+        m = last["audit"]["metrics"]
+        data["trust"] = {"scores": m.get("scores", {}), "dimensions": m.get("dimensions", {}), "skipped": m.get("skipped", {})}
+        for row in data["table"]:
+            scores = m.get("scores", {}).get(row["role"] if row["role"] == "teacher" else "student")
+            if scores and row["role"] in ("teacher", "student"):
+                row["trust"] = scores
+    if "speculative" in last:
+        data["speculative"] = last["speculative"]["metrics"]
+        sp = data["speculative"]
+        for k in ("speedup", "acceptance_rate"):
+            if k in sp:
+                data["summary"][f"speculative_{k}"] = sp[k]
+    return data
+
+
+def _plots(data: dict) -> list[tuple[str, str, str]]:
+    """(id, caption, svg) for every plot the data allows."""
+    out = []
+    rows = [r for r in data["table"] if r.get("perplexity") is not None]
+    if rows:
+        pts = [(r["label"], r["weight_memory_bytes"] / 1e6, r["perplexity"]) for r in rows]
+        out.append(("plot-quality-size", f"Perplexity on {data.get('eval', {}).get('text', '?')} against weight memory, one point per stage",
+                    charts.scatter(pts, "weight memory (MB)", "perplexity (lower is better)", "Quality vs size across stages")))
+    speed = [r for r in data["table"] if r.get("decode_tokens_per_s")]
+    if speed:
+        labels = [r["label"] for r in speed]
+        vals = [r["decode_tokens_per_s"] for r in speed]
+        sp = data.get("speculative", {})
+        if sp.get("tokens_per_s") and sp.get("baseline_tokens_per_s"):
+            labels += ["teacher alone\n(spec. run)", "teacher + student\ndraft"]
+            vals += [sp["baseline_tokens_per_s"], sp["tokens_per_s"]]
+        base = vals[0]
+        out.append(("plot-speed", "Greedy decode tokens/s (batch 1, same run; the machine was shared, so compare ratios)",
+                    charts.bars(labels, vals, "tokens/s", "Decode speed", [f"{v:.1f} ({v / base:.2f}x)" for v in vals])))
+    scores = data.get("trust", {}).get("scores", {})
+    if scores.get("teacher") and scores.get("student"):
+        out.append(("plot-trust-radar", "Trust dimensions, 1 = best (see the audit section for the raw metrics)",
+                    charts.radar({"teacher": scores["teacher"], "student": scores["student"]}, "Trust: teacher vs student")))
+    return out
+
+
+def _table_html(data: dict) -> str:
+    rows = data["table"]
+    if not rows:
+        return '<p class="note">No eval stage has finished in this run, so there is nothing to compare yet.</p>'
+    dims = sorted({d for r in rows for d in (r.get("trust") or {})})
+    headers = ["model", "role", "parameters", "on disk", "memory (weights + KV)", "decode tokens/s", "perplexity",
+               "agreement with teacher", *[f"trust: {d}" for d in dims]]
+    body = []
+    for r in rows:
+        body.append([
+            r["label"], r["role"], _fmt(r.get("parameters")), _fmt_bytes(r.get("bytes")), _fmt_bytes(r.get("memory_bytes")),
+            _fmt(r.get("decode_tokens_per_s")), _fmt(r.get("perplexity")),
+            "-" if r.get("agreement") is None else f"{100 * r['agreement']:.1f}%",
+            *[_fmt((r.get("trust") or {}).get(d)) for d in dims],
+        ])
+    ev = data.get("eval", {})
+    note = (f'<p class="note">Perplexity and agreement (top-1 next-token agreement with the teacher) on {esc(ev.get("text"))}, '
+            f'{esc(ev.get("tokens"))} tokens, windows of {esc(ev.get("context"))}. Memory: weights in the format the model is run in '
+            f'plus a KV cache for the context in the eval settings. Speed on {esc(ev.get("threads"))} threads of a shared machine.</p>')
+    return table(headers, body, "models") + note
+
+
+def _fit_html(data: dict) -> str:
+    rows = [r for r in data["table"] if r.get("fit")]
+    if not rows:
+        return ""
+    presets = list(rows[0]["fit"])
+    body = []
+    for r in rows:
+        cells = []
+        for p in presets:
+            f = r["fit"][p]
+            cells.append(f"yes, up to {f['max_context']:,} tokens" if f["fits"] else f"no: needs {_fmt_bytes(f['total_bytes'])} of {_fmt_bytes(f['memory_bytes'])}")
+        body.append([r["label"], r.get("precision", "-"), *cells])
+    note = (f'<p class="note">slmkit.runtime.fit at a {esc(data.get("eval", {}).get("fit_context"))}-token context: weights at the '
+            "precision shown + KV cache + activations + PyTorch runtime overhead, against the memory one app may use on each device.</p>")
+    return section("Device fit", table(["model", "precision", *presets], body, "fit") + note, "fit")
+
+
+def render_html(data: dict) -> str:
+    r = data["recipe"]
+    parts = []
+    summ = data.get("summary", {})
+    if summ:
+        parts.append(section("Summary", table(["measure", "value"], [[k.replace("_", " "), _fmt(v)] for k, v in summ.items()], "summary"), "summary"))
+    parts.append(section("Teacher \u2192 student", _table_html(data), "models"))
+    fit = _fit_html(data)
+    if fit:
+        parts.append(fit)
+    plots = _plots(data)
+    body = "".join(figure(svg, cap, ident) for ident, cap, svg in plots) or '<p class="note">No plots: no eval stage finished.</p>'
+    parts.append(section("Plots", f'<div class="plots">{body}</div>', "plots"))
+    if data.get("trust"):
+        dims = data["trust"]["dimensions"]
+        who = list(dims)  # teacher (when audited) and student
+        keys = list(dict.fromkeys((d, k) for per in dims.values() for d, ms in per.items() for k in ms))
+        rows = [[d, k, *[_fmt(dims[w].get(d, {}).get(k)) for w in who]] for d, k in keys]
+        skipped = data["trust"].get("skipped") or {}
+        note = "".join(f'<p class="note">{esc(d)} skipped: {esc(why)}</p>' for d, why in skipped.items())
+        parts.append(section("Trust audit", table(["dimension", "metric", *who], rows, "trust") + note, "trust"))
+    if data.get("speculative"):
+        sp = data["speculative"]
+        rows = [[k.replace("_", " "), _fmt(v)] for k, v in sp.items() if isinstance(v, (int, float, str))]
+        parts.append(section("Speculative decoding (student drafts for the teacher)", table(["measure", "value"], rows, "spec"), "speculative"))
+    srows = [[s["index"], s["name"], s["kind"], s["state"], "-" if s.get("seconds") is None else f"{s['seconds']:.1f} s",
+              "-" if s.get("cpu_seconds") is None else f"{s['cpu_seconds']:.1f} s", "yes" if s.get("resumed") else "", s["key"]]
+             for s in data["stages"]]
+    parts.append(section("Stages", table(["#", "stage", "kind", "state", "wall time", "CPU time", "resumed", "key"], srows, "stages"), "stages"))
+    parts.append(section("Recipe", f'<p class="note">{esc(r["source"])}</p><pre>{esc(r["text"])}</pre>', "recipe"))
+    status = "complete" if data["complete"] else "incomplete (some stages have not finished)"
+    return page(f"slmkit build report: {r['name']}", parts,
+                f"teacher {r['teacher']} - {status} - generated {data['generated']} from {data['run_dir']}")
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write ``report.json`` and ``report.html`` into ``run_dir``; return the HTML path."""
+    run_dir = Path(run_dir)
+    data = collect(run_dir)
+    html = render_html(data)
+    with atomic_file(run_dir / "report.json") as tmp:
+        tmp.write_text(json.dumps(_finite(_jsonable(data)), indent=2, allow_nan=False))
+    with atomic_file(run_dir / "report.html") as tmp:
+        tmp.write_text(html, encoding="utf-8")
+    log.info("report written to %s", run_dir / "report.html")
+    return run_dir / "report.html"

@@ -1,0 +1,97 @@
+"""The speculative-decoding check: the student drafts for the teacher (:mod:`slmkit.collab.speculative`).
+
+Greedy speculative decoding must emit exactly the teacher's own greedy tokens;
+the stage checks that on a few prompts and measures the speed-up over the
+teacher alone (same run, same dtype) and the draft acceptance rate.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from slmkit.errors import ConfigError
+from slmkit.pipeline.base import Context, StageResult, stage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SpeculativeStageConfig:
+    prompts: int = 4  #: prompts to decode (held-out generated prompts if the recipe has data, else packaged ones)
+    max_new_tokens: int = 48  #: tokens per prompt
+    k: int = 4  #: first draft length
+    adaptive: bool = True  #: choose the draft length from the running acceptance rate
+
+    def __post_init__(self):
+        if self.prompts < 1 or self.max_new_tokens < 1:
+            raise ConfigError("prompts and max_new_tokens must be >= 1")
+        self.spec_config(())
+
+    def spec_config(self, eos: tuple[int, ...]):
+        from slmkit.collab.speculative import SpecConfig
+
+        return SpecConfig(max_new_tokens=self.max_new_tokens, k=self.k, adaptive=self.adaptive, eos_token_ids=eos)
+
+
+def _prompts(ctx: Context, n: int) -> list[str]:
+    if "data" in ctx.slots:
+        held = Path(ctx.slot("data")) / "heldout.jsonl"
+        rows = [json.loads(line) for line in held.read_text(encoding="utf-8").splitlines() if line.strip()]
+        prompts = [r["messages"][0]["content"] for r in rows]
+    else:
+        from slmkit.pipeline.stages.data import PACKAGED_PROMPTS
+
+        prompts = [p for p in PACKAGED_PROMPTS.read_text(encoding="utf-8").splitlines() if p.strip()]
+    return prompts[:n]
+
+
+@stage("speculative", SpeculativeStageConfig, needs=("teacher", "model"))
+def speculative(ctx: Context, cfg: SpeculativeStageConfig) -> StageResult:
+    """Student drafts, teacher verifies: greedy output must equal the teacher's; speed-up and acceptance."""
+    import torch
+
+    from slmkit.backends.hf import render_prompt
+    from slmkit.collab.speculative import autoregressive, check_same_tokenizer, speculate
+
+    teacher, ttok = ctx.teacher()
+    draft, dtok = ctx.load("model")
+    check_same_tokenizer(ttok, dtok, "the teacher and the student")
+    eos = tuple(sorted({t for t in (ttok.eos_token_id, teacher.generation_config.eos_token_id) if isinstance(t, int)}))
+    scfg = cfg.spec_config(eos)
+    prompts = _prompts(ctx, cfg.prompts)
+    base_s = spec_s = 0.0
+    base_n = spec_n = drafted = accepted = 0
+    identical = 0
+    for i, p in enumerate(prompts):
+        ctx.progress(i, len(prompts))
+        chat = [{"role": "user", "content": p}] if getattr(ttok, "chat_template", None) else p
+        ids = ttok(render_prompt(ttok, chat), add_special_tokens=isinstance(chat, str), return_tensors="pt").input_ids[0]
+        if i == 0:
+            autoregressive(teacher, ids, replace(scfg, max_new_tokens=2))  # warm-up: first-call overheads off the clock
+        base = autoregressive(teacher, ids, scfg, torch.Generator().manual_seed(ctx.recipe.seed))
+        out = speculate(teacher, draft, ids, scfg, torch.Generator().manual_seed(ctx.recipe.seed))
+        identical += out.tokens == base.tokens
+        base_s += base.seconds
+        spec_s += out.seconds
+        base_n += len(base.tokens)
+        spec_n += len(out.tokens)
+        drafted += out.drafted
+        accepted += out.accepted
+    ctx.progress(len(prompts), len(prompts))
+    metrics = {
+        "prompts": len(prompts),
+        "identical_to_teacher": identical,
+        "exact": identical == len(prompts),
+        "acceptance_rate": accepted / drafted if drafted else None,
+        "baseline_tokens_per_s": base_n / base_s,
+        "tokens_per_s": spec_n / spec_s,
+        "speedup": (spec_n / spec_s) / (base_n / base_s),
+        "tokens": spec_n,
+        "max_new_tokens": cfg.max_new_tokens,
+        "threads": torch.get_num_threads(),
+    }
+    log.info("speculative: %s", metrics)
+    return StageResult(metrics=metrics)

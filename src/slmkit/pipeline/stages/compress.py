@@ -1,0 +1,213 @@
+"""Compression stages: prune (depth, width, unstructured), quantize (rtn, gptq, awq), lowrank.
+
+Thin glue over :mod:`slmkit.compress`: load the student, take calibration ids
+(from the teacher-generated data when the recipe has some, else sampled from
+the model itself), call the technique, save the artefact into the stage
+directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from slmkit.errors import ConfigError
+from slmkit.pipeline.base import Context, StageResult, stage
+
+log = logging.getLogger(__name__)
+
+
+def _calib_source(ctx: Context, calib: str) -> str | None:
+    """``auto``: the generated data's text if the recipe made some, else self-generated; ``self``; or a file."""
+    if calib == "auto":
+        if "data" in ctx.slots:
+            from slmkit.pipeline.stages.data import data_paths
+
+            return str(data_paths(ctx)[2])
+        return None
+    return None if calib == "self" else calib
+
+
+def calibration(ctx: Context, model, tok, calib: str, samples: int, length: int):
+    from slmkit.compress.calibrate import CalibConfig, calibration_ids
+
+    cfg = CalibConfig(n_samples=samples, seq_len=length, seed=ctx.recipe.seed, source=_calib_source(ctx, calib))
+    return calibration_ids(model, tok, cfg), cfg
+
+
+def _check_calib(calib: str, samples: int, length: int) -> None:
+    if calib not in ("auto", "self") and not Path(calib).is_file():
+        raise ConfigError(f"calib file {calib} does not exist", "use calib: auto (generated data or self-generated), self, or a file")
+    if samples < 1 or length < 2:
+        raise ConfigError(f"calib_samples must be >= 1 and calib_len >= 2, got {samples}, {length}")
+
+
+def _save(ctx: Context, model, tok, kind: str, cfg, **extra) -> str:
+    from slmkit.artefact import Manifest, save_model
+
+    manifest = Manifest(source=ctx.slots["model"])
+    manifest.add_stage(kind, cfg, **extra)
+    return ctx.rel(save_model(model, tok, ctx.work / "model", manifest))
+
+
+def _params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    method: Literal["depth", "width", "magnitude", "wanda", "sparsegpt"]  #: pruning method (required)
+    keep_layers: int | None = None  #: depth: decoder blocks kept
+    ratio: float | None = None  #: width: fraction of parameters kept, in (0, 1)
+    sparsity: float | None = None  #: magnitude/wanda/sparsegpt: fraction of weights removed per row
+    pattern: str | None = None  #: magnitude/wanda/sparsegpt: "N:M" semi-structured pattern
+    rank_by: str = "block_influence"  #: depth: block ranking (block_influence | perplexity)
+    calib: str = "auto"  #: calibration text: auto | self | a text/jsonl file
+    calib_samples: int = 32  #: calibration sequences
+    calib_len: int = 128  #: tokens per calibration sequence
+
+    def __post_init__(self):
+        _check_calib(self.calib, self.calib_samples, self.calib_len)
+        self.method_config()
+
+    def method_config(self):
+        """The :mod:`slmkit.compress` config of ``method`` (validated there)."""
+        from slmkit.compress.prune import PRUNER_CONFIGS
+        from slmkit.compress.structured import DepthConfig, WidthConfig
+
+        needs = {"depth": "keep_layers", "width": "ratio"}.get(self.method)
+        if needs is not None and getattr(self, needs) is None:
+            raise ConfigError(f"method {self.method} needs key {needs!r}")
+        if self.method == "depth":
+            return DepthConfig(keep_layers=self.keep_layers, method=self.rank_by)
+        if self.method == "width":
+            return WidthConfig(ratio=self.ratio)
+        return PRUNER_CONFIGS[self.method](sparsity=self.sparsity, pattern=self.pattern)
+
+
+@stage("prune", PruneConfig, needs=("model",), makes=("model",))
+def prune(ctx: Context, cfg: PruneConfig) -> StageResult:
+    """Prune the student with :func:`slmkit.compress.prune.prune` (depth/width/unstructured)."""
+    from slmkit.compress.prune import PRUNERS, needs_calibration, weight_sparsity
+
+    import slmkit.compress.structured  # noqa: F401  (registers depth and width)
+
+    model, tok = ctx.load("model")
+    before = _params(model)
+    ids, ccfg = (calibration(ctx, model, tok, cfg.calib, cfg.calib_samples, cfg.calib_len)
+                 if cfg.method in ("depth", "width") or needs_calibration(cfg.method) else (None, None))
+    ctx.progress(1, 2)
+    model = PRUNERS.get(cfg.method)(model, ids, cfg.method_config())
+    ctx.progress(2, 2)
+    after = _params(model)
+    out = _save(ctx, model, tok, "prune", cfg.method_config(), method=cfg.method, calibration=ccfg)
+    metrics = {"method": cfg.method, "parameters_before": before, "parameters": after, "parameter_ratio": after / before,
+               "layers": model.config.num_hidden_layers, "calibration": dataclasses.asdict(ccfg) if ccfg else None}
+    if cfg.method not in ("depth", "width"):
+        metrics["weight_sparsity"] = weight_sparsity(model)
+    return StageResult(outputs={"model": out}, metrics=metrics)
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    method: Literal["rtn", "gptq", "awq"]  #: quantizer (required)
+    bits: int = 4  #: code width: 3, 4, 5 or 8
+    group_size: int = 32  #: input columns per scale (0 = per-channel)
+    asymmetric: bool = False  #: w = d*q + m instead of w = d*q
+    gguf: str | None = "Q4_0"  #: quantise on this GGUF block grid so `export` keeps the codes exactly (null = none)
+    damp: float = 0.01  #: gptq: dampening (fraction of the mean Hessian diagonal)
+    calib: str = "auto"  #: calibration text: auto | self | a text/jsonl file
+    calib_samples: int = 32  #: calibration sequences
+    calib_len: int = 128  #: tokens per calibration sequence
+
+    def __post_init__(self):
+        _check_calib(self.calib, self.calib_samples, self.calib_len)
+        self.method_config()
+
+    def grid(self):
+        from slmkit.compress.qgrid import Grid
+
+        if self.gguf is None:
+            return Grid(bits=self.bits, group_size=self.group_size, symmetric=not self.asymmetric)
+        grid = Grid.for_gguf(self.gguf)
+        if (self.bits, self.group_size, not self.asymmetric) != (grid.bits, grid.group_size, grid.symmetric):
+            raise ConfigError(
+                f"gguf {self.gguf} means bits {grid.bits}, group_size {grid.group_size}, "
+                f"{'symmetric' if grid.symmetric else 'asymmetric'}; got bits {self.bits}, group_size {self.group_size}",
+                "match them, or set gguf: null",
+            )
+        return grid
+
+    def method_config(self):
+        from slmkit.compress.quantize import QUANTIZERS
+
+        cls = QUANTIZERS.get(self.method).config
+        names = {f.name for f in dataclasses.fields(cls)}
+        extra = {k: v for k, v in (("damp", self.damp),) if k in names}
+        return cls(grid=self.grid(), **extra)
+
+
+@stage("quantize", QuantizeConfig, needs=("model",), makes=("model",))
+def quantize(ctx: Context, cfg: QuantizeConfig) -> StageResult:
+    """Quantise the student's weights (:func:`slmkit.compress.quantize.quantize`) and store the codes packed."""
+    from slmkit.artefact import Manifest
+    from slmkit.compress.qstore import PACKED, save_quantized
+    from slmkit.compress.quantize import QUANTIZERS
+    from slmkit.compress.quantize import quantize as run
+
+    model, tok = ctx.load("model")
+    mcfg = cfg.method_config()
+    ids, ccfg = (calibration(ctx, model, tok, cfg.calib, cfg.calib_samples, cfg.calib_len)
+                 if QUANTIZERS.get(cfg.method).needs_calibration else (None, None))
+    ctx.progress(1, 2)
+    result = run(model, cfg.method, mcfg, ids, embeddings=cfg.gguf is not None)
+    ctx.progress(2, 2)
+    manifest = Manifest(source=ctx.slots["model"])
+    manifest.add_stage("quantize", mcfg, method=cfg.method, calibration=ccfg, seconds=round(result.seconds, 2))
+    dest = save_quantized(model, tok, result, ctx.work / "model", manifest)
+    return StageResult(
+        outputs={"model": ctx.rel(dest)},
+        metrics={"method": cfg.method, "bits": cfg.bits, "group_size": cfg.group_size, "gguf_grid": cfg.gguf,
+                 "quantized_tensors": len(result.tensors), "seconds": result.seconds,
+                 "packed_bytes": (dest / PACKED).stat().st_size,
+                 "calibration": dataclasses.asdict(ccfg) if ccfg else None},
+    )
+
+
+@dataclass(frozen=True)
+class LowRankStageConfig:
+    ratio: float  #: fraction of parameters kept, in (0, 1) (required)
+    method: str = "whiten"  #: plain | asvd | whiten
+    calib: str = "auto"  #: calibration text: auto | self | a text/jsonl file
+    calib_samples: int = 32
+    calib_len: int = 128
+
+    def __post_init__(self):
+        _check_calib(self.calib, self.calib_samples, self.calib_len)
+        self.method_config()
+
+    def method_config(self):
+        from slmkit.compress.lowrank import LowRankConfig
+
+        return LowRankConfig(ratio=self.ratio, method=self.method)
+
+
+@stage("lowrank", LowRankStageConfig, needs=("model",), makes=("model",))
+def lowrank(ctx: Context, cfg: LowRankStageConfig) -> StageResult:
+    """Factorise the student's Linears to keep ~ratio of the parameters (:func:`slmkit.compress.lowrank.lowrank`)."""
+    from slmkit.compress.lowrank import lowrank as run
+
+    model, tok = ctx.load("model")
+    before = _params(model)
+    mcfg = cfg.method_config()
+    ids, ccfg = calibration(ctx, model, tok, cfg.calib, cfg.calib_samples, cfg.calib_len) if mcfg.needs_calibration else (None, None)
+    ctx.progress(1, 2)
+    model = run(model, ids, mcfg)
+    ctx.progress(2, 2)
+    out = _save(ctx, model, tok, "lowrank", mcfg, calibration=ccfg)
+    after = _params(model)
+    return StageResult(outputs={"model": out}, metrics={"method": cfg.method, "parameters_before": before, "parameters": after,
+                                                        "parameter_ratio": after / before})

@@ -1,0 +1,385 @@
+"""Knowledge distillation on the transformers ``Trainer``.
+
+:class:`DistillTrainer` subclasses ``transformers.Trainer`` and only replaces
+``compute_loss``, so checkpointing, resuming (same data order), logging,
+gradient accumulation and accelerate (DDP / FSDP / DeepSpeed) are the Trainer's.
+The teacher stays in eval mode under ``no_grad``.
+
+Three regimes, as in GKD (Agarwal et al. 2024, Algorithm 1):
+
+* off-policy: the loss is taken on the fixed data (``lmbda = 0``, ``seq_kd = False``);
+* on-policy: with probability ``lmbda`` a batch's completions are replaced by the
+  student's own samples from the same prompts, and the teacher scores them;
+* sequence-level KD (Kim & Rush 2016): completions are the teacher's generations
+  (``seq_kd``, per batch), or a whole data set the teacher wrote (``slmkit gen-data``);
+  this is also black-box distillation when the teacher is an API returning only text.
+
+:func:`distill` wraps the trainer with what a run needs around it: a run
+identity file (a resume into another run's directory is refused), resuming from
+the newest *complete* checkpoint only, and the final model written atomically
+with a manifest (:func:`slmkit.artefact.save_model`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+
+from slmkit.artefact import MANIFEST, Manifest, atomic_dir
+from slmkit.errors import ConfigError, UnsupportedModelError
+from slmkit.train.data import Collator, DataConfig, ExampleDataset, load_examples, pad_batch
+from slmkit.train.losses import IGNORE_INDEX, LossConfig, distill_loss
+
+log = logging.getLogger(__name__)
+
+RUN_FILE = "run.json"
+CHECKPOINTS = "checkpoints"
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Knobs of a distillation (or, with ``loss.loss == "ce"``, plain fine-tuning) run."""
+
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lmbda: float = 0.0  #: GKD's lambda: probability that a batch uses student-sampled completions (0 = off-policy)
+    seq_kd: bool = False  #: otherwise use teacher-generated completions (sequence-level KD)
+    max_new_tokens: int = 64  #: length of on-policy / seq-KD samples
+    gen_temperature: float = 1.0  #: sampling temperature of on-policy / seq-KD samples
+    max_steps: int = 100  #: optimizer steps
+    batch_size: int = 4  #: examples per device per micro-batch
+    grad_accum: int = 1  #: micro-batches per optimizer step
+    learning_rate: float = 5e-5
+    lr_scheduler: str = "constant"  #: any transformers scheduler name (constant, linear, cosine, ...)
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    save_steps: int = 50  #: checkpoint every N steps (and at the end)
+    save_total_limit: int = 2  #: keep the newest N checkpoints
+    logging_steps: int = 10
+    seed: int = 0  #: model init / sampling / data order
+
+    def __post_init__(self):
+        if not 0 <= self.lmbda <= 1:
+            raise ConfigError(f"lmbda must be in [0, 1], got {self.lmbda}")
+        for name in ("max_steps", "batch_size", "grad_accum", "save_steps", "logging_steps", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
+
+    def identity(self) -> dict:
+        """What must match for a resume to continue this run (not the step budget or save cadence)."""
+        d = asdict(self)
+        for k in ("max_steps", "save_steps", "save_total_limit", "logging_steps"):
+            d.pop(k)
+        return d
+
+
+@dataclass
+class DistillResult:
+    output: str
+    steps: int
+    train_loss: float  #: mean training loss over the steps run in this call
+    history: list[dict]  #: the Trainer's log entries (step, loss, loss parts, learning rate)
+    seconds: float
+    resumed_from: str | None = None
+    data_kind: str = ""
+    examples: int = 0
+
+
+# ------------------------------------------------------------------ tokenizers
+
+
+def check_same_tokenizer(teacher_tok, student_tok) -> None:
+    """Raise when teacher and student tokenise differently (logit distillation needs one vocabulary)."""
+    tv, sv = teacher_tok.get_vocab(), student_tok.get_vocab()
+    if tv == sv:
+        return
+    only_t = sorted(set(tv) - set(sv))
+    moved = sorted(k for k in set(tv) & set(sv) if tv[k] != sv[k])
+    detail = f"teacher has {len(tv)} tokens, student {len(sv)}"
+    if only_t:
+        detail += f"; e.g. {only_t[0]!r} only in the teacher's"
+    if moved:
+        detail += f"; {len(moved)} tokens have different ids (e.g. {moved[0]!r}: {tv[moved[0]]} vs {sv[moved[0]]})"
+    raise UnsupportedModelError(
+        f"teacher and student tokenizers differ ({detail})",
+        "logit distillation compares next-token distributions over one vocabulary: pick a student made from the "
+        "teacher (pruned) or with its tokenizer, or distil black-box: slmkit gen-data then --loss ce",
+    )
+
+
+# ------------------------------------------------------------------ trainer
+
+
+class DistillTrainer(Trainer):
+    """``Trainer`` whose loss is a divergence between the student's and a frozen teacher's next-token distributions."""
+
+    def __init__(self, *args, teacher=None, distill_config: DistillConfig = DistillConfig(), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.dcfg = distill_config
+        self.model_accepts_loss_kwargs = False  # each micro-batch is a token mean; the Trainer averages over accumulation
+        self.teacher = None
+        if teacher is not None and (self.dcfg.loss.uses_teacher or self.dcfg.seq_kd):
+            teacher.eval()
+            teacher.requires_grad_(False)
+            self.teacher = self.accelerator.prepare_model(teacher, evaluation_mode=True)
+        elif self.dcfg.loss.uses_teacher or self.dcfg.seq_kd:
+            raise ConfigError(f"loss {self.dcfg.loss.loss!r} needs a teacher model")
+        self.seen_idx: list[list[int]] = []  #: example ids of each micro-batch, in training order
+        self._parts: dict[str, list[float]] = {}
+
+    # --- on-policy / sequence-level samples
+
+    def _coin(self) -> float:
+        # a function of (seed, step, micro-batch) only, so a resumed run flips the same coins
+        return random.Random(f"{self.dcfg.seed}:{self.state.global_step}:{len(self.seen_idx)}").random()
+
+    @torch.no_grad()
+    def _sample(self, generator_model, inputs: dict) -> dict:
+        """Replace each example's completion by a sample from ``generator_model`` given its prompt."""
+        tok = self.processing_class
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        ids, labels = [], []
+        was_training = generator_model.training
+        generator_model.eval()
+        for row, plen in zip(inputs["input_ids"], inputs["prompt_len"].tolist()):
+            prompt = row[: max(int(plen), 1)][None]  # (1, P)
+            out = generator_model.generate(
+                prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=self.dcfg.max_new_tokens,
+                do_sample=True, temperature=self.dcfg.gen_temperature, top_k=0, top_p=1.0, pad_token_id=pad,
+            )[0]
+            p = prompt.shape[1]
+            ids.append(out.tolist())
+            labels.append([IGNORE_INDEX] * p + out[p:].tolist())
+        generator_model.train(was_training)
+        batch = pad_batch(ids, labels, pad)
+        return {k: v.to(inputs["input_ids"].device) for k, v in batch.items()}
+
+    # --- the loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        idx = inputs.pop("idx", None)
+        if model.training and idx is not None:
+            self.seen_idx.append(idx.tolist())
+        coin = self._coin()
+        if model.training and coin < self.dcfg.lmbda:
+            inputs = self._sample(self.accelerator.unwrap_model(model), inputs)  # on-policy (GKD, lambda)
+        elif model.training and self.dcfg.seq_kd:
+            inputs = self._sample(self.accelerator.unwrap_model(self.teacher), inputs)  # sequence-level KD
+        inputs.pop("prompt_len", None)
+        labels = inputs.pop("labels")
+        out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        s_logits = out.logits[:, :-1]  # (B, T-1, V): position t predicts token t+1
+        t_logits = None
+        if self.dcfg.loss.uses_teacher:
+            with torch.no_grad():
+                t_logits = self.teacher(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits[:, :-1]
+        loss, parts = distill_loss(s_logits, t_logits, labels[:, 1:], self.dcfg.loss)
+        for k, v in parts.items():
+            self._parts.setdefault(k, []).append(v)
+        return (loss, out) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        for k, vals in self._parts.items():
+            if k != "tokens" and vals:
+                logs[f"loss_{k}"] = round(sum(vals) / len(vals), 5)
+        self._parts = {}
+        super().log(logs, *args, **kwargs)
+
+
+# ------------------------------------------------------------------ run directory
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _complete(ckpt: Path) -> bool:
+    """A checkpoint is complete when its trainer state (written last) parses and names its step."""
+    try:
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return state.get("global_step") == int(ckpt.name.split("-")[-1])
+
+
+def last_complete_checkpoint(ckpt_dir: Path) -> Path | None:
+    """Newest complete ``checkpoint-N``; half-written ones (a run killed while saving) are removed."""
+    if not ckpt_dir.is_dir():
+        return None
+    found = sorted((p for p in ckpt_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                   key=lambda p: int(p.name.split("-")[-1]))
+    best = None
+    for p in found:
+        if _complete(p):
+            best = p
+        else:
+            log.warning("removing incomplete checkpoint %s (the run stopped while writing it)", p)
+            shutil.rmtree(p, ignore_errors=True)
+    return best
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _prepare_run_dir(output: Path, identity: dict, resume: bool) -> Path | None:
+    """Check ``output`` against this run's identity; returns the checkpoint to resume from (or None)."""
+    run_file = output / RUN_FILE
+    ckpts = output / CHECKPOINTS
+    if output.exists() and not output.is_dir():
+        raise ConfigError(f"output {output} exists and is not a directory", "choose another --output")
+    if resume:
+        if not run_file.is_file():
+            raise ConfigError(f"nothing to resume in {output}: no {RUN_FILE} there", "drop --resume to start a new run")
+        old, new = _flat(json.loads(run_file.read_text())), _flat(identity)
+        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        if diff:
+            shown = "; ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in diff[:3])
+            raise ConfigError(f"{output} holds a different run ({shown})",
+                              "resume with the same teacher, student, data and settings, or choose another --output")
+        ckpt = last_complete_checkpoint(ckpts)
+        if ckpt is None:
+            log.warning("no complete checkpoint in %s; starting from step 0", ckpts)
+        return ckpt
+    if run_file.exists() or (ckpts.exists() and any(ckpts.iterdir())):
+        raise ConfigError(f"{output} already holds a training run",
+                          "pass --resume to continue it, or choose another --output")
+    if output.is_dir() and (output / MANIFEST).exists():
+        raise ConfigError(f"{output} already holds a model", "choose another --output")
+    output.mkdir(parents=True, exist_ok=True)
+    tmp = run_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(identity, indent=2, sort_keys=True))
+    os.replace(tmp, run_file)
+    return None
+
+
+class _LogCallback(TrainerCallback):
+    def on_log(self, args, state, control, logs=None, **kw):
+        log.info("step %d: %s", state.global_step, logs)
+
+
+class _StopAt(TrainerCallback):
+    """Stops training after step N (tests use it to simulate a killed run)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+        return control
+
+
+# ------------------------------------------------------------------ entry point
+
+
+def distill(
+    student,
+    tokenizer,
+    data: str | Path,
+    output: str | Path,
+    cfg: DistillConfig = DistillConfig(),
+    teacher=None,
+    resume: bool = False,
+    source: dict | None = None,
+    callbacks: list | None = None,
+    stop_after: int | None = None,
+    base_manifest: Manifest | None = None,
+) -> DistillResult:
+    """Distil ``teacher`` into ``student`` (trained in place) on ``data``; write the model to ``output``.
+
+    ``source`` describes the models (e.g. ``{"teacher": "default", "student": "dir"}``); it is part
+    of the run identity checked on ``resume`` and goes into the manifest. ``stop_after`` stops
+    the run after that many steps without writing the final model (a resumable partial run).
+    ``base_manifest`` (the student artefact's own manifest) keeps the stages that made the student.
+    """
+    output = Path(output)
+    data = Path(data)
+    t0 = time.perf_counter()
+    examples, kind = load_examples(data, tokenizer, cfg.data)
+    identity = {"source": source or {}, "data": str(data.resolve()), "data_sha256": _sha256(data),
+                "config": json.loads(json.dumps(cfg.identity()))}
+    ckpt = _prepare_run_dir(output, identity, resume)
+    args = TrainingArguments(
+        output_dir=str(output / CHECKPOINTS),
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup_steps,
+        weight_decay=cfg.weight_decay,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        logging_steps=cfg.logging_steps,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        report_to="none",
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        dataloader_pin_memory=False,
+        bf16=next(student.parameters()).dtype == torch.bfloat16,
+    )
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    cbs = list(callbacks or []) + ([_StopAt(stop_after)] if stop_after else [])
+    trainer = DistillTrainer(
+        model=student, args=args, train_dataset=ExampleDataset(examples), data_collator=Collator(pad),
+        processing_class=tokenizer, teacher=teacher, distill_config=cfg, callbacks=cbs,
+    )
+    trainer.remove_callback(PrinterCallback)  # the Trainer prints log dicts on stdout; log them instead
+    trainer.add_callback(_LogCallback())
+    student.train()
+    out = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+    student.eval()
+    history = [h for h in trainer.state.log_history if "loss" in h]
+    result = DistillResult(str(output), trainer.state.global_step, float(out.training_loss), history,
+                           time.perf_counter() - t0, str(ckpt) if ckpt else None, kind, len(examples))
+    result.seen_idx = trainer.seen_idx  # type: ignore[attr-defined]
+    if stop_after and trainer.state.global_step < cfg.max_steps:
+        return result  # partial run: checkpoints only
+    _finalize(trainer.accelerator.unwrap_model(trainer.model), tokenizer, output, identity, cfg, result, base_manifest)
+    return result
+
+
+def _finalize(model, tokenizer, output: Path, identity: dict, cfg: DistillConfig, result: DistillResult,
+              base: Manifest | None) -> None:
+    """Write the final model atomically (model, tokenizer, manifest), keeping the run's checkpoints inside it."""
+    src = identity.get("source", {})
+    manifest = Manifest(source=base.source if base else str(src.get("student", "")),
+                        stages=list(base.stages) if base else [])
+    manifest.add_stage("distill", cfg, teacher=src.get("teacher"), data=identity["data"], data_kind=result.data_kind,
+                       examples=result.examples, steps=result.steps)
+    manifest.metrics.update(train_loss=result.train_loss, steps=result.steps, seconds=round(result.seconds, 2))
+    with atomic_dir(output) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / MANIFEST).write_text(manifest.to_json())
+        for entry in sorted(output.iterdir()):  # run state (run.json, checkpoints, teacher data) moves in last
+            if not (tmp / entry.name).exists():
+                os.replace(entry, tmp / entry.name)
+

@@ -1,0 +1,232 @@
+"""Speculative decoding: greedy identity with the target, exact sampling distribution, drafting rules."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+
+import pytest
+import torch
+
+from slmkit.collab.speculative import (
+    SpecConfig,
+    autoregressive,
+    choose_draft_length,
+    lookup_draft,
+    rejection_accept,
+    speculate,
+    token_probs,
+)
+from slmkit.errors import ConfigError, UnsupportedModelError
+from slmkit.models.tiny import tiny_llama_config, tiny_model
+
+
+def _hf_greedy(model, ids, n):
+    out = model.generate(
+        ids[None], attention_mask=torch.ones_like(ids[None]), max_new_tokens=n, min_new_tokens=n,
+        do_sample=False, temperature=None, top_p=None, top_k=None, eos_token_id=None, pad_token_id=0,
+    )
+    return out[0, ids.shape[0]:].tolist()
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_tok):
+    target = tiny_model(tiny_llama_config(tiny_tok, layers=3), seed=11)
+    draft = tiny_model(tiny_llama_config(tiny_tok, layers=1), seed=12)
+    return target, draft, tiny_tok
+
+
+def _chi2_pvalue(counts: torch.Tensor, probs: torch.Tensor, min_expected: float = 5.0) -> float:
+    """Pearson chi-square goodness of fit; cells with small expectation are pooled."""
+    n = counts.sum()
+    exp = probs * n
+    big = exp >= min_expected
+    obs = torch.cat([counts[big], counts[~big].sum()[None]]) if (~big).any() else counts[big]
+    e = torch.cat([exp[big], exp[~big].sum()[None]]) if (~big).any() else exp[big]
+    keep = e > 0
+    stat = (((obs - e) ** 2)[keep] / e[keep]).sum()
+    df = int(keep.sum()) - 1
+    return float(torch.special.gammaincc(torch.tensor(df / 2.0, dtype=torch.float64), stat.double() / 2))
+
+
+@pytest.mark.parametrize("prompt", ["The cat sees the house.", "a"])
+def test_greedy_identical_to_target_alone(pair, prompt):
+    target, draft, tok = pair
+    ids = torch.tensor(tok(prompt).input_ids)
+    ref = _hf_greedy(target, ids, 32)
+    cfg = SpecConfig(max_new_tokens=32)
+    assert autoregressive(target, ids, cfg).tokens == ref
+    out = speculate(target, draft, ids, cfg)
+    assert out.tokens == ref
+    assert out.drafted > 0 and 0 <= out.accepted <= out.drafted
+    # fixed k, including k larger than what is left near the end
+    assert speculate(target, draft, ids, SpecConfig(max_new_tokens=32, k=7, k_max=7, adaptive=False)).tokens == ref
+    assert speculate(target, "lookup", ids, cfg).tokens == ref
+
+
+def test_reduced_vocab_draft_is_still_exact(pair):
+    from slmkit.collab.speculative import ModelDrafter, frequent_vocab
+
+    target, draft, tok = pair
+    ids = torch.tensor(tok("The small bird finds a question.").input_ids)
+    ref = _hf_greedy(target, ids, 24)
+    vocab = frequent_vocab(tok, 60, texts=["The small bird finds a question. It is 3 steps away, yes!"])
+    assert vocab.numel() < len(tok) and set(tok.all_special_ids) <= set(vocab.tolist())
+    out = speculate(target, ModelDrafter(draft, vocab), ids, SpecConfig(max_new_tokens=24))
+    assert out.tokens == ref
+    gen = torch.Generator().manual_seed(0)
+    sampled = speculate(target, ModelDrafter(draft, vocab), ids, SpecConfig(max_new_tokens=24, temperature=1.0), gen)
+    assert len(sampled.tokens) == 24
+
+
+def test_self_draft_accepts_everything_and_saves_target_calls(pair):
+    target, _, tok = pair
+    ids = torch.tensor(tok("My friend reads the old book.").input_ids)
+    cfg = SpecConfig(max_new_tokens=40, k=5, k_max=5, adaptive=False)
+    out = speculate(target, copy.deepcopy(target), ids, cfg)
+    assert out.tokens == _hf_greedy(target, ids, 40)
+    assert out.acceptance_rate == 1.0
+    # 40 tokens in steps of k+1 = 6, plus the prefill pass
+    assert out.target_calls == 1 + -(-40 // 6)
+
+
+def test_eos_stops_generation(pair):
+    target, draft, tok = pair
+    ids = torch.tensor(tok("The river").input_ids)
+    ref = _hf_greedy(target, ids, 30)
+    stop = ref[5]
+    cut = ref[: ref.index(stop) + 1]
+    out = speculate(target, draft, ids, SpecConfig(max_new_tokens=30, eos_token_ids=(stop,)))
+    assert out.tokens == cut and out.finish_reason == "stop"
+
+
+def test_rejection_rule_keeps_target_distribution():
+    """One-step rule: the emitted token is distributed as p, for a model draft q and a point-mass draft."""
+    gen = torch.Generator().manual_seed(0)
+    p = torch.tensor([[0.45, 0.25, 0.15, 0.1, 0.05], [0.2, 0.2, 0.2, 0.2, 0.2]])
+    q = torch.tensor([[0.05, 0.15, 0.5, 0.2, 0.1]])
+    N = 8000
+    counts = torch.zeros(5)
+    counts_lookup = torch.zeros(5)
+    for _ in range(N):
+        x = torch.multinomial(q[0], 1, generator=gen)
+        n, nxt = rejection_accept(p, q, x, gen)
+        counts[int(x) if n == 1 else nxt] += 1
+        n, nxt = rejection_accept(p, None, torch.tensor([2]), gen)
+        counts_lookup[2 if n == 1 else nxt] += 1
+    assert _chi2_pvalue(counts, p[0]) > 1e-3
+    assert _chi2_pvalue(counts_lookup, p[0]) > 1e-3
+    # and the test has power: the draft's own distribution is rejected
+    assert _chi2_pvalue(counts, q[0]) < 1e-6
+
+
+def test_sampling_matches_target_distribution_on_tiny_vocab():
+    """End to end, two tokens from a 5-token vocabulary: the joint distribution of
+    speculative sampling equals the target's exact one (computed by enumeration)."""
+    V = 5
+    cfg_t = tiny_llama_config(None, layers=2, hidden=32, heads=2, kv_heads=1, tie_word_embeddings=False)
+    cfg_d = tiny_llama_config(None, layers=1, hidden=32, heads=2, kv_heads=1, tie_word_embeddings=False)
+    cfg_t.vocab_size = cfg_d.vocab_size = V  # tiny_llama_config takes the vocabulary from a tokenizer
+    target, draft = tiny_model(cfg_t, seed=3), tiny_model(cfg_d, seed=4)
+    with torch.no_grad():  # sharpen the random logits so the distributions are far from uniform
+        target.lm_head.weight.mul_(10)
+        draft.lm_head.weight.mul_(10)
+    prompt = torch.tensor([1, 4, 2])
+    T = 1.0
+    exact = torch.zeros(V, V)
+    with torch.no_grad():
+        p1 = token_probs(target(prompt[None]).logits[0, -1], T)
+        for a in range(V):
+            p2 = token_probs(target(torch.cat([prompt, torch.tensor([a])])[None]).logits[0, -1], T)
+            exact[a] = p1[a] * p2
+        q1 = token_probs(draft(prompt[None]).logits[0, -1], T)
+    assert (p1 - q1).abs().sum() > 0.3  # the draft really differs from the target
+    gen = torch.Generator().manual_seed(1)
+    cfg = SpecConfig(max_new_tokens=2, k=2, k_max=2, adaptive=False, temperature=T)
+    counts = torch.zeros(V, V)
+    N = 700
+    acc = dr = 0
+    for _ in range(N):
+        out = speculate(target, draft, prompt, cfg, gen)
+        counts[out.tokens[0], out.tokens[1]] += 1
+        acc, dr = acc + out.accepted, dr + out.drafted
+    assert 0 < acc < dr  # both branches of the rule were exercised
+    assert _chi2_pvalue(counts.flatten(), exact.flatten()) > 1e-3
+
+
+def test_lookup_draft_copies_latest_continuation():
+    ctx = torch.tensor([5, 1, 2, 3, 9, 7, 1, 2, 4, 8, 1, 2])
+    assert lookup_draft(ctx, 2, ngram_max=2).tolist() == [4, 8]  # the most recent earlier "1 2"
+    assert lookup_draft(ctx, 5, ngram_max=3).tolist() == [4, 8, 1, 2]  # runs to the end of the context
+    assert lookup_draft(torch.tensor([1, 2, 3]), 3).tolist() == []
+
+
+def test_adaptive_length_follows_acceptance_and_cost():
+    ks = [choose_draft_length(a, 0.1, 0.03, 12) for a in (0.2, 0.5, 0.7, 0.9)]
+    assert ks == sorted(ks) and ks[0] < ks[-1]
+    assert choose_draft_length(0.8, 0.5, 0.03, 12) < choose_draft_length(0.8, 0.05, 0.03, 12)
+    # a brute-force check of the objective: k maximises E[tokens] / cost
+    a, c, v = 0.75, 0.2, 0.03
+    best = max(range(1, 13), key=lambda k: sum(a**i for i in range(k + 1)) / (k * c + 1 + v * k))
+    assert choose_draft_length(a, c, v, 12) == best
+
+
+def test_bad_input(pair, tiny_tok):
+    target, _, _ = pair
+    cfg = tiny_llama_config(None, layers=1)
+    cfg.vocab_size = 100
+    other = tiny_model(cfg, seed=0)
+    ids = torch.tensor([1, 2, 3])
+    with pytest.raises(UnsupportedModelError, match="vocabulary"):
+        speculate(target, other, ids, SpecConfig(max_new_tokens=4))
+    with pytest.raises(ConfigError):
+        SpecConfig(top_p=0)
+    with pytest.raises(ConfigError):
+        SpecConfig(k=20, k_max=8)
+    with pytest.raises(ConfigError, match="empty"):
+        speculate(target, "lookup", torch.tensor([], dtype=torch.long), SpecConfig())
+
+
+def test_cli_speculate_json(tiny_dir, capsys):
+    from slmkit.cli import main
+
+    rc = main(["speculate", "--draft", str(tiny_dir), "--target", str(tiny_dir), "The cat", "--max-new-tokens", "12", "--json"])
+    assert rc == 0
+    res = json.loads(capsys.readouterr().out)
+    for key in ("text", "tokens_per_s", "speedup", "acceptance_rate"):
+        assert key in res
+    assert res["acceptance_rate"] == 1.0 and res["identical_to_target"] is True
+    assert not res["text"].startswith("The cat")
+    rc = main(["speculate", "--draft", "lookup", "--target", str(tiny_dir), "The cat", "--max-new-tokens", "8", "--json"])
+    assert rc == 0 and json.loads(capsys.readouterr().out)["identical_to_target"] is True
+
+
+def test_cli_speculate_mismatched_tokenizer(tiny_dir, tmp_path, capsys):
+    from slmkit.cli import main
+    from slmkit.models.tiny import save_tiny, tiny_tokenizer
+
+    tok2 = tiny_tokenizer(vocab_size=300)
+    m2 = tiny_model(tiny_llama_config(tok2, layers=1))
+    d = save_tiny(m2, tok2, tmp_path / "other")
+    rc = main(["speculate", "--draft", str(d), "--target", str(tiny_dir), "x", "--json"])
+    assert rc == 2
+    assert "tokenizer" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_default_pair_greedy_identical(default_model):
+    """The default model with a 10-layer copy of itself as draft, fp32: identical to the target alone."""
+    model, tok = default_model
+    draft = copy.copy(model)
+    draft.model = copy.copy(model.model)
+    draft.model.layers = torch.nn.ModuleList(list(model.model.layers[:10]))
+    draft.config = copy.deepcopy(model.config)
+    draft.config.num_hidden_layers = 10
+    draft.model.config = draft.config
+    text = tok.apply_chat_template([{"role": "user", "content": "Name three colours."}], tokenize=False, add_generation_prompt=True)
+    ids = torch.tensor(tok(text, add_special_tokens=False).input_ids)
+    ref = _hf_greedy(model, ids, 32)
+    out = speculate(model, draft, ids, SpecConfig(max_new_tokens=32))
+    assert out.tokens == ref
+    assert out.accepted > 0

@@ -1,0 +1,121 @@
+"""Recipe validation: every bad recipe is rejected before anything runs, naming the stage and the key."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from slmkit.cli import main
+from slmkit.pipeline import STAGES, RecipeError, packaged_recipe, packaged_recipes, parse_text
+
+OK = """name: t
+teacher: {teacher}
+stages:
+  - stage: gen-data
+    n: 8
+  - stage: student
+  - stage: export
+    format: gguf
+    type: F16
+  - stage: eval
+"""
+
+
+def parse(text: str):
+    return parse_text(text, "r.yaml")
+
+
+def test_valid_recipe_becomes_frozen_dataclasses(tiny_dir):
+    r = parse(OK.format(teacher=tiny_dir))
+    assert [s.kind for s in r.stages] == ["gen-data", "student", "export", "eval"]
+    assert [s.dirname for s in r.stages] == ["01-gen-data", "02-student", "03-export", "04-eval"]
+    assert r.stages[0].config.n == 8 and r.stages[2].config.type == "F16"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        r.stages[0].config.n = 9
+    assert r.text.startswith("name: t")
+
+
+@pytest.mark.parametrize(
+    "edit, needles",
+    [
+        (("  - stage: student\n", "  - stage: studnet\n"), ["stage 2 (studnet)", "unknown stage 'studnet'", "did you mean student"]),
+        (("    format: gguf\n", ""), ["stage 3 (export)", "missing key 'format'"]),
+        (("    n: 8\n", "    n: eight\n"), ["stage 1 (gen-data)", "key 'n' must be int", "'eight'"]),
+        (("    n: 8\n", "    n: 8.5\n"), ["stage 1 (gen-data)", "key 'n' must be int"]),
+        (("    type: F16\n", "    type: Q3_K\n"), ["stage 3 (export)", "key 'type' must be", "'Q3_K'"]),
+        (("    n: 8\n", "    n: 8\n    max_tokens: 5\n"), ["stage 1 (gen-data)", "unknown key 'max_tokens'", "did you mean max_new_tokens"]),
+        (("    n: 8\n", "    n: 1\n"), ["stage 1 (gen-data)", "n must be >= 2"]),
+        # a technique's own range check, reported with the stage
+        (("  - stage: export\n", "  - stage: prune\n    method: width\n    ratio: 1.5\n  - stage: export\n"),
+         ["stage 3 (prune)", "ratio", "(0, 1)"]),
+        (("  - stage: export\n", "  - stage: prune\n    method: depth\n  - stage: export\n"),
+         ["stage 3 (prune)", "method depth needs key 'keep_layers'"]),
+        (("  - stage: eval\n", "  - stage: eval\n    text: /no/such/file.txt\n"), ["stage 4 (eval)", "/no/such/file.txt"]),
+        (("name: t\n", "name: t\nteachr: x\n"), ["unknown top-level key 'teachr'", "did you mean teacher"]),
+        (("name: t\n", "name: t\nseed: zero\n"), ["top-level key 'seed' must be int"]),
+        (("teacher: ", "teacher: /no/such/"), ["top-level key 'teacher'", "no such file or directory"]),
+        (("  - stage: student\n", "  - stage: student\n    source: ./missing-dir\n"), ["stage 2 (student)", "missing-dir"]),
+    ],
+)
+def test_bad_recipes_name_stage_and_key(tiny_dir, edit, needles):
+    text = OK.format(teacher=tiny_dir).replace(*edit)
+    with pytest.raises(RecipeError) as exc:
+        parse(text)
+    for needle in needles:
+        assert needle in str(exc.value), (needle, str(exc.value))
+
+
+@pytest.mark.parametrize(
+    "stages, needles",
+    [
+        # distillation with no student to train
+        ("  - stage: gen-data\n  - stage: distill\n", ["stage 2 (distill)", "needs a student model ('model')", "prune"]),
+        # export before any student model exists
+        ("  - stage: export\n    format: gguf\n  - stage: student\n", ["stage 1 (export)", "needs a student model ('model')", "student"]),
+        # evaluation on generated text with no gen-data stage
+        ("  - stage: student\n  - stage: eval\n", ["stage 2 (eval)", "teacher-generated data ('data')", "gen-data"]),
+    ],
+)
+def test_impossible_order_is_rejected(tiny_dir, stages, needles):
+    with pytest.raises(RecipeError) as exc:
+        parse(f"teacher: {tiny_dir}\nstages:\n{stages}")
+    for needle in needles:
+        assert needle in str(exc.value), (needle, str(exc.value))
+
+
+def test_duplicate_stage_names_need_distinct_names(tiny_dir):
+    text = OK.format(teacher=tiny_dir) + "  - stage: eval\n"
+    with pytest.raises(RecipeError, match=r"stage 5 \(eval\): duplicate stage name"):
+        parse(text)
+    assert len(parse(text + "    name: eval2\n").stages) == 5
+
+
+def test_cli_rejects_before_running_anything(tiny_dir, tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(OK.format(teacher=tiny_dir).replace("    n: 8\n", "    n: [8]\n"))
+    out = tmp_path / "run"
+    code = main(["build", str(bad), "--output", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "stage 1 (gen-data)" in err and "'n'" in err and "Traceback" not in err
+    assert not out.exists()  # nothing ran, not even the run directory was made
+
+
+def test_cli_yaml_syntax_error_names_the_line(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("teacher: x\nstages:\n  - stage: [\n")
+    assert main(["build", str(bad)]) == 2
+    assert "bad.yaml:" in capsys.readouterr().err
+
+
+def test_packaged_recipes_are_valid_and_use_only_registered_stages():
+    found = packaged_recipes()
+    assert "default" in found
+    for name in found:
+        r = packaged_recipe(name)
+        assert r.stages and all(s.kind in STAGES for s in r.stages)
+    d = packaged_recipe("default")
+    assert d.teacher == "default" and d.stages[-1].kind in ("eval", "audit", "speculative")
+    with pytest.raises(RecipeError, match="unknown target"):
+        packaged_recipe("no-such-target")
