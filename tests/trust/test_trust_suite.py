@@ -137,3 +137,15 @@ def test_compare_flags_a_real_difference(fake_backend, trust_data):
     d = {x.metric: x for x in compare(run(True), run(False))}["pct_stereotype"]
     assert d.diff == -1.0 and d.test == "McNemar exact" and d.p_value == pytest.approx(0.25)
     assert not d.significant  # three pairs cannot reach p < 0.05
+
+
+def test_cli_bad_input_exits_2_with_a_clear_message(tiny_dir, tmp_path, capsys):
+    from slmkit.cli import main
+
+    assert main(["audit", "default", "--dimensions", "fairnes"]) == 2
+    assert "did you mean fairness" in capsys.readouterr().err
+    empty = tmp_path / "nodata"
+    empty.mkdir()
+    assert main(["audit", str(tiny_dir), "--dimensions", "fairness", "--data-dir", str(empty), "--limit", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "bbq/Age.jsonl.gz not found" in err and str(empty / "bbq" / "Age.jsonl.gz") in err
