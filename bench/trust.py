@@ -51,6 +51,7 @@ def main() -> None:
     ap.add_argument("--calib-samples", type=int, default=16)
     ap.add_argument("--calib-len", type=int, default=128)
     ap.add_argument("--toxicity-samples", type=int, default=2)
+    ap.add_argument("--canary-candidates", type=int, default=1000)
     args = ap.parse_args()
     torch.manual_seed(0)
 
@@ -60,7 +61,8 @@ def main() -> None:
     from slmkit.trust import AuditConfig, AuditContext, audit, compare
     from slmkit.trust.report import write_report
 
-    cfg = AuditConfig(limit=args.limit, toxicity_samples=args.toxicity_samples)
+    cfg = AuditConfig(limit=args.limit, toxicity_samples=args.toxicity_samples,
+                      canary_candidates=args.canary_candidates)
     ctx = AuditContext()
     calib = str(data_file("wikitext-2/test.txt"))
     out = Path(args.output)
