@@ -86,17 +86,17 @@ def test_chat_probe_without_chat_template_is_a_clear_error(tiny_llama, trust_dat
 @pytest.fixture(scope="module")
 def tiny_audit(tiny_dir, trust_data_module, tmp_path_factory):
     """The CLI on the tiny model, all five dimensions, the hand-made data (limit 12 = 2 BBQ rows per category)."""
+    import contextlib
+    import io
+
     from slmkit.cli import main
 
     out = tmp_path_factory.mktemp("audit")
     torch.manual_seed(0)
-    import contextlib
-    import io
-
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        rc = main(["audit", str(tiny_dir), "--compare", str(tiny_dir), "--limit", "12", "--json", "--output",
-                   str(out), "--data-dir", str(trust_data_module), "--toxicity-samples", "1", "--canary-candidates", "20"])
+        rc = main(["audit", str(tiny_dir), "--limit", "12", "--json", "--output", str(out), "--data-dir",
+                   str(trust_data_module), "--toxicity-samples", "1", "--canary-candidates", "20"])
     return rc, json.loads(buf.getvalue()), out
 
 
@@ -113,14 +113,28 @@ def test_audit_end_to_end_on_tiny_model(tiny_audit):
     assert 0.0 <= data["reliability"]["truthfulqa"]["mc2"] <= 1.0
     assert data["fairness"]["bbq"]["n"]["accuracy_ambig"] + data["fairness"]["bbq"]["n"]["accuracy_disambig"] == 12
     assert data["safety"]["toxicity"]["n"]["expected_max_toxicity_toxic"] == 2
-    assert "membership_auroc_after" in data["privacy"]["memorisation"]
-    # the same model on the same examples: no difference anywhere, nothing significant
-    diffs = [m for g in data["differences"].values() for ms in g.values() for m in ms.values()]
-    assert diffs and all(d["diff"] in (0, 0.0, None) and not d["significant"] for d in diffs)
+    assert 0.0 <= data["privacy"]["memorisation"]["membership_auroc_after"] <= 1.0
     html = (out / "report.html").read_text()
     assert "<svg" in html and "Trust audit" in html and "<script" not in html and 'src="http' not in html
     assert json.loads((out / "report.json").read_text())["fairness"]["crows_pairs"]["pct_stereotype"] == crows[
         "pct_stereotype"]
+
+
+def test_compare_same_model_twice_finds_no_difference(tiny_llama, trust_data, tmp_path):
+    from slmkit.trust.report import write_report
+
+    model, tok = tiny_llama
+    cfg = AuditConfig(dimensions=("fairness", "reliability"), limit=12, data_dir=str(trust_data))
+    a = audit(HFBackend(model, tok, name="A"), cfg)
+    b = audit(HFBackend(model, tok, name="B"), cfg)
+    diffs = compare(a, b)
+    assert diffs and all(d.diff in (0, 0.0, None) and not d.significant for d in diffs)
+    _, hp = write_report(tmp_path, a, b)
+    html = hp.read_text()
+    assert "difference (B - A)" in html and "A vs B" in html
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert data["compare"]["model"] == "B" and data["differences"]["fairness"]["crows_pairs"]["pct_stereotype"][
+        "test"] == "McNemar exact"
 
 
 def test_compare_flags_a_real_difference(fake_backend, trust_data):
@@ -137,3 +151,15 @@ def test_compare_flags_a_real_difference(fake_backend, trust_data):
     d = {x.metric: x for x in compare(run(True), run(False))}["pct_stereotype"]
     assert d.diff == -1.0 and d.test == "McNemar exact" and d.p_value == pytest.approx(0.25)
     assert not d.significant  # three pairs cannot reach p < 0.05
+
+
+def test_cli_bad_input_exits_2_with_a_clear_message(tiny_dir, tmp_path, capsys):
+    from slmkit.cli import main
+
+    assert main(["audit", "default", "--dimensions", "fairnes"]) == 2
+    assert "did you mean fairness" in capsys.readouterr().err
+    empty = tmp_path / "nodata"
+    empty.mkdir()
+    assert main(["audit", str(tiny_dir), "--dimensions", "fairness", "--data-dir", str(empty), "--limit", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "bbq/Age.jsonl.gz not found" in err and str(empty / "bbq" / "Age.jsonl.gz") in err

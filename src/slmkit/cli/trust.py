@@ -59,24 +59,23 @@ def audit(
         other = from_spec(compare_with, dtype=dtype, api_key=api_key)
         other.name = compare_with if compare_with != model else f"{compare_with} (B)"
         b = run_audit(other, cfg, ctx, progress(other.name))
-    paths = write_report(output, a, b) if output is not None else None
+    diffs = compare(a, b) if b is not None else None
+    paths = write_report(output, a, b, diffs) if output is not None else None
     if json_out:
-        data = report_json(a, b)
+        data = report_json(a, b, diffs)
         if paths:
             data["report"] = {"json": str(paths[0]), "html": str(paths[1])}
         print_json(data)
         return
-    _print_summary(a, b)
+    _print_summary(a, b, diffs)
     if paths:
         sys.stdout.write(f"report: {paths[1]}\n")
 
 
-def _print_summary(a, b) -> None:
+def _print_summary(a, b, diff_list) -> None:
     from rich.table import Table
 
-    from slmkit.trust.suite import compare
-
-    diffs = {(d.dimension, d.group, d.metric): d for d in compare(a, b)} if b is not None else {}
+    diffs = {(d.dimension, d.group, d.metric): d for d in diff_list or []}
     t = Table(title=f"trust audit: {a.model}" + (f" vs {b.model}" if b else ""), title_justify="left")
     for col in ("dimension", "metric", a.model, "95% CI", "n"):
         t.add_column(col)

@@ -108,11 +108,13 @@ def report_html(a: AuditResult, b: AuditResult | None = None, diffs: list[Differ
     return page(title, parts, sub)
 
 
-def write_report(out_dir: str | Path, a: AuditResult, b: AuditResult | None = None) -> tuple[Path, Path]:
+def write_report(out_dir: str | Path, a: AuditResult, b: AuditResult | None = None,
+                 diffs: list[Difference] | None = None) -> tuple[Path, Path]:
     """Write ``report.json`` and ``report.html`` into ``out_dir``; returns their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    diffs = compare(a, b) if b is not None else None
+    if b is not None and diffs is None:
+        diffs = compare(a, b)
     data = report_json(a, b, diffs)
     jp, hp = out / "report.json", out / "report.html"
     with atomic_file(jp) as tmp:

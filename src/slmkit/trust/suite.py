@@ -119,6 +119,7 @@ class DimensionResult:
     name: str
     groups: list[GroupResult]
     seconds: float
+    cpu_seconds: float = 0.0  #: process CPU time (user + system), less disturbed by other load than wall time
 
     @property
     def score(self) -> float | None:
@@ -148,7 +149,7 @@ class AuditResult:
         out: dict = {"model": self.model, "limit": self.config.limit, "seconds": round(self.seconds, 1),
                      "config": asdict(self.config), "scores": self.scores()}
         for d, r in self.dimensions.items():
-            dim: dict = {"score": r.score, "seconds": round(r.seconds, 1)}
+            dim: dict = {"score": r.score, "seconds": round(r.seconds, 1), "cpu_seconds": round(r.cpu_seconds, 1)}
             for g in r.groups:
                 grp: dict = {m.name: _num(m.value) for m in g.metrics.values()}
                 grp["n"] = {m.name: m.n for m in g.metrics.values()}
@@ -175,10 +176,11 @@ def audit(backend: Backend, cfg: AuditConfig, ctx: AuditContext | None = None,
     for d in cfg.dimensions:
         if progress:
             progress(d)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         groups = DIMENSIONS.get(d)(backend, cfg, ctx)
-        res.dimensions[d] = DimensionResult(d, groups, time.perf_counter() - t0)
-        log.info("%s: %s done in %.1f s", backend.name, d, res.dimensions[d].seconds)
+        res.dimensions[d] = DimensionResult(d, groups, time.perf_counter() - t0, time.process_time() - c0)
+        log.info("%s: %s done in %.1f s (%.1f CPU s)", backend.name, d, res.dimensions[d].seconds,
+                 res.dimensions[d].cpu_seconds)
     res.seconds = time.perf_counter() - t_all
     return res
 
