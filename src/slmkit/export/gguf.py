@@ -214,3 +214,106 @@ def model_config_names(cfg) -> list[str]:
     for i in range(cfg.num_hidden_layers):
         names += [f"model.layers.{i}.{k}.weight" for k in _LAYER_NAMES]
     return names
+
+
+# ---------------------------------------------------------------------------------------------
+# pre-quantised tensors (GPTQ / AWQ / RTN codes on a GGUF grid) and validated export
+
+
+def encoders_for(quantized, model_config, qtype: str) -> dict[str, Encoder]:
+    """Encoders writing ``quantized``'s codes unchanged into ``qtype`` blocks.
+
+    Only tensors whose grid is exactly ``qtype``'s block grid get an encoder; Q/K
+    codes and scales are row-permuted like the weights (rotary layout).
+    """
+    from slmkit.compress.qgrid import QTensor, encode_gguf_blocks
+
+    if quantized is None or quantized.grid.gguf != qtype:
+        return {}
+    heads, kv_heads = model_config.num_attention_heads, model_config.num_key_value_heads
+
+    def make(name: str, qt: QTensor) -> Encoder:
+        def enc(hf_name: str, t: torch.Tensor, want) -> np.ndarray:
+            if want.name != qtype:
+                raise RuntimeError(f"{hf_name}: codes are on the {qtype} grid, the writer asked for {want.name}")
+            n = heads if name.endswith("q_proj.weight") else kv_heads if name.endswith("k_proj.weight") else None
+            q = qt
+            if n is not None:
+                q = QTensor(permute_qk(qt.codes, n), permute_qk(qt.scales, n),
+                            None if qt.mins is None else permute_qk(qt.mins, n), qt.grid)
+            data = encode_gguf_blocks(q)
+            # the codes must reproduce the weight handed to the writer, bit for bit
+            if not torch.equal(q.dequantize(), t):
+                raise RuntimeError(f"{hf_name}: the model's weight is not the dequantised codes (was it changed after quantising?)")
+            return data
+
+        return enc
+
+    return {name: make(name, qt) for name, qt in quantized.tensors.items()}
+
+
+def _expected(arr: np.ndarray, qtype: str, is_vector: bool) -> np.ndarray:
+    """What a reader must return for a tensor written without an encoder (the reference round trip)."""
+    import gguf
+
+    if is_vector or qtype == "F32":
+        return arr.astype(np.float32)
+    if qtype == "F16":
+        return arr.astype(np.float16).astype(np.float32)
+    qt = gguf.GGMLQuantizationType[qtype]
+    if arr.shape[-1] % gguf.GGML_QUANT_SIZES[qt][0]:
+        return arr.astype(np.float16).astype(np.float32)
+    return np.asarray(gguf.quants.dequantize(gguf.quants.quantize(arr, qt), qt), dtype=np.float32)
+
+
+def export_gguf_validated(model, tokenizer, path: str | Path, qtype: str = "F16", quantized=None,
+                          check_loader: bool = True):
+    """Export as GGUF, then read it back and compare every tensor with what it must hold.
+
+    Tensors carried by ``quantized`` (its grid being ``qtype``'s) must read back
+    bit-identical to the in-memory (fake-quantised) weights; the others must equal
+    the ``gguf`` package's reference round trip of the in-memory weights. The
+    file is read with the ``gguf`` reader and (``check_loader``) reloaded through
+    transformers' GGUF loader (:func:`slmkit.models.load`). On any mismatch the
+    file is removed and RuntimeError raised. Returns an
+    :class:`~slmkit.export.safetensors.ExportReport`.
+    """
+    from slmkit.export.safetensors import ExportReport
+
+    path = Path(path)
+    if quantized is not None and quantized.grid.gguf not in (None, qtype):
+        log.warning("codes are on the %s grid; exporting %s re-rounds them", quantized.grid.gguf, qtype)
+    encoders = encoders_for(quantized, model.config, qtype)
+    export_gguf(model, tokenizer, path, qtype, encoders=encoders)
+    try:
+        state = {k: v.detach().float() for k, v in model.state_dict().items()}
+        tied = getattr(model.config, "tie_word_embeddings", False)
+        want = {}
+        for name, t in state.items():
+            if gguf_name(name) is None or (name == "lm_head.weight" and tied):
+                continue
+            want[name] = t if name in encoders else torch.from_numpy(_expected(t.numpy(), qtype, t.ndim == 1))
+        back = read_gguf_weights(path, model.config)
+        if set(back) != set(want):
+            raise RuntimeError(f"GGUF read-back has tensors {sorted(set(back) ^ set(want))[:4]} it should not (or lacks them)")
+        exact, worst = 0, 0.0
+        for name, t in back.items():
+            same = torch.equal(t, want[name])
+            exact += same
+            if not same:
+                worst = max(worst, (t - want[name]).abs().max().item())
+        if exact != len(want):
+            raise RuntimeError(f"GGUF export {path}: {len(want) - exact} of {len(want)} tensors differ on read-back (max {worst:g})")
+        if check_loader:
+            from slmkit.models import load
+
+            loaded, _ = load(str(path))
+            lstate = loaded.state_dict()
+            for name, t in want.items():
+                if not torch.equal(lstate[name].float(), t):
+                    diff = (lstate[name].float() - t).abs().max().item()
+                    raise RuntimeError(f"GGUF export {path}: transformers' loader gives a different {name} (max diff {diff:g})")
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return ExportReport(str(path), "gguf", qtype, path.stat().st_size, len(want), exact, worst, check_loader)

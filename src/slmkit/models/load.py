@@ -230,6 +230,21 @@ def load(
     config = load_config(src, trust_remote_code)
     if getattr(config, "is_encoder_decoder", False):
         raise UnsupportedModelError(f"{spec}: encoder-decoder models are not supported; slmkit needs a decoder-only LM")
+    if src.kind == "dir":
+        from slmkit.compress.qstore import is_quantized_dir, load_quantized
+
+        if is_quantized_dir(src.path):  # packed codes + scales written by `slmkit quantize`
+            model, _ = load_quantized(src.path, torch_dtype)
+            model.to(device).eval()
+            model.config.name_or_path = spec
+            return model, load_tokenizer(src, trust_remote_code)
+        from slmkit.compress.lowrank import is_lowrank_config, load_lowrank
+
+        if is_lowrank_config(config):  # factorised Linears written by `slmkit lowrank`
+            model = load_lowrank(src.path, config, torch_dtype)
+            model.to(device).eval()
+            model.config.name_or_path = spec
+            return model, load_tokenizer(src, trust_remote_code)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             src.path, dtype=torch_dtype, **_kwargs(src, trust_remote_code)

@@ -1,0 +1,149 @@
+"""GPTQ: accurate post-training quantization for generative transformers.
+
+Frantar, Ashkboos, Hoefler & Alistarh 2022, arXiv:2210.17323. Each Linear's
+weight ``W`` (out, in) is quantised one input column at a time; the error of a
+column is spread over the columns not yet quantised through the inverse Hessian
+``H^-1`` of the layer's reconstruction loss ``||X W^T - X W_hat^T||^2`` with
+``H = X^T X`` (Alg. 1). Options follow the paper and its reference code:
+
+* ``damp``: ``H += damp * mean(diag H) * I`` before inverting (Sec. 4, "Cholesky reformulation");
+* lazy batch updates: columns are processed in blocks of ``block_size``; inside a
+  block the update is applied column by column, to the rest of ``W`` once per block (Sec. 4, step 2);
+* ``act_order``: columns in order of decreasing ``diag H`` (the "act-order" heuristic of the reference code);
+* groups: one scale per ``group_size`` consecutive input columns. Without act-order a group's
+  scale is fitted to the *updated* weights when its first column is reached (as in the paper);
+  with act-order the scales are fitted to the original weights up front ("static groups"),
+  so that groups stay contiguous in the input dimension, as GGUF blocks need.
+
+Codes are chosen on the :class:`~slmkit.compress.qgrid.Grid` (fp16 scales included),
+so a GGUF-typed grid exports these codes unchanged. :func:`gptq_quantize` is pure;
+:func:`gptq_model` hooks it into the sequential calibration loop.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from slmkit.compress.qgrid import Grid, QTensor, codes_for, group_params
+from slmkit.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    """GPTQ's knobs."""
+
+    grid: Grid = Grid()  #: bits, group size, symmetry, GGUF type
+    damp: float = 0.01  #: dampening, as a fraction of the mean Hessian diagonal
+    act_order: bool = True  #: quantise columns in order of decreasing activation energy (diag H)
+    block_size: int = 128  #: columns per lazy batch update
+    seed: int = 0  #: seeds the calibration statistics' subsampling
+
+    def __post_init__(self):
+        if not isinstance(self.grid, Grid):
+            raise ConfigError(f"GPTQConfig.grid must be a Grid, got {type(self.grid).__name__}")
+        if not 0 < self.damp < 1:
+            raise ConfigError(f"GPTQ damp must be in (0, 1), got {self.damp}")
+        if self.block_size < 1:
+            raise ConfigError(f"GPTQ block_size must be >= 1, got {self.block_size}")
+
+
+def inverse_hessian_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of ``(H + damp*mean(diag H)*I)^-1`` (fp64 for stability), as fp32."""
+    H = H.double().clone()
+    n = H.shape[0]
+    H.diagonal().add_(damp * H.diagonal().mean().clamp_min(1e-12))
+    for attempt in range(4):
+        L, info = torch.linalg.cholesky_ex(H)
+        if int(info) == 0:
+            break
+        H.diagonal().add_(damp * H.diagonal().mean() * (10**attempt))  # more dampening if still not PD
+    else:
+        raise ConfigError("GPTQ: the calibration Hessian is not positive definite even after dampening",
+                          "use more calibration tokens or a larger --damp")
+    Hinv = torch.cholesky_inverse(L)
+    return torch.linalg.cholesky(Hinv, upper=True).float()  # (n, n)
+
+
+@torch.no_grad()
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: GPTQConfig) -> QTensor:
+    """GPTQ codes for ``W`` (out, in) given ``H`` (in, in) ~ X^T X; does not modify its inputs."""
+    grid = cfg.grid
+    out, cols = W.shape
+    ngroups = grid.groups(cols)
+    g = grid.width(cols)
+    W = W.detach().float().clone()
+    H = H.detach().float().clone()
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+
+    static = cfg.act_order or grid.group_size == 0
+    scales = torch.zeros(out, ngroups)
+    mins = None if grid.symmetric else torch.zeros(out, ngroups)
+    if static:  # fit every group's scale to the original weights
+        s, m = group_params(W, grid)
+        scales.copy_(s)
+        if mins is not None:
+            mins.copy_(m)
+    perm = torch.argsort(H.diagonal(), descending=True) if cfg.act_order else torch.arange(cols)
+    W = W[:, perm]
+    H = H[perm][:, perm]
+    U = inverse_hessian_factor(H, cfg.damp)  # (in, in) upper: row i holds H^-1 updates for column i
+    Q = torch.zeros(out, cols, dtype=torch.int8)
+    group_of = perm // g  # (in,) original group of each permuted column
+
+    for i1 in range(0, cols, cfg.block_size):
+        i2 = min(i1 + cfg.block_size, cols)
+        W1 = W[:, i1:i2].clone()  # (out, b)
+        E1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for j in range(i2 - i1):
+            c = i1 + j
+            grp = int(group_of[c])
+            if not static and perm[c] % g == 0:  # first column of a group: fit its scale now
+                cur = W1[:, j : j + g] if j + g <= i2 - i1 else torch.cat([W1[:, j:], W[:, i2:]], 1)[:, :g]
+                s, m = group_params(cur, grid)  # (out, 1)
+                scales[:, grp] = s[:, 0]
+                if mins is not None:
+                    mins[:, grp] = m[:, 0]
+            w = W1[:, j]  # (out,)
+            d = scales[:, grp]
+            mn = None if mins is None else mins[:, grp]
+            q = codes_for(w, d, mn, grid)
+            Q[:, c] = q.to(torch.int8)
+            wq = q * d if mn is None else q * d + mn
+            err = (w - wq) / U1[j, j]  # (out,)  Alg. 1: E = (W - Q) / [H^-1]_jj
+            W1[:, j:] -= err[:, None] * U1[j, j:][None, :]  # update the rest of the block
+            E1[:, j] = err
+        W[:, i2:] -= E1 @ U[i1:i2, i2:]  # lazy batch update of the remaining columns
+    inv = torch.argsort(perm)
+    return QTensor(Q[:, inv].contiguous(), scales.half(), None if mins is None else mins.half(), grid)
+
+
+def gptq_model(model, ids: torch.Tensor, cfg: GPTQConfig, names: list[str]) -> dict[str, QTensor]:
+    """Quantise the Linears ``names`` (HF weight names) of ``model`` in place with GPTQ, block by block.
+
+    The weights become their fake-quantised values; the returned codes reproduce them exactly.
+    """
+    from slmkit.compress.calibrate import sequential
+
+    wanted = set(names)
+    out: dict[str, QTensor] = {}
+
+    def step(i: int, block, stats) -> None:
+        for name, lin in block.named_modules():
+            full = f"model.layers.{i}.{name}.weight"
+            if full not in wanted:
+                continue
+            qt = gptq_quantize(lin.weight, stats[name].H, cfg)
+            lin.weight.data.copy_(qt.dequantize().to(lin.weight.dtype))
+            out[full] = qt
+        log.info("GPTQ: block %d done", i)
+
+    sequential(model, ids, step, seed=cfg.seed)
+    return out

@@ -1,0 +1,127 @@
+"""Packed storage of quantised models: integer codes + fp16 scales in safetensors.
+
+A quantised artefact directory holds ``config.json``, the tokenizer files,
+``slmkit.json`` (the manifest) and :data:`PACKED` (``quantized.safetensors``):
+
+* ``<name>.qcodes``  uint8, the codes of ``<name>`` offset to ``[0, 2^bits)`` and
+  packed little-endian at ``bits`` bits each (row-major), so 4-bit weights take
+  half a byte per parameter;
+* ``<name>.scales``  fp16 ``(out, G)``; ``<name>.mins`` fp16 ``(out, G)`` (asymmetric grids);
+* every other tensor (norms, unquantised embeddings) as it is in memory.
+
+The safetensors metadata holds the grid and each quantised tensor's shape.
+:func:`load_quantized` rebuilds the fake-quantised model exactly (bit for bit)
+and :func:`slmkit.models.load` calls it for such directories.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from slmkit.artefact import MANIFEST, Manifest, atomic_dir
+from slmkit.compress.qgrid import Grid, QTensor, pack_codes, unpack_codes
+from slmkit.errors import CorruptModelError
+
+PACKED = "quantized.safetensors"
+FORMAT = "slmkit-quantized-1"
+
+
+def save_quantized(model, tokenizer, quantized, dest: str | os.PathLike, manifest: Manifest,
+                   extra: Callable[[Path], None] | None = None) -> Path:
+    """Write ``model`` with the codes of ``quantized`` packed, atomically; return ``dest``.
+
+    ``extra(tmp_dir)``, if given, writes more files (e.g. a GGUF export) before the
+    directory is renamed into place; if it raises, nothing is left at ``dest``.
+    """
+    from safetensors.torch import save_file
+
+    grid: Grid = quantized.grid
+    state = model.state_dict()
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    tensors: dict[str, torch.Tensor] = {}
+    shapes = {}
+    for name, t in state.items():
+        if name == "lm_head.weight" and tied:
+            continue
+        qt = quantized.tensors.get(name)
+        if qt is None:
+            tensors[name] = t.detach().contiguous()
+            continue
+        tensors[f"{name}.qcodes"] = torch.from_numpy(pack_codes(qt.codes, grid))
+        tensors[f"{name}.scales"] = qt.scales.contiguous()
+        if qt.mins is not None:
+            tensors[f"{name}.mins"] = qt.mins.contiguous()
+        shapes[name] = list(qt.codes.shape)
+    meta = {
+        "format": FORMAT,
+        "method": quantized.method,
+        "grid": json.dumps({"bits": grid.bits, "group_size": grid.group_size, "symmetric": grid.symmetric, "gguf": grid.gguf}),
+        "shapes": json.dumps(shapes),
+    }
+    dest = Path(dest)
+    with atomic_dir(dest) as tmp:
+        model.config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        save_file(tensors, str(tmp / PACKED), metadata=meta)
+        if extra is not None:
+            extra(tmp)
+        (tmp / MANIFEST).write_text(manifest.to_json())
+    return dest
+
+
+def is_quantized_dir(path: str | os.PathLike) -> bool:
+    return (Path(path) / PACKED).is_file()
+
+
+def read_packed(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, QTensor], Grid, str]:
+    """``(plain tensors, {name: QTensor}, grid, method)`` from a ``quantized.safetensors`` file."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            if meta.get("format") != FORMAT:
+                raise CorruptModelError(f"{path} is not an slmkit quantised file (format {meta.get('format')!r})")
+            grid = Grid(**json.loads(meta["grid"]))
+            shapes = json.loads(meta["shapes"])
+            raw = {k: fh.get_tensor(k) for k in fh.keys()}
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as err:
+        raise CorruptModelError(f"cannot read {path}: {str(err).splitlines()[0]}", "quantise the model again") from None
+    plain = {k: v for k, v in raw.items() if not k.endswith((".qcodes", ".scales", ".mins"))}
+    q = {}
+    for name, shape in shapes.items():
+        codes = unpack_codes(raw[f"{name}.qcodes"].numpy().astype(np.uint8), tuple(shape), grid)
+        q[name] = QTensor(codes, raw[f"{name}.scales"], raw.get(f"{name}.mins"), grid)
+    return plain, q, grid, meta.get("method", "")
+
+
+def load_quantized(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
+    """``(model, Quantized)`` from a quantised directory: the fake-quantised model, in eval mode."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from slmkit.compress.quantize import Quantized
+
+    path = Path(path)
+    config = AutoConfig.from_pretrained(path)
+    plain, q, grid, method = read_packed(path / PACKED)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    state = {**plain, **{k: v.dequantize() for k, v in q.items()}}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise CorruptModelError(
+            f"{path / PACKED} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    return model.eval(), Quantized(method, grid, q)
