@@ -42,7 +42,7 @@ def distill_cmd(
     batch_size: int = typer.Option(4, "--batch-size", min=1),
     grad_accum: int = typer.Option(1, "--grad-accum", min=1),
     lr: float = typer.Option(5e-5, "--lr", help="learning rate"),
-    block_size: int = typer.Option(256, "--block-size", help="tokens per example"),
+    block_size: int = typer.Option(128, "--block-size", help="tokens per example"),
     max_examples: int = typer.Option(0, "--max-examples", help="use the first N examples of --data (0 = all)"),
     save_steps: int = typer.Option(50, "--save-steps", min=1),
     seed: int = typer.Option(0, "--seed"),
