@@ -147,8 +147,11 @@ class DistillTrainer(Trainer):
     # --- on-policy / sequence-level samples
 
     def _coin(self) -> float:
-        # a function of (seed, step, micro-batch) only, so a resumed run flips the same coins
-        return random.Random(f"{self.dcfg.seed}:{self.state.global_step}:{len(self.seen_idx)}").random()
+        # a function of (seed, optimizer step, micro-batch within the step) only: a resumed run flips the same coins
+        step = self.state.global_step
+        self._micro = self._micro + 1 if getattr(self, "_micro_step", None) == step else 0
+        self._micro_step = step
+        return random.Random(f"{self.dcfg.seed}:{step}:{self._micro}").random()
 
     @torch.no_grad()
     def _sample(self, generator_model, inputs: dict) -> dict:
