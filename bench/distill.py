@@ -12,8 +12,9 @@ Data (all WikiText-2 test.txt, split by characters, disjoint):
 Agreement: top-1 agreement of student and teacher next-token argmax on held-out text
 the teacher generated (greedy) for the first --agree-prompts Vicuna-bench questions.
 
-Usage (CPU, shared machine; run in the background):
-  PYTHONPATH=src nohup python bench/distill.py --steps 40 > /tmp/issue4-bench.log 2>&1 &
+Usage (CPU, shared machine; run in the background; one torch thread is fastest when the cores are oversubscribed):
+  OMP_NUM_THREADS=1 PYTHONPATH=src nohup python bench/distill.py --steps 8 --batch 2 --block 128 --lr 2e-4 \
+      --eval-tokens 2048 --agree-prompts 4 --gen-tokens 32 --losses ce,fkl,rkl,jsd > /tmp/issue4-bench.log 2>&1 &
 """
 
 from __future__ import annotations
@@ -122,19 +123,21 @@ def main() -> int:
     ap.add_argument("--block", type=int, default=128, help="tokens per training chunk")
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--keep-layers", type=int, default=20)
+    ap.add_argument("--calib-seqs", type=int, default=8, help="256-token calibration sequences for block influence")
     ap.add_argument("--eval-tokens", type=int, default=8192)
     ap.add_argument("--agree-prompts", type=int, default=16)
     ap.add_argument("--gen-tokens", type=int, default=64, help="teacher generation length (agreement) and GKD sample length")
     ap.add_argument("--prompt-tokens", type=int, default=32, help="GKD on-policy prompt length (tokens of a chunk)")
     ap.add_argument("--losses", default="ce,fkl,rkl,jsd,skl,srkl,tvd", help="methods run through slmkit distill")
     ap.add_argument("--no-gkd", action="store_true")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a loaded shared machine)")
     ap.add_argument("--work", default="/tmp/issue4-bench", help="scratch directory (deleted runs)")
     ap.add_argument("--json", default="", help="also write the results here")
     args = ap.parse_args()
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(args.threads)
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -153,7 +156,7 @@ def main() -> int:
     # the student: teacher depth-pruned to keep_layers blocks (block influence on training-split calibration text)
     from slmkit.compress.structured import prune_depth
 
-    calib = torch.tensor(tok(train_text[:200000], add_special_tokens=False).input_ids[: 32 * 256]).view(32, 256)
+    calib = torch.tensor(tok(train_text[:100000], add_special_tokens=False).input_ids[: args.calib_seqs * 256]).view(args.calib_seqs, 256)
     student, _ = load("default")
     t0 = time.perf_counter()
     prune_depth(student, calib, args.keep_layers, method="block_influence")
