@@ -177,5 +177,10 @@ def test_train_distill_on_policy_samples_mask_the_prompt(tiny_tok, teacher, text
         n = int(out["attention_mask"][i].sum())
         assert 0 < n - p <= 5
         assert out["labels"][i, p:n].tolist() == out["input_ids"][i, p:n].tolist()
-    # the coin is a function of seed and step: a resumed run flips the same ones
-    assert tr._coin() == tr._coin()
+    # the coin is a function of (seed, step, micro-batch): a resumed run flips the same coins
+    a = [tr._coin(), tr._coin()]
+    tr.state.global_step = 1
+    b = tr._coin()
+    tr2 = DistillTrainer(model=tr.model, args=tr.args, processing_class=tiny_tok, teacher=teacher, distill_config=cfg)
+    tr2.state.global_step = 1  # as after resuming at step 1
+    assert tr2._coin() == b and a[0] != a[1]

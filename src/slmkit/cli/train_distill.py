@@ -37,20 +37,22 @@ def distill_cmd(
     top_k: int = typer.Option(0, "--top-k", help="keep only the teacher's top-k tokens (0 = all)"),
     lmbda: float = typer.Option(0.0, "--lmbda", help="on-policy fraction: batches whose completions the student samples"),
     seq_kd: bool = typer.Option(False, "--seq-kd", help="train on teacher-generated completions"),
-    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="length of on-policy / seq-KD samples"),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="length of on-policy / seq-KD / black-box samples"),
+    gen_temperature: float = typer.Option(1.0, "--gen-temperature", help="sampling temperature of on-policy / seq-KD / black-box samples (0 = greedy)"),
     batch_size: int = typer.Option(4, "--batch-size", min=1),
     grad_accum: int = typer.Option(1, "--grad-accum", min=1),
     lr: float = typer.Option(5e-5, "--lr", help="learning rate"),
-    block_size: int = typer.Option(256, "--block-size", help="tokens per example"),
+    block_size: int = typer.Option(128, "--block-size", help="tokens per example"),
     max_examples: int = typer.Option(0, "--max-examples", help="use the first N examples of --data (0 = all)"),
     save_steps: int = typer.Option(50, "--save-steps", min=1),
     seed: int = typer.Option(0, "--seed"),
+    qat: Optional[str] = typer.Option(None, "--qat", help="quantisation-aware training on a GGUF grid: Q4_0 | Q4_1 | Q5_0 | Q8_0"),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32 or bf16 (both models)"),
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
     """Distil TEACHER into STUDENT on DATA (or fine-tune with --loss ce); write the model to OUTPUT."""
     from slmkit.artefact import Manifest
-    from slmkit.errors import ConfigError
+    from slmkit.errors import ConfigError, DataError
     from slmkit.models import load
     from slmkit.train.data import DataConfig
     from slmkit.train.distill import DistillConfig, check_same_tokenizer, distill
@@ -73,14 +75,17 @@ def distill_cmd(
         lmbda, seq_kd = 0.0, False
         output.mkdir(parents=True, exist_ok=True)
         data_path = output / "teacher-data.jsonl"
-        generate_dataset(from_spec(teacher), read_prompts(data, limit=max_examples), data_path,
-                         SynthConfig(max_new_tokens=max(max_new_tokens, 128), seed=seed))
+        rep = generate_dataset(from_spec(teacher), read_prompts(data, limit=max_examples), data_path,
+                               SynthConfig(max_new_tokens=max_new_tokens, temperature=gen_temperature, seed=seed,
+                                           min_words=1, near_dup=1.0))
+        if rep.accepted == 0:
+            raise DataError(f"teacher {teacher} gave no usable answer to the prompts in {data} (rejected: {rep.rejected})")
     elif teacher is None and lcfg.uses_teacher:
         raise ConfigError(f"--loss {loss} needs --teacher", "pass --teacher MODEL, or --loss ce for plain fine-tuning")
     cfg = DistillConfig(
         loss=lcfg, data=DataConfig(block_size=block_size, max_examples=max_examples), lmbda=lmbda, seq_kd=seq_kd,
-        max_new_tokens=max_new_tokens, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
-        learning_rate=lr, save_steps=min(save_steps, max_steps), seed=seed, logging_steps=max(1, min(10, max_steps // 5)),
+        max_new_tokens=max_new_tokens, gen_temperature=max(gen_temperature, 1e-3), max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
+        learning_rate=lr, save_steps=min(save_steps, max_steps), seed=seed, logging_steps=max(1, min(10, max_steps // 5)), qat=qat or "",
     )
     s_model, s_tok = load(student, dtype=dtype)
     t_model = None

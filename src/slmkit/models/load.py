@@ -292,6 +292,10 @@ def load(
             f"{spec}: not a causal language model transformers can load ({str(err).splitlines()[0]})"
         ) from None
     _strip_gguf_quantization(model.config)
+    if getattr(model.config, "slmkit_shared_blocks", None):  # a block-shared student stores each group once
+        from slmkit.models.student import restore_sharing
+
+        restore_sharing(model)
     for attr in ("hf_quantizer", "quantization_method"):
         if getattr(model, attr, None) is not None and src.gguf_file:
             setattr(model, attr, None)

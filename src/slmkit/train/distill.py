@@ -67,6 +67,7 @@ class DistillConfig:
     save_total_limit: int = 2  #: keep the newest N checkpoints
     logging_steps: int = 10
     seed: int = 0  #: model init / sampling / data order
+    qat: str = ""  #: quantisation-aware training on this GGUF grid (Q4_0, Q4_1, Q5_0, Q8_0); "" = off
 
     def __post_init__(self):
         if not 0 <= self.lmbda <= 1:
@@ -74,6 +75,10 @@ class DistillConfig:
         for name in ("max_steps", "batch_size", "grad_accum", "save_steps", "logging_steps", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.qat:
+            from slmkit.compress.qgrid import Grid
+
+            Grid.for_gguf(self.qat)  # unknown type -> ConfigError listing the known ones
         if self.learning_rate <= 0:
             raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
 
@@ -142,8 +147,11 @@ class DistillTrainer(Trainer):
     # --- on-policy / sequence-level samples
 
     def _coin(self) -> float:
-        # a function of (seed, step, micro-batch) only, so a resumed run flips the same coins
-        return random.Random(f"{self.dcfg.seed}:{self.state.global_step}:{len(self.seen_idx)}").random()
+        # a function of (seed, optimizer step, micro-batch within the step) only: a resumed run flips the same coins
+        step = self.state.global_step
+        self._micro = self._micro + 1 if getattr(self, "_micro_step", None) == step else 0
+        self._micro_step = step
+        return random.Random(f"{self.dcfg.seed}:{step}:{self._micro}").random()
 
     @torch.no_grad()
     def _sample(self, generator_model, inputs: dict) -> dict:
@@ -345,6 +353,11 @@ def distill(
         dataloader_pin_memory=False,
         bf16=next(student.parameters()).dtype == torch.bfloat16,
     )
+    if cfg.qat:
+        from slmkit.compress.qgrid import Grid
+        from slmkit.train.qat import attach_fake_quant
+
+        attach_fake_quant(student, Grid.for_gguf(cfg.qat))  # LLM-QAT: train through fake-quantised weights
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     cbs = list(callbacks or []) + ([_StopAt(stop_after)] if stop_after else [])
     trainer = DistillTrainer(
@@ -362,7 +375,13 @@ def distill(
     result.seen_idx = trainer.seen_idx  # type: ignore[attr-defined]
     if stop_after and trainer.state.global_step < cfg.max_steps:
         return result  # partial run: checkpoints only
-    _finalize(trainer.accelerator.unwrap_model(trainer.model), tokenizer, output, identity, cfg, result, base_manifest)
+    final = trainer.accelerator.unwrap_model(trainer.model)
+    if cfg.qat:
+        from slmkit.compress.qgrid import Grid
+        from slmkit.train.qat import finish_qat
+
+        finish_qat(final, Grid.for_gguf(cfg.qat))  # latent weights -> the grid they were trained on
+    _finalize(final, tokenizer, output, identity, cfg, result, base_manifest)
     return result
 
 

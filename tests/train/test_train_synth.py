@@ -1,0 +1,173 @@
+"""Teacher-generated data: prompt formats, filters, resumable output, black-box distillation over HTTP."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from slmkit.backends.base import Completion, GenParams, TokenScores
+from slmkit.data.synth import DedupIndex, PromptItem, SynthConfig, generate_dataset, read_prompts
+from slmkit.errors import DataError
+
+
+class FakeTeacher:
+    """Answers from a table; counts calls; can crash after N generations."""
+
+    name = "fake"
+
+    def __init__(self, answers: dict[str, str], crash_after: int | None = None, logprob: float = -1.0):
+        self.answers, self.crash_after, self.calls, self.logprob = answers, crash_after, 0, logprob
+
+    def generate(self, prompts, params: GenParams):
+        if self.crash_after is not None and self.calls >= self.crash_after:
+            raise RuntimeError("teacher died")
+        self.calls += 1
+        q = prompts[0][-1]["content"]
+        return [Completion(self.answers[q], len(self.answers[q].split()), "stop")]
+
+    def score(self, texts, contexts=None):
+        # per-token logprob: very low for replies containing "zzz" (degenerate)
+        return [TokenScores(t.split(), [(-9.0 if "zzz" in t else self.logprob)] * len(t.split())) for t in texts]
+
+
+def _rows(path):
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def test_train_synth_reads_prompt_formats(tmp_path):
+    p = tmp_path / "p.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in [
+        {"id": "seed_task_0", "instruction": "Sort these", "instances": [{"input": "3, 1, 2", "output": "1, 2, 3"}]},
+        {"question_id": 81, "turns": ["Write a poem.", "Now shorter."]},
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "old"}]},
+        {"prompt": "Say yes"},
+    ]) + "\n")
+    items = read_prompts(p)
+    assert [i.id for i in items] == ["seed_task_0", "81", "p.jsonl:3", "p.jsonl:4"]
+    assert items[0].messages == [{"role": "user", "content": "Sort these\n\n3, 1, 2"}]
+    assert items[1].messages[-1]["content"] == "Write a poem."
+    assert items[2].messages == [{"role": "user", "content": "hi"}]  # the old reply is dropped
+    t = tmp_path / "p.txt"
+    t.write_text("first\n\nsecond\n")
+    assert [i.messages[0]["content"] for i in read_prompts(t)] == ["first", "second"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a"}\n{"foo": 1}\n')
+    with pytest.raises(DataError, match="bad.jsonl:2: no prompt found"):
+        read_prompts(bad)
+
+
+def test_train_synth_real_prompt_files(shared_data):
+    seeds = read_prompts(shared_data / "instructions" / "self_instruct_seed_tasks.jsonl")
+    mt = read_prompts(shared_data / "mt-bench" / "question.jsonl")
+    assert len(seeds) == 175 and len(mt) == 80
+    assert all(i.messages[-1]["content"].strip() for i in seeds + mt)
+
+
+def test_train_synth_filters_and_resume(tmp_path):
+    answers = {
+        "q1": "Paris is the capital of France and a large city.",
+        "q2": "Paris is the capital of France and a large city.",  # exact duplicate
+        "q3": "paris is the capital of france and a large city!",  # same after normalisation
+        "q4": "Paris is the capital of France and a very large city.",  # near duplicate
+        "q5": "ok",  # too short
+        "q6": "zzz zzz zzz zzz zzz",  # degenerate: high teacher perplexity
+        "q7": "Rome is the capital of Italy, on the Tiber.",
+        "q8": "Water boils at one hundred degrees Celsius at sea level.",
+    }
+    prompts = [PromptItem(k, [{"role": "user", "content": k}]) for k in answers]
+    out = tmp_path / "data.jsonl"
+    cfg = SynthConfig(near_dup=0.5, max_perplexity=100.0)
+    # the teacher dies after 5 generations: what it wrote is kept
+    t1 = FakeTeacher(answers, crash_after=5)
+    with pytest.raises(RuntimeError):
+        generate_dataset(t1, prompts, out, cfg)
+    assert [r["id"] for r in _rows(out)] == ["q1"]
+    # a crash in the middle of writing a line leaves a partial last line: it is dropped on resume
+    with open(out, "a") as fh:
+        fh.write('{"id": "q9", "messa')
+    t2 = FakeTeacher(answers)
+    rep = generate_dataset(t2, prompts, out, cfg)
+    assert t2.calls == 3  # q1-q5 were answered or rejected already; only q6-q8 are generated
+    assert rep.skipped_done == 5
+    rows = _rows(out)
+    assert [r["id"] for r in rows] == ["q1", "q7", "q8"]
+    assert rows[1]["messages"] == [{"role": "user", "content": "q7"}, {"role": "assistant", "content": answers["q7"]}]
+    assert rows[1]["meta"]["perplexity"] == pytest.approx(2.718, abs=1e-3)
+    rejected = {r["id"]: r["reason"] for r in _rows(tmp_path / "data.jsonl.rejected.jsonl")}
+    assert rejected == {"q2": "duplicate", "q3": "duplicate", "q4": "near_duplicate", "q5": "length", "q6": "perplexity"}
+    # a third call has nothing left to do
+    t3 = FakeTeacher(answers)
+    generate_dataset(t3, prompts, out, cfg)
+    assert t3.calls == 0
+
+
+def test_train_synth_judge_and_n(tmp_path):
+    answers = {f"q{i}": f"answer number {i} with several distinct words {'x' * i}" for i in range(6)}
+    prompts = [PromptItem(k, [{"role": "user", "content": k}]) for k in answers]
+
+    class Judge:
+        name = "judge"
+
+        def generate(self, prompts, params):
+            text = prompts[0][-1]["content"]
+            return [Completion("Score: 9" if "number 2" in text or "number 4" in text else "3", 1, "stop")]
+
+    rep = generate_dataset(FakeTeacher(answers), prompts, tmp_path / "j.jsonl", SynthConfig(min_judge_score=7), judge=Judge())
+    assert [r["id"] for r in _rows(tmp_path / "j.jsonl")] == ["q2", "q4"] and rep.rejected == {"judge": 4}
+    rep = generate_dataset(FakeTeacher(answers), prompts, tmp_path / "n.jsonl", SynthConfig(n=2))
+    assert rep.accepted == 2 and len(_rows(tmp_path / "n.jsonl")) == 2
+
+
+def test_train_synth_dedup_index():
+    d = DedupIndex(0.8)
+    d.add("the quick brown fox jumps over the lazy dog")
+    assert d.check("The quick brown fox jumps over the lazy dog!") == "duplicate"
+    assert d.check("the quick brown fox jumps over the lazy dog today") == "near_duplicate"
+    assert d.check("a completely different sentence about cats") is None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_train_synth_black_box_distill_over_http(tiny_dir, tmp_path):
+    """An HTTP teacher returns only text: distill falls back to sequence-level KD on its answers."""
+    from slmkit.cli import main
+
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "slmkit", "serve", str(tiny_dir), "--port", str(port), "--name", "tiny"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None:
+                raise RuntimeError(proc.stderr.read().decode())
+            time.sleep(0.2)
+        prompts = tmp_path / "prompts.txt"
+        prompts.write_text("The cat sees\nA dog finds\nMy friend reads\n")
+        out = tmp_path / "out"
+        rc = main(["distill", "--teacher", url, "--student", str(tiny_dir), "--data", str(prompts), "--loss", "fkl",
+                   "--max-steps", "2", "--batch-size", "2", "--max-new-tokens", "8", "--output", str(out), "--json"])
+        assert rc == 0
+        rows = _rows(out / "teacher-data.jsonl")
+        assert len(rows) >= 1 and all(r["messages"][-1]["role"] == "assistant" for r in rows)
+        man = json.loads((out / "slmkit.json").read_text())
+        stage = man["stages"][-1]
+        assert stage["config"]["loss"]["loss"] == "ce" and stage["data_kind"] == "chat"
+        assert (out / "model.safetensors").is_file()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
