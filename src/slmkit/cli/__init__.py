@@ -19,7 +19,7 @@ from typer._click import exceptions as click_exc  # typer 0.29 vendors click
 
 from slmkit.errors import SlmkitError
 
-AREAS = ["core", "runtime", "compress_quant"]
+AREAS = ["core", "runtime", "compress_quant", "compress_prune"]
 
 app = typer.Typer(
     name="slmkit",
