@@ -20,8 +20,8 @@ Wall time is the compression time (calibration excluded; it is shared and
 reported once), also given as a ratio to the dense model's evaluation time
 measured in the same run. The machine is shared, so times are indicative.
 
-Usage: python bench/compress.py [--rows dense,NAME,...] [--max-tokens 8192] [--context 512]
-       [--calib-samples 16] [--calib-len 256] [--calib-cache ids.pt] [--out rows.jsonl] [--report rows.jsonl]
+Usage: python bench/compress.py [--rows dense,NAME,...] [--max-tokens 2048] [--context 512]
+       [--calib-samples 8] [--calib-len 256] [--calib-cache ids.pt] [--out rows.jsonl] [--report rows.jsonl]
 """
 
 from __future__ import annotations
@@ -68,25 +68,39 @@ def quant_row(method: str, grid: Grid):
         q = quantize(model, method, cfg, ids if QUANTIZERS.get(method).needs_calibration else None)
         wall = time.perf_counter() - t0
         dest = save_quantized(model, tok, q, Path(tmp) / "q", Manifest(source="default"))
-        return model, (dest / PACKED).stat().st_size, n_params(model), wall
+        yield None, model, (dest / PACKED).stat().st_size, n_params(model), wall
 
     return run
 
 
 def gguf_row(method: str | None, qtype: str = "Q4_0"):
-    """method None: the gguf package's reference quantiser on the dense weights."""
+    """method None: the gguf package's reference quantiser on the dense weights.
+
+    Otherwise two rows from one quantisation on the GGUF grid: the fake-quantised
+    model in memory (decoder Linears only, like the other quantiser rows), then the
+    token embedding rounded on the same grid and the whole model written to GGUF
+    (our codes in the blocks), read back through transformers and scored.
+    """
 
     def run(model, tok, ids, tmp):
+        from slmkit.compress.quantize import EMBEDDING, RTNConfig, rtn_model
+
         t0 = time.perf_counter()
         q = None
         if method is not None:
-            cfg = QUANTIZERS.get(method).config(grid=Grid.for_gguf(qtype))
-            q = quantize(model, method, cfg, ids if QUANTIZERS.get(method).needs_calibration else None, embeddings=True)
+            grid = Grid.for_gguf(qtype)
+            cfg = QUANTIZERS.get(method).config(grid=grid)
+            q = quantize(model, method, cfg, ids if QUANTIZERS.get(method).needs_calibration else None)
+            wall = time.perf_counter() - t0
+            dest = save_quantized(model, tok, q, Path(tmp) / "q", Manifest(source="default"))
+            yield "mem", model, (dest / PACKED).stat().st_size, n_params(model), wall
+            t0 = time.perf_counter() - wall  # the GGUF row's time includes the quantisation
+            q.tensors.update(rtn_model(model, None, RTNConfig(grid), [EMBEDDING]))
         path = Path(tmp) / f"{method or 'ref'}-{qtype}.gguf"
         rep = export_gguf_validated(model, tok, path, qtype, q, check_loader=False)
         wall = time.perf_counter() - t0
         back, _ = load(str(path))  # scored as read back through transformers' GGUF loader
-        return back, rep.bytes, n_params(back), wall
+        yield None, back, rep.bytes, n_params(back), wall
 
     return run
 
@@ -100,7 +114,7 @@ def prune_row(method: str, **fields):
         model = prune(model, ids if needs_calibration(method) else None, method, cfg)
         wall = time.perf_counter() - t0
         structural = method in ("depth", "width")
-        return model, dense_bytes(model), n_params(model, nonzero=not structural), wall
+        yield None, model, dense_bytes(model), n_params(model, nonzero=not structural), wall
 
     return run
 
@@ -112,7 +126,7 @@ def lowrank_row(ratio: float, method: str):
         t0 = time.perf_counter()
         model = lowrank(model, ids, LowRankConfig(ratio=ratio, method=method))
         wall = time.perf_counter() - t0
-        return model, dense_bytes(model), n_params(model), wall
+        yield None, model, dense_bytes(model), n_params(model), wall
 
     return run
 
@@ -131,6 +145,10 @@ ROWS = {
     "gguf-rtn-q4_0": ("RTN -> GGUF", "Q4_0 GGUF", gguf_row("rtn")),
     "gguf-gptq-q4_0": ("GPTQ -> GGUF", "Q4_0 GGUF", gguf_row("gptq")),
     "gguf-awq-q4_0": ("AWQ -> GGUF", "Q4_0 GGUF", gguf_row("awq")),
+    # in-memory rows produced by the gguf-*-q4_0 rows above (Q4_0 grid = 4 bit, g32, symmetric, fp16 scales)
+    "gguf-gptq-q4_0/mem": ("GPTQ", "4 bit, g32 (Q4_0 grid)", None),
+    "gguf-awq-q4_0/mem": ("AWQ", "4 bit, g32 (Q4_0 grid)", None),
+    "gguf-rtn-q4_0/mem": ("RTN", "4 bit, g32 (Q4_0 grid)", None),
     "magnitude-50": ("magnitude", "50%", prune_row("magnitude", sparsity=0.5)),
     "wanda-50": ("Wanda", "50%", prune_row("wanda", sparsity=0.5)),
     "sparsegpt-50": ("SparseGPT", "50%", prune_row("sparsegpt", sparsity=0.5)),
@@ -160,12 +178,12 @@ def print_table(results: list[dict]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", default="dense," + ",".join(ROWS), help="comma-separated row names ('dense' = the baseline)")
-    ap.add_argument("--max-tokens", type=int, default=8192)
+    ap.add_argument("--rows", default="dense," + ",".join(r for r in ROWS if ROWS[r][2] is not None), help="comma-separated row names ('dense' = the baseline)")
+    ap.add_argument("--max-tokens", type=int, default=2048)
     ap.add_argument("--context", type=int, default=512)
-    ap.add_argument("--calib-samples", type=int, default=16)
+    ap.add_argument("--calib-samples", type=int, default=8)
     ap.add_argument("--calib-len", type=int, default=256)
-    ap.add_argument("--calib-cache", default=None, help="reuse/save the calibration ids here (.pt)")
+    ap.add_argument("--calib-cache", default=None, help="reuse/save the calibration ids here (.pt); a larger cache is cut")
     ap.add_argument("--calib-wait", action="store_true", help="wait for another run to write --calib-cache")
     ap.add_argument("--out", default=None, help="append one JSON line per row to this file")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy shared machine)")
@@ -176,7 +194,7 @@ def main() -> None:
         print_table(list({r["row"]: r for r in rows}.values()))
         return
     names = [r for r in args.rows.split(",") if r]
-    unknown = [r for r in names if r not in ROWS and r != "dense"]
+    unknown = [r for r in names if (r not in ROWS or ROWS[r][2] is None) and r != "dense"]
     if unknown:
         raise SystemExit(f"unknown rows {unknown}; known: dense, {', '.join(ROWS)}")
 
@@ -189,7 +207,7 @@ def main() -> None:
     while args.calib_wait and args.calib_cache and not os.path.exists(args.calib_cache):
         time.sleep(5)
     if args.calib_cache and os.path.exists(args.calib_cache):
-        ids = torch.load(args.calib_cache)
+        ids = torch.load(args.calib_cache)[: args.calib_samples, : args.calib_len]
     else:
         ids = calibration_ids(base, tok, CalibConfig(n_samples=args.calib_samples, seq_len=args.calib_len, seed=0))
         if args.calib_cache:
@@ -216,15 +234,16 @@ def main() -> None:
             record(dict(row="dense", method="dense", setting="fp32", parameters=n_params(base), bytes=dense_bytes(base),
                         perplexity=p.perplexity, tokens=p.tokens, wall_s=0.0, eval_s=time.perf_counter() - t0))
             continue
-        method, setting, fn = ROWS[name]
-        model = copy.deepcopy(base)
+        fn = ROWS[name][2]
         with tempfile.TemporaryDirectory(prefix="slmkit-bench-") as tmp:
-            model, nbytes, params, wall = fn(model, tok, ids, tmp)
-            t1 = time.perf_counter()
-            p = perplexity(model, tok, text, pcfg, source="wikitext-2/test.txt")
-            record(dict(row=name, method=method, setting=setting, parameters=params, bytes=nbytes,
-                        perplexity=p.perplexity, tokens=p.tokens, wall_s=wall, eval_s=time.perf_counter() - t1))
-        del model
+            for sub, model, nbytes, params, wall in fn(copy.deepcopy(base), tok, ids, tmp):
+                row = name if sub is None else f"{name}/{sub}"
+                method, setting, _ = ROWS[row]
+                t1 = time.perf_counter()
+                p = perplexity(model, tok, text, pcfg, source="wikitext-2/test.txt")
+                record(dict(row=row, method=method, setting=setting, parameters=params, bytes=nbytes,
+                            perplexity=p.perplexity, tokens=p.tokens, wall_s=wall, eval_s=time.perf_counter() - t1))
+                del model
     if any(r["row"] == "dense" for r in results):
         print_table(results)
 
