@@ -73,6 +73,11 @@ def test_prune_depth_and_width_shrink_the_model(capsys, tiny_dir, calib_file, tm
     assert code == 0, err
     w = json.loads(out)
     assert w["parameter_ratio"] == pytest.approx(0.8, abs=0.06) and w["intermediate_size"] < 128
+    assert w["kv_heads"] == 1  # one of the two KV groups went
+    code, out, err = run(capsys, "prune", tiny_dir, "--method", "width", "--ratio", "0.8", "--no-heads",
+                         *_calib(calib_file), "--output", tmp_path / "w-mlp", "--json")
+    assert code == 0, err
+    assert json.loads(out)["kv_heads"] == 2 and json.loads(out)["intermediate_size"] < 128
     stages = [s["stage"] for s in Manifest.read(tmp_path / "dw").stages]
     assert stages == ["prune", "prune"]  # the depth stage carried over from the input artefact
 
@@ -106,6 +111,7 @@ def test_lowrank_verb(capsys, tiny_dir, calib_file, tmp_path):
         (["prune", "GPT2", "--method", "magnitude"], "llama-like"),
         (["lowrank", "GPT2", "--ratio", "0.8", "--method", "plain"], "llama-like"),
         (["prune", "TINY", "--method", "magnitude", "--keep-layers", "1"], "--keep-layers does not apply"),
+        (["prune", "TINY", "--method", "wanda", "--no-heads"], "--heads/--no-heads does not apply"),
         (["prune", "TINY", "--method", "depth"], "needs --keep-layers"),
         (["prune", "TINY", "--method", "depth", "--keep-layers", "2", "--calib", "CALIB", "--calib-samples", "4", "--calib-len", "32"], "below the model's 2"),
         (["prune", "TINY", "--method", "width", "--ratio", "1.0"], "in (0, 1)"),

@@ -80,6 +80,7 @@ def prune_cmd(
     keep_layers: Optional[int] = typer.Option(None, "--keep-layers", help="depth: decoder blocks to keep"),
     rank_by: Optional[str] = typer.Option(None, "--rank-by", help="depth: block_influence (default) | perplexity"),
     ratio: Optional[float] = typer.Option(None, "--ratio", help="width: fraction of parameters kept, in (0, 1)"),
+    heads: Optional[bool] = typer.Option(None, "--heads/--no-heads", help="width: also remove attention heads (whole KV groups; default yes)"),
     calib: Optional[Path] = typer.Option(None, "--calib", help=CALIB_HELP),
     calib_samples: int = typer.Option(64, "--calib-samples", help="calibration sequences"),
     calib_len: int = typer.Option(256, "--calib-len", help="tokens per calibration sequence"),
@@ -103,6 +104,7 @@ def prune_cmd(
         "keep_layers": ("--keep-layers", keep_layers),
         "method": ("--rank-by", rank_by),
         "ratio": ("--ratio", ratio),
+        "heads": ("--heads/--no-heads", heads),
     }
     cfg = _config(PRUNER_CONFIGS[method], flags, method)
     calib_cfg = _calib_config(calib, calib_samples, calib_len, seed) if needs_calibration(method) else None
