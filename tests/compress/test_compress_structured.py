@@ -18,6 +18,7 @@ from slmkit.compress.structured import (
     prune_depth,
     prune_width,
     remove_layers,
+    refit_columns,
     width_plan,
 )
 from slmkit.errors import ConfigError, UnsupportedModelError
@@ -126,7 +127,7 @@ def test_width_pruning_equals_masking_the_removed_structures(four_layer):
     ids = _ids(4, 24, seed=3)
     total = sum(p.numel() for p in orig.parameters())
     plan = width_plan(model, WidthConfig(0.7))
-    prune_width(model, ids, 0.7)
+    prune_width(model, ids, 0.7, refit=False)
     n = sum(p.numel() for p in model.parameters())
     assert n == plan.parameters and abs(n / total - 0.7) < 0.06
     c = model.config
@@ -197,3 +198,29 @@ def test_width_bad_input(four_layer):
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
     with pytest.raises(UnsupportedModelError):
         prune_width(gpt2, torch.zeros(1, 4, dtype=torch.long), 0.7)
+
+
+def test_refit_is_the_least_squares_solution():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(300, 12, generator=g) @ torch.randn(12, 12, generator=g)  # (n, in) correlated
+    W = torch.randn(5, 12, generator=g)
+    keep = torch.tensor([0, 3, 4, 8, 11])
+    got = refit_columns(W, X.T @ X / 300, keep, damp=0.0)
+    want = torch.linalg.lstsq(X[:, keep].double(), (X @ W.T).double()).solution.T  # (out, |S|)
+    torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
+    err = lambda Wp: ((X @ W.T) - X[:, keep] @ Wp.T).square().sum()  # noqa: E731
+    assert err(got) < err(W[:, keep])
+
+
+def test_refit_brings_the_pruned_model_closer(four_layer):
+    ids = _ids(4, 24, seed=6)
+    with torch.no_grad():
+        ref = four_layer(ids).logits.log_softmax(-1)
+
+    def kl(refit):
+        m = prune_width(copy.deepcopy(four_layer), ids, 0.6, refit=refit)
+        with torch.no_grad():
+            lp = m(ids).logits.log_softmax(-1)
+        return (ref.exp() * (ref - lp)).sum(-1).mean().item()
+
+    assert kl(True) < kl(False)

@@ -14,14 +14,39 @@ from slmkit.compress.calibrate import (
     linears,
     sequential,
 )
+from slmkit.compress.lowrank import LowRankConfig, LowRankLinear, lowrank
+from slmkit.compress.prune import (
+    PRUNER_CONFIGS,
+    PRUNERS,
+    MagnitudeConfig,
+    SparseGPTConfig,
+    WandaConfig,
+    prune,
+    weight_sparsity,
+)
+from slmkit.compress.structured import DepthConfig, WidthConfig, prune_depth, prune_width
 
 __all__ = [
+    "PRUNERS",
+    "PRUNER_CONFIGS",
     "CalibConfig",
+    "DepthConfig",
     "LinearStats",
+    "LowRankConfig",
+    "LowRankLinear",
+    "MagnitudeConfig",
+    "SparseGPTConfig",
+    "WandaConfig",
+    "WidthConfig",
     "block_inputs",
     "calibration_ids",
     "collect_stats",
     "decoder_layers",
     "linears",
+    "lowrank",
+    "prune",
+    "prune_depth",
+    "prune_width",
     "sequential",
+    "weight_sparsity",
 ]

@@ -99,7 +99,7 @@ def _ids_from_text(text: str, tokenizer, cfg: CalibConfig, source: str) -> torch
 
 
 @torch.no_grad()
-def self_generate(model, tokenizer, n: int, length: int, seed: int = 0, batch_size: int = 16) -> torch.Tensor:
+def self_generate(model, tokenizer, n: int, length: int, seed: int = 0, batch_size: int = 64) -> torch.Tensor:
     """``(n, length)`` token ids sampled from ``model`` (temperature 1, full vocabulary).
 
     Each sequence starts from the BOS token (or EOS when there is none); the

@@ -69,6 +69,8 @@ class WidthConfig:
     heads: bool = True  #: prune attention heads (whole KV groups)
     mlp: bool = True  #: prune FFN channels
     multiple_of: int = 32  #: FFN width is rounded to a multiple of this (GGUF blocks are 32 wide)
+    refit: bool = True  #: least-squares refit of o_proj / down_proj on the kept inputs (see refit_columns)
+    damp: float = 0.01  #: refit: lambda = damp * mean(diag(H)) added to H[S, S]
     batch_size: int = 8  #: calibration sequences per forward pass
 
     def __post_init__(self):
@@ -78,6 +80,8 @@ class WidthConfig:
             raise ConfigError("width pruning needs heads and/or mlp enabled")
         if self.multiple_of < 1:
             raise ConfigError(f"multiple_of must be >= 1, got {self.multiple_of}")
+        if not 0.0 <= self.damp < 1.0:
+            raise ConfigError(f"damp must be in [0, 1), got {self.damp}")
 
 
 # --------------------------------------------------------------------------------------
@@ -256,7 +260,25 @@ def channel_scores(down_proj: nn.Linear, stats: LinearStats) -> torch.Tensor:
     return stats.sq_norm.clamp_min(0).sqrt() * down_proj.weight.detach().float().norm(dim=0)
 
 
-def _prune_block(block: nn.Module, stats: dict[str, LinearStats], plan: WidthPlan, n_kv: int, hd: int) -> None:
+def refit_columns(weight: torch.Tensor, H: torch.Tensor, keep: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+    """``(out, |S|)`` weights on the kept inputs ``S`` that best reproduce ``W x`` on the calibration inputs.
+
+    Minimises ``||W X - W' X_S||_F`` with ``H = X X^T / n``:
+    ``W' = W H[:, S] (H[S, S] + lambda I)^{-1}`` (the least-squares output
+    compensation of structured OBS pruning, e.g. ZipLM, Kurtic et al. 2023,
+    arXiv:2302.04089; FLAP/SlimGPT reconstruct the same way).
+    """
+    H = H.double()
+    Hss = H[keep][:, keep]
+    lam = damp * Hss.diagonal().mean().clamp_min(1e-12)
+    rhs = (weight.double() @ H[:, keep]).T  # (|S|, out)
+    sol = torch.linalg.solve(Hss + lam * torch.eye(len(keep), dtype=H.dtype), rhs)  # (|S|, out)
+    return sol.T.to(weight.dtype)
+
+
+def _prune_block(
+    block: nn.Module, stats: dict[str, LinearStats], plan: WidthPlan, n_kv: int, hd: int, cfg: WidthConfig
+) -> None:
     attn, mlp = _block_parts(block)
     if plan.kv_heads < n_kv:
         g = head_group_scores(attn.o_proj, stats["self_attn.o_proj"], n_kv, hd)
@@ -268,18 +290,24 @@ def _prune_block(block: nn.Module, stats: dict[str, LinearStats], plan: WidthPla
         attn.q_proj = _slice_linear(attn.q_proj, rows=q_rows)
         attn.k_proj = _slice_linear(attn.k_proj, rows=kv_rows)
         attn.v_proj = _slice_linear(attn.v_proj, rows=kv_rows)
-        attn.o_proj = _slice_linear(attn.o_proj, cols=q_rows)
+        new_o = _slice_linear(attn.o_proj, cols=q_rows)
+        if cfg.refit:
+            new_o.weight.data.copy_(refit_columns(attn.o_proj.weight, stats["self_attn.o_proj"].H, q_rows, cfg.damp))
+        attn.o_proj = new_o
     if plan.intermediate < mlp.down_proj.in_features:
         s = channel_scores(mlp.down_proj, stats["mlp.down_proj"])
         keep = s.topk(plan.intermediate).indices.sort().values
         mlp.gate_proj = _slice_linear(mlp.gate_proj, rows=keep)
         mlp.up_proj = _slice_linear(mlp.up_proj, rows=keep)
-        mlp.down_proj = _slice_linear(mlp.down_proj, cols=keep)
+        new_down = _slice_linear(mlp.down_proj, cols=keep)
+        if cfg.refit:
+            new_down.weight.data.copy_(refit_columns(mlp.down_proj.weight, stats["mlp.down_proj"].H, keep, cfg.damp))
+        mlp.down_proj = new_down
 
 
-def prune_width(model, calib_ids: torch.Tensor, ratio: float, batch_size: int = 8):
+def prune_width(model, calib_ids: torch.Tensor, ratio: float, batch_size: int = 8, refit: bool = True):
     """Prune KV groups and FFN channels to keep ~``ratio`` of the parameters. In place; returns the model."""
-    return width(model, calib_ids, WidthConfig(ratio=ratio, batch_size=batch_size))
+    return width(model, calib_ids, WidthConfig(ratio=ratio, batch_size=batch_size, refit=refit))
 
 
 @PRUNERS.register("width")
@@ -294,10 +322,10 @@ def width(model, calib_ids: torch.Tensor, cfg: WidthConfig):
     log.info("width pruning plan: %s", plan)
 
     def fn(i: int, block: nn.Module, stats: dict[str, LinearStats]) -> None:
-        _prune_block(block, stats, plan, n_kv, hd)
+        _prune_block(block, stats, plan, n_kv, hd, cfg)
 
     sequential(
-        model, calib_ids, fn, batch_size=cfg.batch_size, hessian=False, only=("self_attn.o_proj", "mlp.down_proj")
+        model, calib_ids, fn, batch_size=cfg.batch_size, hessian=cfg.refit, only=("self_attn.o_proj", "mlp.down_proj")
     )
     c.head_dim = hd
     c.num_attention_heads = plan.heads

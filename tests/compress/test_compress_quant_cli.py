@@ -1,0 +1,90 @@
+"""`slmkit quantize` and `slmkit export`: JSON output, artefacts, exit code 2 and no output on bad input."""
+
+from __future__ import annotations
+
+import json
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from slmkit.cli import main
+from slmkit.compress.qstore import load_quantized
+from slmkit.export.gguf import read_gguf_weights
+from slmkit.models.tiny import tiny_corpus
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # small ops: one thread is much faster on a busy machine
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def calib_file(tmp_path_factory):
+    p = tmp_path_factory.mktemp("calib") / "calib.txt"
+    p.write_text("\n".join(tiny_corpus(600)))
+    return p
+
+
+def test_quantize_gguf_and_export(tiny_dir, calib_file, tmp_path, capsys):
+    out = tmp_path / "q"
+    rc = main(["quantize", str(tiny_dir), "--method", "gptq", "--bits", "4", "--gguf", "Q4_0",
+               "--calib", str(calib_file), "--calib-samples", "4", "--calib-len", "32", "--output", str(out), "--json"])
+    assert rc == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["method"] == "gptq" and res["group_size"] == 32 and res["calibration_tokens"] == 128
+    assert res["gguf_exact_tensors"] == res["gguf_tensors"] == 20
+    model, q = load_quantized(out)
+    gguf_path = out / "model-Q4_0.gguf"
+    back = read_gguf_weights(gguf_path, model.config)
+    state = model.state_dict()
+    assert all(torch.equal(t, state[k]) for k, t in back.items())
+    # exporting the quantised directory again to Q4_0 writes the same codes
+    rc = main(["export", str(out), "--format", "gguf", "--type", "Q4_0", "--output", str(tmp_path / "again.gguf"),
+               "--no-loader-check", "--json"])
+    assert rc == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["exact"] == rep["tensors"] == 20
+    a = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(str(gguf_path)).tensors}
+    b = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(str(tmp_path / "again.gguf")).tensors}
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--method", "rtn", "--bits", "6"], "unsupported bits 6"),
+        (["--method", "rtn", "--bits", "4", "--group-size", "48"], "does not divide"),
+        (["--method", "rtn", "--bits", "4", "--gguf", "Q3_K"], "unknown GGUF"),
+        (["--method", "rtn", "--bits", "3", "--gguf", "Q4_0"], "Q4_0 means 4 bits"),
+        (["--method", "gptq", "--bits", "4", "--calib", "/nonexistent.txt"], "does not exist"),
+        (["--method", "gtpq", "--bits", "4"], "did you mean gptq"),
+    ],
+)
+def test_quantize_bad_input(tiny_dir, tmp_path, capsys, args, message):
+    out = tmp_path / "q"
+    assert main(["quantize", str(tiny_dir), *args, "--output", str(out)]) == 2
+    assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_quantize_short_calibration_text(tiny_dir, tmp_path, capsys):
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    out = tmp_path / "q"
+    assert main(["quantize", str(tiny_dir), "--method", "awq", "--bits", "4", "--group-size", "32",
+                 "--calib", str(short), "--output", str(out)]) == 2
+    assert "tokens" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_export_bad_input(tiny_dir, tmp_path, capsys):
+    assert main(["export", str(tiny_dir), "--format", "gguf", "--type", "Q3_K", "--output", str(tmp_path / "x.gguf")]) == 2
+    assert "unknown GGUF type" in capsys.readouterr().err
+    assert main(["export", str(tiny_dir), "--format", "onnx", "--output", str(tmp_path / "x")]) == 2
+    assert main(["export", str(tiny_dir), "--format", "safetensors", "--type", "Q4_0", "--output", str(tmp_path / "x")]) == 2
+    assert list(tmp_path.iterdir()) == []
