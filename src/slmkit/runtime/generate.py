@@ -258,12 +258,73 @@ class Segment:
     all_logits: bool = False  # return logits for every new token (scoring), not only the last
 
 
+class HFCache:
+    """A transformers KV cache for one sequence (the fallback path; full cache only)."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.seen = 0
+        self.cache = None  # transformers' DynamicCache, created by the first forward
+
+    def tokens(self) -> int:
+        return self.seen
+
+    def advance(self, n: int) -> None:
+        self.seen += n
+
+    def nbytes(self) -> int:
+        if self.cache is None:
+            return 0
+        return sum(t.numel() * t.element_size() for layer in self.cache.layers for t in (layer.keys, layer.values) if t is not None)
+
+
+@dataclass
+class HFRunner:
+    """Any causal LM through its own forward, one sequence at a time: what the server uses when the fast path cannot."""
+
+    model: torch.nn.Module
+    max_positions: int
+    vocab: int
+    eos: tuple[int, ...] = ()
+
+    def new_cache(self, policy="full", context: int | None = None, budget: int | None = None) -> HFCache:
+        if policy != "full":
+            raise ConfigError(f"KV policy {policy!r} needs the fast path (llama models); this model supports 'full' only")
+        return HFCache(context or self.max_positions)
+
+
+def runner(model, cfg: FastConfig = FastConfig()):
+    """The fast path for llama models, else :class:`HFRunner` (same interface for :func:`forward`)."""
+    if supports(model):
+        return build(model, cfg)
+    c = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+    eos = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
+    ctx = getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None) or 2048
+    log.warning("%s is not a llama model: serving through its own forward, one sequence per step", type(model).__name__)
+    return HFRunner(model.eval(), ctx, c.vocab_size, eos)
+
+
+def _hf_forward(fm: HFRunner, segs: Sequence[Segment]) -> list[torch.Tensor]:
+    out = []
+    for s in segs:
+        if s.cache.seen + len(s.ids) > min(fm.max_positions, s.cache.capacity):
+            raise ConfigError(f"sequence of {s.cache.seen + len(s.ids)} tokens exceeds the context of {fm.max_positions}")
+        res = fm.model(input_ids=s.ids[None], cache=s.cache.cache, use_cache=True)
+        s.cache.cache = res.cache
+        s.cache.advance(len(s.ids))
+        out.append(res.logits[0].float() if s.all_logits else res.logits[0, -1].float())
+    return out
+
+
 @torch.inference_mode()
 def forward(fm: FastModel, segs: Sequence[Segment]) -> list[torch.Tensor]:
     """Run the new tokens of every segment through the model; advance each cache.
 
     Returns, per segment, fp32 logits of shape (T, V) if ``all_logits`` else (V,).
     """
+    if isinstance(fm, HFRunner):
+        return _hf_forward(fm, segs)
     dt = fm.dtype
     H, Hk, hd = fm.heads, fm.kv_heads, fm.head_dim
     lens = [int(s.ids.shape[0]) for s in segs]
