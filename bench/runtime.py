@@ -1,7 +1,7 @@
 """Runtime benchmark on the default model (SmolLM2-135M-Instruct).
 
 Sections (all by default; pick with --sections):
-  decode  tokens/s of model.generate vs the fast path (fp32, bf16, int8 weights), runs interleaved,
+  decode  tokens/s of model.generate vs the fast path (fp32, bf16, int8 and int4 weights), runs interleaved,
           and the memory-bandwidth bound measured in the same run (weight bytes per token / read GB/s)
   kv      perplexity vs KV memory for each policy on wikitext-2 (2k+ tokens, token-by-token decoding)
   fit     the fit planner's estimate vs the resident memory of a real run (fresh subprocess each)
@@ -56,6 +56,7 @@ def bench_decode(model, tok, args) -> dict:
         "fast fp32": G.build(model, G.FastConfig()),
         "fast bf16": G.build(model, G.FastConfig(dtype="bf16")),
         "fast int8": G.build(model, G.FastConfig(weights="int8")),
+        "fast int4": G.build(model, G.FastConfig(weights="int4")),
     }
 
     def hf():
