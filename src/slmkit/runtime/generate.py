@@ -5,8 +5,8 @@ KV cache, low-precision weights and ``torch.compile`` gets close to the memory
 bandwidth bound. Here the same ideas run on CPU:
 
 * the model's weights are pulled out of the transformers module once into a flat
-  :class:`FastModel` (q/k/v and gate/up fused into one matmul each, so a layer is
-  four matmuls);
+  :class:`FastModel` (q/k/v and gate/up fused into one matmul each when the weights are
+  converted or quantised; shared with the transformers model, not copied, when they are not);
 * the KV cache is a pre-allocated buffer owned by a policy from
   :mod:`slmkit.runtime.kvcache` (full, int8/int4, streaming, H2O);
 * ``dtype="bf16"`` runs in bfloat16 (AMX/AVX512-BF16 kernels where the CPU has them);
@@ -77,6 +77,19 @@ class Dense:
 
     def nbytes(self) -> int:
         return self.w.numel() * self.w.element_size() + (0 if self.b is None else self.b.numel() * self.b.element_size())
+
+
+class Concat:
+    """Several linears applied to one input, outputs concatenated: a fused matmul without copying shared weights."""
+
+    def __init__(self, parts: list[Dense]):
+        self.parts = parts
+
+    def __call__(self, x):
+        return torch.cat([p(x) for p in self.parts], dim=-1)
+
+    def nbytes(self) -> int:
+        return sum(p.nbytes() for p in self.parts)
 
 
 class Int8(Dense):
@@ -228,6 +241,16 @@ def build(model, cfg: FastConfig = FastConfig()) -> FastModel:
             return None
         return torch.cat([m.bias if m.bias is not None else torch.zeros(m.out_features) for m in mods])
 
+    # Fuse q/k/v and gate/up into one matmul each when new tensors are made anyway (dtype change or
+    # quantisation); when the weights can be shared with the transformers model, share them instead
+    # (no second copy of the model in memory) and run the parts one after the other.
+    share = cfg.weights == "native" and model.model.layers[0].mlp.down_proj.weight.dtype == dtype
+
+    def fused(mods):
+        if share:
+            return Concat([lin(m.weight, m.bias) for m in mods])
+        return lin(torch.cat([m.weight for m in mods]), cat_bias(*mods))
+
     layers = []
     with torch.no_grad():
         for ly in model.model.layers:
@@ -235,10 +258,10 @@ def build(model, cfg: FastConfig = FastConfig()) -> FastModel:
             layers.append(
                 Layer(
                     attn_norm=ly.input_layernorm.weight.detach().to(dtype),
-                    qkv=lin(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), cat_bias(a.q_proj, a.k_proj, a.v_proj)),
+                    qkv=fused([a.q_proj, a.k_proj, a.v_proj]),
                     o=lin(a.o_proj.weight, a.o_proj.bias),
                     mlp_norm=ly.post_attention_layernorm.weight.detach().to(dtype),
-                    gate_up=lin(torch.cat([m.gate_proj.weight, m.up_proj.weight])),
+                    gate_up=fused([m.gate_proj, m.up_proj]),
                     down=lin(m.down_proj.weight),
                 )
             )
