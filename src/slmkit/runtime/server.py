@@ -38,7 +38,6 @@ import queue
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from fastapi import FastAPI, Request
