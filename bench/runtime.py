@@ -1,7 +1,7 @@
 """Runtime benchmark on the default model (SmolLM2-135M-Instruct).
 
 Sections (all by default; pick with --sections):
-  decode  tokens/s of model.generate vs the fast path (fp32, bf16, int8 weights), runs interleaved,
+  decode  tokens/s of model.generate vs the fast path (fp32, bf16, int8 and int4 weights), runs interleaved,
           and the memory-bandwidth bound measured in the same run (weight bytes per token / read GB/s)
   kv      perplexity vs KV memory for each policy on wikitext-2 (2k+ tokens, token-by-token decoding)
   fit     the fit planner's estimate vs the resident memory of a real run (fresh subprocess each)
@@ -38,12 +38,13 @@ def read_bandwidth(mb: int = 512, repeats: int = 3) -> float:
     """Bytes/s of a streaming read (sum over a buffer much larger than the caches)."""
     buf = torch.ones(mb * 1024 * 1024 // 4)
     buf.sum()
-    best = []
+    wall, cpu = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         buf.sum()
-        best.append(time.perf_counter() - t0)
-    return buf.numel() * 4 / _median(best)
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return buf.numel() * 4 / _median(wall), buf.numel() * 4 / _median(cpu)
 
 
 def bench_decode(model, tok, args) -> dict:
@@ -56,6 +57,7 @@ def bench_decode(model, tok, args) -> dict:
         "fast fp32": G.build(model, G.FastConfig()),
         "fast bf16": G.build(model, G.FastConfig(dtype="bf16")),
         "fast int8": G.build(model, G.FastConfig(weights="int8")),
+        "fast int4": G.build(model, G.FastConfig(weights="int4")),
     }
 
     def hf():
@@ -74,29 +76,35 @@ def bench_decode(model, tok, args) -> dict:
 
     ref = hf()
     same = {k: fast(fm) == ref for k, fm in variants.items()}
-    times: dict[str, list[float]] = {k: [] for k in ["model.generate", *variants]}
-    bw = []
+    names = ["model.generate", *variants]
+    times: dict[str, list[float]] = {k: [] for k in names}
+    cpu: dict[str, list[float]] = {k: [] for k in names}
+    bw, bw_cpu = [], []
     for _ in range(args.repeats):  # interleaved so that load from other users hits every variant alike
-        bw.append(read_bandwidth())
-        t0 = time.perf_counter()
-        hf()
-        times["model.generate"].append(time.perf_counter() - t0)
-        for k, fm in variants.items():
-            t0 = time.perf_counter()
-            fast(fm)
+        w, c = read_bandwidth()
+        bw.append(w)
+        bw_cpu.append(c)
+        for k in names:
+            t0, c0 = time.perf_counter(), time.process_time()
+            hf() if k == "model.generate" else fast(variants[k])
             times[k].append(time.perf_counter() - t0)
-    bandwidth = _median(bw)
+            cpu[k].append(time.process_time() - c0)
+    bandwidth, bandwidth_cpu = _median(bw), _median(bw_cpu)
     base = n / _median(times["model.generate"])
+    base_cpu = n / _median(cpu["model.generate"])
     rows = []
-    for k, ts in times.items():
-        tps = n / _median(ts)
+    for k in names:
+        tps, tps_cpu = n / _median(times[k]), n / _median(cpu[k])
         fm = variants.get(k)
         wbytes = (fm or variants["fast fp32"]).weight_bytes_per_token()
-        bound = bandwidth / wbytes
+        bound, bound_cpu = bandwidth / wbytes, bandwidth_cpu / wbytes
         rows.append({"variant": k, "tokens_per_s": tps, "speedup_vs_generate": tps / base, "weight_mb_per_token": wbytes / 1e6,
                      "bandwidth_bound_tokens_per_s": bound, "fraction_of_bound": tps / bound,
+                     "tokens_per_cpu_s": tps_cpu, "speedup_vs_generate_cpu": tps_cpu / base_cpu,
+                     "fraction_of_bound_cpu": tps_cpu / bound_cpu,
                      "greedy_equal_to_generate": same.get(k, True)})
-    return {"new_tokens": n, "prompt_tokens": int(ids.shape[1]), "read_bandwidth_gb_s": bandwidth / 1e9, "repeats": args.repeats, "rows": rows}
+    return {"new_tokens": n, "prompt_tokens": int(ids.shape[1]), "read_bandwidth_gb_s": bandwidth / 1e9,
+            "read_bandwidth_gb_per_cpu_s": bandwidth_cpu / 1e9, "repeats": args.repeats, "rows": rows}
 
 
 def bench_kv(model, tok, args) -> dict:
@@ -145,7 +153,7 @@ def bench_fit(args) -> dict:
 
     rows = []
     env = {**os.environ, "PYTHONPATH": "src"}
-    for precision, context, kv in [("fp32", 1024, "full"), ("fp32", 8192, "full"), ("bf16", 8192, "full"), ("bf16", 8192, "int8")]:
+    for precision, context, kv in [("fp32", 1024, "full"), ("bf16", 8192, "full"), ("bf16", 8192, "int8")]:
         res = plan("default", FitConfig.parse(memory="100GB", context=context, precision=precision, kv=kv))
         out = subprocess.run([sys.executable, "-c", FIT_CHILD, precision, str(context), kv], capture_output=True, text=True,
                              env=env, timeout=900)
@@ -299,10 +307,13 @@ def main() -> None:
         out["decode"] = r = bench_decode(model, tok, args)
         print(f"\n## decode: {r['new_tokens']} new tokens after a {r['prompt_tokens']}-token prompt, median of {r['repeats']} interleaved runs; "
               f"read bandwidth {r['read_bandwidth_gb_s']:.2f} GB/s")
-        print(f"{'variant':16} {'tok/s':>7} {'x generate':>10} {'MB/token':>9} {'bound tok/s':>11} {'of bound':>8} greedy==generate")
+        print(f"(CPU-time columns: tokens per CPU-second of this process, bound from bandwidth per CPU-second: {r['read_bandwidth_gb_per_cpu_s']:.2f} GB)")
+        print(f"{'variant':16} {'tok/s':>7} {'x generate':>10} {'MB/token':>9} {'bound tok/s':>11} {'of bound':>8} "
+              f"{'tok/cpu-s':>9} {'x gen (cpu)':>11} {'of bound (cpu)':>14} greedy==generate")
         for x in r["rows"]:
             print(f"{x['variant']:16} {x['tokens_per_s']:7.2f} {x['speedup_vs_generate']:10.2f} {x['weight_mb_per_token']:9.1f} "
-                  f"{x['bandwidth_bound_tokens_per_s']:11.2f} {x['fraction_of_bound']:8.2f} {x['greedy_equal_to_generate']}")
+                  f"{x['bandwidth_bound_tokens_per_s']:11.2f} {x['fraction_of_bound']:8.2f} {x['tokens_per_cpu_s']:9.2f} "
+                  f"{x['speedup_vs_generate_cpu']:11.2f} {x['fraction_of_bound_cpu']:14.2f} {x['greedy_equal_to_generate']}")
     if "kv" in sections:
         out["kv"] = r = bench_kv(model, tok, args)
         print(f"\n## KV policies: wikitext-2 test, {r['tokens']} tokens, {r['dtype']}, chunk {r['chunk']}")

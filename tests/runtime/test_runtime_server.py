@@ -234,3 +234,27 @@ def test_models_by_name_each_answer_with_their_own_weights(lively):
             r = tc.post("/v1/completions", json={"model": name, "prompt": "The cat sees", "max_tokens": 8, "temperature": 0})
             want = [t for t in G.generate(G.build(m), ids, 8) if t != tok.eos_token_id]
             assert r.json()["choices"][0]["text"] == tok.decode(want, skip_special_tokens=True)
+
+
+def test_non_llama_model_is_served_through_its_own_forward(tiny_tok):
+    """A GPT-2 (no fast path) is still served: greedy text equals HFBackend's, echo scoring works."""
+    from fastapi.testclient import TestClient
+    from transformers import GPT2Config
+
+    from slmkit.backends import GenParams, HFBackend
+    from slmkit.models.tiny import tiny_model
+    from slmkit.runtime.server import create_app
+
+    gpt2 = tiny_model(GPT2Config(vocab_size=len(tiny_tok), n_embd=32, n_layer=2, n_head=2, n_positions=128,
+                                 initializer_range=0.3, eos_token_id=tiny_tok.eos_token_id))
+    be = HFBackend(gpt2, tiny_tok, name="g")
+    want = be.generate(["The cat sees"], GenParams(max_new_tokens=10))[0].text
+    with TestClient(create_app(be)) as tc:
+        r = tc.post("/v1/completions", json={"prompt": "The cat sees", "max_tokens": 10, "temperature": 0})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == want
+        r = tc.post("/v1/completions", json={"prompt": "The cat sees", "max_tokens": 0, "echo": True, "logprobs": 1})
+        lps = r.json()["choices"][0]["logprobs"]["token_logprobs"]
+        local = be.prompt_logprobs("The cat sees")[1]
+        assert lps[0] is None and lps[1:] == pytest.approx(local[1:], abs=1e-4)
+        r = tc.post("/v1/completions", json={"prompt": "x", "max_tokens": 2, "kv_policy": "int8"})
+        assert r.status_code == 400 and "fast path" in r.json()["error"]["message"]

@@ -61,12 +61,12 @@ def _prompt_of(tokenizer, prompt: str, chat: Optional[bool]):
     return [{"role": "user", "content": prompt}] if use_chat else prompt
 
 
-def _fast_backend(model: str, dtype: str, int8: bool, kv: str, kv_budget: Optional[int]):
+def _fast_backend(model: str, dtype: str, weights: str, kv: str, kv_budget: Optional[int]):
     from slmkit.models import load
     from slmkit.runtime.backend import FastBackend
     from slmkit.runtime.generate import FastConfig
 
-    cfg = FastConfig(dtype="bf16" if dtype in ("bf16", "bfloat16") else "fp32", weights="int8" if int8 else "native")
+    cfg = FastConfig(dtype="bf16" if dtype in ("bf16", "bfloat16") else "fp32", weights=weights)
     m, tok = load(model, dtype=dtype)
     if kv in ("streaming", "h2o") and kv_budget is None:
         kv_budget = 1024
@@ -85,13 +85,14 @@ def generate(
     json_out: bool = typer.Option(False, "--json"),
     fast: bool = typer.Option(False, "--fast", help="the fast CPU path (static KV cache; llama models)"),
     int8: bool = typer.Option(False, "--int8", help="with --fast: int8 weight-only matmuls"),
+    int4: bool = typer.Option(False, "--int4", help="with --fast: int4 weight-only matmuls (groups of 32)"),
     kv: str = typer.Option("full", "--kv", help="with --fast: KV policy full|int8|int4|streaming|h2o"),
     kv_budget: Optional[int] = typer.Option(None, "--kv-budget", help="with --fast: tokens kept by streaming/h2o"),
 ) -> None:
     """Generate a completion for PROMPT."""
     from slmkit.backends import GenParams, HFBackend
 
-    backend = _fast_backend(model, dtype, int8, kv, kv_budget) if fast else HFBackend.from_spec(model, dtype=dtype)
+    backend = _fast_backend(model, dtype, "int4" if int4 else "int8" if int8 else "native", kv, kv_budget) if fast else HFBackend.from_spec(model, dtype=dtype)
     params = GenParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     t0 = time.perf_counter()
     c = backend.generate([_prompt_of(backend.tokenizer, prompt, chat)], params)[0]
@@ -111,6 +112,7 @@ def chat(
     system: Optional[str] = typer.Option(None, "--system", help="system prompt"),
     fast: bool = typer.Option(False, "--fast", help="the fast CPU path (static KV cache; llama models)"),
     int8: bool = typer.Option(False, "--int8", help="with --fast: int8 weight-only matmuls"),
+    int4: bool = typer.Option(False, "--int4", help="with --fast: int4 weight-only matmuls (groups of 32)"),
     kv: str = typer.Option("full", "--kv", help="with --fast: KV policy full|int8|int4|streaming|h2o"),
     kv_budget: Optional[int] = typer.Option(None, "--kv-budget", help="with --fast: tokens kept by streaming/h2o"),
 ) -> None:
@@ -123,7 +125,7 @@ def chat(
     from slmkit.backends.hf import render_prompt
     from slmkit.models import load
 
-    fb = _fast_backend(model, dtype, int8, kv, kv_budget) if fast else None
+    fb = _fast_backend(model, dtype, "int4" if int4 else "int8" if int8 else "native", kv, kv_budget) if fast else None
     m, tok = (fb.model, fb.tokenizer) if fb else load(model, dtype=dtype)
     messages: list[dict] = [{"role": "system", "content": system}] if system else []
     render_prompt(tok, [{"role": "user", "content": "x"}])  # fails early without a chat template

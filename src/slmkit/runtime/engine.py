@@ -159,7 +159,7 @@ class Engine:
             try:
                 r.cache = fm.new_cache(r.kv_policy, context=max(ctx, 1), budget=r.kv_budget)
             except ConfigError as err:
-                r.emit(Event("error", text=str(err).splitlines()[0]))
+                r.emit(Event("error", text=str(err).splitlines()[0], finish_reason="invalid"))
                 continue
             r.gen = torch.Generator().manual_seed(r.seed) if r.seed is not None else None
             self._active.append(r)

@@ -38,7 +38,6 @@ import queue
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from fastapi import FastAPI, Request
@@ -89,10 +88,10 @@ def create_app(backend_or_engine, model_name: str | None = None, api_key: str | 
         cfg = ServerConfig(**{**cfg.__dict__, "api_key": api_key})
     engine = backend_or_engine
     if not isinstance(engine, Engine):
-        from slmkit.runtime.generate import build
+        from slmkit.runtime.generate import runner
 
         name = model_name or backend_or_engine.name
-        engine = Engine({name: build(backend_or_engine.model)}, backend_or_engine.tokenizer)
+        engine = Engine({name: runner(backend_or_engine.model)}, backend_or_engine.tokenizer)
     elif model_name:
         engine.models = {model_name if k == engine.default else k: v for k, v in engine.models.items()}
         engine.default = model_name
@@ -189,6 +188,10 @@ def create_app(backend_or_engine, model_name: str | None = None, api_key: str | 
         budget = _num(body, "kv_budget", None, int, 2)
         if budget is None and kv in ("streaming", "h2o"):
             budget = 1024
+        try:  # a 2-token cache: checks that this model supports the policy and its options
+            engine.models[model].new_cache(kv, context=2, budget=budget)
+        except ConfigError as err:
+            raise BadRequest(400, str(err).splitlines()[0], "kv_policy") from None
         return Job(
             ids=torch.tensor(ids, dtype=torch.long), max_new_tokens=mt, emit=emit,
             temperature=_num(body, "temperature", 1.0, float, 0.0, 2.0),
@@ -336,7 +339,7 @@ def create_app(backend_or_engine, model_name: str | None = None, api_key: str | 
         events = await _collect(request, q, job)
         end = events[-1] if events else Event("error", text="client disconnected")
         if end.kind == "error":
-            status = 504 if end.finish_reason == "timeout" else (400 if "exceeds" in end.text else 500)
+            status = {"timeout": 504, "invalid": 400}.get(end.finish_reason, 500)
             raise BadRequest(status, end.text, kind="timeout_error" if status == 504 else "server_error" if status == 500 else "invalid_request_error")
         deltas = [e for e in events if e.kind == "delta"]
         text = "".join(e.text for e in deltas)
@@ -408,8 +411,8 @@ def create_app(backend_or_engine, model_name: str | None = None, api_key: str | 
         events = await _collect(request, q, job)
         end = events[-1] if events else Event("error", text="client disconnected")
         if end.kind == "error":
-            status = 504 if end.finish_reason == "timeout" else 500
-            raise BadRequest(status, end.text, kind="timeout_error" if status == 504 else "server_error")
+            status = {"timeout": 504, "invalid": 400}.get(end.finish_reason, 500)
+            raise BadRequest(status, end.text, kind={504: "timeout_error", 400: "invalid_request_error"}.get(status, "server_error"))
         deltas = [e for e in events if e.kind == "delta"]
         merged = Event("delta", tokens=[t for e in deltas for t in e.tokens], logprobs=[x for e in deltas for x in e.logprobs],
                        top=[x for e in deltas for x in e.top])
@@ -455,10 +458,10 @@ def serve(backend, host: str = "127.0.0.1", port: int = 8000, api_key: str | Non
     """Serve ``backend``'s model (an :class:`~slmkit.backends.HFBackend`) on host:port until interrupted."""
     import uvicorn
 
-    from slmkit.runtime.generate import FastConfig, build
+    from slmkit.runtime.generate import FastConfig, runner
 
     fast_cfg = fast_cfg or FastConfig()
-    models = {backend.name: build(backend.model, fast_cfg)}
+    models = {backend.name: runner(backend.model, fast_cfg)}
     if adapters:
         models.update(adapter_models(backend.model, backend.tokenizer, adapters, fast_cfg, base_name=backend.name))
     engine = Engine(models, backend.tokenizer, engine_cfg or EngineConfig(), default=backend.name)
