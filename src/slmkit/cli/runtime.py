@@ -1,4 +1,4 @@
-"""Runtime verbs: serve."""
+"""Runtime verbs: serve, fit."""
 
 from __future__ import annotations
 
@@ -6,9 +6,24 @@ from typing import Optional
 
 import typer
 
+from slmkit.cli._common import console, human_bytes, kv_table, print_json
+
 
 def register(app: typer.Typer) -> None:
     app.command("serve")(serve)
+    app.command("fit")(fit)
+
+
+def _adapters(specs: list[str]) -> dict[str, str]:
+    from slmkit.errors import ConfigError
+
+    out = {}
+    for s in specs:
+        name, sep, path = s.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--adapter takes NAME=PATH, got {s!r}")
+        out[name] = path
+    return out
 
 
 def serve(
@@ -17,13 +32,59 @@ def serve(
     port: int = typer.Option(8000, "--port", min=1, max=65535),
     api_key: Optional[str] = typer.Option(None, "--api-key", help="require 'Authorization: Bearer KEY'"),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32 or bf16"),
+    int8: bool = typer.Option(False, "--int8", help="int8 weight-only matmuls (computes in bf16)"),
     name: Optional[str] = typer.Option(None, "--name", help="model id the API reports (default: MODEL)"),
+    max_batch: int = typer.Option(16, "--max-batch", min=1, help="sequences decoded together (continuous batching)"),
+    max_queue: int = typer.Option(256, "--max-queue", min=1, help="waiting requests before HTTP 429"),
+    timeout: float = typer.Option(300.0, "--timeout", min=0.1, help="seconds a request may run"),
+    max_body: int = typer.Option(1_000_000, "--max-body-bytes", min=1, help="larger request bodies get HTTP 413"),
+    adapter: list[str] = typer.Option([], "--adapter", help="NAME=DIR: serve a LoRA adapter as model NAME (repeatable)"),
 ) -> None:
-    """Serve MODEL over an OpenAI-compatible HTTP API."""
+    """Serve MODEL over an OpenAI-compatible HTTP API (streaming, continuous batching)."""
     from slmkit.backends import HFBackend
+    from slmkit.runtime.engine import EngineConfig
+    from slmkit.runtime.generate import FastConfig
+    from slmkit.runtime.server import ServerConfig
     from slmkit.runtime.server import serve as run
 
+    fast = FastConfig(dtype=dtype if dtype in ("fp32", "bf16") else "fp32", weights="int8" if int8 else "native")
+    adapters = _adapters(adapter)
     backend = HFBackend.from_spec(model, dtype=dtype)
     if name:
         backend.name = name
-    run(backend, host=host, port=port, api_key=api_key)
+    run(backend, host=host, port=port,
+        cfg=ServerConfig(api_key=api_key, max_body_bytes=max_body, request_timeout_s=timeout),
+        engine_cfg=EngineConfig(max_batch=max_batch, max_queue=max_queue), fast_cfg=fast, adapters=adapters)
+
+
+def fit(
+    model: str = typer.Argument(..., help="default | hub id | directory | file.gguf | device-free config"),
+    memory: str = typer.Option(..., "--memory", help="memory budget (e.g. 4GB, 512MB) or a device preset: " ),
+    context: str = typer.Option("4k", "--context", help="context length in tokens (e.g. 8k, 2048)"),
+    precision: str = typer.Option("bf16", "--precision", help="weights: fp32, bf16, int8 or int4"),
+    kv: str = typer.Option("full", "--kv", help="KV policy: full, int8, int4, streaming, h2o"),
+    kv_budget: Optional[int] = typer.Option(None, "--kv-budget", help="tokens kept by streaming/h2o (default 1024)"),
+    batch: int = typer.Option(1, "--batch", min=1, help="concurrent sequences"),
+    overhead: Optional[str] = typer.Option(None, "--overhead", help="runtime overhead (default: measured PyTorch runtime)"),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """Will MODEL fit in MEMORY at this context? Weights + KV + activations + runtime overhead, and the largest context/batch that fits."""
+    from slmkit.runtime.fit import FitConfig, plan
+
+    res = plan(model, FitConfig.parse(memory=memory, context=context, precision=precision, kv=kv, kv_budget=kv_budget,
+                                      batch=batch, overhead=overhead))
+    if json_out:
+        print_json(res)
+        return
+    rows = [
+        ("device / budget", f"{res.device} / {human_bytes(res.memory_bytes)}"),
+        ("weights", f"{human_bytes(res.weights_bytes)} ({res.precision})"),
+        ("KV cache", f"{human_bytes(res.kv_bytes)} ({res.kv}, {res.context} tokens x {res.batch})"),
+        ("activations", human_bytes(res.activation_bytes)),
+        ("runtime overhead", human_bytes(res.overhead_bytes)),
+        ("total", f"{human_bytes(res.total_bytes)} ({100 * res.total_bytes / res.memory_bytes:.0f}% of budget)"),
+        ("fits", "yes" if res.fits else "NO"),
+        ("largest context (batch 1)", f"{res.max_context:,} tokens" if res.max_context else "none"),
+        (f"largest batch (context {res.context})", res.max_batch),
+    ]
+    console.print(kv_table(f"fit {model}", rows))

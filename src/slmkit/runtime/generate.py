@@ -1,0 +1,407 @@
+"""Fast CPU generation for llama-architecture models: the gpt-fast recipe on a CPU.
+
+gpt-fast (PyTorch Labs, 2023) showed that a plain-PyTorch decoder with a static
+KV cache, low-precision weights and ``torch.compile`` gets close to the memory
+bandwidth bound. Here the same ideas run on CPU:
+
+* the model's weights are pulled out of the transformers module once into a flat
+  :class:`FastModel` (q/k/v and gate/up fused into one matmul each, so a layer is
+  four matmuls);
+* the KV cache is a pre-allocated buffer owned by a policy from
+  :mod:`slmkit.runtime.kvcache` (full, int8/int4, streaming, H2O);
+* ``dtype="bf16"`` runs in bfloat16 (AMX/AVX512-BF16 kernels where the CPU has them);
+* ``weights="int8"`` stores every linear weight (and the tied head/embedding) as
+  int8 with one scale per output channel and multiplies with
+  ``torch._weight_int8pack_mm`` (weight-only quantisation: activations stay bf16);
+* ``compile=True`` wraps the per-layer dense blocks in ``torch.compile`` (optional:
+  measured in ``bench/runtime.py``).
+
+Decoding is a set of plain functions over the model: :func:`forward` takes a list of
+segments (token ids + that sequence's cache), so one call serves a single prompt
+(:func:`prefill`, :func:`decode_one_token`) or a continuous batch of several
+sequences at different positions (the server). The matmuls run over all tokens
+of all segments at once; attention runs per segment against its own cache.
+
+In fp32 with the full cache, greedy output equals ``model.generate`` token for token.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from slmkit.errors import ConfigError, UnsupportedModelError
+from slmkit.runtime.kvcache import KVShape, kv_policy
+
+log = logging.getLogger(__name__)
+
+SUPPORTED = ("llama",)
+
+
+@dataclass(frozen=True)
+class FastConfig:
+    """Knobs of the fast path."""
+
+    dtype: str = "fp32"  #: compute dtype: "fp32" or "bf16"
+    weights: str = "native"  #: "native" (the compute dtype) or "int8" (weight-only, per-channel scales; computes in bf16)
+    compile: bool = False  #: torch.compile the per-layer dense blocks (slow to start; see bench/runtime.py)
+
+    def __post_init__(self):
+        if self.dtype not in ("fp32", "bf16"):
+            raise ConfigError(f"fast path dtype must be fp32 or bf16, got {self.dtype!r}")
+        if self.weights not in ("native", "int8"):
+            raise ConfigError(f"fast path weights must be native or int8, got {self.weights!r}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if (self.dtype == "bf16" or self.weights == "int8") else torch.float32
+
+
+# ---------------------------------------------------------------------------- weights
+
+
+class Dense:
+    """y = x W^T (+ b) with W at the compute dtype."""
+
+    def __init__(self, w: torch.Tensor, b: torch.Tensor | None = None):
+        self.w, self.b = w, b
+
+    def __call__(self, x):
+        return F.linear(x, self.w, self.b)
+
+    def nbytes(self) -> int:
+        return self.w.numel() * self.w.element_size() + (0 if self.b is None else self.b.numel() * self.b.element_size())
+
+
+class Int8(Dense):
+    """Weight-only int8: W ~ q * s with one scale per output channel (symmetric, absmax / 127)."""
+
+    def __init__(self, w: torch.Tensor, b: torch.Tensor | None, dtype: torch.dtype):
+        wf = w.float()
+        s = (wf.abs().amax(1) / 127).clamp_min(1e-12)  # (N,)
+        self.q = (wf / s[:, None]).round().clamp(-127, 127).to(torch.int8).contiguous()  # (N, K)
+        self.s = s.to(dtype)
+        self.b = None if b is None else b.to(dtype)
+        self.w = self.q
+
+    def __call__(self, x):
+        y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.q, self.s).reshape(*x.shape[:-1], -1)
+        return y if self.b is None else y + self.b
+
+    def rows(self, ids: torch.Tensor, dtype) -> torch.Tensor:
+        """Dequantised rows (an embedding lookup from the same int8 table)."""
+        return self.q[ids].to(dtype) * self.s[ids, None].to(dtype)
+
+    def nbytes(self) -> int:
+        return self.q.numel() + self.s.numel() * self.s.element_size() + (0 if self.b is None else self.b.numel() * self.b.element_size())
+
+
+@dataclass
+class Layer:
+    attn_norm: torch.Tensor  # (D,)
+    qkv: Dense  # D -> (H + 2 Hk) * hd
+    o: Dense  # H * hd -> D
+    mlp_norm: torch.Tensor
+    gate_up: Dense  # D -> 2 F
+    down: Dense  # F -> D
+
+
+@dataclass
+class FastModel:
+    """A llama-architecture decoder as flat tensors (built by :func:`build`)."""
+
+    cfg: FastConfig
+    layers: list[Layer]
+    embed: torch.Tensor | None  # (V, D) at the compute dtype; None when it shares the int8 head
+    norm: torch.Tensor
+    head: Dense
+    rotary: torch.nn.Module  # transformers' rotary embedding (handles every rope_scaling variant)
+    act: Callable
+    heads: int
+    kv_heads: int
+    head_dim: int
+    eps: float
+    vocab: int
+    max_positions: int
+    eos: tuple[int, ...] = ()
+    blocks: dict = field(default_factory=dict)  # optionally compiled per-layer functions
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.cfg.torch_dtype
+
+    def kv_shape(self) -> KVShape:
+        return KVShape(len(self.layers), self.kv_heads, self.heads, self.head_dim, self.dtype)
+
+    def new_cache(self, policy="full", context: int | None = None, budget: int | None = None):
+        """A cache for one sequence; ``policy`` is a name or a config from :mod:`slmkit.runtime.kvcache`."""
+        cfg = kv_policy(policy, budget=budget) if isinstance(policy, str) else policy
+        return cfg.make(self.kv_shape(), context or self.max_positions)
+
+    def weight_bytes_per_token(self) -> int:
+        """Bytes of weights read to decode one token (every matmul weight, the head, the norms)."""
+        total = self.head.nbytes() + self.norm.numel() * self.norm.element_size()
+        for ly in self.layers:
+            total += sum(m.nbytes() for m in (ly.qkv, ly.o, ly.gate_up, ly.down))
+            total += (ly.attn_norm.numel() + ly.mlp_norm.numel()) * ly.attn_norm.element_size()
+        return total
+
+    def nbytes(self) -> int:
+        """Bytes of all weights held (embedding table included)."""
+        emb = 0 if self.embed is None else self.embed.numel() * self.embed.element_size()
+        if self.embed is not None and self.embed.data_ptr() == self.head.w.data_ptr():
+            emb = 0
+        return self.weight_bytes_per_token() + emb
+
+
+def supports(model) -> bool:
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return getattr(cfg, "model_type", None) in SUPPORTED and not getattr(cfg, "mlp_bias", False)
+
+
+def build(model, cfg: FastConfig = FastConfig()) -> FastModel:
+    """Pull the weights out of a transformers llama model (shared, not copied, in fp32)."""
+    if not supports(model):
+        mt = getattr(model.config, "model_type", "?")
+        raise UnsupportedModelError(
+            f"the fast path supports llama-architecture models without MLP bias, not {mt!r}",
+            "run without --fast (model.generate works for every architecture)",
+        )
+    from transformers.activations import ACT2FN
+
+    c = model.config
+    dtype = cfg.torch_dtype
+    heads, kv = c.num_attention_heads, c.num_key_value_heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+
+    def lin(w, b=None):
+        if cfg.weights == "int8":
+            return Int8(w.detach(), None if b is None else b.detach(), dtype)
+        return Dense(w.detach().to(dtype), None if b is None else b.detach().to(dtype))
+
+    def cat_bias(*mods):
+        if all(m.bias is None for m in mods):
+            return None
+        return torch.cat([m.bias if m.bias is not None else torch.zeros(m.out_features) for m in mods])
+
+    layers = []
+    with torch.no_grad():
+        for ly in model.model.layers:
+            a, m = ly.self_attn, ly.mlp
+            layers.append(
+                Layer(
+                    attn_norm=ly.input_layernorm.weight.detach().to(dtype),
+                    qkv=lin(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), cat_bias(a.q_proj, a.k_proj, a.v_proj)),
+                    o=lin(a.o_proj.weight, a.o_proj.bias),
+                    mlp_norm=ly.post_attention_layernorm.weight.detach().to(dtype),
+                    gate_up=lin(torch.cat([m.gate_proj.weight, m.up_proj.weight])),
+                    down=lin(m.down_proj.weight),
+                )
+            )
+        emb_w = model.get_input_embeddings().weight.detach()
+        head_w = model.get_output_embeddings().weight.detach()
+        tied = emb_w.data_ptr() == head_w.data_ptr()
+        head = lin(head_w)
+        if cfg.weights == "int8" and tied:
+            embed = None  # look rows up in the int8 head
+        elif tied and cfg.weights == "native":
+            embed = head.w
+        else:
+            embed = emb_w.to(dtype)
+    eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+    eos = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
+    fm = FastModel(
+        cfg=cfg, layers=layers, embed=embed, norm=model.model.norm.weight.detach().to(dtype), head=head,
+        rotary=model.model.rotary_emb, act=ACT2FN[c.hidden_act], heads=heads, kv_heads=kv, head_dim=head_dim,
+        eps=c.rms_norm_eps, vocab=c.vocab_size, max_positions=c.max_position_embeddings, eos=eos,
+    )
+    if cfg.compile:
+        fm.blocks["mlp"] = torch.compile(_mlp_block, dynamic=True)
+        fm.blocks["qkv"] = torch.compile(_qkv_block, dynamic=True)
+    return fm
+
+
+# ---------------------------------------------------------------------------- the forward pass
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm as transformers' LlamaRMSNorm computes it (statistics in fp32)."""
+    xf = x.float()
+    return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def _rotate_half(x):
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat((-b, a), dim=-1)
+
+
+def _qkv_block(x, norm_w, qkv: Dense, eps: float):
+    return qkv(rms_norm(x, norm_w, eps))
+
+
+def _mlp_block(x, norm_w, gate_up: Dense, down: Dense, eps: float, act):
+    g, u = gate_up(rms_norm(x, norm_w, eps)).chunk(2, dim=-1)
+    return x + down(act(g) * u)
+
+
+@dataclass
+class Segment:
+    """New tokens of one sequence and the cache holding its past."""
+
+    ids: torch.Tensor  # (T,) long
+    cache: object  # a cache from slmkit.runtime.kvcache (its .seen is the first new position)
+    all_logits: bool = False  # return logits for every new token (scoring), not only the last
+
+
+@torch.inference_mode()
+def forward(fm: FastModel, segs: Sequence[Segment]) -> list[torch.Tensor]:
+    """Run the new tokens of every segment through the model; advance each cache.
+
+    Returns, per segment, fp32 logits of shape (T, V) if ``all_logits`` else (V,).
+    """
+    dt = fm.dtype
+    H, Hk, hd = fm.heads, fm.kv_heads, fm.head_dim
+    lens = [int(s.ids.shape[0]) for s in segs]
+    for s, n in zip(segs, lens):
+        if n < 1:
+            raise ConfigError("a segment needs at least one token")
+        if s.cache.seen + n > fm.max_positions:
+            raise ConfigError(f"sequence of {s.cache.seen + n} tokens exceeds the model's context of {fm.max_positions}")
+    ids = torch.cat([s.ids for s in segs])  # (N,)
+    pos = torch.cat([torch.arange(s.cache.seen, s.cache.seen + n) for s, n in zip(segs, lens)])  # (N,)
+    x = fm.embed[ids] if fm.embed is not None else fm.head.rows(ids, dt)  # (N, D)
+    cos, sin = fm.rotary(x[None], pos[None])  # (1, N, hd)
+    cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # (N, 1, hd)
+    qkv_fn = fm.blocks.get("qkv", _qkv_block)
+    mlp_fn = fm.blocks.get("mlp", _mlp_block)
+    for li, ly in enumerate(fm.layers):
+        qkv = qkv_fn(x, ly.attn_norm, ly.qkv, fm.eps)  # (N, (H + 2Hk) hd)
+        q, k, v = qkv.split([H * hd, Hk * hd, Hk * hd], dim=-1)
+        q, k, v = q.view(-1, H, hd), k.view(-1, Hk, hd), v.view(-1, Hk, hd)  # (N, heads, hd)
+        q = q * cos + _rotate_half(q) * sin  # RoPE (Su et al. 2021), as transformers applies it
+        k = k * cos + _rotate_half(k) * sin
+        outs, off = [], 0
+        for s, n in zip(segs, lens):
+            sl = slice(off, off + n)
+            o = s.cache.attend(li, q[sl].transpose(0, 1)[None], k[sl].transpose(0, 1)[None], v[sl].transpose(0, 1)[None])
+            outs.append(o[0].transpose(0, 1).reshape(n, H * hd))  # (1, H, T, hd) -> (T, H hd)
+            off += n
+        x = x + ly.o(torch.cat(outs) if len(outs) > 1 else outs[0])
+        x = mlp_fn(x, ly.mlp_norm, ly.gate_up, ly.down, fm.eps, fm.act)
+    for s, n in zip(segs, lens):
+        s.cache.advance(n)
+    # only the rows whose logits are wanted go through the norm and the head
+    rows, off = [], 0
+    for s, n in zip(segs, lens):
+        rows.append(torch.arange(off, off + n) if s.all_logits else torch.tensor([off + n - 1]))
+        off += n
+    idx = torch.cat(rows)
+    logits = fm.head(rms_norm(x[idx], fm.norm, fm.eps)).float()  # (R, V)
+    out, off = [], 0
+    for s, n in zip(segs, lens):
+        m = n if s.all_logits else 1
+        out.append(logits[off : off + m] if s.all_logits else logits[off])
+        off += m
+    return out
+
+
+def prefill(fm: FastModel, ids: torch.Tensor, cache) -> torch.Tensor:
+    """Run a prompt (T,) into ``cache``; logits of its last token (V,)."""
+    return forward(fm, [Segment(ids, cache)])[0]
+
+
+def decode_one_token(fm: FastModel, token: int, cache) -> torch.Tensor:
+    """One decoding step; logits (V,) of the next token."""
+    return forward(fm, [Segment(torch.tensor([token]), cache)])[0]
+
+
+# ---------------------------------------------------------------------------- sampling and the loop
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> int:
+    """Greedy when temperature is 0; else softmax(logits / T) restricted to the top-p nucleus (Holtzman et al. 2020)."""
+    if temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sp, si = probs.sort(descending=True)
+        keep = sp.cumsum(-1) - sp < top_p  # smallest prefix whose mass reaches top_p (first token always kept)
+        probs = torch.zeros_like(probs).scatter(0, si[keep], sp[keep])
+    return int(torch.multinomial(probs, 1, generator=gen))
+
+
+@dataclass
+class Step:
+    token: int
+    logprob: float  # log-probability of ``token`` under the model (temperature 1)
+
+
+def stream(
+    fm: FastModel,
+    ids: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    cache=None,
+    prefill_chunk: int = 512,
+) -> Iterator[Step]:
+    """Yield generated tokens one by one; stops after EOS (which is yielded) or ``max_new_tokens``."""
+    if cache is None:
+        cache = fm.new_cache("full", context=min(fm.max_positions, ids.shape[0] + max_new_tokens))
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    if max_new_tokens <= 0:
+        return
+    logits = None
+    for b in range(0, ids.shape[0], prefill_chunk):
+        logits = prefill(fm, ids[b : b + prefill_chunk], cache)
+    for i in range(max_new_tokens):
+        tok = sample(logits, temperature, top_p, gen)
+        yield Step(tok, float(torch.log_softmax(logits, -1)[tok]))
+        if tok in fm.eos or i == max_new_tokens - 1:
+            return
+        logits = decode_one_token(fm, tok, cache)
+
+
+def generate(fm: FastModel, ids: torch.Tensor, max_new_tokens: int, **kw) -> list[int]:
+    """Generated token ids (EOS included when hit), like ``model.generate(...)[prompt_len:]``."""
+    return [s.token for s in stream(fm, ids, max_new_tokens, **kw)]
+
+
+def log_softmax_at(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) per row of logits (T, V)."""
+    return torch.log_softmax(logits.float(), -1).gather(-1, targets[:, None])[:, 0]
+
+
+@torch.inference_mode()
+def policy_nll(fm: FastModel, ids: torch.Tensor, policy="full", budget: int | None = None, chunk: int = 1) -> tuple[float, int, int]:
+    """Mean negative log-likelihood of ``ids`` (T,) read through a KV policy, ``chunk`` tokens per step.
+
+    Returns (nll, tokens scored, peak cache bytes). ``chunk=1`` is exact token-by-token decoding.
+    """
+    cache = fm.new_cache(policy, context=ids.shape[0], budget=budget)
+    total, n, peak = 0.0, 0, 0
+    for b in range(0, ids.shape[0] - 1, chunk):
+        x = ids[b : min(b + chunk, ids.shape[0] - 1)]
+        tgt = ids[b + 1 : b + 1 + x.shape[0]]
+        logits = forward(fm, [Segment(x, cache, all_logits=True)])[0]
+        total -= float(log_softmax_at(logits, tgt).sum())
+        n += x.shape[0]
+        peak = max(peak, cache.nbytes())
+    return total / max(n, 1), n, peak
+
+
+def set_threads(n: int | None) -> int:
+    """Use ``n`` intra-op threads (None: leave as is); returns the count in use."""
+    if n is not None:
+        torch.set_num_threads(max(1, n))
+    return torch.get_num_threads()
+
+
+def perplexity_of(nll: float) -> float:
+    return math.exp(nll)

@@ -1,0 +1,134 @@
+"""The fast decoding path against transformers' own forward and generate."""
+
+import pytest
+import torch
+
+from slmkit.runtime import generate as G
+from slmkit.runtime.kvcache import FullCache
+
+PROMPTS = ["The cat sees the", "A dog likes green apples. It is", "<|im_start|>user\nWhere is paris?<|im_end|>\n"]
+
+
+def _hf_greedy(model, tok, text, n):
+    ids = tok(text, return_tensors="pt").input_ids
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                         pad_token_id=tok.pad_token_id, temperature=None, top_p=None, top_k=None)
+    return ids[0], out[0, ids.shape[1]:].tolist()
+
+
+@pytest.fixture(scope="module")
+def references(lively):
+    """transformers' greedy continuations (48 tokens at most) of each prompt."""
+    model, tok = lively
+    return [_hf_greedy(model, tok, text, 48) for text in PROMPTS]
+
+
+def test_fast_greedy_equals_generate_fp32(lively, references):
+    model, tok = lively
+    fm = G.build(model)
+    distinct = set()
+    for ids, ref in references:
+        for chunk in (512, 3):  # one prefill, and a chunked prefill
+            assert G.generate(fm, ids, 48, prefill_chunk=chunk) == ref
+        distinct |= set(ref)
+    assert len(distinct) > 10  # the test model really produces varied text
+
+
+def test_forward_logits_match_transformers(lively):
+    model, tok = lively
+    fm = G.build(model)
+    ids = tok(PROMPTS[1], return_tensors="pt").input_ids[0]
+    ref = model(input_ids=ids[None]).logits[0]
+    got = G.forward(fm, [G.Segment(ids, fm.new_cache(context=64), all_logits=True)])[0]
+    assert torch.allclose(got, ref, atol=1e-4)
+
+
+def test_batched_segments_equal_separate_runs(lively):
+    """Continuous batching: sequences at different positions in one forward give their solo logits."""
+    model, tok = lively
+    fm = G.build(model)
+    a = tok(PROMPTS[0], return_tensors="pt").input_ids[0]
+    b = tok(PROMPTS[1], return_tensors="pt").input_ids[0]
+    ca, cb = fm.new_cache(context=64), fm.new_cache(context=64)
+    G.prefill(fm, a, ca)  # a is ahead; b starts now
+    la, lb = G.forward(fm, [G.Segment(torch.tensor([7]), ca), G.Segment(b, cb)])
+    sa, sb = fm.new_cache(context=64), fm.new_cache(context=64)
+    G.prefill(fm, a, sa)
+    assert torch.allclose(la, G.decode_one_token(fm, 7, sa), atol=1e-5)
+    assert torch.allclose(lb, G.prefill(fm, b, sb), atol=1e-5)
+    assert ca.seen == len(a) + 1 and cb.seen == len(b)
+
+
+@pytest.mark.parametrize("cfg", [G.FastConfig(dtype="bf16"), G.FastConfig(weights="int8")])
+def test_low_precision_paths_stay_close(lively, cfg):
+    model, tok = lively
+    ids = tok(PROMPTS[1], return_tensors="pt").input_ids[0]
+    ref = torch.log_softmax(model(input_ids=ids[None]).logits[0, -1], -1)
+    fm = G.build(model, cfg)
+    got = torch.log_softmax(G.prefill(fm, ids, fm.new_cache(context=64)), -1)
+    p = ref.exp()
+    kl = float((p * (ref - got)).sum().detach())
+    assert kl < 0.05, kl
+    assert fm.weight_bytes_per_token() < G.build(model).weight_bytes_per_token() * (0.6 if cfg.weights == "native" else 0.35)
+
+
+def test_int8_weights_round_trip_within_half_a_step():
+    w = torch.randn(48, 64)
+    q = G.Int8(w, None, torch.float32)
+    deq = q.q.float() * q.s[:, None]
+    assert ((deq - w).abs() <= q.s[:, None] / 2 + 1e-6).all()
+    x = torch.randn(3, 64).bfloat16()
+    q16 = G.Int8(w, None, torch.bfloat16)
+    assert torch.allclose(q16(x).float(), x.float() @ (q16.q.float() * q16.s.float()[:, None]).T, rtol=0.02, atol=0.05)
+
+
+def test_sample_rules():
+    logits = torch.tensor([0.0, 3.0, 1.0, 2.9])
+    assert G.sample(logits, 0.0, 1.0, None) == 1
+    assert G.sample(logits, 1.0, 1e-6, torch.Generator().manual_seed(0)) == 1  # nucleus of one token
+    draws = [G.sample(logits, 1.0, 0.9, torch.Generator().manual_seed(s)) for s in range(200)]
+    assert set(draws) <= {1, 3, 2} and 0 not in draws
+    again = [G.sample(logits, 1.0, 0.9, torch.Generator().manual_seed(s)) for s in range(200)]
+    assert draws == again
+
+
+def test_eos_stops_and_is_returned(lively, references):
+    model, _ = lively
+    fm = G.build(model)
+    ids, ref = references[0]
+    fm.eos = (ref[5],)  # pretend the 6th generated token is EOS: generation stops there, EOS included
+    got = G.generate(fm, ids, 48)
+    assert got == ref[: ref.index(ref[5]) + 1]
+
+
+def test_unsupported_architecture_is_a_clear_error(tiny_tok):
+    from transformers import GPT2Config
+
+    from slmkit.errors import UnsupportedModelError
+    from slmkit.models.tiny import tiny_model
+
+    gpt2 = tiny_model(GPT2Config(vocab_size=len(tiny_tok), n_embd=32, n_layer=1, n_head=2))
+    with pytest.raises(UnsupportedModelError, match="llama"):
+        G.build(gpt2)
+
+
+def test_full_cache_overflow_is_a_config_error(lively):
+    from slmkit.errors import ConfigError
+
+    model, _ = lively
+    fm = G.build(model)
+    cache = fm.new_cache(context=4)
+    assert isinstance(cache, FullCache)
+    with pytest.raises(ConfigError, match="capacity"):
+        G.prefill(fm, torch.arange(5), cache)
+
+
+@pytest.mark.integration
+def test_default_model_fast_greedy_equals_generate(default_model):
+    model, tok = default_model
+    fm = G.build(model)
+    ids = tok.apply_chat_template([{"role": "user", "content": "Name three colours."}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)["input_ids"]
+    ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False,
+                         pad_token_id=tok.pad_token_id, temperature=None, top_p=None, top_k=None)[0, ids.shape[1]:].tolist()
+    assert G.generate(fm, ids[0], 24) == ref
