@@ -13,7 +13,6 @@ per-request metadata under ``"slmkit"`` (``escalated``, ``confidence``,
 ``acceptance_rate``, ``redacted``, ...).
 """
 
-from __future__ import annotations
 
 import logging
 import math
