@@ -19,7 +19,6 @@ Usage: PYTHONPATH=src python bench/collab.py [--prompts 3] [--tokens 48] [--draf
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import platform
 import random
@@ -31,13 +30,9 @@ import torch
 
 def truncated(model, n: int):
     """A draft sharing the model's first ``n`` decoder blocks, embeddings, norm and head."""
-    d = copy.copy(model)
-    d.model = copy.copy(model.model)
-    d.model.layers = torch.nn.ModuleList(list(model.model.layers[:n]))
-    d.config = copy.deepcopy(model.config)
-    d.config.num_hidden_layers = n
-    d.model.config = d.config
-    return d
+    from slmkit.collab.speculative import layer_draft
+
+    return layer_draft(model, n)
 
 
 PROMPTS = [
