@@ -225,6 +225,10 @@ def test_cli_speculate_json(tiny_dir, capsys):
     assert not res["text"].startswith("The cat")
     rc = main(["speculate", "--draft", "lookup", "--target", str(tiny_dir), "The cat", "--max-new-tokens", "8", "--json"])
     assert rc == 0 and json.loads(capsys.readouterr().out)["identical_to_target"] is True
+    rc = main(["speculate", "--draft", "layers:1", "--target", str(tiny_dir), "The cat", "--max-new-tokens", "8", "--json"])
+    assert rc == 0 and json.loads(capsys.readouterr().out)["identical_to_target"] is True
+    assert main(["speculate", "--draft", "layers:5", "--target", str(tiny_dir), "The cat", "--json"]) == 2
+    assert "layer draft" in capsys.readouterr().err
 
 
 def test_cli_speculate_mismatched_tokenizer(tiny_dir, tmp_path, capsys):

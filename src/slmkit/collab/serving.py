@@ -215,6 +215,13 @@ def build_backend(small_spec: str, large_spec: str, mode: str, dtype: str = "fp3
         target, t_tok = load(large_spec, dtype=dtype)
         if small_spec == "lookup":
             return SpeculativeBackend(target, t_tok, "lookup", name=f"speculative({large_spec})")
+        if small_spec.startswith("layers:"):
+            from slmkit.collab.speculative import layer_draft
+
+            n = small_spec.split(":", 1)[1]
+            if not n.isdigit():
+                raise ConfigError(f"SMALL layers:N needs an integer N, got {small_spec!r}")
+            return SpeculativeBackend(target, t_tok, layer_draft(target, int(n)), name=f"speculative({small_spec}->{large_spec})")
         draft, d_tok = load(small_spec, dtype=dtype)
         check_same_tokenizer(t_tok, d_tok, "the draft (SMALL) and the target (--large)")
         return SpeculativeBackend(target, t_tok, draft, name=f"speculative({small_spec}->{large_spec})")
