@@ -19,7 +19,7 @@ from typer._click import exceptions as click_exc  # typer 0.29 vendors click
 
 from slmkit.errors import SlmkitError
 
-AREAS = ["core", "runtime", "collab"]
+AREAS = ["core", "runtime", "enhance", "collab"]
 
 app = typer.Typer(
     name="slmkit",

@@ -61,6 +61,18 @@ def _prompt_of(tokenizer, prompt: str, chat: Optional[bool]):
     return [{"role": "user", "content": prompt}] if use_chat else prompt
 
 
+def _fast_backend(model: str, dtype: str, weights: str, kv: str, kv_budget: Optional[int]):
+    from slmkit.models import load
+    from slmkit.runtime.backend import FastBackend
+    from slmkit.runtime.generate import FastConfig
+
+    cfg = FastConfig(dtype="bf16" if dtype in ("bf16", "bfloat16") else "fp32", weights=weights)
+    m, tok = load(model, dtype=dtype)
+    if kv in ("streaming", "h2o") and kv_budget is None:
+        kv_budget = 1024
+    return FastBackend(m, tok, cfg, name=model, kv=kv, kv_budget=kv_budget)
+
+
 def generate(
     model: str = typer.Argument(..., help="default | hub id | directory | file.gguf"),
     prompt: str = typer.Argument(..., help="the prompt"),
@@ -71,17 +83,23 @@ def generate(
     dtype: str = typer.Option("fp32", "--dtype", help=DTYPE_HELP),
     chat: Optional[bool] = typer.Option(None, "--chat/--raw", help="wrap the prompt in the chat template (default: when the model has one)"),
     json_out: bool = typer.Option(False, "--json"),
+    fast: bool = typer.Option(False, "--fast", help="the fast CPU path (static KV cache; llama models)"),
+    int8: bool = typer.Option(False, "--int8", help="with --fast: int8 weight-only matmuls"),
+    int4: bool = typer.Option(False, "--int4", help="with --fast: int4 weight-only matmuls (groups of 32)"),
+    kv: str = typer.Option("full", "--kv", help="with --fast: KV policy full|int8|int4|streaming|h2o"),
+    kv_budget: Optional[int] = typer.Option(None, "--kv-budget", help="with --fast: tokens kept by streaming/h2o"),
 ) -> None:
     """Generate a completion for PROMPT."""
     from slmkit.backends import GenParams, HFBackend
 
-    backend = HFBackend.from_spec(model, dtype=dtype)
+    backend = _fast_backend(model, dtype, "int4" if int4 else "int8" if int8 else "native", kv, kv_budget) if fast else HFBackend.from_spec(model, dtype=dtype)
     params = GenParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     t0 = time.perf_counter()
     c = backend.generate([_prompt_of(backend.tokenizer, prompt, chat)], params)[0]
     dt = time.perf_counter() - t0
     if json_out:
-        print_json({"model": model, "prompt": prompt, "text": c.text, "tokens": c.tokens, "finish_reason": c.finish_reason, "seconds": dt})
+        print_json({"model": model, "prompt": prompt, "text": c.text, "tokens": c.tokens, "finish_reason": c.finish_reason,
+                    "seconds": dt, "tokens_per_s": c.tokens / dt if dt > 0 else None, "fast": fast})
     else:
         sys.stdout.write(c.text.strip() + "\n")
 
@@ -92,6 +110,11 @@ def chat(
     temperature: float = typer.Option(0.0, "--temperature", min=0.0),
     dtype: str = typer.Option("fp32", "--dtype", help=DTYPE_HELP),
     system: Optional[str] = typer.Option(None, "--system", help="system prompt"),
+    fast: bool = typer.Option(False, "--fast", help="the fast CPU path (static KV cache; llama models)"),
+    int8: bool = typer.Option(False, "--int8", help="with --fast: int8 weight-only matmuls"),
+    int4: bool = typer.Option(False, "--int4", help="with --fast: int4 weight-only matmuls (groups of 32)"),
+    kv: str = typer.Option("full", "--kv", help="with --fast: KV policy full|int8|int4|streaming|h2o"),
+    kv_budget: Optional[int] = typer.Option(None, "--kv-budget", help="with --fast: tokens kept by streaming/h2o"),
 ) -> None:
     """Chat in the terminal (chat template, tokens streamed). Empty line or Ctrl-D ends."""
     import threading
@@ -102,7 +125,8 @@ def chat(
     from slmkit.backends.hf import render_prompt
     from slmkit.models import load
 
-    m, tok = load(model, dtype=dtype)
+    fb = _fast_backend(model, dtype, "int4" if int4 else "int8" if int8 else "native", kv, kv_budget) if fast else None
+    m, tok = (fb.model, fb.tokenizer) if fb else load(model, dtype=dtype)
     messages: list[dict] = [{"role": "system", "content": system}] if system else []
     render_prompt(tok, [{"role": "user", "content": "x"}])  # fails early without a chat template
     while True:
@@ -114,6 +138,18 @@ def chat(
         if not line:
             break
         messages.append({"role": "user", "content": line})
+        if fb is not None:
+            from slmkit.backends import GenParams
+
+            reply = []
+            sys.stdout.write("assistant> ")
+            for item in fb.stream_text(messages, GenParams(max_new_tokens=max_new_tokens, temperature=temperature)):
+                reply.append(item[0])
+                sys.stdout.write(item[0])
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+            messages.append({"role": "assistant", "content": "".join(reply).strip()})
+            continue
         ids = tok(render_prompt(tok, messages), return_tensors="pt", add_special_tokens=False).input_ids
         streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
         kw = dict(

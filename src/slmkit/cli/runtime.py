@@ -33,6 +33,7 @@ def serve(
     api_key: Optional[str] = typer.Option(None, "--api-key", help="require 'Authorization: Bearer KEY'"),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32 or bf16"),
     int8: bool = typer.Option(False, "--int8", help="int8 weight-only matmuls (computes in bf16)"),
+    int4: bool = typer.Option(False, "--int4", help="int4 weight-only matmuls, groups of 32 (computes in bf16)"),
     name: Optional[str] = typer.Option(None, "--name", help="model id the API reports (default: MODEL)"),
     max_batch: int = typer.Option(16, "--max-batch", min=1, help="sequences decoded together (continuous batching)"),
     max_queue: int = typer.Option(256, "--max-queue", min=1, help="waiting requests before HTTP 429"),
@@ -66,7 +67,7 @@ def serve(
     from slmkit.runtime.server import ServerConfig
     from slmkit.runtime.server import serve as run
 
-    fast = FastConfig(dtype=dtype if dtype in ("fp32", "bf16") else "fp32", weights="int8" if int8 else "native")
+    fast = FastConfig(dtype=dtype if dtype in ("fp32", "bf16") else "fp32", weights="int4" if int4 else "int8" if int8 else "native")
     adapters = _adapters(adapter)
     backend = HFBackend.from_spec(model, dtype=dtype)
     if name:
@@ -78,7 +79,7 @@ def serve(
 
 def fit(
     model: str = typer.Argument(..., help="default | hub id | directory | file.gguf | device-free config"),
-    memory: str = typer.Option(..., "--memory", help="memory budget (e.g. 4GB, 512MB) or a device preset: " ),
+    memory: str = typer.Option(..., "--memory", help="budget (4GB, 512MB, 6GiB) or a preset: phone-4gb, phone-8gb, rpi5-4gb, rpi5-8gb, laptop-16gb"),
     context: str = typer.Option("4k", "--context", help="context length in tokens (e.g. 8k, 2048)"),
     precision: str = typer.Option("bf16", "--precision", help="weights: fp32, bf16, int8 or int4"),
     kv: str = typer.Option("full", "--kv", help="KV policy: full, int8, int4, streaming, h2o"),

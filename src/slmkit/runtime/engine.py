@@ -159,7 +159,7 @@ class Engine:
             try:
                 r.cache = fm.new_cache(r.kv_policy, context=max(ctx, 1), budget=r.kv_budget)
             except ConfigError as err:
-                r.emit(Event("error", text=str(err).splitlines()[0]))
+                r.emit(Event("error", text=str(err).splitlines()[0], finish_reason="invalid"))
                 continue
             r.gen = torch.Generator().manual_seed(r.seed) if r.seed is not None else None
             self._active.append(r)
@@ -222,7 +222,10 @@ class Engine:
         r.pending_lps.append(float(lp[tok]))
         if r.top_logprobs:
             v, i = lp.topk(r.top_logprobs)
-            r.pending_top.append({self.tok.decode([int(t)]): float(x) for x, t in zip(v, i)})
+            alts: dict[str, float] = {}
+            for x, t in zip(v.tolist(), i.tolist()):
+                alts.setdefault(self.tok.decode([t]), x)  # ids that decode alike keep the larger log-prob
+            r.pending_top.append(alts)
         hit = self._flush(r, final=len(r.out) >= r.max_new_tokens)
         if hit:
             self._finish(r, "stop")

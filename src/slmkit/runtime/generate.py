@@ -5,14 +5,15 @@ KV cache, low-precision weights and ``torch.compile`` gets close to the memory
 bandwidth bound. Here the same ideas run on CPU:
 
 * the model's weights are pulled out of the transformers module once into a flat
-  :class:`FastModel` (q/k/v and gate/up fused into one matmul each, so a layer is
-  four matmuls);
+  :class:`FastModel` (q/k/v and gate/up fused into one matmul each when the weights are
+  converted or quantised; shared with the transformers model, not copied, when they are not);
 * the KV cache is a pre-allocated buffer owned by a policy from
   :mod:`slmkit.runtime.kvcache` (full, int8/int4, streaming, H2O);
 * ``dtype="bf16"`` runs in bfloat16 (AMX/AVX512-BF16 kernels where the CPU has them);
 * ``weights="int8"`` stores every linear weight (and the tied head/embedding) as
   int8 with one scale per output channel and multiplies with
   ``torch._weight_int8pack_mm`` (weight-only quantisation: activations stay bf16);
+  ``weights="int4"`` packs groups of 32 at 4 bits (``torch._weight_int4pack_mm_for_cpu``);
 * ``compile=True`` wraps the per-layer dense blocks in ``torch.compile`` (optional:
   measured in ``bench/runtime.py``).
 
@@ -48,18 +49,18 @@ class FastConfig:
     """Knobs of the fast path."""
 
     dtype: str = "fp32"  #: compute dtype: "fp32" or "bf16"
-    weights: str = "native"  #: "native" (the compute dtype) or "int8" (weight-only, per-channel scales; computes in bf16)
+    weights: str = "native"  #: "native" (the compute dtype), "int8" (per-channel) or "int4" (groups of 32); int8/int4 compute in bf16
     compile: bool = False  #: torch.compile the per-layer dense blocks (slow to start; see bench/runtime.py)
 
     def __post_init__(self):
         if self.dtype not in ("fp32", "bf16"):
             raise ConfigError(f"fast path dtype must be fp32 or bf16, got {self.dtype!r}")
-        if self.weights not in ("native", "int8"):
-            raise ConfigError(f"fast path weights must be native or int8, got {self.weights!r}")
+        if self.weights not in ("native", "int8", "int4"):
+            raise ConfigError(f"fast path weights must be native, int8 or int4, got {self.weights!r}")
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return torch.bfloat16 if (self.dtype == "bf16" or self.weights == "int8") else torch.float32
+        return torch.bfloat16 if (self.dtype == "bf16" or self.weights != "native") else torch.float32
 
 
 # ---------------------------------------------------------------------------- weights
@@ -76,6 +77,19 @@ class Dense:
 
     def nbytes(self) -> int:
         return self.w.numel() * self.w.element_size() + (0 if self.b is None else self.b.numel() * self.b.element_size())
+
+
+class Concat:
+    """Several linears applied to one input, outputs concatenated: a fused matmul without copying shared weights."""
+
+    def __init__(self, parts: list[Dense]):
+        self.parts = parts
+
+    def __call__(self, x):
+        return torch.cat([p(x) for p in self.parts], dim=-1)
+
+    def nbytes(self) -> int:
+        return sum(p.nbytes() for p in self.parts)
 
 
 class Int8(Dense):
@@ -99,6 +113,39 @@ class Int8(Dense):
 
     def nbytes(self) -> int:
         return self.q.numel() + self.s.numel() * self.s.element_size() + (0 if self.b is None else self.b.numel() * self.b.element_size())
+
+
+class Int4(Dense):
+    """Weight-only int4, asymmetric per group of ``group`` input channels: W ~ (q - 8) * s + z (gpt-fast's layout).
+
+    Multiplies with ``torch._weight_int4pack_mm_for_cpu`` (bf16 activations). The default
+    model's weights already lie on a 32-wide 4-bit grid (its GGUF is Q4_1), so group 32
+    reproduces them up to the bf16 rounding of scales and offsets.
+    """
+
+    def __init__(self, w: torch.Tensor, b: torch.Tensor | None, dtype: torch.dtype, group: int = 32):
+        n, k = w.shape
+        if k % group:
+            raise ConfigError(f"int4 weights need in_features divisible by {group}, got {k}")
+        wg = w.float().view(n, k // group, group)
+        lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
+        scale = ((hi - lo) / 15).clamp_min(1e-8)
+        q = ((wg - lo) / scale).round().clamp(0, 15).view(n, k).to(torch.int32)
+        zero = lo + 8 * scale  # so that W = (q - 8) * scale + zero
+        self.sz = torch.cat([scale, zero], -1).transpose(0, 1).contiguous().to(torch.bfloat16)  # (K/g, N, 2)
+        self.q = torch._convert_weight_to_int4pack_for_cpu(q, 1)
+        self.group, self.n = group, n
+        self.b = None if b is None else b.to(dtype)
+        self.w = self.q
+
+    def __call__(self, x):
+        y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]), self.q, self.group, self.sz)
+        y = y.reshape(*x.shape[:-1], self.n)
+        return y if self.b is None else y + self.b
+
+    def nbytes(self) -> int:
+        extra = 0 if self.b is None else self.b.numel() * self.b.element_size()
+        return self.q.numel() * self.q.element_size() + self.sz.numel() * self.sz.element_size() + extra
 
 
 @dataclass
@@ -153,9 +200,12 @@ class FastModel:
 
     def nbytes(self) -> int:
         """Bytes of all weights held (embedding table included)."""
-        emb = 0 if self.embed is None else self.embed.numel() * self.embed.element_size()
-        if self.embed is not None and self.embed.data_ptr() == self.head.w.data_ptr():
+        if self.embed is None:
             emb = 0
+        elif isinstance(self.embed, Int8):
+            emb = self.embed.nbytes()
+        else:
+            emb = 0 if self.embed.data_ptr() == self.head.w.data_ptr() else self.embed.numel() * self.embed.element_size()
         return self.weight_bytes_per_token() + emb
 
 
@@ -180,7 +230,9 @@ def build(model, cfg: FastConfig = FastConfig()) -> FastModel:
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
 
     def lin(w, b=None):
-        if cfg.weights == "int8":
+        if cfg.weights == "int4" and w.shape[0] % 16 == 0 and w.shape[1] % 32 == 0:  # the packing kernel's constraints
+            return Int4(w.detach(), None if b is None else b.detach(), dtype)
+        if cfg.weights in ("int8", "int4"):
             return Int8(w.detach(), None if b is None else b.detach(), dtype)
         return Dense(w.detach().to(dtype), None if b is None else b.detach().to(dtype))
 
@@ -189,6 +241,16 @@ def build(model, cfg: FastConfig = FastConfig()) -> FastModel:
             return None
         return torch.cat([m.bias if m.bias is not None else torch.zeros(m.out_features) for m in mods])
 
+    # Fuse q/k/v and gate/up into one matmul each when new tensors are made anyway (dtype change or
+    # quantisation); when the weights can be shared with the transformers model, share them instead
+    # (no second copy of the model in memory) and run the parts one after the other.
+    share = cfg.weights == "native" and model.model.layers[0].mlp.down_proj.weight.dtype == dtype
+
+    def fused(mods):
+        if share:
+            return Concat([lin(m.weight, m.bias) for m in mods])
+        return lin(torch.cat([m.weight for m in mods]), cat_bias(*mods))
+
     layers = []
     with torch.no_grad():
         for ly in model.model.layers:
@@ -196,10 +258,10 @@ def build(model, cfg: FastConfig = FastConfig()) -> FastModel:
             layers.append(
                 Layer(
                     attn_norm=ly.input_layernorm.weight.detach().to(dtype),
-                    qkv=lin(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), cat_bias(a.q_proj, a.k_proj, a.v_proj)),
+                    qkv=fused([a.q_proj, a.k_proj, a.v_proj]),
                     o=lin(a.o_proj.weight, a.o_proj.bias),
                     mlp_norm=ly.post_attention_layernorm.weight.detach().to(dtype),
-                    gate_up=lin(torch.cat([m.gate_proj.weight, m.up_proj.weight])),
+                    gate_up=fused([m.gate_proj, m.up_proj]),
                     down=lin(m.down_proj.weight),
                 )
             )
@@ -209,6 +271,8 @@ def build(model, cfg: FastConfig = FastConfig()) -> FastModel:
         head = lin(head_w)
         if cfg.weights == "int8" and tied:
             embed = None  # look rows up in the int8 head
+        elif cfg.weights == "int4":
+            embed = Int8(emb_w, None, dtype)  # rows are looked up from an int8 copy (int4 packing is for matmuls)
         elif tied and cfg.weights == "native":
             embed = head.w
         else:
@@ -258,12 +322,73 @@ class Segment:
     all_logits: bool = False  # return logits for every new token (scoring), not only the last
 
 
+class HFCache:
+    """A transformers KV cache for one sequence (the fallback path; full cache only)."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.seen = 0
+        self.cache = None  # transformers' DynamicCache, created by the first forward
+
+    def tokens(self) -> int:
+        return self.seen
+
+    def advance(self, n: int) -> None:
+        self.seen += n
+
+    def nbytes(self) -> int:
+        if self.cache is None:
+            return 0
+        return sum(t.numel() * t.element_size() for layer in self.cache.layers for t in (layer.keys, layer.values) if t is not None)
+
+
+@dataclass
+class HFRunner:
+    """Any causal LM through its own forward, one sequence at a time: what the server uses when the fast path cannot."""
+
+    model: torch.nn.Module
+    max_positions: int
+    vocab: int
+    eos: tuple[int, ...] = ()
+
+    def new_cache(self, policy="full", context: int | None = None, budget: int | None = None) -> HFCache:
+        if policy != "full":
+            raise ConfigError(f"KV policy {policy!r} needs the fast path (llama models); this model supports 'full' only")
+        return HFCache(context or self.max_positions)
+
+
+def runner(model, cfg: FastConfig = FastConfig()):
+    """The fast path for llama models, else :class:`HFRunner` (same interface for :func:`forward`)."""
+    if supports(model):
+        return build(model, cfg)
+    c = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+    eos = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
+    ctx = getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None) or 2048
+    log.warning("%s is not a llama model: serving through its own forward, one sequence per step", type(model).__name__)
+    return HFRunner(model.eval(), ctx, c.vocab_size, eos)
+
+
+def _hf_forward(fm: HFRunner, segs: Sequence[Segment]) -> list[torch.Tensor]:
+    out = []
+    for s in segs:
+        if s.cache.seen + len(s.ids) > min(fm.max_positions, s.cache.capacity):
+            raise ConfigError(f"sequence of {s.cache.seen + len(s.ids)} tokens exceeds the context of {fm.max_positions}")
+        res = fm.model(input_ids=s.ids[None], cache=s.cache.cache, use_cache=True)
+        s.cache.cache = res.cache
+        s.cache.advance(len(s.ids))
+        out.append(res.logits[0].float() if s.all_logits else res.logits[0, -1].float())
+    return out
+
+
 @torch.inference_mode()
 def forward(fm: FastModel, segs: Sequence[Segment]) -> list[torch.Tensor]:
     """Run the new tokens of every segment through the model; advance each cache.
 
     Returns, per segment, fp32 logits of shape (T, V) if ``all_logits`` else (V,).
     """
+    if isinstance(fm, HFRunner):
+        return _hf_forward(fm, segs)
     dt = fm.dtype
     H, Hk, hd = fm.heads, fm.kv_heads, fm.head_dim
     lens = [int(s.ids.shape[0]) for s in segs]
@@ -274,7 +399,12 @@ def forward(fm: FastModel, segs: Sequence[Segment]) -> list[torch.Tensor]:
             raise ConfigError(f"sequence of {s.cache.seen + n} tokens exceeds the model's context of {fm.max_positions}")
     ids = torch.cat([s.ids for s in segs])  # (N,)
     pos = torch.cat([torch.arange(s.cache.seen, s.cache.seen + n) for s, n in zip(segs, lens)])  # (N,)
-    x = fm.embed[ids] if fm.embed is not None else fm.head.rows(ids, dt)  # (N, D)
+    if fm.embed is None:
+        x = fm.head.rows(ids, dt)  # (N, D)
+    elif isinstance(fm.embed, Int8):
+        x = fm.embed.rows(ids, dt)
+    else:
+        x = fm.embed[ids]
     cos, sin = fm.rotary(x[None], pos[None])  # (1, N, hd)
     cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # (N, 1, hd)
     qkv_fn = fm.blocks.get("qkv", _qkv_block)

@@ -21,21 +21,23 @@ OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``; an optional
 API key is checked on ``/v1``. Binds to 127.0.0.1 unless told otherwise.
 
 Several models by name: ``models`` maps each served name to a fast model
-(e.g. a LoRA adapter merged into the base, see :func:`adapter_models`); the
-request's ``model`` picks one.
+(LoRA adapters loaded through issue 5's ``AdapterSet`` and merged into copies of
+the base, see :func:`adapter_models`; ``slmkit serve MODEL --adapter NAME=DIR``);
+the request's ``model`` picks one. Requests for different models are batched
+per model within each step.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import functools
 import json
 import queue
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from fastapi import FastAPI, Request
@@ -86,17 +88,22 @@ def create_app(backend_or_engine, model_name: str | None = None, api_key: str | 
         cfg = ServerConfig(**{**cfg.__dict__, "api_key": api_key})
     engine = backend_or_engine
     if not isinstance(engine, Engine):
-        from slmkit.runtime.generate import build
+        from slmkit.runtime.generate import runner
 
         name = model_name or backend_or_engine.name
-        engine = Engine({name: build(backend_or_engine.model)}, backend_or_engine.tokenizer)
+        engine = Engine({name: runner(backend_or_engine.model)}, backend_or_engine.tokenizer)
     elif model_name:
         engine.models = {model_name if k == engine.default else k: v for k, v in engine.models.items()}
         engine.default = model_name
     tok = engine.tok
     latencies: collections.deque[float] = collections.deque(maxlen=2000)
     counts: collections.Counter = collections.Counter()
-    app = FastAPI(title="slmkit", version="1")
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        yield
+        engine.close()
+
+    app = FastAPI(title="slmkit", version="1", lifespan=lifespan)
     app.state.engine = engine
 
     @app.middleware("http")
@@ -181,6 +188,10 @@ def create_app(backend_or_engine, model_name: str | None = None, api_key: str | 
         budget = _num(body, "kv_budget", None, int, 2)
         if budget is None and kv in ("streaming", "h2o"):
             budget = 1024
+        try:  # a 2-token cache: checks that this model supports the policy and its options
+            engine.models[model].new_cache(kv, context=2, budget=budget)
+        except ConfigError as err:
+            raise BadRequest(400, str(err).splitlines()[0], "kv_policy") from None
         return Job(
             ids=torch.tensor(ids, dtype=torch.long), max_new_tokens=mt, emit=emit,
             temperature=_num(body, "temperature", 1.0, float, 0.0, 2.0),
@@ -328,7 +339,7 @@ def create_app(backend_or_engine, model_name: str | None = None, api_key: str | 
         events = await _collect(request, q, job)
         end = events[-1] if events else Event("error", text="client disconnected")
         if end.kind == "error":
-            status = 504 if end.finish_reason == "timeout" else (400 if "exceeds" in end.text else 500)
+            status = {"timeout": 504, "invalid": 400}.get(end.finish_reason, 500)
             raise BadRequest(status, end.text, kind="timeout_error" if status == 504 else "server_error" if status == 500 else "invalid_request_error")
         deltas = [e for e in events if e.kind == "delta"]
         text = "".join(e.text for e in deltas)
@@ -400,8 +411,8 @@ def create_app(backend_or_engine, model_name: str | None = None, api_key: str | 
         events = await _collect(request, q, job)
         end = events[-1] if events else Event("error", text="client disconnected")
         if end.kind == "error":
-            status = 504 if end.finish_reason == "timeout" else 500
-            raise BadRequest(status, end.text, kind="timeout_error" if status == 504 else "server_error")
+            status = {"timeout": 504, "invalid": 400}.get(end.finish_reason, 500)
+            raise BadRequest(status, end.text, kind={504: "timeout_error", 400: "invalid_request_error"}.get(status, "server_error"))
         deltas = [e for e in events if e.kind == "delta"]
         merged = Event("delta", tokens=[t for e in deltas for t in e.tokens], logprobs=[x for e in deltas for x in e.logprobs],
                        top=[x for e in deltas for x in e.top])
@@ -413,33 +424,30 @@ def create_app(backend_or_engine, model_name: str | None = None, api_key: str | 
             "usage": {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n},
         })
 
-    @app.on_event("shutdown")
-    def _close() -> None:
-        engine.close()
-
     return app
 
 
-def adapter_models(base_model, adapters: dict[str, str], fast_cfg=None) -> dict:
-    """Fast models for LoRA adapters by name: each adapter merged into a copy of ``base_model``.
+def adapter_models(base_model, tokenizer, adapters: dict[str, str], fast_cfg=None, base_name: str = "base") -> dict:
+    """Fast models for LoRA adapters by name, each adapter merged into its own copy of ``base_model``.
 
-    Extension point for multi-LoRA serving: an adapter's weights are merged
-    (W + s B A) so serving it costs one forward like the base; memory grows by
-    one model per adapter (fp32 copies share nothing). Uses peft directly.
+    Loading and checking go through :class:`slmkit.train.adapters.AdapterSet` (it
+    validates names and refuses an adapter trained on another base model); each
+    adapter is then merged (W + s B A, Hu et al. 2021) so it decodes at the speed
+    of the base. Memory grows by one set of weights per adapter. ``base_model`` is
+    not modified.
     """
     import copy
 
-    from peft import PeftModel
-
     from slmkit.runtime.generate import FastConfig, build
+    from slmkit.train.adapters import AdapterSet
 
-    out = {}
+    aset = AdapterSet(copy.deepcopy(base_model), tokenizer, name=base_name)
     for name, path in adapters.items():
-        try:
-            merged = PeftModel.from_pretrained(copy.deepcopy(base_model), str(path), is_trainable=False).merge_and_unload()
-        except (OSError, ValueError, RuntimeError, KeyError) as err:
-            raise ConfigError(f"cannot load LoRA adapter {name!r} from {path}: {str(err).splitlines()[0][:200]}",
-                              "pass a PEFT LoRA directory trained on this base model") from None
+        aset.add(name, path)
+    out = {}
+    for name in adapters:
+        with aset.use(name) as backend:  # the PEFT model with this adapter active
+            merged = copy.deepcopy(backend.model).merge_and_unload(adapter_names=[name])
         out[name] = build(merged.eval(), fast_cfg or FastConfig())
     return out
 
@@ -450,12 +458,12 @@ def serve(backend, host: str = "127.0.0.1", port: int = 8000, api_key: str | Non
     """Serve ``backend``'s model (an :class:`~slmkit.backends.HFBackend`) on host:port until interrupted."""
     import uvicorn
 
-    from slmkit.runtime.generate import FastConfig, build
+    from slmkit.runtime.generate import FastConfig, runner
 
     fast_cfg = fast_cfg or FastConfig()
-    models = {backend.name: build(backend.model, fast_cfg)}
+    models = {backend.name: runner(backend.model, fast_cfg)}
     if adapters:
-        models.update(adapter_models(backend.model, adapters, fast_cfg))
+        models.update(adapter_models(backend.model, backend.tokenizer, adapters, fast_cfg, base_name=backend.name))
     engine = Engine(models, backend.tokenizer, engine_cfg or EngineConfig(), default=backend.name)
     cfg = cfg or ServerConfig(api_key=api_key)
     uvicorn.run(create_app(engine, cfg=cfg), host=host, port=port, log_level="warning")

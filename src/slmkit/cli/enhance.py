@@ -1,0 +1,221 @@
+"""Enhancement verbs: sft, dpo, rag index, rag ask."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from slmkit.cli._common import console, kv_table, print_json
+
+MODEL_HELP = "default | hub id | directory | file.gguf"
+
+
+def register(app: typer.Typer) -> None:
+    app.command("sft")(sft)
+    app.command("dpo")(dpo)
+    rag = typer.Typer(help="Retrieval-augmented generation: index documents, answer with sources.", no_args_is_help=True)
+    rag.command("index")(rag_index)
+    rag.command("ask")(rag_ask)
+    app.add_typer(rag, name="rag")
+
+
+def _quiet_libraries() -> None:
+    from datasets.utils.logging import disable_progress_bar
+
+    disable_progress_bar()
+
+
+def _lora(lora: bool, r: int, alpha: Optional[float]):
+    from slmkit.train.sft import LoraSettings
+
+    return LoraSettings(r=r, alpha=alpha if alpha is not None else 2.0 * r) if lora else None
+
+
+def _report(title: str, result: dict, json_out: bool) -> None:
+    if json_out:
+        print_json(result)
+    else:
+        console.print(kv_table(title, [(k, f"{v:.4f}" if isinstance(v, float) else v) for k, v in result.items()]))
+
+
+def sft(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    data: Path = typer.Option(..., "--data", help='jsonl of {"messages": [...]} or {"prompt", "completion"}'),
+    output: Path = typer.Option(..., "--output", help="directory to write (adapter, or model with --merge / full FT)"),
+    lora: bool = typer.Option(False, "--lora", help="train LoRA adapters; the base stays frozen"),
+    merge: bool = typer.Option(False, "--merge", help="with --lora: fold the adapters into the weights and write a model"),
+    max_steps: int = typer.Option(100, "--max-steps", min=1),
+    lr: Optional[float] = typer.Option(None, "--lr", help="learning rate (default 2e-4 LoRA, 2e-5 full)"),
+    batch_size: int = typer.Option(4, "--batch-size", min=1),
+    grad_accum: int = typer.Option(1, "--grad-accum", min=1),
+    max_length: int = typer.Option(512, "--max-length", min=8, help="tokens per (packed) sequence"),
+    packing: bool = typer.Option(True, "--packing/--no-packing"),
+    lora_r: int = typer.Option(8, "--lora-r", min=1),
+    lora_alpha: Optional[float] = typer.Option(None, "--lora-alpha", help="default 2 * r"),
+    save_steps: int = typer.Option(50, "--save-steps", min=0, help="checkpoint every N steps (0: none)"),
+    resume: bool = typer.Option(False, "--resume", help="continue from the newest checkpoint in OUTPUT.checkpoints"),
+    limit: int = typer.Option(0, "--limit", min=0, help="first N examples only (0 = all)"),
+    seed: int = typer.Option(0, "--seed"),
+    dtype: str = typer.Option("fp32", "--dtype"),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """Supervised fine-tuning on chat data (loss on assistant tokens only)."""
+    from slmkit.artefact import Manifest
+    from slmkit.errors import ConfigError
+    from slmkit.models import load
+    from slmkit.train.records import read_sft
+    from slmkit.train.sft import SFTConfig, assistant_loss, checkpoint_dir, finish_checkpoints, save_trained
+    from slmkit.train.sft import sft as run
+
+    if merge and not lora:
+        raise ConfigError("--merge needs --lora (full fine-tuning already writes a model)")
+    cfg = SFTConfig(lora=_lora(lora, lora_r, lora_alpha), max_steps=max_steps, learning_rate=lr, batch_size=batch_size,
+                    grad_accum=grad_accum, max_length=max_length, packing=packing, save_steps=save_steps, seed=seed)
+    convs = read_sft(data, limit=limit)
+    _quiet_libraries()
+    m, tok = load(model, dtype=dtype)
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(sys.stderr):
+        res = run(m, tok, convs, cfg, checkpoint_dir(output), resume=resume)
+    seconds = time.perf_counter() - t0
+    loss = assistant_loss(res.model, tok, convs[:64], max_length=max_length)
+    manifest = Manifest(source=model, metrics={"train_loss": res.train_loss, "assistant_loss_first64": loss})
+    manifest.add_stage("sft", cfg, data=str(data), examples=len(convs), steps=res.steps, merged=merge)
+    with contextlib.redirect_stdout(sys.stderr):
+        save_trained(res.model, tok, output, manifest, merge=merge)
+    finish_checkpoints(checkpoint_dir(output))
+    kind = "adapter" if lora and not merge else "model"
+    _report(f"sft {model}", {"output": str(output), "kind": kind, "examples": len(convs), "steps": res.steps,
+                             "train_loss": res.train_loss, "assistant_loss": loss, "seconds": round(seconds, 1)}, json_out)
+
+
+def dpo(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    data: Path = typer.Option(..., "--data", help='jsonl of {"prompt", "chosen", "rejected"} (or hh-rlhf with --hh)'),
+    output: Path = typer.Option(..., "--output"),
+    method: str = typer.Option("dpo", "--method", help="dpo, or simpo (reference-free)"),
+    hh: bool = typer.Option(False, "--hh", help="data is hh-rlhf style {chosen, rejected} dialogues"),
+    lora: bool = typer.Option(False, "--lora", help="train LoRA adapters (DPO's reference = adapters off)"),
+    merge: bool = typer.Option(False, "--merge", help="with --lora: write a merged model instead of an adapter"),
+    beta: Optional[float] = typer.Option(None, "--beta", help="default 0.1 (dpo), 2.0 (simpo)"),
+    max_steps: int = typer.Option(50, "--max-steps", min=1),
+    lr: Optional[float] = typer.Option(None, "--lr", help="learning rate (default 5e-5 LoRA, 1e-6 full)"),
+    batch_size: int = typer.Option(2, "--batch-size", min=1),
+    max_length: int = typer.Option(512, "--max-length", min=8),
+    lora_r: int = typer.Option(8, "--lora-r", min=1),
+    eval_data: Optional[Path] = typer.Option(None, "--eval-data", help="held-out pairs for reward accuracy (default: the training pairs)"),
+    save_steps: int = typer.Option(50, "--save-steps", min=0),
+    resume: bool = typer.Option(False, "--resume"),
+    limit: int = typer.Option(0, "--limit", min=0, help="first N pairs only (0 = all)"),
+    seed: int = typer.Option(0, "--seed"),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """Preference optimisation (DPO or SimPO); reports reward accuracy and margin."""
+    import copy
+
+    from slmkit.artefact import Manifest
+    from slmkit.errors import ConfigError
+    from slmkit.models import load
+    from slmkit.train.dpo import PreferenceConfig, preference_metrics, preference_train, read_hh
+    from slmkit.train.records import read_preferences
+    from slmkit.train.sft import checkpoint_dir, finish_checkpoints, save_trained
+
+    if merge and not lora:
+        raise ConfigError("--merge needs --lora (full fine-tuning already writes a model)")
+    cfg = PreferenceConfig(method=method, beta=beta, lora=_lora(lora, lora_r, None), max_steps=max_steps,
+                           learning_rate=lr, batch_size=batch_size,
+                           max_length=max_length, save_steps=save_steps, seed=seed)
+
+    def read(path):
+        return read_hh(path, limit=limit) if hh else read_preferences(path, limit=limit)
+
+    pairs = read(data)
+    held = read(eval_data) if eval_data is not None else pairs[:64]
+    _quiet_libraries()
+    m, tok = load(model)
+    ref = copy.deepcopy(m) if (method == "dpo" and not lora) else None
+    before = preference_metrics(m, tok, held, cfg, reference=None)
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(sys.stderr):
+        res = preference_train(m, tok, pairs, cfg, checkpoint_dir(output), resume=resume)
+    seconds = time.perf_counter() - t0
+    after = preference_metrics(res.model, tok, held, cfg, reference="adapters-off" if lora else ref)
+    manifest = Manifest(source=model, metrics={"before": before, "after": after})
+    manifest.add_stage(method, cfg, data=str(data), pairs=len(pairs), steps=res.steps)
+    with contextlib.redirect_stdout(sys.stderr):
+        save_trained(res.model, tok, output, manifest, merge=merge)
+    finish_checkpoints(checkpoint_dir(output))
+    result = {"output": str(output), "method": method, "pairs": len(pairs), "steps": res.steps, "train_loss": res.train_loss,
+              "eval_pairs": len(held), "reward_accuracy": after["reward_accuracy"], "reward_margin": after["reward_margin"],
+              "logp_accuracy_before": before["logp_accuracy"], "logp_accuracy": after["logp_accuracy"],
+              "seconds": round(seconds, 1)}
+    _report(f"{method} {model}", result, json_out)
+
+
+def rag_index(
+    docs: list[Path] = typer.Argument(..., help=".txt, .md, .jsonl files or directories"),
+    output: Path = typer.Option(..., "--output", help="index directory (created, or extended incrementally)"),
+    embedder: str = typer.Option("all-MiniLM-L6-v2", "--embedder", help="all-MiniLM-L6-v2 or a local encoder directory"),
+    max_words: int = typer.Option(200, "--max-words", min=8, help="words per chunk"),
+    overlap: int = typer.Option(30, "--overlap", min=0, help="words shared by consecutive windows of a long paragraph"),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """Chunk, embed and index documents (resumes an interrupted run; adds only new or changed documents)."""
+    from slmkit.rag.chunk import ChunkConfig
+    from slmkit.rag.embed import Embedder
+    from slmkit.rag.index import build_index
+
+    cfg = ChunkConfig(max_words=max_words, overlap_words=overlap)
+    t0 = time.perf_counter()
+    stats = build_index(docs, output, Embedder.load(embedder), cfg)
+    result = {"index": str(output), **stats.__dict__, "seconds": round(time.perf_counter() - t0, 2)}
+    _report(f"rag index {output}", result, json_out)
+
+
+def rag_ask(
+    index: Path = typer.Argument(..., help="an index built by `slmkit rag index`"),
+    question: Optional[str] = typer.Argument(None, help="the question (or use --questions)"),
+    questions: Optional[Path] = typer.Option(None, "--questions", help='jsonl of {"question": ...}'),
+    model: str = typer.Option(..., "--model", help=MODEL_HELP + " | http(s)://endpoint[#model]"),
+    k: int = typer.Option(4, "--k", min=0, help="sources to retrieve (0: no retrieval, the baseline)"),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1),
+    limit: int = typer.Option(0, "--limit", min=0, help="first N questions only (0 = all)"),
+    dtype: str = typer.Option("fp32", "--dtype"),
+    json_out: bool = typer.Option(False, "--json", help="a list of {question, answer, sources: [{id, text, score}]}"),
+) -> None:
+    """Answer questions with retrieved, numbered sources, and cite them."""
+    from slmkit.backends import from_spec
+    from slmkit.errors import ConfigError, DataError
+    from slmkit.rag.answer import RAGConfig, answer
+    from slmkit.rag.embed import Embedder
+    from slmkit.rag.index import VectorIndex
+    from slmkit.train.records import iter_rows
+
+    if (question is None) == (questions is None):
+        raise ConfigError("give either a QUESTION or --questions FILE.jsonl")
+    if questions is not None:
+        qs = []
+        for lineno, row in iter_rows(questions, limit):
+            if not isinstance(row.get("question"), str):
+                raise DataError(f"{questions}:{lineno}: missing field 'question' (a string)")
+            qs.append(row["question"])
+    else:
+        qs = [question]
+    cfg = RAGConfig(k=k, max_new_tokens=max_new_tokens)
+    idx = VectorIndex.open(index)  # also checks INDEX with --k 0, so a typo fails early
+    emb = Embedder.load(idx.embedder_identity["spec"]) if k > 0 else None
+    answers = answer(from_spec(model, dtype=dtype), idx if k > 0 else None, emb, qs, cfg)
+    if json_out:
+        print_json([a.to_dict() for a in answers])
+        return
+    for a in answers:
+        console.print(f"[bold]Q:[/bold] {a.question}")
+        console.print(f"[bold]A:[/bold] {a.answer}")
+        for i, h in enumerate(a.sources, 1):
+            mark = "*" if h.id in a.cited else " "
+            console.print(f"  {mark}[{i}] {h.id} ({h.score:.3f}): {h.text[:100]}")

@@ -1,0 +1,82 @@
+"""A :class:`~slmkit.backends.Backend` over the fast path (``slmkit generate --fast``, library users)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from slmkit.backends.base import Completion, GenParams, Prompt, TokenScores
+from slmkit.backends.hf import HFBackend, render_prompt
+from slmkit.runtime.generate import FastConfig, build, stream
+
+
+class FastBackend:
+    """Generates with :func:`slmkit.runtime.generate.stream` (KV policy per backend); scores like :class:`HFBackend`."""
+
+    def __init__(self, model, tokenizer, cfg: FastConfig = FastConfig(), name: str | None = None,
+                 kv: str = "full", kv_budget: int | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.fm = build(model, cfg)
+        self.name = name or str(getattr(model.config, "name_or_path", "") or "local")
+        self.kv, self.kv_budget = kv, kv_budget
+
+    def encode(self, prompt: Prompt) -> torch.Tensor:
+        tok = self.tokenizer
+        ids = tok(render_prompt(tok, prompt), add_special_tokens=isinstance(prompt, str)).input_ids
+        if not ids:
+            pid = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+            ids = [pid if pid is not None else 0]
+        return torch.tensor(ids, dtype=torch.long)
+
+    def stream_text(self, prompt: Prompt, params: GenParams, seed_offset: int = 0):
+        """Yield (text_delta, token, logprob) per generated token, then ("", None, None, finish_reason).
+
+        EOS and stop strings end the text and are not part of it; EOS still counts as a generated token.
+        """
+        ids = self.encode(prompt)
+        ctx = min(self.fm.max_positions, len(ids) + params.max_new_tokens)
+        cache = self.fm.new_cache(self.kv, context=ctx, budget=self.kv_budget)
+        seed = None if params.seed is None else params.seed + seed_offset
+        out: list[int] = []
+        sent = 0
+        hold = max((len(s) for s in params.stop), default=1) - 1
+        eos = False
+        for step in stream(self.fm, ids, params.max_new_tokens, params.temperature, params.top_p, seed, cache):
+            if step.token in self.fm.eos:
+                eos = True
+                yield "", step.token, step.logprob
+                break
+            out.append(step.token)
+            text = self.tokenizer.decode(out, skip_special_tokens=True)
+            cut = min((i for i in (text.find(s) for s in params.stop if s) if i >= 0), default=-1)
+            if cut >= 0:
+                yield text[sent:cut], step.token, step.logprob
+                yield "", None, None, "stop"
+                return
+            end = max(sent, len(text) - hold)
+            while end > sent and text[end - 1] == "\ufffd":
+                end -= 1
+            yield text[sent:end], step.token, step.logprob
+            sent = end
+        text = self.tokenizer.decode(out, skip_special_tokens=True)
+        yield text[sent:], None, None
+        yield "", None, None, "stop" if eos or len(out) < params.max_new_tokens else "length"
+
+    @torch.inference_mode()
+    def generate(self, prompts: Sequence[Prompt], params: GenParams) -> list[Completion]:
+        res = []
+        for i, prompt in enumerate(prompts):
+            pieces, lps, reason = [], [], "length"
+            for item in self.stream_text(prompt, params, i):
+                pieces.append(item[0])
+                if item[1] is not None:
+                    lps.append(item[2])
+                if len(item) == 4:
+                    reason = item[3]
+            res.append(Completion("".join(pieces), len(lps), reason, lps if params.logprobs else None))
+        return res
+
+    def score(self, texts: Sequence[str], contexts: Sequence[str] | None = None) -> list[TokenScores]:
+        return HFBackend(self.model, self.tokenizer, name=self.name).score(texts, contexts)

@@ -1,0 +1,343 @@
+"""Supervised fine-tuning (SFT) on chat data: full fine-tuning or LoRA, through TRL's ``SFTTrainer``.
+
+Conversations are rendered with the tokenizer's chat template and the loss is
+taken on assistant tokens only: :func:`tokenize_chat` finds each assistant
+turn's character span by rendering the conversation up to that turn with and
+without it, and labels every other token ``-100``. This works for any
+prefix-preserving template (no ``{% generation %}`` markers needed).
+Sequences can be packed (TRL's best-fit-decreasing packing; attention stays
+within each packed example through position ids).
+
+LoRA: Hu et al. 2021 (arXiv:2106.09685), ``W x + (alpha / r) B A x`` with
+``A`` (r, in) and ``B`` (out, r), from PEFT. QLoRA (Dettmers et al. 2023)
+stores the frozen base in 4 bits with bitsandbytes kernels, which need a GPU;
+on CPU the nearest equivalent is LoRA over a base whose weights already lie on
+a 4-bit grid, which is what the default model is (dequantised from Q4_1).
+
+Checkpoints go to ``<output>.checkpoints/`` every ``save_steps`` steps;
+``resume=True`` continues from the newest one. The final artefact is written
+atomically: a merged model directory, or a PEFT adapter directory, both with
+an ``slmkit.json`` manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from slmkit.artefact import MANIFEST, Manifest, atomic_dir, save_model
+from slmkit.errors import ConfigError, UnsupportedModelError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA adapter shape (PEFT ``LoraConfig``)."""
+
+    r: int = 8  #: rank of A and B
+    alpha: float = 16.0  #: scale is alpha / r
+    dropout: float = 0.0  #: dropout on the adapter input
+    target_modules: tuple[str, ...] = DEFAULT_TARGETS  #: linear layers that get an adapter (by name suffix)
+
+    def __post_init__(self):
+        if self.r < 1:
+            raise ConfigError(f"LoRA rank r must be >= 1, got {self.r}")
+        if self.alpha <= 0:
+            raise ConfigError(f"LoRA alpha must be > 0, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+        if not self.target_modules:
+            raise ConfigError("LoRA target_modules must name at least one module")
+
+    def peft_config(self):
+        from peft import LoraConfig
+
+        return LoraConfig(
+            r=self.r,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=list(self.target_modules),
+            task_type="CAUSAL_LM",
+        )
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    """Knobs of :func:`sft`."""
+
+    lora: LoraSettings | None = None  #: None = full fine-tuning
+    max_steps: int = 100  #: optimizer steps
+    learning_rate: float | None = None  #: default 2e-4 with LoRA, 2e-5 for full fine-tuning
+    batch_size: int = 4  #: sequences (or packed rows) per step
+    grad_accum: int = 1  #: micro-batches per optimizer step
+    max_length: int = 512  #: tokens per sequence (packed row length when packing)
+    packing: bool = True  #: pack several conversations into one row
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    save_steps: int = 50  #: checkpoint every N steps (0 = only at the end of training)
+    logging_steps: int = 10
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("max_steps", "batch_size", "grad_accum", "max_length"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.learning_rate is not None and not self.learning_rate > 0:
+            raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.save_steps < 0 or self.logging_steps < 1 or self.warmup_steps < 0:
+            raise ConfigError("save_steps and warmup_steps must be >= 0, logging_steps >= 1")
+
+    @property
+    def lr(self) -> float:
+        if self.learning_rate is not None:
+            return self.learning_rate
+        return 2e-4 if self.lora is not None else 2e-5
+
+
+@dataclass
+class SFTResult:
+    model: object  #: the trained model (a PeftModel when LoRA was used)
+    steps: int
+    train_loss: float
+    log_history: list[dict] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------- formatting
+
+
+def require_chat_template(tokenizer) -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        raise UnsupportedModelError(
+            "the tokenizer has no chat template, so conversations cannot be formatted for SFT",
+            "use an instruction-tuned model's tokenizer, or set tokenizer.chat_template before training",
+        )
+
+
+def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the ``[start, end)`` character span of each assistant turn.
+
+    A turn's span starts where the template's generation prompt ends and runs
+    to the end of the rendered turn (so the end-of-turn token is trained).
+    """
+    require_chat_template(tokenizer)
+    render = tokenizer.apply_chat_template
+    text = render(messages, tokenize=False)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = render(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
+        upto = render(messages[: i + 1], tokenize=False)
+        if not (upto.startswith(before) and text.startswith(upto)):
+            raise UnsupportedModelError(
+                "the chat template is not prefix-preserving (rendering a conversation up to a turn does not "
+                "give a prefix of the whole), so assistant tokens cannot be located",
+                "use a template that renders earlier turns identically whatever follows",
+            )
+        spans.append((len(before), len(upto)))
+    return text, spans
+
+
+def tokenize_chat(tokenizer, messages: list[dict]) -> dict[str, list[int]]:
+    """``{"input_ids", "labels"}`` with labels ``-100`` on every token outside an assistant turn."""
+    text, spans = assistant_spans(tokenizer, messages)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    labels = []
+    for tid, (start, _end) in zip(ids, enc["offset_mapping"]):
+        inside = any(a <= start < b for a, b in spans)
+        labels.append(tid if inside else -100)
+    return {"input_ids": ids, "labels": labels}
+
+
+def build_dataset(tokenizer, conversations: list[list[dict]]):
+    """A ``datasets.Dataset`` of tokenized conversations (columns input_ids, labels)."""
+    from datasets import Dataset
+
+    rows = [tokenize_chat(tokenizer, msgs) for msgs in conversations]
+    return Dataset.from_list(rows)
+
+
+# ---------------------------------------------------------------------------- evaluation
+
+
+@torch.inference_mode()
+def assistant_loss(model, tokenizer, conversations: list[list[dict]], max_length: int = 512, batch_size: int = 4) -> float:
+    """Mean cross-entropy (nats per token) over assistant tokens only, conversations unpacked."""
+    rows = [tokenize_chat(tokenizer, msgs) for msgs in conversations]
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    for b in range(0, len(rows), batch_size):
+        batch = [{k: v[:max_length] for k, v in r.items()} for r in rows[b : b + batch_size]]
+        L = max(len(r["input_ids"]) for r in batch)
+        ids = torch.zeros((len(batch), L), dtype=torch.long)
+        lab = torch.full((len(batch), L), -100, dtype=torch.long)
+        mask = torch.zeros((len(batch), L), dtype=torch.long)
+        for i, r in enumerate(batch):
+            n = len(r["input_ids"])
+            ids[i, :n] = torch.tensor(r["input_ids"])
+            lab[i, :n] = torch.tensor(r["labels"])
+            mask[i, :n] = 1
+        logits = model(input_ids=ids, attention_mask=mask).logits.float()  # (B, T, V)
+        tgt = lab[:, 1:]
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100, reduction="sum"
+        )
+        total += float(nll)
+        count += int((tgt != -100).sum())
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+# ---------------------------------------------------------------------------- training
+
+
+def checkpoint_dir(output: str | Path) -> Path:
+    output = Path(output)
+    return output.with_name(output.name + ".checkpoints")
+
+
+def latest_checkpoint(directory: str | Path) -> Path | None:
+    directory = Path(directory)
+    if not directory.is_dir():
+        return None
+    cks = [p for p in directory.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+    return max(cks, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+def trainer_args(cfg, ckpt: Path) -> dict:
+    """Training arguments common to SFT and preference trainers (CPU, no reporting)."""
+    return dict(
+        output_dir=str(ckpt),
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.lr,
+        warmup_steps=cfg.warmup_steps,
+        weight_decay=cfg.weight_decay,
+        lr_scheduler_type="linear",
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps" if cfg.save_steps else "no",
+        save_steps=cfg.save_steps or cfg.max_steps,
+        save_total_limit=2,
+        report_to="none",
+        use_cpu=not torch.cuda.is_available(),
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        bf16=False,  # TRL defaults to bf16 autocast, which also patches the returned model's forward
+        gradient_checkpointing=False,
+    )
+
+
+def sft(
+    model,
+    tokenizer,
+    conversations: list[list[dict]],
+    cfg: SFTConfig,
+    checkpoints: str | Path,
+    resume: bool = False,
+    callbacks: list | None = None,
+) -> SFTResult:
+    """Fine-tune ``model`` on ``conversations`` (loss on assistant tokens only).
+
+    With ``cfg.lora`` the base weights are frozen and the returned model is a
+    PEFT model wrapping ``model``; otherwise ``model`` is trained in place.
+    ``checkpoints`` receives Trainer checkpoints; ``resume`` continues from the
+    newest one there (a fresh start when there is none).
+    """
+    from trl import SFTConfig as TRLSFTConfig
+    from trl import SFTTrainer
+
+    require_chat_template(tokenizer)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    dataset = build_dataset(tokenizer, conversations)
+    ckpt = Path(checkpoints)
+    args = TRLSFTConfig(
+        **trainer_args(cfg, ckpt),
+        max_length=cfg.max_length,
+        packing=cfg.packing,
+        packing_strategy="bfd",
+        shuffle_dataset=True,
+    )
+    model.train()
+    # packed rows are kept apart by position ids, which transformers only honours without a KV cache
+    use_cache = model.config.use_cache
+    model.config.use_cache = False
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=cfg.lora.peft_config() if cfg.lora is not None else None,
+        callbacks=callbacks,
+    )
+    quiet(trainer)
+    start = latest_checkpoint(ckpt) if resume else None
+    if start is not None:
+        log.info("resuming SFT from %s", start)
+    try:
+        out = trainer.train(resume_from_checkpoint=str(start) if start is not None else None)
+    finally:
+        model.config.use_cache = use_cache
+    trained = trainer.model
+    trained.eval()
+    loss = float(out.training_loss) if out.training_loss is not None else math.nan
+    return SFTResult(trained, int(out.global_step), loss, list(trainer.state.log_history))
+
+
+def quiet(trainer) -> None:
+    """Drop the Trainer's stdout printer (library code logs, it does not print)."""
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)
+
+
+def is_peft(model) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return False
+    return isinstance(model, PeftModel)
+
+
+def save_trained(model, tokenizer, dest: str | Path, manifest: Manifest, merge: bool = False) -> Path:
+    """Write the result of :func:`sft` (or preference training) atomically to ``dest``.
+
+    A PEFT model becomes an adapter directory (``adapter_config.json``,
+    ``adapter_model.safetensors``, tokenizer, ``slmkit.json`` with the base
+    model's fingerprint) unless ``merge``, which folds the adapters into the
+    base weights and writes a plain model directory.
+    """
+    from slmkit.train.adapters import base_fingerprint
+
+    if is_peft(model):
+        if merge:
+            merged = model.merge_and_unload()
+            return save_model(merged, tokenizer, dest, manifest)
+        base = model.get_base_model()
+        data = json.loads(manifest.to_json())
+        data["base_model"] = {"name": str(base.config.name_or_path), "fingerprint": base_fingerprint(base)}
+        with atomic_dir(dest) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            (tmp / MANIFEST).write_text(json.dumps(data, indent=2))
+        return Path(dest)
+    return save_model(model, tokenizer, dest, manifest)
+
+
+def finish_checkpoints(checkpoints: str | Path) -> None:
+    """Remove the checkpoint directory once the final artefact is safely written."""
+    shutil.rmtree(checkpoints, ignore_errors=True)
