@@ -180,7 +180,7 @@ def bench_retrieval(model, tok, args) -> dict:
         for name, chosen in (("all", texts), ("filtered", [texts[i] for i in keep])):
             ctx = "\n\n".join(chosen)
             prompt = [{"role": "user", "content": f"Context: {ctx}\n\nQuestion: {q['question']}\nAnswer in a few words."}]
-            n_tok = len(tok.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True))
+            n_tok = len(tok(tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True), add_special_tokens=False).input_ids)
             ans = reader.generate([prompt], GenParams(max_new_tokens=args.answer_tokens))[0].text
             res[name][0] += int(answer_correct(ans, q["answer"]))
             res[name][1] += n_tok
