@@ -9,6 +9,9 @@
 2. Cascade on rag-qa (question + its passage; answer checked by containment): the same
    truncated copy answers first, low mean-log-prob answers escalate to the default
    model; quality kept vs share escalated, against random routing at the same rate.
+4. Retrieval filter on rag-qa: each question's gold passage among ``--rag-k - 1`` random
+   distractors; the filter keeps passages whose yes/no relevance margin is positive; the
+   default model answers from all passages vs the kept ones (quality, prompt length).
 3. Hallucination detection on TruthfulQA (best answer vs first incorrect answer): AUROC
    of the default model's token-probability risk.
 
@@ -19,7 +22,6 @@ Usage: PYTHONPATH=src python bench/collab.py [--prompts 3] [--tokens 48] [--draf
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import platform
 import random
@@ -31,13 +33,9 @@ import torch
 
 def truncated(model, n: int):
     """A draft sharing the model's first ``n`` decoder blocks, embeddings, norm and head."""
-    d = copy.copy(model)
-    d.model = copy.copy(model.model)
-    d.model.layers = torch.nn.ModuleList(list(model.model.layers[:n]))
-    d.config = copy.deepcopy(model.config)
-    d.config.num_hidden_layers = n
-    d.model.config = d.config
-    return d
+    from slmkit.collab.speculative import layer_draft
+
+    return layer_draft(model, n)
 
 
 PROMPTS = [
@@ -153,6 +151,49 @@ def bench_judge(model, tok, args) -> dict:
     return out
 
 
+def bench_retrieval(model, tok, args) -> dict:
+    """Gold passage + distractors (a noisy top-k); the filter keeps passages with a positive
+    yes/no relevance margin; the reader answers from all passages vs the kept ones."""
+    from slmkit.backends import GenParams, HFBackend
+    from slmkit.collab.cascade import answer_correct
+    from slmkit.collab.retrieval import FilterConfig, filter_passages
+    from slmkit.data import data_file, read_jsonl
+
+    passages = {r["id"]: r["text"] for r in read_jsonl(data_file("rag-qa/passages.jsonl"))}
+    qs = read_jsonl(data_file("rag-qa/questions.jsonl"))
+    rng = random.Random(1)
+    rng.shuffle(qs)
+    reader = HFBackend(model, tok)
+    scorer = HFBackend(model if args.filter_layers == 0 else truncated(model, args.filter_layers), tok)
+    ids = sorted(passages)
+    res = {"all": [0, 0], "filtered": [0, 0]}
+    kept_gold = kept = 0
+    n = 0
+    for q in qs[: args.rag]:
+        others = rng.sample([i for i in ids if i != q["passage_id"]], args.rag_k - 1)
+        cand = others + [q["passage_id"]]
+        rng.shuffle(cand)
+        texts = [passages[i] for i in cand]
+        keep, _ = filter_passages(scorer, q["question"], texts, FilterConfig(threshold=0.0, min_keep=1))
+        kept += len(keep)
+        kept_gold += int(cand.index(q["passage_id"]) in keep)
+        for name, chosen in (("all", texts), ("filtered", [texts[i] for i in keep])):
+            ctx = "\n\n".join(chosen)
+            prompt = [{"role": "user", "content": f"Context: {ctx}\n\nQuestion: {q['question']}\nAnswer in a few words."}]
+            n_tok = len(tok(tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True), add_special_tokens=False).input_ids)
+            ans = reader.generate([prompt], GenParams(max_new_tokens=args.answer_tokens))[0].text
+            res[name][0] += int(answer_correct(ans, q["answer"]))
+            res[name][1] += n_tok
+        n += 1
+    return {
+        "questions": n, "k": args.rag_k, "filter": "default" if args.filter_layers == 0 else f"first {args.filter_layers} layers",
+        "quality_all": res["all"][0] / n, "quality_filtered": res["filtered"][0] / n,
+        "prompt_tokens_all": res["all"][1] / n, "prompt_tokens_filtered": res["filtered"][1] / n,
+        "prompt_length_ratio": res["filtered"][1] / res["all"][1],
+        "passages_kept": kept / n, "gold_recall": kept_gold / n,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--prompts", type=int, default=3)
@@ -164,8 +205,11 @@ def main() -> None:
     ap.add_argument("--answer-tokens", type=int, default=12)
     ap.add_argument("--tqa", type=int, default=60)
     ap.add_argument("--tqa-consistency", type=int, default=0)
+    ap.add_argument("--rag", type=int, default=20, help="rag-qa questions for the retrieval filter")
+    ap.add_argument("--rag-k", type=int, default=3, help="passages per question (gold + distractors)")
+    ap.add_argument("--filter-layers", type=int, default=0, help="filter scorer: 0 = the default model, N = its first N layers")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--parts", default="spec,cascade,judge")
+    ap.add_argument("--parts", default="spec,cascade,judge,retrieval")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from slmkit.models import load
@@ -194,6 +238,10 @@ def main() -> None:
         rep = bench_judge(model, tok, args)
         print("\n## hallucination detection on TruthfulQA pairs")
         print(json.dumps({"judge": rep}), flush=True)
+    if "retrieval" in parts:
+        rep = bench_retrieval(model, tok, args)
+        print("\n## retrieval filter on rag-qa (gold passage + distractors)")
+        print(json.dumps({"retrieval": rep}), flush=True)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import socket
 
 import pytest
 
-from slmkit.backends import HFBackend
+from slmkit.backends import GenParams, HFBackend
 from slmkit.collab.cascade import (
     CascadeConfig,
     answer_correct,
@@ -127,3 +127,17 @@ def test_cli_unreachable_large_endpoint(tiny_dir, tmp_path, capsys, qa_rows):
     assert "cannot get an answer" in capsys.readouterr().err
     assert main([*args[:-1], "--escalate", "1.5", "--json"]) == 2
     assert "[0, 1]" in capsys.readouterr().err
+
+
+def test_cascade_across_tokenizers(small_large, qa_rows):
+    """A cascade works at the text level, so the two ends may use different tokenizers."""
+    from slmkit.models.tiny import tiny_tokenizer
+
+    small, _ = small_large
+    tok2 = tiny_tokenizer(vocab_size=300)
+    other = HFBackend(tiny_model(tiny_llama_config(tok2, layers=1), seed=9), tok2)
+    rep = run_cascade(small, other, qa_rows[:6], CascadeConfig(escalate=1.0, max_new_tokens=2))
+    assert rep["escalation_rate"] == 1.0 and all(a.source == "large" for a in rep["answers"])
+    want = other.generate([[{"role": "user", "content": "Question: " + qa_rows[3]["question"] + "\nAnswer in a few words."}]],
+                          GenParams(max_new_tokens=2))[0].text
+    assert rep["answers"][0].answer == want

@@ -80,6 +80,31 @@ def test_reduced_vocab_draft_is_still_exact(pair):
     assert len(sampled.tokens) == 24
 
 
+def test_layer_draft_shares_weights_and_leaves_target_intact(pair):
+    from slmkit.collab.speculative import layer_draft
+
+    target, _, tok = pair
+    ids = torch.tensor(tok("The cat sees the house.").input_ids)
+    with torch.no_grad():
+        before = target(ids[None]).logits
+    d = layer_draft(target, 1)
+    assert len(target.model.layers) == 3 and target.config.num_hidden_layers == 3
+    assert len(d.model.layers) == 1 and d.model.layers[0] is target.model.layers[0]
+    with torch.no_grad():
+        assert torch.equal(target(ids[None]).logits, before)
+        # the draft is the target's first block followed by its final norm and head
+        h = target.model.embed_tokens(ids[None])
+        pos = torch.arange(ids.shape[0])[None]
+        emb = target.model.rotary_emb(h, pos)
+        mask = torch.full((ids.shape[0], ids.shape[0]), float("-inf")).triu(1)[None, None]
+        h = target.model.layers[0](h, attention_mask=mask, position_embeddings=emb, position_ids=pos)
+        h = h[0] if isinstance(h, tuple) else h
+        want = target.lm_head(target.model.norm(h))
+        assert torch.allclose(d(ids[None]).logits, want, atol=1e-5)
+    out = speculate(target, d, ids, SpecConfig(max_new_tokens=20))
+    assert out.tokens == _hf_greedy(target, ids, 20)
+
+
 def test_self_draft_accepts_everything_and_saves_target_calls(pair):
     target, _, tok = pair
     ids = torch.tensor(tok("My friend reads the old book.").input_ids)
@@ -200,6 +225,10 @@ def test_cli_speculate_json(tiny_dir, capsys):
     assert not res["text"].startswith("The cat")
     rc = main(["speculate", "--draft", "lookup", "--target", str(tiny_dir), "The cat", "--max-new-tokens", "8", "--json"])
     assert rc == 0 and json.loads(capsys.readouterr().out)["identical_to_target"] is True
+    rc = main(["speculate", "--draft", "layers:1", "--target", str(tiny_dir), "The cat", "--max-new-tokens", "8", "--json"])
+    assert rc == 0 and json.loads(capsys.readouterr().out)["identical_to_target"] is True
+    assert main(["speculate", "--draft", "layers:5", "--target", str(tiny_dir), "The cat", "--json"]) == 2
+    assert "layer draft" in capsys.readouterr().err
 
 
 def test_cli_speculate_mismatched_tokenizer(tiny_dir, tmp_path, capsys):
@@ -217,16 +246,14 @@ def test_cli_speculate_mismatched_tokenizer(tiny_dir, tmp_path, capsys):
 @pytest.mark.integration
 def test_default_pair_greedy_identical(default_model):
     """The default model with a 10-layer copy of itself as draft, fp32: identical to the target alone."""
+    from slmkit.collab.speculative import layer_draft
+
     model, tok = default_model
-    draft = copy.copy(model)
-    draft.model = copy.copy(model.model)
-    draft.model.layers = torch.nn.ModuleList(list(model.model.layers[:10]))
-    draft.config = copy.deepcopy(model.config)
-    draft.config.num_hidden_layers = 10
-    draft.model.config = draft.config
+    draft = layer_draft(model, 10)
+    assert len(model.model.layers) == 30 and model.config.num_hidden_layers == 30  # target untouched
     text = tok.apply_chat_template([{"role": "user", "content": "Name three colours."}], tokenize=False, add_generation_prompt=True)
     ids = torch.tensor(tok(text, add_special_tokens=False).input_ids)
     ref = _hf_greedy(model, ids, 32)
     out = speculate(model, draft, ids, SpecConfig(max_new_tokens=32))
     assert out.tokens == ref
-    assert out.accepted > 0
+    assert 0 < out.accepted < out.drafted  # a real (imperfect) draft

@@ -34,7 +34,7 @@ def _encode(tok, prompt: str, chat: bool):
 
 def speculate(
     prompt: str = typer.Argument(..., help="the prompt (continued as raw text unless --chat)"),
-    draft: str = typer.Option(..., "--draft", help="draft MODEL (same tokenizer as the target) or 'lookup'"),
+    draft: str = typer.Option(..., "--draft", help="draft MODEL (same tokenizer as the target), 'lookup', or 'layers:N' (the target's first N blocks)"),
     target: str = typer.Option(..., "--target", help="target MODEL: default | hub id | directory | file.gguf"),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32 (greedy output identical to the target) or bf16"),
@@ -51,12 +51,19 @@ def speculate(
     """Speculative decoding: the draft proposes, the target verifies; reports speed-up and acceptance."""
     import torch
 
-    from slmkit.collab.speculative import SpecConfig, autoregressive, check_same_tokenizer, speculate as run
+    from slmkit.collab.speculative import SpecConfig, autoregressive, check_same_tokenizer, layer_draft, speculate as run
+    from slmkit.errors import ConfigError
     from slmkit.models import load
 
     t_model, t_tok = load(target, dtype=dtype)
     if draft == "lookup":
         d_model = "lookup"
+    elif draft.startswith("layers:"):
+        try:
+            n = int(draft.split(":", 1)[1])
+        except ValueError:
+            raise ConfigError(f"--draft layers:N needs an integer N, got {draft!r}") from None
+        d_model = layer_draft(t_model, n)
     else:
         d_model, d_tok = load(draft, dtype=dtype)
         check_same_tokenizer(t_tok, d_tok, "the draft and the target")

@@ -40,8 +40,27 @@ def serve(
     timeout: float = typer.Option(300.0, "--timeout", min=0.1, help="seconds a request may run"),
     max_body: int = typer.Option(1_000_000, "--max-body-bytes", min=1, help="larger request bodies get HTTP 413"),
     adapter: list[str] = typer.Option([], "--adapter", help="NAME=DIR: serve a LoRA adapter as model NAME (repeatable)"),
+    large: Optional[str] = typer.Option(None, "--large", help="pair MODEL (the small one) with this large MODEL or http(s):// URL"),
+    mode: Optional[str] = typer.Option(None, "--mode", help="with --large: speculative | cascade | shield"),
+    threshold: float = typer.Option(-1.0, "--threshold", help="cascade: escalate when the small answer's mean token log-prob is below this"),
 ) -> None:
-    """Serve MODEL over an OpenAI-compatible HTTP API (streaming, continuous batching)."""
+    """Serve MODEL over an OpenAI-compatible HTTP API (streaming, continuous batching).
+
+    With --large and --mode, serve MODEL paired with a large model (non-streaming;
+    each response carries "slmkit" metadata: escalated, confidence, acceptance_rate, redacted).
+    """
+    from slmkit.errors import ConfigError
+
+    if (large is None) != (mode is None):
+        raise ConfigError("--large and --mode go together", "e.g. --large http://host:8000 --mode cascade")
+    if large is not None:
+        import uvicorn
+
+        from slmkit.collab.serving import build_backend, create_app
+
+        backend = build_backend(model, large, mode, dtype=dtype, threshold=threshold, timeout=timeout)
+        uvicorn.run(create_app(backend, name=name, api_key=api_key), host=host, port=port, log_level="warning")
+        return
     from slmkit.backends import HFBackend
     from slmkit.runtime.engine import EngineConfig
     from slmkit.runtime.generate import FastConfig

@@ -277,6 +277,37 @@ def check_same_tokenizer(tok_a, tok_b, what: str = "these models") -> None:
         )
 
 
+def layer_draft(model, n_layers: int):
+    """A draft made of the target's first ``n_layers`` decoder blocks (plus its embeddings,
+    final norm and head), sharing their weights: no extra memory, no training.
+
+    The target is left untouched (its module dicts are copied, not shared). Works for
+    transformers decoders that keep their blocks in ``model.model.layers``.
+    """
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        raise UnsupportedModelError(f"{type(model).__name__} keeps no decoder blocks in model.layers; use a draft model")
+    if not 1 <= n_layers < len(layers):
+        raise ConfigError(f"a layer draft needs 1 <= layers < {len(layers)} (the target's depth), got {n_layers}")
+    import copy
+
+    config = copy.deepcopy(model.config)
+    config.num_hidden_layers = n_layers
+    for attr in ("layer_types",):  # per-layer lists must match the new depth
+        if isinstance(getattr(config, attr, None), list):
+            setattr(config, attr, getattr(config, attr)[:n_layers])
+    new_inner = copy.copy(inner)
+    new_inner.__dict__["_modules"] = dict(inner._modules)  # copy.copy would share the module dict
+    new_inner.__dict__["_modules"]["layers"] = torch.nn.ModuleList(list(layers[:n_layers]))
+    new_inner.config = config
+    draft = copy.copy(model)
+    draft.__dict__["_modules"] = dict(model._modules)
+    draft.__dict__["_modules"]["model"] = new_inner
+    draft.config = config
+    return draft
+
+
 def _param_count(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
