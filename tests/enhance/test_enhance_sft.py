@@ -158,8 +158,8 @@ class _Stop(TrainerCallback):
 
 
 def test_interrupted_training_resumes_to_the_same_weights(tiny_tok, tmp_path):
-    cfg = SFTConfig(max_steps=4, save_steps=2, learning_rate=1e-3, batch_size=2, max_length=64)
-    convs = toy_convs(8)
+    cfg = SFTConfig(max_steps=4, save_steps=2, learning_rate=1e-3, batch_size=1, max_length=32)
+    convs = toy_convs(4)
     straight = sft(tiny_model(tiny_llama_config(tiny_tok), seed=2), tiny_tok, convs, cfg, tmp_path / "a").model
     with pytest.raises(KeyboardInterrupt):
         sft(tiny_model(tiny_llama_config(tiny_tok), seed=2), tiny_tok, convs, cfg, tmp_path / "b", callbacks=[_Stop()])
