@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from slmkit.errors import ConfigError
 from slmkit.registry import Registry
-from slmkit.train.sft import LoraSettings, latest_checkpoint, quiet, require_chat_template, trainer_args
+from slmkit.train.sft import LoraSettings, latest_checkpoint, quiet, require_chat_template, trainable_marker, trainer_args
 
 log = logging.getLogger(__name__)
 
@@ -273,6 +273,7 @@ def preference_train(
         tokenizer.pad_token = tokenizer.eos_token
     ckpt = Path(checkpoints)
     model.train()
+    trainable_marker(model)
     use_cache = model.config.use_cache
     trainer = PREFERENCE_METHODS.get(cfg.method)(model, tokenizer, pairs, cfg, ckpt, callbacks)
     quiet(trainer)
