@@ -145,25 +145,26 @@ def bench_sft(args, model, tok, out):
 
 def bench_dpo(args, model, tok, out):
     from slmkit.data import data_file
-    from slmkit.train.dpo import PreferenceConfig, preference_metrics, preference_train, read_hh
+    from slmkit.train.dpo import PreferenceConfig, pair_logps, preference_metrics, preference_train, read_hh
     from slmkit.train.sft import LoraSettings
 
     pairs = read_hh(data_file("hh-rlhf/harmless-base-test.jsonl.gz"))
     # keep pairs that fit the length budget, so truncation does not hide the answers
-    fit = [p for p in pairs if len(tok.apply_chat_template(p["prompt"] + p["chosen"], tokenize=False)) < args.max_length * 3
-           and len(tok.apply_chat_template(p["prompt"] + p["rejected"], tokenize=False)) < args.max_length * 3]
+    fit = [p for p in pairs if len(tok.apply_chat_template(p["prompt"] + p["chosen"], tokenize=False)) < args.dpo_max_length * 3
+           and len(tok.apply_chat_template(p["prompt"] + p["rejected"], tokenize=False)) < args.dpo_max_length * 3]
     train, held = fit[: args.dpo_train], fit[-args.dpo_eval :]
     log(f"[dpo] {len(pairs)} pairs parsed, {len(fit)} short enough; train {len(train)}, held-out {len(held)}")
     out["dpo"] = {"pairs_parsed": len(pairs), "pairs_fitting": len(fit), "train_pairs": len(train), "heldout_pairs": len(held), "methods": {}}
     rows = []
     for method in args.dpo_methods.split(","):
         cfg = PreferenceConfig(method=method, lora=LoraSettings(r=16, alpha=32), max_steps=args.dpo_steps,
-                               learning_rate=args.dpo_lr, batch_size=2, max_length=args.max_length, save_steps=0, logging_steps=5)
-        before = preference_metrics(model, tok, held, cfg, reference=None)
+                               learning_rate=args.dpo_lr, batch_size=2, max_length=args.dpo_max_length, save_steps=0, logging_steps=5)
+        base_lp = pair_logps(model, tok, held, cfg.max_length)  # the reference: the model before training
+        before = preference_metrics(model, tok, held, cfg, reference=base_lp, policy_logps=base_lp)
         t0 = time.perf_counter()
         res = preference_train(model, tok, train, cfg, Path(args.workdir) / f"{method}-ck")
         train_s = time.perf_counter() - t0
-        after = preference_metrics(res.model, tok, held, cfg, reference="adapters-off")
+        after = preference_metrics(res.model, tok, held, cfg, reference=base_lp)
         out["dpo"]["methods"][method] = {"steps": res.steps, "beta": cfg.effective_beta, "train_seconds": train_s, "before": before, "after": after,
                                          "train_log": [h for h in res.log_history if "loss" in h]}
         rows += [[method, "implicit reward accuracy", before["reward_accuracy"], after["reward_accuracy"]],
@@ -293,14 +294,15 @@ def main():
     ap.add_argument("--sft-steps", type=int, default=20)
     ap.add_argument("--sft-batch", type=int, default=2)
     ap.add_argument("--sft-lr", type=float, default=2e-4)
-    ap.add_argument("--dpo-train", type=int, default=32)
-    ap.add_argument("--dpo-eval", type=int, default=32)
-    ap.add_argument("--dpo-steps", type=int, default=16)
+    ap.add_argument("--dpo-train", type=int, default=16)
+    ap.add_argument("--dpo-eval", type=int, default=24)
+    ap.add_argument("--dpo-steps", type=int, default=8)
     ap.add_argument("--dpo-lr", type=float, default=5e-5)
     ap.add_argument("--dpo-methods", default="dpo")
-    ap.add_argument("--rag-questions", type=int, default=50)
+    ap.add_argument("--rag-questions", type=int, default=30)
     ap.add_argument("--rag-k", type=int, default=2)
     ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--dpo-max-length", type=int, default=192)
     ap.add_argument("--synthetic-vectors", type=int, default=20000)
     ap.add_argument("--model", default="default", help="model spec (the recorded run uses the default model)")
     ap.add_argument("--workdir", default="/tmp/slmkit-bench-enhance")

@@ -117,14 +117,15 @@ def test_interrupted_indexing_resumes_without_redoing_finished_batches(embedder,
                 raise KeyboardInterrupt
             return self.inner.embed(texts)
 
+    docs = [docs / "notes.jsonl"]  # 8 one-chunk documents: 4 batches of 2
     with pytest.raises(KeyboardInterrupt):
-        build_index([docs], tmp_path / "idx", Flaky(embedder, fail_at=3), batch_chunks=2)
+        build_index(docs, tmp_path / "idx", Flaky(embedder, fail_at=3), batch_chunks=2)
     done = VectorIndex.open(tmp_path / "idx")
     assert len(done.meta["shards"]) == 2
     calls.clear()
-    build_index([docs], tmp_path / "idx", Flaky(embedder, fail_at=-1), batch_chunks=2)
+    build_index(docs, tmp_path / "idx", Flaky(embedder, fail_at=-1), batch_chunks=2)
     resumed = VectorIndex.open(tmp_path / "idx")
-    build_index([docs], tmp_path / "clean", embedder, batch_chunks=2)
+    build_index(docs, tmp_path / "clean", embedder, batch_chunks=2)
     clean = VectorIndex.open(tmp_path / "clean")
     assert sum(calls) == len(clean.chunks) - len(done.chunks)  # only the unfinished chunks were embedded
     assert [c["text"] for c in resumed.chunks] == [c["text"] for c in clean.chunks]

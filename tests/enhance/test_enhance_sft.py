@@ -100,6 +100,7 @@ def test_packed_rows_keep_examples_apart(tiny_llama, tiny_tok):
 @pytest.fixture(scope="module")
 def lora_run(tiny_tok, tmp_path_factory):
     base = tiny_model(tiny_llama_config(tiny_tok), seed=1)
+    base.is_quantized = True  # what a GGUF-loaded (dequantised) model carries; the Trainer must still accept it
     before = {k: v.clone() for k, v in base.state_dict().items()}
     cfg = SFTConfig(lora=LoraSettings(r=4, alpha=8), max_steps=6, learning_rate=5e-3, batch_size=4, max_length=64, save_steps=0)
     res = sft(base, tiny_tok, toy_convs(), cfg, tmp_path_factory.mktemp("ck") / "c")
@@ -158,8 +159,8 @@ class _Stop(TrainerCallback):
 
 
 def test_interrupted_training_resumes_to_the_same_weights(tiny_tok, tmp_path):
-    cfg = SFTConfig(max_steps=4, save_steps=2, learning_rate=1e-3, batch_size=2, max_length=64)
-    convs = toy_convs(8)
+    cfg = SFTConfig(max_steps=4, save_steps=2, learning_rate=1e-3, batch_size=1, max_length=32)
+    convs = toy_convs(4)
     straight = sft(tiny_model(tiny_llama_config(tiny_tok), seed=2), tiny_tok, convs, cfg, tmp_path / "a").model
     with pytest.raises(KeyboardInterrupt):
         sft(tiny_model(tiny_llama_config(tiny_tok), seed=2), tiny_tok, convs, cfg, tmp_path / "b", callbacks=[_Stop()])

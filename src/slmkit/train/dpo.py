@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from slmkit.errors import ConfigError
 from slmkit.registry import Registry
-from slmkit.train.sft import LoraSettings, latest_checkpoint, quiet, require_chat_template, trainer_args
+from slmkit.train.sft import LoraSettings, latest_checkpoint, quiet, require_chat_template, trainable_marker, trainer_args
 
 log = logging.getLogger(__name__)
 
@@ -155,46 +155,58 @@ def answer_logps(model, tokenizer, prompt: list[dict], answers: list[list[dict]]
     return out
 
 
-def preference_metrics(model, tokenizer, pairs: list[dict], cfg: PreferenceConfig, reference=None) -> dict:
+def pair_logps(model, tokenizer, pairs: list[dict], max_length: int = 512) -> list[tuple[float, int, float, int]]:
+    """``(log p(chosen), |chosen|, log p(rejected), |rejected|)`` per pair, in eval mode."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for p in pairs:
+        (lc, nc), (lr, nr) = answer_logps(model, tokenizer, p["prompt"], [p["chosen"], p["rejected"]], max_length)
+        out.append((lc, nc, lr, nr))
+    model.train(was_training)
+    return out
+
+
+def preference_metrics(model, tokenizer, pairs: list[dict], cfg: PreferenceConfig, reference=None, policy_logps=None) -> dict:
     """Reward accuracy and margin of ``model`` on ``pairs``.
 
     DPO's implicit reward is ``beta * (log pi(y|x) - log pi_ref(y|x))`` (Rafailov et al., Eq. 5);
-    ``reference`` is a model, ``"adapters-off"`` (a PEFT model with its adapters disabled) or None
-    (then the reward is reported as 0, which is what it is before any training). SimPO's
-    reward is ``beta / |y| * log pi(y|x)`` (Meng et al., Eq. 4). ``logp_accuracy`` is the share of
-    pairs where the chosen answer has the higher log-likelihood; ties count as wrong.
+    ``reference`` is a model, ``"adapters-off"`` (a PEFT model with its adapters disabled), the
+    :func:`pair_logps` of the reference on these pairs, or None (then the reward is 0, which is
+    what it is before any training). SimPO's reward is ``beta / |y| * log pi(y|x)`` (Meng et al.,
+    Eq. 4). ``logp_accuracy`` is the share of pairs where the chosen answer has the higher
+    log-likelihood; ties count as wrong. ``policy_logps`` reuses :func:`pair_logps` of ``model``.
     """
     beta = cfg.effective_beta
-    was_training = model.training
-    model.eval()
-    rows = []
-    for p in pairs:
-        (lc, nc), (lr, nr) = answer_logps(model, tokenizer, p["prompt"], [p["chosen"], p["rejected"]], cfg.max_length)
+    policy = policy_logps if policy_logps is not None else pair_logps(model, tokenizer, pairs, cfg.max_length)
+    if cfg.method == "simpo" or reference is None:
+        ref = None
+    elif isinstance(reference, list):
+        ref = reference
+    elif reference == "adapters-off":
+        with model.disable_adapter():
+            ref = pair_logps(model, tokenizer, pairs, cfg.max_length)
+    else:
+        ref = pair_logps(reference, tokenizer, pairs, cfg.max_length)
+    margins = []
+    for i, (lc, nc, lr, nr) in enumerate(policy):
         if cfg.method == "simpo":
             rc, rr = beta * lc / max(nc, 1), beta * lr / max(nr, 1)
-        elif reference is None:
+        elif ref is None:
             rc = rr = 0.0
         else:
-            if reference == "adapters-off":
-                with model.disable_adapter():
-                    (qc, _), (qr, _) = answer_logps(model, tokenizer, p["prompt"], [p["chosen"], p["rejected"]], cfg.max_length)
-            else:
-                (qc, _), (qr, _) = answer_logps(reference, tokenizer, p["prompt"], [p["chosen"], p["rejected"]], cfg.max_length)
-            rc, rr = beta * (lc - qc), beta * (lr - qr)
-        rows.append((rc, rr, lc, lr, nc, nr))
-    model.train(was_training)
-    n = max(len(rows), 1)
-    margins = [rc - rr for rc, rr, *_ in rows]
+            rc, rr = beta * (lc - ref[i][0]), beta * (lr - ref[i][2])
+        margins.append(rc - rr)
+    n = max(len(policy), 1)
+    gamma = cfg.simpo_gamma if cfg.method == "simpo" else 0.0
     return {
-        "pairs": len(rows),
+        "pairs": len(policy),
         "reward_accuracy": sum(m > 0 for m in margins) / n,
         "reward_margin": sum(margins) / n,
-        "logp_accuracy": sum(lc > lr for _, _, lc, lr, _, _ in rows) / n,
-        "logp_margin": sum(lc - lr for _, _, lc, lr, _, _ in rows) / n,
-        "logp_per_token_accuracy": sum(lc / max(nc, 1) > lr / max(nr, 1) for _, _, lc, lr, nc, nr in rows) / n,
-        "dpo_loss" if cfg.method == "dpo" else "simpo_loss": sum(
-            -F.logsigmoid(torch.tensor(m - (cfg.simpo_gamma if cfg.method == "simpo" else 0.0))).item() for m in margins
-        ) / n,
+        "logp_accuracy": sum(lc > lr for lc, _, lr, _ in policy) / n,
+        "logp_margin": sum(lc - lr for lc, _, lr, _ in policy) / n,
+        "logp_per_token_accuracy": sum(lc / max(nc, 1) > lr / max(nr, 1) for lc, nc, lr, nr in policy) / n,
+        f"{cfg.method}_loss": sum(-F.logsigmoid(torch.tensor(m - gamma)).item() for m in margins) / n,
     }
 
 
@@ -261,6 +273,7 @@ def preference_train(
         tokenizer.pad_token = tokenizer.eos_token
     ckpt = Path(checkpoints)
     model.train()
+    trainable_marker(model)
     use_cache = model.config.use_cache
     trainer = PREFERENCE_METHODS.get(cfg.method)(model, tokenizer, pairs, cfg, ckpt, callbacks)
     quiet(trainer)

@@ -273,6 +273,7 @@ def sft(
         shuffle_dataset=True,
     )
     model.train()
+    trainable_marker(model)
     # packed rows are kept apart by position ids, which transformers only honours without a KV cache
     use_cache = model.config.use_cache
     model.config.use_cache = False
@@ -296,6 +297,13 @@ def sft(
     trained.eval()
     loss = float(out.training_loss) if out.training_loss is not None else math.nan
     return SFTResult(trained, int(out.global_step), loss, list(trainer.state.log_history))
+
+
+def trainable_marker(model) -> None:
+    """GGUF weights are dequantised when loaded, but transformers may still flag the model as
+    quantized without a quantizer, which its Trainer refuses; clear that stale flag (in place)."""
+    if getattr(model, "is_quantized", False) and getattr(model, "hf_quantizer", None) is None:
+        model.is_quantized = False
 
 
 def quiet(trainer) -> None:
