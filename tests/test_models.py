@@ -87,7 +87,10 @@ def test_unknown_architecture(tiny_dir, tmp_path):
 
 
 def test_unknown_hub_id_offline(monkeypatch, tmp_path):
+    import huggingface_hub.constants as hub_constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)  # read once at import time
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     with pytest.raises(ModelNotFoundError, match="not in the local Hugging Face cache"):
         load_config("nobody/no-such-model-xyz")
