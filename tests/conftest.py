@@ -65,3 +65,48 @@ def shared_file(shared_data):
         return path
 
     return get
+
+
+@pytest.fixture(scope="session")
+def start_server():
+    """``start_server(model_dir, *flags) -> (url, stop)``: a real ``slmkit serve`` process on 127.0.0.1."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    procs = []
+
+    def start(model_dir, *flags: str):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "slmkit", "serve", str(model_dir), "--port", str(port), *flags],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+        procs.append(proc)
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(600):
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None:
+                raise RuntimeError(proc.stderr.read().decode())
+            time.sleep(0.2)
+
+        def stop():
+            proc.terminate()
+            proc.wait(timeout=20)
+
+        return url, stop
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(timeout=20)

@@ -1,11 +1,8 @@
 """The HTTP backend against a real uvicorn server (slmkit serve) on 127.0.0.1 serving a tiny model."""
 
 import socket
-import subprocess
-import sys
 import time
 
-import httpx
 import pytest
 
 from slmkit.backends import GenParams, HFBackend, OpenAIBackend
@@ -19,25 +16,10 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_dir):
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "slmkit", "serve", str(tiny_dir), "--port", str(port), "--name", "tiny"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            raise RuntimeError(proc.stderr.read().decode())
-        time.sleep(0.2)
+def server(tiny_dir, start_server):
+    url, stop = start_server(tiny_dir, "--name", "tiny")
     yield url
-    proc.terminate()
-    proc.wait(timeout=20)
+    stop()
 
 
 def test_http_generate_matches_local(server, tiny_llama):

@@ -2,9 +2,6 @@
 
 import asyncio
 import json
-import socket
-import subprocess
-import sys
 import time
 
 import httpx
@@ -16,11 +13,6 @@ from slmkit.runtime import generate as G
 openai = pytest.importorskip("openai")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def lively_dir(lively, tmp_path_factory):
@@ -31,26 +23,10 @@ def lively_dir(lively, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(lively_dir):
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "slmkit", "serve", str(lively_dir), "--port", str(port), "--name", "tiny",
-         "--max-body-bytes", "20000", "--max-batch", "8"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            raise RuntimeError(proc.stderr.read().decode())
-        time.sleep(0.2)
+def server(lively_dir, start_server):
+    url, stop = start_server(lively_dir, "--name", "tiny", "--max-body-bytes", "20000", "--max-batch", "8")
     yield url
-    proc.terminate()
-    proc.wait(timeout=20)
+    stop()
 
 
 @pytest.fixture(scope="module")

@@ -3,12 +3,7 @@
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
-import sys
-import time
 
-import httpx
 import pytest
 
 from slmkit.backends.base import Completion, GenParams, TokenScores
@@ -132,30 +127,13 @@ def test_train_synth_dedup_index():
     assert d.check("a completely different sentence about cats") is None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
-
-def test_train_synth_black_box_distill_over_http(tiny_dir, tmp_path):
+def test_train_synth_black_box_distill_over_http(tiny_dir, tmp_path, start_server):
     """An HTTP teacher returns only text: distill falls back to sequence-level KD on its answers."""
     from slmkit.cli import main
 
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "slmkit", "serve", str(tiny_dir), "--port", str(port), "--name", "tiny"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
+    url, stop = start_server(tiny_dir, "--name", "tiny")
     try:
-        for _ in range(300):
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None:
-                raise RuntimeError(proc.stderr.read().decode())
-            time.sleep(0.2)
         prompts = tmp_path / "prompts.txt"
         prompts.write_text("The cat sees\nA dog finds\nMy friend reads\n")
         out = tmp_path / "out"
@@ -169,5 +147,4 @@ def test_train_synth_black_box_distill_over_http(tiny_dir, tmp_path):
         assert stage["config"]["loss"]["loss"] == "ce" and stage["data_kind"] == "chat"
         assert (out / "model.safetensors").is_file()
     finally:
-        proc.terminate()
-        proc.wait(timeout=20)
+        stop()

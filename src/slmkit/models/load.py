@@ -255,7 +255,7 @@ def load(
     """Load ``spec`` as ``(PreTrainedModel, tokenizer)`` in eval mode.
 
     ``dtype`` is ``"fp32"``, ``"bf16"`` or ``"fp16"`` (or a ``torch.dtype``).
-    Never runs remote code unless ``trust_remote_code=True``.
+    Never runs the model repo's own code unless ``trust_remote_code`` is set.
     """
     from transformers import AutoModelForCausalLM
 
