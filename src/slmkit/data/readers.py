@@ -14,12 +14,12 @@ def _open(path: Path):
     return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
 
 
-def read_jsonl(path: str | Path, required: tuple[str, ...] = (), limit: int = 0) -> list[dict]:
-    """Rows of a (possibly gzipped) jsonl file; each must be an object with ``required`` keys."""
+def iter_jsonl(path: str | Path, limit: int = 0) -> Iterator[tuple[int, dict]]:
+    """``(line number, object)`` for each non-blank line of a (possibly gzipped) jsonl file."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
-    rows = []
+    n = 0
     with _open(path) as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
@@ -30,12 +30,20 @@ def read_jsonl(path: str | Path, required: tuple[str, ...] = (), limit: int = 0)
                 raise DataError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            missing = [k for k in required if k not in row]
-            if missing:
-                raise DataError(f"{path}:{lineno}: missing field(s) {', '.join(missing)}")
-            rows.append(row)
-            if limit and len(rows) >= limit:
-                break
+            yield lineno, row
+            n += 1
+            if limit and n >= limit:
+                return
+
+
+def read_jsonl(path: str | Path, required: tuple[str, ...] = (), limit: int = 0) -> list[dict]:
+    """Rows of a (possibly gzipped) jsonl file; each must be an object with ``required`` keys."""
+    rows = []
+    for lineno, row in iter_jsonl(path, limit):
+        missing = [k for k in required if k not in row]
+        if missing:
+            raise DataError(f"{path}:{lineno}: missing field(s) {', '.join(missing)}")
+        rows.append(row)
     if not rows:
         raise DataError(f"data file {path} has no rows")
     return rows

@@ -2,36 +2,12 @@
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator
 from pathlib import Path
 
-from slmkit.data.readers import _open
+from slmkit.data.readers import iter_jsonl as iter_rows
 from slmkit.errors import DataError
 
 ROLES = ("system", "user", "assistant", "tool")
-
-
-def iter_rows(path: str | Path, limit: int = 0) -> Iterator[tuple[int, dict]]:
-    """``(line number, object)`` for each non-blank line of a (possibly gzipped) jsonl file."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"data file {path} does not exist")
-    n = 0
-    with _open(path) as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            yield lineno, row
-            n += 1
-            if limit and n >= limit:
-                return
 
 
 def check_messages(messages, where: str, field: str = "messages") -> list[dict]:
