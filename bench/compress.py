@@ -73,13 +73,16 @@ def quant_row(method: str, grid: Grid):
     return run
 
 
-def gguf_row(method: str | None, qtype: str = "Q4_0"):
+def gguf_row(method: str | None, qtype: str = "Q4_0", embedding: str | None = None):
     """method None: the gguf package's reference quantiser on the dense weights.
 
     Otherwise two rows from one quantisation on the GGUF grid: the fake-quantised
     model in memory (decoder Linears only, like the other quantiser rows), then the
     token embedding rounded on the same grid and the whole model written to GGUF
     (our codes in the blocks), read back through transformers and scored.
+    ``embedding`` (e.g. "Q8_0"): the token embedding / tied output head is written
+    at that type by the ``gguf`` package's quantiser instead (llama.cpp's presets
+    keep the output head above the body's precision); no in-memory row then.
     """
 
     def run(model, tok, ids, tmp):
@@ -92,12 +95,13 @@ def gguf_row(method: str | None, qtype: str = "Q4_0"):
             cfg = QUANTIZERS.get(method).config(grid=grid)
             q = quantize(model, method, cfg, ids if QUANTIZERS.get(method).needs_calibration else None)
             wall = time.perf_counter() - t0
-            dest = save_quantized(model, tok, q, Path(tmp) / "q", Manifest(source="default"))
-            yield "mem", model, (dest / PACKED).stat().st_size, n_params(model), wall
-            t0 = time.perf_counter() - wall  # the GGUF row's time includes the quantisation
-            q.tensors.update(rtn_model(model, None, RTNConfig(grid), [EMBEDDING]))
+            if embedding is None:
+                dest = save_quantized(model, tok, q, Path(tmp) / "q", Manifest(source="default"))
+                yield "mem", model, (dest / PACKED).stat().st_size, n_params(model), wall
+                t0 = time.perf_counter() - wall  # the GGUF row's time includes the quantisation
+                q.tensors.update(rtn_model(model, None, RTNConfig(grid), [EMBEDDING]))
         path = Path(tmp) / f"{method or 'ref'}-{qtype}.gguf"
-        rep = export_gguf_validated(model, tok, path, qtype, q, check_loader=False)
+        rep = export_gguf_validated(model, tok, path, qtype, q, check_loader=False, embedding_type=embedding)
         wall = time.perf_counter() - t0
         back, _ = load(str(path))  # scored as read back through transformers' GGUF loader
         yield None, back, rep.bytes, n_params(back), wall
@@ -149,6 +153,10 @@ ROWS = {
     "gguf-rtn-q4_0": ("RTN -> GGUF", "Q4_0 GGUF", gguf_row("rtn")),
     "gguf-gptq-q4_0": ("GPTQ -> GGUF", "Q4_0 GGUF", gguf_row("gptq")),
     "gguf-awq-q4_0": ("AWQ -> GGUF", "Q4_0 GGUF", gguf_row("awq")),
+    "gguf-ref-q4_0-e8": ("gguf reference", "Q4_0 GGUF, embedding Q8_0", gguf_row(None, embedding="Q8_0")),
+    "gguf-rtn-q4_0-e8": ("RTN -> GGUF", "Q4_0 GGUF, embedding Q8_0", gguf_row("rtn", embedding="Q8_0")),
+    "gguf-gptq-q4_0-e8": ("GPTQ -> GGUF", "Q4_0 GGUF, embedding Q8_0", gguf_row("gptq", embedding="Q8_0")),
+    "gguf-awq-q4_0-e8": ("AWQ -> GGUF", "Q4_0 GGUF, embedding Q8_0", gguf_row("awq", embedding="Q8_0")),
     "magnitude-50": ("magnitude", "50%", prune_row("magnitude", sparsity=0.5)),
     "wanda-50": ("Wanda", "50%", prune_row("wanda", sparsity=0.5)),
     "sparsegpt-50": ("SparseGPT", "50%", prune_row("sparsegpt", sparsity=0.5)),

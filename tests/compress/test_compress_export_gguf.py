@@ -89,3 +89,20 @@ def test_unknown_type_is_a_clear_error(tiny_llama, tmp_path):
     with pytest.raises(ConfigError, match="unknown GGUF type 'Q3_K'"):
         export_gguf_validated(model, tok, tmp_path / "x.gguf", "Q3_K")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_embedding_type_keeps_linear_codes_and_writes_embedding_at_its_own_type(gptq_q4_0, tiny_tok, tmp_path):
+    model, res = gptq_q4_0
+    path = tmp_path / "e8.gguf"
+    rep = export_gguf_validated(model, tiny_tok, path, "Q4_0", res, check_loader=False, embedding_type="Q8_0")
+    assert rep.exact == rep.tensors
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(str(path)).tensors}
+    assert types["token_embd.weight"] == gguf.GGMLQuantizationType.Q8_0
+    assert types["blk.0.ffn_down.weight"] == gguf.GGMLQuantizationType.Q4_0
+    # the Linears still carry the GPTQ codes unchanged
+    raw = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}["blk.1.ffn_down.weight"]
+    expect = encode_gguf_blocks(res.tensors["model.layers.1.mlp.down_proj.weight"])
+    assert np.array_equal(np.asarray(raw.data).reshape(expect.shape), expect)
+    with pytest.raises(ConfigError, match="embedding type 'Q6_K'"):
+        export_gguf_validated(model, tiny_tok, tmp_path / "x.gguf", "Q4_0", res, embedding_type="Q6_K")
+    assert not (tmp_path / "x.gguf").exists()

@@ -119,6 +119,7 @@ def export_cmd(
     fmt: str = typer.Option(..., "--format", help="safetensors | gguf"),
     qtype: Optional[str] = typer.Option(None, "--type", help="gguf: F32 | F16 | Q8_0 | Q4_0 | Q4_1 | Q5_0 (default F16); safetensors: F32 | F16 | BF16 (default as loaded)"),
     output: Path = typer.Option(..., "--output", help="file (gguf) or directory (safetensors) to write"),
+    embedding_type: Optional[str] = typer.Option(None, "--embedding-type", help="gguf: type of the token embedding / output head (default: --type); llama.cpp keeps it above a 4-bit body, e.g. Q8_0"),
     loader_check: bool = typer.Option(True, "--loader-check/--no-loader-check", help="also reload the export through transformers"),
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
@@ -137,6 +138,8 @@ def export_cmd(
         raise ConfigError(f"unknown export format {fmt!r}", "use --format safetensors or --format gguf")
     if fmt == "gguf" and qtype is not None and qtype not in TYPES:
         raise ConfigError(f"unknown GGUF type {qtype!r}", f"use one of {', '.join(TYPES)}")
+    if embedding_type is not None and (fmt != "gguf" or embedding_type not in TYPES):
+        raise ConfigError(f"--embedding-type {embedding_type!r}: only for --format gguf, one of {', '.join(TYPES)}")
     quantized = None
     t0 = time.perf_counter()
     if Path(model).is_dir() and is_quantized_dir(model):
@@ -146,7 +149,8 @@ def export_cmd(
     else:
         m, tok = load(model)
     if fmt == "gguf":
-        rep = export_gguf_validated(m, tok, output, qtype or "F16", quantized, check_loader=loader_check)
+        rep = export_gguf_validated(m, tok, output, qtype or "F16", quantized, check_loader=loader_check,
+                                    embedding_type=embedding_type)
     else:
         manifest = (Manifest.read(model) if Path(model).is_dir() else None) or Manifest(source=model)
         rep = export_safetensors(m, tok, output, manifest, dtype=qtype, check_loader=loader_check)

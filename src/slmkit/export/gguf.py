@@ -27,6 +27,8 @@ from slmkit.errors import ConfigError, UnsupportedModelError
 log = logging.getLogger(__name__)
 
 TYPES = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0")
+#: the tensors ``embedding_type`` applies to (token embedding, untied output head)
+EMBEDDING_NAMES = ("model.embed_tokens.weight", "lm_head.weight")
 _LAYER_NAMES = {
     "self_attn.q_proj": "attn_q",
     "self_attn.k_proj": "attn_k",
@@ -103,17 +105,25 @@ def export_gguf(
     qtype: str = "F16",
     encoders: dict[str, Encoder] | None = None,
     keep_f32: Callable[[str], bool] | None = None,
+    embedding_type: str | None = None,
 ) -> Path:
     """Write ``model`` as a GGUF file of type ``qtype`` (atomically); return the path.
 
     1-D tensors (norms) always stay F32, as in llama.cpp. ``keep_f32(hf_name)``
     may keep more tensors at full precision. ``encoders`` maps HF tensor names to
     functions that return the already-quantised block bytes for that tensor.
+    ``embedding_type`` (default: ``qtype``) is the type of the token embedding and
+    of the output head (for a tied model they are one tensor): llama.cpp's own
+    ``llama-quantize`` keeps the output head at a higher precision than the
+    4/5-bit body (Q6_K); the ``gguf`` package cannot write Q6_K, so Q8_0 is the
+    nearest choice here.
     """
     import gguf
 
     if qtype not in TYPES:
         raise ConfigError(f"unknown GGUF type {qtype!r}", f"use one of {', '.join(TYPES)}")
+    if embedding_type is not None and embedding_type not in TYPES:
+        raise ConfigError(f"unknown GGUF embedding type {embedding_type!r}", f"use one of {', '.join(TYPES)}")
     cfg = model.config
     if cfg.model_type not in ("llama", "mistral") or getattr(cfg, "attention_bias", False):
         raise UnsupportedModelError(
@@ -157,11 +167,11 @@ def export_gguf(
             elif name.endswith("k_proj.weight"):
                 t = permute_qk(t, kv_heads)
             arr = t.numpy()
-            want = qt
+            want = gguf.GGMLQuantizationType[embedding_type] if embedding_type and name in EMBEDDING_NAMES else qt
             if t.ndim == 1 or (keep_f32 is not None and keep_f32(name)):
                 want = gguf.GGMLQuantizationType.F32
-            elif qtype not in ("F32", "F16") and t.shape[-1] % gguf.GGML_QUANT_SIZES[qt][0] != 0:
-                log.warning("%s: width %d is not a multiple of the %s block; writing F16", name, t.shape[-1], qtype)
+            elif want.name not in ("F32", "F16") and t.shape[-1] % gguf.GGML_QUANT_SIZES[want][0] != 0:
+                log.warning("%s: width %d is not a multiple of the %s block; writing F16", name, t.shape[-1], want.name)
                 want = gguf.GGMLQuantizationType.F16
             if want == gguf.GGMLQuantizationType.F32:
                 w.add_tensor(gname, arr.astype(np.float32))
@@ -267,7 +277,7 @@ def _expected(arr: np.ndarray, qtype: str, is_vector: bool) -> np.ndarray:
 
 
 def export_gguf_validated(model, tokenizer, path: str | Path, qtype: str = "F16", quantized=None,
-                          check_loader: bool = True):
+                          check_loader: bool = True, embedding_type: str | None = None):
     """Export as GGUF, then read it back and compare every tensor with what it must hold.
 
     Tensors carried by ``quantized`` (its grid being ``qtype``'s) must read back
@@ -284,7 +294,9 @@ def export_gguf_validated(model, tokenizer, path: str | Path, qtype: str = "F16"
     if quantized is not None and quantized.grid.gguf not in (None, qtype):
         log.warning("codes are on the %s grid; exporting %s re-rounds them", quantized.grid.gguf, qtype)
     encoders = encoders_for(quantized, model.config, qtype)
-    export_gguf(model, tokenizer, path, qtype, encoders=encoders)
+    if embedding_type not in (None, qtype):
+        encoders = {k: v for k, v in encoders.items() if k not in EMBEDDING_NAMES}
+    export_gguf(model, tokenizer, path, qtype, encoders=encoders, embedding_type=embedding_type)
     try:
         state = {k: v.detach().float() for k, v in model.state_dict().items()}
         tied = getattr(model.config, "tie_word_embeddings", False)
@@ -292,7 +304,8 @@ def export_gguf_validated(model, tokenizer, path: str | Path, qtype: str = "F16"
         for name, t in state.items():
             if gguf_name(name) is None or (name == "lm_head.weight" and tied):
                 continue
-            want[name] = t if name in encoders else torch.from_numpy(_expected(t.numpy(), qtype, t.ndim == 1))
+            typ = embedding_type if embedding_type and name in EMBEDDING_NAMES else qtype
+            want[name] = t if name in encoders else torch.from_numpy(_expected(t.numpy(), typ, t.ndim == 1))
         back = read_gguf_weights(path, model.config)
         if set(back) != set(want):
             raise RuntimeError(f"GGUF read-back has tensors {sorted(set(back) ^ set(want))[:4]} it should not (or lacks them)")
