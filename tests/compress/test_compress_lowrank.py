@@ -76,10 +76,21 @@ def test_whitened_model_uses_block_inputs(tiny_llama):
     x = block0.post_attention_layernorm(block0.self_attn(block0.input_layernorm(xs[0]), position_embeddings=model.model.rotary_emb(xs[0], torch.arange(20)[None]), attention_mask=None)[0] + xs[0])
     cfg = LowRankConfig(0.7)
     rank = plan_ranks(model, 0.7)["model.layers.0.mlp.gate_proj"]
-    up, down = whitened_factors(W, _stats(x.reshape(-1, 64).double()), rank, cfg)
+    X = x.reshape(-1, 64).detach().double()
+    up, down = whitened_factors(W, _stats(X), rank, cfg)
+    plain_up, plain_down = svd_factors(W, None, rank, cfg)
     lowrank(model, ids, cfg)
     got = decoder_layers(model)[0].mlp.gate_proj
-    torch.testing.assert_close(got.up.weight @ got.down.weight, (up @ down).float(), atol=2e-4, rtol=1e-3)
+
+    def err(A):  # the whitened objective ||(W - A) X^T||_F on the block's real inputs
+        return ((W.double() - A.double()) @ X.T).norm().item()
+
+    # The factors minimise the objective on these inputs: compare the objective, not the factors
+    # themselves (near-equal singular values make the truncated subspace ill-defined, and thread
+    # counts change the rounding of X).
+    best = err(up @ down)
+    assert err(got.up.weight @ got.down.weight) == pytest.approx(best, rel=1e-3)
+    assert best < 0.8 * err(plain_up @ plain_down)  # inputs matter: plain SVD is measurably worse here
 
 
 def test_activation_aware_beats_plain_on_the_calibration_text(tiny_llama):
