@@ -1,4 +1,4 @@
-"""Collaboration verbs: speculate, route, judge."""
+"""Collaboration verbs: speculate, route, judge, invert."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ def register(app: typer.Typer) -> None:
     app.command("speculate")(speculate)
     app.command("route")(route)
     app.command("judge")(judge)
+    app.command("invert")(invert)
 
 
 def _encode(tok, prompt: str, chat: bool):
@@ -160,3 +161,127 @@ def judge(
         print_json(report)
         return
     console.print(kv_table("judge", [(k_, v) for k_, v in report.items() if k_ != "items"]))
+
+
+def invert(
+    model: str = typer.Argument(..., help="the inverter's MODEL (with --train: the base to fine-tune): default | hub id | directory | file.gguf"),
+    train: Optional[Path] = typer.Option(None, "--train", help='jsonl of {"prompt", "output"} / {"messages"} / Self-Instruct rows to train on'),
+    output: Optional[Path] = typer.Option(None, "--output", help="with --train: directory to write (LoRA adapter, or model with --merge / --full)"),
+    eval_data: Optional[Path] = typer.Option(None, "--eval", help="held-out pairs: token F1 / exact match of the reconstructions vs the first-sentence baseline"),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help="with --eval: an inverter adapter written by --train, loaded onto MODEL"),
+    zero_shot: bool = typer.Option(True, "--zero-shot/--no-zero-shot", help="also score the untrained MODEL asked zero-shot"),
+    target: Optional[str] = typer.Option(None, "--target", help="query this MODEL or http(s):// endpoint with the prompts of the data files for their outputs"),
+    system_query: Optional[str] = typer.Option(None, "--system-query", help="with --target: send each prompt as the system prompt, this as the user turn"),
+    save_pairs: Optional[Path] = typer.Option(None, "--save-pairs", help="with --target: write the collected pairs to this jsonl"),
+    role: str = typer.Option("user", "--role", help="in messages rows, the hidden prompt is the last 'user' or 'system' message"),
+    full: bool = typer.Option(False, "--full", help="full fine-tuning instead of LoRA"),
+    merge: bool = typer.Option(False, "--merge", help="fold the LoRA adapters into the weights and write a model"),
+    max_steps: int = typer.Option(100, "--max-steps", min=1),
+    lr: Optional[float] = typer.Option(None, "--lr", help="learning rate (default 2e-4 LoRA, 2e-5 full)"),
+    batch_size: int = typer.Option(4, "--batch-size", min=1),
+    max_length: int = typer.Option(512, "--max-length", min=8, help="tokens per (packed) training sequence"),
+    lora_r: int = typer.Option(8, "--lora-r", min=1),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="longest reconstructed prompt (tokens)"),
+    target_tokens: int = typer.Option(128, "--target-tokens", min=1, help="with --target: longest collected output (tokens)"),
+    limit: int = typer.Option(0, "--limit", min=0, help="first N rows of each data file (0 = all)"),
+    seed: int = typer.Option(0, "--seed"),
+    dtype: str = typer.Option("fp32", "--dtype"),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """Prompt inversion (red team): train a small model to recover prompts from outputs; measure the leak."""
+    import contextlib
+    import json
+    import time
+
+    from slmkit.artefact import Manifest, atomic_file
+    from slmkit.backends import GenParams, HFBackend, from_spec
+    from slmkit.collab.inversion import InvertConfig, collect_pairs, evaluate, read_pairs, train_inverter
+    from slmkit.errors import ConfigError
+    from slmkit.models import load
+    from slmkit.train.sft import LoraSettings, SFTConfig, checkpoint_dir, finish_checkpoints, save_trained
+
+    if train is None and eval_data is None:
+        raise ConfigError("give --train DATA --output DIR, --eval DATA, or both")
+    if train is not None and output is None:
+        raise ConfigError("--train needs --output DIR (where the inverter is written)")
+    if adapter is not None and train is not None:
+        raise ConfigError("--adapter evaluates an existing inverter; it cannot be combined with --train")
+    if merge and full:
+        raise ConfigError("--merge folds LoRA adapters; --full already writes a model")
+    if (system_query is not None or save_pairs is not None) and target is None:
+        raise ConfigError("--system-query and --save-pairs need --target")
+    cfg = InvertConfig(max_new_tokens=max_new_tokens)
+    sft_cfg = SFTConfig(lora=None if full else LoraSettings(r=lora_r, alpha=2.0 * lora_r), max_steps=max_steps,
+                        learning_rate=lr, batch_size=batch_size, max_length=max_length, save_steps=0, seed=seed)
+    files = {"train": train, "eval": eval_data}
+    pairs = {k: read_pairs(p, role=role, need_output=target is None, limit=limit) for k, p in files.items() if p is not None}
+    if target is not None:
+        tb = from_spec(target, dtype=dtype)
+        gp = GenParams(max_new_tokens=target_tokens)
+        pairs = {k: collect_pairs(tb, [p.prompt for p in v], gp, user_turn=system_query) for k, v in pairs.items()}
+        if save_pairs is not None:
+            with atomic_file(save_pairs) as tmp:
+                tmp.write_text("".join(json.dumps({"prompt": p.prompt, "output": p.output, "split": k}) + "\n"
+                                       for k, v in pairs.items() for p in v))
+        del tb
+
+    from datasets.utils.logging import disable_progress_bar
+
+    disable_progress_bar()
+    result: dict = {"model": model, "adapter": None if adapter is None else str(adapter), "target": target}
+    if train is None:  # evaluate an existing inverter (and, with --adapter, the bare MODEL under it zero-shot)
+        from slmkit.train.adapters import AdapterSet
+
+        aset = AdapterSet.from_spec(model, dtype=dtype)
+        methods: dict = {}
+        if adapter is not None:
+            aset.add("inverter", adapter)
+            if zero_shot:
+                with aset.use(None) as bare:
+                    methods.update(evaluate(pairs["eval"], {"zero_shot": bare}, cfg))
+            with aset.use("inverter") as inverter:
+                methods.update(evaluate(pairs["eval"], {"inverter": inverter}, cfg))
+        else:
+            methods.update(evaluate(pairs["eval"], {"inverter": HFBackend(aset.base, aset.tokenizer, name=model)}, cfg))
+        result.update(data=str(eval_data), n=len(pairs["eval"]), methods=methods)
+        return _print_inversion(result, json_out)
+
+    m, tok = load(model, dtype=dtype)
+    before = None
+    if "eval" in pairs and zero_shot:  # the untrained model, before adapters are injected or weights move
+        before = evaluate(pairs["eval"], {"zero_shot": HFBackend(m, tok, name=model)}, cfg)
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(sys.stderr):
+        res = train_inverter(m, tok, pairs["train"], sft_cfg, checkpoint_dir(output), cfg)
+    seconds = time.perf_counter() - t0
+    result.update(output=str(output), kind="model" if (full or merge) else "adapter", train_pairs=len(pairs["train"]),
+                  steps=res.steps, train_loss=res.train_loss, seconds=round(seconds, 1))
+    metrics: dict = {"train_loss": res.train_loss}
+    if "eval" in pairs:
+        after = evaluate(pairs["eval"], {"inverter": HFBackend(res.model, tok, name=str(output))}, cfg)
+        result["methods"] = {**(before or {}), **after}  # first_sentence, zero_shot, inverter
+        result.update(data=str(eval_data), n=len(pairs["eval"]))
+        metrics["eval"] = {k: {f: v[f] for f in ("token_f1", "exact_match", "n")} for k, v in result["methods"].items()}
+    manifest = Manifest(source=model, metrics=metrics)
+    manifest.add_stage("invert-train", {"invert": cfg, "sft": sft_cfg}, data=str(train), target=target,
+                       system_query=system_query, pairs=len(pairs["train"]), steps=res.steps, merged=merge)
+    with contextlib.redirect_stdout(sys.stderr):
+        save_trained(res.model, tok, output, manifest, merge=merge)
+    finish_checkpoints(checkpoint_dir(output))
+    _print_inversion(result, json_out)
+
+
+def _print_inversion(result: dict, json_out: bool) -> None:
+    if json_out:
+        print_json(result)
+        return
+    from rich.table import Table
+
+    console.print(kv_table("prompt inversion", [(k, v) for k, v in result.items() if k != "methods" and v is not None]))
+    if "methods" in result:
+        t = Table(title=f"reconstructed prompts on {result['n']} held-out pairs", title_justify="left")
+        for col in ("method", "token_f1", "exact_match"):
+            t.add_column(col, justify="left" if col == "method" else "right")
+        for name, r in result["methods"].items():
+            t.add_row(name, f"{r['token_f1']:.3f}", f"{r['exact_match']:.3f}")
+        console.print(t)
