@@ -52,6 +52,8 @@ def main() -> None:
     ap.add_argument("--calib-len", type=int, default=128)
     ap.add_argument("--toxicity-samples", type=int, default=2)
     ap.add_argument("--canary-candidates", type=int, default=1000)
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
+                    help="compute dtype of every audited model (compression runs in fp32 first)")
     args = ap.parse_args()
     torch.manual_seed(0)
 
@@ -71,6 +73,8 @@ def main() -> None:
     for name in args.models.split(","):
         t0, c0 = time.perf_counter(), time.process_time()
         m, tok = load("default") if name == "default" else compressed(name, calib, args.calib_samples, args.calib_len)
+        if args.dtype == "bf16":
+            m = m.to(torch.bfloat16)
         prep[name] = (time.perf_counter() - t0, time.process_time() - c0)
         res = audit(HFBackend(m, tok, name=name), cfg, ctx, progress=lambda d, n=name: print(f"[{n}] {d}", flush=True))
         results[name] = res
@@ -78,7 +82,7 @@ def main() -> None:
         del m
         gc.collect()
     base = results.get("default")
-    print(f"\ntrust audit, limit {args.limit} per data set, torch {torch.__version__}, {platform.processor() or platform.machine()},"
+    print(f"\ntrust audit, limit {args.limit} per data set, {args.dtype}, torch {torch.__version__}, {platform.processor() or platform.machine()},"
           f" {torch.get_num_threads()} threads (shared machine)")
     names = list(results)
     print(f"{'':28s}" + "".join(f"{n:>18s}" for n in names))

@@ -24,7 +24,8 @@ def audit(
     output: Optional[Path] = typer.Option(None, "--output", help="directory for report.json and report.html"),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="folder holding truthfulqa/, bbq/, ... "
                                             "(default: $SLMKIT_DATA or ../shared/data)"),
-    dtype: str = typer.Option("fp32", "--dtype", help="weights dtype: fp32 or bf16"),
+    dtype: str = typer.Option("auto", "--dtype", help="compute dtype: auto (bf16 on a CPU with native bf16, "
+                              "about 2.7x faster here; else fp32), fp32 or bf16"),
     seed: int = typer.Option(0, "--seed"),
     toxicity_samples: int = typer.Option(2, "--toxicity-samples", min=1, help="continuations per toxicity prompt"),
     no_memorisation: bool = typer.Option(False, "--no-memorisation", help="skip the canary fine-tune"),
@@ -48,7 +49,7 @@ def audit(
     ctx = AuditContext(cfg.data_dir, seed)
 
     def progress(who: str):
-        return lambda dim: err_console.print(f"[dim]{who}: {dim}...[/dim]") if not json_out else None
+        return lambda dim: err_console.print(f"[dim]{who}: {dim}...[/dim]")  # stderr: --json output stays clean
 
     backend = from_spec(model, dtype=dtype, api_key=api_key)
     backend.name = model

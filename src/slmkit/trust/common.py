@@ -163,42 +163,93 @@ def _is_local(backend: Backend) -> bool:
 
 
 def score(backend: Backend, texts: Sequence[str], contexts: Sequence[str] | None = None) -> list[TokenScores]:
-    """``backend.score(texts, contexts)``, sharing one KV cache per distinct context on local models."""
+    """``backend.score(texts, contexts)``, batched for speed on local models.
+
+    On a local model every (context, text) pair is encoded exactly as ``backend.score``
+    encodes it, then scored one of two ways, which give the same numbers up to rounding:
+    pairs whose context is long and shared by several texts read the context once into
+    a KV cache and score the texts against copies of it; all other pairs (short or no
+    context) are scored as whole sequences packed into batches of about
+    :data:`PACK_TOKENS` tokens. On CPU a forward pass of a few tokens costs about as
+    much as one of ~70 (reading the weights dominates), so packing many short items into
+    one pass beats two small passes per item.
+    """
     if not texts:
         return []
     if not _is_local(backend):
         return backend.score(list(texts), None if contexts is None else list(contexts))
-    if contexts is None or all(not c for c in contexts):
-        return _score_sorted(backend, texts)
-    return _score_shared_context(backend, texts, contexts)
-
-
-def _score_sorted(backend, texts: Sequence[str]) -> list[TokenScores]:
-    """Context-free scoring, batched by length to cut padding."""
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    res = backend.score([texts[i] for i in order])
+    if contexts is None:
+        contexts = [None] * len(texts)
+    groups: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}
+    packed: list[tuple[int, list[int], int]] = []
+    for i, (t, c) in enumerate(zip(texts, contexts)):
+        ids, start = backend._encode_pair(c or None, t)
+        groups.setdefault(tuple(ids[:start]), []).append((i, ids[start:]))
     out: list[TokenScores | None] = [None] * len(texts)
-    for i, r in zip(order, res):
-        out[i] = r
+    shared = {}
+    for prefix, members in groups.items():
+        # the cache pays off when re-reading the prefix for every member costs more than one extra pass
+        if len(prefix) >= SHARE_MIN_PREFIX and (len(members) - 1) * len(prefix) > SHARE_MIN_TOKENS:
+            shared[prefix] = members
+        else:
+            packed += [(i, list(prefix) + cont, len(prefix)) for i, cont in members]
+    for i, res in _score_packed(backend, packed):
+        out[i] = res
+    for i, res in _score_shared_context(backend, shared):
+        out[i] = res
     return out  # type: ignore[return-value]
 
 
+#: token budget (batch x padded length) of one packed scoring pass
+PACK_TOKENS = 2048
+#: share a context's KV cache only when it saves re-reading more than this many tokens
+SHARE_MIN_TOKENS = 128
+#: ... and only for contexts of at least this many tokens
+SHARE_MIN_PREFIX = 32
+
+
+def _token_scores(tok, logits: torch.Tensor, ids: list[int]) -> TokenScores:
+    """Scores of ``ids`` from the logits (T, V) of the positions predicting them."""
+    tgt = torch.tensor(ids, device=logits.device)
+    rows = logits.float()
+    lp = rows.gather(-1, tgt[:, None])[:, 0] - rows.logsumexp(-1)
+    return TokenScores(tok.convert_ids_to_tokens(ids), lp.tolist(), (rows.argmax(-1) == tgt).tolist())
+
+
 @torch.inference_mode()
-def _score_shared_context(backend, texts: Sequence[str], contexts: Sequence[str]) -> list[TokenScores]:
+def _score_packed(backend, items: list[tuple[int, list[int], int]]):
+    """Yield (index, scores) for (index, ids, start) items, longest first, in right-padded batches."""
     model, tok = backend.model, backend.tokenizer
     pad = tok.pad_token_id or 0
-    groups: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}
-    for i, (t, c) in enumerate(zip(texts, contexts)):
-        ids, start = backend._encode_pair(c, t)
-        groups.setdefault(tuple(ids[:start]), []).append((i, ids[start:]))
-    out: list[TokenScores | None] = [None] * len(texts)
+    items = sorted(items, key=lambda it: -len(it[1]))
+    b = 0
+    while b < len(items):
+        L = len(items[b][1])
+        n = max(1, PACK_TOKENS // L)
+        chunk = items[b : b + n]
+        b += n
+        inp = torch.full((len(chunk), L), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), L), dtype=torch.long)
+        for j, (_, ids, _) in enumerate(chunk):
+            inp[j, : len(ids)] = torch.tensor(ids)
+            mask[j, : len(ids)] = 1
+        logits = model(input_ids=inp.to(backend.device), attention_mask=mask.to(backend.device)).logits
+        for j, (i, ids, start) in enumerate(chunk):
+            yield i, _token_scores(tok, logits[j, start - 1 : len(ids) - 1], ids[start:])
+
+
+@torch.inference_mode()
+def _score_shared_context(backend, groups: dict[tuple[int, ...], list[tuple[int, list[int]]]]):
+    """Yield (index, scores): each group's context read once into a KV cache, its texts batched against copies."""
+    model, tok = backend.model, backend.tokenizer
+    pad = tok.pad_token_id or 0
     dev = backend.device
     for prefix, members in groups.items():
         pre = torch.tensor([prefix], device=dev)
         res = model(input_ids=pre, use_cache=True, logits_to_keep=1)
-        first = F.log_softmax(res.logits[:, -1].float(), -1)  # (1, V): predicts each continuation's first token
+        first = res.logits[0, -1:]  # (1, V): predicts each continuation's first token
         longest = max(len(ids) for _, ids in members)
-        step = max(1, backend.batch_size, 256 // max(1, longest))  # short continuations: more per batch
+        step = max(1, backend.batch_size, PACK_TOKENS // 8 // max(1, longest))
         for b in range(0, len(members), step):
             chunk = members[b : b + step]
             L = max(len(ids) for _, ids in chunk)
@@ -209,19 +260,14 @@ def _score_shared_context(backend, texts: Sequence[str], contexts: Sequence[str]
             for j, (_, ids) in enumerate(chunk):
                 inp[j, : len(ids)] = torch.tensor(ids)
                 mask[j, len(prefix) : len(prefix) + len(ids)] = 1
-            cache = copy.deepcopy(res.cache)
-            cache.batch_repeat_interleave(B)
+            logits = None
             if L > 1:
+                cache = copy.deepcopy(res.cache)
+                cache.batch_repeat_interleave(B)
                 logits = model(input_ids=inp[:, :-1].to(dev), attention_mask=mask[:, :-1].to(dev), cache=cache).logits
-                logp = torch.cat([first.expand(B, -1)[:, None], F.log_softmax(logits.float(), -1)], 1)  # (B, L, V)
-            else:
-                logp = first.expand(B, -1)[:, None]
             for j, (i, ids) in enumerate(chunk):
-                tgt = torch.tensor(ids, device=logp.device)
-                rows = logp[j, : len(ids)]
-                lp = rows.gather(-1, tgt[:, None])[:, 0]
-                out[i] = TokenScores(tok.convert_ids_to_tokens(ids), lp.tolist(), (rows.argmax(-1) == tgt).tolist())
-    return out  # type: ignore[return-value]
+                rows = first if len(ids) == 1 else torch.cat([first, logits[j, : len(ids) - 1]])
+                yield i, _token_scores(tok, rows, ids)
 
 
 def choice_loglikelihoods(backend: Backend, contexts: Sequence[str], choices: Sequence[Sequence[str]]) -> list[list[float]]:
@@ -247,11 +293,13 @@ def argmax(xs: Sequence[float]) -> int:
 
 
 def generate(
-    backend: Backend, prompts: Sequence[Prompt], params: GenParams, samples: int = 1, batch_size: int = 16
+    backend: Backend, prompts: Sequence[Prompt], params: GenParams, samples: int = 1, batch_size: int = 32
 ) -> list[list[Completion]]:
     """``samples`` completions of every prompt (a list per prompt).
 
-    Local models decode in left-padded batches; other backends get one request
+    Local models decode in left-padded batches of ``batch_size`` rows (prompts x samples;
+    32 rows decode 2.7x more tokens/s than 8 on the default model, bf16, 2 CPU threads);
+    other backends get one request
     per sample, with seeds ``seed + k`` so samples differ.
     """
     if samples < 1:
