@@ -23,6 +23,21 @@ def test_shared_context_scoring_equals_backend_score(tiny_llama):
     for f, s in zip(fast, slow):
         assert f.tokens == s.tokens
         assert f.logprobs == pytest.approx(s.logprobs, abs=1e-4)
+    # a long context shared by many texts goes through the KV-cache path, the rest are packed: same numbers
+    long = "Read the story. " * 20
+    ctxs2 = ctxs + [long] * 6
+    texts2 = texts + [" one", " two words", " a longer answer here", "!", " 42", " the end."]
+    calls = []
+    orig = common._score_shared_context
+    common._score_shared_context = lambda be, groups: calls.append(len(groups)) or orig(be, groups)
+    try:
+        fast = common.score(b, texts2, ctxs2)
+    finally:
+        common._score_shared_context = orig
+    assert calls == [1]  # exactly the long context was cached
+    for f, s in zip(fast, b.score(texts2, ctxs2)):
+        assert f.tokens == s.tokens
+        assert f.logprobs == pytest.approx(s.logprobs, abs=1e-4)
     plain = common.score(b, ["The river.", "It is 7 steps away"])
     assert [p.total for p in plain] == pytest.approx([s.total for s in b.score(["The river.", "It is 7 steps away"])],
                                                      abs=1e-4)
