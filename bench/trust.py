@@ -1,4 +1,4 @@
-"""Trust audit of the default model and two compressed versions of it (4-bit GPTQ, 50% Wanda).
+"""Trust audit of the default model and two compressed versions of it (GPTQ on the 4-bit Q4_0 grid, 50% Wanda).
 
     PYTHONPATH=src python bench/trust.py --limit 40 --output /tmp/trust-bench
 
@@ -33,7 +33,7 @@ def compressed(kind: str, calib_file: str, calib_samples: int, calib_len: int):
         from slmkit.compress.qgrid import Grid
         from slmkit.compress.quantize import quantize
 
-        quantize(m, "gptq", GPTQConfig(grid=Grid(bits=4, group_size=128)), ids)
+        quantize(m, "gptq", GPTQConfig(grid=Grid.for_gguf("Q4_0")), ids)  # 4 bit, symmetric groups of 32: the GGUF Q4_0 grid
     elif kind == "wanda50":
         from slmkit.compress.prune import WandaConfig, prune
 
