@@ -411,10 +411,11 @@ def forward(fm: FastModel, segs: Sequence[Segment]) -> list[torch.Tensor]:
     mlp_fn = fm.blocks.get("mlp", _mlp_block)
     for li, ly in enumerate(fm.layers):
         qkv = qkv_fn(x, ly.attn_norm, ly.qkv, fm.eps)  # (N, (H + 2Hk) hd)
-        q, k, v = qkv.split([H * hd, Hk * hd, Hk * hd], dim=-1)
-        q, k, v = q.view(-1, H, hd), k.view(-1, Hk, hd), v.view(-1, Hk, hd)  # (N, heads, hd)
-        q = q * cos + _rotate_half(q) * sin  # RoPE (Su et al. 2021), as transformers applies it
-        k = k * cos + _rotate_half(k) * sin
+        qk, v = qkv.split([(H + Hk) * hd, Hk * hd], dim=-1)
+        qk = qk.view(-1, H + Hk, hd)
+        # RoPE (Su et al. 2021) as transformers applies it, on q and k heads together (same ops per element)
+        qk = qk * cos + _rotate_half(qk) * sin
+        q, k, v = qk[:, :H], qk[:, H:], v.view(-1, Hk, hd)  # (N, heads, hd)
         outs, off = [], 0
         for s, n in zip(segs, lens):
             sl = slice(off, off + n)
