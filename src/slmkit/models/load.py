@@ -276,6 +276,9 @@ def load(
     from transformers import AutoModelForCausalLM
 
     torch_dtype = parse_dtype(dtype)
+    adapter = Path(str(spec)).expanduser()
+    if adapter.is_dir() and (adapter / "adapter_config.json").is_file() and not (adapter / "config.json").is_file():
+        return _load_adapter_dir(adapter, torch_dtype, device, trust_remote_code)
     src = resolve(spec)
     config = load_config(src, trust_remote_code)
     if getattr(config, "is_encoder_decoder", False):
@@ -321,4 +324,47 @@ def load(
     model.to(device=device, dtype=torch_dtype).eval()
     model.config.name_or_path = spec
     log.info("loaded %s (%s) as %s on %s", spec, src.kind, torch_dtype, device)
+    return model, tokenizer
+
+
+def adapter_base_spec(path: Path) -> str:
+    """The base model an adapter directory was trained on: its slmkit manifest's source, else PEFT's record."""
+    man = path / "slmkit.json"
+    if man.is_file():
+        try:
+            src = json.loads(man.read_text()).get("source")
+        except (OSError, ValueError):
+            src = None
+        if src:
+            return str(src)
+    try:
+        base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError) as err:
+        raise CorruptModelError(f"{path}/adapter_config.json is not readable JSON ({err})") from None
+    if not base:
+        raise ModelNotFoundError(
+            f"{path} is a LoRA adapter that names no base model",
+            "load the base model and add the adapter (slmkit serve --adapter NAME=DIR), or add 'source' to slmkit.json",
+        )
+    return str(base)
+
+
+def _load_adapter_dir(path: Path, torch_dtype, device: str, trust_remote_code: bool):
+    """A LoRA adapter directory (``slmkit sft --lora`` without ``--merge``): its base model with the
+    adapter merged into the weights (PEFT ``merge_and_unload``), ready for inference."""
+    from peft import PeftModel
+
+    base = adapter_base_spec(path)
+    model, tokenizer = load(base, dtype="fp32", device=device, trust_remote_code=trust_remote_code)
+    try:
+        model = PeftModel.from_pretrained(model, str(path), is_trainable=False).merge_and_unload()
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise UnsupportedModelError(
+            f"adapter {path} does not fit its base model {base!r}: {str(err).splitlines()[0][:200]}"
+        ) from None
+    if (path / "tokenizer_config.json").is_file():
+        tokenizer = load_tokenizer(ModelSource(str(path), "dir", str(path)), trust_remote_code)
+    model.to(device=device, dtype=torch_dtype).eval()
+    model.config.name_or_path = str(path)
+    log.info("loaded adapter %s on base %s (merged)", path, base)
     return model, tokenizer
