@@ -72,8 +72,13 @@ def test_whitened_model_uses_block_inputs(tiny_llama):
     ids = torch.randint(3, 300, (3, 20), generator=torch.Generator().manual_seed(1))
     block0 = decoder_layers(model)[0]
     W = block0.mlp.gate_proj.weight.detach().clone()
-    xs, _ = block_inputs(model, ids)
-    x = block0.post_attention_layernorm(block0.self_attn(block0.input_layernorm(xs[0]), position_embeddings=model.model.rotary_emb(xs[0], torch.arange(20)[None]), attention_mask=None)[0] + xs[0])
+    # the real inputs of gate_proj in a normal forward pass (block 0 sees the unmodified model)
+    seen = []
+    hook = block0.mlp.gate_proj.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].detach()))
+    with torch.no_grad():
+        model(ids)
+    hook.remove()
+    x = seen[0]
     cfg = LowRankConfig(0.7)
     rank = plan_ranks(model, 0.7)["model.layers.0.mlp.gate_proj"]
     X = x.reshape(-1, 64).detach().double()
