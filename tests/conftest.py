@@ -110,3 +110,12 @@ def start_server():
         if proc.poll() is None:
             proc.terminate()
             proc.wait(timeout=20)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of small-op tests (restored afterwards)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -16,12 +16,7 @@ from slmkit.models import load
 from slmkit.models.tiny import tiny_llama_config, tiny_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # small ops: one thread is much faster on a busy machine
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small ops: one thread is much faster
 
 
 def _fresh(tok):

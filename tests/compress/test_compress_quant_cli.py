@@ -15,12 +15,7 @@ from slmkit.export.gguf import read_gguf_weights
 from slmkit.models.tiny import tiny_corpus
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # small ops: one thread is much faster on a busy machine
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small ops: one thread is much faster
 
 
 @pytest.fixture(scope="module")

@@ -19,12 +19,7 @@ from slmkit.compress.qgrid import (
 from slmkit.errors import ConfigError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # small ops: one thread is much faster on a busy machine
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small ops: one thread is much faster
 
 
 def _weights(out=48, inn=256, seed=0):

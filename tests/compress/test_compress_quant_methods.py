@@ -13,12 +13,7 @@ from slmkit.errors import ConfigError
 from slmkit.models.tiny import tiny_llama_config, tiny_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # small ops: one thread is much faster on a busy machine
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small ops: one thread is much faster
 
 
 def _correlated(n=2048, dim=128, seed=0):

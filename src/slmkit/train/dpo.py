@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 
 from slmkit.errors import ConfigError
 from slmkit.registry import Registry
-from slmkit.train.sft import LoraSettings, latest_checkpoint, quiet, require_chat_template, trainable_marker, trainer_args
+from slmkit.train.sft import LoraSettings, require_chat_template, run_trainer, trainable_marker, trainer_args
 
 log = logging.getLogger(__name__)
 
@@ -276,13 +275,4 @@ def preference_train(
     trainable_marker(model)
     use_cache = model.config.use_cache
     trainer = PREFERENCE_METHODS.get(cfg.method)(model, tokenizer, pairs, cfg, ckpt, callbacks)
-    quiet(trainer)
-    start = latest_checkpoint(ckpt) if resume else None
-    try:
-        out = trainer.train(resume_from_checkpoint=str(start) if start is not None else None)
-    finally:
-        model.config.use_cache = use_cache
-    trained = trainer.model
-    trained.eval()
-    loss = float(out.training_loss) if out.training_loss is not None else math.nan
-    return PreferenceResult(trained, int(out.global_step), loss, list(trainer.state.log_history))
+    return PreferenceResult(*run_trainer(trainer, model, ckpt, resume, use_cache))

@@ -285,10 +285,16 @@ def sft(
         peft_config=cfg.lora.peft_config() if cfg.lora is not None else None,
         callbacks=callbacks,
     )
+    return SFTResult(*run_trainer(trainer, model, ckpt, resume, use_cache))
+
+
+def run_trainer(trainer, model, ckpt: Path, resume: bool, use_cache: bool):
+    """Train (from the latest checkpoint in ``ckpt`` when ``resume``), restore ``use_cache``;
+    returns (trained model in eval mode, steps, final training loss, log history)."""
     quiet(trainer)
     start = latest_checkpoint(ckpt) if resume else None
     if start is not None:
-        log.info("resuming SFT from %s", start)
+        log.info("resuming %s from %s", type(trainer).__name__, start)
     try:
         out = trainer.train(resume_from_checkpoint=str(start) if start is not None else None)
     finally:
@@ -296,7 +302,7 @@ def sft(
     trained = trainer.model
     trained.eval()
     loss = float(out.training_loss) if out.training_loss is not None else math.nan
-    return SFTResult(trained, int(out.global_step), loss, list(trainer.state.log_history))
+    return trained, int(out.global_step), loss, list(trainer.state.log_history)
 
 
 def trainable_marker(model) -> None:
