@@ -68,7 +68,10 @@ def test_plan_hits_the_parameter_ratio(tiny_llama):
 
 
 def test_whitened_model_uses_block_inputs(tiny_llama):
-    model = copy.deepcopy(tiny_llama[0])
+    from slmkit.models.tiny import tiny_llama_config, tiny_model
+
+    torch.manual_seed(0)  # a fresh model: another test may have changed the shared fixture's state
+    model = tiny_model(tiny_llama_config(tiny_llama[1]))
     ids = torch.randint(3, 300, (3, 20), generator=torch.Generator().manual_seed(1))
     block0 = decoder_layers(model)[0]
     W = block0.mlp.gate_proj.weight.detach().clone()
