@@ -146,3 +146,33 @@ def test_unsupported_architecture():
     m = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
     with pytest.raises(UnsupportedModelError, match="llama-like"):
         sequential(m, torch.zeros(1, 4, dtype=torch.long), lambda *a: None)
+
+
+class _ReusedMemoryBlock(nn.Module):
+    """b's input lives at the address a's input had, with other values: what the allocator
+    does when a freed activation's memory is handed to the next one."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 8, bias=False)
+        self.b = nn.Linear(8, 8, bias=False)
+
+    def forward(self, x):
+        h = x * 2.0
+        y = self.a(h)
+        h.mul_(0.0).add_(y)  # same memory and shape, new contents, a new tensor object below
+        return self.b(h.view_as(h))
+
+
+def test_stats_do_not_merge_linears_whose_inputs_reuse_memory():
+    # Regression: inputs were matched by (data_ptr, shape), so depending on the allocator
+    # o_proj or down_proj could be merged into q_proj's statistics (flaky under test order).
+    torch.manual_seed(0)
+    block = _ReusedMemoryBlock()
+    xs = [torch.randn(2, 5, 8), torch.randn(1, 5, 8)]
+    stats = collect_stats(block, xs, [{}, {}])
+    assert stats["a"] is not stats["b"]
+    assert stats["a"].n == stats["b"].n == 15
+    with torch.no_grad():
+        Xb = torch.cat([block.a(x * 2.0).reshape(-1, 8) for x in xs]).double()
+    torch.testing.assert_close(stats["b"].sq_norm.double(), Xb.square().sum(0), atol=1e-5, rtol=1e-5)

@@ -285,21 +285,23 @@ def collect_stats(
     gen = torch.Generator().manual_seed(seed)
     accs: dict[int, _Accumulator] = {}  # one accumulator per distinct input tensor
     owner: dict[str, int] = {}
-    seen: dict[tuple, int] = {}  # (data_ptr, shape) of this batch's inputs -> accumulator key
+    # This batch's input tensors (held, so that their memory cannot be reused by a later
+    # Linear's input, which would make two different tensors look the same) -> accumulator key.
+    seen: list[tuple[torch.Tensor, int]] = []
 
     def hook_for(name: str):
         def hook(module, args):
             x = args[0]
-            key = (x.data_ptr(), tuple(x.shape), x.dtype)
-            if key in seen:
-                owner.setdefault(name, seen[key])
+            shared = next((acc for t, acc in seen if t is x), None)  # q/k/v (gate/up) get the same tensor object
+            if shared is not None:
+                owner.setdefault(name, shared)
                 return
             acc_id = owner.get(name)
             if acc_id is None:
                 acc_id = len(accs)
                 accs[acc_id] = _Accumulator(x.shape[-1], total, sample_rows, gen, hessian)
                 owner[name] = acc_id
-            seen[key] = acc_id
+            seen.append((x, acc_id))
             accs[acc_id].add(x)
 
         return hook
