@@ -193,7 +193,7 @@ def main() -> int:
 
     base = results.get("plain fine-tuning (ce)")
     total_min = (time.perf_counter() - t_all) / 60
-    print(f"\ndevice: CPU, {torch.get_num_threads()} threads (machine shared with other jobs); total {total_min:.1f} min")
+    print(f"\ndevice: CPU, {torch.get_num_threads()} torch threads, {os.cpu_count()} cores; total {total_min:.1f} min")
     print(f"budget per method: {args.steps} steps x {args.batch} x {args.block} tokens = {args.steps * args.batch * args.block} tokens, lr {args.lr}")
     print(f"perplexity: WikiText-2 test, first {results['teacher']['ppl_tokens']} scored tokens; agreement: {args.agree_prompts} prompts x <= {args.gen_tokens} teacher tokens")
     hdr = f"{'model':40s} {'ppl':>9s} {'ppl/ce':>7s} {'agree':>7s} {'agree-ce':>9s} {'train s':>8s}"

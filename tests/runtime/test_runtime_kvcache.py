@@ -124,3 +124,14 @@ def test_bad_policy_options():
         KV_POLICIES.get("int8").func(bits=3)
     with pytest.raises(ConfigError, match="bad option"):
         kv_policy("full", window=3)
+
+
+def test_gqa_decode_attention_matches_repeated_kv():
+    # the decode step folds each KV head's query group into the query axis instead of copying the cache
+    from slmkit.runtime.kvcache import sdpa
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 6, 1, 8, generator=g)
+    k, v = torch.randn(1, 2, 5, 8, generator=g), torch.randn(1, 2, 5, 8, generator=g)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1))
+    torch.testing.assert_close(sdpa(q, k, v, 4), ref)

@@ -75,7 +75,13 @@ def _causal_mask(t_new: int, n_old: int, device) -> torch.Tensor:
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_old: int) -> torch.Tensor:
     """Attention of q (1, H, T, D) over k, v (1, Hk, n_old + T, D); the last T keys are the new tokens."""
     t = q.shape[2]
-    groups = q.shape[1] // k.shape[1]
+    hk = k.shape[1]
+    groups = q.shape[1] // hk
+    if t == 1 and groups > 1:
+        # GQA decode step: query head h reads KV head h // groups (transformers' repeat_kv order), so the
+        # `groups` query heads of one KV head can stand in the query-length axis: no copy of the cache.
+        o = F.scaled_dot_product_attention(q.reshape(1, hk, groups, q.shape[-1]), k, v)
+        return o.reshape(1, hk * groups, 1, q.shape[-1])
     if groups > 1:  # GQA: repeat KV heads as transformers' repeat_kv does
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
