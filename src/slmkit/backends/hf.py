@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from transformers import LogitsProcessor, StoppingCriteria
+from transformers.generation.streamers import BaseStreamer
 
 from slmkit.backends.base import Completion, GenParams, Prompt, TokenScores
+from slmkit.backends.stream import OnText, TokenText, stop_index
 from slmkit.errors import UnsupportedModelError
 
 
@@ -24,7 +28,7 @@ def render_prompt(tokenizer, prompt: Prompt) -> str:
 
 
 def _truncate_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
-    cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
+    cut = stop_index(text, stops)
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
@@ -54,45 +58,82 @@ class HFBackend:
 
     @torch.inference_mode()
     def generate(self, prompts: Sequence[Prompt], params: GenParams) -> list[Completion]:
+        """Completions of ``prompts``, ``batch_size`` at a time (left-padded batches).
+
+        Greedy output equals generating each prompt alone (up to fp32 round-off in the
+        padded attention, which can only flip an exact near-tie). With ``seed`` set,
+        prompt ``i`` samples from its own generator seeded ``seed + i``, so its text
+        does not depend on which prompts share its batch.
+        """
+        out: list[Completion] = []
+        for b in range(0, len(prompts), self.batch_size):
+            out.extend(self._generate_batch(prompts[b : b + self.batch_size], params, b))
+        return out
+
+    @torch.inference_mode()
+    def stream(self, prompt: Prompt, params: GenParams, on_text: OnText) -> Completion:
+        """Generate one completion, calling ``on_text`` with each new piece of text
+        (see :mod:`slmkit.backends.stream`); stops early when ``on_text`` returns True."""
+        eos = set(_as_list(self.model.generation_config.eos_token_id) + _as_list(self.tokenizer.eos_token_id))
+        text = TokenText(self.tokenizer, params.stop, on_text, eos)
+        c = self._generate_batch([prompt], params, 0, text)[0]
+        text.close()
+        return c
+
+    def _encode(self, prompt: Prompt) -> list[int]:
         tok = self.tokenizer
+        # chat templates already contain the special tokens they need
+        ids = tok(render_prompt(tok, prompt), add_special_tokens=isinstance(prompt, str)).input_ids
+        if not ids:
+            pid = self._prefix_id()
+            ids = [pid if pid is not None else 0]
+        return ids
+
+    def _generate_batch(self, prompts: Sequence[Prompt], params: GenParams, offset: int, text: TokenText | None = None) -> list[Completion]:
+        from transformers import LogitsProcessorList, StoppingCriteriaList
+
+        tok = self.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        seqs = [self._encode(p) for p in prompts]
+        B, L = len(seqs), max(len(s) for s in seqs)
+        input_ids = torch.full((B, L), pad if pad is not None else 0, dtype=torch.long)  # (B, L), left-padded
+        mask = torch.zeros((B, L), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            input_ids[i, L - len(s) :] = torch.tensor(s)
+            mask[i, L - len(s) :] = 1
+        stops = _TextStops(tok, params.stop, L, (lambda: text.cancelled) if text is not None else None, B)
+        kw = dict(
+            max_new_tokens=params.max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+            output_scores=params.logprobs,
+            return_dict_in_generate=True,
+            temperature=None, top_p=None, top_k=None,
+            stopping_criteria=StoppingCriteriaList([stops]),
+        )
+        sampler = None
+        if params.temperature > 0 and params.seed is not None:
+            sampler = _SeededSampling(params.temperature, params.top_p, [params.seed + offset + i for i in range(B)])
+            kw.update(logits_processor=LogitsProcessorList([sampler]))
+        elif params.temperature > 0:
+            kw.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0)
+        if text is not None:
+            kw.update(streamer=_Streamer(text))
+        res = self.model.generate(input_ids.to(self.device), attention_mask=mask.to(self.device), **kw)
+        eos = set(_as_list(self.model.generation_config.eos_token_id) + _as_list(tok.eos_token_id))
+        steps = sampler.logp if sampler is not None else [torch.log_softmax(s.float(), -1) for s in (res.scores or ())]
         out = []
-        for i, prompt in enumerate(prompts):
-            text = render_prompt(tok, prompt)
-            # chat templates already contain the special tokens they need
-            ids = tok(text, return_tensors="pt", add_special_tokens=isinstance(prompt, str)).input_ids
-            if ids.shape[1] == 0:
-                pid = self._prefix_id()
-                ids = torch.tensor([[pid if pid is not None else 0]])
-            ids = ids.to(self.device)
-            kw = dict(
-                max_new_tokens=params.max_new_tokens,
-                do_sample=params.temperature > 0,
-                pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
-                output_scores=params.logprobs,
-                return_dict_in_generate=True,
-            )
-            if params.temperature > 0:
-                kw.update(temperature=params.temperature, top_p=params.top_p, top_k=0)
-            else:
-                kw.update(temperature=None, top_p=None, top_k=None)
-            if params.stop:
-                kw.update(stop_strings=list(params.stop), tokenizer=tok)
-            with torch.random.fork_rng(devices=[]):
-                if params.seed is not None:
-                    torch.manual_seed(params.seed + i)
-                res = self.model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
-            new = res.sequences[0, ids.shape[1] :]
-            eos = set(_as_list(self.model.generation_config.eos_token_id) + _as_list(tok.eos_token_id))
-            n = len(new)
-            hit_eos = n > 0 and int(new[-1]) in eos
-            body = new[:-1] if hit_eos else new
-            gen_text = tok.decode(body, skip_special_tokens=True)
-            gen_text, hit_stop = _truncate_at_stop(gen_text, params.stop)
-            lps = None
-            if params.logprobs:
-                lps = [
-                    float(torch.log_softmax(s[0].float(), -1)[t]) for s, t in zip(res.scores, new.tolist())
-                ]
+        for i in range(B):
+            new = res.sequences[i, L:].tolist()
+            n = len(new) if stops.end[i] is None else min(len(new), stops.end[i])
+            hit_eos = False
+            for j, t in enumerate(new[:n]):
+                if t in eos:  # tokens after it are padding (or another row's steps)
+                    n, hit_eos = j + 1, True
+                    break
+            body = new[: n - 1] if hit_eos else new[:n]
+            gen_text, hit_stop = _truncate_at_stop(tok.decode(body, skip_special_tokens=True), params.stop)
+            lps = [float(steps[j][i, t]) for j, t in enumerate(new[:n])] if params.logprobs else None
             reason = "stop" if (hit_eos or hit_stop or n < params.max_new_tokens) else "length"
             out.append(Completion(gen_text, n, reason, lps))
         return out
@@ -169,3 +210,65 @@ def _as_list(x) -> list[int]:
     if x is None:
         return []
     return list(x) if isinstance(x, (list, tuple)) else [int(x)]
+
+
+class _TextStops(StoppingCriteria):
+    """Stopping criterion: a row ends once its generated text contains a stop string
+    (``end[i]`` records how many tokens it had then); every row ends when ``cancelled()``."""
+
+    def __init__(self, tokenizer, stops: Sequence[str], start: int, cancelled, batch: int):
+        self.tok, self.stops, self.start, self.cancelled = tokenizer, tuple(s for s in stops if s), start, cancelled
+        self.end: list[int | None] = [None] * batch
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kw) -> torch.Tensor:
+        B, T = input_ids.shape
+        if self.cancelled is not None and self.cancelled():
+            self.end = [T - self.start if e is None else e for e in self.end]
+        elif self.stops:
+            for i in range(B):
+                if self.end[i] is None and stop_index(self.tok.decode(input_ids[i, self.start :], skip_special_tokens=True), self.stops) >= 0:
+                    self.end[i] = T - self.start
+        return torch.tensor([e is not None for e in self.end], device=input_ids.device)
+
+
+class _SeededSampling(LogitsProcessor):
+    """Logits processor that samples row ``i`` with its own ``torch.Generator`` (seed ``seeds[i]``)
+    after temperature and top-p, and leaves only the sampled token finite, so greedy selection
+    picks it. A row's sample then does not depend on the other rows of its batch.
+    ``logp`` keeps each step's (B, V) log-probs after temperature and top-p."""
+
+    def __init__(self, temperature: float, top_p: float, seeds: list[int]):
+        from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+
+        self.warpers = [TemperatureLogitsWarper(temperature)] + ([TopPLogitsWarper(top_p)] if top_p < 1.0 else [])
+        self.seeds = seeds
+        self.gens: list[torch.Generator] | None = None
+        self.logp: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        for w in self.warpers:
+            scores = w(input_ids, scores)
+        if self.gens is None:
+            self.gens = [torch.Generator(device=scores.device).manual_seed(s) for s in self.seeds]
+        probs = F.softmax(scores.float(), -1)  # (B, V)
+        picks = torch.stack([torch.multinomial(probs[i], 1, generator=g)[0] for i, g in enumerate(self.gens)])  # (B,)
+        self.logp.append(F.log_softmax(scores.float(), -1))
+        out = torch.full_like(scores, -math.inf)
+        out[torch.arange(scores.shape[0], device=scores.device), picks] = 0.0
+        return out
+
+
+class _Streamer(BaseStreamer):
+    """transformers streamer: the first ``put`` is the prompt, then one (1,) tensor per step."""
+
+    def __init__(self, text: TokenText):
+        self.text, self.prompt_seen = text, False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        self.text.push(value.reshape(-1).tolist())
+
+    def end(self) -> None:
+        pass
