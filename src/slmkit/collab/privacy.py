@@ -205,13 +205,87 @@ def redact(text: str, cfg: ShieldConfig = ShieldConfig(), small: Backend | None 
     return "".join(out), red
 
 
+def _placeholder_pattern(red: Redaction) -> re.Pattern | None:
+    """One regex for every placeholder, bracketed (``[EMAIL_1]``) or bare at word boundaries
+    (``EMAIL_1``), longest first so ``NAME_12`` wins over ``NAME_1``."""
+    if not red.mapping:
+        return None
+    names = sorted((ph[1:-1] for ph in red.mapping), key=len, reverse=True)
+    alt = "|".join(map(re.escape, names))
+    return re.compile(rf"\[(?:{alt})\]|\b(?:{alt})\b")
+
+
 def restore(text: str, red: Redaction) -> str:
-    """Put the original values back where the reply uses placeholders (also without brackets)."""
-    for ph in sorted(red.mapping, key=len, reverse=True):
-        text = text.replace(ph, red.mapping[ph])
-    for ph in sorted(red.mapping, key=len, reverse=True):
-        text = re.sub(rf"\b{re.escape(ph[1:-1])}\b", lambda _m, v=red.mapping[ph]: v, text)
-    return text
+    """Put the original values back where the reply uses placeholders (also without brackets).
+
+    One pass over the reply: word boundaries are those of the reply itself, so a restored
+    value never joins or splits a neighbouring placeholder.
+    """
+    return _restore_from(text, 0, red, _placeholder_pattern(red))
+
+
+def _restore_from(text: str, start: int, red: Redaction, pat: re.Pattern | None) -> str:
+    """``text[start:]`` restored, judging word boundaries with the characters before ``start``."""
+    if pat is None:
+        return text[start:]
+    out, pos = [], start
+    for m in pat.finditer(text, start):  # with a start index, \b still sees text[start - 1]
+        ph = m.group() if m.group().startswith("[") else f"[{m.group()}]"
+        out += [text[pos : m.start()], red.mapping[ph]]
+        pos = m.end()
+    out.append(text[pos:])
+    return "".join(out)
+
+
+class StreamRestorer:
+    """:func:`restore` for a reply that arrives in pieces.
+
+    ``push(piece)`` returns the restored text that is safe to send now; a tail that may
+    still grow into a placeholder (``[EMA``, ``[EMAIL_1``, or a trailing word that is a
+    prefix of a bare ``EMAIL_1``) is held back until the next piece decides it, and
+    ``close()`` returns what is left. The concatenated output equals ``restore(whole)``,
+    however the reply is split, and never contains a placeholder of ``red``.
+    """
+
+    def __init__(self, red: Redaction):
+        self.red = red
+        self.names = [ph[1:-1] for ph in red.mapping]
+        self.longest = max((len(ph) for ph in red.mapping), default=0)
+        self.buf = ""
+        self.prev = ""  #: last raw character already sent
+        self.pat = _placeholder_pattern(red)
+
+    def _held_from(self) -> int:
+        """Start of the tail of ``buf`` that could still become (part of) a placeholder."""
+        buf, cut = self.buf, len(self.buf)
+        # a bracketed placeholder begun but not closed: "[" + a prefix of some "NAME_1]"
+        for j in range(max(0, len(buf) - self.longest), len(buf)):
+            tail = buf[j + 1 :]
+            if buf[j] == "[" and any(len(tail) <= len(n) and f"{n}]".startswith(tail) for n in self.names):
+                cut = j
+                break
+        # a bare placeholder needs a word boundary after it: a trailing word that is a prefix of one waits
+        m = re.search(r"\w+$", buf)
+        if m and any(n.startswith(m.group()) for n in self.names):
+            cut = min(cut, m.start())
+        return cut
+
+    def push(self, piece: str) -> str:
+        self.buf += piece
+        return self._emit(self._held_from() if self.names else len(self.buf))
+
+    def close(self) -> str:
+        return self._emit(len(self.buf))
+
+    def _emit(self, cut: int) -> str:
+        out, self.buf = self.buf[:cut], self.buf[cut:]
+        if not out:
+            return ""
+        # the previous raw character goes in front, so a word boundary (or its absence) at the seam
+        # is judged as in the whole reply; matches are only searched from the new text on
+        restored = _restore_from(self.prev + out, len(self.prev), self.red, self.pat)
+        self.prev = out[-1]
+        return restored
 
 
 def redact_prompt(prompt: Prompt, cfg: ShieldConfig, small: Backend | None, red: Redaction) -> Prompt:
@@ -220,24 +294,28 @@ def redact_prompt(prompt: Prompt, cfg: ShieldConfig, small: Backend | None, red:
     return [{**m, "content": redact(str(m.get("content", "")), cfg, small, red)[0]} for m in prompt]
 
 
+def _kinds(red: Redaction) -> dict[str, int]:
+    kinds: dict[str, int] = {}
+    for ph in red.mapping:
+        k = ph[1:].rsplit("_", 1)[0].lower()
+        kinds[k] = kinds.get(k, 0) + 1
+    return kinds
+
+
 def shielded_generate(
     remote: Backend, prompts: Sequence[Prompt], params: GenParams, cfg: ShieldConfig = ShieldConfig(), small: Backend | None = None
 ) -> list[Completion]:
     """Generate with ``remote`` while only placeholders leave the device; replies are restored.
 
-    Each completion's ``meta`` gets ``redacted`` (count per kind) and ``placeholders``.
+    Every prompt is redacted (each with its own placeholders), then all go to ``remote``
+    in one call. Each completion's ``meta`` gets ``redacted`` (count per kind) and ``placeholders``.
     """
+    reds = [Redaction() for _ in prompts]
+    safe = [redact_prompt(p, cfg, small, red) for p, red in zip(prompts, reds)]
     out = []
-    for prompt in prompts:
-        red = Redaction()
-        safe = redact_prompt(prompt, cfg, small, red)
-        c = remote.generate([safe], params)[0]
-        kinds: dict[str, int] = {}
-        for ph in red.mapping:
-            k = ph[1:].rsplit("_", 1)[0].lower()
-            kinds[k] = kinds.get(k, 0) + 1
+    for c, red in zip(remote.generate(safe, params) if safe else [], reds):
         out.append(Completion(restore(c.text, red), c.tokens, c.finish_reason, c.logprobs,
-                              {**c.meta, "redacted": kinds, "placeholders": len(red.mapping)}))
+                              {**c.meta, "redacted": _kinds(red), "placeholders": len(red.mapping)}))
     return out
 
 
@@ -250,6 +328,25 @@ class ShieldedBackend:
 
     def generate(self, prompts: Sequence[Prompt], params: GenParams) -> list[Completion]:
         return shielded_generate(self.remote, prompts, params, self.cfg, self.small)
+
+    def stream(self, prompt: Prompt, params: GenParams, on_text) -> Completion:
+        """Stream the remote reply with placeholders restored (see :class:`StreamRestorer`)."""
+        from slmkit.backends.stream import generate_streaming
+
+        red = Redaction()
+        safe = redact_prompt(prompt, self.cfg, self.small, red)
+        restorer = StreamRestorer(red)
+
+        def relay(piece: str):
+            out = restorer.push(piece)
+            return on_text(out) if out else None
+
+        c = generate_streaming(self.remote, safe, params, relay)
+        rest = restorer.close()
+        if rest:
+            on_text(rest)
+        return Completion(restore(c.text, red), c.tokens, c.finish_reason, c.logprobs,
+                          {**c.meta, "redacted": _kinds(red), "placeholders": len(red.mapping)})
 
     def score(self, texts, contexts=None):
         red = Redaction()

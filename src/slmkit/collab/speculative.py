@@ -42,6 +42,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -464,8 +465,15 @@ class LookupDrafter:
 
 
 @torch.inference_mode()
-def speculate(target, draft, ids, cfg: SpecConfig, gen: torch.Generator | None = None) -> SpecOutput:
+def speculate(
+    target, draft, ids, cfg: SpecConfig, gen: torch.Generator | None = None,
+    on_tokens: Callable[[list[int]], bool | None] | None = None,
+) -> SpecOutput:
     """Generate up to ``cfg.max_new_tokens`` tokens after ``ids`` with ``target``, drafted by ``draft``.
+
+    ``on_tokens(tokens)``, if given, receives each verified chunk (the accepted drafts
+    plus the target's next token, cut after an EOS) as soon as it is accepted, for
+    streaming; when it returns True, decoding stops there (``finish_reason`` "stop").
 
     ``draft`` is a causal LM sharing the target's vocabulary, a :class:`ModelDrafter`
     (e.g. with a reduced vocabulary), or ``"lookup"`` (or None) for prompt-lookup drafting. ``gen`` drives every random draw (sampling only).
@@ -523,6 +531,11 @@ def speculate(target, draft, ids, cfg: SpecConfig, gen: torch.Generator | None =
         out.drafted += kd
         out.accepted += n_acc
         out.draft_lengths.append(kd)
+        if on_tokens is not None:
+            cut = next((i + 1 for i, t in enumerate(new) if t in eos), len(new))
+            if on_tokens(new[:cut]):
+                out.finish_reason = "stop"
+                break
         if kd:
             acc_sum = cfg.decay * acc_sum + n_acc
             trial_sum = cfg.decay * trial_sum + n_acc + (1 if n_acc < kd else 0)

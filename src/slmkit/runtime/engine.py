@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from slmkit.backends.stream import releasable
 from slmkit.errors import ConfigError
 from slmkit.runtime.generate import FastModel, Segment, forward, sample
 
@@ -235,21 +236,12 @@ class Engine:
     def _flush(self, r: Request, final: bool, drop_last: bool = False) -> bool:
         """Emit new text; hold back what could begin a stop string or an incomplete character. True on a stop hit."""
         ids = r.out[:-1] if drop_last else r.out
-        text = self.tok.decode(ids, skip_special_tokens=True)
-        cut = min((i for i in (text.find(s) for s in r.stop if s) if i >= 0), default=-1)
-        if cut >= 0:
-            text, final = text[:cut], True
-        end = len(text)
-        if not final:
-            hold = max((len(s) for s in r.stop), default=1) - 1
-            end = max(r.sent, len(text) - hold)
-            while end > r.sent and text[end - 1] == "\ufffd":  # a multi-byte character is not complete yet
-                end -= 1
+        text, end, hit = releasable(self.tok.decode(ids, skip_special_tokens=True), r.sent, r.stop, final)
         if end > r.sent or r.pending_toks:
             r.emit(Event("delta", text=text[r.sent : end], tokens=r.pending_toks, logprobs=r.pending_lps, top=r.pending_top))
             r.sent = end
             r.pending_toks, r.pending_lps, r.pending_top = [], [], []
-        return cut >= 0
+        return hit
 
     def _finish(self, r: Request, reason: str) -> None:
         r.finished = True

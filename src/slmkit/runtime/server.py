@@ -45,6 +45,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from slmkit.backends.hf import render_prompt
 from slmkit.errors import ConfigError, SlmkitError
+from slmkit.runtime import sse
 from slmkit.runtime.engine import Engine, EngineConfig, Event
 from slmkit.runtime.engine import Request as Job
 from slmkit.runtime.kvcache import KV_POLICIES
@@ -262,26 +263,24 @@ def create_app(backend_or_engine, model_name: str | None = None, api_key: str | 
                 while True:
                     ev = await q.get()
                     if ev.kind == "error":
-                        yield f"data: {json.dumps({'error': {'message': ev.text, 'type': 'server_error', 'param': None, 'code': ev.finish_reason}})}\n\n"
+                        yield sse.error_event(ev.text, code=ev.finish_reason)
                         break
                     if ev.kind == "delta":
-                        yield f"data: {json.dumps(chunk(ev, first, None))}\n\n"
+                        yield sse.event(chunk(ev, first, None))
                         first = False
                     if ev.kind == "done":
-                        yield f"data: {json.dumps(chunk(Event('delta'), first, ev.finish_reason))}\n\n"
+                        yield sse.event(chunk(Event("delta"), first, ev.finish_reason))
                         if final_usage:
-                            n = len(ev.tokens)
-                            usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n}
-                            yield f"data: {json.dumps({**chunk(Event('delta'), False, None), 'choices': [], 'usage': usage})}\n\n"
+                            yield sse.event(sse.usage_chunk(chunk(Event("delta"), False, None), prompt_tokens, len(ev.tokens)))
                         ok = True
                         break
-                yield "data: [DONE]\n\n"
+                yield sse.DONE
             finally:  # the client went away (task cancelled) or we finished
                 job.cancel()
                 counts["200" if ok else "stream_aborted"] += 1
                 latencies.append(time.perf_counter() - t0)
 
-        return StreamingResponse(gen(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return sse.response(gen())
 
     @app.post("/v1/completions")
     @_handle
@@ -330,8 +329,7 @@ def create_app(backend_or_engine, model_name: str | None = None, api_key: str | 
                     text, sent["echoed"] = prompt + text, True
                 block = lp_block(ev, sent["n"])
                 sent["n"] += len(ev.text)
-                return {"id": cid, "object": "text_completion", "created": created, "model": job.model,
-                        "choices": [{"index": 0, "text": text, "logprobs": block, "finish_reason": finish}]}
+                return sse.text_chunk(cid, created, job.model, text, finish, block)
 
             inc = bool((body.get("stream_options") or {}).get("include_usage"))
             return _stream(request, q, job, chunk, inc, len(ids))
@@ -401,9 +399,7 @@ def create_app(backend_or_engine, model_name: str | None = None, api_key: str | 
 
         if body.get("stream"):
             def chunk(ev: Event, first: bool, finish):
-                delta = {"role": "assistant", "content": ev.text} if first else ({"content": ev.text} if ev.text or not finish else {})
-                return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": job.model,
-                        "choices": [{"index": 0, "delta": delta, "logprobs": content_lp(ev), "finish_reason": finish}]}
+                return sse.chat_chunk(cid, created, job.model, ev.text, first, finish, content_lp(ev))
 
             inc = bool((body.get("stream_options") or {}).get("include_usage"))
             return _stream(request, q, job, chunk, inc, len(ids))
