@@ -14,8 +14,9 @@ bandwidth bound. Here the same ideas run on CPU:
   int8 with one scale per output channel and multiplies with
   ``torch._weight_int8pack_mm`` (weight-only quantisation: activations stay bf16);
   ``weights="int4"`` packs groups of 32 at 4 bits (``torch._weight_int4pack_mm_for_cpu``);
-* ``compile=True`` wraps the per-layer dense blocks in ``torch.compile`` (optional:
-  measured in ``bench/runtime.py``).
+* ``compile=True`` compiles the work around attention of a one-token decode step
+  (norms, matmuls, RoPE, SwiGLU, residuals) with ``torch.compile``: one graph for all layers,
+  weights passed as arguments (optional, slow to start: measured in ``bench/runtime.py``).
 
 Decoding is a set of plain functions over the model: :func:`forward` takes a list of
 segments (token ids + that sequence's cache), so one call serves a single prompt
@@ -50,7 +51,7 @@ class FastConfig:
 
     dtype: str = "fp32"  #: compute dtype: "fp32" or "bf16"
     weights: str = "native"  #: "native" (the compute dtype), "int8" (per-channel) or "int4" (groups of 32); int8/int4 compute in bf16
-    compile: bool = False  #: torch.compile the per-layer dense blocks (slow to start; see bench/runtime.py)
+    compile: bool = False  #: torch.compile the decode step's per-layer work (slow to start; see bench/runtime.py)
 
     def __post_init__(self):
         if self.dtype not in ("fp32", "bf16"):
@@ -75,6 +76,10 @@ class Dense:
     def __call__(self, x):
         return F.linear(x, self.w, self.b)
 
+    def spec(self) -> tuple:
+        """(kind, tensors..., bias, group): what :func:`apply_linear` needs, as plain values (for torch.compile)."""
+        return ("dense", self.w, None, self.b, 0)
+
     def nbytes(self) -> int:
         return self.w.numel() * self.w.element_size() + (0 if self.b is None else self.b.numel() * self.b.element_size())
 
@@ -87,6 +92,9 @@ class Concat:
 
     def __call__(self, x):
         return torch.cat([p(x) for p in self.parts], dim=-1)
+
+    def spec(self) -> tuple:
+        return ("concat", tuple(p.spec() for p in self.parts), None, None, 0)
 
     def nbytes(self) -> int:
         return sum(p.nbytes() for p in self.parts)
@@ -106,6 +114,9 @@ class Int8(Dense):
     def __call__(self, x):
         y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.q, self.s).reshape(*x.shape[:-1], -1)
         return y if self.b is None else y + self.b
+
+    def spec(self) -> tuple:
+        return ("int8", self.q, self.s, self.b, 0)
 
     def rows(self, ids: torch.Tensor, dtype) -> torch.Tensor:
         """Dequantised rows (an embedding lookup from the same int8 table)."""
@@ -143,6 +154,9 @@ class Int4(Dense):
         y = y.reshape(*x.shape[:-1], self.n)
         return y if self.b is None else y + self.b
 
+    def spec(self) -> tuple:
+        return ("int4", self.q, self.sz, self.b, self.group)
+
     def nbytes(self) -> int:
         extra = 0 if self.b is None else self.b.numel() * self.b.element_size()
         return self.q.numel() * self.q.element_size() + self.sz.numel() * self.sz.element_size() + extra
@@ -176,7 +190,8 @@ class FastModel:
     vocab: int
     max_positions: int
     eos: tuple[int, ...] = ()
-    blocks: dict = field(default_factory=dict)  # optionally compiled per-layer functions
+    blocks: dict = field(default_factory=dict)  # compiled decode-step functions ("pre", "post") when cfg.compile
+    specs: list = field(default_factory=list)  # per layer: the .spec() of qkv, o, gate_up, down
 
     @property
     def dtype(self) -> torch.dtype:
@@ -284,9 +299,12 @@ def build(model, cfg: FastConfig = FastConfig()) -> FastModel:
         rotary=model.model.rotary_emb, act=ACT2FN[c.hidden_act], heads=heads, kv_heads=kv, head_dim=head_dim,
         eps=c.rms_norm_eps, vocab=c.vocab_size, max_positions=c.max_position_embeddings, eos=eos,
     )
+    fm.specs = [(ly.qkv.spec(), ly.o.spec(), ly.gate_up.spec(), ly.down.spec()) for ly in layers]
     if cfg.compile:
-        fm.blocks["mlp"] = torch.compile(_mlp_block, dynamic=True)
-        fm.blocks["qkv"] = torch.compile(_qkv_block, dynamic=True)
+        # One graph each for the work before and after attention of a one-token decode step, shared by
+        # every layer (weights are arguments, not constants); prefill and batches run eagerly.
+        fm.blocks["pre"] = torch.compile(_pre_attn, dynamic=False, fullgraph=True)
+        fm.blocks["post"] = torch.compile(_post_attn, dynamic=False, fullgraph=True)
     return fm
 
 
@@ -295,22 +313,45 @@ def build(model, cfg: FastConfig = FastConfig()) -> FastModel:
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm as transformers' LlamaRMSNorm computes it (statistics in fp32)."""
-    xf = x.float()
-    return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    if x.dtype == torch.float32:  # transformers' own op sequence: fp32 greedy output must match generate exactly
+        return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+    # bf16: torch's fused fp32 rms_norm, then the same rounding to bf16 and weight product (fewer ops per call)
+    return F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype) * w
 
 
-def _rotate_half(x):
-    a, b = x.chunk(2, dim=-1)
-    return torch.cat((-b, a), dim=-1)
+def apply_linear(spec: tuple, x: torch.Tensor) -> torch.Tensor:
+    """``x`` (N, K) through a weight given by its :meth:`Dense.spec`."""
+    kind, a, b, bias, group = spec
+    if kind == "concat":
+        return torch.cat([apply_linear(p, x) for p in a], dim=-1)
+    if kind == "int4":
+        y = torch._weight_int4pack_mm_for_cpu(x, a, group, b)
+    elif kind == "int8":
+        y = torch._weight_int8pack_mm(x, a, b)
+    else:
+        y = F.linear(x, a)
+    return y if bias is None else y + bias
 
 
-def _qkv_block(x, norm_w, qkv: Dense, eps: float):
-    return qkv(rms_norm(x, norm_w, eps))
+def _pre_attn(x, norm_w, qkv: tuple, cos, sin_signed, eps: float, H: int, Hk: int, hd: int):
+    """Norm, fused q/k/v projection and RoPE of N tokens: q (N, H, hd), k and v (N, Hk, hd).
+
+    RoPE (Su et al. 2021) as transformers applies it, ``x * cos + rotate_half(x) * sin``, on q and k
+    heads together: ``rotate_half(x) * sin == roll(x, hd/2) * [-sin_1, sin_2]`` element for element
+    (negation is exact), with ``sin_signed`` built once per forward pass instead of a cat per layer.
+    """
+    qkv = apply_linear(qkv, rms_norm(x, norm_w, eps))  # (N, (H + 2Hk) hd)
+    qk, v = qkv.split([(H + Hk) * hd, Hk * hd], dim=-1)
+    qk = qk.view(-1, H + Hk, hd)
+    qk = qk * cos + qk.roll(hd // 2, -1) * sin_signed
+    return qk[:, :H], qk[:, H:], v.view(-1, Hk, hd)
 
 
-def _mlp_block(x, norm_w, gate_up: Dense, down: Dense, eps: float, act):
-    g, u = gate_up(rms_norm(x, norm_w, eps)).chunk(2, dim=-1)
-    return x + down(act(g) * u)
+def _post_attn(x, att, o: tuple, mlp_norm, gate_up: tuple, down: tuple, eps: float, act):
+    """Attention output projection, residual, then the SwiGLU MLP block with its residual."""
+    x = x + apply_linear(o, att)
+    g, u = apply_linear(gate_up, rms_norm(x, mlp_norm, eps)).chunk(2, dim=-1)
+    return x + apply_linear(down, act(g) * u)
 
 
 @dataclass
@@ -407,23 +448,25 @@ def forward(fm: FastModel, segs: Sequence[Segment]) -> list[torch.Tensor]:
         x = fm.embed[ids]
     cos, sin = fm.rotary(x[None], pos[None])  # (1, N, hd)
     cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # (N, 1, hd)
-    qkv_fn = fm.blocks.get("qkv", _qkv_block)
-    mlp_fn = fm.blocks.get("mlp", _mlp_block)
+    sin = torch.cat((-sin[..., : hd // 2], sin[..., hd // 2 :]), dim=-1)  # signed for the roll form of RoPE
+    one = len(segs) == 1 and lens[0] == 1  # a one-token decode step: the compiled graphs, when built
+    pre = fm.blocks.get("pre", _pre_attn) if one else _pre_attn
+    post = fm.blocks.get("post", _post_attn) if one else _post_attn
     for li, ly in enumerate(fm.layers):
-        qkv = qkv_fn(x, ly.attn_norm, ly.qkv, fm.eps)  # (N, (H + 2Hk) hd)
-        qk, v = qkv.split([(H + Hk) * hd, Hk * hd], dim=-1)
-        qk = qk.view(-1, H + Hk, hd)
-        # RoPE (Su et al. 2021) as transformers applies it, on q and k heads together (same ops per element)
-        qk = qk * cos + _rotate_half(qk) * sin
-        q, k, v = qk[:, :H], qk[:, H:], v.view(-1, Hk, hd)  # (N, heads, hd)
-        outs, off = [], 0
-        for s, n in zip(segs, lens):
-            sl = slice(off, off + n)
-            o = s.cache.attend(li, q[sl].transpose(0, 1)[None], k[sl].transpose(0, 1)[None], v[sl].transpose(0, 1)[None])
-            outs.append(o[0].transpose(0, 1).reshape(n, H * hd))  # (1, H, T, hd) -> (T, H hd)
-            off += n
-        x = x + ly.o(torch.cat(outs) if len(outs) > 1 else outs[0])
-        x = mlp_fn(x, ly.mlp_norm, ly.gate_up, ly.down, fm.eps, fm.act)
+        qkv_s, o_s, gu_s, down_s = fm.specs[li]
+        q, k, v = pre(x, ly.attn_norm, qkv_s, cos, sin, fm.eps, H, Hk, hd)  # (N, heads, hd)
+        if one:
+            att = segs[0].cache.attend(li, q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None])
+            att = att.reshape(1, H * hd)
+        else:
+            outs, off = [], 0
+            for s, n in zip(segs, lens):
+                sl = slice(off, off + n)
+                o = s.cache.attend(li, q[sl].transpose(0, 1)[None], k[sl].transpose(0, 1)[None], v[sl].transpose(0, 1)[None])
+                outs.append(o[0].transpose(0, 1).reshape(n, H * hd))  # (1, H, T, hd) -> (T, H hd)
+                off += n
+            att = torch.cat(outs) if len(outs) > 1 else outs[0]
+        x = post(x, att, o_s, ly.mlp_norm, gu_s, down_s, fm.eps, fm.act)
     for s, n in zip(segs, lens):
         s.cache.advance(n)
     # only the rows whose logits are wanted go through the norm and the head
@@ -457,7 +500,7 @@ def decode_one_token(fm: FastModel, token: int, cache) -> torch.Tensor:
 def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> int:
     """Greedy when temperature is 0; else softmax(logits / T) restricted to the top-p nucleus (Holtzman et al. 2020)."""
     if temperature <= 0:
-        return int(logits.argmax())
+        return int(logits.max(-1).indices)  # = argmax (first maximum), about 3x faster on CPU
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p < 1.0:
         sp, si = probs.sort(descending=True)
