@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from slmkit.backends import HFBackend
+from slmkit.backends import GenParams, HFBackend
 from slmkit.collab.judge import JudgeConfig, QAItem, auroc, judge, truthfulqa_items
 from slmkit.collab.proxy import (
     ContrastiveConfig,
@@ -142,3 +142,16 @@ def test_retrieval_filter_scores_and_keeps(tiny_llama):
     assert keep_all == [0, 1, 2]
     keep_top2, _ = filter_passages(be, "q", passages, FilterConfig(threshold=1e9, min_keep=2))
     assert len(keep_top2) == 2
+
+
+def test_judge_consistency_batched_equals_one_at_a_time(tiny_tok):
+    """The sampled answers are seeded per question, so batching the questions leaves the risks unchanged."""
+    model = tiny_model(tiny_llama_config(tiny_tok, initializer_range=0.2), seed=5)
+    cfg = JudgeConfig(method="consistency", samples=3, max_new_tokens=8, temperature=0.3)
+    qs = ["Where is paris?", "What do cats see?", "Who reads?"]
+    # answers the model itself would give (so the samples overlap them), and one it would not
+    own = HFBackend(model, tiny_tok).generate([[{"role": "user", "content": q}] for q in qs], GenParams(max_new_tokens=8))
+    items = [QAItem(q, c.text, 0) for q, c in zip(qs, own)] + [QAItem(qs[0], "zebra quantum", 1)]
+    one = judge(HFBackend(model, tiny_tok, batch_size=1), items, cfg)
+    many = judge(HFBackend(model, tiny_tok, batch_size=8), items, cfg)
+    assert many == pytest.approx(one, abs=1e-9) and len(set(one)) > 1

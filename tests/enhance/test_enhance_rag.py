@@ -162,3 +162,25 @@ def test_prompt_numbers_sources_and_answers_cite_them(tiny_llama, embedder, docs
     assert PLANTED in d["sources"][0]["text"]
     base = answer(HFBackend(model, tok), None, None, ["Who painted the lamp room?"], RAGConfig(k=0, max_new_tokens=4))
     assert base[0].sources == []
+
+
+def test_answers_batched_equal_one_at_a_time(tiny_tok):
+    """``answer(..., batch_size)`` sends questions in batches; greedy answers equal one question per call."""
+    from slmkit.models.tiny import tiny_llama_config, tiny_model
+
+    model = tiny_model(tiny_llama_config(tiny_tok, initializer_range=0.2), seed=5)
+    calls = []
+
+    class Counting(HFBackend):
+        def generate(self, prompts, params):
+            calls.append(len(prompts))
+            return super().generate(prompts, params)
+
+    qs = ["Who painted the lamp room?", "What do bees make?", "Where is the river?", "Why bake bread?", "Who sails?"]
+    cfg = RAGConfig(k=0, max_new_tokens=10)
+    one = answer(Counting(model, tiny_tok, batch_size=1), None, None, qs, cfg, batch_size=1)
+    assert calls == [1] * 5
+    calls.clear()
+    many = answer(Counting(model, tiny_tok, batch_size=8), None, None, qs, cfg, batch_size=4)
+    assert calls == [4, 1]
+    assert [a.answer for a in many] == [a.answer for a in one] and len({a.answer for a in one}) > 2

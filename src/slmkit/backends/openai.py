@@ -8,6 +8,7 @@ backoff; other 4xx answers fail at once with the server's message.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Sequence
@@ -15,6 +16,7 @@ from collections.abc import Sequence
 import httpx
 
 from slmkit.backends.base import Completion, GenParams, Prompt, TokenScores
+from slmkit.backends.stream import OnText
 from slmkit.errors import BackendError
 
 log = logging.getLogger(__name__)
@@ -107,6 +109,55 @@ class OpenAIBackend:
             n = len(lps) if lps is not None else None
             out.append(Completion(text, n if n is not None else -1, choice.get("finish_reason") or "stop", lps))
         return out
+
+    def stream(self, prompt: Prompt, params: GenParams, on_text: OnText) -> Completion:
+        """One completion with ``stream: true``: ``on_text`` gets each piece as the server sends it
+        (see :mod:`slmkit.backends.stream`); returning True closes the connection. Connection
+        failures are retried only while no text has arrived yet."""
+        chat = not isinstance(prompt, str)
+        body = {"model": self.model, **self._sampling(params), "stream": True, **({"messages": prompt} if chat else {"prompt": prompt})}
+        url = self.base_url + ("/chat/completions" if chat else "/completions")
+        pieces: list[str] = []
+        finish, last = "stop", ""
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(self.backoff * 2 ** (attempt - 1))
+            try:
+                with self._client.stream("POST", url, json=body) as r:
+                    if r.status_code == 429 or r.status_code >= 500:
+                        last = f"HTTP {r.status_code}: {r.read().decode(errors='replace')[:200]}"
+                        continue
+                    if r.status_code >= 400:
+                        raise BackendError(f"{url} rejected the request (HTTP {r.status_code}): {r.read().decode(errors='replace')[:300]}")
+                    for line in r.iter_lines():
+                        if not line.startswith("data:"):
+                            continue
+                        data = line[5:].strip()
+                        if data == "[DONE]":
+                            break
+                        try:
+                            obj = json.loads(data)
+                        except ValueError:
+                            raise BackendError(f"{url} streamed something that is not JSON: {data[:200]!r}") from None
+                        if "error" in obj:
+                            raise BackendError(f"{url} failed while streaming: {str((obj['error'] or {}).get('message'))[:300]}")
+                        for ch in obj.get("choices") or []:
+                            piece = (ch.get("delta") or {}).get("content") if chat else ch.get("text")
+                            finish = ch.get("finish_reason") or finish
+                            if piece:
+                                pieces.append(piece)
+                                if on_text(piece):
+                                    return Completion("".join(pieces), -1, "stop")
+                return Completion("".join(pieces), -1, finish)
+            except (httpx.TransportError, httpx.TimeoutException) as err:
+                if pieces:
+                    raise BackendError(f"the stream from {url} broke off: {type(err).__name__}: {err}") from None
+                last = f"{type(err).__name__}: {err}"
+                log.warning("POST %s failed (%s), try %d/%d", url, last, attempt + 1, self.retries + 1)
+        raise BackendError(
+            f"cannot get an answer from {url} after {self.retries + 1} tries ({last})",
+            "check that the server is running and the URL is right",
+        )
 
     def score(self, texts: Sequence[str], contexts: Sequence[str] | None = None) -> list[TokenScores]:
         out = []
