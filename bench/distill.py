@@ -107,7 +107,8 @@ def run_gkd(student, teacher, tok, train_file: Path, args, out: Path) -> float:
     cfg = GKDConfig(
         output_dir=str(out), max_steps=args.steps, per_device_train_batch_size=args.batch, learning_rate=args.lr,
         lr_scheduler_type="constant", logging_steps=10, save_strategy="no", report_to="none", seed=0, data_seed=0,
-        max_new_tokens=args.gen_tokens, disable_tqdm=True, dataloader_pin_memory=False, bf16=False,
+        max_new_tokens=args.gen_tokens, disable_tqdm=True, dataloader_pin_memory=False, bf16=args.bf16,
+        use_cpu=args.bf16 and not torch.cuda.is_available(),
     )
     tr = GKDTrainer(model=student, teacher_model=teacher, args=cfg, train_dataset=ds, processing_class=tok,
                     data_collator=collate)
@@ -130,6 +131,7 @@ def main() -> int:
     ap.add_argument("--prompt-tokens", type=int, default=32, help="GKD on-policy prompt length (tokens of a chunk)")
     ap.add_argument("--losses", default="ce,fkl,rkl,jsd,skl,srkl,tvd", help="methods run through slmkit distill")
     ap.add_argument("--no-gkd", action="store_true")
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast (mixed precision) for every method, GKD included")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a loaded shared machine)")
     ap.add_argument("--work", default="/tmp/issue4-bench", help="scratch directory (deleted runs)")
     ap.add_argument("--json", default="", help="also write the results here")
@@ -173,7 +175,7 @@ def main() -> int:
         cfg = DistillConfig(
             loss=LossConfig(loss=name), data=DataConfig(block_size=args.block, prompt_tokens=args.prompt_tokens),
             max_steps=args.steps, batch_size=args.batch, learning_rate=args.lr, save_steps=args.steps,
-            save_total_limit=1, logging_steps=10, seed=0,
+            save_total_limit=1, logging_steps=10, seed=0, bf16=args.bf16,
         )
         out = work / f"run-{name}"
         res = distill(student, tok, train_file, out, cfg, teacher=None if name == "ce" else teacher,
@@ -194,7 +196,8 @@ def main() -> int:
     base = results.get("plain fine-tuning (ce)")
     total_min = (time.perf_counter() - t_all) / 60
     print(f"\ndevice: CPU, {torch.get_num_threads()} torch threads, {os.cpu_count()} cores; total {total_min:.1f} min")
-    print(f"budget per method: {args.steps} steps x {args.batch} x {args.block} tokens = {args.steps * args.batch * args.block} tokens, lr {args.lr}")
+    print(f"budget per method: {args.steps} steps x {args.batch} x {args.block} tokens = {args.steps * args.batch * args.block} tokens, "
+          f"lr {args.lr}, {'bf16 autocast' if args.bf16 else 'fp32'}")
     print(f"perplexity: WikiText-2 test, first {results['teacher']['ppl_tokens']} scored tokens; agreement: {args.agree_prompts} prompts x <= {args.gen_tokens} teacher tokens")
     hdr = f"{'model':40s} {'ppl':>9s} {'ppl/ce':>7s} {'agree':>7s} {'agree-ce':>9s} {'train s':>8s}"
     print(hdr)

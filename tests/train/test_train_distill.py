@@ -75,6 +75,18 @@ def test_train_distill_reduces_divergence_and_writes_artefact(tiny_tok, teacher,
     assert (tmp_path / "out" / CHECKPOINTS / "checkpoint-12").is_dir()
 
 
+def test_train_distill_bf16_autocast_keeps_fp32_weights_and_learns(tiny_tok, teacher, text_file, tmp_path):
+    from slmkit.models.load import cpu_has_bf16
+
+    if not cpu_has_bf16() and not torch.cuda.is_available():
+        pytest.skip("this CPU has no bf16 support (AVX512-BF16 / AMX)")
+    student = _student(tiny_tok)
+    before = _divergence(teacher, student, tiny_tok, text_file)
+    distill(student, tiny_tok, text_file, tmp_path / "out", _cfg(max_steps=12, save_steps=6, bf16=True), teacher=teacher)
+    assert all(p.dtype == torch.float32 for p in student.parameters())  # mixed precision: fp32 master weights
+    assert _divergence(teacher, student, tiny_tok, text_file) < 0.8 * before
+
+
 class _Crash(TrainerCallback):
     def __init__(self, step):
         self.step = step

@@ -48,6 +48,7 @@ def distill_cmd(
     seed: int = typer.Option(0, "--seed"),
     qat: Optional[str] = typer.Option(None, "--qat", help="quantisation-aware training on a GGUF grid: Q4_0 | Q4_1 | Q5_0 | Q8_0"),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32 or bf16 (both models)"),
+    autocast_bf16: bool = typer.Option(False, "--autocast-bf16", help="mixed precision: fp32 weights, bf16 autocast compute (the Trainer's bf16)"),
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
     """Distil TEACHER into STUDENT on DATA (or fine-tune with --loss ce); write the model to OUTPUT."""
@@ -86,6 +87,7 @@ def distill_cmd(
         loss=lcfg, data=DataConfig(block_size=block_size, max_examples=max_examples), lmbda=lmbda, seq_kd=seq_kd,
         max_new_tokens=max_new_tokens, gen_temperature=max(gen_temperature, 1e-3), max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
         learning_rate=lr, save_steps=min(save_steps, max_steps), seed=seed, logging_steps=max(1, min(10, max_steps // 5)), qat=qat or "",
+        bf16=autocast_bf16,
     )
     s_model, s_tok = load(student, dtype=dtype)
     t_model = None

@@ -68,6 +68,7 @@ class DistillConfig:
     logging_steps: int = 10
     seed: int = 0  #: model init / sampling / data order
     qat: str = ""  #: quantisation-aware training on this GGUF grid (Q4_0, Q4_1, Q5_0, Q8_0); "" = off
+    bf16: bool = False  #: mixed precision: bf16 autocast over fp32 weights (the Trainer's bf16; AMX/AVX512-BF16 CPUs, CUDA)
 
     def __post_init__(self):
         if not 0 <= self.lmbda <= 1:
@@ -351,7 +352,8 @@ def distill(
         dataloader_num_workers=0,
         disable_tqdm=True,
         dataloader_pin_memory=False,
-        bf16=next(student.parameters()).dtype == torch.bfloat16,
+        bf16=cfg.bf16 or next(student.parameters()).dtype == torch.bfloat16,
+        use_cpu=cfg.bf16 and not torch.cuda.is_available(),  # transformers refuses CPU bf16 autocast without it
     )
     if cfg.qat:
         from slmkit.compress.qgrid import Grid
