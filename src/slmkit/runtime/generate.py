@@ -455,8 +455,8 @@ def forward(fm: FastModel, segs: Sequence[Segment]) -> list[torch.Tensor]:
     for li, ly in enumerate(fm.layers):
         qkv_s, o_s, gu_s, down_s = fm.specs[li]
         q, k, v = pre(x, ly.attn_norm, qkv_s, cos, sin, fm.eps, H, Hk, hd)  # (N, heads, hd)
-        if one:
-            att = segs[0].cache.attend(li, q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None])
+        if one:  # (1, heads, hd) -> (1, heads, 1, hd): the same memory layout for one token, so views
+            att = segs[0].cache.attend(li, q.reshape(1, H, 1, hd), k.reshape(1, Hk, 1, hd), v.reshape(1, Hk, 1, hd))
             att = att.reshape(1, H * hd)
         else:
             outs, off = [], 0

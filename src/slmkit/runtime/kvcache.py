@@ -138,6 +138,7 @@ class FullCache(_Cache):
         self.k = torch.zeros(size, dtype=shape.dtype)
         self.v = torch.zeros(size, dtype=shape.dtype)
         self._store = [self.k, self.v]
+        self._kl, self._vl = self.k.unbind(0), self.v.unbind(0)  # per-layer views (1, Hk, S, D), made once
 
     def tokens(self) -> int:
         return self.seen
@@ -147,9 +148,10 @@ class FullCache(_Cache):
         t, s = q.shape[2], self.seen
         if s + t > self.capacity:
             raise ConfigError(f"context of {s + t} tokens exceeds the KV cache capacity of {self.capacity}")
-        self.k[layer, :, :, s : s + t] = k
-        self.v[layer, :, :, s : s + t] = v
-        return sdpa(q, self.k[layer, :, :, : s + t], self.v[layer, :, :, : s + t], s)
+        kl, vl = self._kl[layer], self._vl[layer]
+        kl.narrow(2, s, t).copy_(k)
+        vl.narrow(2, s, t).copy_(v)
+        return sdpa(q, kl.narrow(2, 0, s + t), vl.narrow(2, 0, s + t), s)
 
 
 KV_POLICIES.add("full", FullKV)
