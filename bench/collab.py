@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
 import sys
@@ -36,6 +37,20 @@ def truncated(model, n: int):
     from slmkit.collab.speculative import layer_draft
 
     return layer_draft(model, n)
+
+
+_LOADED: dict = {}
+
+
+def small_model(model, spec: str | None, layers: int):
+    """``spec`` (a model directory, e.g. a distilled student) when given, else the first ``layers`` blocks."""
+    if not spec:
+        return truncated(model, layers)
+    if spec not in _LOADED:
+        from slmkit.models import load
+
+        _LOADED[spec] = load(spec)[0]
+    return _LOADED[spec]
 
 
 PROMPTS = [
@@ -58,7 +73,7 @@ def _hf(model, ids, n, **kw):
 def bench_speculative(model, tok, args) -> dict:
     from slmkit.collab.speculative import ModelDrafter, SpecConfig, autoregressive, frequent_vocab, speculate
 
-    draft = truncated(model, args.draft_layers)
+    draft = small_model(model, args.draft, args.draft_layers)
     fr_draft = ModelDrafter(draft, frequent_vocab(tok, args.draft_vocab))
     eos = (tok.eos_token_id,)
     cfg = SpecConfig(max_new_tokens=args.tokens, eos_token_ids=eos)
@@ -124,7 +139,7 @@ def bench_cascade(model, tok, args) -> dict:
     rng = random.Random(0)
     rng.shuffle(qs)  # questions come grouped by passage; shuffle once (seeded) so both splits see all kinds
     rows = [{"question": q["question"], "answer": q["answer"], "context": passages[q["passage_id"]]} for q in qs[: args.qa]]
-    small = HFBackend(truncated(model, args.small_layers), tok)
+    small = HFBackend(small_model(model, args.small, args.small_layers), tok)
     large = HFBackend(model, tok)
     cfg = CascadeConfig(signal="logprob", escalate=0.3, max_new_tokens=args.answer_tokens, calib_fraction=0.5)
     rep = run_cascade(small, large, rows, cfg)
@@ -140,7 +155,8 @@ def bench_judge(model, tok, args) -> dict:
     items = truthfulqa_items(data_file("truthfulqa/TruthfulQA.csv"), limit=args.tqa)
     labels = [it.label for it in items]
     out = {"pairs": len(items)}
-    for name, m in (("default", model), (f"first {args.small_layers} layers", truncated(model, args.small_layers))):
+    small_name = args.small or f"first {args.small_layers} layers"
+    for name, m in (("default", model), (small_name, small_model(model, args.small, args.small_layers))):
         risk = judge(HFBackend(m, tok), items, JudgeConfig(method="logprob"))
         out[f"auroc_logprob_{name}"] = auroc(risk, labels)
     if args.tqa_consistency:
@@ -169,6 +185,8 @@ def bench_retrieval(model, tok, args) -> dict:
     res = {"all": [0, 0], "filtered": [0, 0]}
     kept_gold = kept = 0
     n = 0
+    prompts: dict[str, list] = {"all": [], "filtered": []}
+    golds = []
     for q in qs[: args.rag]:
         others = rng.sample([i for i in ids if i != q["passage_id"]], args.rag_k - 1)
         cand = others + [q["passage_id"]]
@@ -180,11 +198,13 @@ def bench_retrieval(model, tok, args) -> dict:
         for name, chosen in (("all", texts), ("filtered", [texts[i] for i in keep])):
             ctx = "\n\n".join(chosen)
             prompt = [{"role": "user", "content": f"Context: {ctx}\n\nQuestion: {q['question']}\nAnswer in a few words."}]
-            n_tok = len(tok(tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True), add_special_tokens=False).input_ids)
-            ans = reader.generate([prompt], GenParams(max_new_tokens=args.answer_tokens))[0].text
-            res[name][0] += int(answer_correct(ans, q["answer"]))
-            res[name][1] += n_tok
+            res[name][1] += len(tok(tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True), add_special_tokens=False).input_ids)
+            prompts[name].append(prompt)
+        golds.append(q["answer"])
         n += 1
+    for name in ("all", "filtered"):  # the reader answers every question in batches
+        answers = reader.generate(prompts[name], GenParams(max_new_tokens=args.answer_tokens))
+        res[name][0] = sum(int(answer_correct(a.text, g)) for a, g in zip(answers, golds))
     return {
         "questions": n, "k": args.rag_k, "filter": "default" if args.filter_layers == 0 else f"first {args.filter_layers} layers",
         "quality_all": res["all"][0] / n, "quality_filtered": res["filtered"][0] / n,
@@ -201,6 +221,8 @@ def main() -> None:
     ap.add_argument("--draft-layers", type=int, default=10)
     ap.add_argument("--draft-vocab", type=int, default=8192, help="FR-Spec draft head: the first N token ids")
     ap.add_argument("--small-layers", type=int, default=20)
+    ap.add_argument("--draft", default=None, help="draft model directory (e.g. a distilled student); default: the first --draft-layers blocks")
+    ap.add_argument("--small", default=None, help="cascade/judge small model directory; default: the first --small-layers blocks")
     ap.add_argument("--qa", type=int, default=40)
     ap.add_argument("--answer-tokens", type=int, default=12)
     ap.add_argument("--tqa", type=int, default=60)
@@ -215,7 +237,7 @@ def main() -> None:
     from slmkit.models import load
 
     model, tok = load("default")
-    info = {"device": f"CPU ({platform.processor() or platform.machine()}), {args.threads} torch thread(s), shared machine",
+    info = {"device": f"CPU ({platform.processor() or platform.machine()}), {args.threads} torch thread(s), {os.cpu_count()} cores",
             "torch": torch.__version__, "args": vars(args)}
     print(json.dumps(info), flush=True)
     parts = args.parts.split(",")
