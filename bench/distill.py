@@ -129,7 +129,8 @@ def main() -> int:
     ap.add_argument("--agree-prompts", type=int, default=16)
     ap.add_argument("--gen-tokens", type=int, default=64, help="teacher generation length (agreement) and GKD sample length")
     ap.add_argument("--prompt-tokens", type=int, default=32, help="GKD on-policy prompt length (tokens of a chunk)")
-    ap.add_argument("--losses", default="ce,fkl,rkl,jsd,skl,srkl,tvd", help="methods run through slmkit distill")
+    ap.add_argument("--losses", default="ce,fkl,rkl,jsd,skl,srkl,tvd",
+                    help="methods run through slmkit distill; NAME+ceW mixes in cross-entropy: (1-W) NAME + W ce")
     ap.add_argument("--no-gkd", action="store_true")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast (mixed precision) for every method, GKD included")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a loaded shared machine)")
@@ -172,8 +173,10 @@ def main() -> int:
 
     for name in [x for x in args.losses.split(",") if x]:
         student, _ = load(str(pruned_dir))
+        div, _, w = name.partition("+ce")  # "fkl+ce0.5": (1 - 0.5) fkl + 0.5 cross-entropy on the data
         cfg = DistillConfig(
-            loss=LossConfig(loss=name), data=DataConfig(block_size=args.block, prompt_tokens=args.prompt_tokens),
+            loss=LossConfig(loss=div, ce_weight=float(w) if w else 0.0),
+            data=DataConfig(block_size=args.block, prompt_tokens=args.prompt_tokens),
             max_steps=args.steps, batch_size=args.batch, learning_rate=args.lr, save_steps=args.steps,
             save_total_limit=1, logging_steps=10, seed=0, bf16=args.bf16,
         )
