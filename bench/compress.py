@@ -63,6 +63,17 @@ def n_params(model, nonzero: bool = False) -> int:
     return sum(int((p != 0).sum()) if nonzero else p.numel() for p in ps)
 
 
+def gguf_round_trip(model, tok, path: Path, qtype: str, q, embedding: str | None, t0: float):
+    """Write ``model`` to GGUF (``q``: our codes, or None for the ``gguf`` package's quantiser) and read it
+    back through transformers' GGUF loader, which is what the row is scored on.
+
+    Returns (model read back, bytes on disk, seconds from ``t0`` to the end of the export: the reload is not timed)."""
+    rep = export_gguf_validated(model, tok, path, qtype, q, check_loader=False, embedding_type=embedding)
+    wall = time.perf_counter() - t0
+    back, _ = load(str(path))
+    return back, rep.bytes, wall
+
+
 def quant_row(method: str, grid: Grid):
     def run(model, tok, ids, tmp):
         cfg = QUANTIZERS.get(method).config(grid=grid)
@@ -102,11 +113,8 @@ def gguf_row(method: str | None, qtype: str = "Q4_0", embedding: str | None = No
                 yield "mem", model, (dest / PACKED).stat().st_size, n_params(model), wall
                 t0 = time.perf_counter() - wall  # the GGUF row's time includes the quantisation
                 q.tensors.update(rtn_model(model, None, RTNConfig(grid), [EMBEDDING]))
-        path = Path(tmp) / f"{method or 'ref'}-{qtype}.gguf"
-        rep = export_gguf_validated(model, tok, path, qtype, q, check_loader=False, embedding_type=embedding)
-        wall = time.perf_counter() - t0
-        back, _ = load(str(path))  # scored as read back through transformers' GGUF loader
-        yield None, back, rep.bytes, n_params(back), wall
+        back, nbytes, wall = gguf_round_trip(model, tok, Path(tmp) / f"{method or 'ref'}-{qtype}.gguf", qtype, q, embedding, t0)
+        yield None, back, nbytes, n_params(back), wall
 
     return run
 
@@ -138,11 +146,8 @@ def qat_row(qtype: str = "Q4_0", embedding: str | None = "Q8_0"):
         del teacher
         print(f"# qat: {res.steps} steps, train loss {res.train_loss:.4f}, {res.seconds:.0f} s", flush=True)
         q = quantize(model, "rtn", RTNConfig(Grid.for_gguf(qtype)))  # the codes of the weights (already on the grid)
-        path = Path(tmp) / f"qat-{qtype}.gguf"
-        rep = export_gguf_validated(model, tok, path, qtype, q, check_loader=False, embedding_type=embedding)
-        wall = time.perf_counter() - t0
-        back, _ = load(str(path))
-        yield None, back, rep.bytes, n_params(back), wall
+        back, nbytes, wall = gguf_round_trip(model, tok, Path(tmp) / f"qat-{qtype}.gguf", qtype, q, embedding, t0)
+        yield None, back, nbytes, n_params(back), wall
 
     return run
 

@@ -113,7 +113,7 @@ class HFBackend:
         )
         sampler = None
         if params.temperature > 0 and params.seed is not None:
-            sampler = _SeededSampling(params.temperature, params.top_p, [params.seed + offset + i for i in range(B)])
+            sampler = _SeededSampling(params.temperature, params.top_p, [params.seed + offset + i for i in range(B)], params.logprobs)
             kw.update(logits_processor=LogitsProcessorList([sampler]))
         elif params.temperature > 0:
             kw.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0)
@@ -235,14 +235,15 @@ class _SeededSampling(LogitsProcessor):
     """Logits processor that samples row ``i`` with its own ``torch.Generator`` (seed ``seeds[i]``)
     after temperature and top-p, and leaves only the sampled token finite, so greedy selection
     picks it. A row's sample then does not depend on the other rows of its batch.
-    ``logp`` keeps each step's (B, V) log-probs after temperature and top-p."""
+    ``logp`` keeps each step's (B, V) log-probs after temperature and top-p (when ``keep_logp``)."""
 
-    def __init__(self, temperature: float, top_p: float, seeds: list[int]):
+    def __init__(self, temperature: float, top_p: float, seeds: list[int], keep_logp: bool = False):
         from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
         self.warpers = [TemperatureLogitsWarper(temperature)] + ([TopPLogitsWarper(top_p)] if top_p < 1.0 else [])
         self.seeds = seeds
         self.gens: list[torch.Generator] | None = None
+        self.keep_logp = keep_logp
         self.logp: list[torch.Tensor] = []
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
@@ -252,7 +253,8 @@ class _SeededSampling(LogitsProcessor):
             self.gens = [torch.Generator(device=scores.device).manual_seed(s) for s in self.seeds]
         probs = F.softmax(scores.float(), -1)  # (B, V)
         picks = torch.stack([torch.multinomial(probs[i], 1, generator=g)[0] for i, g in enumerate(self.gens)])  # (B,)
-        self.logp.append(F.log_softmax(scores.float(), -1))
+        if self.keep_logp:  # only when log-probs were asked for: a (B, V) pass per step otherwise wasted
+            self.logp.append(F.log_softmax(scores.float(), -1))
         out = torch.full_like(scores, -math.inf)
         out[torch.arange(scores.shape[0], device=scores.device), picks] = 0.0
         return out

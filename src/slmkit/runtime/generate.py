@@ -74,7 +74,8 @@ class Dense:
         self.w, self.b = w, b
 
     def __call__(self, x):
-        return F.linear(x, self.w, self.b)
+        """``x`` (N, K) -> (N, out); every weight kind multiplies through :func:`apply_linear`."""
+        return apply_linear(self.spec(), x)
 
     def spec(self) -> tuple:
         """(kind, tensors..., bias, group): what :func:`apply_linear` needs, as plain values (for torch.compile)."""
@@ -91,7 +92,7 @@ class Concat:
         self.parts = parts
 
     def __call__(self, x):
-        return torch.cat([p(x) for p in self.parts], dim=-1)
+        return apply_linear(self.spec(), x)
 
     def spec(self) -> tuple:
         return ("concat", tuple(p.spec() for p in self.parts), None, None, 0)
@@ -110,10 +111,6 @@ class Int8(Dense):
         self.s = s.to(dtype)
         self.b = None if b is None else b.to(dtype)
         self.w = self.q
-
-    def __call__(self, x):
-        y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.q, self.s).reshape(*x.shape[:-1], -1)
-        return y if self.b is None else y + self.b
 
     def spec(self) -> tuple:
         return ("int8", self.q, self.s, self.b, 0)
@@ -145,14 +142,9 @@ class Int4(Dense):
         zero = lo + 8 * scale  # so that W = (q - 8) * scale + zero
         self.sz = torch.cat([scale, zero], -1).transpose(0, 1).contiguous().to(torch.bfloat16)  # (K/g, N, 2)
         self.q = torch._convert_weight_to_int4pack_for_cpu(q, 1)
-        self.group, self.n = group, n
+        self.group = group
         self.b = None if b is None else b.to(dtype)
         self.w = self.q
-
-    def __call__(self, x):
-        y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]), self.q, self.group, self.sz)
-        y = y.reshape(*x.shape[:-1], self.n)
-        return y if self.b is None else y + self.b
 
     def spec(self) -> tuple:
         return ("int4", self.q, self.sz, self.b, self.group)
@@ -324,12 +316,12 @@ def apply_linear(spec: tuple, x: torch.Tensor) -> torch.Tensor:
     kind, a, b, bias, group = spec
     if kind == "concat":
         return torch.cat([apply_linear(p, x) for p in a], dim=-1)
+    if kind == "dense":
+        return F.linear(x, a, bias)  # what nn.Linear computes: fp32 greedy output must match generate
     if kind == "int4":
         y = torch._weight_int4pack_mm_for_cpu(x, a, group, b)
-    elif kind == "int8":
+    else:  # int8
         y = torch._weight_int8pack_mm(x, a, b)
-    else:
-        y = F.linear(x, a)
     return y if bias is None else y + bias
 
 
