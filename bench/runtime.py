@@ -57,7 +57,8 @@ def bench_decode(model, tok, args) -> dict:
         "fast fp32": G.build(model, G.FastConfig()),
         "fast bf16": G.build(model, G.FastConfig(dtype="bf16")),
         "fast int8": G.build(model, G.FastConfig(weights="int8")),
-        "fast int4": G.build(model, G.FastConfig(weights="int4")),
+        "fast int4": G.build(model, G.FastConfig(weights="int4")),  # slmkit's q4 kernel + fused step where it builds
+        "fast int4 torch": G.build(model, G.FastConfig(weights="int4", kernel="torch")),  # torch's int4pack kernel
     }
     compile_s = {}
     if args.compile:  # torch.compile of the decode step: compile time is reported, not counted in tokens/s
@@ -110,8 +111,20 @@ def bench_decode(model, tok, args) -> dict:
                      "tokens_per_cpu_s": tps_cpu, "speedup_vs_generate_cpu": tps_cpu / base_cpu,
                      "fraction_of_bound_cpu": tps_cpu / bound_cpu,
                      "greedy_equal_to_generate": same.get(k, True), "compile_s": compile_s.get(k)})
+    quality = []
+    if args.quality_tokens:  # what the int4 kernels cost in perplexity, read token by token (the decode path)
+        from slmkit.data import data_file
+
+        text = data_file("wikitext-2", "test.txt").read_text(encoding="utf-8")
+        qids = tok(text[:200_000], return_tensors="pt").input_ids[0][: args.quality_tokens]
+        for k in ("fast fp32", "fast int4 torch", "fast int4"):
+            t0 = time.perf_counter()
+            nll, scored, _ = G.policy_nll(variants[k], qids, "full", chunk=512 if k == "fast fp32" else 1)
+            quality.append({"variant": k, "ppl": math.exp(nll), "tokens": scored, "chunk": 512 if k == "fast fp32" else 1,
+                            "seconds": time.perf_counter() - t0})
     return {"new_tokens": n, "prompt_tokens": int(ids.shape[1]), "read_bandwidth_gb_s": bandwidth / 1e9,
-            "read_bandwidth_gb_per_cpu_s": bandwidth_cpu / 1e9, "repeats": args.repeats, "rows": rows}
+            "read_bandwidth_gb_per_cpu_s": bandwidth_cpu / 1e9, "repeats": args.repeats, "rows": rows,
+            "q4_kernel": G.q4kernel.why_unavailable() or "built", "quality": quality}
 
 
 def bench_kv(model, tok, args) -> dict:
@@ -291,6 +304,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--compile", action="store_true", help="also time the int4 path with torch.compile'd decode steps")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--quality-tokens", type=int, default=1024, help="wikitext-2 tokens for the int4 perplexity check (0: skip)")
     ap.add_argument("--kv-tokens", type=int, default=2048)
     ap.add_argument("--kv-budget", type=int, default=256)
     ap.add_argument("--kv-chunk", type=int, default=16, help="tokens per step when reading the text (1 = exact token-by-token decoding)")
@@ -323,6 +337,9 @@ def main() -> None:
                   f"{x['bandwidth_bound_tokens_per_s']:11.2f} {x['fraction_of_bound']:8.2f} {x['tokens_per_cpu_s']:9.2f} "
                   f"{x['speedup_vs_generate_cpu']:11.2f} {x['fraction_of_bound_cpu']:14.2f} {x['greedy_equal_to_generate']}"
                   + (f"  (compile {x['compile_s']:.0f} s)" if x.get("compile_s") else ""))
+        print(f"q4 kernel: {r['q4_kernel']}")
+        for x in r["quality"]:
+            print(f"perplexity {x['variant']:18} {x['ppl']:8.3f} ({x['tokens']} wikitext-2 tokens, {x['chunk']} per step, {x['seconds']:.0f} s)")
     if "kv" in sections:
         out["kv"] = r = bench_kv(model, tok, args)
         print(f"\n## KV policies: wikitext-2 test, {r['tokens']} tokens, {r['dtype']}, chunk {r['chunk']}")

@@ -13,7 +13,10 @@ bandwidth bound. Here the same ideas run on CPU:
 * ``weights="int8"`` stores every linear weight (and the tied head/embedding) as
   int8 with one scale per output channel and multiplies with
   ``torch._weight_int8pack_mm`` (weight-only quantisation: activations stay bf16);
-  ``weights="int4"`` packs groups of 32 at 4 bits (``torch._weight_int4pack_mm_for_cpu``);
+  ``weights="int4"`` packs groups of 32 at 4 bits; on CPUs with AVX512-VNNI the matmuls run in
+  slmkit's own kernel (:mod:`slmkit.runtime.q4kernel`: 4-bit weights, activations rounded to int8
+  per 32) and a one-token step of a single sequence with the full cache runs through every layer
+  in one C call (no per-op dispatch); elsewhere ``torch._weight_int4pack_mm_for_cpu``;
 * ``compile=True`` compiles the work around attention of a one-token decode step
   (norms, matmuls, RoPE, SwiGLU, residuals) with ``torch.compile``: one graph for all layers,
   weights passed as arguments (optional, slow to start: measured in ``bench/runtime.py``).
@@ -38,7 +41,8 @@ import torch
 import torch.nn.functional as F
 
 from slmkit.errors import ConfigError, UnsupportedModelError
-from slmkit.runtime.kvcache import KVShape, kv_policy
+from slmkit.runtime import q4kernel
+from slmkit.runtime.kvcache import FullCache, KVShape, kv_policy
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +56,15 @@ class FastConfig:
     dtype: str = "fp32"  #: compute dtype: "fp32" or "bf16"
     weights: str = "native"  #: "native" (the compute dtype), "int8" (per-channel) or "int4" (groups of 32); int8/int4 compute in bf16
     compile: bool = False  #: torch.compile the decode step's per-layer work (slow to start; see bench/runtime.py)
+    kernel: str = "auto"  #: int4 matmuls: "auto" (slmkit's q4 kernel where it builds, else torch's), "slmkit" or "torch"
 
     def __post_init__(self):
         if self.dtype not in ("fp32", "bf16"):
             raise ConfigError(f"fast path dtype must be fp32 or bf16, got {self.dtype!r}")
         if self.weights not in ("native", "int8", "int4"):
             raise ConfigError(f"fast path weights must be native, int8 or int4, got {self.weights!r}")
+        if self.kernel not in ("auto", "slmkit", "torch"):
+            raise ConfigError(f"fast path kernel must be auto, slmkit or torch, got {self.kernel!r}")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -154,6 +161,25 @@ class Int4(Dense):
         return self.q.numel() * self.q.element_size() + self.sz.numel() * self.sz.element_size() + extra
 
 
+class Q4(Dense):
+    """Weight-only int4 in slmkit's kernel layout: w ~ (code - 8) * s + m per group of 32 (fp16 s, m).
+
+    Multiplies with :func:`slmkit.runtime.q4kernel.matmul` (activations rounded to int8 per 32).
+    """
+
+    def __init__(self, w: torch.Tensor, b: torch.Tensor | None, dtype: torch.dtype):
+        self.q, self.s, self.m = q4kernel.pack(w.detach())
+        self.b = None if b is None else b.to(dtype)
+        self.w = self.q
+
+    def spec(self) -> tuple:
+        return ("q4", self, None, self.b, 0)
+
+    def nbytes(self) -> int:
+        extra = 0 if self.b is None else self.b.numel() * self.b.element_size()
+        return self.q.numel() + self.s.numel() * 2 + self.m.numel() * 2 + extra
+
+
 @dataclass
 class Layer:
     attn_norm: torch.Tensor  # (D,)
@@ -184,6 +210,17 @@ class FastModel:
     eos: tuple[int, ...] = ()
     blocks: dict = field(default_factory=dict)  # compiled decode-step functions ("pre", "post") when cfg.compile
     specs: list = field(default_factory=list)  # per layer: the .spec() of qkv, o, gate_up, down
+    fused: torch.Tensor | None = None  # q4 kernel: per-layer weight addresses for the one-call decode step
+    rope_cache: tuple = ()  # (cos, sin) fp32 (P, hd) for positions 0..P-1, grown on demand (fused step)
+
+    def rope_at(self, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 cos and sin (hd,) of one position, from transformers' rotary module (every rope_scaling variant)."""
+        if not self.rope_cache or pos >= self.rope_cache[0].shape[0]:
+            n = min(self.max_positions, max(1024, 2 * (pos + 1)))
+            p = torch.arange(n)[None]
+            cos, sin = self.rotary(torch.zeros(1, 1, dtype=torch.float32), p)
+            self.rope_cache = (cos[0].float().contiguous(), sin[0].float().contiguous())
+        return self.rope_cache[0][pos], self.rope_cache[1][pos]
 
     @property
     def dtype(self) -> torch.dtype:
@@ -236,7 +273,13 @@ def build(model, cfg: FastConfig = FastConfig()) -> FastModel:
     heads, kv = c.num_attention_heads, c.num_key_value_heads
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
 
+    use_q4 = cfg.weights == "int4" and cfg.kernel != "torch" and q4kernel.load() is not None
+    if cfg.weights == "int4" and cfg.kernel == "slmkit" and not use_q4:
+        raise ConfigError(f"slmkit's q4 kernel is unavailable: {q4kernel.why_unavailable()}", "use kernel='auto' or 'torch'")
+
     def lin(w, b=None):
+        if use_q4 and w.shape[1] % 64 == 0:
+            return Q4(w.detach(), None if b is None else b.detach(), dtype)
         if cfg.weights == "int4" and w.shape[0] % 16 == 0 and w.shape[1] % 32 == 0:  # the packing kernel's constraints
             return Int4(w.detach(), None if b is None else b.detach(), dtype)
         if cfg.weights in ("int8", "int4"):
@@ -292,6 +335,14 @@ def build(model, cfg: FastConfig = FastConfig()) -> FastModel:
         eps=c.rms_norm_eps, vocab=c.vocab_size, max_positions=c.max_position_embeddings, eos=eos,
     )
     fm.specs = [(ly.qkv.spec(), ly.o.spec(), ly.gate_up.spec(), ly.down.spec()) for ly in layers]
+    mods = [m for ly in layers for m in (ly.qkv, ly.o, ly.gate_up, ly.down)]
+    if use_q4 and all(type(m) is Q4 and m.b is None for m in mods) and c.hidden_act == "silu" and not cfg.compile:
+        ptrs = []
+        for ly in layers:
+            for t in (ly.attn_norm, ly.qkv.q, ly.qkv.s, ly.qkv.m, ly.o.q, ly.o.s, ly.o.m, ly.mlp_norm,
+                      ly.gate_up.q, ly.gate_up.s, ly.gate_up.m, ly.down.q, ly.down.s, ly.down.m):
+                ptrs.append(t.data_ptr())
+        fm.fused = torch.tensor(ptrs, dtype=torch.int64)
     if cfg.compile:
         # One graph each for the work before and after attention of a one-token decode step, shared by
         # every layer (weights are arguments, not constants); prefill and batches run eagerly.
@@ -318,7 +369,9 @@ def apply_linear(spec: tuple, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([apply_linear(p, x) for p in a], dim=-1)
     if kind == "dense":
         return F.linear(x, a, bias)  # what nn.Linear computes: fp32 greedy output must match generate
-    if kind == "int4":
+    if kind == "q4":
+        y = q4kernel.matmul(x, a.q, a.s, a.m)
+    elif kind == "int4":
         y = torch._weight_int4pack_mm_for_cpu(x, a, group, b)
     else:  # int8
         y = torch._weight_int8pack_mm(x, a, b)
@@ -422,6 +475,8 @@ def forward(fm: FastModel, segs: Sequence[Segment]) -> list[torch.Tensor]:
     """
     if isinstance(fm, HFRunner):
         return _hf_forward(fm, segs)
+    if fm.fused is not None and len(segs) == 1 and segs[0].ids.shape[0] == 1 and _fusable(segs[0].cache):
+        return [_fused_step(fm, segs[0])]
     dt = fm.dtype
     H, Hk, hd = fm.heads, fm.kv_heads, fm.head_dim
     lens = [int(s.ids.shape[0]) for s in segs]
@@ -474,6 +529,31 @@ def forward(fm: FastModel, segs: Sequence[Segment]) -> list[torch.Tensor]:
         out.append(logits[off : off + m] if s.all_logits else logits[off])
         off += m
     return out
+
+
+def _fusable(cache) -> bool:
+    return type(cache) is FullCache and cache.k.dtype == torch.bfloat16 and cache.k.is_contiguous() and cache.v.is_contiguous()
+
+
+def _fused_step(fm: FastModel, seg: Segment) -> torch.Tensor:
+    """One token of one sequence through every layer in one call of the q4 kernel library."""
+    cache, pos = seg.cache, seg.cache.seen
+    if pos + 1 > min(fm.max_positions, cache.capacity):
+        raise ConfigError(f"context of {pos + 1} tokens exceeds the KV cache capacity of {cache.capacity}")
+    ids = seg.ids
+    x = (fm.embed.rows(ids, torch.float32) if isinstance(fm.embed, Int8) else fm.head.rows(ids, torch.float32))[0].contiguous()
+    cos, sin = fm.rope_at(pos)
+    lib = q4kernel.load()
+    ff = fm.layers[0].down.q.shape[1] * 2
+    rc = lib.slmkit_q4_decode_step(
+        x.data_ptr(), len(fm.layers), x.shape[0], fm.heads, fm.kv_heads, fm.head_dim, ff, fm.eps, fm.fused.data_ptr(),
+        cache.k.data_ptr(), cache.v.data_ptr(), cache.capacity, pos, cos.data_ptr(), sin.data_ptr(),
+    )
+    if rc:
+        raise RuntimeError(f"q4 decode step failed (code {rc})")
+    cache.advance(1)
+    h = rms_norm(x[None], fm.norm, fm.eps)
+    return fm.head(h)[0].float()
 
 
 def prefill(fm: FastModel, ids: torch.Tensor, cache) -> torch.Tensor:

@@ -1,0 +1,166 @@
+"""A 4-bit weight x 8-bit activation matmul kernel for CPU decode, built on first use.
+
+torch 2.13's ``_weight_int4pack_mm_for_cpu`` reaches about 0.46 of the memory-bandwidth bound
+on this project's machines at one token (docs/benchmarks.md), so the int4 fast path could not
+reach half the bound however little else a decode step did. :file:`kernels/q4.c` is llama.cpp's
+Q4_1 x Q8 scheme (4-bit codes with an fp16 scale and offset per 32 inputs; activations
+quantised to int8 per 32 on the fly; ``vpdpbusd`` dot products) written for AVX512-VNNI.
+
+The kernel is optional. It is compiled with the system C compiler into a per-user cache the
+first time it is needed (about a second) and loaded with :mod:`ctypes`; when the CPU lacks
+AVX512-VNNI, there is no compiler, the build fails, or ``SLMKIT_Q4_KERNEL=0`` is set,
+:func:`load` returns ``None`` (and says why once, at INFO) and callers use torch's kernel.
+
+Numerics: the activations are rounded to int8 per group of 32 (absmax / 127), so results
+differ from a dequantise-then-matmul in the third significant digit; the per-group offset
+term uses the exact fp32 activation sums.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("kernels") / "q4.c"
+FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mf16c", "-mfma",
+         "-fopenmp", "-shared", "-fPIC", "-lm"]
+CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "f16c", "fma")
+GROUP = 32
+
+_lib: ctypes.CDLL | None = None
+_why: str | None = None  # why the kernel is unavailable (None: not tried yet, or available)
+_tried = False
+
+
+def cpu_supported() -> tuple[bool, str]:
+    """Whether this CPU has the instructions the kernel is built for (Linux /proc/cpuinfo)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False, "cannot read /proc/cpuinfo (the kernel is built for Linux on x86-64 only)"
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    missing = [f for f in CPU_FLAGS if f not in flags]
+    return (not missing), ("CPU lacks " + ", ".join(missing)) if missing else ""
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("SLMKIT_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "slmkit")
+    return Path(root) / "kernels"
+
+
+def _build() -> Path:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("g++")
+    if not cc:
+        raise RuntimeError("no C compiler (cc, gcc or g++) on PATH")
+    src = SOURCE.read_bytes()
+    tag = hashlib.sha256(src + " ".join([cc, *FLAGS]).encode()).hexdigest()[:12]
+    out = cache_dir() / f"q4-{tag}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:  # build aside, then rename: never a half-written .so
+        tmp_so = Path(tmp) / out.name
+        r = subprocess.run([cc, *FLAGS, "-o", str(tmp_so), str(SOURCE)], capture_output=True, text=True)
+        if r.returncode:
+            raise RuntimeError(f"{cc} failed: {r.stderr.strip()[-400:]}")
+        os.replace(tmp_so, out)
+    return out
+
+
+def load() -> ctypes.CDLL | None:
+    """The compiled kernel, or ``None`` when it cannot be used here (:func:`why_unavailable` says why)."""
+    global _lib, _why, _tried
+    if _tried:
+        return _lib
+    _tried = True
+    if os.environ.get("SLMKIT_Q4_KERNEL", "1") == "0":
+        _why = "disabled by SLMKIT_Q4_KERNEL=0"
+    else:
+        ok, why = cpu_supported()
+        if not ok:
+            _why = why
+        else:
+            try:
+                lib = ctypes.CDLL(str(_build()))
+                fn = lib.slmkit_q4_matmul
+                fn.restype = ctypes.c_int
+                p, i = ctypes.c_void_p, ctypes.c_int
+                fn.argtypes = [p, i, i, i, p, p, p, i, p, i]
+                st = lib.slmkit_q4_decode_step
+                st.restype = ctypes.c_int
+                st.argtypes = [p, i, i, i, i, i, i, ctypes.c_float, p, p, p, i, i, p, p]
+                _lib = lib
+            except (OSError, RuntimeError) as e:
+                _why = f"could not build or load {SOURCE.name}: {e}"
+    if _lib is None:
+        log.info("slmkit's q4 kernel is unavailable (%s); int4 weights use torch's kernel", _why)
+    return _lib
+
+
+def why_unavailable() -> str | None:
+    load()
+    return _why
+
+
+def pack(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantise ``w`` (N, K) to 4-bit codes per group of 32 (asymmetric min/max grid, as GGUF Q4_1).
+
+    Returns ``(q, s, m)``: q (N, K/2) uint8 in the kernel's nibble layout, s and m (N, K/32) fp16,
+    with ``w ~ (code - 8) * s + m`` (m is the grid's centre: min + 8 s).
+    """
+    n, k = w.shape
+    if k % 64:
+        raise ValueError(f"the q4 kernel needs in_features divisible by 64, got {k}")
+    wg = w.float().reshape(n, k // GROUP, GROUP)
+    lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
+    s = ((hi - lo) / 15).clamp_min(1e-8).half()
+    m = (lo + 8 * s.float()).half()
+    codes = ((wg - m.float()) / s.float() + 8).round().clamp(0, 15).to(torch.uint8)  # against the stored fp16 values
+    c = codes.reshape(n, k // 64, 2, 32)
+    q = (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
+    return q, s.reshape(n, -1).contiguous(), m.reshape(n, -1).contiguous()
+
+
+def unpack(q: torch.Tensor, s: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """The fp32 weight (N, K) that ``(q, s, m)`` stands for."""
+    n = q.shape[0]
+    c = q.reshape(n, -1, 32)
+    codes = torch.stack([c & 0x0F, c >> 4], dim=2).reshape(n, -1, GROUP).float() - 8
+    return (codes * s.float()[..., None] + m.float()[..., None]).reshape(n, -1)
+
+
+def matmul(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """``x`` (M, K) fp32 or bf16 times the packed weight's transpose: (M, N) in ``x``'s dtype."""
+    lib = load()
+    if lib is None:
+        raise RuntimeError(f"slmkit's q4 kernel is unavailable: {_why}")
+    return _call(lib, x, q, s, m)
+
+
+def _call(lib, x, q, s, m):
+    if x.dtype not in (torch.float32, torch.bfloat16):
+        raise TypeError(f"q4 matmul takes fp32 or bf16 activations, got {x.dtype}")
+    x = x.contiguous()
+    n, kk = q.shape[0], q.shape[1] * 2
+    if x.shape[-1] != kk:
+        raise ValueError(f"q4 matmul: activations have {x.shape[-1]} features, the weight takes {kk}")
+    bf = int(x.dtype == torch.bfloat16)
+    y = torch.empty(x.shape[0], n, dtype=x.dtype)
+    rc = lib.slmkit_q4_matmul(x.data_ptr(), bf, x.shape[0], kk, q.data_ptr(), s.data_ptr(), m.data_ptr(), n, y.data_ptr(), bf)
+    if rc:
+        raise RuntimeError(f"q4 matmul failed (code {rc})")
+    return y
