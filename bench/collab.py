@@ -4,8 +4,9 @@
    first N layers, and by prompt lookup; against the target alone (transformers
    ``generate``, and our own cached loop) and transformers' assisted generation
    (``assistant_model=``, ``prompt_lookup_num_tokens=``), all in the same run; ``spec_ours_fr``
-   is the same draft scoring only the first ``--draft-vocab`` token ids (FR-Spec), methods
-   interleaved per prompt. Speed is a ratio to the target alone from the same run.
+   is the same draft scoring only the first ``--draft-vocab`` token ids (FR-Spec),
+   ``spec_ours_int4`` drafts with the target's own int4 copy on slmkit's fast path (fused q4
+   kernel; transformers has no equivalent assistant), methods interleaved per prompt. Speed is a ratio to the target alone from the same run.
 2. Cascade on rag-qa (question + its passage; answer checked by containment): the same
    truncated copy answers first, low mean-log-prob answers escalate to the default
    model; quality kept vs share escalated, against random routing at the same rate.
@@ -71,14 +72,15 @@ def _hf(model, ids, n, **kw):
 
 
 def bench_speculative(model, tok, args) -> dict:
-    from slmkit.collab.speculative import ModelDrafter, SpecConfig, autoregressive, frequent_vocab, speculate
+    from slmkit.collab.speculative import ModelDrafter, SpecConfig, autoregressive, frequent_vocab, quantised_draft, speculate
 
     draft = small_model(model, args.draft, args.draft_layers)
     fr_draft = ModelDrafter(draft, frequent_vocab(tok, args.draft_vocab))
+    q_draft = quantised_draft(model, "int4")  # the target's own int4 copy on the fast path (self-speculation)
     eos = (tok.eos_token_id,)
     cfg = SpecConfig(max_new_tokens=args.tokens, eos_token_ids=eos)
     stats = {m: {"tokens": 0, "seconds": 0.0, "drafted": 0, "accepted": 0, "identical": 0}
-             for m in ("target_hf", "target_ours", "assisted_hf", "spec_ours", "spec_ours_fr", "lookup_hf", "lookup_ours")}
+             for m in ("target_hf", "target_ours", "assisted_hf", "spec_ours", "spec_ours_fr", "spec_ours_int4", "lookup_hf", "lookup_ours")}
     n_prompts = 0
     for i, p in enumerate(PROMPTS[: args.prompts]):
         text = tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
@@ -87,6 +89,7 @@ def bench_speculative(model, tok, args) -> dict:
             _hf(model, ids, 4)
             _hf(model, ids, 4, assistant_model=draft)
             speculate(model, draft, ids, SpecConfig(max_new_tokens=4))
+            speculate(model, q_draft, ids, SpecConfig(max_new_tokens=4))
         ref, dt = _hf(model, ids, args.tokens)
         stats["target_hf"]["tokens"] += len(ref)
         stats["target_hf"]["seconds"] += dt
@@ -94,6 +97,7 @@ def bench_speculative(model, tok, args) -> dict:
             ("target_ours", lambda: autoregressive(model, ids, cfg)),
             ("spec_ours", lambda: speculate(model, draft, ids, cfg)),
             ("spec_ours_fr", lambda: speculate(model, fr_draft, ids, cfg)),
+            ("spec_ours_int4", lambda: speculate(model, q_draft, ids, cfg)),
             ("lookup_ours", lambda: speculate(model, "lookup", ids, cfg)),
         ]
         for name, fn in runs:
@@ -123,7 +127,7 @@ def bench_speculative(model, tok, args) -> dict:
             "identical_to_target": f"{s['identical']}/{n_prompts}",
             "tokens": s["tokens"],
         }
-    for name in ("spec_ours", "spec_ours_fr"):
+    for name in ("spec_ours", "spec_ours_fr", "spec_ours_int4"):
         rows[name]["vs_assisted_hf"] = rows[name]["tokens_per_s"] / rows["assisted_hf"]["tokens_per_s"]
     rows["lookup_ours"]["vs_lookup_hf"] = rows["lookup_ours"]["tokens_per_s"] / rows["lookup_hf"]["tokens_per_s"]
     return rows

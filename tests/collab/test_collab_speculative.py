@@ -65,6 +65,26 @@ def test_greedy_identical_to_target_alone(pair, prompt):
     assert speculate(target, "lookup", ids, cfg).tokens == ref
 
 
+def test_quantised_self_draft_is_exact_and_mostly_accepted(pair):
+    """draft="int4": the target's own int4 copy on the fast path drafts; the output is still the target's."""
+    from slmkit.collab.speculative import FastDrafter, quantised_draft
+
+    target, _, tok = pair
+    ids = torch.tensor(tok("The cat sees the house.").input_ids)
+    ref = _hf_greedy(target, ids, 40)
+    out = speculate(target, "int4", ids, SpecConfig(max_new_tokens=40))
+    assert out.tokens == ref
+    assert out.drafted > 0 and out.acceptance_rate > 0.5  # the same model at 4 bits agrees on most tokens
+    d = quantised_draft(target, "int8")
+    assert isinstance(d, FastDrafter)
+    assert speculate(target, d, ids, SpecConfig(max_new_tokens=40, k=7, k_max=7, adaptive=False)).tokens == ref
+    gen = torch.Generator().manual_seed(0)
+    sampled = speculate(target, d, ids, SpecConfig(max_new_tokens=24, temperature=1.0), gen)
+    assert len(sampled.tokens) == 24 and sampled.drafted > 0
+    with pytest.raises(ConfigError, match="int4 or int8"):
+        quantised_draft(target, "int2")
+
+
 def test_reduced_vocab_draft_is_still_exact(pair):
     from slmkit.collab.speculative import ModelDrafter, frequent_vocab
 
@@ -226,6 +246,8 @@ def test_cli_speculate_json(tiny_dir, capsys):
     rc = main(["speculate", "--draft", "lookup", "--target", str(tiny_dir), "The cat", "--max-new-tokens", "8", "--json"])
     assert rc == 0 and json.loads(capsys.readouterr().out)["identical_to_target"] is True
     rc = main(["speculate", "--draft", "layers:1", "--target", str(tiny_dir), "The cat", "--max-new-tokens", "8", "--json"])
+    assert rc == 0 and json.loads(capsys.readouterr().out)["identical_to_target"] is True
+    rc = main(["speculate", "--draft", "int4", "--target", str(tiny_dir), "The cat", "--max-new-tokens", "8", "--json"])
     assert rc == 0 and json.loads(capsys.readouterr().out)["identical_to_target"] is True
     assert main(["speculate", "--draft", "layers:5", "--target", str(tiny_dir), "The cat", "--json"]) == 2
     assert "layer draft" in capsys.readouterr().err

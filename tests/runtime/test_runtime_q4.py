@@ -128,3 +128,15 @@ def test_fused_step_respects_the_cache_capacity(lively):
     G.prefill(fm, torch.arange(4), cache)
     with pytest.raises(ConfigError, match="capacity"):
         G.decode_one_token(fm, 5, cache)
+
+
+@needs_kernel
+def test_token_by_token_scoring_goes_through_the_fused_step(lively):
+    """policy_nll with one token per step (the fused path, all_logits) agrees with chunked reading (the layerwise path)."""
+    model, tok = lively
+    fm = G.build(model, G.FastConfig(weights="int4"))
+    ids = tok("The cat sees the dog. A dog likes green apples. It is red and the cat is not.", return_tensors="pt").input_ids[0]
+    one, n1, _ = G.policy_nll(fm, ids, "full", chunk=1)
+    many, n8, _ = G.policy_nll(fm, ids, "full", chunk=8)
+    assert n1 == n8 == len(ids) - 1
+    assert abs(one - many) < 0.02 * abs(many), (one, many)

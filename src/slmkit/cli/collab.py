@@ -35,7 +35,7 @@ def _encode(tok, prompt: str, chat: bool):
 
 def speculate(
     prompt: str = typer.Argument(..., help="the prompt (continued as raw text unless --chat)"),
-    draft: str = typer.Option(..., "--draft", help="draft MODEL (same tokenizer as the target), 'lookup', or 'layers:N' (the target's first N blocks)"),
+    draft: str = typer.Option(..., "--draft", help="draft MODEL (same tokenizer as the target), 'lookup', 'layers:N' (the target's first N blocks), or 'int4'/'int8' (the target's own quantised copy on the fast path)"),
     target: str = typer.Option(..., "--target", help="target MODEL: default | hub id | directory | file.gguf"),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32 (greedy output identical to the target) or bf16"),
@@ -59,6 +59,10 @@ def speculate(
     t_model, t_tok = load(target, dtype=dtype)
     if draft == "lookup":
         d_model = "lookup"
+    elif draft in ("int4", "int8"):
+        from slmkit.collab.speculative import quantised_draft
+
+        d_model = quantised_draft(t_model, draft)
     elif draft.startswith("layers:"):
         try:
             n = int(draft.split(":", 1)[1])

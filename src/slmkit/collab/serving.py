@@ -46,9 +46,9 @@ class SpeculativeBackend:
 
     def __init__(self, target, tokenizer, draft, name: str | None = None, k_max: int = 12):
         from slmkit.backends.hf import HFBackend
-        from slmkit.collab.speculative import check_same_vocab
+        from slmkit.collab.speculative import FastDrafter, check_same_vocab
 
-        if not isinstance(draft, str):
+        if not isinstance(draft, (str, FastDrafter)):  # speculate() checks a FastDrafter's vocabulary
             check_same_vocab(target, draft)
         self.target, self.tokenizer, self.draft, self.k_max = target, tokenizer, draft, k_max
         self._hf = HFBackend(target, tokenizer)
@@ -354,6 +354,10 @@ def build_backend(small_spec: str, large_spec: str, mode: str, dtype: str = "fp3
         target, t_tok = load(large_spec, dtype=dtype)
         if small_spec == "lookup":
             return SpeculativeBackend(target, t_tok, "lookup", name=f"speculative({large_spec})")
+        if small_spec in ("int4", "int8"):  # the target's own quantised copy drafts (self-speculation)
+            from slmkit.collab.speculative import quantised_draft
+
+            return SpeculativeBackend(target, t_tok, quantised_draft(target, small_spec), name=f"speculative({small_spec}->{large_spec})")
         if small_spec.startswith("layers:"):
             from slmkit.collab.speculative import layer_draft
 

@@ -552,8 +552,8 @@ def _fused_step(fm: FastModel, seg: Segment) -> torch.Tensor:
     if rc:
         raise RuntimeError(f"q4 decode step failed (code {rc})")
     cache.advance(1)
-    h = rms_norm(x[None], fm.norm, fm.eps)
-    return fm.head(h)[0].float()
+    logits = fm.head(rms_norm(x[None], fm.norm, fm.eps)).float()  # (1, V)
+    return logits if seg.all_logits else logits[0]
 
 
 def prefill(fm: FastModel, ids: torch.Tensor, cache) -> torch.Tensor:
