@@ -85,7 +85,7 @@ def generate(
     json_out: bool = typer.Option(False, "--json"),
     fast: bool = typer.Option(False, "--fast", help="the fast CPU path (static KV cache; llama models)"),
     int8: bool = typer.Option(False, "--int8", help="with --fast: int8 weight-only matmuls"),
-    int4: bool = typer.Option(False, "--int4", help="with --fast: int4 weight-only matmuls (groups of 32)"),
+    int4: bool = typer.Option(False, "--int4", help="with --fast: int4 weight-only matmuls (groups of 32; slmkit's q4 kernel and fused decode step on AVX512-VNNI CPUs, else torch's kernel)"),
     kv: str = typer.Option("full", "--kv", help="with --fast: KV policy full|int8|int4|streaming|h2o"),
     kv_budget: Optional[int] = typer.Option(None, "--kv-budget", help="with --fast: tokens kept by streaming/h2o"),
 ) -> None:
@@ -112,7 +112,7 @@ def chat(
     system: Optional[str] = typer.Option(None, "--system", help="system prompt"),
     fast: bool = typer.Option(False, "--fast", help="the fast CPU path (static KV cache; llama models)"),
     int8: bool = typer.Option(False, "--int8", help="with --fast: int8 weight-only matmuls"),
-    int4: bool = typer.Option(False, "--int4", help="with --fast: int4 weight-only matmuls (groups of 32)"),
+    int4: bool = typer.Option(False, "--int4", help="with --fast: int4 weight-only matmuls (groups of 32; slmkit's q4 kernel and fused decode step on AVX512-VNNI CPUs, else torch's kernel)"),
     kv: str = typer.Option("full", "--kv", help="with --fast: KV policy full|int8|int4|streaming|h2o"),
     kv_budget: Optional[int] = typer.Option(None, "--kv-budget", help="with --fast: tokens kept by streaming/h2o"),
 ) -> None:

@@ -56,7 +56,7 @@ class FastConfig:
     dtype: str = "fp32"  #: compute dtype: "fp32" or "bf16"
     weights: str = "native"  #: "native" (the compute dtype), "int8" (per-channel) or "int4" (groups of 32); int8/int4 compute in bf16
     compile: bool = False  #: torch.compile the decode step's per-layer work (slow to start; see bench/runtime.py)
-    kernel: str = "auto"  #: int4 matmuls: "auto" (slmkit's q4 kernel where it builds, else torch's), "slmkit" or "torch"
+    kernel: str = "auto"  #: int4 matmuls: "auto" (slmkit's q4 kernel where it builds and compile is off, else torch's), "slmkit" or "torch"
 
     def __post_init__(self):
         if self.dtype not in ("fp32", "bf16"):
@@ -273,9 +273,11 @@ def build(model, cfg: FastConfig = FastConfig()) -> FastModel:
     heads, kv = c.num_attention_heads, c.num_key_value_heads
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
 
-    use_q4 = cfg.weights == "int4" and cfg.kernel != "torch" and q4kernel.load() is not None
+    # slmkit's q4 kernel is a ctypes call, which torch.compile cannot trace: compile=True keeps torch's kernel
+    use_q4 = cfg.weights == "int4" and cfg.kernel != "torch" and not cfg.compile and q4kernel.load() is not None
     if cfg.weights == "int4" and cfg.kernel == "slmkit" and not use_q4:
-        raise ConfigError(f"slmkit's q4 kernel is unavailable: {q4kernel.why_unavailable()}", "use kernel='auto' or 'torch'")
+        why = "compile=True needs torch's kernel" if cfg.compile else q4kernel.why_unavailable()
+        raise ConfigError(f"slmkit's q4 kernel is unavailable: {why}", "use kernel='auto' or 'torch'")
 
     def lin(w, b=None):
         if use_q4 and w.shape[1] % 64 == 0:
