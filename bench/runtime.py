@@ -244,6 +244,8 @@ def bench_server(args) -> dict:
     cmd = [sys.executable, "-m", "slmkit", "serve", "default", "--port", str(port), "--name", "default", "--max-batch", "16"]
     if args.server_int8:
         cmd.append("--int8")
+    if args.server_int4:
+        cmd.append("--int4")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -311,6 +313,7 @@ def main() -> None:
     ap.add_argument("--kv-dtype", default="bf16")
     ap.add_argument("--server-tokens", type=int, default=32)
     ap.add_argument("--server-int8", action="store_true")
+    ap.add_argument("--server-int4", action="store_true", help="serve with int4 weights (slmkit's q4 kernel, fused decode steps)")
     ap.add_argument("--level-seconds", type=float, default=30)
     ap.add_argument("--load-seconds", type=float, default=60)
     ap.add_argument("--load-tokens", type=int, default=32)

@@ -140,3 +140,25 @@ def test_token_by_token_scoring_goes_through_the_fused_step(lively):
     many, n8, _ = G.policy_nll(fm, ids, "full", chunk=8)
     assert n1 == n8 == len(ids) - 1
     assert abs(one - many) < 0.02 * abs(many), (one, many)
+
+
+@needs_kernel
+def test_fused_step_batches_sequences_at_different_positions(lively):
+    """Continuous batching: one fused call for several sequences gives each the logits it gets alone."""
+    model, tok = lively
+    fm = G.build(model, G.FastConfig(weights="int4"))
+    prompts = [tok(t, return_tensors="pt").input_ids[0] for t in ("The cat sees the", "A dog likes green apples. It is", "Hi")]
+    alone, together = [], []
+    for p in prompts:
+        c = fm.new_cache(context=32 + len(p))
+        G.prefill(fm, p, c)
+        alone.append([G.decode_one_token(fm, 7, c), G.decode_one_token(fm, 9, c)])
+    caches = [fm.new_cache(context=32 + len(p)) for p in prompts]
+    for p, c in zip(prompts, caches):
+        G.prefill(fm, p, c)
+    for tok_id in (7, 9):
+        together.append(G.forward(fm, [G.Segment(torch.tensor([tok_id]), c) for c in caches]))
+    for i in range(len(prompts)):
+        for step in range(2):
+            assert torch.allclose(alone[i][step], together[step][i], atol=1e-4, rtol=1e-4)
+    assert [c.seen for c in caches] == [len(p) + 2 for p in prompts]

@@ -15,8 +15,9 @@ bandwidth bound. Here the same ideas run on CPU:
   ``torch._weight_int8pack_mm`` (weight-only quantisation: activations stay bf16);
   ``weights="int4"`` packs groups of 32 at 4 bits; on CPUs with AVX512-VNNI the matmuls run in
   slmkit's own kernel (:mod:`slmkit.runtime.q4kernel`: 4-bit weights, activations rounded to int8
-  per 32) and a one-token step of a single sequence with the full cache runs through every layer
-  in one C call (no per-op dispatch); elsewhere ``torch._weight_int4pack_mm_for_cpu``;
+  per 32) and a decode step (one new token for each of one or more sequences with the full
+  cache) runs through every layer in one C call (no per-op dispatch); elsewhere
+  ``torch._weight_int4pack_mm_for_cpu``;
 * ``compile=True`` compiles the work around attention of a one-token decode step
   (norms, matmuls, RoPE, SwiGLU, residuals) with ``torch.compile``: one graph for all layers,
   weights passed as arguments (optional, slow to start: measured in ``bench/runtime.py``).
@@ -477,8 +478,8 @@ def forward(fm: FastModel, segs: Sequence[Segment]) -> list[torch.Tensor]:
     """
     if isinstance(fm, HFRunner):
         return _hf_forward(fm, segs)
-    if fm.fused is not None and len(segs) == 1 and segs[0].ids.shape[0] == 1 and _fusable(segs[0].cache):
-        return [_fused_step(fm, segs[0])]
+    if fm.fused is not None and all(s.ids.shape[0] == 1 and _fusable(s.cache) for s in segs):
+        return _fused_step(fm, segs)
     dt = fm.dtype
     H, Hk, hd = fm.heads, fm.kv_heads, fm.head_dim
     lens = [int(s.ids.shape[0]) for s in segs]
@@ -537,25 +538,32 @@ def _fusable(cache) -> bool:
     return type(cache) is FullCache and cache.k.dtype == torch.bfloat16 and cache.k.is_contiguous() and cache.v.is_contiguous()
 
 
-def _fused_step(fm: FastModel, seg: Segment) -> torch.Tensor:
-    """One token of one sequence through every layer in one call of the q4 kernel library."""
-    cache, pos = seg.cache, seg.cache.seen
-    if pos + 1 > min(fm.max_positions, cache.capacity):
-        raise ConfigError(f"context of {pos + 1} tokens exceeds the KV cache capacity of {cache.capacity}")
-    ids = seg.ids
-    x = (fm.embed.rows(ids, torch.float32) if isinstance(fm.embed, Int8) else fm.head.rows(ids, torch.float32))[0].contiguous()
-    cos, sin = fm.rope_at(pos)
-    lib = q4kernel.load()
+def _fused_step(fm: FastModel, segs: Sequence[Segment]) -> list[torch.Tensor]:
+    """One new token of each sequence through every layer in one call of the q4 kernel library."""
+    for s in segs:
+        if s.cache.seen + 1 > min(fm.max_positions, s.cache.capacity):
+            raise ConfigError(f"context of {s.cache.seen + 1} tokens exceeds the KV cache capacity of {s.cache.capacity}")
+    ids = torch.cat([s.ids for s in segs])
+    x = (fm.embed.rows(ids, torch.float32) if isinstance(fm.embed, Int8) else fm.head.rows(ids, torch.float32)).contiguous()
+    pos = [s.cache.seen for s in segs]
+    rope = [fm.rope_at(p) for p in pos]
+    cos = torch.stack([c for c, _ in rope]).contiguous()
+    sin = torch.stack([s for _, s in rope]).contiguous()
+    kp = torch.tensor([s.cache.k.data_ptr() for s in segs], dtype=torch.int64)
+    vp = torch.tensor([s.cache.v.data_ptr() for s in segs], dtype=torch.int64)
+    caps = torch.tensor([s.cache.capacity for s in segs], dtype=torch.int32)
+    posv = torch.tensor(pos, dtype=torch.int32)
     ff = fm.layers[0].down.q.shape[1] * 2
-    rc = lib.slmkit_q4_decode_step(
-        x.data_ptr(), len(fm.layers), x.shape[0], fm.heads, fm.kv_heads, fm.head_dim, ff, fm.eps, fm.fused.data_ptr(),
-        cache.k.data_ptr(), cache.v.data_ptr(), cache.capacity, pos, cos.data_ptr(), sin.data_ptr(),
+    rc = q4kernel.load().slmkit_q4_decode_batch(
+        x.data_ptr(), len(segs), len(fm.layers), x.shape[1], fm.heads, fm.kv_heads, fm.head_dim, ff, fm.eps,
+        fm.fused.data_ptr(), kp.data_ptr(), vp.data_ptr(), caps.data_ptr(), posv.data_ptr(), cos.data_ptr(), sin.data_ptr(),
     )
     if rc:
         raise RuntimeError(f"q4 decode step failed (code {rc})")
-    cache.advance(1)
-    logits = fm.head(rms_norm(x[None], fm.norm, fm.eps)).float()  # (1, V)
-    return logits if seg.all_logits else logits[0]
+    for s in segs:
+        s.cache.advance(1)
+    logits = fm.head(rms_norm(x, fm.norm, fm.eps)).float()  # (M, V)
+    return [logits[i : i + 1] if s.all_logits else logits[i] for i, s in enumerate(segs)]
 
 
 def prefill(fm: FastModel, ids: torch.Tensor, cache) -> torch.Tensor:

@@ -100,9 +100,9 @@ def load() -> ctypes.CDLL | None:
                 fn.restype = ctypes.c_int
                 p, i = ctypes.c_void_p, ctypes.c_int
                 fn.argtypes = [p, i, i, i, p, p, p, i, p, i]
-                st = lib.slmkit_q4_decode_step
+                st = lib.slmkit_q4_decode_batch
                 st.restype = ctypes.c_int
-                st.argtypes = [p, i, i, i, i, i, i, ctypes.c_float, p, p, p, i, i, p, p]
+                st.argtypes = [p, i, i, i, i, i, i, i, ctypes.c_float, p, p, p, p, p, p, p]
                 _lib = lib
             except (OSError, RuntimeError) as e:
                 _why = f"could not build or load {SOURCE.name}: {e}"

@@ -215,52 +215,68 @@ static __thread size_t t_ws_cap;
 
 enum { P_ANORM, P_QKV_Q, P_QKV_S, P_QKV_M, P_O_Q, P_O_S, P_O_M, P_MNORM, P_GU_Q, P_GU_S, P_GU_M, P_D_Q, P_D_S, P_D_M, P_N };
 
-/* x (D fp32, in/out): the token's embedding in, the last layer's output out.
- * ptrs: L * P_N addresses (see the enum); kc, vc: bf16 caches (L, Hk, S, hd). Returns 0 on success. */
-int slmkit_q4_decode_step(float *x, int L, int D, int H, int Hk, int hd, int F, float eps,
-                          const int64_t *ptrs, uint16_t *kc, uint16_t *vc, int S, int pos,
-                          const float *cos, const float *sin) {
-    if (D % 64 || (H * hd) % 64 || F % 64 || hd % 2 || pos >= S || H % Hk) return -2;
-    const int nqkv = (H + 2 * Hk) * hd, n = pos + 1, group = H / Hk;
-    size_t need = (size_t)D + nqkv + (size_t)H * hd + 3 * (size_t)F + (size_t)H * n + D;
+/* M sequences, one new token each (continuous batching), through every layer.
+ * x (M x D fp32, in/out): the tokens' embeddings in, the last layer's outputs out.
+ * ptrs: L * P_N weight addresses (see the enum).
+ * kc[j], vc[j]: sequence j's bf16 caches (L, Hk, S[j], hd); pos[j]: its new token's position (< S[j]).
+ * cos, sin: M x hd, the rotary factors of each token's position. Returns 0 on success. */
+int slmkit_q4_decode_batch(float *x, int M, int L, int D, int H, int Hk, int hd, int F, float eps,
+                           const int64_t *ptrs, const int64_t *kc, const int64_t *vc, const int *S, const int *pos,
+                           const float *cos, const float *sin) {
+    if (D % 64 || (H * hd) % 64 || F % 64 || hd % 2 || H % Hk || M < 1) return -2;
+    size_t ctx = 0; /* sum of context lengths after this step */
+    for (int j = 0; j < M; j++) {
+        if (pos[j] < 0 || pos[j] >= S[j]) return -2;
+        ctx += (size_t)pos[j] + 1;
+    }
+    const int nqkv = (H + 2 * Hk) * hd, group = H / Hk;
+    size_t need = (size_t)M * (2 * (size_t)D + nqkv + (size_t)H * hd + 3 * (size_t)F) + (size_t)H * ctx + (size_t)M;
     if (need > t_ws_cap) {
         free(t_ws);
         t_ws = (float *)malloc(need * sizeof(float));
         t_ws_cap = t_ws ? need : 0;
         if (!t_ws) return -1;
     }
-    float *h = t_ws, *qkv = h + D, *att = qkv + nqkv, *gu = att + (size_t)H * hd, *act = gu + 2 * (size_t)F,
-          *sc = act + F, *tmp = sc + (size_t)H * n;
+    float *h = t_ws, *qkv = h + (size_t)M * D, *att = qkv + (size_t)M * nqkv, *gu = att + (size_t)M * H * hd,
+          *act = gu + (size_t)M * 2 * F, *tmp = act + (size_t)M * F, *sc = tmp + (size_t)M * D;
+    size_t sc_off[M]; /* where each sequence's H score rows start */
+    for (size_t j = 0, o = 0; j < (size_t)M; j++) { sc_off[j] = o; o += (size_t)H * (pos[j] + 1); }
     const float scale = 1.0f / sqrtf((float)hd);
     for (int l = 0; l < L; l++) {
         const int64_t *p = ptrs + (size_t)l * P_N;
 #define PTR(i, T) ((T)(intptr_t)p[i])
-        rmsnorm(x, PTR(P_ANORM, const uint16_t *), D, eps, h);
-        int rc = slmkit_q4_matmul(h, 0, 1, D, PTR(P_QKV_Q, const uint8_t *), PTR(P_QKV_S, const uint16_t *),
+        for (int j = 0; j < M; j++) rmsnorm(x + (size_t)j * D, PTR(P_ANORM, const uint16_t *), D, eps, h + (size_t)j * D);
+        int rc = slmkit_q4_matmul(h, 0, M, D, PTR(P_QKV_Q, const uint8_t *), PTR(P_QKV_S, const uint16_t *),
                                   PTR(P_QKV_M, const uint16_t *), nqkv, qkv, 0);
         if (rc) return rc;
-        float *q = qkv, *k = qkv + (size_t)H * hd, *v = k + (size_t)Hk * hd;
-        rope(q, H, hd, cos, sin);
-        rope(k, Hk, hd, cos, sin);
-        uint16_t *kl = kc + (size_t)l * Hk * S * hd, *vl = vc + (size_t)l * Hk * S * hd;
-        for (int g = 0; g < Hk; g++)
-            for (int i = 0; i < hd; i++) {
-                kl[((size_t)g * S + pos) * hd + i] = f32_to_bf16(k[g * hd + i]);
-                vl[((size_t)g * S + pos) * hd + i] = f32_to_bf16(v[g * hd + i]);
-            }
-#pragma omp parallel for schedule(static)
-        for (int hh = 0; hh < H; hh++) {
-            const int g = hh / group;
-            const float *qh = q + (size_t)hh * hd;
-            const uint16_t *kg = kl + (size_t)g * S * hd, *vg = vl + (size_t)g * S * hd;
-            float *s_ = sc + (size_t)hh * n, mx = -INFINITY;
+        for (int j = 0; j < M; j++) {
+            float *q = qkv + (size_t)j * nqkv, *k = q + (size_t)H * hd, *v = k + (size_t)Hk * hd;
+            rope(q, H, hd, cos + (size_t)j * hd, sin + (size_t)j * hd);
+            rope(k, Hk, hd, cos + (size_t)j * hd, sin + (size_t)j * hd);
+            const size_t Sj = (size_t)S[j];
+            uint16_t *kl = (uint16_t *)(intptr_t)kc[j] + (size_t)l * Hk * Sj * hd;
+            uint16_t *vl = (uint16_t *)(intptr_t)vc[j] + (size_t)l * Hk * Sj * hd;
+            for (int g = 0; g < Hk; g++)
+                for (int i = 0; i < hd; i++) {
+                    kl[((size_t)g * Sj + pos[j]) * hd + i] = f32_to_bf16(k[g * hd + i]);
+                    vl[((size_t)g * Sj + pos[j]) * hd + i] = f32_to_bf16(v[g * hd + i]);
+                }
+        }
+#pragma omp parallel for schedule(dynamic, 1)
+        for (int jh = 0; jh < M * H; jh++) {
+            const int j = jh / H, hh = jh % H, g = hh / group, n = pos[j] + 1;
+            const size_t Sj = (size_t)S[j];
+            const uint16_t *kg = (const uint16_t *)(intptr_t)kc[j] + ((size_t)l * Hk + g) * Sj * hd;
+            const uint16_t *vg = (const uint16_t *)(intptr_t)vc[j] + ((size_t)l * Hk + g) * Sj * hd;
+            const float *qh = qkv + (size_t)j * nqkv + (size_t)hh * hd;
+            float *s_ = sc + sc_off[j] + (size_t)hh * n, mx = -INFINITY;
             for (int t = 0; t < n; t++) {
                 s_[t] = dot_bf16(qh, kg + (size_t)t * hd, hd) * scale;
                 mx = s_[t] > mx ? s_[t] : mx;
             }
             float sum = 0;
             for (int t = 0; t < n; t++) { s_[t] = expf(s_[t] - mx); sum += s_[t]; }
-            float *o = att + (size_t)hh * hd;
+            float *o = att + ((size_t)j * H + hh) * hd;
             for (int i = 0; i < hd; i++) o[i] = 0;
             for (int t = 0; t < n; t++) {
                 const float w = s_[t] / sum;
@@ -268,22 +284,23 @@ int slmkit_q4_decode_step(float *x, int L, int D, int H, int Hk, int hd, int F, 
                 for (int i = 0; i < hd; i++) o[i] += w * bf16_to_f32(vt[i]);
             }
         }
-        rc = slmkit_q4_matmul(att, 0, 1, H * hd, PTR(P_O_Q, const uint8_t *), PTR(P_O_S, const uint16_t *),
+        rc = slmkit_q4_matmul(att, 0, M, H * hd, PTR(P_O_Q, const uint8_t *), PTR(P_O_S, const uint16_t *),
                               PTR(P_O_M, const uint16_t *), D, tmp, 0);
         if (rc) return rc;
-        for (int i = 0; i < D; i++) x[i] += tmp[i];
-        rmsnorm(x, PTR(P_MNORM, const uint16_t *), D, eps, h);
-        rc = slmkit_q4_matmul(h, 0, 1, D, PTR(P_GU_Q, const uint8_t *), PTR(P_GU_S, const uint16_t *),
+        for (size_t i = 0; i < (size_t)M * D; i++) x[i] += tmp[i];
+        for (int j = 0; j < M; j++) rmsnorm(x + (size_t)j * D, PTR(P_MNORM, const uint16_t *), D, eps, h + (size_t)j * D);
+        rc = slmkit_q4_matmul(h, 0, M, D, PTR(P_GU_Q, const uint8_t *), PTR(P_GU_S, const uint16_t *),
                               PTR(P_GU_M, const uint16_t *), 2 * F, gu, 0);
         if (rc) return rc;
-        for (int i = 0; i < F; i++) {
-            const float g = gu[i];
-            act[i] = g / (1.0f + expf(-g)) * gu[F + i];
-        }
-        rc = slmkit_q4_matmul(act, 0, 1, F, PTR(P_D_Q, const uint8_t *), PTR(P_D_S, const uint16_t *),
+        for (int j = 0; j < M; j++)
+            for (int i = 0; i < F; i++) {
+                const float g = gu[(size_t)j * 2 * F + i];
+                act[(size_t)j * F + i] = g / (1.0f + expf(-g)) * gu[(size_t)j * 2 * F + F + i];
+            }
+        rc = slmkit_q4_matmul(act, 0, M, F, PTR(P_D_Q, const uint8_t *), PTR(P_D_S, const uint16_t *),
                               PTR(P_D_M, const uint16_t *), D, tmp, 0);
         if (rc) return rc;
-        for (int i = 0; i < D; i++) x[i] += tmp[i];
+        for (size_t i = 0; i < (size_t)M * D; i++) x[i] += tmp[i];
 #undef PTR
     }
     return 0;
