@@ -143,8 +143,10 @@ def bench_cascade(model, tok, args) -> dict:
     rng = random.Random(0)
     rng.shuffle(qs)  # questions come grouped by passage; shuffle once (seeded) so both splits see all kinds
     rows = [{"question": q["question"], "answer": q["answer"], "context": passages[q["passage_id"]]} for q in qs[: args.qa]]
-    small = HFBackend(small_model(model, args.small, args.small_layers), tok)
-    large = HFBackend(model, tok)
+    if args.cascade_large:  # e.g. Gemma 3 270M: another tokenizer; the cascade only passes text between the two
+        small, large = HFBackend(model, tok), HFBackend.from_spec(args.cascade_large)
+    else:
+        small, large = HFBackend(small_model(model, args.small, args.small_layers), tok), HFBackend(model, tok)
     cfg = CascadeConfig(signal="logprob", escalate=0.3, max_new_tokens=args.answer_tokens, calib_fraction=0.5)
     rep = run_cascade(small, large, rows, cfg)
     rep.pop("answers")
@@ -227,6 +229,8 @@ def main() -> None:
     ap.add_argument("--small-layers", type=int, default=20)
     ap.add_argument("--draft", default=None, help="draft model directory (e.g. a distilled student); default: the first --draft-layers blocks")
     ap.add_argument("--small", default=None, help="cascade/judge small model directory; default: the first --small-layers blocks")
+    ap.add_argument("--cascade-large", default=None,
+                    help="cascade: this MODEL is the large one and the default model the small one (e.g. the Gemma 3 270M GGUF: a cross-tokenizer pair)")
     ap.add_argument("--qa", type=int, default=40)
     ap.add_argument("--answer-tokens", type=int, default=12)
     ap.add_argument("--tqa", type=int, default=60)

@@ -13,8 +13,13 @@ scores (token F1 and exact match after SQuAD normalisation) three reconstruction
   through ``slmkit.train.sft.sft``) for a fixed number of optimizer steps; the wall-clock minutes
   of training are measured and printed.
 
+With ``--source hh-rlhf`` the prompts are instead the first human turns of Anthropic's hh-rlhf
+harmless-base test split (../shared/data/hh-rlhf, deduplicated, at most ``--pairs``), and the outputs
+are always the default model's replies; ``--int4`` collects them through the fast path with int4
+weights (slmkit's q4 kernel: a deployment's outputs at several times the speed of HF generate).
+
 Usage: PYTHONPATH=src python bench/collab_inversion.py [--train-pairs 0] [--eval-pairs 25] [--steps 150]
-       [--generate] [--threads 1]
+       [--generate] [--source seed|hh-rlhf] [--pairs 1000] [--int4] [--threads 1]
 """
 
 from __future__ import annotations
@@ -55,6 +60,9 @@ def main() -> None:
     ap.add_argument("--generate", action="store_true", help="outputs = the default model's replies, not the data's")
     ap.add_argument("--gen-tokens", type=int, default=96, help="with --generate: longest reply")
     ap.add_argument("--examples", type=int, default=3, help="reconstructions printed per method")
+    ap.add_argument("--source", choices=("seed", "hh-rlhf"), default="seed", help="where the prompts come from")
+    ap.add_argument("--pairs", type=int, default=1000, help="with --source hh-rlhf: prompts used (train + held out)")
+    ap.add_argument("--int4", action="store_true", help="collect replies with the fast path at int4 (q4 kernel)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
@@ -68,8 +76,26 @@ def main() -> None:
     from slmkit.train.sft import LoraSettings, SFTConfig
 
     disable_progress_bar()
-    path = data_file("instructions/self_instruct_seed_tasks.jsonl")
-    train, held = split(read_pairs(path), args.eval_pairs, args.train_pairs, args.seed)
+    if args.source == "hh-rlhf":
+        import gzip
+
+        from slmkit.collab.inversion import Pair
+
+        path = data_file("hh-rlhf/harmless-base-test.jsonl.gz")
+        seen, pairs = set(), []
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            for line in f:
+                first = json.loads(line)["chosen"].split("\n\nHuman: ", 1)[-1].split("\n\nAssistant:", 1)[0].strip()
+                if first and first not in seen and len(first) < 400:
+                    seen.add(first)
+                    pairs.append(Pair(first, "", f"{path}:{len(pairs)}"))
+                if len(pairs) >= args.pairs:
+                    break
+        args.generate = True  # no reference replies: the outputs are the model's
+    else:
+        path = data_file("instructions/self_instruct_seed_tasks.jsonl")
+        pairs = read_pairs(path)
+    train, held = split(pairs, args.eval_pairs, args.train_pairs, args.seed)
     model, tok = load("default")
     info = {"device": f"CPU ({platform.processor() or platform.machine()}), {args.threads} torch thread(s), shared machine",
             "torch": torch.__version__, "model": "default (SmolLM2-135M-Instruct)", "data": str(path), "args": vars(args)}
@@ -78,9 +104,16 @@ def main() -> None:
     gen_seconds = None
     if args.generate:
         t0 = time.perf_counter()
-        be = HFBackend(model, tok, name="default")
+        if args.int4:
+            from slmkit.runtime.backend import FastBackend
+            from slmkit.runtime.generate import FastConfig
+
+            be = FastBackend(model, tok, FastConfig(weights="int4"), name="default-int4")
+        else:
+            be = HFBackend(model, tok, name="default")
         gp = GenParams(max_new_tokens=args.gen_tokens)
         train, held = collect_pairs(be, [p.prompt for p in train], gp), collect_pairs(be, [p.prompt for p in held], gp)
+        train, held = [p for p in train if p.output], [p for p in held if p.output]  # an empty reply leaks nothing to invert
         gen_seconds = time.perf_counter() - t0
 
     cfg = InvertConfig(max_new_tokens=args.max_new_tokens)
@@ -101,8 +134,9 @@ def main() -> None:
     inverter_seconds = time.perf_counter() - t0
     methods = {**before, **after}  # first_sentence, zero_shot, inverter
 
-    outputs = "the default model's greedy replies" if args.generate else "the data's reference outputs"
-    print(f"\n## prompt inversion: {len(held)} held-out Self-Instruct pairs ({outputs})")
+    outputs = ("the default model's greedy replies" + (" (int4 fast path)" if args.int4 else "")) if args.generate else "the data's reference outputs"
+    source = "hh-rlhf first-turn" if args.source == "hh-rlhf" else "Self-Instruct"
+    print(f"\n## prompt inversion: {len(held)} held-out {source} pairs ({outputs}; generation {gen_seconds or 0:.0f} s)")
     print(f"inverter: LoRA r={args.lora_r} on the default model, {res.steps} steps x batch {args.batch_size} "
           f"on {len(train)} training pairs, {train_minutes:.2f} min (train loss {res.train_loss:.3f})")
     print(f"{'method':<16}{'token F1':>10}{'exact':>8}")

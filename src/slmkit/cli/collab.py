@@ -70,8 +70,10 @@ def speculate(
             raise ConfigError(f"--draft layers:N needs an integer N, got {draft!r}") from None
         d_model = layer_draft(t_model, n)
     else:
-        d_model, d_tok = load(draft, dtype=dtype)
-        check_same_tokenizer(t_tok, d_tok, "the draft and the target")
+        from slmkit.models.load import load_tokenizer
+
+        check_same_tokenizer(t_tok, load_tokenizer(draft), "the draft and the target")  # before loading the draft's weights
+        d_model, _ = load(draft, dtype=dtype)
     eos = {t for t in (t_tok.eos_token_id, *_as_list(t_model.generation_config.eos_token_id)) if t is not None}
     cfg = SpecConfig(
         max_new_tokens=max_new_tokens, k=min(k, k_max), k_max=k_max, adaptive=not fixed,

@@ -365,8 +365,10 @@ def build_backend(small_spec: str, large_spec: str, mode: str, dtype: str = "fp3
             if not n.isdigit():
                 raise ConfigError(f"SMALL layers:N needs an integer N, got {small_spec!r}")
             return SpeculativeBackend(target, t_tok, layer_draft(target, int(n)), name=f"speculative({small_spec}->{large_spec})")
-        draft, d_tok = load(small_spec, dtype=dtype)
-        check_same_tokenizer(t_tok, d_tok, "the draft (SMALL) and the target (--large)")
+        from slmkit.models.load import load_tokenizer
+
+        check_same_tokenizer(t_tok, load_tokenizer(small_spec), "the draft (SMALL) and the target (--large)")  # before the weights
+        draft, _ = load(small_spec, dtype=dtype)
         return SpeculativeBackend(target, t_tok, draft, name=f"speculative({small_spec}->{large_spec})")
     small = HFBackend.from_spec(small_spec, dtype=dtype)
     if mode == "cascade":
