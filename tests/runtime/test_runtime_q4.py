@@ -162,3 +162,21 @@ def test_fused_step_batches_sequences_at_different_positions(lively):
         for step in range(2):
             assert torch.allclose(alone[i][step], together[step][i], atol=1e-4, rtol=1e-4)
     assert [c.seen for c in caches] == [len(p) + 2 for p in prompts]
+
+
+@needs_kernel
+def test_many_tokens_use_a_bf16_matmul_on_the_dequantised_weight():
+    """Long prompts are compute-bound: from DEQUANT_FROM_TOKENS rows on, the weight is dequantised to bf16."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(40, 192, generator=g) * 0.05
+    q, s, m = Q.pack(w)
+    exact = Q.unpack(q, s, m)
+    wb = Q.dequant_bf16(q, s, m)
+    assert wb.dtype == torch.bfloat16 and wb.shape == (40, 192)
+    assert torch.allclose(wb.float(), exact, rtol=8e-3, atol=1e-6)
+    x = torch.randn(Q.DEQUANT_FROM_TOKENS + 3, 192, generator=g).bfloat16()
+    y = Q.linear(x, q, s, m)
+    ref = x.float() @ exact.T
+    assert y.dtype == torch.bfloat16 and (y.float() - ref).norm() <= 0.01 * ref.norm()
+    few = Q.linear(x[:2], q, s, m)  # below the threshold: the int8 dot-product kernel
+    assert torch.equal(few, Q.matmul(x[:2], q, s, m))

@@ -373,7 +373,7 @@ def apply_linear(spec: tuple, x: torch.Tensor) -> torch.Tensor:
     if kind == "dense":
         return F.linear(x, a, bias)  # what nn.Linear computes: fp32 greedy output must match generate
     if kind == "q4":
-        y = q4kernel.matmul(x, a.q, a.s, a.m)
+        y = q4kernel.linear(x, a.q, a.s, a.m)
     elif kind == "int4":
         y = torch._weight_int4pack_mm_for_cpu(x, a, group, b)
     else:  # int8

@@ -100,6 +100,9 @@ def load() -> ctypes.CDLL | None:
                 fn.restype = ctypes.c_int
                 p, i = ctypes.c_void_p, ctypes.c_int
                 fn.argtypes = [p, i, i, i, p, p, p, i, p, i]
+                dq = lib.slmkit_q4_dequant_bf16
+                dq.restype = None
+                dq.argtypes = [p, p, p, i, i, p]
                 st = lib.slmkit_q4_decode_batch
                 st.restype = ctypes.c_int
                 st.argtypes = [p, i, i, i, i, i, i, i, ctypes.c_float, p, p, p, p, p, p, p]
@@ -149,6 +152,28 @@ def matmul(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, m: torch.Tensor) -
     if lib is None:
         raise RuntimeError(f"slmkit's q4 kernel is unavailable: {_why}")
     return _call(lib, x, q, s, m)
+
+
+#: from this many tokens per call on, :func:`linear` dequantises to bf16 and runs a bf16 matmul
+#: (AMX / AVX512-BF16 kernels): long prompts are compute-bound, decode steps bandwidth-bound.
+DEQUANT_FROM_TOKENS = 32
+
+
+def dequant_bf16(q: torch.Tensor, s: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """The bf16 weight (N, K) the packed codes stand for (the kernel's rounding: fp32 then round-to-nearest-even)."""
+    lib = load()
+    if lib is None:
+        raise RuntimeError(f"slmkit's q4 kernel is unavailable: {_why}")
+    w = torch.empty(q.shape[0], q.shape[1] * 2, dtype=torch.bfloat16)
+    lib.slmkit_q4_dequant_bf16(q.data_ptr(), s.data_ptr(), m.data_ptr(), q.shape[0], q.shape[1] * 2, w.data_ptr())
+    return w
+
+
+def linear(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """``x`` (M, K) times the packed weight: int8 dot products for few tokens, a bf16 matmul for many."""
+    if x.shape[0] >= DEQUANT_FROM_TOKENS:
+        return torch.nn.functional.linear(x.to(torch.bfloat16), dequant_bf16(q, s, m)).to(x.dtype)
+    return matmul(x, q, s, m)
 
 
 def _call(lib, x, q, s, m):

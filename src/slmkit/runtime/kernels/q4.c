@@ -305,3 +305,37 @@ int slmkit_q4_decode_batch(float *x, int M, int L, int D, int H, int Hk, int hd,
     }
     return 0;
 }
+
+/* ------------------------------------------------------------------ dequantisation for long prompts
+ *
+ * A prompt of many tokens is compute-bound, not bandwidth-bound: there a bf16 matmul (AMX on CPUs
+ * that have it) beats the int8 dot products. This writes the bf16 weight (N x K) the codes stand for.
+ */
+void slmkit_q4_dequant_bf16(const uint8_t *q, const uint16_t *s, const uint16_t *m, int N, int K, uint16_t *out) {
+    const int nb = K / GROUP, nc = K / 64;
+#pragma omp parallel for schedule(static)
+    for (int r = 0; r < N; r++) {
+        const uint8_t *qr = q + (size_t)r * (K / 2);
+        uint16_t *o = out + (size_t)r * K;
+        for (int c = 0; c < nc; c++) {
+            __m256i raw = _mm256_loadu_si256((const __m256i *)(qr + 32 * c));
+            __m256i lo = _mm256_and_si256(raw, _mm256_set1_epi8(0x0F));
+            __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), _mm256_set1_epi8(0x0F));
+            uint8_t codes[64];
+            _mm256_storeu_si256((__m256i *)codes, lo);
+            _mm256_storeu_si256((__m256i *)(codes + 32), hi);
+            for (int half = 0; half < 2; half++) { /* group 2c + half: 32 codes */
+                const int b = 2 * c + half;
+                const float sv = _cvtsh_ss(s[(size_t)r * nb + b]), mv = _cvtsh_ss(m[(size_t)r * nb + b]);
+                const __m512 vs = _mm512_set1_ps(sv), vm = _mm512_set1_ps(mv - 8.0f * sv);
+                for (int j = 0; j < 32; j += 16) {
+                    __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(codes + 32 * half + j))));
+                    w = _mm512_fmadd_ps(w, vs, vm);
+                    __m512i u = _mm512_castps_si512(w); /* round to nearest even, keep the top 16 bits */
+                    u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+                    _mm256_storeu_si256((__m256i *)(o + 64 * c + 32 * half + j), _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
+                }
+            }
+        }
+    }
+}
