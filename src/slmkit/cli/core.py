@@ -162,6 +162,9 @@ def chat(
         )
         kw.update(temperature=temperature) if temperature > 0 else kw.update(temperature=None, top_p=None, top_k=None)
         th = threading.Thread(target=m.generate, kwargs=kw, daemon=True)
+        from slmkit.runtime.omp import release_pool
+
+        release_pool()  # else this thread's idle OpenMP pool slows the generating thread (runtime/omp.py)
         th.start()
         reply = []
         sys.stdout.write("assistant> ")

@@ -178,8 +178,10 @@ def create_app(backend: Backend, name: str | None = None, api_key: str | None = 
     from starlette.concurrency import run_in_threadpool
 
     from slmkit.runtime import sse
+    from slmkit.runtime.omp import release_pool
 
     name = name or backend.name
+    release_pool()  # the models were loaded on this thread; its idle OpenMP pool would slow the request threads
     lock = threading.Lock()
     running = [0]  # generations in progress (streaming or not)
     app = FastAPI(title="slmkit collab", version="1")
@@ -222,6 +224,7 @@ def create_app(backend: Backend, name: str | None = None, api_key: str | None = 
                 return None, (str(err).splitlines()[0], "invalid_request_error", 400)
             finally:
                 running[0] -= 1
+                release_pool()  # requests run on several worker threads: an idle pool slows the next one (runtime/omp.py)
 
     async def _run(params: GenParams, prompt: Prompt):
         c, bad = await run_in_threadpool(_guarded, lambda: backend.generate([prompt], params)[0])

@@ -28,6 +28,7 @@ import torch
 from slmkit.backends.stream import releasable
 from slmkit.errors import ConfigError
 from slmkit.runtime.generate import FastModel, Segment, forward, sample
+from slmkit.runtime.omp import release_pool
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,7 @@ class Engine:
         self._q: queue.Queue[Request] = queue.Queue(maxsize=cfg.max_queue)
         self._active: list[Request] = []
         self._stop = threading.Event()
+        release_pool()  # this thread's idle OpenMP pool would slow every step of the engine thread (runtime/omp.py)
         self._thread = threading.Thread(target=self._run, name="slmkit-engine", daemon=True)
         self.stats = {"steps": 0, "tokens_generated": 0, "prompt_tokens": 0, "requests_done": 0,
                       "requests_cancelled": 0, "requests_timed_out": 0, "errors": 0}
