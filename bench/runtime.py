@@ -3,6 +3,8 @@
 Sections (all by default; pick with --sections):
   decode  tokens/s of model.generate vs the fast path (fp32, bf16, int8 and int4 weights), runs interleaved,
           and the memory-bandwidth bound measured in the same run (weight bytes per token / read GB/s)
+  prefill prompt processing time (16..512 tokens): the int4 path vs torch's int4 kernel, bf16 weights and
+          transformers' forward (the model's own prefill), best of --repeats
   kv      perplexity vs KV memory for each policy on wikitext-2 (2k+ tokens, token-by-token decoding)
   fit     the fit planner's estimate vs the resident memory of a real run (fresh subprocess each)
   server  `slmkit serve` throughput and p50/p95 latency at 1, 4, 16 concurrent clients,
@@ -125,6 +127,42 @@ def bench_decode(model, tok, args) -> dict:
     return {"new_tokens": n, "prompt_tokens": int(ids.shape[1]), "read_bandwidth_gb_s": bandwidth / 1e9,
             "read_bandwidth_gb_per_cpu_s": bandwidth_cpu / 1e9, "repeats": args.repeats, "rows": rows,
             "q4_kernel": G.q4kernel.why_unavailable() or "built", "quality": quality}
+
+
+def bench_prefill(model, tok, args) -> dict:
+    from slmkit.data import data_file
+    from slmkit.runtime import generate as G
+
+    text = open(data_file("wikitext-2/test.txt"), encoding="utf-8").read()
+    ids = torch.tensor(tok(text[:40000]).input_ids[: max(args.prefill_tokens)])
+    variants = {
+        "fast int4": G.build(model, G.FastConfig(weights="int4")),
+        "fast int4 torch": G.build(model, G.FastConfig(weights="int4", kernel="torch")),
+        "fast bf16": G.build(model, G.FastConfig(dtype="bf16")),
+    }
+    rows = []
+    for n in args.prefill_tokens:
+        x = ids[:n]
+        row = {"tokens": n}
+        with torch.inference_mode():
+            model(input_ids=x[None])  # warm-up
+            t = []
+            for _ in range(args.repeats):
+                t0 = time.perf_counter()
+                model(input_ids=x[None], logits_to_keep=1)
+                t.append(time.perf_counter() - t0)
+        row["transformers fp32"] = min(t)
+        for k, fm in variants.items():
+            G.prefill(fm, x, fm.new_cache(context=n))  # warm-up
+            t = []
+            for _ in range(args.repeats):
+                cache = fm.new_cache(context=n)
+                t0 = time.perf_counter()
+                G.prefill(fm, x, cache)
+                t.append(time.perf_counter() - t0)
+            row[k] = min(t)
+        rows.append(row)
+    return {"rows": rows, "repeats": args.repeats}
 
 
 def bench_kv(model, tok, args) -> dict:
@@ -306,6 +344,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--compile", action="store_true", help="also time the int4 path with torch.compile'd decode steps")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--prefill-tokens", type=lambda v: [int(t) for t in v.split(",")], default=[16, 32, 64, 128, 512])
     ap.add_argument("--quality-tokens", type=int, default=1024, help="wikitext-2 tokens for the int4 perplexity check (0: skip)")
     ap.add_argument("--kv-tokens", type=int, default=2048)
     ap.add_argument("--kv-budget", type=int, default=256)
@@ -324,7 +363,7 @@ def main() -> None:
     out = {"device": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} thread(s)",
            "load_average_at_start": os.getloadavg()}
     model = tok = None
-    if {"decode", "kv"} & set(sections):
+    if {"decode", "kv", "prefill"} & set(sections):
         from slmkit.models import load
 
         model, tok = load("default")
@@ -343,6 +382,14 @@ def main() -> None:
         print(f"q4 kernel: {r['q4_kernel']}")
         for x in r["quality"]:
             print(f"perplexity {x['variant']:18} {x['ppl']:8.3f} ({x['tokens']} wikitext-2 tokens, {x['chunk']} per step, {x['seconds']:.0f} s)")
+    if "prefill" in sections:
+        out["prefill"] = r = bench_prefill(model, tok, args)
+        names = [k for k in r["rows"][0] if k != "tokens"]
+        print(f"\n## prefill: milliseconds per prompt (best of {r['repeats']}), and x transformers fp32")
+        print(f"{'tokens':>6} " + " ".join(f"{k:>22}" for k in names))
+        for x in r["rows"]:
+            base = x["transformers fp32"]
+            print(f"{x['tokens']:>6} " + " ".join(f"{x[k] * 1e3:12.1f} ({base / x[k]:5.2f}x)" for k in names))
     if "kv" in sections:
         out["kv"] = r = bench_kv(model, tok, args)
         print(f"\n## KV policies: wikitext-2 test, {r['tokens']} tokens, {r['dtype']}, chunk {r['chunk']}")
