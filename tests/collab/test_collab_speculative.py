@@ -83,6 +83,11 @@ def test_quantised_self_draft_is_exact_and_mostly_accepted(pair):
     assert len(sampled.tokens) == 24 and sampled.drafted > 0
     with pytest.raises(ConfigError, match="int4 or int8"):
         quantised_draft(target, "int2")
+    # verification on slmkit's fast path (shared weights, fp32): still the target's output, drafts or lookup
+    fast = SpecConfig(max_new_tokens=40, fast_target=True)
+    assert speculate(target, "int4", ids, fast).tokens == ref
+    assert speculate(target, "lookup", ids, fast).tokens == ref
+    assert speculate(target, d, ids, SpecConfig(max_new_tokens=40, k=7, k_max=7, adaptive=False, fast_target=True)).tokens == ref
 
 
 def test_reduced_vocab_draft_is_still_exact(pair):

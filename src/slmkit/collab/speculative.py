@@ -77,6 +77,7 @@ class SpecConfig:
     ngram_max: int = 3  #: prompt lookup: longest n-gram matched
     ngram_min: int = 1  #: prompt lookup: shortest n-gram matched
     eos_token_ids: tuple[int, ...] = ()  #: generation stops after emitting one of these
+    fast_target: bool = False  #: verify through slmkit's fast path (llama targets; same logits as transformers' forward in fp32)
 
     def __post_init__(self):
         if self.max_new_tokens < 0:
@@ -251,6 +252,31 @@ class _CachedLM:
         """Forget every cached token past the first ``n``."""
         if n < self.n:
             self.cache.crop(n - self.n)  # transformers 5: a negative value removes that many tokens
+            self.n = n
+
+
+class _FastLM:
+    """The target on slmkit's fast path (weights shared with the transformers model): same interface as :class:`_CachedLM`."""
+
+    def __init__(self, model, capacity: int):
+        from slmkit.runtime import generate as G
+
+        dt = next(model.parameters()).dtype
+        self.G = G
+        self.fm = G.build(model, G.FastConfig(dtype="bf16" if dt == torch.bfloat16 else "fp32"))
+        self.cache = self.fm.new_cache("full", context=min(self.fm.max_positions, capacity))
+        self.n = 0
+        self.calls = 0
+
+    def feed(self, ids: torch.Tensor, keep: int) -> torch.Tensor:
+        out = self.G.forward(self.fm, [self.G.Segment(ids.cpu(), self.cache, all_logits=keep > 1)])[0]
+        self.n += ids.shape[0]
+        self.calls += 1
+        return out[-keep:] if keep > 1 else out[None]
+
+    def crop(self, n: int) -> None:
+        if n < self.n:
+            self.cache.seen = n
             self.n = n
 
 
@@ -574,7 +600,15 @@ def speculate(
         drafter = ModelDrafter(draft)
         c = cfg.cost_ratio if cfg.cost_ratio is not None else min(0.95, _param_count(draft) / _param_count(target))
     dev = _device(target)
-    tgt = _CachedLM(target)
+    if cfg.fast_target:
+        from slmkit.runtime.generate import supports
+
+        if not supports(target):
+            raise UnsupportedModelError("fast_target verifies on slmkit's fast path, which runs llama-architecture models only",
+                                        "leave fast_target off")
+        tgt = _FastLM(target, ctx.shape[0] + cfg.max_new_tokens + cfg.k_max + 1)
+    else:
+        tgt = _CachedLM(target)
     out = SpecOutput(tokens=[])
     eos = set(cfg.eos_token_ids)
     # running acceptance estimate: accepted / Bernoulli trials seen, with exponential forgetting
