@@ -20,11 +20,10 @@ class FakeTeacher:
         self.answers, self.crash_after, self.calls, self.logprob = answers, crash_after, 0, logprob
 
     def generate(self, prompts, params: GenParams):
-        if self.crash_after is not None and self.calls >= self.crash_after:
+        if self.crash_after is not None and self.calls + len(prompts) > self.crash_after:
             raise RuntimeError("teacher died")
-        self.calls += 1
-        q = prompts[0][-1]["content"]
-        return [Completion(self.answers[q], len(self.answers[q].split()), "stop")]
+        self.calls += len(prompts)  # generations, not calls
+        return [Completion(self.answers[p[-1]["content"]], len(self.answers[p[-1]["content"]].split()), "stop") for p in prompts]
 
     def score(self, texts, contexts=None):
         # per-token logprob: very low for replies containing "zzz" (degenerate)
@@ -77,7 +76,7 @@ def test_train_synth_filters_and_resume(tmp_path):
     }
     prompts = [PromptItem(k, [{"role": "user", "content": k}]) for k in answers]
     out = tmp_path / "data.jsonl"
-    cfg = SynthConfig(near_dup=0.5, max_perplexity=100.0)
+    cfg = SynthConfig(near_dup=0.5, max_perplexity=100.0, batch_size=1)
     # the teacher dies after 5 generations: what it wrote is kept
     t1 = FakeTeacher(answers, crash_after=5)
     with pytest.raises(RuntimeError):
@@ -148,3 +147,23 @@ def test_train_synth_black_box_distill_over_http(tiny_dir, tmp_path, start_serve
         assert (out / "model.safetensors").is_file()
     finally:
         stop()
+
+
+def test_train_synth_batches_give_the_same_sampled_replies(tiny_llama, tmp_path):
+    """Each prompt samples with a seed from (seed, its id): batch size does not change what is generated."""
+    from slmkit.backends import HFBackend
+
+    model, tok = tiny_llama
+    teacher = HFBackend(model, tok, name="tiny")
+    prompts = [PromptItem(f"p{i}", [{"role": "user", "content": f"Tell me about {w}."}])
+               for i, w in enumerate(["cats", "the sea", "green apples", "a house", "paris"])]
+    rows = {}
+    for bs in (1, 3):
+        out = tmp_path / f"b{bs}.jsonl"
+        cfg = SynthConfig(max_new_tokens=12, temperature=1.0, seed=5, min_words=1, near_dup=1.0, batch_size=bs)
+        generate_dataset(teacher, prompts, out, cfg)
+        kept = {r["id"]: r["messages"][-1]["content"] for r in _rows(out)}
+        rejected = {r["id"]: r["reply"] for r in _rows(tmp_path / f"b{bs}.jsonl.rejected.jsonl")} if (tmp_path / f"b{bs}.jsonl.rejected.jsonl").exists() else {}
+        rows[bs] = {**kept, **rejected}
+    assert len(rows[1]) == 5 and rows[1] == rows[3]
+    assert len(set(rows[1].values())) > 1  # sampled, varied replies

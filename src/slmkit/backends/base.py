@@ -27,6 +27,15 @@ class GenParams:
     seed: int | None = None  #: makes sampling reproducible
     stop: tuple[str, ...] = ()  #: generation ends before the first of these strings
     logprobs: bool = False  #: return the log-probability of each generated token
+    seeds: tuple[int, ...] | None = None  #: one seed per prompt of a call (overrides ``seed + i``)
+
+    def seed_for(self, i: int) -> int | None:
+        """The sampling seed of prompt ``i`` of a call: ``seeds[i]`` when given, else ``seed + i`` (None: unseeded)."""
+        if self.seeds is not None:
+            if i >= len(self.seeds):
+                raise ConfigError(f"GenParams.seeds has {len(self.seeds)} seeds, but prompt {i} of the call needs one")
+            return self.seeds[i]
+        return None if self.seed is None else self.seed + i
 
     def __post_init__(self):
         if self.max_new_tokens < 0:

@@ -62,7 +62,7 @@ class HFBackend:
 
         Greedy output equals generating each prompt alone (up to fp32 round-off in the
         padded attention, which can only flip an exact near-tie). With ``seed`` set,
-        prompt ``i`` samples from its own generator seeded ``seed + i``, so its text
+        prompt ``i`` samples from its own generator seeded ``seed + i`` (or ``seeds[i]``), so its text
         does not depend on which prompts share its batch.
         """
         out: list[Completion] = []
@@ -112,8 +112,8 @@ class HFBackend:
             stopping_criteria=StoppingCriteriaList([stops]),
         )
         sampler = None
-        if params.temperature > 0 and params.seed is not None:
-            sampler = _SeededSampling(params.temperature, params.top_p, [params.seed + offset + i for i in range(B)], params.logprobs)
+        if params.temperature > 0 and (params.seed is not None or params.seeds is not None):
+            sampler = _SeededSampling(params.temperature, params.top_p, [params.seed_for(offset + i) for i in range(B)], params.logprobs)
             kw.update(logits_processor=LogitsProcessorList([sampler]))
         elif params.temperature > 0:
             kw.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0)

@@ -81,18 +81,19 @@ class OpenAIBackend:
             raise BackendError(f"{self.base_url}/models lists no model", "pass model= explicitly")
         return data[0]["id"]
 
-    def _sampling(self, params: GenParams) -> dict:
+    def _sampling(self, params: GenParams, i: int = 0) -> dict:
         body = {"max_tokens": params.max_new_tokens, "temperature": params.temperature, "top_p": params.top_p}
-        if params.seed is not None:
-            body["seed"] = params.seed
+        seed = params.seed_for(i)
+        if seed is not None:
+            body["seed"] = seed
         if params.stop:
             body["stop"] = list(params.stop)
         return body
 
     def generate(self, prompts: Sequence[Prompt], params: GenParams) -> list[Completion]:
         out = []
-        for prompt in prompts:
-            body = {"model": self.model, **self._sampling(params)}
+        for i, prompt in enumerate(prompts):
+            body = {"model": self.model, **self._sampling(params, i)}
             if isinstance(prompt, str):
                 if params.logprobs:
                     body["logprobs"] = 1

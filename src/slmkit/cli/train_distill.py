@@ -124,6 +124,7 @@ def gen_data_cmd(
     max_perplexity: float = typer.Option(0.0, "--max-perplexity", help="drop replies above this teacher perplexity (0 = off)"),
     judge: Optional[str] = typer.Option(None, "--judge", help="judge model or endpoint for --min-judge-score"),
     min_judge_score: float = typer.Option(0.0, "--min-judge-score", help="drop replies the judge scores below this (1-10)"),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="prompts per teacher call (replies do not depend on it)"),
     dtype: str = typer.Option("fp32", "--dtype"),
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
@@ -137,7 +138,8 @@ def gen_data_cmd(
     if min_judge_score > 0 and judge is None:
         raise ConfigError("--min-judge-score needs --judge MODEL")
     cfg = SynthConfig(n=n, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, min_words=min_words,
-                      max_words=max_words, near_dup=near_dup, max_perplexity=max_perplexity, min_judge_score=min_judge_score)
+                      max_words=max_words, near_dup=near_dup, max_perplexity=max_perplexity, min_judge_score=min_judge_score,
+                      batch_size=batch_size)
     items = read_prompts(prompts)
     teacher = from_spec(model, dtype=dtype)
     if self_instruct:

@@ -51,8 +51,11 @@ class SynthConfig:
     max_perplexity: float = 0.0  #: drop replies whose teacher perplexity exceeds this (0 = no filter)
     min_judge_score: float = 0.0  #: with a judge: drop replies it scores below this (1-10)
     drop_truncated: bool = False  #: drop replies that hit max_new_tokens
+    batch_size: int = 8  #: prompts sent to the teacher per call (each keeps its own seed: same replies at any size)
 
     def __post_init__(self):
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.n < 0 or self.max_new_tokens < 1:
             raise ConfigError(f"n must be >= 0 and max_new_tokens >= 1, got {self.n}, {self.max_new_tokens}")
         if not 0 < self.near_dup <= 1:
@@ -273,16 +276,21 @@ def generate_dataset(teacher: Backend, prompts: list[PromptItem], output: str | 
     target = cfg.n or len(prompts)
     report = SynthReport(str(output), len(kept), 0, 0)
     use_ppl = cfg.max_perplexity > 0
-    for item in prompts:
+    pending = [item for item in prompts if item.id not in done]
+    report.skipped_done = len(prompts) - len(pending)
+    queue: list = []  # (item, completion) answered by the last teacher call, in prompt order
+    while pending or queue:
         if report.accepted >= target:
             break
-        if item.id in done:
-            report.skipped_done += 1
-            continue
-        # the sampling seed depends only on (seed, prompt id), so a resumed run samples what a fresh one would
-        item_seed = cfg.seed * 1_000_003 + int(hashlib.sha1(item.id.encode()).hexdigest()[:8], 16)
-        params = GenParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=item_seed)
-        c = teacher.generate([item.messages], params)[0]
+        if not queue:
+            # ask for no more replies than could still be accepted; each reply's sampling seed depends only
+            # on (seed, prompt id), so a resumed run, or another batch size, samples what a fresh one would
+            take = min(cfg.batch_size, target - report.accepted)
+            batch, pending = pending[:take], pending[take:]
+            seeds = tuple(cfg.seed * 1_000_003 + int(hashlib.sha1(it.id.encode()).hexdigest()[:8], 16) for it in batch)
+            params = GenParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seeds=seeds)
+            queue = list(zip(batch, teacher.generate([it.messages for it in batch], params)))
+        item, c = queue.pop(0)
         report.generated += 1
         reply = c.text.strip()
         meta: dict = {"teacher": teacher.name, "finish_reason": c.finish_reason}

@@ -38,7 +38,7 @@ class FastBackend:
         ids = self.encode(prompt)
         ctx = min(self.fm.max_positions, len(ids) + params.max_new_tokens)
         cache = self.fm.new_cache(self.kv, context=ctx, budget=self.kv_budget)
-        seed = None if params.seed is None else params.seed + seed_offset
+        seed = params.seed_for(seed_offset)
         out: list[int] = []
         sent = 0
         hold = max((len(s) for s in params.stop), default=1) - 1
