@@ -130,8 +130,12 @@ class _NameLister:
     name = "lister"
     tokenizer = None
 
+    def __init__(self):
+        self.calls = 0
+
     def generate(self, prompts, params):
-        return [Completion("1. Zed Quorra\n2. Invented Person\n- lowercase name", 5, "stop")]
+        self.calls += 1
+        return [Completion("1. Zed Quorra\n2. Invented Person\n3. Mira Tolk\n- lowercase name", 5, "stop") for _ in prompts]
 
     def score(self, texts, contexts=None):
         raise AssertionError("not used")
@@ -143,6 +147,26 @@ def test_model_names_are_kept_only_if_verbatim():
     assert [s.text for s in spans if s.kind == "name"] == ["Zed Quorra", "Quorra"]
     assert "Invented" not in redact(text, small=_NameLister())[0]
     assert "Quorra" not in redact(text, small=_NameLister())[0]
+
+
+def test_shield_asks_the_small_model_once_for_all_prompts():
+    from slmkit.collab.privacy import shielded_generate
+
+    class Echo:
+        name = "remote"
+        sent: list = []
+
+        def generate(self, prompts, params):
+            self.sent.extend(prompts)
+            return [Completion("ok", 1, "stop") for _ in prompts]
+
+    small, remote = _NameLister(), Echo()
+    prompts = ["Zed Quorra paid.", [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Mira Tolk called Zed Quorra."}],
+               "Nothing personal here."]
+    shielded_generate(remote, prompts, GenParams(), ShieldConfig(), small)
+    assert small.calls == 1  # every message of every prompt in one batch
+    flat = " ".join(p if isinstance(p, str) else " ".join(m["content"] for m in p) for p in remote.sent)
+    assert "Quorra" not in flat and "Mira" not in flat and "Tolk" not in flat and "Nothing personal here." in flat
 
 
 def test_detectors():

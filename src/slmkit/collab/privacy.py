@@ -101,23 +101,48 @@ def _looks_like_name(s: str) -> bool:
 
 def model_names(small: Backend, text: str, max_new_tokens: int = 48) -> list[str]:
     """Person names the small model finds in ``text`` (only verbatim, name-shaped candidates)."""
-    ask = (
-        "List every person's name that appears in the text below, one per line. "
-        "If there is none, answer NONE.\n\nText: " + text
-    )
+    return model_names_batch(small, [text], max_new_tokens)[0]
+
+
+def model_names_batch(small: Backend, texts: Sequence[str], max_new_tokens: int = 48) -> list[list[str]]:
+    """:func:`model_names` for several texts in one call of the small model."""
+    if not texts:
+        return []
     tok = getattr(small, "tokenizer", None)
-    prompt: Prompt = [{"role": "user", "content": ask}] if tok is None or getattr(tok, "chat_template", None) else ask + "\nNames:"
-    reply = small.generate([prompt], GenParams(max_new_tokens=max_new_tokens))[0].text
-    out = []
-    for line in reply.splitlines():
-        cand = re.sub(r"^[\s\-*\d.)]+", "", line).strip().strip(".,;:")
-        if cand and cand in text and _looks_like_name(cand) and cand not in out:
-            out.append(cand)
-    return out
+    chat = tok is None or getattr(tok, "chat_template", None)
+    prompts: list[Prompt] = []
+    for text in texts:
+        ask = (
+            "List every person's name that appears in the text below, one per line. "
+            "If there is none, answer NONE.\n\nText: " + text
+        )
+        prompts.append([{"role": "user", "content": ask}] if chat else ask + "\nNames:")
+    replies = small.generate(prompts, GenParams(max_new_tokens=max_new_tokens))
+    found = []
+    for text, c in zip(texts, replies):
+        out: list[str] = []
+        for line in c.text.splitlines():
+            cand = re.sub(r"^[\s\-*\d.)]+", "", line).strip().strip(".,;:")
+            if cand and cand in text and _looks_like_name(cand) and cand not in out:
+                out.append(cand)
+        found.append(out)
+    return found
 
 
-def detect(text: str, cfg: ShieldConfig = ShieldConfig(), small: Backend | None = None) -> list[Span]:
-    """Non-overlapping spans of personal data in ``text`` (earlier, longer, higher-priority kinds win)."""
+def _names_by_text(texts: Sequence[str], cfg: ShieldConfig, small: Backend | None) -> dict[str, list[str]] | None:
+    """The small model's names for each distinct non-empty text, in one call (None when it is not asked)."""
+    if small is None or not cfg.model_names or "name" not in cfg.kinds:
+        return None
+    distinct = list(dict.fromkeys(t for t in texts if t.strip()))
+    return dict(zip(distinct, model_names_batch(small, distinct, cfg.max_new_tokens)))
+
+
+def detect(text: str, cfg: ShieldConfig = ShieldConfig(), small: Backend | None = None,
+           names: dict[str, list[str]] | None = None) -> list[Span]:
+    """Non-overlapping spans of personal data in ``text`` (earlier, longer, higher-priority kinds win).
+
+    ``names`` (from :func:`_names_by_text`) holds the small model's answers fetched beforehand in one batch.
+    """
     found: list[Span] = []
     kinds = set(cfg.kinds)
 
@@ -148,7 +173,7 @@ def detect(text: str, cfg: ShieldConfig = ShieldConfig(), small: Backend | None 
             if 7 <= len(digits) <= 15 and (m.group().startswith(("+", "(")) or re.search(r"[ .-]", m.group())):
                 add("phone", *m.span())
     if "name" in kinds:
-        names: list[str] = []
+        found_names: list[str] = []
         for cue in NAME_CUES:
             for m in cue.finditer(text):
                 cand = m.group("name")
@@ -158,11 +183,13 @@ def detect(text: str, cfg: ShieldConfig = ShieldConfig(), small: Backend | None 
                     words.pop()
                 cand = " ".join(words)
                 if cand and _looks_like_name(cand):
-                    names.append(cand)
-        if small is not None and cfg.model_names:
-            names += model_names(small, text, cfg.max_new_tokens)
+                    found_names.append(cand)
+        if names is not None and text in names:
+            found_names += names[text]
+        elif small is not None and cfg.model_names and text.strip():
+            found_names += model_names(small, text, cfg.max_new_tokens)
         # every occurrence of each name, and of its parts (a surname alone, a first name alone)
-        parts = {p for n in names for p in [n, *n.split()] if len(p) >= 3 and p not in _NOT_NAMES}
+        parts = {p for n in found_names for p in [n, *n.split()] if len(p) >= 3 and p not in _NOT_NAMES}
         for p in sorted(parts, key=len, reverse=True):
             for m in re.finditer(rf"\b{re.escape(p)}\b", text):
                 add("name", *m.span())
@@ -194,11 +221,12 @@ class Redaction:
         return self._by_value[key]
 
 
-def redact(text: str, cfg: ShieldConfig = ShieldConfig(), small: Backend | None = None, red: Redaction | None = None) -> tuple[str, Redaction]:
+def redact(text: str, cfg: ShieldConfig = ShieldConfig(), small: Backend | None = None, red: Redaction | None = None,
+           names: dict[str, list[str]] | None = None) -> tuple[str, Redaction]:
     """``text`` with every detected span replaced by its placeholder."""
     red = red if red is not None else Redaction()
     out, pos = [], 0
-    for s in detect(text, cfg, small):
+    for s in detect(text, cfg, small, names):
         out += [text[pos : s.start], red.placeholder(s.kind, s.text)]
         pos = s.end
     out.append(text[pos:])
@@ -288,10 +316,17 @@ class StreamRestorer:
         return restored
 
 
-def redact_prompt(prompt: Prompt, cfg: ShieldConfig, small: Backend | None, red: Redaction) -> Prompt:
+def _texts(prompt: Prompt) -> list[str]:
+    return [prompt] if isinstance(prompt, str) else [str(m.get("content", "")) for m in prompt]
+
+
+def redact_prompt(prompt: Prompt, cfg: ShieldConfig, small: Backend | None, red: Redaction,
+                  names: dict[str, list[str]] | None = None) -> Prompt:
+    if names is None:
+        names = _names_by_text(_texts(prompt), cfg, small)
     if isinstance(prompt, str):
-        return redact(prompt, cfg, small, red)[0]
-    return [{**m, "content": redact(str(m.get("content", "")), cfg, small, red)[0]} for m in prompt]
+        return redact(prompt, cfg, small, red, names)[0]
+    return [{**m, "content": redact(str(m.get("content", "")), cfg, small, red, names)[0]} for m in prompt]
 
 
 def _kinds(red: Redaction) -> dict[str, int]:
@@ -311,7 +346,8 @@ def shielded_generate(
     in one call. Each completion's ``meta`` gets ``redacted`` (count per kind) and ``placeholders``.
     """
     reds = [Redaction() for _ in prompts]
-    safe = [redact_prompt(p, cfg, small, red) for p, red in zip(prompts, reds)]
+    names = _names_by_text([t for p in prompts for t in _texts(p)], cfg, small)  # one small-model call for all
+    safe = [redact_prompt(p, cfg, small, red, names) for p, red in zip(prompts, reds)]
     out = []
     for c, red in zip(remote.generate(safe, params) if safe else [], reds):
         out.append(Completion(restore(c.text, red), c.tokens, c.finish_reason, c.logprobs,
@@ -350,6 +386,7 @@ class ShieldedBackend:
 
     def score(self, texts, contexts=None):
         red = Redaction()
-        safe_texts = [redact(t, self.cfg, self.small, red)[0] for t in texts]
-        safe_ctx = None if contexts is None else [redact(c, self.cfg, self.small, red)[0] for c in contexts]
+        names = _names_by_text([*texts, *(contexts or [])], self.cfg, self.small)
+        safe_texts = [redact(t, self.cfg, self.small, red, names)[0] for t in texts]
+        safe_ctx = None if contexts is None else [redact(c, self.cfg, self.small, red, names)[0] for c in contexts]
         return self.remote.score(safe_texts, safe_ctx)
