@@ -131,18 +131,15 @@ static inline void rows_kernel(const uint8_t *q, const uint16_t *s, const uint16
     }
 }
 
-/* y (M x N) = x (M x K) @ W^T. x and y are fp32, or bf16 when the flag is set. Returns 0 on success. */
-int slmkit_q4_matmul(const void *x, int x_bf16, int M, int K, const uint8_t *q, const uint16_t *s,
-                     const uint16_t *m, int N, void *y, int y_bf16) {
-    if (K % 64 || K > 65536) return -2;
-    if (scratch((size_t)M * K)) return -1;
-    int8_t *xq = t_xq;
-    float *xs = t_xs, *xsum = t_xsum, *xcorr = t_xcorr;
-    quantize(x, x_bf16, M, K, xq, xs, xsum, xcorr);
+/* The row tiles of y (M x N) = W x for activations already quantised; an orphaned worksharing loop:
+ * inside a parallel region the team splits the tiles (implicit barrier at the end), outside one it runs
+ * on the calling thread. */
+static void mm_tiles(const uint8_t *q, const uint16_t *s, const uint16_t *m, int K, const int8_t *xq, const float *xs,
+                     const float *xsum, const float *xcorr, int M, int N, void *y, int y_bf16) {
     const int nb = K / GROUP;
     const int tile = 8; /* rows per work item */
     const int ntiles = (N + tile - 1) / tile;
-#pragma omp parallel for schedule(static)
+#pragma omp for schedule(static)
     for (int it = 0; it < ntiles; it++) {
         int r0 = it * tile, r1 = r0 + tile < N ? r0 + tile : N;
         for (int t0 = 0; t0 < M; t0 += 4) {
@@ -158,6 +155,18 @@ int slmkit_q4_matmul(const void *x, int x_bf16, int M, int K, const uint8_t *q, 
             }
         }
     }
+}
+
+/* y (M x N) = x (M x K) @ W^T. x and y are fp32, or bf16 when the flag is set. Returns 0 on success. */
+int slmkit_q4_matmul(const void *x, int x_bf16, int M, int K, const uint8_t *q, const uint16_t *s,
+                     const uint16_t *m, int N, void *y, int y_bf16) {
+    if (K % 64 || K > 65536) return -2;
+    if (scratch((size_t)M * K)) return -1;
+    int8_t *xq = t_xq;
+    float *xs = t_xs, *xsum = t_xsum, *xcorr = t_xcorr;
+    quantize(x, x_bf16, M, K, xq, xs, xsum, xcorr);
+#pragma omp parallel
+    mm_tiles(q, s, m, K, xq, xs, xsum, xcorr, M, N, y, y_bf16);
     return 0;
 }
 
@@ -223,13 +232,16 @@ enum { P_ANORM, P_QKV_Q, P_QKV_S, P_QKV_M, P_O_Q, P_O_S, P_O_M, P_MNORM, P_GU_Q,
 int slmkit_q4_decode_batch(float *x, int M, int L, int D, int H, int Hk, int hd, int F, float eps,
                            const int64_t *ptrs, const int64_t *kc, const int64_t *vc, const int *S, const int *pos,
                            const float *cos, const float *sin) {
-    if (D % 64 || (H * hd) % 64 || F % 64 || hd % 2 || H % Hk || M < 1) return -2;
+    if (D % 64 || (H * hd) % 64 || F % 64 || hd % 2 || H % Hk || M < 1 || F > 65536 || D > 65536 || H * hd > 65536) return -2;
     size_t ctx = 0; /* sum of context lengths after this step */
     for (int j = 0; j < M; j++) {
         if (pos[j] < 0 || pos[j] >= S[j]) return -2;
         ctx += (size_t)pos[j] + 1;
     }
     const int nqkv = (H + 2 * Hk) * hd, group = H / Hk;
+    int kmax = D > H * hd ? D : H * hd;
+    kmax = kmax > F ? kmax : F;
+    if (scratch((size_t)M * kmax)) return -1; /* quantised activations, shared by the team below */
     size_t need = (size_t)M * (2 * (size_t)D + nqkv + (size_t)H * hd + 3 * (size_t)F) + (size_t)H * ctx + (size_t)M;
     if (need > t_ws_cap) {
         free(t_ws);
@@ -239,16 +251,25 @@ int slmkit_q4_decode_batch(float *x, int M, int L, int D, int H, int Hk, int hd,
     }
     float *h = t_ws, *qkv = h + (size_t)M * D, *att = qkv + (size_t)M * nqkv, *gu = att + (size_t)M * H * hd,
           *act = gu + (size_t)M * 2 * F, *tmp = act + (size_t)M * F, *sc = tmp + (size_t)M * D;
+    int8_t *xq = t_xq;
+    float *xs = t_xs, *xsum = t_xsum, *xcorr = t_xcorr;
     size_t sc_off[M]; /* where each sequence's H score rows start */
     for (size_t j = 0, o = 0; j < (size_t)M; j++) { sc_off[j] = o; o += (size_t)H * (pos[j] + 1); }
     const float scale = 1.0f / sqrtf((float)hd);
+    /* One team for the whole step: serial parts run in `single` blocks, matmuls and attention are
+     * worksharing loops; every construct ends in a barrier, so there is no fork/join per matmul. */
+#pragma omp parallel
     for (int l = 0; l < L; l++) {
         const int64_t *p = ptrs + (size_t)l * P_N;
 #define PTR(i, T) ((T)(intptr_t)p[i])
-        for (int j = 0; j < M; j++) rmsnorm(x + (size_t)j * D, PTR(P_ANORM, const uint16_t *), D, eps, h + (size_t)j * D);
-        int rc = slmkit_q4_matmul(h, 0, M, D, PTR(P_QKV_Q, const uint8_t *), PTR(P_QKV_S, const uint16_t *),
-                                  PTR(P_QKV_M, const uint16_t *), nqkv, qkv, 0);
-        if (rc) return rc;
+#pragma omp single
+        {
+            for (int j = 0; j < M; j++) rmsnorm(x + (size_t)j * D, PTR(P_ANORM, const uint16_t *), D, eps, h + (size_t)j * D);
+            quantize(h, 0, M, D, xq, xs, xsum, xcorr);
+        }
+        mm_tiles(PTR(P_QKV_Q, const uint8_t *), PTR(P_QKV_S, const uint16_t *), PTR(P_QKV_M, const uint16_t *), D,
+                 xq, xs, xsum, xcorr, M, nqkv, qkv, 0);
+#pragma omp single
         for (int j = 0; j < M; j++) {
             float *q = qkv + (size_t)j * nqkv, *k = q + (size_t)H * hd, *v = k + (size_t)Hk * hd;
             rope(q, H, hd, cos + (size_t)j * hd, sin + (size_t)j * hd);
@@ -262,7 +283,7 @@ int slmkit_q4_decode_batch(float *x, int M, int L, int D, int H, int Hk, int hd,
                     vl[((size_t)g * Sj + pos[j]) * hd + i] = f32_to_bf16(v[g * hd + i]);
                 }
         }
-#pragma omp parallel for schedule(dynamic, 1)
+#pragma omp for schedule(dynamic, 1)
         for (int jh = 0; jh < M * H; jh++) {
             const int j = jh / H, hh = jh % H, g = hh / group, n = pos[j] + 1;
             const size_t Sj = (size_t)S[j];
@@ -284,22 +305,30 @@ int slmkit_q4_decode_batch(float *x, int M, int L, int D, int H, int Hk, int hd,
                 for (int i = 0; i < hd; i++) o[i] += w * bf16_to_f32(vt[i]);
             }
         }
-        rc = slmkit_q4_matmul(att, 0, M, H * hd, PTR(P_O_Q, const uint8_t *), PTR(P_O_S, const uint16_t *),
-                              PTR(P_O_M, const uint16_t *), D, tmp, 0);
-        if (rc) return rc;
-        for (size_t i = 0; i < (size_t)M * D; i++) x[i] += tmp[i];
-        for (int j = 0; j < M; j++) rmsnorm(x + (size_t)j * D, PTR(P_MNORM, const uint16_t *), D, eps, h + (size_t)j * D);
-        rc = slmkit_q4_matmul(h, 0, M, D, PTR(P_GU_Q, const uint8_t *), PTR(P_GU_S, const uint16_t *),
-                              PTR(P_GU_M, const uint16_t *), 2 * F, gu, 0);
-        if (rc) return rc;
-        for (int j = 0; j < M; j++)
-            for (int i = 0; i < F; i++) {
-                const float g = gu[(size_t)j * 2 * F + i];
-                act[(size_t)j * F + i] = g / (1.0f + expf(-g)) * gu[(size_t)j * 2 * F + F + i];
-            }
-        rc = slmkit_q4_matmul(act, 0, M, F, PTR(P_D_Q, const uint8_t *), PTR(P_D_S, const uint16_t *),
-                              PTR(P_D_M, const uint16_t *), D, tmp, 0);
-        if (rc) return rc;
+#pragma omp single
+        quantize(att, 0, M, H * hd, xq, xs, xsum, xcorr);
+        mm_tiles(PTR(P_O_Q, const uint8_t *), PTR(P_O_S, const uint16_t *), PTR(P_O_M, const uint16_t *), H * hd,
+                 xq, xs, xsum, xcorr, M, D, tmp, 0);
+#pragma omp single
+        {
+            for (size_t i = 0; i < (size_t)M * D; i++) x[i] += tmp[i];
+            for (int j = 0; j < M; j++) rmsnorm(x + (size_t)j * D, PTR(P_MNORM, const uint16_t *), D, eps, h + (size_t)j * D);
+            quantize(h, 0, M, D, xq, xs, xsum, xcorr);
+        }
+        mm_tiles(PTR(P_GU_Q, const uint8_t *), PTR(P_GU_S, const uint16_t *), PTR(P_GU_M, const uint16_t *), D,
+                 xq, xs, xsum, xcorr, M, 2 * F, gu, 0);
+#pragma omp single
+        {
+            for (int j = 0; j < M; j++)
+                for (int i = 0; i < F; i++) {
+                    const float g = gu[(size_t)j * 2 * F + i];
+                    act[(size_t)j * F + i] = g / (1.0f + expf(-g)) * gu[(size_t)j * 2 * F + F + i];
+                }
+            quantize(act, 0, M, F, xq, xs, xsum, xcorr);
+        }
+        mm_tiles(PTR(P_D_Q, const uint8_t *), PTR(P_D_S, const uint16_t *), PTR(P_D_M, const uint16_t *), F,
+                 xq, xs, xsum, xcorr, M, D, tmp, 0);
+#pragma omp single
         for (size_t i = 0; i < (size_t)M * D; i++) x[i] += tmp[i];
 #undef PTR
     }
