@@ -28,6 +28,9 @@
 #include <string.h>
 
 #define GROUP 32
+#ifndef PREFETCH_BYTES
+#define PREFETCH_BYTES 4096
+#endif
 
 static inline __m512 load16(const void *x, int bf16, int off) {
     if (bf16) {
@@ -111,6 +114,7 @@ static inline void rows_kernel(const uint8_t *q, const uint16_t *s, const uint16
             }
         }
         for (int c = 0; c < nc; c++) {
+            _mm_prefetch((const char *)(qr + 32 * c) + PREFETCH_BYTES, _MM_HINT_T0); /* rows stream: fetch ahead */
             __m256i raw = _mm256_loadu_si256((const __m256i *)(qr + 32 * c));
             __m256i lo = _mm256_and_si256(raw, lowmask);
             __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), lowmask);
