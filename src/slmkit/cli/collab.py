@@ -52,28 +52,11 @@ def speculate(
     """Speculative decoding: the draft proposes, the target verifies; reports speed-up and acceptance."""
     import torch
 
-    from slmkit.collab.speculative import SpecConfig, autoregressive, check_same_tokenizer, layer_draft, speculate as run
-    from slmkit.errors import ConfigError
+    from slmkit.collab.speculative import SpecConfig, autoregressive, resolve_draft, speculate as run
     from slmkit.models import load
 
     t_model, t_tok = load(target, dtype=dtype)
-    if draft == "lookup":
-        d_model = "lookup"
-    elif draft in ("int4", "int8"):
-        from slmkit.collab.speculative import quantised_draft
-
-        d_model = quantised_draft(t_model, draft)
-    elif draft.startswith("layers:"):
-        try:
-            n = int(draft.split(":", 1)[1])
-        except ValueError:
-            raise ConfigError(f"--draft layers:N needs an integer N, got {draft!r}") from None
-        d_model = layer_draft(t_model, n)
-    else:
-        from slmkit.models.load import load_tokenizer
-
-        check_same_tokenizer(t_tok, load_tokenizer(draft), "the draft and the target")  # before loading the draft's weights
-        d_model, _ = load(draft, dtype=dtype)
+    d_model = resolve_draft(draft, t_model, t_tok, dtype, "the draft (--draft)")
     eos = {t for t in (t_tok.eos_token_id, *_as_list(t_model.generation_config.eos_token_id)) if t is not None}
     cfg = SpecConfig(
         max_new_tokens=max_new_tokens, k=min(k, k_max), k_max=k_max, adaptive=not fixed,

@@ -184,10 +184,9 @@ def detect(text: str, cfg: ShieldConfig = ShieldConfig(), small: Backend | None 
                 cand = " ".join(words)
                 if cand and _looks_like_name(cand):
                     found_names.append(cand)
-        if names is not None and text in names:
-            found_names += names[text]
-        elif small is not None and cfg.model_names and text.strip():
-            found_names += model_names(small, text, cfg.max_new_tokens)
+        if names is None:
+            names = _names_by_text([text], cfg, small)
+        found_names += (names or {}).get(text, [])
         # every occurrence of each name, and of its parts (a surname alone, a first name alone)
         parts = {p for n in found_names for p in [n, *n.split()] if len(p) >= 3 and p not in _NOT_NAMES}
         for p in sorted(parts, key=len, reverse=True):

@@ -351,28 +351,13 @@ def build_backend(small_spec: str, large_spec: str, mode: str, dtype: str = "fp3
         if is_url:
             raise ConfigError("speculative mode needs the large model's logits locally; --large must be a model, not a URL",
                               "use --mode cascade or shield with an endpoint")
-        from slmkit.collab.speculative import check_same_tokenizer
+        from slmkit.collab.speculative import resolve_draft
         from slmkit.models import load
 
         target, t_tok = load(large_spec, dtype=dtype)
-        if small_spec == "lookup":
-            return SpeculativeBackend(target, t_tok, "lookup", name=f"speculative({large_spec})")
-        if small_spec in ("int4", "int8"):  # the target's own quantised copy drafts (self-speculation)
-            from slmkit.collab.speculative import quantised_draft
-
-            return SpeculativeBackend(target, t_tok, quantised_draft(target, small_spec), name=f"speculative({small_spec}->{large_spec})")
-        if small_spec.startswith("layers:"):
-            from slmkit.collab.speculative import layer_draft
-
-            n = small_spec.split(":", 1)[1]
-            if not n.isdigit():
-                raise ConfigError(f"SMALL layers:N needs an integer N, got {small_spec!r}")
-            return SpeculativeBackend(target, t_tok, layer_draft(target, int(n)), name=f"speculative({small_spec}->{large_spec})")
-        from slmkit.models.load import load_tokenizer
-
-        check_same_tokenizer(t_tok, load_tokenizer(small_spec), "the draft (SMALL) and the target (--large)")  # before the weights
-        draft, _ = load(small_spec, dtype=dtype)
-        return SpeculativeBackend(target, t_tok, draft, name=f"speculative({small_spec}->{large_spec})")
+        draft = resolve_draft(small_spec, target, t_tok, dtype, "the draft (SMALL)")
+        name = f"speculative({large_spec})" if small_spec == "lookup" else f"speculative({small_spec}->{large_spec})"
+        return SpeculativeBackend(target, t_tok, draft, name=name)
     small = HFBackend.from_spec(small_spec, dtype=dtype)
     if mode == "cascade":
         try:

@@ -276,7 +276,7 @@ class _FastLM:
 
     def crop(self, n: int) -> None:
         if n < self.n:
-            self.cache.seen = n
+            self.cache.rewind(n)
             self.n = n
 
 
@@ -400,6 +400,33 @@ def autoregressive(target, ids, cfg: SpecConfig, gen: torch.Generator | None = N
     return _finish(out, cfg)
 
 
+def _draft_tokens(next_logits: Callable[[torch.Tensor], torch.Tensor], unseen: torch.Tensor, k: int, cfg: SpecConfig, gen,
+                  dev: torch.device | str = "cpu", vocab: torch.Tensor | None = None, n_full: int | None = None):
+    """k draft tokens, fed one by one after the ``unseen`` context tail: (tokens (k,), q (k, V) or None when greedy).
+
+    ``next_logits(feed)`` runs the draft on ``feed`` and returns the next token's scores; with ``vocab``
+    they cover only those ids (FR-Spec), and ``q`` is spread back to the full ``n_full`` vocabulary.
+    """
+    toks: list[int] = []
+    qs: list[torch.Tensor] = []
+    feed = unseen.to(dev)
+    for _ in range(k):
+        logits = next_logits(feed)
+        if cfg.temperature == 0:
+            t = int(logits.max(-1).indices)  # = argmax (first maximum), faster on CPU
+        else:
+            q = token_probs(logits, cfg.temperature, cfg.top_p).cpu()
+            t = int(torch.multinomial(q, 1, generator=gen))
+            if vocab is not None:
+                q = torch.zeros(n_full).index_copy_(0, vocab, q)
+            qs.append(q)
+        if vocab is not None:
+            t = int(vocab[t])
+        toks.append(t)
+        feed = torch.tensor([t], device=dev)
+    return torch.tensor(toks, dtype=torch.long), (torch.stack(qs) if qs else None)
+
+
 class Drafter(Protocol):
     """Proposes draft tokens after a context; ``q`` is None for deterministic drafts."""
 
@@ -440,25 +467,8 @@ class ModelDrafter:
         return self.lm.calls
 
     def propose(self, ctx: torch.Tensor, k: int, cfg: SpecConfig, gen):
-        toks: list[int] = []
-        qs: list[torch.Tensor] = []
-        feed = ctx[self.lm.n :].to(self.dev)  # the tokens the draft has not seen yet
-        for _ in range(k):
-            logits = self._next_logits(feed)
-            if cfg.temperature == 0:
-                t = int(logits.argmax(-1))
-            else:
-                q = token_probs(logits, cfg.temperature, cfg.top_p).cpu()
-                t = int(torch.multinomial(q, 1, generator=gen))
-                if self.vocab is not None:
-                    q = torch.zeros(self.n_full).index_copy_(0, self.vocab, q)
-                qs.append(q)
-            if self.vocab is not None:
-                t = int(self.vocab[t])
-            toks.append(t)
-            feed = torch.tensor([t], device=self.dev)
-        q = torch.stack(qs) if qs else None
-        return torch.tensor(toks, dtype=torch.long), q
+        n_full = self.n_full if self.vocab is not None else None
+        return _draft_tokens(self._next_logits, ctx[self.lm.n :], k, cfg, gen, self.dev, self.vocab, n_full)
 
     def keep(self, n: int) -> None:
         self.lm.crop(n)
@@ -505,29 +515,19 @@ class FastDrafter:
                 raise ConfigError(f"sequence of {need} tokens exceeds the draft's context of {self.fm.max_positions}")
             self.cache = self.fm.new_cache("full", context=cap)  # a new buffer: the context is fed again
 
-    def propose(self, ctx: torch.Tensor, k: int, cfg: SpecConfig, gen):
+    def _next_logits(self, feed: torch.Tensor) -> torch.Tensor:
         from slmkit.runtime import generate as G
 
+        self.calls += 1
+        return G.forward(self.fm, [G.Segment(feed, self.cache)])[0]
+
+    def propose(self, ctx: torch.Tensor, k: int, cfg: SpecConfig, gen):
         self._ensure(ctx.shape[0] + k)
-        toks: list[int] = []
-        qs: list[torch.Tensor] = []
-        feed = ctx[self.cache.seen :]
-        for _ in range(k):
-            logits = G.forward(self.fm, [G.Segment(feed, self.cache)])[0]
-            self.calls += 1
-            if cfg.temperature == 0:
-                t = int(logits.max(-1).indices)
-            else:
-                q = token_probs(logits, cfg.temperature, cfg.top_p)
-                t = int(torch.multinomial(q, 1, generator=gen))
-                qs.append(q)
-            toks.append(t)
-            feed = torch.tensor([t])
-        return torch.tensor(toks, dtype=torch.long), (torch.stack(qs) if qs else None)
+        return _draft_tokens(self._next_logits, ctx[self.cache.seen :], k, cfg, gen)
 
     def keep(self, n: int) -> None:
-        if self.cache is not None and n < self.cache.seen:
-            self.cache.seen = n  # later positions are overwritten by the next tokens fed
+        if self.cache is not None:
+            self.cache.rewind(n)
 
 
 def quantised_draft(target, weights: str = "int4") -> FastDrafter:
@@ -542,6 +542,29 @@ def quantised_draft(target, weights: str = "int4") -> FastDrafter:
             "give a draft model, 'layers:N' or 'lookup'",
         )
     return FastDrafter(G.build(target, G.FastConfig(weights=weights)))
+
+
+def resolve_draft(spec: str, target, target_tok, dtype: str = "fp32", what: str = "the draft"):
+    """A draft named on the command line (``slmkit speculate --draft``, ``slmkit serve SMALL --mode speculative``).
+
+    ``"lookup"``, ``"int4"``/``"int8"`` (the target's own quantised copy), ``"layers:N"`` (its first N
+    blocks), or a MODEL spec, whose tokenizer is compared with the target's before its weights load.
+    """
+    if spec == "lookup":
+        return "lookup"
+    if spec in ("int4", "int8"):
+        return quantised_draft(target, spec)
+    if spec.startswith("layers:"):
+        n = spec.split(":", 1)[1]
+        try:
+            return layer_draft(target, int(n))
+        except ValueError:
+            raise ConfigError(f"{what} layers:N needs an integer N, got {spec!r}") from None
+    from slmkit.models import load
+    from slmkit.models.load import load_tokenizer
+
+    check_same_tokenizer(target_tok, load_tokenizer(spec), f"{what} and the target")
+    return load(spec, dtype=dtype)[0]
 
 
 class LookupDrafter:
@@ -579,8 +602,8 @@ def speculate(
         drafter: Drafter = LookupDrafter()
         c = 0.0 if cfg.cost_ratio is None else cfg.cost_ratio
     elif isinstance(draft, str) and draft in ("int4", "int8"):
-        draft = quantised_draft(target, draft)
-        drafter, c = FastDrafter(draft.fm), _fast_cost(draft.fm, target, cfg)
+        drafter = quantised_draft(target, draft)
+        c = _fast_cost(drafter.fm, target, cfg)
     elif isinstance(draft, str):
         raise ConfigError(f"draft must be a model, 'lookup', 'int4' or 'int8', got {draft!r}")
     elif isinstance(draft, FastDrafter):

@@ -339,7 +339,7 @@ def build(model, cfg: FastConfig = FastConfig()) -> FastModel:
     )
     fm.specs = [(ly.qkv.spec(), ly.o.spec(), ly.gate_up.spec(), ly.down.spec()) for ly in layers]
     mods = [m for ly in layers for m in (ly.qkv, ly.o, ly.gate_up, ly.down)]
-    if use_q4 and all(type(m) is Q4 and m.b is None for m in mods) and c.hidden_act == "silu" and not cfg.compile:
+    if use_q4 and all(type(m) is Q4 and m.b is None for m in mods) and c.hidden_act == "silu":
         ptrs = []
         for ly in layers:
             for t in (ly.attn_norm, ly.qkv.q, ly.qkv.s, ly.qkv.m, ly.o.q, ly.o.s, ly.o.m, ly.mlp_norm,
@@ -554,7 +554,7 @@ def _fused_step(fm: FastModel, segs: Sequence[Segment]) -> list[torch.Tensor]:
     caps = torch.tensor([s.cache.capacity for s in segs], dtype=torch.int32)
     posv = torch.tensor(pos, dtype=torch.int32)
     ff = fm.layers[0].down.q.shape[1] * 2
-    rc = q4kernel.load().slmkit_q4_decode_batch(
+    rc = q4kernel.require().slmkit_q4_decode_batch(
         x.data_ptr(), len(segs), len(fm.layers), x.shape[1], fm.heads, fm.kv_heads, fm.head_dim, ff, fm.eps,
         fm.fused.data_ptr(), kp.data_ptr(), vp.data_ptr(), caps.data_ptr(), posv.data_ptr(), cos.data_ptr(), sin.data_ptr(),
     )

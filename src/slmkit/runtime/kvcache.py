@@ -143,6 +143,10 @@ class FullCache(_Cache):
     def tokens(self) -> int:
         return self.seen
 
+    def rewind(self, n: int) -> None:
+        """Forget every token after the first ``n`` (speculative decoding's rejected drafts); their slots are overwritten next."""
+        self.seen = min(self.seen, n)
+
     def attend(self, layer: int, q, k, v):
         """q (1, H, T, D); k, v (1, Hk, T, D) for the T new tokens; returns (1, H, T, D)."""
         t, s = q.shape[2], self.seen

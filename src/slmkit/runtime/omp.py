@@ -14,9 +14,6 @@ Call it on a thread that is about to hand model work to another thread.
 from __future__ import annotations
 
 import ctypes
-import logging
-
-log = logging.getLogger(__name__)
 
 _gomp: ctypes.CDLL | None | bool = None  # None: not looked up yet; False: unavailable
 

@@ -1,10 +1,11 @@
 """A 4-bit weight x 8-bit activation matmul kernel for CPU decode, built on first use.
 
-torch 2.13's ``_weight_int4pack_mm_for_cpu`` reaches about 0.46 of the memory-bandwidth bound
-on this project's machines at one token (docs/benchmarks.md), so the int4 fast path could not
-reach half the bound however little else a decode step did. :file:`kernels/q4.c` is llama.cpp's
-Q4_1 x Q8 scheme (4-bit codes with an fp16 scale and offset per 32 inputs; activations
-quantised to int8 per 32 on the fly; ``vpdpbusd`` dot products) written for AVX512-VNNI.
+:file:`kernels/q4.c` follows llama.cpp's Q4_1 x Q8 scheme (4-bit codes with an fp16 scale per 32
+inputs; activations quantised to int8 per 32 on the fly; ``vpdpbusd`` dot products), written for
+AVX512-VNNI, with the codes centred (``w = (q - 8) s + m``) so that the activation rounding error
+scales with the weight. Besides the matmul it holds a whole llama decode step for one token of
+each of several sequences (:func:`slmkit.runtime.generate.forward` uses it), and a dequantiser
+to bf16 for long prompts, which are compute-bound (:func:`linear`).
 
 The kernel is optional. It is compiled with the system C compiler into a per-user cache the
 first time it is needed (about a second) and loaded with :mod:`ctypes`; when the CPU lacks
@@ -146,37 +147,17 @@ def unpack(q: torch.Tensor, s: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     return (codes * s.float()[..., None] + m.float()[..., None]).reshape(n, -1)
 
 
+def require() -> ctypes.CDLL:
+    """The compiled kernel; a RuntimeError saying why when it is unavailable."""
+    lib = load()
+    if lib is None:
+        raise RuntimeError(f"slmkit's q4 kernel is unavailable: {_why}")
+    return lib
+
+
 def matmul(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """``x`` (M, K) fp32 or bf16 times the packed weight's transpose: (M, N) in ``x``'s dtype."""
-    lib = load()
-    if lib is None:
-        raise RuntimeError(f"slmkit's q4 kernel is unavailable: {_why}")
-    return _call(lib, x, q, s, m)
-
-
-#: from this many tokens per call on, :func:`linear` dequantises to bf16 and runs a bf16 matmul
-#: (AMX / AVX512-BF16 kernels): long prompts are compute-bound, decode steps bandwidth-bound.
-DEQUANT_FROM_TOKENS = 32
-
-
-def dequant_bf16(q: torch.Tensor, s: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """The bf16 weight (N, K) the packed codes stand for (the kernel's rounding: fp32 then round-to-nearest-even)."""
-    lib = load()
-    if lib is None:
-        raise RuntimeError(f"slmkit's q4 kernel is unavailable: {_why}")
-    w = torch.empty(q.shape[0], q.shape[1] * 2, dtype=torch.bfloat16)
-    lib.slmkit_q4_dequant_bf16(q.data_ptr(), s.data_ptr(), m.data_ptr(), q.shape[0], q.shape[1] * 2, w.data_ptr())
-    return w
-
-
-def linear(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """``x`` (M, K) times the packed weight: int8 dot products for few tokens, a bf16 matmul for many."""
-    if x.shape[0] >= DEQUANT_FROM_TOKENS:
-        return torch.nn.functional.linear(x.to(torch.bfloat16), dequant_bf16(q, s, m)).to(x.dtype)
-    return matmul(x, q, s, m)
-
-
-def _call(lib, x, q, s, m):
+    lib = require()
     if x.dtype not in (torch.float32, torch.bfloat16):
         raise TypeError(f"q4 matmul takes fp32 or bf16 activations, got {x.dtype}")
     x = x.contiguous()
@@ -189,3 +170,22 @@ def _call(lib, x, q, s, m):
     if rc:
         raise RuntimeError(f"q4 matmul failed (code {rc})")
     return y
+
+
+#: from this many tokens per call on, :func:`linear` dequantises to bf16 and runs a bf16 matmul
+#: (AMX / AVX512-BF16 kernels): long prompts are compute-bound, decode steps bandwidth-bound.
+DEQUANT_FROM_TOKENS = 32
+
+
+def dequant_bf16(q: torch.Tensor, s: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """The bf16 weight (N, K) the packed codes stand for (the kernel's rounding: fp32 then round-to-nearest-even)."""
+    w = torch.empty(q.shape[0], q.shape[1] * 2, dtype=torch.bfloat16)
+    require().slmkit_q4_dequant_bf16(q.data_ptr(), s.data_ptr(), m.data_ptr(), q.shape[0], q.shape[1] * 2, w.data_ptr())
+    return w
+
+
+def linear(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """``x`` (M, K) times the packed weight: int8 dot products for few tokens, a bf16 matmul for many."""
+    if x.shape[0] >= DEQUANT_FROM_TOKENS:
+        return torch.nn.functional.linear(x.to(torch.bfloat16), dequant_bf16(q, s, m)).to(x.dtype)
+    return matmul(x, q, s, m)
