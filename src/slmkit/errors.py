@@ -39,3 +39,7 @@ class ConfigError(SlmkitError):
 
 class BackendError(SlmkitError):
     """A backend (e.g. an HTTP endpoint) failed after retries, or rejected a request."""
+
+
+class OutputExistsError(SlmkitError):
+    """An ``--output`` holds something slmkit did not write (or is a symbolic link); nothing was touched."""

@@ -144,10 +144,10 @@ def test_compare_same_model_twice_finds_no_difference(tiny_llama, trust_data, tm
     b = audit(HFBackend(model, tok, name="B"), cfg)
     diffs = compare(a, b)
     assert diffs and all(d.diff in (0, 0.0, None) and not d.significant for d in diffs)
-    _, hp = write_report(tmp_path, a, b)
+    _, hp = write_report(tmp_path / "report", a, b)  # tmp_path holds the data: not an audit directory
     html = hp.read_text()
     assert "difference (B - A)" in html and "A vs B" in html
-    data = json.loads((tmp_path / "report.json").read_text())
+    data = json.loads((tmp_path / "report" / "report.json").read_text())
     assert data["compare"]["model"] == "B" and data["differences"]["fairness"]["crows_pairs"]["pct_stereotype"][
         "test"] == "McNemar exact"
 

@@ -10,6 +10,9 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+#: every verb with --output takes --force (the CLI contract)
+FORCE_HELP = "replace an existing --output that slmkit did not write (without it: refused, exit 2)"
+
 console = Console(stderr=False)
 err_console = Console(stderr=True)
 

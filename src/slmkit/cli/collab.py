@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from slmkit.cli._common import console, kv_table, print_json
+from slmkit.cli._common import FORCE_HELP, console, kv_table, print_json
 
 
 def register(app: typer.Typer) -> None:
@@ -156,6 +156,7 @@ def invert(
     model: str = typer.Argument(..., help="the inverter's MODEL (with --train: the base to fine-tune): default | hub id | directory | file.gguf"),
     train: Optional[Path] = typer.Option(None, "--train", help='jsonl of {"prompt", "output"} / {"messages"} / Self-Instruct rows to train on'),
     output: Optional[Path] = typer.Option(None, "--output", help="with --train: directory to write (LoRA adapter, or model with --merge / --full)"),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     eval_data: Optional[Path] = typer.Option(None, "--eval", help="held-out pairs: token F1 / exact match of the reconstructions vs the first-sentence baseline"),
     adapter: Optional[Path] = typer.Option(None, "--adapter", help="with --eval: an inverter adapter written by --train, loaded onto MODEL"),
     zero_shot: bool = typer.Option(True, "--zero-shot/--no-zero-shot", help="also score the untrained MODEL asked zero-shot"),
@@ -187,7 +188,7 @@ def invert(
     from slmkit.collab.inversion import InvertConfig, collect_pairs, evaluate, read_pairs, train_inverter
     from slmkit.errors import ConfigError
     from slmkit.models import load
-    from slmkit.train.sft import LoraSettings, SFTConfig, checkpoint_dir, finish_checkpoints, save_trained
+    from slmkit.train.sft import LoraSettings, SFTConfig, check_training_output, checkpoint_dir, finish_checkpoints, save_trained
 
     if train is None and eval_data is None:
         raise ConfigError("give --train DATA --output DIR, --eval DATA, or both")
@@ -199,6 +200,8 @@ def invert(
         raise ConfigError("--merge folds LoRA adapters; --full already writes a model")
     if (system_query is not None or save_pairs is not None) and target is None:
         raise ConfigError("--system-query and --save-pairs need --target")
+    if output is not None:
+        check_training_output(output, force)
     cfg = InvertConfig(max_new_tokens=max_new_tokens)
     sft_cfg = SFTConfig(lora=None if full else LoraSettings(r=lora_r, alpha=2.0 * lora_r), max_steps=max_steps,
                         learning_rate=lr, batch_size=batch_size, max_length=max_length, save_steps=0, seed=seed)
@@ -255,7 +258,7 @@ def invert(
     manifest.add_stage("invert-train", {"invert": cfg, "sft": sft_cfg}, data=str(train), target=target,
                        system_query=system_query, pairs=len(pairs["train"]), steps=res.steps, merged=merge)
     with contextlib.redirect_stdout(sys.stderr):
-        save_trained(res.model, tok, output, manifest, merge=merge)
+        save_trained(res.model, tok, output, manifest, merge=merge, force=force)
     finish_checkpoints(checkpoint_dir(output))
     _print_inversion(result, json_out)
 

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from slmkit.cli._common import console, human_bytes, kv_table, print_json
+from slmkit.cli._common import FORCE_HELP, console, human_bytes, kv_table, print_json
 
 
 def register(app: typer.Typer) -> None:
@@ -41,11 +41,12 @@ def quantize_cmd(
     act_order: bool = typer.Option(True, "--act-order/--no-act-order", help="GPTQ column order by activation energy"),
     seed: int = typer.Option(0, "--seed"),
     output: Path = typer.Option(..., "--output", help="directory to write (packed codes + config + tokenizer)"),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     gguf_type: Optional[str] = typer.Option(None, "--gguf", help="quantise on this GGUF block grid (Q8_0, Q5_0, Q4_0, Q4_1) and also write DIR/model-TYPE.gguf"),
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
     """Quantise MODEL's weights (RTN, GPTQ or AWQ) and store them packed; optionally export GGUF."""
-    from slmkit.artefact import Manifest
+    from slmkit.artefact import Manifest, check_output
     from slmkit.compress.calibrate import CalibConfig, calibration_ids
     from slmkit.compress.qgrid import GGUF_BLOCK, Grid
     from slmkit.compress.qstore import PACKED, save_quantized
@@ -70,6 +71,7 @@ def quantize_cmd(
     cfg = _method_config(method, grid, damp, act_order, seed)
     calib_cfg = CalibConfig(n_samples=calib_samples, seq_len=calib_len, seed=seed,
                             source=None if calib is None else str(calib)) if q.needs_calibration else None
+    check_output(output, force)
 
     t0 = time.perf_counter()
     m, tok = load(model)
@@ -86,7 +88,7 @@ def quantize_cmd(
                            exact_tensors=rep.exact, tensors=rep.tensors)
         reports["gguf"] = rep
 
-    save_quantized(m, tok, result, output, manifest, extra=write_gguf if gguf_type else None)
+    save_quantized(m, tok, result, output, manifest, extra=write_gguf if gguf_type else None, force=force)
     n_params = sum(qt.codes.numel() for qt in result.tensors.values())
     out = {
         "model": model,
@@ -119,6 +121,7 @@ def export_cmd(
     fmt: str = typer.Option(..., "--format", help="safetensors | gguf"),
     qtype: Optional[str] = typer.Option(None, "--type", help="gguf: F32 | F16 | Q8_0 | Q4_0 | Q4_1 | Q5_0 (default F16); safetensors: F32 | F16 | BF16 (default as loaded)"),
     output: Path = typer.Option(..., "--output", help="file (gguf) or directory (safetensors) to write"),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     embedding_type: Optional[str] = typer.Option(None, "--embedding-type", help="gguf: type of the token embedding / output head (default: --type); llama.cpp keeps it above a 4-bit body, e.g. Q8_0"),
     loader_check: bool = typer.Option(True, "--loader-check/--no-loader-check", help="also reload the export through transformers"),
     json_out: bool = typer.Option(False, "--json"),
@@ -127,7 +130,7 @@ def export_cmd(
 
     A directory written by `slmkit quantize --gguf TYPE` exported with the same --type keeps its codes exactly.
     """
-    from slmkit.artefact import Manifest
+    from slmkit.artefact import Manifest, check_output, is_gguf_file
     from slmkit.compress.qstore import is_quantized_dir, load_quantized
     from slmkit.errors import ConfigError
     from slmkit.export.gguf import TYPES, export_gguf_validated
@@ -140,6 +143,10 @@ def export_cmd(
         raise ConfigError(f"unknown GGUF type {qtype!r}", f"use one of {', '.join(TYPES)}")
     if embedding_type is not None and (fmt != "gguf" or embedding_type not in TYPES):
         raise ConfigError(f"--embedding-type {embedding_type!r}: only for --format gguf, one of {', '.join(TYPES)}")
+    if fmt == "gguf":
+        check_output(output, force, owned=is_gguf_file, kind="file")
+    else:
+        check_output(output, force)
     quantized = None
     t0 = time.perf_counter()
     if Path(model).is_dir() and is_quantized_dir(model):
@@ -150,10 +157,10 @@ def export_cmd(
         m, tok = load(model)
     if fmt == "gguf":
         rep = export_gguf_validated(m, tok, output, qtype or "F16", quantized, check_loader=loader_check,
-                                    embedding_type=embedding_type)
+                                    embedding_type=embedding_type, force=force)
     else:
         manifest = (Manifest.read(model) if Path(model).is_dir() else None) or Manifest(source=model)
-        rep = export_safetensors(m, tok, output, manifest, dtype=qtype, check_loader=loader_check)
+        rep = export_safetensors(m, tok, output, manifest, dtype=qtype, check_loader=loader_check, force=force)
     out = {"model": model, **rep.__dict__, "seconds": round(time.perf_counter() - t0, 3)}
     if json_out:
         print_json(out)

@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from slmkit.cli._common import console, kv_table, print_json
+from slmkit.cli._common import FORCE_HELP, console, kv_table, print_json
 
 MODEL_HELP = "default | hub id | directory | file.gguf"
 
@@ -47,6 +47,7 @@ def sft(
     model: str = typer.Argument(..., help=MODEL_HELP),
     data: Path = typer.Option(..., "--data", help='jsonl of {"messages": [...]} or {"prompt", "completion"}'),
     output: Path = typer.Option(..., "--output", help="directory to write (adapter, or model with --merge / full FT)"),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     lora: bool = typer.Option(False, "--lora", help="train LoRA adapters; the base stays frozen"),
     merge: bool = typer.Option(False, "--merge", help="with --lora: fold the adapters into the weights and write a model"),
     max_steps: int = typer.Option(100, "--max-steps", min=1),
@@ -69,7 +70,7 @@ def sft(
     from slmkit.errors import ConfigError
     from slmkit.models import load
     from slmkit.train.records import read_sft
-    from slmkit.train.sft import SFTConfig, assistant_loss, checkpoint_dir, finish_checkpoints, save_trained
+    from slmkit.train.sft import SFTConfig, assistant_loss, check_training_output, checkpoint_dir, finish_checkpoints, save_trained
     from slmkit.train.sft import sft as run
 
     if merge and not lora:
@@ -77,6 +78,7 @@ def sft(
     cfg = SFTConfig(lora=_lora(lora, lora_r, lora_alpha), max_steps=max_steps, learning_rate=lr, batch_size=batch_size,
                     grad_accum=grad_accum, max_length=max_length, packing=packing, save_steps=save_steps, seed=seed)
     convs = read_sft(data, limit=limit)
+    check_training_output(output, force)
     _quiet_libraries()
     m, tok = load(model, dtype=dtype)
     t0 = time.perf_counter()
@@ -87,7 +89,7 @@ def sft(
     manifest = Manifest(source=model, metrics={"train_loss": res.train_loss, "assistant_loss_first64": loss})
     manifest.add_stage("sft", cfg, data=str(data), examples=len(convs), steps=res.steps, merged=merge)
     with contextlib.redirect_stdout(sys.stderr):
-        save_trained(res.model, tok, output, manifest, merge=merge)
+        save_trained(res.model, tok, output, manifest, merge=merge, force=force)
     finish_checkpoints(checkpoint_dir(output))
     kind = "adapter" if lora and not merge else "model"
     _report(f"sft {model}", {"output": str(output), "kind": kind, "examples": len(convs), "steps": res.steps,
@@ -98,6 +100,7 @@ def dpo(
     model: str = typer.Argument(..., help=MODEL_HELP),
     data: Path = typer.Option(..., "--data", help='jsonl of {"prompt", "chosen", "rejected"} (or hh-rlhf with --hh)'),
     output: Path = typer.Option(..., "--output"),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     method: str = typer.Option("dpo", "--method", help="dpo, or simpo (reference-free)"),
     hh: bool = typer.Option(False, "--hh", help="data is hh-rlhf style {chosen, rejected} dialogues"),
     lora: bool = typer.Option(False, "--lora", help="train LoRA adapters (DPO's reference = adapters off)"),
@@ -123,7 +126,7 @@ def dpo(
     from slmkit.models import load
     from slmkit.train.dpo import PreferenceConfig, preference_metrics, preference_train, read_hh
     from slmkit.train.records import read_preferences
-    from slmkit.train.sft import checkpoint_dir, finish_checkpoints, save_trained
+    from slmkit.train.sft import check_training_output, checkpoint_dir, finish_checkpoints, save_trained
 
     if merge and not lora:
         raise ConfigError("--merge needs --lora (full fine-tuning already writes a model)")
@@ -136,6 +139,7 @@ def dpo(
 
     pairs = read(data)
     held = read(eval_data) if eval_data is not None else pairs[:64]
+    check_training_output(output, force)
     _quiet_libraries()
     m, tok = load(model)
     ref = copy.deepcopy(m) if (method == "dpo" and not lora) else None
@@ -148,7 +152,7 @@ def dpo(
     manifest = Manifest(source=model, metrics={"before": before, "after": after})
     manifest.add_stage(method, cfg, data=str(data), pairs=len(pairs), steps=res.steps)
     with contextlib.redirect_stdout(sys.stderr):
-        save_trained(res.model, tok, output, manifest, merge=merge)
+        save_trained(res.model, tok, output, manifest, merge=merge, force=force)
     finish_checkpoints(checkpoint_dir(output))
     result = {"output": str(output), "method": method, "pairs": len(pairs), "steps": res.steps, "train_loss": res.train_loss,
               "eval_pairs": len(held), "reward_accuracy": after["reward_accuracy"], "reward_margin": after["reward_margin"],
@@ -160,6 +164,7 @@ def dpo(
 def rag_index(
     docs: list[Path] = typer.Argument(..., help=".txt, .md, .jsonl files or directories"),
     output: Path = typer.Option(..., "--output", help="index directory (created, or extended incrementally)"),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     embedder: str = typer.Option("all-MiniLM-L6-v2", "--embedder", help="all-MiniLM-L6-v2 or a local encoder directory"),
     max_words: int = typer.Option(200, "--max-words", min=8, help="words per chunk"),
     overlap: int = typer.Option(30, "--overlap", min=0, help="words shared by consecutive windows of a long paragraph"),
@@ -172,7 +177,7 @@ def rag_index(
 
     cfg = ChunkConfig(max_words=max_words, overlap_words=overlap)
     t0 = time.perf_counter()
-    stats = build_index(docs, output, Embedder.load(embedder), cfg)
+    stats = build_index(docs, output, Embedder.load(embedder), cfg, force=force)
     result = {"index": str(output), **stats.__dict__, "seconds": round(time.perf_counter() - t0, 2)}
     _report(f"rag index {output}", result, json_out)
 

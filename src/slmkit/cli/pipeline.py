@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from slmkit.cli._common import console, err_console, print_json
+from slmkit.cli._common import FORCE_HELP, console, err_console, print_json
 
 
 def register(app: typer.Typer) -> None:
@@ -18,6 +18,7 @@ def register(app: typer.Typer) -> None:
 def build(
     recipe: Optional[Path] = typer.Argument(None, help="recipe YAML (default: the packaged default recipe)"),
     output: Optional[Path] = typer.Option(None, "--output", help="run directory (default: runs/<recipe name>)"),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     target: Optional[str] = typer.Option(None, "--target", help="a packaged preset: phone-4gb, fastest-draft, max-quality-4bit"),
     check: bool = typer.Option(False, "--check", help="validate the recipe and show the plan; run nothing"),
     json_out: bool = typer.Option(False, "--json", help="print JSON"),
@@ -45,7 +46,7 @@ def build(
 
     hf_logging.disable_progress_bar()  # the build's own view shows progress
     view = LogView() if json_out else RichView(err_console)
-    result = run_build(rec, run_dir, view=view)
+    result = run_build(rec, run_dir, view=view, force=force)
     data = collect(run_dir)
     if json_out:
         print_json({

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from slmkit.cli._common import console, err_console, kv_table, print_json
+from slmkit.cli._common import FORCE_HELP, console, err_console, kv_table, print_json
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +28,7 @@ def distill_cmd(
     data: Path = typer.Option(..., "--data", help="plain-text file (language modelling) or messages jsonl (chat)"),
     loss: str = typer.Option("fkl", "--loss", help="fkl | rkl | jsd | skl | srkl | tvd | ce (ce = plain fine-tuning)"),
     output: Path = typer.Option(..., "--output", help="directory for checkpoints and the final model"),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     max_steps: int = typer.Option(100, "--max-steps", min=1, help="optimizer steps"),
     resume: bool = typer.Option(False, "--resume", help="continue the run in --output from its last complete checkpoint"),
     temperature: float = typer.Option(1.0, "--temperature", help="distillation softmax temperature"),
@@ -52,17 +53,18 @@ def distill_cmd(
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
     """Distil TEACHER into STUDENT on DATA (or fine-tune with --loss ce); write the model to OUTPUT."""
-    from slmkit.artefact import Manifest
+    from slmkit.artefact import Manifest, check_output
     from slmkit.errors import ConfigError, DataError
     from slmkit.models import load
     from slmkit.train.data import DataConfig
-    from slmkit.train.distill import DistillConfig, check_same_tokenizer, distill
+    from slmkit.train.distill import TEACHER_DATA, DistillConfig, check_same_tokenizer, distill, is_run_output
     from slmkit.train.losses import LossConfig
 
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     lcfg = LossConfig(loss=loss, temperature=temperature, beta=beta, alpha=alpha, ce_weight=ce_weight, top_k=top_k)
+    check_output(output, force, owned=is_run_output)
     data_path = data
     black_box = teacher is not None and _is_url(teacher)
     if black_box:
@@ -75,10 +77,10 @@ def distill_cmd(
         lcfg = LossConfig(loss="ce")
         lmbda, seq_kd = 0.0, False
         output.mkdir(parents=True, exist_ok=True)
-        data_path = output / "teacher-data.jsonl"
+        data_path = output / TEACHER_DATA
         rep = generate_dataset(from_spec(teacher), read_prompts(data, limit=max_examples), data_path,
                                SynthConfig(max_new_tokens=max_new_tokens, temperature=gen_temperature, seed=seed,
-                                           min_words=1, near_dup=1.0))
+                                           min_words=1, near_dup=1.0), force=force)
         if rep.accepted == 0:
             raise DataError(f"teacher {teacher} gave no usable answer to the prompts in {data} (rejected: {rep.rejected})")
     elif teacher is None and lcfg.uses_teacher:
@@ -96,7 +98,8 @@ def distill_cmd(
         check_same_tokenizer(t_tok, s_tok)
     base = Manifest.read(student) if Path(student).is_dir() else None
     res = distill(s_model, s_tok, data_path, output, cfg, teacher=t_model, resume=resume,
-                  source={"teacher": teacher, "student": student, "black_box": black_box}, base_manifest=base)
+                  source={"teacher": teacher, "student": student, "black_box": black_box}, base_manifest=base,
+                  force=force)
     first = res.history[0]["loss"] if res.history else None
     last = res.history[-1]["loss"] if res.history else None
     out = {"output": str(output), "teacher": teacher, "student": student, "loss": lcfg.loss, "steps": res.steps,
@@ -113,6 +116,7 @@ def gen_data_cmd(
     model: str = typer.Argument(..., help="teacher: default | hub id | dir | file.gguf | http(s) endpoint (URL#model)"),
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="jsonl (messages/prompt/instruction/turns/question) or text, one per line"),
     output: Path = typer.Option(..., "--output", help="messages jsonl to append to (resumable)"),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     n: int = typer.Option(0, "--n", min=0, help="accepted examples to produce at most (0 = one per prompt)"),
     self_instruct: int = typer.Option(0, "--self-instruct", min=0, help="also let the teacher write N new prompts from --prompts as seeds"),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1),
@@ -130,7 +134,7 @@ def gen_data_cmd(
 ) -> None:
     """Write teacher answers to prompts as messages jsonl, filtered (length, duplicates, perplexity, judge)."""
     from slmkit.backends import from_spec
-    from slmkit.data.synth import SynthConfig, generate_dataset, read_prompts, self_instruct_prompts
+    from slmkit.data.synth import SynthConfig, check_synth_output, generate_dataset, read_prompts, self_instruct_prompts
     from slmkit.errors import ConfigError
 
     if prompts is None:
@@ -141,11 +145,12 @@ def gen_data_cmd(
                       max_words=max_words, near_dup=near_dup, max_perplexity=max_perplexity, min_judge_score=min_judge_score,
                       batch_size=batch_size)
     items = read_prompts(prompts)
+    check_synth_output(output, force)
     teacher = from_spec(model, dtype=dtype)
     if self_instruct:
         items = items + self_instruct_prompts(teacher, items, self_instruct, seed=seed)
     judge_b = from_spec(judge, dtype=dtype) if judge else None
-    rep = generate_dataset(teacher, items, output, cfg, judge=judge_b)
+    rep = generate_dataset(teacher, items, output, cfg, judge=judge_b, force=force)
     if json_out:
         print_json(rep)
         return

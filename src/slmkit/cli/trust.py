@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from slmkit.cli._common import console, err_console, print_json
+from slmkit.cli._common import FORCE_HELP, console, err_console, print_json
 
 
 def register(app: typer.Typer) -> None:
@@ -22,6 +22,7 @@ def audit(
                                              "reliability,safety,fairness (default: all)"),
     limit: int = typer.Option(0, "--limit", min=0, help="first N examples of each data set (0 = all)"),
     output: Optional[Path] = typer.Option(None, "--output", help="directory for report.json and report.html"),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="folder holding truthfulqa/, bbq/, ... "
                                             "(default: $SLMKIT_DATA or ../shared/data)"),
     dtype: str = typer.Option("auto", "--dtype", help="compute dtype: auto (bf16 on a CPU with native bf16, "
@@ -36,13 +37,16 @@ def audit(
 ) -> None:
     """Audit MODEL on robustness, privacy, reliability, safety and fairness (optionally against --compare)."""
     from slmkit.backends import from_spec
-    from slmkit.trust.report import report_json, write_report
+    from slmkit.artefact import check_output
+    from slmkit.trust.report import is_audit_dir, report_json, write_report
     from slmkit.trust.suite import AuditConfig, AuditContext, audit as run_audit, compare, parse_dimensions
 
     if data_dir is not None and not data_dir.is_dir():
         from slmkit.errors import DataError
 
         raise DataError(f"--data-dir {data_dir} is not a directory")
+    if output is not None:
+        check_output(output, force, owned=is_audit_dir)  # before the audit runs
     cfg = AuditConfig(dimensions=parse_dimensions(dimensions), limit=limit, seed=seed,
                       data_dir=None if data_dir is None else str(data_dir), toxicity_samples=toxicity_samples,
                       memorisation=not no_memorisation, canary_candidates=canary_candidates)
@@ -61,7 +65,7 @@ def audit(
         other.name = compare_with if compare_with != model else f"{compare_with} (B)"
         b = run_audit(other, cfg, ctx, progress(other.name))
     diffs = compare(a, b) if b is not None else None
-    paths = write_report(output, a, b, diffs) if output is not None else None
+    paths = write_report(output, a, b, diffs, force=force) if output is not None else None
     if json_out:
         data = report_json(a, b, diffs)
         if paths:

@@ -33,11 +33,12 @@ FORMAT = "slmkit-quantized-1"
 
 
 def save_quantized(model, tokenizer, quantized, dest: str | os.PathLike, manifest: Manifest,
-                   extra: Callable[[Path], None] | None = None) -> Path:
+                   extra: Callable[[Path], None] | None = None, force: bool = False) -> Path:
     """Write ``model`` with the codes of ``quantized`` packed, atomically; return ``dest``.
 
     ``extra(tmp_dir)``, if given, writes more files (e.g. a GGUF export) before the
-    directory is renamed into place; if it raises, nothing is left at ``dest``.
+    directory is renamed into place; if it raises, ``dest`` is left as it was.
+    ``force``: replace a directory slmkit did not write (see :func:`slmkit.artefact.atomic_dir`).
     """
     from safetensors.torch import save_file
 
@@ -65,7 +66,7 @@ def save_quantized(model, tokenizer, quantized, dest: str | os.PathLike, manifes
         "shapes": json.dumps(shapes),
     }
     dest = Path(dest)
-    with atomic_dir(dest) as tmp:
+    with atomic_dir(dest, force=force) as tmp:
         model.config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)

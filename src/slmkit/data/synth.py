@@ -255,6 +255,28 @@ def _read_done(path: Path) -> list[dict]:
     return rows
 
 
+def _written_here(path: Path) -> bool:
+    """A file of rows this module wrote: each is a JSON object that starts with its "id" (see ``_append``)."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(7) == b'{"id": '
+    except OSError:
+        return False
+
+
+def check_synth_output(output: str | Path, force: bool = False) -> None:
+    """Refuse an ``output`` (or its ``.rejected.jsonl``) that gen-data did not write, unless ``force``."""
+    from slmkit.artefact import check_output
+
+    output = Path(output)
+    for path in (output, _rejected_path(output)):
+        check_output(path, force, owned=_written_here, kind="file")
+
+
+def _rejected_path(output: Path) -> Path:
+    return output.with_name(output.name + ".rejected.jsonl")
+
+
 def _append(path: Path, row: dict) -> None:
     with open(path, "a", encoding="utf-8") as fh:
         fh.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -263,11 +285,24 @@ def _append(path: Path, row: dict) -> None:
 
 
 def generate_dataset(teacher: Backend, prompts: list[PromptItem], output: str | Path, cfg: SynthConfig = SynthConfig(),
-                     judge: Backend | None = None) -> SynthReport:
-    """Answer ``prompts`` with ``teacher``, filter, and append ``messages`` rows to ``output`` (resumable)."""
+                     judge: Backend | None = None, force: bool = False) -> SynthReport:
+    """Answer ``prompts`` with ``teacher``, filter, and append ``messages`` rows to ``output`` (resumable).
+
+    An existing ``output`` (or ``<output>.rejected.jsonl``) that this function did not
+    write is refused (:class:`~slmkit.errors.OutputExistsError`), or with ``force`` replaced
+    by an empty file before generation starts.
+    """
+    from slmkit.artefact import atomic_file
+
     output = Path(output)
+    rejected_path = _rejected_path(output)
+    check_synth_output(output, force)
+    for path in (output, rejected_path):
+        if path.is_file() and path.stat().st_size and not _written_here(path):  # only with force
+            log.warning("replacing %s (--force): it was not written by gen-data", path)
+            with atomic_file(path, force=True, owned=_written_here):
+                pass
     output.parent.mkdir(parents=True, exist_ok=True)
-    rejected_path = output.with_name(output.name + ".rejected.jsonl")
     kept = _read_done(output)
     done = {str(r.get("id")) for r in kept} | {str(r.get("id")) for r in _read_done(rejected_path)}
     dedup = DedupIndex(cfg.near_dup)

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from slmkit.artefact import atomic_file
+from slmkit.artefact import atomic_file, is_gguf_file
 from slmkit.errors import ConfigError, UnsupportedModelError
 
 log = logging.getLogger(__name__)
@@ -106,8 +106,11 @@ def export_gguf(
     encoders: dict[str, Encoder] | None = None,
     keep_f32: Callable[[str], bool] | None = None,
     embedding_type: str | None = None,
+    force: bool = False,
 ) -> Path:
     """Write ``model`` as a GGUF file of type ``qtype`` (atomically); return the path.
+
+    An existing ``path`` is replaced only if it is a GGUF file (or with ``force``).
 
     1-D tensors (norms) always stay F32, as in llama.cpp. ``keep_f32(hf_name)``
     may keep more tensors at full precision. ``encoders`` maps HF tensor names to
@@ -137,7 +140,7 @@ def export_gguf(
     rope = getattr(cfg, "rope_parameters", None) or {}
     theta = rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
 
-    with atomic_file(path) as tmp:
+    with atomic_file(path, force=force, owned=is_gguf_file) as tmp:
         w = gguf.GGUFWriter(str(tmp), "llama")
         w.add_name(str(getattr(cfg, "name_or_path", "") or "slmkit-model"))
         w.add_context_length(int(cfg.max_position_embeddings))
@@ -277,15 +280,16 @@ def _expected(arr: np.ndarray, qtype: str, is_vector: bool) -> np.ndarray:
 
 
 def export_gguf_validated(model, tokenizer, path: str | Path, qtype: str = "F16", quantized=None,
-                          check_loader: bool = True, embedding_type: str | None = None):
+                          check_loader: bool = True, embedding_type: str | None = None, force: bool = False):
     """Export as GGUF, then read it back and compare every tensor with what it must hold.
 
     Tensors carried by ``quantized`` (its grid being ``qtype``'s) must read back
     bit-identical to the in-memory (fake-quantised) weights; the others must equal
     the ``gguf`` package's reference round trip of the in-memory weights. The
     file is read with the ``gguf`` reader and (``check_loader``) reloaded through
-    transformers' GGUF loader (:func:`slmkit.models.load`). On any mismatch the
-    file is removed and RuntimeError raised. Returns an
+    transformers' GGUF loader (:func:`slmkit.models.load`), all before it replaces
+    anything at ``path`` (a GGUF file, or anything with ``force``). On any
+    mismatch RuntimeError is raised and ``path`` is left as it was. Returns an
     :class:`~slmkit.export.safetensors.ExportReport`.
     """
     from slmkit.export.safetensors import ExportReport
@@ -296,8 +300,8 @@ def export_gguf_validated(model, tokenizer, path: str | Path, qtype: str = "F16"
     encoders = encoders_for(quantized, model.config, qtype)
     if embedding_type not in (None, qtype):
         encoders = {k: v for k, v in encoders.items() if k not in EMBEDDING_NAMES}
-    export_gguf(model, tokenizer, path, qtype, encoders=encoders, embedding_type=embedding_type)
-    try:
+    with atomic_file(path, force=force, owned=is_gguf_file) as tmp:  # validated before it replaces path
+        export_gguf(model, tokenizer, tmp, qtype, encoders=encoders, embedding_type=embedding_type)
         state = {k: v.detach().float() for k, v in model.state_dict().items()}
         tied = getattr(model.config, "tie_word_embeddings", False)
         want = {}
@@ -306,7 +310,7 @@ def export_gguf_validated(model, tokenizer, path: str | Path, qtype: str = "F16"
                 continue
             typ = embedding_type if embedding_type and name in EMBEDDING_NAMES else qtype
             want[name] = t if name in encoders else torch.from_numpy(_expected(t.numpy(), typ, t.ndim == 1))
-        back = read_gguf_weights(path, model.config)
+        back = read_gguf_weights(tmp, model.config)
         if set(back) != set(want):
             raise RuntimeError(f"GGUF read-back has tensors {sorted(set(back) ^ set(want))[:4]} it should not (or lacks them)")
         exact, worst = 0, 0.0
@@ -320,13 +324,10 @@ def export_gguf_validated(model, tokenizer, path: str | Path, qtype: str = "F16"
         if check_loader:
             from slmkit.models import load
 
-            loaded, _ = load(str(path))
+            loaded, _ = load(str(tmp))
             lstate = loaded.state_dict()
             for name, t in want.items():
                 if not torch.equal(lstate[name].float(), t):
                     diff = (lstate[name].float() - t).abs().max().item()
                     raise RuntimeError(f"GGUF export {path}: transformers' loader gives a different {name} (max diff {diff:g})")
-    except BaseException:
-        path.unlink(missing_ok=True)
-        raise
     return ExportReport(str(path), "gguf", qtype, path.stat().st_size, len(want), exact, worst, check_loader)

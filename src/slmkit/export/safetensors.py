@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from slmkit.artefact import Manifest, save_model
+from slmkit.artefact import Manifest, atomic_dir, write_model
 from slmkit.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -37,12 +37,13 @@ def dir_bytes(path: str | os.PathLike) -> int:
 
 
 def export_safetensors(model, tokenizer, dest: str | os.PathLike, manifest: Manifest | None = None,
-                       dtype: str | None = None, check_loader: bool = True) -> ExportReport:
+                       dtype: str | None = None, check_loader: bool = True, force: bool = False) -> ExportReport:
     """Save ``model`` as an HF directory (``model.safetensors`` + config + tokenizer + ``slmkit.json``).
 
     ``dtype`` ("F32" | "F16" | "BF16", None = as in memory) converts a copy of the weights.
     The written tensors are read back and compared with the expected (converted)
-    weights; a mismatch removes the directory and raises.
+    weights before the directory replaces anything at ``dest``; a mismatch raises
+    and leaves ``dest`` as it was. ``force``: replace a directory slmkit did not write.
     """
     from safetensors.torch import load_file
 
@@ -57,10 +58,10 @@ def export_safetensors(model, tokenizer, dest: str | os.PathLike, manifest: Mani
 
         target = copy.deepcopy(model).to(DTYPES[dtype])
     dest = Path(dest)
-    save_model(target, tokenizer, dest, manifest)
-    try:
+    with atomic_dir(dest, force=force) as tmp:  # checked before it replaces anything at dest
+        write_model(target, tokenizer, tmp, manifest)
         written = {}
-        for f in sorted(dest.glob("*.safetensors")):
+        for f in sorted(tmp.glob("*.safetensors")):
             written.update(load_file(str(f)))
         expected = target.state_dict()
         n = exact = 0
@@ -80,15 +81,10 @@ def export_safetensors(model, tokenizer, dest: str | os.PathLike, manifest: Mani
         if check_loader:
             from slmkit.models import load
 
-            back, _ = load(str(dest), dtype=next(target.parameters()).dtype)
+            back, _ = load(str(tmp), dtype=next(target.parameters()).dtype)
             for name, t in back.state_dict().items():
                 if name in expected and not torch.equal(t, expected[name]):
                     raise RuntimeError(f"safetensors export: {name} differs after reloading with transformers")
             loader = True
-    except BaseException:
-        import shutil
-
-        shutil.rmtree(dest, ignore_errors=True)
-        raise
     return ExportReport(str(dest), "safetensors", dtype or str(next(target.parameters()).dtype), dir_bytes(dest),
                         n, exact, worst, loader)

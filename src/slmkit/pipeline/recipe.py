@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -79,9 +80,23 @@ class Recipe:
     source: str = ""  #: where the recipe came from (path or ``package:NAME``)
     text: str = ""
 
+    def __post_init__(self) -> None:
+        check_run_name(self.name, self.source or "recipe")
+
     def settings_key(self) -> dict:
         """The recipe-level settings every stage depends on (part of each stage's cache key)."""
         return {"teacher": self.teacher, "seed": self.seed, "dtype": self.dtype}
+
+
+_RUN_NAME = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def check_run_name(name: Any, where: str = "recipe") -> str:
+    """A recipe's ``name`` is one plain path component (it names the run directory ``runs/NAME``)."""
+    if not isinstance(name, str) or not _RUN_NAME.fullmatch(name) or name in (".", ".."):
+        raise RecipeError(f"{where}: top-level key 'name' must be a plain name (letters, digits, '.', '_', '-'; "
+                          f"no '/', not '.' or '..'), got {name!r}", "e.g. `name: my-student` (it names runs/NAME)")
+    return name
 
 
 _TOP_KEYS = {"name": str, "teacher": str, "seed": int, "dtype": str, "stages": list, "description": str}

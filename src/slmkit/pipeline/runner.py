@@ -32,7 +32,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from slmkit.artefact import _jsonable, atomic_file
+from slmkit.artefact import _jsonable, atomic_file, check_output
 from slmkit.pipeline.stages import STAGES, Context
 from slmkit.pipeline.progress import LogView, View
 from slmkit.pipeline.recipe import Recipe, StageSpec
@@ -152,9 +152,21 @@ def plan(recipe: Recipe, run_dir: Path) -> list[tuple[StageSpec, str, str]]:
     return out
 
 
-def build(recipe: Recipe, run_dir: str | Path, view: View | None = None, report: bool = True) -> BuildResult:
-    """Run ``recipe`` in ``run_dir``: skip finished stages, resume interrupted ones, run the rest."""
+def is_run_dir(path: Path) -> bool:
+    """True when ``path`` is a run directory a build made (its ``recipe.yaml`` and ``build.log``, or only the lock)."""
+    names = {p.name for p in path.iterdir()}
+    return {"recipe.yaml", "build.log"} <= names or names <= {".lock"}
+
+
+def build(recipe: Recipe, run_dir: str | Path, view: View | None = None, report: bool = True,
+          force: bool = False) -> BuildResult:
+    """Run ``recipe`` in ``run_dir``: skip finished stages, resume interrupted ones, run the rest.
+
+    A non-empty ``run_dir`` that no build made is refused unless ``force`` (then the
+    build runs in it: its stage directories ``NN-name`` replace any of the same name).
+    """
     run_dir = Path(run_dir)
+    check_output(run_dir, force, owned=is_run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     with _locked(run_dir):
         return _build(recipe, run_dir, view or LogView(), report)

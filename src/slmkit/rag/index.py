@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from slmkit.artefact import atomic_file
+from slmkit.artefact import atomic_file, check_output
 from slmkit.errors import DataError, SlmkitError
 from slmkit.rag.chunk import ChunkConfig, Document, chunk_document, read_documents
 from slmkit.rag.embed import Embedder
@@ -144,11 +144,18 @@ def _new_meta(embedder: Embedder, chunking: ChunkConfig) -> dict:
             "shards": [], "docs": {}, "removed": []}
 
 
-def _open_for_write(root: Path, embedder: Embedder, chunking: ChunkConfig) -> dict:
-    """Existing metadata (checked against embedder and chunking) with uncommitted leftovers removed."""
-    if not (root / META).is_file():
-        if root.exists() and any(root.iterdir()):
-            raise SlmkitError(f"{root} exists and is not an slmkit index", "choose another --output")
+def _is_index(path: Path) -> bool:
+    return (path / META).is_file()
+
+
+def _open_for_write(root: Path, embedder: Embedder, chunking: ChunkConfig, force: bool = False) -> dict:
+    """Existing metadata (checked against embedder and chunking) with uncommitted leftovers removed.
+
+    A non-empty ``root`` that is not an index is refused unless ``force``, which
+    writes the index into it (files of the same names are replaced, others kept).
+    """
+    check_output(root, force, owned=_is_index)
+    if not _is_index(root):
         root.mkdir(parents=True, exist_ok=True)
         meta = _new_meta(embedder, chunking)
         (root / CHUNKS).write_text("")
@@ -204,14 +211,17 @@ def build_index(
     chunking: ChunkConfig = ChunkConfig(),
     batch_chunks: int = 256,
     progress: Callable[[int, int], None] | None = None,
+    force: bool = False,
 ) -> IndexStats:
     """Index the documents in ``paths`` into ``dest`` (created, or extended incrementally).
 
     Documents already indexed with identical text are skipped; a document whose text changed
     is re-indexed and its old chunks are marked removed. Work is committed every
-    ``batch_chunks`` chunks, so an interrupted run loses at most one batch.
+    ``batch_chunks`` chunks, so an interrupted run loses at most one batch. ``dest``
+    holding something else is refused unless ``force`` (see :func:`_open_for_write`).
     """
     root = Path(dest)
+    check_output(root, force, owned=_is_index)  # before reading any document
     docs: list[Document] = []
     seen: set[str] = set()
     for p in paths:
@@ -222,7 +232,7 @@ def build_index(
             docs.append(d)
     if not docs:
         raise DataError("no document text found in " + ", ".join(map(str, paths)))
-    meta = _open_for_write(root, embedder, chunking)
+    meta = _open_for_write(root, embedder, chunking, force)
     todo = [d for d in docs if meta["docs"].get(d.key, {}).get("sha256") != d.sha256]
     skipped = len(docs) - len(todo)
     added_chunks = 0

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
-from slmkit.artefact import MANIFEST, Manifest, atomic_dir
+from slmkit.artefact import MANIFEST, Manifest, atomic_dir, check_output, is_slmkit_dir
 from slmkit.errors import ConfigError, UnsupportedModelError
 from slmkit.train.data import Collator, DataConfig, ExampleDataset, load_examples, pad_batch
 from slmkit.train.losses import IGNORE_INDEX, LossConfig, distill_loss
@@ -44,6 +44,12 @@ log = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
 CHECKPOINTS = "checkpoints"
+TEACHER_DATA = "teacher-data.jsonl"  #: a black-box teacher's answers (written by the CLI into the output)
+
+
+def is_run_output(path: Path) -> bool:
+    """True when ``path`` is a distillation output slmkit wrote: a final model or a run in progress."""
+    return is_slmkit_dir(path) or any((path / n).exists() for n in (RUN_FILE, CHECKPOINTS, TEACHER_DATA))
 
 
 @dataclass(frozen=True)
@@ -254,12 +260,11 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def _prepare_run_dir(output: Path, identity: dict, resume: bool) -> Path | None:
+def _prepare_run_dir(output: Path, identity: dict, resume: bool, force: bool = False) -> Path | None:
     """Check ``output`` against this run's identity; returns the checkpoint to resume from (or None)."""
     run_file = output / RUN_FILE
     ckpts = output / CHECKPOINTS
-    if output.exists() and not output.is_dir():
-        raise ConfigError(f"output {output} exists and is not a directory", "choose another --output")
+    check_output(output, force, owned=is_run_output)
     if resume:
         if not run_file.is_file():
             raise ConfigError(f"nothing to resume in {output}: no {RUN_FILE} there", "drop --resume to start a new run")
@@ -317,6 +322,7 @@ def distill(
     callbacks: list | None = None,
     stop_after: int | None = None,
     base_manifest: Manifest | None = None,
+    force: bool = False,
 ) -> DistillResult:
     """Distil ``teacher`` into ``student`` (trained in place) on ``data``; write the model to ``output``.
 
@@ -324,6 +330,7 @@ def distill(
     of the run identity checked on ``resume`` and goes into the manifest. ``stop_after`` stops
     the run after that many steps without writing the final model (a resumable partial run).
     ``base_manifest`` (the student artefact's own manifest) keeps the stages that made the student.
+    ``output`` is refused if it holds something slmkit did not write, unless ``force``.
     """
     output = Path(output)
     data = Path(data)
@@ -331,7 +338,7 @@ def distill(
     examples, kind = load_examples(data, tokenizer, cfg.data)
     identity = {"source": source or {}, "data": str(data.resolve()), "data_sha256": _sha256(data),
                 "config": json.loads(json.dumps(cfg.identity()))}
-    ckpt = _prepare_run_dir(output, identity, resume)
+    ckpt = _prepare_run_dir(output, identity, resume, force)
     args = TrainingArguments(
         output_dir=str(output / CHECKPOINTS),
         max_steps=cfg.max_steps,
@@ -383,12 +390,12 @@ def distill(
         from slmkit.train.qat import finish_qat
 
         finish_qat(final, Grid.for_gguf(cfg.qat))  # latent weights -> the grid they were trained on
-    _finalize(final, tokenizer, output, identity, cfg, result, base_manifest)
+    _finalize(final, tokenizer, output, identity, cfg, result, base_manifest, force)
     return result
 
 
 def _finalize(model, tokenizer, output: Path, identity: dict, cfg: DistillConfig, result: DistillResult,
-              base: Manifest | None) -> None:
+              base: Manifest | None, force: bool = False) -> None:
     """Write the final model atomically (model, tokenizer, manifest), keeping the run's checkpoints inside it."""
     src = identity.get("source", {})
     manifest = Manifest(source=base.source if base else str(src.get("student", "")),
@@ -396,7 +403,7 @@ def _finalize(model, tokenizer, output: Path, identity: dict, cfg: DistillConfig
     manifest.add_stage("distill", cfg, teacher=src.get("teacher"), data=identity["data"], data_kind=result.data_kind,
                        examples=result.examples, steps=result.steps)
     manifest.metrics.update(train_loss=result.train_loss, steps=result.steps, seconds=round(result.seconds, 2))
-    with atomic_dir(output) as tmp:
+    with atomic_dir(output, force=force, owned=is_run_output) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / MANIFEST).write_text(manifest.to_json())

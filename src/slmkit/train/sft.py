@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from slmkit.artefact import MANIFEST, Manifest, atomic_dir, save_model
+from slmkit.artefact import MANIFEST, Manifest, atomic_dir, check_output, save_model
 from slmkit.errors import ConfigError, UnsupportedModelError
 
 log = logging.getLogger(__name__)
@@ -207,6 +207,20 @@ def checkpoint_dir(output: str | Path) -> Path:
     return output.with_name(output.name + ".checkpoints")
 
 
+def _holds_checkpoints(path: Path) -> bool:
+    return all(p.name.startswith("checkpoint-") for p in path.iterdir())
+
+
+def check_training_output(output: str | Path, force: bool = False) -> None:
+    """Before training: refuse an ``output`` (or its ``OUTPUT.checkpoints``) that slmkit did not write.
+
+    Checked up front so a long run does not end in a refusal; ``force`` allows both
+    (see :func:`slmkit.artefact.check_output`).
+    """
+    check_output(output, force)
+    check_output(checkpoint_dir(output), force, owned=_holds_checkpoints)
+
+
 def latest_checkpoint(directory: str | Path) -> Path | None:
     directory = Path(directory)
     if not directory.is_dir():
@@ -327,29 +341,31 @@ def is_peft(model) -> bool:
     return isinstance(model, PeftModel)
 
 
-def save_trained(model, tokenizer, dest: str | Path, manifest: Manifest, merge: bool = False) -> Path:
+def save_trained(model, tokenizer, dest: str | Path, manifest: Manifest, merge: bool = False,
+                 force: bool = False) -> Path:
     """Write the result of :func:`sft` (or preference training) atomically to ``dest``.
 
     A PEFT model becomes an adapter directory (``adapter_config.json``,
     ``adapter_model.safetensors``, tokenizer, ``slmkit.json`` with the base
     model's fingerprint) unless ``merge``, which folds the adapters into the
-    base weights and writes a plain model directory.
+    base weights and writes a plain model directory. ``force``: replace a
+    directory slmkit did not write.
     """
     from slmkit.train.adapters import base_fingerprint
 
     if is_peft(model):
         if merge:
             merged = model.merge_and_unload()
-            return save_model(merged, tokenizer, dest, manifest)
+            return save_model(merged, tokenizer, dest, manifest, force=force)
         base = model.get_base_model()
         data = json.loads(manifest.to_json())
         data["base_model"] = {"name": str(base.config.name_or_path), "fingerprint": base_fingerprint(base)}
-        with atomic_dir(dest) as tmp:
+        with atomic_dir(dest, force=force) as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             (tmp / MANIFEST).write_text(json.dumps(data, indent=2))
         return Path(dest)
-    return save_model(model, tokenizer, dest, manifest)
+    return save_model(model, tokenizer, dest, manifest, force=force)
 
 
 def finish_checkpoints(checkpoints: str | Path) -> None:

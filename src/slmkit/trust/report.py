@@ -11,7 +11,7 @@ import math
 from dataclasses import asdict
 from pathlib import Path
 
-from slmkit.artefact import atomic_file
+from slmkit.artefact import atomic_file, check_output
 from slmkit.report import charts
 from slmkit.report.page import esc, figure, page, section, table
 from slmkit.trust.suite import AuditResult, Difference, compare
@@ -108,10 +108,24 @@ def report_html(a: AuditResult, b: AuditResult | None = None, diffs: list[Differ
     return page(title, parts, sub)
 
 
+def is_audit_dir(path: Path) -> bool:
+    """True when ``path`` holds a report this module wrote (its ``report.json`` is an audit)."""
+    try:
+        data = json.loads((Path(path) / "report.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and {"model", "config", "scores"} <= data.keys()
+
+
 def write_report(out_dir: str | Path, a: AuditResult, b: AuditResult | None = None,
-                 diffs: list[Difference] | None = None) -> tuple[Path, Path]:
-    """Write ``report.json`` and ``report.html`` into ``out_dir``; returns their paths."""
+                 diffs: list[Difference] | None = None, force: bool = False) -> tuple[Path, Path]:
+    """Write ``report.json`` and ``report.html`` into ``out_dir``; returns their paths.
+
+    A non-empty ``out_dir`` without an earlier audit is refused unless ``force``
+    (then the two files are written into it, the rest left as it is).
+    """
     out = Path(out_dir)
+    check_output(out, force, owned=is_audit_dir)
     out.mkdir(parents=True, exist_ok=True)
     if b is not None and diffs is None:
         diffs = compare(a, b)
@@ -121,6 +135,4 @@ def write_report(out_dir: str | Path, a: AuditResult, b: AuditResult | None = No
         Path(tmp).write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
     with atomic_file(hp) as tmp:
         Path(tmp).write_text(report_html(a, b, diffs), encoding="utf-8")
-    for p in (jp, hp):
-        p.chmod(0o644)
-    return jp, hp
+    return jp, hp  # atomic_file gives both the umask's permissions
