@@ -18,6 +18,9 @@ bandwidth bound. Here the same ideas run on CPU:
   per 32) and a decode step (one new token for each of one or more sequences with the full
   cache) runs through every layer in one C call (no per-op dispatch); elsewhere
   ``torch._weight_int4pack_mm_for_cpu``;
+* a GGUF file's own quantised blocks (Q4_0 ... Q6_K, :mod:`slmkit.runtime.ggmlkernel`) run as
+  :class:`GGUFQ` weights, built by :func:`slmkit.runtime.gguffast.build_gguf`, through the same
+  fused decode step;
 * ``compile=True`` compiles the work around attention of a one-token decode step
   (norms, matmuls, RoPE, SwiGLU, residuals) with ``torch.compile``: one graph for all layers,
   weights passed as arguments (optional, slow to start: measured in ``bench/runtime.py``).
@@ -42,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from slmkit.errors import ConfigError, UnsupportedModelError
-from slmkit.runtime import q4kernel
+from slmkit.runtime import ggmlkernel, q4kernel
 from slmkit.runtime.kvcache import FullCache, KVShape, kv_policy
 
 log = logging.getLogger(__name__)
@@ -55,15 +58,15 @@ class FastConfig:
     """Knobs of the fast path."""
 
     dtype: str = "fp32"  #: compute dtype: "fp32" or "bf16"
-    weights: str = "native"  #: "native" (the compute dtype), "int8" (per-channel) or "int4" (groups of 32); int8/int4 compute in bf16
+    weights: str = "native"  #: "native" (the compute dtype), "int8" (per-channel), "int4" (groups of 32), or "gguf" (a GGUF file's own blocks: build_gguf); all but native compute in bf16
     compile: bool = False  #: torch.compile the decode step's per-layer work (slow to start; see bench/runtime.py)
     kernel: str = "auto"  #: int4 matmuls: "auto" (slmkit's q4 kernel where it builds and compile is off, else torch's), "slmkit" or "torch"
 
     def __post_init__(self):
         if self.dtype not in ("fp32", "bf16"):
             raise ConfigError(f"fast path dtype must be fp32 or bf16, got {self.dtype!r}")
-        if self.weights not in ("native", "int8", "int4"):
-            raise ConfigError(f"fast path weights must be native, int8 or int4, got {self.weights!r}")
+        if self.weights not in ("native", "int8", "int4", "gguf"):
+            raise ConfigError(f"fast path weights must be native, int8, int4 or gguf, got {self.weights!r}")
         if self.kernel not in ("auto", "slmkit", "torch"):
             raise ConfigError(f"fast path kernel must be auto, slmkit or torch, got {self.kernel!r}")
 
@@ -176,9 +179,41 @@ class Q4(Dense):
     def spec(self) -> tuple:
         return ("q4", self, None, self.b, 0)
 
+    def segments(self) -> list[tuple]:
+        """(kind, type, rows, p0, p1, p2) for the fused decode step (kind 1: slmkit's q4 layout)."""
+        return [(1, 0, self.q.shape[0], self.q.data_ptr(), self.s.data_ptr(), self.m.data_ptr())]
+
     def nbytes(self) -> int:
         extra = 0 if self.b is None else self.b.numel() * self.b.element_size()
         return self.q.numel() + self.s.numel() * 2 + self.m.numel() * 2 + extra
+
+
+class GGUFQ(Dense):
+    """A GGUF tensor's own quantised blocks (llama.cpp format ``qtype``; one row of blocks per output).
+
+    Multiplies with :func:`slmkit.runtime.ggmlkernel.linear` (activations rounded to int8 per 32);
+    :meth:`rows` dequantises table rows (an embedding lookup from the same blocks).
+    """
+
+    def __init__(self, raw: torch.Tensor, qtype: int, k: int, b: torch.Tensor | None = None):
+        if ggmlkernel.row_bytes(qtype, k) != raw.shape[1]:
+            raise ValueError(f"{tuple(raw.shape)} is not a table of {k}-wide {ggmlkernel.TYPES.get(qtype, ('?',))[0]} rows")
+        self.q, self.qtype, self.k = raw.contiguous(), qtype, k
+        self.b = b
+        self.w = self.q
+
+    def spec(self) -> tuple:
+        return ("gguf", self, None, self.b, 0)
+
+    def rows(self, ids: torch.Tensor, dtype) -> torch.Tensor:
+        return ggmlkernel.rows_f32(self.qtype, self.q, self.k, ids).to(dtype)
+
+    def segments(self) -> list[tuple]:
+        """(kind, type, rows, p0, p1, p2) for the fused decode step (kind 2: GGUF blocks)."""
+        return [(2, self.qtype, self.q.shape[0], self.q.data_ptr(), 0, 0)]
+
+    def nbytes(self) -> int:
+        return self.q.numel() + (0 if self.b is None else self.b.numel() * self.b.element_size())
 
 
 @dataclass
@@ -211,7 +246,8 @@ class FastModel:
     eos: tuple[int, ...] = ()
     blocks: dict = field(default_factory=dict)  # compiled decode-step functions ("pre", "post") when cfg.compile
     specs: list = field(default_factory=list)  # per layer: the .spec() of qkv, o, gate_up, down
-    fused: torch.Tensor | None = None  # q4 kernel: per-layer weight addresses for the one-call decode step
+    fused: torch.Tensor | None = None  # kernel library: per-layer descriptors (norms, matrices) for the one-call decode step
+    ffn: int = 0  # intermediate size (the fused step's F)
     rope_cache: tuple = ()  # (cos, sin) fp32 (P, hd) for positions 0..P-1, grown on demand (fused step)
 
     def rope_at(self, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -247,8 +283,8 @@ class FastModel:
         """Bytes of all weights held (embedding table included)."""
         if self.embed is None:
             emb = 0
-        elif isinstance(self.embed, Int8):
-            emb = self.embed.nbytes()
+        elif isinstance(self.embed, (Int8, GGUFQ)):
+            emb = 0 if self.embed is self.head else self.embed.nbytes()
         else:
             emb = 0 if self.embed.data_ptr() == self.head.w.data_ptr() else self.embed.numel() * self.embed.element_size()
         return self.weight_bytes_per_token() + emb
@@ -259,8 +295,20 @@ def supports(model) -> bool:
     return getattr(cfg, "model_type", None) in SUPPORTED and not getattr(cfg, "mlp_bias", False)
 
 
-def build(model, cfg: FastConfig = FastConfig()) -> FastModel:
-    """Pull the weights out of a transformers llama model (shared, not copied, in fp32)."""
+#: ``weights(hf_name, module) -> Dense``: where a custom builder takes each matrix from
+#: (hf_name like "model.layers.0.self_attn.q_proj", "lm_head", "model.embed_tokens")
+WeightSource = Callable[[str, torch.nn.Module], Dense]
+
+
+def build(model, cfg: FastConfig = FastConfig(), weights: WeightSource | None = None) -> FastModel:
+    """Pull the weights out of a transformers llama model (shared, not copied, in fp32).
+
+    ``weights`` (used by :func:`slmkit.runtime.gguffast.build_gguf`) supplies every matrix, the
+    output head and the embedding table instead (the model still gives config, norms and rotary);
+    q/k/v and gate/up then run as :class:`Concat` of the parts it returns.
+    """
+    if (cfg.weights == "gguf") != (weights is not None):
+        raise ConfigError("weights='gguf' runs a GGUF file's own blocks: build it with slmkit.runtime.gguffast.build_gguf(path)")
     if not supports(model):
         mt = getattr(model.config, "model_type", "?")
         raise UnsupportedModelError(
@@ -299,30 +347,39 @@ def build(model, cfg: FastConfig = FastConfig()) -> FastModel:
     # (no second copy of the model in memory) and run the parts one after the other.
     share = cfg.weights == "native" and model.model.layers[0].mlp.down_proj.weight.dtype == dtype
 
-    def fused(mods):
+    def one(name, mod):
+        return weights(name, mod) if weights is not None else lin(mod.weight, mod.bias)
+
+    def fused(mods, names=()):
+        if weights is not None:
+            return Concat([weights(n, m) for n, m in zip(names, mods)])
         if share:
             return Concat([lin(m.weight, m.bias) for m in mods])
         return lin(torch.cat([m.weight for m in mods]), cat_bias(*mods))
 
     layers = []
     with torch.no_grad():
-        for ly in model.model.layers:
+        for i, ly in enumerate(model.model.layers):
             a, m = ly.self_attn, ly.mlp
+            pre = f"model.layers.{i}."
             layers.append(
                 Layer(
                     attn_norm=ly.input_layernorm.weight.detach().to(dtype),
-                    qkv=fused([a.q_proj, a.k_proj, a.v_proj]),
-                    o=lin(a.o_proj.weight, a.o_proj.bias),
+                    qkv=fused([a.q_proj, a.k_proj, a.v_proj], [pre + f"self_attn.{x}_proj" for x in "qkv"]),
+                    o=one(pre + "self_attn.o_proj", a.o_proj),
                     mlp_norm=ly.post_attention_layernorm.weight.detach().to(dtype),
-                    gate_up=fused([m.gate_proj, m.up_proj]),
-                    down=lin(m.down_proj.weight),
+                    gate_up=fused([m.gate_proj, m.up_proj], [pre + "mlp.gate_proj", pre + "mlp.up_proj"]),
+                    down=one(pre + "mlp.down_proj", m.down_proj),
                 )
             )
         emb_w = model.get_input_embeddings().weight.detach()
         head_w = model.get_output_embeddings().weight.detach()
         tied = emb_w.data_ptr() == head_w.data_ptr()
-        head = lin(head_w)
-        if cfg.weights == "int8" and tied:
+        head = lin(head_w) if weights is None else weights("lm_head", model.get_output_embeddings())
+        if weights is not None:
+            embed = weights("model.embed_tokens", model.get_input_embeddings())
+            embed = embed.w if type(embed) is Dense else embed  # a dense table is indexed directly
+        elif cfg.weights == "int8" and tied:
             embed = None  # look rows up in the int8 head
         elif cfg.weights == "int4":
             embed = Int8(emb_w, None, dtype)  # rows are looked up from an int8 copy (int4 packing is for matmuls)
@@ -336,22 +393,47 @@ def build(model, cfg: FastConfig = FastConfig()) -> FastModel:
         cfg=cfg, layers=layers, embed=embed, norm=model.model.norm.weight.detach().to(dtype), head=head,
         rotary=model.model.rotary_emb, act=ACT2FN[c.hidden_act], heads=heads, kv_heads=kv, head_dim=head_dim,
         eps=c.rms_norm_eps, vocab=c.vocab_size, max_positions=c.max_position_embeddings, eos=eos,
+        ffn=c.intermediate_size,
     )
     fm.specs = [(ly.qkv.spec(), ly.o.spec(), ly.gate_up.spec(), ly.down.spec()) for ly in layers]
-    mods = [m for ly in layers for m in (ly.qkv, ly.o, ly.gate_up, ly.down)]
-    if use_q4 and all(type(m) is Q4 and m.b is None for m in mods) and c.hidden_act == "silu":
-        ptrs = []
-        for ly in layers:
-            for t in (ly.attn_norm, ly.qkv.q, ly.qkv.s, ly.qkv.m, ly.o.q, ly.o.s, ly.o.m, ly.mlp_norm,
-                      ly.gate_up.q, ly.gate_up.s, ly.gate_up.m, ly.down.q, ly.down.s, ly.down.m):
-                ptrs.append(t.data_ptr())
-        fm.fused = torch.tensor(ptrs, dtype=torch.int64)
+    if (use_q4 or weights is not None) and not cfg.compile and c.hidden_act == "silu":
+        fm.fused = _fused_table(fm)
     if cfg.compile:
         # One graph each for the work before and after attention of a one-token decode step, shared by
         # every layer (weights are arguments, not constants); prefill and batches run eagerly.
         fm.blocks["pre"] = torch.compile(_pre_attn, dynamic=False, fullgraph=True)
         fm.blocks["post"] = torch.compile(_post_attn, dynamic=False, fullgraph=True)
     return fm
+
+
+def _segments(m) -> list[tuple] | None:
+    """The fused step's matrix descriptors of a weight (parts of a Concat side by side); None if it has no kernel there."""
+    if isinstance(m, Concat):
+        parts = [_segments(p) for p in m.parts]
+        return None if any(p is None for p in parts) else [s for p in parts for s in p]
+    if type(m) in (Q4, GGUFQ) and m.b is None:
+        return m.segments()
+    return None
+
+
+def _fused_table(fm: FastModel) -> torch.Tensor | None:
+    """Per layer: the two norm weights, then q|k|v (3 slots), o, gate|up (2 slots), down, 6 values each.
+
+    ``None`` when a matrix has no kernel in the fused step (dense or int8 weights, biases), the
+    library is unavailable, or a size does not suit it (multiples of 64); forward then runs per op.
+    """
+    D, hd, F = fm.layers[0].attn_norm.shape[0], fm.head_dim, fm.ffn
+    if q4kernel.load() is None or D % 64 or (fm.heads * hd) % 64 or F % 64 or hd % 2 or fm.dtype != torch.bfloat16:
+        return None
+    rows = []
+    for ly in fm.layers:
+        segs = [_segments(m) for m in (ly.qkv, ly.o, ly.gate_up, ly.down)]
+        if any(s is None for s in segs) or len(segs[0]) > 3 or len(segs[1]) != 1 or len(segs[2]) > 2 or len(segs[3]) != 1:
+            return None
+        empty = (0, 0, 0, 0, 0, 0)
+        slots = segs[0] + [empty] * (3 - len(segs[0])) + segs[1] + segs[2] + [empty] * (2 - len(segs[2])) + segs[3]
+        rows.append([ly.attn_norm.data_ptr(), ly.mlp_norm.data_ptr(), *(v for seg in slots for v in seg)])
+    return torch.tensor(rows, dtype=torch.int64).reshape(-1)
 
 
 # ---------------------------------------------------------------------------- the forward pass
@@ -374,6 +456,8 @@ def apply_linear(spec: tuple, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, a, bias)  # what nn.Linear computes: fp32 greedy output must match generate
     if kind == "q4":
         y = q4kernel.linear(x, a.q, a.s, a.m)
+    elif kind == "gguf":
+        y = ggmlkernel.linear(x, a.qtype, a.q, a.k)
     elif kind == "int4":
         y = torch._weight_int4pack_mm_for_cpu(x, a, group, b)
     else:  # int8
@@ -492,7 +576,7 @@ def forward(fm: FastModel, segs: Sequence[Segment]) -> list[torch.Tensor]:
     pos = torch.cat([torch.arange(s.cache.seen, s.cache.seen + n) for s, n in zip(segs, lens)])  # (N,)
     if fm.embed is None:
         x = fm.head.rows(ids, dt)  # (N, D)
-    elif isinstance(fm.embed, Int8):
+    elif isinstance(fm.embed, (Int8, GGUFQ)):
         x = fm.embed.rows(ids, dt)
     else:
         x = fm.embed[ids]
@@ -539,12 +623,13 @@ def _fusable(cache) -> bool:
 
 
 def _fused_step(fm: FastModel, segs: Sequence[Segment]) -> list[torch.Tensor]:
-    """One new token of each sequence through every layer in one call of the q4 kernel library."""
+    """One new token of each sequence through every layer in one call of slmkit's kernel library."""
     for s in segs:
         if s.cache.seen + 1 > min(fm.max_positions, s.cache.capacity):
             raise ConfigError(f"context of {s.cache.seen + 1} tokens exceeds the KV cache capacity of {s.cache.capacity}")
     ids = torch.cat([s.ids for s in segs])
-    x = (fm.embed.rows(ids, torch.float32) if isinstance(fm.embed, Int8) else fm.head.rows(ids, torch.float32)).contiguous()
+    table = fm.embed if isinstance(fm.embed, (Int8, GGUFQ)) else fm.head
+    x = (table.rows(ids, torch.float32) if hasattr(table, "rows") else fm.embed[ids].float()).contiguous()
     pos = [s.cache.seen for s in segs]
     rope = [fm.rope_at(p) for p in pos]
     cos = torch.stack([c for c, _ in rope]).contiguous()
@@ -553,13 +638,12 @@ def _fused_step(fm: FastModel, segs: Sequence[Segment]) -> list[torch.Tensor]:
     vp = torch.tensor([s.cache.v.data_ptr() for s in segs], dtype=torch.int64)
     caps = torch.tensor([s.cache.capacity for s in segs], dtype=torch.int32)
     posv = torch.tensor(pos, dtype=torch.int32)
-    ff = fm.layers[0].down.q.shape[1] * 2
-    rc = q4kernel.require().slmkit_q4_decode_batch(
-        x.data_ptr(), len(segs), len(fm.layers), x.shape[1], fm.heads, fm.kv_heads, fm.head_dim, ff, fm.eps,
+    rc = q4kernel.require().slmkit_decode_batch(
+        x.data_ptr(), len(segs), len(fm.layers), x.shape[1], fm.heads, fm.kv_heads, fm.head_dim, fm.ffn, fm.eps,
         fm.fused.data_ptr(), kp.data_ptr(), vp.data_ptr(), caps.data_ptr(), posv.data_ptr(), cos.data_ptr(), sin.data_ptr(),
     )
     if rc:
-        raise RuntimeError(f"q4 decode step failed (code {rc})")
+        raise RuntimeError(f"fused decode step failed (code {rc})")
     for s in segs:
         s.cache.advance(1)
     logits = fm.head(rms_norm(x, fm.norm, fm.eps)).float()  # (M, V)

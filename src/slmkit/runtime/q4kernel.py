@@ -1,10 +1,12 @@
-"""A 4-bit weight x 8-bit activation matmul kernel for CPU decode, built on first use.
+"""slmkit's CPU kernel library (4-bit and GGUF-format weights x 8-bit activations), built on first use.
 
-:file:`kernels/q4.c` follows llama.cpp's Q4_1 x Q8 scheme (4-bit codes with an fp16 scale per 32
-inputs; activations quantised to int8 per 32 on the fly; ``vpdpbusd`` dot products), written for
-AVX512-VNNI, with the codes centred (``w = (q - 8) s + m``) so that the activation rounding error
-scales with the weight. Besides the matmul it holds a whole llama decode step for one token of
-each of several sequences (:func:`slmkit.runtime.generate.forward` uses it), and a dequantiser
+The library is :file:`kernels/q4.c`, :file:`kernels/ggml.c` (matmuls over llama.cpp's GGUF block
+formats, wrapped by :mod:`slmkit.runtime.ggmlkernel`) and :file:`kernels/decode.c` (the fused decode
+step over either), compiled together. :file:`kernels/q4.c` follows llama.cpp's Q4_1 x Q8 scheme
+(4-bit codes with an fp16 scale per 32 inputs; activations quantised to int8 per 32 on the fly;
+``vpdpbusd`` dot products), written for AVX512-VNNI, with the codes centred (``w = (q - 8) s + m``)
+so that the activation rounding error scales with the weight. Besides the matmul the library holds a whole llama decode step for one token
+of each of several sequences (:func:`slmkit.runtime.generate.forward` uses it), and a dequantiser
 to bf16 for long prompts, which are compute-bound (:func:`linear`).
 
 The kernel is optional. It is compiled with the system C compiler into a per-user cache the
@@ -32,7 +34,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("kernels") / "q4.c"
+KERNELS = Path(__file__).with_name("kernels")
+SOURCES = tuple(KERNELS / f for f in ("q4.c", "ggml.c", "decode.c"))  #: compiled together into one library
+HEADERS = (KERNELS / "common.h",)
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mf16c", "-mfma",
          "-fopenmp", "-shared", "-fPIC", "-lm"]
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "f16c", "fma")
@@ -67,15 +71,15 @@ def _build() -> Path:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("g++")
     if not cc:
         raise RuntimeError("no C compiler (cc, gcc or g++) on PATH")
-    src = SOURCE.read_bytes()
+    src = b"".join(f.name.encode() + f.read_bytes() for f in (*SOURCES, *HEADERS))
     tag = hashlib.sha256(src + " ".join([cc, *FLAGS]).encode()).hexdigest()[:12]
-    out = cache_dir() / f"q4-{tag}.so"
+    out = cache_dir() / f"slmkit-{tag}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:  # build aside, then rename: never a half-written .so
         tmp_so = Path(tmp) / out.name
-        r = subprocess.run([cc, *FLAGS, "-o", str(tmp_so), str(SOURCE)], capture_output=True, text=True)
+        r = subprocess.run([cc, *FLAGS, "-o", str(tmp_so), *map(str, SOURCES)], capture_output=True, text=True)
         if r.returncode:
             raise RuntimeError(f"{cc} failed: {r.stderr.strip()[-400:]}")
         os.replace(tmp_so, out)
@@ -104,12 +108,18 @@ def load() -> ctypes.CDLL | None:
                 dq = lib.slmkit_q4_dequant_bf16
                 dq.restype = None
                 dq.argtypes = [p, p, p, i, i, p]
-                st = lib.slmkit_q4_decode_batch
+                st = lib.slmkit_decode_batch
                 st.restype = ctypes.c_int
                 st.argtypes = [p, i, i, i, i, i, i, i, ctypes.c_float, p, p, p, p, p, p, p]
+                for name, args in (("slmkit_gg_matmul", [p, i, i, i, i, p, i, p, i]),
+                                   ("slmkit_gg_dequant_bf16", [i, p, i, i, p]),
+                                   ("slmkit_gg_rows_f32", [i, p, i, p, i, p]),
+                                   ("slmkit_gg_row_bytes", [i, i])):
+                    fn = getattr(lib, name)
+                    fn.restype, fn.argtypes = ctypes.c_int, args
                 _lib = lib
             except (OSError, RuntimeError) as e:
-                _why = f"could not build or load {SOURCE.name}: {e}"
+                _why = f"could not build or load {', '.join(f.name for f in SOURCES)}: {e}"
     if _lib is None:
         log.info("slmkit's q4 kernel is unavailable (%s); int4 weights use torch's kernel", _why)
     return _lib

@@ -1,0 +1,107 @@
+"""Matmuls over a GGUF file's own quantised blocks (llama.cpp's formats), in slmkit's kernel library.
+
+:file:`kernels/ggml.c` reads the raw block bytes of Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and
+Q6_K rows (``gguf.GGUFReader(path).tensors[i].data``: one row of blocks per output) and multiplies
+them with activations rounded to int8 per group of 32 on the fly (``vpdpbusd``, as llama.cpp's
+``ggml_vec_dot_*_q8_*``), so a GGUF model runs its own codes, not a re-quantised copy. The library
+is built and loaded by :mod:`slmkit.runtime.q4kernel` (same CPU requirements: AVX512-VNNI; same
+``SLMKIT_Q4_KERNEL=0`` switch).
+
+Numerics: the weights are exact (the file's codes and fp16 scales); the activations are rounded
+to int8 per 32 (absmax / 127) and the per-block centre uses their exact fp32 sums, so a product
+differs from a dequantise-then-matmul by about 0.5% of its norm (int8 rounding; the tests bound it
+at 1.5%). From :data:`DEQUANT_FROM_TOKENS` tokens per call on, :func:`linear` dequantises to bf16
+and runs a bf16 matmul instead (long prompts are compute-bound).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from slmkit.runtime import q4kernel
+
+#: ggml type id -> (name, inputs per block, bytes per block) for the formats the kernel reads
+TYPES: dict[int, tuple[str, int, int]] = {
+    2: ("Q4_0", 32, 18),
+    3: ("Q4_1", 32, 20),
+    6: ("Q5_0", 32, 22),
+    7: ("Q5_1", 32, 24),
+    8: ("Q8_0", 32, 34),
+    12: ("Q4_K", 256, 144),
+    13: ("Q5_K", 256, 176),
+    14: ("Q6_K", 256, 210),
+}
+DEQUANT_FROM_TOKENS = q4kernel.DEQUANT_FROM_TOKENS
+
+
+def type_id(name: str) -> int:
+    """The ggml type id of a format name ("Q4_K" -> 12)."""
+    for i, (n, _, _) in TYPES.items():
+        if n == name:
+            return i
+    raise KeyError(f"no GGUF kernel for type {name!r}; supported: {', '.join(n for n, _, _ in TYPES.values())}")
+
+
+def row_bytes(qtype: int, k: int) -> int | None:
+    """Bytes of one row of ``k`` weights in format ``qtype``; None when the kernel cannot run it (type or shape)."""
+    if qtype not in TYPES:
+        return None
+    _, blk, nbytes = TYPES[qtype]
+    if k <= 0 or k % 64 or k % blk:
+        return None
+    return k // blk * nbytes
+
+
+def _check(w: torch.Tensor, qtype: int, k: int) -> int:
+    rb = row_bytes(qtype, k)
+    if rb is None:
+        name = TYPES.get(qtype, (f"type {qtype}",))[0]
+        raise ValueError(f"no GGUF kernel for {name} rows of {k} inputs (needs a supported type and k % 64 == 0)")
+    if w.dtype != torch.uint8 or w.dim() != 2 or w.shape[1] != rb or not w.is_contiguous():
+        raise ValueError(f"expected contiguous uint8 blocks of shape (N, {rb}), got {tuple(w.shape)} {w.dtype}")
+    return rb
+
+
+def matmul(x: torch.Tensor, qtype: int, w: torch.Tensor, k: int) -> torch.Tensor:
+    """``x`` (M, k) fp32 or bf16 times the GGUF weight ``w`` (N rows of raw blocks) transposed: (M, N) in ``x``'s dtype."""
+    lib = q4kernel.require()
+    _check(w, qtype, k)
+    if x.dtype not in (torch.float32, torch.bfloat16):
+        raise TypeError(f"GGUF matmul takes fp32 or bf16 activations, got {x.dtype}")
+    if x.shape[-1] != k:
+        raise ValueError(f"GGUF matmul: activations have {x.shape[-1]} features, the weight takes {k}")
+    x = x.contiguous()
+    bf = int(x.dtype == torch.bfloat16)
+    y = torch.empty(x.shape[0], w.shape[0], dtype=x.dtype)
+    rc = lib.slmkit_gg_matmul(x.data_ptr(), bf, x.shape[0], k, qtype, w.data_ptr(), w.shape[0], y.data_ptr(), bf)
+    if rc:
+        raise RuntimeError(f"GGUF matmul failed (code {rc})")
+    return y
+
+
+def dequant_bf16(qtype: int, w: torch.Tensor, k: int) -> torch.Tensor:
+    """The bf16 weight (N, k) the blocks stand for (fp32 values rounded to nearest even)."""
+    _check(w, qtype, k)
+    out = torch.empty(w.shape[0], k, dtype=torch.bfloat16)
+    if q4kernel.require().slmkit_gg_dequant_bf16(qtype, w.data_ptr(), w.shape[0], k, out.data_ptr()):
+        raise RuntimeError("GGUF dequantisation failed")
+    return out
+
+
+def rows_f32(qtype: int, w: torch.Tensor, k: int, ids: torch.Tensor) -> torch.Tensor:
+    """fp32 rows ``ids`` (n,) of the weight: (n, k) (an embedding lookup)."""
+    _check(w, qtype, k)
+    ids = ids.to(torch.int64).contiguous()
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= w.shape[0]):
+        raise IndexError(f"row ids out of range for a table of {w.shape[0]} rows")
+    out = torch.empty(ids.numel(), k, dtype=torch.float32)
+    if q4kernel.require().slmkit_gg_rows_f32(qtype, w.data_ptr(), k, ids.data_ptr(), ids.numel(), out.data_ptr()):
+        raise RuntimeError("GGUF row lookup failed")
+    return out
+
+
+def linear(x: torch.Tensor, qtype: int, w: torch.Tensor, k: int) -> torch.Tensor:
+    """``x`` (M, k) times the weight: int8 dot products for few tokens, a bf16 matmul on the dequantised weight for many."""
+    if x.shape[0] >= DEQUANT_FROM_TOKENS:
+        return torch.nn.functional.linear(x.to(torch.bfloat16), dequant_bf16(qtype, w, k)).to(x.dtype)
+    return matmul(x, qtype, w, k)

@@ -1,0 +1,85 @@
+/* slmkit CPU kernels: helpers and cross-file declarations shared by q4.c, ggml.c and decode.c.
+ *
+ * The three files are compiled together into one shared library by slmkit.runtime.q4kernel
+ * (AVX512F/BW/VL/DQ, AVX512-VNNI, F16C, FMA; OpenMP). Activations are quantised once per input
+ * (slmkit_q4_quantize: int8 per group of 32, absmax / 127, exact fp32 group sums) and shared by
+ * every matmul that reads that input, whatever the weight format.
+ */
+#ifndef SLMKIT_KERNELS_COMMON_H
+#define SLMKIT_KERNELS_COMMON_H
+
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define GROUP 32
+#ifndef PREFETCH_BYTES
+#define PREFETCH_BYTES 4096
+#endif
+
+static inline __m512 load16(const void *x, int bf16, int off) {
+    if (bf16) {
+        __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)x + off));
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+    return _mm512_loadu_ps((const float *)x + off);
+}
+
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* quiet NaN */
+    u += 0x7fffu + ((u >> 16) & 1u); /* round to nearest even, as torch's .to(bfloat16) */
+    return (uint16_t)(u >> 16);
+}
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* 16 fp32 values to bf16 (round to nearest even, as torch), stored at out. */
+static inline void store_bf16x16(uint16_t *out, __m512 w) {
+    __m512i u = _mm512_castps_si512(w);
+    u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+    _mm256_storeu_si256((__m256i *)out, _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
+}
+
+/* Grow a 64-byte aligned buffer to at least `bytes`; 0 on success. */
+static inline int grow(void **p, size_t *cap, size_t bytes) {
+    if (bytes <= *cap) return 0;
+    free(*p);
+    *p = aligned_alloc(64, (bytes + 63) / 64 * 64);
+    *cap = *p ? bytes : 0;
+    return *p ? 0 : -1;
+}
+
+/* ---- q4.c: slmkit's own 4-bit layout */
+
+/* Rows of x (M x K) to int8 per group of 32: codes xq (M x K), scales xs and exact sums xsum (M x K/32),
+ * and the q4 centring correction xcorr = 8 * xs * sum(xq). */
+void slmkit_q4_quantize(const void *x, int bf16, int M, int K, int8_t *xq, float *xs, float *xsum, float *xcorr);
+
+/* y[t, r] for t < M, r0 <= r < r1 of the q4 weight (q, s, m) times quantised activations; y row stride ldy. */
+void slmkit_q4_rows(const uint8_t *q, const uint16_t *s, const uint16_t *m, int K, const int8_t *xq, const float *xs,
+                    const float *xsum, const float *xcorr, int M, int r0, int r1, void *y, int ldy, int y_bf16);
+
+/* ---- ggml.c: llama.cpp's GGUF block formats, read from the file's bytes */
+
+/* What the GGUF matmuls read besides xq and xs, derived from them (M x K/4 each): per 4-input lane of
+ * the dot product, the negated sum of the int8 codes (nls), the group's scale (xsl) and its exact sum / 8 (sxl). */
+typedef struct {
+    const int8_t *xq;
+    const int32_t *nls;
+    const float *xsl, *sxl;
+} slmkit_gg_act;
+
+int slmkit_gg_row_bytes(int type, int K);
+void slmkit_gg_prepare(const int8_t *xq, const float *xs, const float *xsum, int M, int K, int32_t *nls, float *xsl, float *sxl);
+void slmkit_gg_rows(int type, const uint8_t *w, int K, const slmkit_gg_act *a, int M, int r0, int r1, void *y, int ldy, int y_bf16);
+
+#endif

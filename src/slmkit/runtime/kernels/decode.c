@@ -1,0 +1,230 @@
+/* slmkit: one fused llama decode step over slmkit-q4 or GGUF-format weights (one C call per token).
+ *
+ * One token of each of M sequences through every layer without returning to Python: RMSNorm,
+ * q/k/v projection, RoPE (rotate-half form, as transformers), the new k/v written to a bf16 cache
+ * of layout (L, Hk, S, hd), grouped-query attention over positions 0..pos, output projection,
+ * residual, RMSNorm, gate/up projection, SiLU(gate) * up, down projection, residual. The residual
+ * stream and every intermediate stay fp32. Each input is quantised to int8 once
+ * (slmkit_q4_quantize) and every matrix reading it multiplies with its own kernel: slmkit's q4
+ * layout (q4.c) or a GGUF block format (ggml.c), so a GGUF file's mixed per-tensor types
+ * (Q4_K_M: Q5_0, Q8_0, Q4_K and Q6_K in one model) run in one call.
+ */
+#include "common.h"
+
+static void rmsnorm(const float *x, const uint16_t *w, int D, float eps, float *out) {
+    double ss = 0;
+    for (int i = 0; i < D; i++) ss += (double)x[i] * x[i];
+    float r = 1.0f / sqrtf((float)(ss / D) + eps);
+    for (int i = 0; i < D; i++) out[i] = x[i] * r * bf16_to_f32(w[i]);
+}
+
+static void rope(float *v, int heads, int hd, const float *cos, const float *sin) {
+    const int h2 = hd / 2;
+    for (int h = 0; h < heads; h++) {
+        float *p = v + (size_t)h * hd;
+        for (int i = 0; i < h2; i++) {
+            float a = p[i], b = p[i + h2];
+            p[i] = a * cos[i] - b * sin[i];
+            p[i + h2] = b * cos[i + h2] + a * sin[i + h2];
+        }
+    }
+}
+
+static inline float dot_bf16(const float *q, const uint16_t *k, int hd) {
+    if (hd % 16 == 0) {
+        __m512 acc = _mm512_setzero_ps();
+        for (int i = 0; i < hd; i += 16) {
+            __m512 kv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(k + i))), 16));
+            acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), kv, acc);
+        }
+        return _mm512_reduce_add_ps(acc);
+    }
+    float d = 0;
+    for (int i = 0; i < hd; i++) d += q[i] * bf16_to_f32(k[i]);
+    return d;
+}
+
+/* A layer's descriptor (int64): the two norm weights (bf16), then 7 matrices of 6 values each,
+ * SEG_KIND .. SEG_P2. Matrices 0-2 read the attention input and write q|k|v side by side (slmkit's
+ * q4 path has one fused q/k/v matrix in slot 0 and empty slots 1-2), 3 is the output projection,
+ * 4-5 gate|up, 6 down. kind 0: empty; 1: q4 (p0 codes, p1 scales, p2 centres); 2: GGUF (type, p0 bytes). */
+enum { L_ANORM, L_MNORM, L_SEGS };
+enum { SEG_KIND, SEG_TYPE, SEG_ROWS, SEG_P0, SEG_P1, SEG_P2, SEG_N };
+enum { S_Q, S_K, S_V, S_O, S_GATE, S_UP, S_DOWN, S_N };
+#define L_N (L_SEGS + S_N * SEG_N)
+
+typedef struct {
+    int8_t *xq;
+    float *xs, *xsum, *xcorr, *xsl, *sxl;
+    int32_t *nls;
+} acts;
+
+/* Quantise M rows of x (K inputs) once for every matrix that reads them; the GGUF extras only when one does. */
+static void quantize_for(const float *x, int M, int K, int gg, const acts *a) {
+    slmkit_q4_quantize(x, 0, M, K, a->xq, a->xs, a->xsum, a->xcorr);
+    if (gg) slmkit_gg_prepare(a->xq, a->xs, a->xsum, M, K, a->nls, a->xsl, a->sxl);
+}
+
+/* y (M x ldy) columns of the matrices sg[0..n) side by side, one worksharing loop over tiles of 8 rows. */
+static void mm_segs(const int64_t *sg, int n, int K, const acts *a, int M, float *y, int ldy) {
+    const int tile = 8;
+    int first[S_N + 1] = {0}, col[S_N] = {0};
+    first[0] = 0;
+    for (int s = 0, c = 0; s < n; s++) {
+        const int rows = (int)sg[s * SEG_N + SEG_ROWS];
+        col[s] = c;
+        c += rows;
+        first[s + 1] = first[s] + (rows + tile - 1) / tile;
+    }
+    const slmkit_gg_act ga = {a->xq, a->nls, a->xsl, a->sxl};
+#pragma omp for schedule(static)
+    for (int it = 0; it < first[n]; it++) {
+        int s = 0;
+        while (it >= first[s + 1]) s++;
+        const int64_t *d = sg + s * SEG_N;
+        const int rows = (int)d[SEG_ROWS], r0 = (it - first[s]) * tile, r1 = r0 + tile < rows ? r0 + tile : rows;
+        if (d[SEG_KIND] == 1)
+            slmkit_q4_rows((const uint8_t *)(intptr_t)d[SEG_P0], (const uint16_t *)(intptr_t)d[SEG_P1],
+                           (const uint16_t *)(intptr_t)d[SEG_P2], K, a->xq, a->xs, a->xsum, a->xcorr, M, r0, r1,
+                           y + col[s], ldy, 0);
+        else
+            slmkit_gg_rows((int)d[SEG_TYPE], (const uint8_t *)(intptr_t)d[SEG_P0], K, &ga, M, r0, r1, y + col[s], ldy, 0);
+    }
+}
+
+/* Whether the matrices are well formed for K inputs and add up to `rows` outputs; whether one is GGUF. */
+static int check_segs(const int64_t *sg, int n, int K, int rows, int *gg) {
+    int total = 0;
+    for (int s = 0; s < n; s++) {
+        const int64_t *d = sg + s * SEG_N;
+        if (d[SEG_KIND] == 0) {
+            if (d[SEG_ROWS]) return 0;
+            continue;
+        }
+        if (d[SEG_ROWS] <= 0 || !d[SEG_P0]) return 0;
+        if (d[SEG_KIND] == 1) {
+            if (K % 64 || !d[SEG_P1] || !d[SEG_P2]) return 0;
+        } else if (d[SEG_KIND] == 2) {
+            if (slmkit_gg_row_bytes((int)d[SEG_TYPE], K) < 0) return 0;
+            *gg = 1;
+        } else {
+            return 0;
+        }
+        total += (int)d[SEG_ROWS];
+    }
+    return total == rows;
+}
+
+static __thread void *t_buf[8];
+static __thread size_t t_cap[8];
+
+/* M sequences, one new token each (continuous batching), through every layer.
+ * x (M x D fp32, in/out): the tokens' embeddings in, the last layer's outputs out.
+ * layers: L * L_N values (see the enums above).
+ * kc[j], vc[j]: sequence j's bf16 caches (L, Hk, S[j], hd); pos[j]: its new token's position (< S[j]).
+ * cos, sin: M x hd, the rotary factors of each token's position.
+ * Returns 0 on success, -2 for bad sizes or positions, -3 for a malformed layer descriptor, -1 out of memory. */
+int slmkit_decode_batch(float *x, int M, int L, int D, int H, int Hk, int hd, int F, float eps,
+                        const int64_t *layers, const int64_t *kc, const int64_t *vc, const int *S, const int *pos,
+                        const float *cos, const float *sin) {
+    if (D % 64 || (H * hd) % 64 || F % 64 || hd % 2 || H % Hk || M < 1 || F > 65536 || D > 65536 || H * hd > 65536) return -2;
+    size_t ctx = 0; /* sum of context lengths after this step */
+    for (int j = 0; j < M; j++) {
+        if (pos[j] < 0 || pos[j] >= S[j]) return -2;
+        ctx += (size_t)pos[j] + 1;
+    }
+    const int nqkv = (H + 2 * Hk) * hd, group = H / Hk;
+    int gg_attn = 0, gg_o = 0, gg_gu = 0, gg_down = 0; /* which inputs GGUF matrices read */
+    for (int l = 0; l < L; l++) {
+        const int64_t *sg = layers + (size_t)l * L_N + L_SEGS;
+        if (!layers[(size_t)l * L_N + L_ANORM] || !layers[(size_t)l * L_N + L_MNORM] ||
+            !check_segs(sg + S_Q * SEG_N, 3, D, nqkv, &gg_attn) || !check_segs(sg + S_O * SEG_N, 1, H * hd, D, &gg_o) ||
+            !check_segs(sg + S_GATE * SEG_N, 2, D, 2 * F, &gg_gu) || !check_segs(sg + S_DOWN * SEG_N, 1, F, D, &gg_down))
+            return -3;
+    }
+    int kmax = D > H * hd ? D : H * hd;
+    kmax = kmax > F ? kmax : F;
+    const size_t mk = (size_t)M * kmax;
+    const size_t ws = (size_t)M * (2 * (size_t)D + nqkv + (size_t)H * hd + 3 * (size_t)F) + (size_t)H * ctx + (size_t)M;
+    const size_t need[8] = {mk, 4 * (mk / GROUP), 4 * (mk / GROUP), 4 * (mk / GROUP), mk, mk, mk, 4 * ws};
+    for (int i = 0; i < 8; i++)
+        if (grow(&t_buf[i], &t_cap[i], need[i])) return -1;
+    const acts a = {(int8_t *)t_buf[0], (float *)t_buf[1], (float *)t_buf[2], (float *)t_buf[3],
+                    (float *)t_buf[4], (float *)t_buf[5], (int32_t *)t_buf[6]};
+    float *h = (float *)t_buf[7], *qkv = h + (size_t)M * D, *att = qkv + (size_t)M * nqkv, *gu = att + (size_t)M * H * hd,
+          *act = gu + (size_t)M * 2 * F, *tmp = act + (size_t)M * F, *sc = tmp + (size_t)M * D;
+    size_t sc_off[M]; /* where each sequence's H score rows start */
+    for (size_t j = 0, o = 0; j < (size_t)M; j++) { sc_off[j] = o; o += (size_t)H * (pos[j] + 1); }
+    const float scale = 1.0f / sqrtf((float)hd);
+    /* One team for the whole step: serial parts run in `single` blocks, matmuls and attention are
+     * worksharing loops; every construct ends in a barrier, so there is no fork/join per matmul. */
+#pragma omp parallel
+    for (int l = 0; l < L; l++) {
+        const int64_t *p = layers + (size_t)l * L_N, *sg = p + L_SEGS;
+#pragma omp single
+        {
+            for (int j = 0; j < M; j++) rmsnorm(x + (size_t)j * D, (const uint16_t *)(intptr_t)p[L_ANORM], D, eps, h + (size_t)j * D);
+            quantize_for(h, M, D, gg_attn, &a);
+        }
+        mm_segs(sg + S_Q * SEG_N, 3, D, &a, M, qkv, nqkv);
+#pragma omp single
+        for (int j = 0; j < M; j++) {
+            float *q = qkv + (size_t)j * nqkv, *k = q + (size_t)H * hd, *v = k + (size_t)Hk * hd;
+            rope(q, H, hd, cos + (size_t)j * hd, sin + (size_t)j * hd);
+            rope(k, Hk, hd, cos + (size_t)j * hd, sin + (size_t)j * hd);
+            const size_t Sj = (size_t)S[j];
+            uint16_t *kl = (uint16_t *)(intptr_t)kc[j] + (size_t)l * Hk * Sj * hd;
+            uint16_t *vl = (uint16_t *)(intptr_t)vc[j] + (size_t)l * Hk * Sj * hd;
+            for (int g = 0; g < Hk; g++)
+                for (int i = 0; i < hd; i++) {
+                    kl[((size_t)g * Sj + pos[j]) * hd + i] = f32_to_bf16(k[g * hd + i]);
+                    vl[((size_t)g * Sj + pos[j]) * hd + i] = f32_to_bf16(v[g * hd + i]);
+                }
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int jh = 0; jh < M * H; jh++) {
+            const int j = jh / H, hh = jh % H, g = hh / group, n = pos[j] + 1;
+            const size_t Sj = (size_t)S[j];
+            const uint16_t *kg = (const uint16_t *)(intptr_t)kc[j] + ((size_t)l * Hk + g) * Sj * hd;
+            const uint16_t *vg = (const uint16_t *)(intptr_t)vc[j] + ((size_t)l * Hk + g) * Sj * hd;
+            const float *qh = qkv + (size_t)j * nqkv + (size_t)hh * hd;
+            float *s_ = sc + sc_off[j] + (size_t)hh * n, mx = -INFINITY;
+            for (int t = 0; t < n; t++) {
+                s_[t] = dot_bf16(qh, kg + (size_t)t * hd, hd) * scale;
+                mx = s_[t] > mx ? s_[t] : mx;
+            }
+            float sum = 0;
+            for (int t = 0; t < n; t++) { s_[t] = expf(s_[t] - mx); sum += s_[t]; }
+            float *o = att + ((size_t)j * H + hh) * hd;
+            for (int i = 0; i < hd; i++) o[i] = 0;
+            for (int t = 0; t < n; t++) {
+                const float w = s_[t] / sum;
+                const uint16_t *vt = vg + (size_t)t * hd;
+                for (int i = 0; i < hd; i++) o[i] += w * bf16_to_f32(vt[i]);
+            }
+        }
+#pragma omp single
+        quantize_for(att, M, H * hd, gg_o, &a);
+        mm_segs(sg + S_O * SEG_N, 1, H * hd, &a, M, tmp, D);
+#pragma omp single
+        {
+            for (size_t i = 0; i < (size_t)M * D; i++) x[i] += tmp[i];
+            for (int j = 0; j < M; j++) rmsnorm(x + (size_t)j * D, (const uint16_t *)(intptr_t)p[L_MNORM], D, eps, h + (size_t)j * D);
+            quantize_for(h, M, D, gg_gu, &a);
+        }
+        mm_segs(sg + S_GATE * SEG_N, 2, D, &a, M, gu, 2 * F);
+#pragma omp single
+        {
+            for (int j = 0; j < M; j++)
+                for (int i = 0; i < F; i++) {
+                    const float g = gu[(size_t)j * 2 * F + i];
+                    act[(size_t)j * F + i] = g / (1.0f + expf(-g)) * gu[(size_t)j * 2 * F + F + i];
+                }
+            quantize_for(act, M, F, gg_down, &a);
+        }
+        mm_segs(sg + S_DOWN * SEG_N, 1, F, &a, M, tmp, D);
+#pragma omp single
+        for (size_t i = 0; i < (size_t)M * D; i++) x[i] += tmp[i];
+    }
+    return 0;
+}

@@ -1,0 +1,335 @@
+/* slmkit: matmuls that read llama.cpp's GGUF weight blocks as the file stores them (AVX512-VNNI).
+ *
+ * Formats (ggml-common.h in llama.cpp, Gerganov et al.; values as gguf-py's quants.py dequantises them):
+ *
+ *   Q4_0  32 weights in 18 bytes: fp16 d, 16 bytes of nibbles        w = (q - 8) d
+ *   Q4_1  32 in 20: fp16 d, fp16 m, 16 bytes of nibbles              w = q d + m
+ *   Q5_0  32 in 22: fp16 d, 32 high bits, 16 bytes of nibbles        w = (q - 16) d
+ *   Q5_1  32 in 24: fp16 d, fp16 m, 32 high bits, nibbles            w = q d + m
+ *   Q8_0  32 in 34: fp16 d, 32 int8                                  w = q d
+ *   Q4_K  256 in 144: fp16 d, dmin, 12 bytes of 6-bit scales and mins for 8 sub-blocks of 32, nibbles
+ *                                                                    w = d sc_j q - dmin m_j
+ *   Q5_K  256 in 176: as Q4_K plus 32 bytes of high bits             w = d sc_j q - dmin m_j
+ *   Q6_K  256 in 210: 128 bytes low nibbles, 64 bytes of 2-bit highs, 16 int8 scales (sub-blocks
+ *         of 16), fp16 d                                             w = d sc_j (q - 32)
+ *
+ * In a block of 32 the low nibbles hold inputs 0..15 and the high nibbles 16..31; in a K-quant
+ * super-block each 64 inputs share 32 bytes, low nibbles first (the Q6_K high bits and the Q5_K
+ * high bit planes follow the same 64-input chunks). The dot products follow ggml's
+ * ggml_vec_dot_{q4_0,q4_1,q5_0,q5_1,q8_0}_q8_{0,1} and ggml_vec_dot_{q4,q5,q6}_K_q8_K
+ * (ggml-cpu/arch/x86/quants.c): unsigned codes times int8 activations with vpdpbusd, the code
+ * offset removed with the activations' code sums. Differences from ggml, all in the activations'
+ * favour: they are quantised per 32 inputs for every format (Q8_0-style, not Q8_K's per 256),
+ * and every weight w = (q - o) s + c is written with a centre c (c = m + o d for Q4_1/Q5_1,
+ * o d sc_j - dmin m_j for Q4_K/Q5_K, 0 for the symmetric formats) whose product with the
+ * activations uses their exact fp32 sums, so the int8 rounding error scales with (w - c), as
+ * in slmkit's q4 kernel. Per 64 inputs and 16 lanes of 4 inputs each:
+ *
+ *     acc += float(dpbusd(-o * lanesum(xq), q, xq)) * xs_lane * s_lane  +  c_lane * sum(x)_lane / 8
+ *
+ * A row is K / 64 such chunks (K % 64 == 0; K % 256 == 0 for the K-quants).
+ */
+#include "common.h"
+
+enum { GG_Q4_0 = 2, GG_Q4_1 = 3, GG_Q5_0 = 6, GG_Q5_1 = 7, GG_Q8_0 = 8, GG_Q4_K = 12, GG_Q5_K = 13, GG_Q6_K = 14 };
+
+static inline int gg_block(int type) {
+    switch (type) {
+    case GG_Q4_0: case GG_Q4_1: case GG_Q5_0: case GG_Q5_1: case GG_Q8_0: return 32;
+    case GG_Q4_K: case GG_Q5_K: case GG_Q6_K: return 256;
+    default: return 0;
+    }
+}
+
+static inline int gg_block_bytes(int type) {
+    switch (type) {
+    case GG_Q4_0: return 18;
+    case GG_Q4_1: return 20;
+    case GG_Q5_0: return 22;
+    case GG_Q5_1: return 24;
+    case GG_Q8_0: return 34;
+    case GG_Q4_K: return 144;
+    case GG_Q5_K: return 176;
+    case GG_Q6_K: return 210;
+    default: return 0;
+    }
+}
+
+/* Bytes of one row of K weights, or -1 when the type has no kernel or K does not suit it. */
+int slmkit_gg_row_bytes(int type, int K) {
+    const int blk = gg_block(type);
+    if (!blk || K <= 0 || K % 64 || K % blk) return -1;
+    return K / blk * gg_block_bytes(type);
+}
+
+static inline float h2f(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return _cvtsh_ss(h);
+}
+
+/* 16 lanes: a in the first 8, b in the last 8 (two groups of 32 inputs in a 64-input chunk). */
+static inline __m512 pair(float a, float b) {
+    return _mm512_insertf32x8(_mm512_set1_ps(a), _mm256_set1_ps(b), 1);
+}
+
+/* The 6-bit scale and min of sub-block j of a Q4_K/Q5_K super-block (ggml's get_scale_min_k4). */
+static inline void scale_min_k4(int j, const uint8_t *q, int *sc, int *mn) {
+    if (j < 4) {
+        *sc = q[j] & 63;
+        *mn = q[j + 4] & 63;
+    } else {
+        *sc = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
+        *mn = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+    }
+}
+
+/* log2 of the code offset o of each format: w = (q - o) s + c with q unsigned. */
+static inline int gg_shift(int type) {
+    switch (type) {
+    case GG_Q4_0: case GG_Q4_1: case GG_Q4_K: return 3;
+    case GG_Q5_0: case GG_Q5_1: case GG_Q5_K: return 4;
+    case GG_Q6_K: return 5;
+    default: return 7; /* Q8_0: int8 codes + 128 */
+    }
+}
+
+static inline int gg_has_centre(int type) {
+    return type == GG_Q4_1 || type == GG_Q5_1 || type == GG_Q4_K || type == GG_Q5_K;
+}
+
+/* Chunk c (inputs 64c .. 64c+63) of a row: the 64 unsigned codes in input order, and per lane of 4
+ * inputs the weight scale s (dv) and centre c (cv, formats with a min only). */
+static inline __attribute__((always_inline)) __m512i gg_unpack(const int type, const uint8_t *row, int c, __m512 *dv, __m512 *cv) {
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
+    switch (type) {
+    case GG_Q4_0: case GG_Q4_1: case GG_Q5_0: case GG_Q5_1: {
+        const int bs = gg_block_bytes(type);
+        const int qs = type == GG_Q4_0 ? 2 : type == GG_Q4_1 ? 4 : type == GG_Q5_0 ? 6 : 8;
+        const uint8_t *b0 = row + (size_t)(2 * c) * bs, *b1 = b0 + bs;
+        __m256i raw = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(b0 + qs))),
+                                              _mm_loadu_si128((const __m128i *)(b1 + qs)), 1);
+        __m512i z = _mm512_and_si512(_mm512_inserti64x4(_mm512_castsi256_si512(raw), _mm256_srli_epi16(raw, 4), 1), m4);
+        z = _mm512_shuffle_i64x2(z, z, _MM_SHUFFLE(3, 1, 2, 0)); /* [b0 low, b0 high, b1 low, b1 high]: input order */
+        if (type == GG_Q5_0 || type == GG_Q5_1) { /* bit i of the block's 32 high bits belongs to input i */
+            const int qh = type == GG_Q5_0 ? 2 : 4;
+            uint32_t h0, h1;
+            memcpy(&h0, b0 + qh, 4);
+            memcpy(&h1, b1 + qh, 4);
+            z = _mm512_or_si512(z, _mm512_maskz_mov_epi8((__mmask64)h0 | ((__mmask64)h1 << 32), _mm512_set1_epi8(0x10)));
+        }
+        const float d0 = h2f(b0), d1 = h2f(b1);
+        *dv = pair(d0, d1);
+        if (type == GG_Q4_1) *cv = pair(h2f(b0 + 2) + 8.0f * d0, h2f(b1 + 2) + 8.0f * d1);
+        if (type == GG_Q5_1) *cv = pair(h2f(b0 + 2) + 16.0f * d0, h2f(b1 + 2) + 16.0f * d1);
+        return z;
+    }
+    case GG_Q8_0: {
+        const uint8_t *b0 = row + (size_t)(2 * c) * 34, *b1 = b0 + 34;
+        __m512i z = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(b0 + 2))),
+                                       _mm256_loadu_si256((const __m256i *)(b1 + 2)), 1);
+        *dv = pair(h2f(b0), h2f(b1));
+        return _mm512_xor_si512(z, _mm512_set1_epi8((char)0x80)); /* int8 q -> q + 128 */
+    }
+    case GG_Q4_K: case GG_Q5_K: {
+        const uint8_t *sb = row + (size_t)(c >> 2) * gg_block_bytes(type);
+        const int j = c & 3;
+        const float d = h2f(sb), dmin = h2f(sb + 2);
+        int s0, m0, s1, m1;
+        scale_min_k4(2 * j, sb + 4, &s0, &m0);
+        scale_min_k4(2 * j + 1, sb + 4, &s1, &m1);
+        const __m256i raw = _mm256_loadu_si256((const __m256i *)(sb + (type == GG_Q4_K ? 16 : 48) + 32 * j));
+        __m512i z = _mm512_and_si512(_mm512_inserti64x4(_mm512_castsi256_si512(raw), _mm256_srli_epi16(raw, 4), 1), m4);
+        float o = 8.0f;
+        if (type == GG_Q5_K) { /* bit 2j of qh[l] is input l's fifth bit, bit 2j+1 input 32+l's */
+            const __m256i qh = _mm256_loadu_si256((const __m256i *)(sb + 16));
+            __m512i h = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_srli_epi16(qh, 2 * j)), _mm256_srli_epi16(qh, 2 * j + 1), 1);
+            z = _mm512_or_si512(z, _mm512_slli_epi16(_mm512_and_si512(h, _mm512_set1_epi8(1)), 4));
+            o = 16.0f;
+        }
+        const float ds0 = d * (float)s0, ds1 = d * (float)s1;
+        *dv = pair(ds0, ds1);
+        *cv = pair(o * ds0 - dmin * (float)m0, o * ds1 - dmin * (float)m1);
+        return z;
+    }
+    default: { /* GG_Q6_K: chunk j of the super-block is half j/2, low (j even) or high nibbles */
+        const uint8_t *sb = row + (size_t)(c >> 2) * 210;
+        const int j = c & 3, n = j >> 1, part = j & 1;
+        const __m512i ql = _mm512_loadu_si512((const void *)(sb + 64 * n));
+        const __m512i lo = part ? _mm512_and_si512(_mm512_srli_epi16(ql, 4), m4) : _mm512_and_si512(ql, m4);
+        const __m256i qh = _mm256_loadu_si256((const __m256i *)(sb + 128 + 32 * n));
+        __m512i h = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_srli_epi16(qh, 4 * part)), _mm256_srli_epi16(qh, 4 * part + 2), 1);
+        h = _mm512_slli_epi16(_mm512_and_si512(h, _mm512_set1_epi8(3)), 4);
+        int32_t s4; /* the chunk's 4 int8 scales (sub-blocks of 16), 4 lanes each */
+        memcpy(&s4, sb + 192 + 4 * j, 4);
+        const __m128i sv = _mm_shuffle_epi8(_mm_cvtsi32_si128(s4), _mm_setr_epi8(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3));
+        *dv = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sv)), _mm512_set1_ps(h2f(sb + 208)));
+        return _mm512_or_si512(lo, h);
+    }
+    }
+}
+
+/* From quantised activations (xq M x K, xs and xsum M x K/32): per lane of 4 inputs the negated
+ * code sum, the group's scale, and the group's exact sum / 8. */
+void slmkit_gg_prepare(const int8_t *xq, const float *xs, const float *xsum, int M, int K, int32_t *nls, float *xsl, float *sxl) {
+    const int nc = K / 64, nb = K / GROUP, K4 = K / 4;
+    const __m512i ones = _mm512_set1_epi8(1);
+    for (int t = 0; t < M; t++)
+        for (int c = 0; c < nc; c++) {
+            __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, _mm512_loadu_si512((const void *)(xq + (size_t)t * K + 64 * c)));
+            _mm512_storeu_si512((void *)(nls + (size_t)t * K4 + 16 * c), _mm512_sub_epi32(_mm512_setzero_si512(), s));
+            const float *g = xs + (size_t)t * nb + 2 * c, *gs = xsum + (size_t)t * nb + 2 * c;
+            _mm512_storeu_ps(xsl + (size_t)t * K4 + 16 * c, pair(g[0], g[1]));
+            _mm512_storeu_ps(sxl + (size_t)t * K4 + 16 * c, pair(gs[0] * 0.125f, gs[1] * 0.125f));
+        }
+}
+
+/* Rows [r0, r1) of y for T (1..4) tokens. */
+static inline __attribute__((always_inline)) void gg_rows_T(const int type, const int T, const uint8_t *w, int K,
+                                                            const slmkit_gg_act *a, int r0, int r1, void *y, int ldy, int y_bf16) {
+    const int nc = K / 64, K4 = K / 4, sh = gg_shift(type), cen = gg_has_centre(type);
+    const size_t rb = (size_t)slmkit_gg_row_bytes(type, K), step = rb / nc;
+    for (int r = r0; r < r1; r++) {
+        const uint8_t *row = w + (size_t)r * rb;
+        __m512 acc[4];
+        for (int t = 0; t < T; t++) acc[t] = _mm512_setzero_ps();
+        for (int c = 0; c < nc; c++) {
+            _mm_prefetch((const char *)row + step * c + PREFETCH_BYTES, _MM_HINT_T0); /* rows stream: fetch ahead */
+            __m512 dv, cv = _mm512_setzero_ps();
+            const __m512i u = gg_unpack(type, row, c, &dv, &cv);
+            for (int t = 0; t < T; t++) {
+                const size_t l = (size_t)t * K4 + 16 * c;
+                const __m512i init = _mm512_slli_epi32(_mm512_loadu_si512((const void *)(a->nls + l)), sh); /* -o lanesum(xq) */
+                const __m512i d = _mm512_dpbusd_epi32(init, u, _mm512_loadu_si512((const void *)(a->xq + (size_t)t * K + 64 * c)));
+                acc[t] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d), _mm512_loadu_ps(a->xsl + l)), dv, acc[t]);
+                if (cen) acc[t] = _mm512_fmadd_ps(cv, _mm512_loadu_ps(a->sxl + l), acc[t]);
+            }
+        }
+        for (int t = 0; t < T; t++) {
+            const float v = _mm512_reduce_add_ps(acc[t]);
+            if (y_bf16) ((uint16_t *)y)[(size_t)t * ldy + r] = f32_to_bf16(v);
+            else ((float *)y)[(size_t)t * ldy + r] = v;
+        }
+    }
+}
+
+#define GG_T(type, T) gg_rows_T(type, T, w, K, &at, r0, r1, o, ldy, y_bf16)
+#define GG_TYPE(type)                          \
+    case type:                                 \
+        switch (T) {                           \
+        case 1: GG_T(type, 1); break;          \
+        case 2: GG_T(type, 2); break;          \
+        case 3: GG_T(type, 3); break;          \
+        default: GG_T(type, 4); break;         \
+        }                                      \
+        break;
+
+/* Rows [r0, r1) of y (M x N, row stride ldy) = W x for a weight in GGUF format `type`, activations prepared. */
+void slmkit_gg_rows(int type, const uint8_t *w, int K, const slmkit_gg_act *a, int M, int r0, int r1, void *y, int ldy, int y_bf16) {
+    const int K4 = K / 4;
+    for (int t0 = 0; t0 < M; t0 += 4) {
+        const int T = M - t0 < 4 ? M - t0 : 4;
+        const slmkit_gg_act at = {a->xq + (size_t)t0 * K, a->nls + (size_t)t0 * K4, a->xsl + (size_t)t0 * K4, a->sxl + (size_t)t0 * K4};
+        void *o = y_bf16 ? (void *)((uint16_t *)y + (size_t)t0 * ldy) : (void *)((float *)y + (size_t)t0 * ldy);
+        switch (type) {
+            GG_TYPE(GG_Q4_0)
+            GG_TYPE(GG_Q4_1)
+            GG_TYPE(GG_Q5_0)
+            GG_TYPE(GG_Q5_1)
+            GG_TYPE(GG_Q8_0)
+            GG_TYPE(GG_Q4_K)
+            GG_TYPE(GG_Q5_K)
+            GG_TYPE(GG_Q6_K)
+        default: break;
+        }
+    }
+}
+
+/* Per-thread scratch of the stand-alone matmul. */
+static __thread void *t_buf[7];
+static __thread size_t t_bcap[7];
+
+/* y (M x N) = x (M x K) @ W^T with W (N rows of K) in GGUF format `type`. x and y are fp32, or bf16
+ * when the flag is set. Returns 0 on success, -2 for a type or shape without a kernel, -1 out of memory. */
+int slmkit_gg_matmul(const void *x, int x_bf16, int M, int K, int type, const uint8_t *w, int N, void *y, int y_bf16) {
+    if (slmkit_gg_row_bytes(type, K) < 0 || M < 1 || N < 0) return -2;
+    const size_t mk = (size_t)M * K, mb = mk / GROUP, m4 = mk / 4;
+    const size_t need[7] = {mk, 4 * mb, 4 * mb, 4 * mb, 4 * m4, 4 * m4, 4 * m4};
+    for (int i = 0; i < 7; i++)
+        if (grow(&t_buf[i], &t_bcap[i], need[i])) return -1;
+    int8_t *xq = (int8_t *)t_buf[0];
+    float *xs = (float *)t_buf[1], *xsum = (float *)t_buf[2], *xcorr = (float *)t_buf[3];
+    int32_t *nls = (int32_t *)t_buf[4];
+    float *xsl = (float *)t_buf[5], *sxl = (float *)t_buf[6];
+    slmkit_q4_quantize(x, x_bf16, M, K, xq, xs, xsum, xcorr);
+    slmkit_gg_prepare(xq, xs, xsum, M, K, nls, xsl, sxl);
+    const slmkit_gg_act a = {xq, nls, xsl, sxl};
+    const int tile = 8, ntiles = (N + tile - 1) / tile;
+#pragma omp parallel for schedule(static)
+    for (int it = 0; it < ntiles; it++) {
+        const int r0 = it * tile, r1 = r0 + tile < N ? r0 + tile : N;
+        slmkit_gg_rows(type, w, K, &a, M, r0, r1, y, N, y_bf16);
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------ dequantisation
+ *
+ * For long prompts (compute-bound: a bf16 matmul beats the int8 dot products) and embedding lookups.
+ * Every 16 inputs of a chunk share one scale and centre (lane 4p of dv/cv for inputs 16p..16p+15).
+ */
+static inline __attribute__((always_inline)) void gg_dequant_row(const int type, const uint8_t *row, int K, float *of, uint16_t *ob) {
+    const int nc = K / 64;
+    const float o = (float)(1 << gg_shift(type));
+    for (int c = 0; c < nc; c++) {
+        __m512 dv, cv = _mm512_setzero_ps();
+        const __m512i u = gg_unpack(type, row, c, &dv, &cv);
+        for (int p = 0; p < 4; p++) {
+            const __m512i idx = _mm512_set1_epi32(4 * p);
+            const __m512 s = _mm512_permutexvar_ps(idx, dv), m = _mm512_permutexvar_ps(idx, cv);
+            __m128i part;
+            switch (p) {
+            case 0: part = _mm512_extracti32x4_epi32(u, 0); break;
+            case 1: part = _mm512_extracti32x4_epi32(u, 1); break;
+            case 2: part = _mm512_extracti32x4_epi32(u, 2); break;
+            default: part = _mm512_extracti32x4_epi32(u, 3); break;
+            }
+            const __m512 v = _mm512_fmadd_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(part)), _mm512_set1_ps(o)), s, m);
+            if (of) _mm512_storeu_ps(of + 64 * c + 16 * p, v);
+            else store_bf16x16(ob + 64 * c + 16 * p, v);
+        }
+    }
+}
+
+#define GG_DQ(type) case type: gg_dequant_row(type, row, K, of, ob); break;
+
+static void gg_dequant_one(int type, const uint8_t *row, int K, float *of, uint16_t *ob) {
+    switch (type) {
+        GG_DQ(GG_Q4_0)
+        GG_DQ(GG_Q4_1)
+        GG_DQ(GG_Q5_0)
+        GG_DQ(GG_Q5_1)
+        GG_DQ(GG_Q8_0)
+        GG_DQ(GG_Q4_K)
+        GG_DQ(GG_Q5_K)
+        GG_DQ(GG_Q6_K)
+    default: break;
+    }
+}
+
+/* The bf16 weight (N x K) a GGUF tensor stands for. Returns 0, or -2 for a type or shape without a kernel. */
+int slmkit_gg_dequant_bf16(int type, const uint8_t *w, int N, int K, uint16_t *out) {
+    const int rb = slmkit_gg_row_bytes(type, K);
+    if (rb < 0) return -2;
+#pragma omp parallel for schedule(static)
+    for (int r = 0; r < N; r++) gg_dequant_one(type, w + (size_t)r * rb, K, NULL, out + (size_t)r * K);
+    return 0;
+}
+
+/* fp32 rows ids[0..n) of a GGUF tensor with K columns (an embedding lookup), into out (n x K). */
+int slmkit_gg_rows_f32(int type, const uint8_t *w, int K, const int64_t *ids, int n, float *out) {
+    const int rb = slmkit_gg_row_bytes(type, K);
+    if (rb < 0) return -2;
+    for (int i = 0; i < n; i++) gg_dequant_one(type, w + (size_t)ids[i] * rb, K, out + (size_t)i * K, NULL);
+    return 0;
+}
