@@ -11,7 +11,9 @@ import typer
 
 from slmkit.cli._common import console, human_bytes, human_count, kv_table, print_json
 
-DTYPE_HELP = "weights dtype: fp32 or bf16"
+DTYPE_HELP = "weights dtype: fp32 or bf16 (default fp32)"
+FAST_DTYPE_HELP = ("weights dtype: fp32 or bf16 (default fp32; with --fast on a quantised FILE.gguf the default runs "
+                   "the file's own blocks, and an explicit --dtype runs its dequantised weights)")
 
 
 def register(app: typer.Typer) -> None:
@@ -61,16 +63,18 @@ def _prompt_of(tokenizer, prompt: str, chat: Optional[bool]):
     return [{"role": "user", "content": prompt}] if use_chat else prompt
 
 
-def _fast_backend(model: str, dtype: str, weights: str, kv: str, kv_budget: Optional[int]):
+def _fast_backend(model: str, dtype: Optional[str], weights: str, kv: str, kv_budget: Optional[int]):
     from slmkit.models import load
     from slmkit.runtime.backend import FastBackend
     from slmkit.runtime.generate import FastConfig
+    from slmkit.runtime.gguffast import file_codes
 
+    gguf = file_codes(model, dtype, weights)  # a quantised FILE.gguf runs its own blocks unless --dtype is given
     cfg = FastConfig(dtype="bf16" if dtype in ("bf16", "bfloat16") else "fp32", weights=weights)
-    m, tok = load(model, dtype=dtype)
+    m, tok = load(model, dtype=dtype or "fp32")
     if kv in ("streaming", "h2o") and kv_budget is None:
         kv_budget = 1024
-    return FastBackend(m, tok, cfg, name=model, kv=kv, kv_budget=kv_budget)
+    return FastBackend(m, tok, cfg, name=model, kv=kv, kv_budget=kv_budget, gguf=gguf)
 
 
 def generate(
@@ -80,19 +84,19 @@ def generate(
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy"),
     top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0),
     seed: Optional[int] = typer.Option(None, "--seed"),
-    dtype: str = typer.Option("fp32", "--dtype", help=DTYPE_HELP),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help=FAST_DTYPE_HELP),
     chat: Optional[bool] = typer.Option(None, "--chat/--raw", help="wrap the prompt in the chat template (default: when the model has one)"),
     json_out: bool = typer.Option(False, "--json"),
     fast: bool = typer.Option(False, "--fast", help="the fast CPU path (static KV cache; llama models)"),
-    int8: bool = typer.Option(False, "--int8", help="with --fast: int8 weight-only matmuls"),
-    int4: bool = typer.Option(False, "--int4", help="with --fast: int4 weight-only matmuls (groups of 32; slmkit's q4 kernel and fused decode step on AVX512-VNNI CPUs, else torch's kernel)"),
+    int8: bool = typer.Option(False, "--int8", help="with --fast: int8 weight-only matmuls (a quantised FILE.gguf: only with an explicit --dtype)"),
+    int4: bool = typer.Option(False, "--int4", help="with --fast: int4 weight-only matmuls (groups of 32; slmkit's q4 kernel and fused decode step on AVX512-VNNI CPUs, else torch's kernel; a quantised FILE.gguf: only with an explicit --dtype)"),
     kv: str = typer.Option("full", "--kv", help="with --fast: KV policy full|int8|int4|streaming|h2o"),
     kv_budget: Optional[int] = typer.Option(None, "--kv-budget", help="with --fast: tokens kept by streaming/h2o"),
 ) -> None:
     """Generate a completion for PROMPT."""
     from slmkit.backends import GenParams, HFBackend
 
-    backend = _fast_backend(model, dtype, "int4" if int4 else "int8" if int8 else "native", kv, kv_budget) if fast else HFBackend.from_spec(model, dtype=dtype)
+    backend = _fast_backend(model, dtype, "int4" if int4 else "int8" if int8 else "native", kv, kv_budget) if fast else HFBackend.from_spec(model, dtype=dtype or "fp32")
     params = GenParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     t0 = time.perf_counter()
     c = backend.generate([_prompt_of(backend.tokenizer, prompt, chat)], params)[0]
@@ -108,11 +112,11 @@ def chat(
     model: str = typer.Argument(..., help="default | hub id | directory | file.gguf"),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1),
     temperature: float = typer.Option(0.0, "--temperature", min=0.0),
-    dtype: str = typer.Option("fp32", "--dtype", help=DTYPE_HELP),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help=FAST_DTYPE_HELP),
     system: Optional[str] = typer.Option(None, "--system", help="system prompt"),
     fast: bool = typer.Option(False, "--fast", help="the fast CPU path (static KV cache; llama models)"),
-    int8: bool = typer.Option(False, "--int8", help="with --fast: int8 weight-only matmuls"),
-    int4: bool = typer.Option(False, "--int4", help="with --fast: int4 weight-only matmuls (groups of 32; slmkit's q4 kernel and fused decode step on AVX512-VNNI CPUs, else torch's kernel)"),
+    int8: bool = typer.Option(False, "--int8", help="with --fast: int8 weight-only matmuls (a quantised FILE.gguf: only with an explicit --dtype)"),
+    int4: bool = typer.Option(False, "--int4", help="with --fast: int4 weight-only matmuls (groups of 32; slmkit's q4 kernel and fused decode step on AVX512-VNNI CPUs, else torch's kernel; a quantised FILE.gguf: only with an explicit --dtype)"),
     kv: str = typer.Option("full", "--kv", help="with --fast: KV policy full|int8|int4|streaming|h2o"),
     kv_budget: Optional[int] = typer.Option(None, "--kv-budget", help="with --fast: tokens kept by streaming/h2o"),
 ) -> None:
@@ -126,7 +130,7 @@ def chat(
     from slmkit.models import load
 
     fb = _fast_backend(model, dtype, "int4" if int4 else "int8" if int8 else "native", kv, kv_budget) if fast else None
-    m, tok = (fb.model, fb.tokenizer) if fb else load(model, dtype=dtype)
+    m, tok = (fb.model, fb.tokenizer) if fb else load(model, dtype=dtype or "fp32")
     messages: list[dict] = [{"role": "system", "content": system}] if system else []
     render_prompt(tok, [{"role": "user", "content": "x"}])  # fails early without a chat template
     while True:

@@ -31,9 +31,9 @@ def serve(
     host: str = typer.Option("127.0.0.1", "--host", help="address to bind (default: loopback only)"),
     port: int = typer.Option(8000, "--port", min=1, max=65535),
     api_key: Optional[str] = typer.Option(None, "--api-key", help="require 'Authorization: Bearer KEY'"),
-    dtype: str = typer.Option("fp32", "--dtype", help="fp32 or bf16"),
-    int8: bool = typer.Option(False, "--int8", help="int8 weight-only matmuls (computes in bf16)"),
-    int4: bool = typer.Option(False, "--int4", help="int4 weight-only matmuls, groups of 32 (slmkit's q4 kernel on AVX512-VNNI CPUs: int8 activations; else torch's kernel in bf16)"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="fp32 or bf16 (default fp32; a quantised FILE.gguf by default runs its own blocks, and an explicit --dtype its dequantised weights)"),
+    int8: bool = typer.Option(False, "--int8", help="int8 weight-only matmuls (computes in bf16; a quantised FILE.gguf: only with an explicit --dtype)"),
+    int4: bool = typer.Option(False, "--int4", help="int4 weight-only matmuls, groups of 32 (slmkit's q4 kernel on AVX512-VNNI CPUs: int8 activations; else torch's kernel in bf16; a quantised FILE.gguf: only with an explicit --dtype)"),
     name: Optional[str] = typer.Option(None, "--name", help="model id the API reports (default: MODEL)"),
     max_batch: int = typer.Option(16, "--max-batch", min=1, help="sequences decoded together (continuous batching)"),
     max_queue: int = typer.Option(256, "--max-queue", min=1, help="waiting requests before HTTP 429"),
@@ -58,23 +58,26 @@ def serve(
 
         from slmkit.collab.serving import build_backend, create_app
 
-        backend = build_backend(model, large, mode, dtype=dtype, threshold=threshold, timeout=timeout)
+        backend = build_backend(model, large, mode, dtype=dtype or "fp32", threshold=threshold, timeout=timeout)
         uvicorn.run(create_app(backend, name=name, api_key=api_key), host=host, port=port, log_level="warning")
         return
     from slmkit.backends import HFBackend
     from slmkit.runtime.engine import EngineConfig
     from slmkit.runtime.generate import FastConfig
+    from slmkit.runtime.gguffast import file_codes
     from slmkit.runtime.server import ServerConfig
     from slmkit.runtime.server import serve as run
 
-    fast = FastConfig(dtype=dtype if dtype in ("fp32", "bf16") else "fp32", weights="int4" if int4 else "int8" if int8 else "native")
+    weights = "int4" if int4 else "int8" if int8 else "native"
+    gguf = file_codes(model, dtype, weights)  # a quantised FILE.gguf serves its own blocks unless --dtype is given
+    fast = FastConfig(dtype=dtype if dtype in ("fp32", "bf16") else "fp32", weights=weights)
     adapters = _adapters(adapter)
-    backend = HFBackend.from_spec(model, dtype=dtype)
+    backend = HFBackend.from_spec(model, dtype=dtype or "fp32")
     if name:
         backend.name = name
     run(backend, host=host, port=port,
         cfg=ServerConfig(api_key=api_key, max_body_bytes=max_body, request_timeout_s=timeout),
-        engine_cfg=EngineConfig(max_batch=max_batch, max_queue=max_queue), fast_cfg=fast, adapters=adapters)
+        engine_cfg=EngineConfig(max_batch=max_batch, max_queue=max_queue), fast_cfg=fast, adapters=adapters, gguf=gguf)
 
 
 def fit(

@@ -549,6 +549,8 @@ def resolve_draft(spec: str, target, target_tok, dtype: str = "fp32", what: str 
 
     ``"lookup"``, ``"int4"``/``"int8"`` (the target's own quantised copy), ``"layers:N"`` (its first N
     blocks), or a MODEL spec, whose tokenizer is compared with the target's before its weights load.
+    A quantised llama FILE.gguf drafts on the fast path with the file's own blocks
+    (:func:`slmkit.runtime.gguffast.build_gguf`) where slmkit's kernel library runs.
     """
     if spec == "lookup":
         return "lookup"
@@ -564,7 +566,14 @@ def resolve_draft(spec: str, target, target_tok, dtype: str = "fp32", what: str 
     from slmkit.models.load import load_tokenizer
 
     check_same_tokenizer(target_tok, load_tokenizer(spec), f"{what} and the target")
-    return load(spec, dtype=dtype)[0]
+    model = load(spec, dtype=dtype)[0]
+    from slmkit.runtime import generate as G
+    from slmkit.runtime.gguffast import build_gguf, file_codes
+
+    path = file_codes(spec, None)  # the draft's numerics never change the output: use the file's blocks when it can
+    if path is not None and G.supports(model):
+        return FastDrafter(build_gguf(path, model=model))
+    return model
 
 
 class LookupDrafter:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -12,13 +13,22 @@ from slmkit.runtime.generate import FastConfig, build, stream
 
 
 class FastBackend:
-    """Generates with :func:`slmkit.runtime.generate.stream` (KV policy per backend); scores like :class:`HFBackend`."""
+    """Generates with :func:`slmkit.runtime.generate.stream` (KV policy per backend); scores like :class:`HFBackend`.
+
+    With ``gguf`` (the file ``model`` was loaded from) the fast model runs the file's own quantised
+    blocks (:func:`slmkit.runtime.gguffast.build_gguf`) instead of ``model``'s dequantised weights.
+    """
 
     def __init__(self, model, tokenizer, cfg: FastConfig = FastConfig(), name: str | None = None,
-                 kv: str = "full", kv_budget: int | None = None):
+                 kv: str = "full", kv_budget: int | None = None, gguf: str | Path | None = None):
         self.model = model
         self.tokenizer = tokenizer
-        self.fm = build(model, cfg)
+        if gguf is not None:
+            from slmkit.runtime.gguffast import build_gguf
+
+            self.fm = build_gguf(gguf, cfg, model)
+        else:
+            self.fm = build(model, cfg)
         self.name = name or str(getattr(model.config, "name_or_path", "") or "local")
         self.kv, self.kv_budget = kv, kv_budget
 

@@ -450,14 +450,23 @@ def adapter_models(base_model, tokenizer, adapters: dict[str, str], fast_cfg=Non
 
 def serve(backend, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           cfg: ServerConfig | None = None, engine_cfg: EngineConfig | None = None, fast_cfg=None,
-          adapters: dict[str, str] | None = None) -> None:
-    """Serve ``backend``'s model (an :class:`~slmkit.backends.HFBackend`) on host:port until interrupted."""
+          adapters: dict[str, str] | None = None, gguf=None) -> None:
+    """Serve ``backend``'s model (an :class:`~slmkit.backends.HFBackend`) on host:port until interrupted.
+
+    With ``gguf`` (the file the model was loaded from) the base model runs the file's own quantised
+    blocks (:func:`slmkit.runtime.gguffast.build_gguf`); adapters merge into the dequantised weights.
+    """
     import uvicorn
 
-    from slmkit.runtime.generate import FastConfig, runner
+    from slmkit.runtime.generate import FastConfig, runner, supports
 
     fast_cfg = fast_cfg or FastConfig()
-    models = {backend.name: runner(backend.model, fast_cfg)}
+    if gguf is not None and supports(backend.model):  # other architectures serve through their own forward
+        from slmkit.runtime.gguffast import build_gguf
+
+        models = {backend.name: build_gguf(gguf, fast_cfg, backend.model)}
+    else:
+        models = {backend.name: runner(backend.model, fast_cfg)}
     if adapters:
         models.update(adapter_models(backend.model, backend.tokenizer, adapters, fast_cfg, base_name=backend.name))
     engine = Engine(models, backend.tokenizer, engine_cfg or EngineConfig(), default=backend.name)

@@ -1,0 +1,152 @@
+"""A GGUF file's own quantised weights on the fast path: no dequantise-then-re-quantise round trip.
+
+transformers' GGUF loader dequantises every tensor (:func:`slmkit.models.load`); the fast path's
+``int4``/``int8`` options would then round those values again onto slmkit's own grids.
+:func:`build_gguf` instead takes config, norms, rotary and tokenizer-facing facts from the
+loaded model but every quantised matrix from the file's raw blocks, which
+:mod:`slmkit.runtime.ggmlkernel` multiplies as they are (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K,
+Q6_K; llama.cpp's mixes such as Q4_K_M combine several in one file). F32/F16/BF16 tensors stay
+dense (bf16). llama.cpp stores attn_q/attn_k rows permuted for its rotary layout; whole rows of
+blocks are moved back (rows are independent, so this is lossless). A tied output head multiplies
+with the embedding table's blocks and the embedding lookup dequantises the rows it needs.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from slmkit.errors import ConfigError, UnsupportedModelError
+from slmkit.runtime import ggmlkernel, q4kernel
+from slmkit.runtime.generate import Dense, FastConfig, FastModel, GGUFQ, build
+
+log = logging.getLogger(__name__)
+
+DENSE_TYPES = {0: "F32", 1: "F16", 30: "BF16"}  #: ggml types kept as dense bf16 matrices
+
+
+def _type_name(qtype: int) -> str:
+    import gguf
+
+    try:
+        return gguf.GGMLQuantizationType(qtype).name
+    except ValueError:
+        return f"type {qtype}"
+
+
+def is_quantised(path: str | Path) -> bool:
+    """Whether a GGUF file holds any quantised (not F32/F16/BF16) tensor."""
+    import gguf
+
+    return any(int(t.tensor_type) not in DENSE_TYPES for t in gguf.GGUFReader(str(path)).tensors)
+
+
+def _unpermute_rows(raw: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo llama.cpp's rotary row order of Q/K (whole rows of blocks; see export.gguf.permute_qk)."""
+    from slmkit.export.gguf import _unpermute
+
+    return _unpermute(raw, n_head).contiguous()
+
+
+def build_gguf(path: str | Path, cfg: FastConfig = FastConfig(), model=None) -> FastModel:
+    """The fast model of GGUF file ``path`` running the file's own quantised blocks.
+
+    ``model`` is the file loaded by :func:`slmkit.models.load` (loaded here when omitted); it
+    supplies config, norms and rotary, and the values of dense tensors. ``cfg.kernel`` is kept;
+    the compute dtype is bf16 (the fused decode step's cache). Raises
+    :class:`~slmkit.errors.UnsupportedModelError` naming the tensor when one is quantised in a
+    format the kernels do not read, and :class:`~slmkit.errors.ConfigError` when the kernel
+    library is unavailable or ``cfg`` asks for re-quantisation or torch.compile.
+    """
+    import gguf
+
+    path = Path(path)
+    if cfg.weights in ("int4", "int8"):
+        raise ConfigError(f"weights={cfg.weights!r} re-quantises; a GGUF file's own blocks run as they are (weights='gguf')")
+    if cfg.compile:
+        raise ConfigError("compile=True cannot trace slmkit's GGUF kernel (a ctypes call)")
+    if q4kernel.load() is None:
+        raise ConfigError(f"slmkit's kernel library is unavailable ({q4kernel.why_unavailable()})",
+                          "run with --dtype fp32 (or bf16) to use the dequantised weights")
+    if model is None:
+        from slmkit.models import load
+
+        model, _ = load(str(path))
+    from slmkit.export.gguf import gguf_name
+
+    c = model.config
+    tensors = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+    made: dict[str, Dense] = {}
+
+    def weights(hf_name: str, mod: torch.nn.Module) -> Dense:
+        name = gguf_name(hf_name + ".weight")
+        if hf_name == "lm_head" and "output.weight" not in tensors:
+            name = "token_embd.weight"  # a tied head is the embedding table
+        if name in made:
+            return made[name]
+        t = tensors.get(name)
+        if t is None:
+            raise UnsupportedModelError(f"{path.name}: no tensor {name} for {hf_name}")
+        w = mod.weight.detach()
+        n, k = w.shape
+        if [int(v) for v in reversed(t.shape.tolist())] != [n, k]:
+            raise UnsupportedModelError(f"{path.name}: tensor {name} has shape {t.shape.tolist()[::-1]}, the model expects {[n, k]}")
+        qtype = int(t.tensor_type)
+        bias = getattr(mod, "bias", None)
+        bias = None if bias is None else bias.detach().to(torch.bfloat16)
+        if qtype in DENSE_TYPES:
+            made[name] = Dense(w.to(torch.bfloat16), bias)
+        elif qtype not in ggmlkernel.TYPES:
+            supported = ", ".join(v[0] for v in ggmlkernel.TYPES.values())
+            raise UnsupportedModelError(
+                f"{path.name}: tensor {name} is {_type_name(qtype)}, which slmkit's GGUF kernels do not read (they read {supported})",
+                "run with --dtype fp32 (or bf16) to use the dequantised weights",
+            )
+        elif ggmlkernel.row_bytes(qtype, k) is None:
+            log.warning("%s: %s (%s) has %d inputs, not a multiple of 64: it runs dequantised", path.name, name, _type_name(qtype), k)
+            made[name] = Dense(w.to(torch.bfloat16), bias)
+        else:
+            raw = torch.from_numpy(np.array(t.data, dtype=np.uint8).reshape(n, -1))  # (n, row bytes): a copy, not the mmap
+            if hf_name.endswith("q_proj"):
+                raw = _unpermute_rows(raw, c.num_attention_heads)
+            elif hf_name.endswith("k_proj"):
+                raw = _unpermute_rows(raw, c.num_key_value_heads)
+            made[name] = GGUFQ(raw, qtype, k, bias)
+        return made[name]
+
+    fm = build(model, FastConfig(dtype="bf16", weights="gguf", kernel=cfg.kernel), weights)
+    kinds = sorted({_type_name(m.qtype) for m in made.values() if isinstance(m, GGUFQ)})
+    log.info("%s on the fast path with the file's own %s blocks%s", path.name, "/".join(kinds) or "(no quantised)",
+             "" if fm.fused is not None else " (per-op: the fused step does not cover this model)")
+    return fm
+
+
+def file_codes(spec: str, dtype: str | None, weights: str = "native") -> Path | None:
+    """The GGUF file whose own blocks ``--fast`` should run for ``spec``, or None (the dequantised model).
+
+    The CLI's rule: a spec naming a quantised GGUF file, with no ``--dtype`` given, runs the file's
+    blocks; an explicit ``--dtype fp32``/``bf16`` runs the dequantised weights as before (and
+    ``--int4``/``--int8`` then re-quantise those). ``--int4``/``--int8`` without ``--dtype`` on such
+    a file is a :class:`~slmkit.errors.ConfigError`: they would round the file's codes a second time.
+    Where the kernel library is unavailable the dequantised weights run (with a warning).
+    """
+    from slmkit.models.load import resolve
+
+    src = resolve(spec)
+    if src.kind != "gguf" or dtype is not None:
+        return None
+    path = Path(src.path) / src.gguf_file
+    if not is_quantised(path):
+        return None
+    if weights != "native":
+        raise ConfigError(
+            f"--{weights} would re-quantise the dequantised weights of {path.name}; --fast runs the file's own quantised blocks without it",
+            f"drop --{weights}, or add --dtype fp32 to re-quantise the dequantised weights on purpose",
+        )
+    if q4kernel.load() is None:
+        log.warning("slmkit's kernel library is unavailable (%s): %s runs dequantised", q4kernel.why_unavailable(), path.name)
+        return None
+    return path
