@@ -35,7 +35,7 @@ def gptq_q4_0(tiny_tok):
 def test_gptq_q4_0_roundtrips_bit_exactly(gptq_q4_0, tiny_tok, tmp_path):
     model, res = gptq_q4_0
     path = tmp_path / "m.gguf"
-    rep = export_gguf_validated(model, tiny_tok, path, "Q4_0", res, check_loader=True)
+    rep = export_gguf_validated(model, tiny_tok, path, "Q4_0", res, check_loader=True, pure=True)
     assert rep.exact == rep.tensors == 20 and rep.max_abs_diff == 0.0
     state = model.state_dict()
     # 1. the gguf reader: every tensor (the 14 Linears and the embedding included) equals the in-memory weight
@@ -81,8 +81,8 @@ def test_changed_weights_fail_and_leave_no_file(tiny_tok, tmp_path):
 
 def test_unknown_type_is_a_clear_error(tiny_llama, tmp_path):
     model, tok = tiny_llama
-    with pytest.raises(ConfigError, match="unknown GGUF type 'Q3_K'"):
-        export_gguf_validated(model, tok, tmp_path / "x.gguf", "Q3_K")
+    with pytest.raises(ConfigError, match="unknown GGUF type 'Q7_X'"):
+        export_gguf_validated(model, tok, tmp_path / "x.gguf", "Q7_X")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -98,6 +98,6 @@ def test_embedding_type_keeps_linear_codes_and_writes_embedding_at_its_own_type(
     raw = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}["blk.1.ffn_down.weight"]
     expect = encode_gguf_blocks(res.tensors["model.layers.1.mlp.down_proj.weight"])
     assert np.array_equal(np.asarray(raw.data).reshape(expect.shape), expect)
-    with pytest.raises(ConfigError, match="embedding type 'Q6_K'"):
-        export_gguf_validated(model, tiny_tok, tmp_path / "x.gguf", "Q4_0", res, embedding_type="Q6_K")
+    with pytest.raises(ConfigError, match="embedding type 'Q7_X'"):
+        export_gguf_validated(model, tiny_tok, tmp_path / "x.gguf", "Q4_0", res, embedding_type="Q7_X")
     assert not (tmp_path / "x.gguf").exists()

@@ -54,8 +54,8 @@ def test_quantize_gguf_and_export(tiny_dir, calib_file, tmp_path, capsys):
     [
         (["--method", "rtn", "--bits", "6"], "unsupported bits 6"),
         (["--method", "rtn", "--bits", "4", "--group-size", "48"], "does not divide"),
-        (["--method", "rtn", "--bits", "4", "--gguf", "Q3_K"], "unknown GGUF"),
-        (["--method", "rtn", "--bits", "3", "--gguf", "Q4_0"], "Q4_0 means 4 bits"),
+        (["--method", "rtn", "--bits", "4", "--gguf", "Q7_X"], "unknown --gguf type"),
+        (["--method", "rtn", "--bits", "3", "--gguf", "Q4_0"], "Q4_0 means 4-bit Q4_0 blocks"),
         (["--method", "gptq", "--bits", "4", "--calib", "/nonexistent.txt"], "does not exist"),
         (["--method", "gtpq", "--bits", "4"], "did you mean gptq"),
     ],
@@ -78,8 +78,48 @@ def test_quantize_short_calibration_text(tiny_dir, tmp_path, capsys):
 
 
 def test_export_bad_input(tiny_dir, tmp_path, capsys):
-    assert main(["export", str(tiny_dir), "--format", "gguf", "--type", "Q3_K", "--output", str(tmp_path / "x.gguf")]) == 2
+    assert main(["export", str(tiny_dir), "--format", "gguf", "--type", "Q7_X", "--output", str(tmp_path / "x.gguf")]) == 2
     assert "unknown GGUF type" in capsys.readouterr().err
     assert main(["export", str(tiny_dir), "--format", "onnx", "--output", str(tmp_path / "x")]) == 2
     assert main(["export", str(tiny_dir), "--format", "safetensors", "--type", "Q4_0", "--output", str(tmp_path / "x")]) == 2
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def wide_dir(tiny_tok, tmp_path_factory):
+    """A tiny model 256 wide (k-quant super-blocks fit its rows), saved as a directory."""
+    from slmkit.models.tiny import save_tiny, tiny_llama_config, tiny_model
+
+    model = tiny_model(tiny_llama_config(tiny_tok, hidden=256), seed=2)
+    return save_tiny(model, tiny_tok, tmp_path_factory.mktemp("wide") / "model")
+
+
+@pytest.mark.parametrize("ftype", ["Q4_K_M", "Q5_K_M", "Q6_K"])
+def test_quantize_kquant_mix_writes_its_codes(wide_dir, calib_file, tmp_path, capsys, ftype):
+    """--gguf MIX: one .gguf in DIR with llama-quantize's types, holding GPTQ's codes bit for bit;
+    the packed directory exported again at the same type writes the same bytes."""
+    from slmkit.export.gguf_mix import tensor_types, types_from_gguf
+
+    out = tmp_path / "q"
+    rc = main(["quantize", str(wide_dir), "--method", "gptq", "--gguf", ftype, "--calib", str(calib_file),
+               "--calib-samples", "4", "--calib-len", "32", "--output", str(out), "--json"])
+    assert rc == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["gguf_exact_tensors"] == res["gguf_tensors"] == 20
+    ggufs = sorted(out.glob("*.gguf"))
+    assert [p.name for p in ggufs] == [f"model-{ftype}.gguf"]
+    model, q = load_quantized(out)
+    assert q.gguf == ftype
+    types = {k: v for k, v in types_from_gguf(ggufs[0]).items() if not k.endswith("norm.weight")}
+    assert types == tensor_types(model.config, ftype, imatrix=True)
+    assert any(t.endswith("_K") for t in types.values())
+    back = read_gguf_weights(ggufs[0], model.config)
+    state = model.state_dict()
+    assert all(torch.equal(t, state[k]) for k, t in back.items())
+    rc = main(["export", str(out), "--format", "gguf", "--type", ftype, "--output", str(tmp_path / "again.gguf"),
+               "--no-loader-check", "--json"])
+    assert rc == 0
+    capsys.readouterr()
+    a = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(str(ggufs[0])).tensors}
+    b = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(str(tmp_path / "again.gguf")).tensors}
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)

@@ -47,7 +47,7 @@ def distill_cmd(
     max_examples: int = typer.Option(0, "--max-examples", help="use the first N examples of --data (0 = all)"),
     save_steps: int = typer.Option(50, "--save-steps", min=1),
     seed: int = typer.Option(0, "--seed"),
-    qat: Optional[str] = typer.Option(None, "--qat", help="quantisation-aware training on a GGUF grid: Q4_0 | Q4_1 | Q5_0 | Q8_0"),
+    qat: Optional[str] = typer.Option(None, "--qat", help="quantisation-aware training on a GGUF block type (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K) or a llama.cpp file type (Q4_K_M, Q5_K_M, ...: each Linear on the type llama-quantize gives it)"),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32 or bf16 (both models)"),
     autocast_bf16: bool = typer.Option(False, "--autocast-bf16", help="mixed precision: fp32 weights, bf16 autocast compute (the Trainer's bf16)"),
     json_out: bool = typer.Option(False, "--json"),

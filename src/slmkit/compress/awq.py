@@ -70,15 +70,18 @@ def output_error(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor) -> torch.Te
     return ((D @ H) * D).sum()
 
 
-def search_scale(weights: list[torch.Tensor], H: torch.Tensor, act: torch.Tensor, grid: Grid, n_grid: int) -> torch.Tensor:
-    """The per-input-channel scale ``s`` (in,) minimising the summed output error of ``weights``."""
+def search_scale(weights: list[torch.Tensor], H: torch.Tensor, act: torch.Tensor, grid: Grid | list[Grid],
+                 n_grid: int) -> torch.Tensor:
+    """The per-input-channel scale ``s`` (in,) minimising the summed output error of ``weights``
+    (``grid``: one for all, or one per weight)."""
+    grids = grid if isinstance(grid, list) else [grid] * len(weights)
     sx = act.float().clamp_min(1e-4)  # (in,)  s_X: mean |x| per channel
     best, best_s = None, torch.ones_like(sx)
     for i in range(n_grid):
         alpha = i / n_grid
         s = sx.pow(alpha)  # s = s_X ** alpha (Eq. 5)
         s = s / (s.max() * s.min()).sqrt()
-        err = sum(output_error(W, quantize_rtn(W * s, grid).dequantize() / s, H) for W in weights)
+        err = sum(output_error(W, quantize_rtn(W * s, g).dequantize() / s, H) for W, g in zip(weights, grids))
         if best is None or err < best:
             best, best_s = err, s
     return best_s
@@ -114,8 +117,17 @@ def _scale_producer(prev: nn.Module, s: torch.Tensor) -> None:
         prev.weight.data.div_(s.to(prev.weight.dtype))
 
 
-def awq_block(block: nn.Module, stats: dict, cfg: AWQConfig, names: dict[str, str]) -> dict[str, QTensor]:
-    """AWQ one decoder block in place; ``names`` maps block-relative Linear names to HF weight names."""
+def awq_block(block: nn.Module, stats: dict, cfg: AWQConfig, names: dict[str, str], grid_of=None) -> dict[str, QTensor]:
+    """AWQ one decoder block in place; ``names`` maps block-relative Linear names to HF weight names,
+    ``grid_of(hf name)`` gives each weight's grid (default ``cfg.grid``).
+
+    On GGUF grids the final rounding also weights each input column by its mean squared activation
+    (``diag H``, llama.cpp's imatrix scale search); clipping is searched on the plain grids only
+    (the k-quant search already fits each sub-block's range).
+    """
+    def grid(n: str) -> Grid:
+        return grid_of(names[n]) if grid_of else cfg.grid
+
     mods = dict(block.named_modules())
     H = {n: stats[n].H for n in names}
     # 1. search every fold group's scale on the original weights (as the reference does), then fold
@@ -128,7 +140,7 @@ def awq_block(block: nn.Module, stats: dict, cfg: AWQConfig, names: dict[str, st
         if not hasattr(prev, "weight") or prev.weight.shape[0] != lins[0].weight.shape[1]:
             continue  # e.g. v_proj -> o_proj under grouped-query attention
         st = stats[lin_names[0]]
-        s = search_scale([m.weight.float() for m in lins], st.H, st.abs_mean, cfg.grid, cfg.n_grid)
+        s = search_scale([m.weight.float() for m in lins], st.H, st.abs_mean, [grid(n) for n in lin_names], cfg.n_grid)
         plans.append((prev, lin_names, s))
     for prev, lin_names, s in plans:
         _scale_producer(prev, s)
@@ -139,16 +151,19 @@ def awq_block(block: nn.Module, stats: dict, cfg: AWQConfig, names: dict[str, st
     out = {}
     for n, full in names.items():
         W = mods[n].weight.float()
-        clip = None
-        if cfg.clip and n not in NO_CLIP:
-            clip = search_clip(W, H[n], cfg.grid, cfg.max_shrink, cfg.clip_steps)
-        qt = quantize_rtn(W, cfg.grid, clip)
+        g = grid(n)
+        clip = importance = None
+        if g.gguf is not None:
+            importance = H[n].diagonal().clamp_min(0)
+        if cfg.clip and n not in NO_CLIP and not (g.gguf or "").endswith("_K"):
+            clip = search_clip(W, H[n], g, cfg.max_shrink, cfg.clip_steps)
+        qt = quantize_rtn(W, g, clip, importance=importance)
         mods[n].weight.data.copy_(qt.dequantize().to(mods[n].weight.dtype))
         out[full] = qt
     return out
 
 
-def awq_model(model, ids: torch.Tensor, cfg: AWQConfig, names: list[str]) -> dict[str, QTensor]:
+def awq_model(model, ids: torch.Tensor, cfg: AWQConfig, names: list[str], grid_of=None) -> dict[str, QTensor]:
     """AWQ-quantise the Linears ``names`` (HF weight names) of ``model`` in place, block by block."""
     from slmkit.compress.calibrate import sequential
 
@@ -157,7 +172,7 @@ def awq_model(model, ids: torch.Tensor, cfg: AWQConfig, names: list[str]) -> dic
 
     def step(i: int, block, stats) -> None:
         mine = {n: f"model.layers.{i}.{n}.weight" for n in stats if f"model.layers.{i}.{n}.weight" in wanted}
-        out.update(awq_block(block, stats, cfg, mine))
+        out.update(awq_block(block, stats, cfg, mine, grid_of))
         log.info("AWQ: block %d done", i)
 
     sequential(model, ids, step, seed=cfg.seed)

@@ -14,6 +14,13 @@ column is spread over the columns not yet quantised through the inverse Hessian
   scale is fitted to the *updated* weights when its first column is reached (as in the paper);
   with act-order the scales are fitted to the original weights up front ("static groups"),
   so that groups stay contiguous in the input dimension, as GGUF blocks need.
+* k-quant grids (GGUF Q4_K, Q5_K, Q6_K): the sub-block scales and mins and the super-block
+  scales are part of the grid. They are fitted per super-block of 256 columns (when its first
+  column is reached, or up front with act-order) by llama.cpp's importance-weighted search
+  (:func:`~slmkit.compress.qgrid.fit_params`, the search ``llama-quantize --imatrix`` runs) with
+  the Hessian's diagonal as the importance; GPTQ then chooses every code against those scales,
+  compensating each column's error. Every GGUF grid's fit uses ``diag H`` as the importance this
+  way (``importance=False``: the plain search); other grids keep the paper's max-based scales.
 
 Codes are chosen on the :class:`~slmkit.compress.qgrid.Grid` (fp16 scales included),
 so a GGUF-typed grid exports these codes unchanged. :func:`gptq_quantize` is pure;
@@ -27,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from slmkit.compress.qgrid import Grid, QTensor, codes_for, group_params
+from slmkit.compress.qgrid import Grid, QTensor, codes_for, fit_params
 from slmkit.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -42,6 +49,7 @@ class GPTQConfig:
     act_order: bool = True  #: quantise columns in order of decreasing activation energy (diag H)
     block_size: int = 128  #: columns per lazy batch update
     seed: int = 0  #: seeds the calibration statistics' subsampling
+    importance: bool = True  #: on GGUF grids, fit scales by llama.cpp's search weighted by diag H (imatrix)
 
     def __post_init__(self):
         if not isinstance(self.grid, Grid):
@@ -70,9 +78,10 @@ def inverse_hessian_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: GPTQConfig) -> QTensor:
-    """GPTQ codes for ``W`` (out, in) given ``H`` (in, in) ~ X^T X; does not modify its inputs."""
-    grid = cfg.grid
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: GPTQConfig, grid: Grid | None = None) -> QTensor:
+    """GPTQ codes for ``W`` (out, in) given ``H`` (in, in) ~ X^T X on ``grid`` (default ``cfg.grid``);
+    does not modify its inputs."""
+    grid = grid or cfg.grid
     out, cols = W.shape
     ngroups = grid.groups(cols)
     g = grid.width(cols)
@@ -81,15 +90,20 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: GPTQConfig) -> QTensor:
     dead = H.diagonal() == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
+    importance = H.diagonal().clone() if cfg.importance and grid.gguf is not None else None
 
     static = cfg.act_order or grid.group_size == 0
+    unit = grid.super_size if grid.group_size else cols  # columns fitted together (a super-block for k-quants)
+    per_unit = max(unit // g, 1)  # groups per fitted unit
     scales = torch.zeros(out, ngroups)
     mins = None if grid.symmetric else torch.zeros(out, ngroups)
+    aux_parts: list[dict] = []
     if static:  # fit every group's scale to the original weights
-        s, m = group_params(W, grid)
+        s, m, aux = fit_params(W, grid, importance=importance)
         scales.copy_(s)
         if mins is not None:
             mins.copy_(m)
+        aux_parts.append(aux)
     perm = torch.argsort(H.diagonal(), descending=True) if cfg.act_order else torch.arange(cols)
     W = W[:, perm]
     H = H[perm][:, perm]
@@ -105,12 +119,14 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: GPTQConfig) -> QTensor:
         for j in range(i2 - i1):
             c = i1 + j
             grp = int(group_of[c])
-            if not static and perm[c] % g == 0:  # first column of a group: fit its scale now
-                cur = W1[:, j : j + g] if j + g <= i2 - i1 else torch.cat([W1[:, j:], W[:, i2:]], 1)[:, :g]
-                s, m = group_params(cur, grid)  # (out, 1)
-                scales[:, grp] = s[:, 0]
+            if not static and perm[c] % unit == 0:  # first column of a unit: fit its scales now
+                cur = W1[:, j : j + unit] if j + unit <= i2 - i1 else torch.cat([W1[:, j:], W[:, i2:]], 1)[:, :unit]
+                imp = None if importance is None else importance[perm[c] : perm[c] + unit]
+                s, m, aux = fit_params(cur, grid, importance=imp)  # (out, per_unit)
+                scales[:, grp : grp + per_unit] = s
                 if mins is not None:
-                    mins[:, grp] = m[:, 0]
+                    mins[:, grp : grp + per_unit] = m
+                aux_parts.append(aux)
             w = W1[:, j]  # (out,)
             d = scales[:, grp]
             mn = None if mins is None else mins[:, grp]
@@ -122,13 +138,19 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: GPTQConfig) -> QTensor:
             E1[:, j] = err
         W[:, i2:] -= E1 @ U[i1:i2, i2:]  # lazy batch update of the remaining columns
     inv = torch.argsort(perm)
-    return QTensor(Q[:, inv].contiguous(), scales.half(), None if mins is None else mins.half(), grid)
+    aux = None
+    if aux_parts and aux_parts[0] is not None:  # per-unit encoder parameters, in column order
+        aux = {k: torch.cat([a[k] for a in aux_parts], 1) if aux_parts[0][k].dim() > 1 else aux_parts[0][k]
+               for k in aux_parts[0]}
+    dt = torch.float32 if grid.kquant else torch.float16  # k-quants keep the exact fp32 products d*sc
+    return QTensor(Q[:, inv].contiguous(), scales.to(dt), None if mins is None else mins.to(dt), grid, aux=aux)
 
 
-def gptq_model(model, ids: torch.Tensor, cfg: GPTQConfig, names: list[str]) -> dict[str, QTensor]:
+def gptq_model(model, ids: torch.Tensor, cfg: GPTQConfig, names: list[str], grid_of=None) -> dict[str, QTensor]:
     """Quantise the Linears ``names`` (HF weight names) of ``model`` in place with GPTQ, block by block.
 
-    The weights become their fake-quantised values; the returned codes reproduce them exactly.
+    ``grid_of(name)`` gives each weight's grid (default: ``cfg.grid`` for all). The weights become
+    their fake-quantised values; the returned codes reproduce them exactly.
     """
     from slmkit.compress.calibrate import sequential
 
@@ -140,7 +162,7 @@ def gptq_model(model, ids: torch.Tensor, cfg: GPTQConfig, names: list[str]) -> d
             full = f"model.layers.{i}.{name}.weight"
             if full not in wanted:
                 continue
-            qt = gptq_quantize(lin.weight, stats[name].H, cfg)
+            qt = gptq_quantize(lin.weight, stats[name].H, cfg, grid_of(full) if grid_of else None)
             lin.weight.data.copy_(qt.dequantize().to(lin.weight.dtype))
             out[full] = qt
         log.info("GPTQ: block %d done", i)

@@ -7,6 +7,8 @@ A quantised artefact directory holds ``config.json``, the tokenizer files,
   packed little-endian at ``bits`` bits each (row-major), so 4-bit weights take
   half a byte per parameter;
 * ``<name>.scales``  fp16 ``(out, G)``; ``<name>.mins`` fp16 ``(out, G)`` (asymmetric grids);
+  GGUF k-quant grids store them as fp32 (the effective ``d*sc``, ``-dmin*m``) and add
+  ``<name>.aux.<key>``, the super-block integers (:attr:`QTensor.aux`);
 * every other tensor (norms, unquantised embeddings) as it is in memory.
 
 The safetensors metadata holds the grid and each quantised tensor's shape.
@@ -47,6 +49,7 @@ def save_quantized(model, tokenizer, quantized, dest: str | os.PathLike, manifes
     tied = getattr(model.config, "tie_word_embeddings", False)
     tensors: dict[str, torch.Tensor] = {}
     shapes = {}
+    own_grids = {}  # tensors on another grid than the record's (a llama.cpp mix: per-tensor block types)
     for name, t in state.items():
         if name == "lm_head.weight" and tied:
             continue
@@ -54,17 +57,25 @@ def save_quantized(model, tokenizer, quantized, dest: str | os.PathLike, manifes
         if qt is None:
             tensors[name] = t.detach().contiguous()
             continue
-        tensors[f"{name}.qcodes"] = torch.from_numpy(pack_codes(qt.codes, grid))
+        if qt.grid != grid:
+            own_grids[name] = _grid_json(qt.grid)
+        tensors[f"{name}.qcodes"] = torch.from_numpy(pack_codes(qt.codes, qt.grid))
         tensors[f"{name}.scales"] = qt.scales.contiguous()
         if qt.mins is not None:
             tensors[f"{name}.mins"] = qt.mins.contiguous()
+        for k, v in (qt.aux or {}).items():
+            tensors[f"{name}.aux.{k}"] = v.contiguous()
         shapes[name] = list(qt.codes.shape)
     meta = {
         "format": FORMAT,
         "method": quantized.method,
-        "grid": json.dumps({"bits": grid.bits, "group_size": grid.group_size, "symmetric": grid.symmetric, "gguf": grid.gguf}),
+        "grid": json.dumps(_grid_json(grid)),
         "shapes": json.dumps(shapes),
     }
+    if own_grids:
+        meta["grids"] = json.dumps(own_grids)
+    if getattr(quantized, "gguf", None):
+        meta["gguf"] = quantized.gguf
     dest = Path(dest)
     with atomic_dir(dest, force=force) as tmp:
         model.config.save_pretrained(tmp)
@@ -77,6 +88,10 @@ def save_quantized(model, tokenizer, quantized, dest: str | os.PathLike, manifes
             extra(tmp)
         (tmp / MANIFEST).write_text(manifest.to_json())
     return dest
+
+
+def _grid_json(grid: Grid) -> dict:
+    return {"bits": grid.bits, "group_size": grid.group_size, "symmetric": grid.symmetric, "gguf": grid.gguf}
 
 
 def is_quantized_dir(path: str | os.PathLike) -> bool:
@@ -94,15 +109,20 @@ def read_packed(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[
             if meta.get("format") != FORMAT:
                 raise CorruptModelError(f"{path} is not an slmkit quantised file (format {meta.get('format')!r})")
             grid = Grid(**json.loads(meta["grid"]))
+            own = {k: Grid(**v) for k, v in json.loads(meta.get("grids", "{}")).items()}
             shapes = json.loads(meta["shapes"])
             raw = {k: fh.get_tensor(k) for k in fh.keys()}
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as err:
         raise CorruptModelError(f"cannot read {path}: {str(err).splitlines()[0]}", "quantise the model again") from None
-    plain = {k: v for k, v in raw.items() if not k.endswith((".qcodes", ".scales", ".mins"))}
     q = {}
+    used = set()
     for name, shape in shapes.items():
-        codes = unpack_codes(raw[f"{name}.qcodes"].numpy().astype(np.uint8), tuple(shape), grid)
-        q[name] = QTensor(codes, raw[f"{name}.scales"], raw.get(f"{name}.mins"), grid)
+        g = own.get(name, grid)
+        codes = unpack_codes(raw[f"{name}.qcodes"].numpy().astype(np.uint8), tuple(shape), g)
+        aux = {k[len(name) + 5:]: v for k, v in raw.items() if k.startswith(f"{name}.aux.")}
+        used |= {f"{name}.qcodes", f"{name}.scales", f"{name}.mins"} | {f"{name}.aux.{k}" for k in aux}
+        q[name] = QTensor(codes, raw[f"{name}.scales"], raw.get(f"{name}.mins"), g, aux or None)
+    plain = {k: v for k, v in raw.items() if k not in used}
     return plain, q, grid, meta.get("method", "")
 
 
@@ -125,4 +145,8 @@ def load_quantized(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
         )
     if config.tie_word_embeddings:
         model.tie_weights()
-    return model.eval(), Quantized(method, grid, q)
+    from safetensors import safe_open
+
+    with safe_open(str(path / PACKED), framework="pt") as fh:
+        mix = (fh.metadata() or {}).get("gguf")
+    return model.eval(), Quantized(method, grid, q, gguf=mix)

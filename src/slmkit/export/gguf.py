@@ -5,10 +5,14 @@ Tensor names and the rotary Q/K row permutation follow llama.cpp's
 rotary halves interleaved; transformers' GGUF loader undoes it on load). The
 tokenizer is written as a byte-level BPE (``tokenizer.ggml.model = gpt2``).
 
-Quantised tensor types use the ``gguf`` package's own quantisers, which
-reproduce llama.cpp's round-to-nearest formats; a caller that has already
-chosen codes on the block grid (GPTQ/AWQ) passes ``encoders`` to write them
-unchanged.
+A quantised file is a llama.cpp file type (``Q4_0``, ``Q4_K_M``, ``Q5_K_M``, ...): each matrix
+gets the type ``llama-quantize`` would give it (:mod:`slmkit.export.gguf_mix`: output and
+embedding precision, ``use_more_bits`` layers, fallbacks for rows that are not whole
+super-blocks), so a slmkit file and llama.cpp's file of the same name differ only in the codes.
+Tensors without codes of their own are rounded as llama-quantize rounds them without an
+importance matrix (the ``gguf`` package's quantisers for the 32-weight types, slmkit's port of
+llama.cpp's k-quant search for the others); a caller that has already chosen codes on the block
+grids (GPTQ/AWQ/QAT) passes ``encoders`` to write them unchanged.
 """
 
 from __future__ import annotations
@@ -26,7 +30,9 @@ from slmkit.errors import ConfigError, UnsupportedModelError
 
 log = logging.getLogger(__name__)
 
-TYPES = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0")
+#: what ``qtype`` may be: plain float files, or a llama.cpp file type (mix) or its short alias
+TYPES = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L",
+         "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "Q3_K", "Q4_K", "Q5_K")
 #: the tensors ``embedding_type`` applies to (token embedding, untied output head)
 EMBEDDING_NAMES = ("model.embed_tokens.weight", "lm_head.weight")
 _LAYER_NAMES = {
@@ -107,6 +113,8 @@ def export_gguf(
     keep_f32: Callable[[str], bool] | None = None,
     embedding_type: str | None = None,
     force: bool = False,
+    imatrix: bool = False,
+    pure: bool = False,
 ) -> Path:
     """Write ``model`` as a GGUF file of type ``qtype`` (atomically); return the path.
 
@@ -115,26 +123,19 @@ def export_gguf(
     1-D tensors (norms) always stay F32, as in llama.cpp. ``keep_f32(hf_name)``
     may keep more tensors at full precision. ``encoders`` maps HF tensor names to
     functions that return the already-quantised block bytes for that tensor.
-    ``embedding_type`` (default: ``qtype``) is the type of the token embedding and
-    of the output head (for a tied model they are one tensor): llama.cpp's own
-    ``llama-quantize`` keeps the output head at a higher precision than the
-    4/5-bit body (Q6_K); the ``gguf`` package cannot write Q6_K, so Q8_0 is the
-    nearest choice here.
+    The per-tensor types are :func:`tensor_plan`'s: ``embedding_type`` overrides the
+    token embedding's (and an untied output head's) type as ``llama-quantize
+    --token-embedding-type/--output-tensor-type`` do; ``imatrix`` picks the types
+    llama.cpp picks when quantising with an importance matrix; ``pure`` puts every
+    matrix at the mix's base type (``--pure``).
     """
     import gguf
 
-    if qtype not in TYPES:
-        raise ConfigError(f"unknown GGUF type {qtype!r}", f"use one of {', '.join(TYPES)}")
-    if embedding_type is not None and embedding_type not in TYPES:
-        raise ConfigError(f"unknown GGUF embedding type {embedding_type!r}", f"use one of {', '.join(TYPES)}")
+    from slmkit.compress.qgrid import Grid, encode_gguf_blocks, quantize_rtn
+
     cfg = model.config
-    if cfg.model_type not in ("llama", "mistral") or getattr(cfg, "attention_bias", False):
-        raise UnsupportedModelError(
-            f"GGUF export supports llama-architecture models (this is {cfg.model_type!r})",
-            "export to safetensors instead (--format safetensors)",
-        )
+    plan = tensor_plan(cfg, qtype, embedding_type=embedding_type, imatrix=imatrix, pure=pure)
     path = Path(path)
-    qt = gguf.GGMLQuantizationType[qtype]
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     rope = getattr(cfg, "rope_parameters", None) or {}
@@ -153,7 +154,7 @@ def export_gguf(
         w.add_rope_freq_base(float(theta))
         w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
         w.add_vocab_size(int(cfg.vocab_size))
-        w.add_file_type(int(gguf.LlamaFileType[{"F32": "ALL_F32", "F16": "MOSTLY_F16"}.get(qtype, "MOSTLY_" + qtype)]))
+        w.add_file_type(file_type(qtype))
         _tokenizer_fields(w, tokenizer)
         state = model.state_dict()
         for name, tensor in state.items():
@@ -170,25 +171,77 @@ def export_gguf(
             elif name.endswith("k_proj.weight"):
                 t = permute_qk(t, kv_heads)
             arr = t.numpy()
-            want = gguf.GGMLQuantizationType[embedding_type] if embedding_type and name in EMBEDDING_NAMES else qt
-            if t.ndim == 1 or (keep_f32 is not None and keep_f32(name)):
-                want = gguf.GGMLQuantizationType.F32
-            elif want.name not in ("F32", "F16") and t.shape[-1] % gguf.GGML_QUANT_SIZES[want][0] != 0:
-                log.warning("%s: width %d is not a multiple of the %s block; writing F16", name, t.shape[-1], want.name)
-                want = gguf.GGMLQuantizationType.F16
-            if want == gguf.GGMLQuantizationType.F32:
+            typ = "F32" if t.ndim == 1 or (keep_f32 is not None and keep_f32(name)) else plan[name]
+            if typ == "F32":
                 w.add_tensor(gname, arr.astype(np.float32))
-            elif want == gguf.GGMLQuantizationType.F16:
+            elif typ == "F16":
                 w.add_tensor(gname, arr.astype(np.float16))
             else:
+                want = gguf.GGMLQuantizationType[typ]
                 enc = (encoders or {}).get(name)
-                data = enc(name, t, want) if enc is not None else gguf.quants.quantize(arr, want)
+                if enc is not None:
+                    data = enc(name, t, want)
+                elif typ in _GGUF_PACKAGE_TYPES:
+                    data = gguf.quants.quantize(arr, want)
+                else:  # k-quants: llama.cpp's search without an importance matrix
+                    data = encode_gguf_blocks(quantize_rtn(t, Grid.for_gguf(typ)))
                 w.add_tensor(gname, data, raw_shape=data.shape, raw_dtype=want)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
     return path
+
+
+#: block types the ``gguf`` package quantises itself (llama.cpp's reference rounding)
+_GGUF_PACKAGE_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
+
+
+def _matrix_names(cfg) -> list[str]:
+    tied = getattr(cfg, "tie_word_embeddings", False)
+    return [n for n in model_config_names(cfg)
+            if not n.endswith("norm.weight") and not (n == "lm_head.weight" and tied)]
+
+
+def tensor_plan(model_config, qtype: str, embedding_type: str | None = None, imatrix: bool = False,
+                pure: bool = False) -> dict[str, str]:
+    """The GGUF type of every matrix (by HF name) in a file of type ``qtype``.
+
+    F32 / F16: every matrix at that type (``embedding_type`` may differ). A llama.cpp file
+    type (mix): the types ``llama-quantize`` picks (:func:`slmkit.export.gguf_mix.hf_tensor_types`).
+    """
+    from slmkit.export.gguf_mix import hf_tensor_types
+
+    if qtype not in TYPES:
+        raise ConfigError(f"unknown GGUF type {qtype!r}", f"use one of {', '.join(TYPES)}")
+    if embedding_type is not None and embedding_type not in ("F32", "F16", *_GGUF_PACKAGE_TYPES, "Q4_K", "Q5_K", "Q6_K"):
+        raise ConfigError(f"unknown GGUF embedding type {embedding_type!r}",
+                          f"use one of F32, F16, {', '.join(_GGUF_PACKAGE_TYPES)}, Q4_K, Q5_K, Q6_K")
+    cfg = model_config
+    if cfg.model_type not in ("llama", "mistral") or getattr(cfg, "attention_bias", False):
+        raise UnsupportedModelError(
+            f"GGUF export supports llama-architecture models (this is {cfg.model_type!r})",
+            "export to safetensors instead (--format safetensors)",
+        )
+    if qtype in ("F32", "F16"):
+        plan = dict.fromkeys(_matrix_names(cfg), qtype)
+        for n in EMBEDDING_NAMES:
+            if embedding_type and n in plan:
+                plan[n] = embedding_type
+        return plan
+    return hf_tensor_types(cfg, qtype, imatrix=imatrix, embedding_type=embedding_type, pure=pure,
+                           **({"output_type": embedding_type} if embedding_type else {}))
+
+
+def file_type(qtype: str) -> int:
+    """``general.file_type`` of a file of type ``qtype``."""
+    import gguf
+
+    from slmkit.export.gguf_mix import file_type as mix_file_type
+
+    if qtype in ("F32", "F16"):
+        return int(gguf.LlamaFileType["ALL_F32" if qtype == "F32" else "MOSTLY_F16"])
+    return mix_file_type(qtype)
 
 
 def read_gguf_weights(path: str | Path, model_config) -> dict[str, torch.Tensor]:
@@ -233,27 +286,25 @@ def model_config_names(cfg) -> list[str]:
 # pre-quantised tensors (GPTQ / AWQ / RTN codes on a GGUF grid) and validated export
 
 
-def encoders_for(quantized, model_config, qtype: str) -> dict[str, Encoder]:
-    """Encoders writing ``quantized``'s codes unchanged into ``qtype`` blocks.
+def encoders_for(quantized, model_config, plan: dict[str, str] | str) -> dict[str, Encoder]:
+    """Encoders writing ``quantized``'s codes unchanged into their GGUF blocks.
 
-    Only tensors whose grid is exactly ``qtype``'s block grid get an encoder; Q/K
-    codes and scales are row-permuted like the weights (rotary layout).
+    ``plan`` is :func:`tensor_plan`'s (or one type for every tensor). Only tensors whose grid
+    is exactly the block grid of their planned type get an encoder (the others are re-rounded,
+    with a warning); Q/K codes and scales are row-permuted like the weights (rotary layout).
     """
     from slmkit.compress.qgrid import QTensor, encode_gguf_blocks
 
-    if quantized is None or quantized.grid.gguf != qtype:
+    if quantized is None:
         return {}
     heads, kv_heads = model_config.num_attention_heads, model_config.num_key_value_heads
 
-    def make(name: str, qt: QTensor) -> Encoder:
+    def make(name: str, qt: QTensor, typ: str) -> Encoder:
         def enc(hf_name: str, t: torch.Tensor, want) -> np.ndarray:
-            if want.name != qtype:
-                raise RuntimeError(f"{hf_name}: codes are on the {qtype} grid, the writer asked for {want.name}")
+            if want.name != typ:
+                raise RuntimeError(f"{hf_name}: codes are on the {typ} grid, the writer asked for {want.name}")
             n = heads if name.endswith("q_proj.weight") else kv_heads if name.endswith("k_proj.weight") else None
-            q = qt
-            if n is not None:
-                q = QTensor(permute_qk(qt.codes, n), permute_qk(qt.scales, n),
-                            None if qt.mins is None else permute_qk(qt.mins, n), qt.grid)
+            q = qt if n is None else qt.map_rows(lambda x: permute_qk(x, n))
             data = encode_gguf_blocks(q)
             # the codes must reproduce the weight handed to the writer, bit for bit
             if not torch.equal(q.dequantize(), t):
@@ -262,25 +313,38 @@ def encoders_for(quantized, model_config, qtype: str) -> dict[str, Encoder]:
 
         return enc
 
-    return {name: make(name, qt) for name, qt in quantized.tensors.items()}
+    out, rerounded = {}, []
+    for name, qt in quantized.tensors.items():
+        typ = plan if isinstance(plan, str) else plan.get(name)
+        if typ is not None and qt.grid.gguf == typ:
+            out[name] = make(name, qt, typ)
+        else:
+            rerounded.append(f"{name} ({qt.grid.gguf or 'not a GGUF grid'} -> {typ})")
+    if rerounded:
+        log.warning("%d tensors' codes are not on their GGUF type's grid and are re-rounded, e.g. %s",
+                    len(rerounded), rerounded[0])
+    return out
 
 
 def _expected(arr: np.ndarray, qtype: str, is_vector: bool) -> np.ndarray:
     """What a reader must return for a tensor written without an encoder (the reference round trip)."""
     import gguf
 
+    from slmkit.compress.qgrid import Grid, quantize_rtn
+
     if is_vector or qtype == "F32":
         return arr.astype(np.float32)
     if qtype == "F16":
         return arr.astype(np.float16).astype(np.float32)
+    if qtype not in _GGUF_PACKAGE_TYPES:
+        return quantize_rtn(torch.from_numpy(arr), Grid.for_gguf(qtype)).dequantize().numpy()
     qt = gguf.GGMLQuantizationType[qtype]
-    if arr.shape[-1] % gguf.GGML_QUANT_SIZES[qt][0]:
-        return arr.astype(np.float16).astype(np.float32)
     return np.asarray(gguf.quants.dequantize(gguf.quants.quantize(arr, qt), qt), dtype=np.float32)
 
 
 def export_gguf_validated(model, tokenizer, path: str | Path, qtype: str = "F16", quantized=None,
-                          check_loader: bool = True, embedding_type: str | None = None, force: bool = False):
+                          check_loader: bool = True, embedding_type: str | None = None, force: bool = False,
+                          imatrix: bool = False, pure: bool = False):
     """Export as GGUF, then read it back and compare every tensor with what it must hold.
 
     Tensors carried by ``quantized`` (its grid being ``qtype``'s) must read back
@@ -295,20 +359,18 @@ def export_gguf_validated(model, tokenizer, path: str | Path, qtype: str = "F16"
     from slmkit.export.safetensors import ExportReport
 
     path = Path(path)
-    if quantized is not None and quantized.grid.gguf not in (None, qtype):
-        log.warning("codes are on the %s grid; exporting %s re-rounds them", quantized.grid.gguf, qtype)
-    encoders = encoders_for(quantized, model.config, qtype)
-    if embedding_type not in (None, qtype):
-        encoders = {k: v for k, v in encoders.items() if k not in EMBEDDING_NAMES}
+    plan = tensor_plan(model.config, qtype, embedding_type=embedding_type, imatrix=imatrix, pure=pure)
+    encoders = encoders_for(quantized, model.config, plan)
     with atomic_file(path, force=force, owned=is_gguf_file) as tmp:  # validated before it replaces path
-        export_gguf(model, tokenizer, tmp, qtype, encoders=encoders, embedding_type=embedding_type)
+        export_gguf(model, tokenizer, tmp, qtype, encoders=encoders, embedding_type=embedding_type,
+                    imatrix=imatrix, pure=pure)
         state = {k: v.detach().float() for k, v in model.state_dict().items()}
         tied = getattr(model.config, "tie_word_embeddings", False)
         want = {}
         for name, t in state.items():
             if gguf_name(name) is None or (name == "lm_head.weight" and tied):
                 continue
-            typ = embedding_type if embedding_type and name in EMBEDDING_NAMES else qtype
+            typ = "F32" if t.ndim == 1 else plan[name]  # rows round alone: the rotary row permutation commutes
             want[name] = t if name in encoders else torch.from_numpy(_expected(t.numpy(), typ, t.ndim == 1))
         back = read_gguf_weights(tmp, model.config)
         if set(back) != set(want):

@@ -410,6 +410,11 @@ def hf_tensor_types(model_config, ftype: str, imatrix: bool = False, **kwargs) -
     return out
 
 
+def base_type(ftype: str) -> str:
+    """The mix's default block type (``llama_ftype_get_default_type``): Q4_K for Q4_K_M, Q4_0 for Q4_0."""
+    return _BASE[_mix(ftype)]
+
+
 def file_type(ftype: str) -> int:
     """The ``general.file_type`` llama-quantize writes for the mix (``LLAMA_FTYPE_MOSTLY_*``)."""
     import gguf

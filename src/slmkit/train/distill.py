@@ -73,7 +73,7 @@ class DistillConfig:
     save_total_limit: int = 2  #: keep the newest N checkpoints
     logging_steps: int = 10
     seed: int = 0  #: model init / sampling / data order
-    qat: str = ""  #: quantisation-aware training on this GGUF grid (Q4_0, Q4_1, Q5_0, Q8_0); "" = off
+    qat: str = ""  #: quantisation-aware training on a GGUF block type (Q4_0, Q4_K, ...) or llama.cpp file type (Q4_K_M, ...); "" = off
     bf16: bool = False  #: mixed precision: bf16 autocast over fp32 weights (the Trainer's bf16; AMX/AVX512-BF16 CPUs, CUDA)
 
     def __post_init__(self):
@@ -83,9 +83,12 @@ class DistillConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.qat:
-            from slmkit.compress.qgrid import Grid
+            from slmkit.compress.qgrid import GGUF_TYPES
+            from slmkit.export.gguf_mix import FTYPES
 
-            Grid.for_gguf(self.qat)  # unknown type -> ConfigError listing the known ones
+            if self.qat not in GGUF_TYPES and self.qat not in FTYPES:
+                raise ConfigError(f"unknown QAT grid {self.qat!r}", f"use a GGUF type ({', '.join(GGUF_TYPES)}) "
+                                  f"or a llama.cpp file type ({', '.join(FTYPES)})")
         if self.learning_rate <= 0:
             raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
 
@@ -363,10 +366,9 @@ def distill(
         use_cpu=cfg.bf16 and not torch.cuda.is_available(),  # transformers refuses CPU bf16 autocast without it
     )
     if cfg.qat:
-        from slmkit.compress.qgrid import Grid
-        from slmkit.train.qat import attach_fake_quant
+        from slmkit.train.qat import attach_fake_quant, qat_grids
 
-        attach_fake_quant(student, Grid.for_gguf(cfg.qat))  # LLM-QAT: train through fake-quantised weights
+        attach_fake_quant(student, qat_grids(student, cfg.qat))  # LLM-QAT: train through fake-quantised weights
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     cbs = list(callbacks or []) + ([_StopAt(stop_after)] if stop_after else [])
     trainer = DistillTrainer(
@@ -386,10 +388,9 @@ def distill(
         return result  # partial run: checkpoints only
     final = trainer.accelerator.unwrap_model(trainer.model)
     if cfg.qat:
-        from slmkit.compress.qgrid import Grid
-        from slmkit.train.qat import finish_qat
+        from slmkit.train.qat import finish_qat, qat_grids
 
-        finish_qat(final, Grid.for_gguf(cfg.qat))  # latent weights -> the grid they were trained on
+        finish_qat(final, qat_grids(final, cfg.qat))  # latent weights -> the grids they were trained on
     _finalize(final, tokenizer, output, identity, cfg, result, base_manifest, force)
     return result
 

@@ -23,19 +23,37 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slmkit.compress.qgrid import Grid, codes_for, dequantize, group_params
+from slmkit.compress.qgrid import Grid, quantize_rtn
 from slmkit.errors import ConfigError
 
 
 def fake_quant(w: torch.Tensor, grid: Grid) -> torch.Tensor:
-    """RTN ``w`` (out, in) onto ``grid`` with a straight-through gradient: value ``Q(w)``, gradient identity."""
+    """RTN ``w`` (out, in) onto ``grid`` with a straight-through gradient: value ``Q(w)``, gradient identity.
+
+    The grid's own scale search is rerun each step (for k-quants, llama.cpp's sub-block
+    scale/min search), so training sees exactly the rounding the export applies.
+    """
     with torch.no_grad():
-        scale, mn = group_params(w, grid)  # (out, G) fp16-exact scales (and offsets)
-        g = grid.width(w.shape[1])
-        blocks = w.float().reshape(w.shape[0], -1, g)  # (out, G, g)
-        codes = codes_for(blocks, scale[..., None], None if mn is None else mn[..., None], grid).reshape(w.shape)
-        wq = dequantize(codes, scale, mn, grid).to(w.dtype)
+        wq = quantize_rtn(w.float(), grid).dequantize().to(w.dtype)
     return wq + (w - w.detach())  # STE: forward exactly Q(w) (the added term is 0), backward identity
+
+
+def qat_grids(model, qat: str) -> dict[str, Grid]:
+    """Each decoder Linear's grid (by HF weight name) for ``qat``: one GGUF type (Q4_0, Q4_K, ...) for
+    all, or a llama.cpp file type (Q4_K_M, ...) whose per-tensor types ``llama-quantize`` would pick."""
+    from slmkit.compress.qgrid import GGUF_TYPES as GGUF_GRIDS
+    from slmkit.export.gguf_mix import FTYPES
+
+    names = [f"{n}.weight" for n in _targets(model)]
+    if qat in GGUF_GRIDS:  # one block type for every Linear (a file of that type keeps the embedding apart)
+        return dict.fromkeys(names, Grid.for_gguf(qat))
+    if qat in FTYPES:
+        from slmkit.compress.quantize import gguf_grids
+
+        grids = gguf_grids(model, qat, imatrix=True)
+        return {n: grids[n] for n in names}
+    raise ConfigError(f"unknown QAT grid {qat!r}",
+                      f"use a GGUF type ({', '.join(GGUF_GRIDS)}) or a llama.cpp file type ({', '.join(FTYPES)})")
 
 
 class FakeQuantLinear(nn.Linear):
@@ -56,18 +74,23 @@ def _targets(model) -> dict[str, nn.Linear]:
     return out
 
 
-def attach_fake_quant(model, grid: Grid) -> list[str]:
-    """Make every decoder Linear compute with fake-quantised weights (in place); returns their names."""
+def attach_fake_quant(model, grid: Grid | dict[str, Grid]) -> list[str]:
+    """Make every decoder Linear compute with fake-quantised weights (in place); returns their names.
+
+    ``grid``: one for all, or one per HF weight name (:func:`qat_grids`)."""
     targets = _targets(model)
     for name, lin in targets.items():
         if type(lin) is not nn.Linear and not isinstance(lin, FakeQuantLinear):
             raise ConfigError(f"{name} is a {type(lin).__name__}, not a plain Linear; cannot fake-quantise it")
+        g = grid[f"{name}.weight"] if isinstance(grid, dict) else grid
         try:
-            grid.groups(lin.in_features)
+            g.groups(lin.in_features)
+            if g.group_size and lin.in_features % g.super_size:
+                raise ConfigError(f"{g.gguf} needs input widths divisible by {g.super_size}, got {lin.in_features}")
         except ConfigError as err:
             raise ConfigError(f"{err.problem} ({name})", err.hint) from None
         lin.__class__ = FakeQuantLinear
-        lin.qat_grid = grid
+        lin.qat_grid = g
     return list(targets)
 
 
@@ -79,9 +102,11 @@ def detach_fake_quant(model) -> None:
             del m.qat_grid
 
 
-def finish_qat(model, grid: Grid):
-    """Detach fake quantisation and put the latent weights on ``grid`` (RTN); returns the ``Quantized`` record."""
+def finish_qat(model, grid: Grid | dict[str, Grid]):
+    """Detach fake quantisation and put the latent weights on their grids (RTN); returns the ``Quantized`` record."""
     from slmkit.compress.quantize import RTNConfig, quantize
 
     detach_fake_quant(model)
+    if isinstance(grid, dict):
+        return quantize(model, "rtn", RTNConfig(next(iter(grid.values()))), grids=grid)
     return quantize(model, "rtn", RTNConfig(grid))
