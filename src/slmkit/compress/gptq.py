@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
+from slmkit.compress.kquant import row_sigma2
 from slmkit.compress.qgrid import Grid, QTensor, codes_for, fit_params
 from slmkit.errors import ConfigError
 
@@ -98,6 +99,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: GPTQConfig, grid: Grid 
     scales = torch.zeros(out, ngroups)
     mins = None if grid.symmetric else torch.zeros(out, ngroups)
     aux_parts: list[dict] = []
+    sigma2 = None if static or importance is None or grid.kquant else row_sigma2(W)
     if static:  # fit every group's scale to the original weights
         s, m, aux = fit_params(W, grid, importance=importance)
         scales.copy_(s)
@@ -122,7 +124,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: GPTQConfig, grid: Grid 
             if not static and perm[c] % unit == 0:  # first column of a unit: fit its scales now
                 cur = W1[:, j : j + unit] if j + unit <= i2 - i1 else torch.cat([W1[:, j:], W[:, i2:]], 1)[:, :unit]
                 imp = None if importance is None else importance[perm[c] : perm[c] + unit]
-                s, m, aux = fit_params(cur, grid, importance=imp)  # (out, per_unit)
+                # legacy types weight by the whole row's mean square (llama.cpp), not the slice's
+                s, m, aux = fit_params(cur, grid, importance=imp, row_sigma2=sigma2)  # (out, per_unit)
                 scales[:, grp : grp + per_unit] = s
                 if mins is not None:
                     mins[:, grp : grp + per_unit] = m
