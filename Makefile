@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DATA ?= $(if $(SLMKIT_DATA),$(SLMKIT_DATA),../shared/data)
 
-.PHONY: setup run test test-fast bench clean
+.PHONY: setup run test test-fast bench clean llamacpp
 
 setup: $(VENV)/.installed
 
@@ -23,6 +23,11 @@ $(VENV)/.installed: pyproject.toml
 run: setup
 	$(BIN)/slmkit build --output runs/default
 	@echo "report: runs/default/report.html"
+
+# optional: llama.cpp's tools (llama-quantize, llama-imatrix, llama-perplexity, llama-bench) and bindings,
+# built once into ~/.cache/slmkit (a few minutes on 2 cores); tests that need them skip without
+llamacpp: setup
+	scripts/build_llamacpp.sh $(BIN)/python
 
 test: setup
 	$(BIN)/python -m pytest -q

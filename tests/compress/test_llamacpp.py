@@ -17,6 +17,16 @@ pytestmark = pytest.mark.skipif(llamacpp.tools() is None, reason=f"llama.cpp not
 
 
 @pytest.fixture(scope="module")
+def bindings():
+    from slmkit.errors import ConfigError
+
+    try:
+        return llamacpp.bindings()
+    except ConfigError as err:
+        pytest.skip(str(err).splitlines()[0])
+
+
+@pytest.fixture(scope="module")
 def wide(tiny_tok):
     """(model, tokenizer): 2 layers, hidden 256, FFN 512, GQA 4/2, tied embeddings."""
     cfg = tiny_llama_config(tiny_tok, layers=2, hidden=256, heads=4, kv_heads=2)
@@ -52,7 +62,7 @@ def _ids(n: int = 48, vocab: int = 384) -> list[int]:
     return torch.randint(3, vocab, (n,), generator=torch.Generator().manual_seed(0)).tolist()
 
 
-def test_f32_logits_agree(wide, wide_f32):
+def test_f32_logits_agree(wide, wide_f32, bindings):
     """The F32 export runs in llama.cpp with the logits of the transformers model (fp32 rounding only)."""
     model, _ = wide
     ids = _ids()
@@ -63,7 +73,7 @@ def test_f32_logits_agree(wide, wide_f32):
 
 
 @pytest.mark.parametrize("ftype", ["Q4_0", "Q4_K_M", "Q5_K_M"])
-def test_quantised_logits_agree(wide, tmp_path, ftype):
+def test_quantised_logits_agree(wide, tmp_path, ftype, bindings):
     """A GPTQ-quantised model written at a llama.cpp mix: llama.cpp's logits on the file agree with
     slmkit's in-memory model of the same codes. llama.cpp rounds activations to 8 bits for its
     quantised dot products, so the tolerance is statistical: mean KL divergence below 1e-3 nats and

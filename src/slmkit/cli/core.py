@@ -188,28 +188,50 @@ def evaluate(
     stride: Optional[int] = typer.Option(None, "--stride", help="tokens between windows (default: context)"),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="score only the first N tokens"),
     efficiency: bool = typer.Option(False, "--efficiency", help="measure load time, memory, prefill/decode speed"),
-    dtype: str = typer.Option("fp32", "--dtype", help=DTYPE_HELP),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help=DTYPE_HELP + " (default fp32; with --fast on a quantised FILE.gguf, unset = the file's own codes)"),
+    fast: bool = typer.Option(False, "--fast", help="measure slmkit's fast path (what generate/serve --fast run), not the transformers loop"),
+    int8: bool = typer.Option(False, "--int8", help="with --fast: int8 weights"),
+    int4: bool = typer.Option(False, "--int4", help="with --fast: int4 weights (slmkit's q4 kernel)"),
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Evaluate MODEL: perplexity on a text file and/or efficiency."""
+    """Evaluate MODEL: perplexity on a text file and/or efficiency (of the transformers loop, or --fast)."""
     from slmkit.errors import ConfigError
     from slmkit.eval import EfficiencyConfig, PerplexityConfig, measure, perplexity, read_text
     from slmkit.models import load
 
     if perplexity_file is None and not efficiency:
         raise ConfigError("nothing to evaluate", "pass --perplexity FILE and/or --efficiency")
+    if (int8 or int4) and not fast:
+        raise ConfigError("--int8/--int4 choose the fast path's weights", "add --fast")
+    if int8 and int4:
+        raise ConfigError("--int8 and --int4 exclude each other")
     cfg = PerplexityConfig(context=context, stride=stride or context, max_tokens=max_tokens)
     text = read_text(perplexity_file) if perplexity_file is not None else None
     t0 = time.perf_counter()
-    m, tok = load(model, dtype=dtype)
+    m, tok = load(model, dtype=dtype or "fp32")
+    fm = path_name = None
+    if fast:
+        from slmkit.runtime.generate import FastConfig, build
+        from slmkit.runtime.gguffast import build_gguf, file_codes
+
+        weights = "int4" if int4 else "int8" if int8 else "native"
+        gguf = file_codes(model, dtype, weights)  # a quantised FILE.gguf runs its own blocks unless --dtype is given
+        fcfg = FastConfig(dtype=dtype if dtype in ("fp32", "bf16") else "fp32", weights=weights)
+        fm = build_gguf(gguf, fcfg, m) if gguf is not None else build(m, fcfg)
+        path_name = f"fast ({'file codes' if gguf is not None else weights if weights != 'native' else dtype or 'fp32'})"
     load_s = time.perf_counter() - t0
-    result: dict = {"model": model, "dtype": dtype, "load_time_s": round(load_s, 3)}
+    result: dict = {"model": model, "dtype": dtype or "fp32", "path": path_name or "transformers",
+                    "load_time_s": round(load_s, 3)}
     if text is not None:
-        ppl = perplexity(m, tok, text, cfg, source=str(perplexity_file))
+        from slmkit.eval.efficiency import fast_logits_fn
+
+        ppl = perplexity(m, tok, text, cfg, source=str(perplexity_file), logits_fn=fast_logits_fn(fm) if fm else None)
         result.update(perplexity=ppl.perplexity, nll=ppl.nll, perplexity_tokens=ppl.tokens, windows=ppl.windows,
                       context=ppl.context, stride=ppl.stride, perplexity_file=str(perplexity_file))
     if efficiency:
-        eff = measure(m, EfficiencyConfig(), load_time_s=load_s)
+        from slmkit.eval.efficiency import measure_fast
+
+        eff = measure_fast(fm, EfficiencyConfig(), load_time_s=load_s) if fm else measure(m, EfficiencyConfig(), load_time_s=load_s)
         result.update(
             prefill_tokens_per_s=eff.prefill_tokens_per_s,
             decode_tokens_per_s=eff.decode_tokens_per_s,
@@ -233,4 +255,4 @@ def evaluate(
             ("peak RSS", f"{result['peak_rss_mb']:.0f} MB"),
             ("threads", result["threads"]),
         ]
-    console.print(kv_table(f"{model} ({dtype})", rows))
+    console.print(kv_table(f"{model} ({result['path']}, {dtype or 'fp32'})", rows))

@@ -97,3 +97,60 @@ def measure(model, cfg: EfficiencyConfig = EfficiencyConfig(), load_time_s: floa
         threads=torch.get_num_threads(),
         load_time_s=load_time_s,
     )
+
+
+@torch.inference_mode()
+def measure_fast(fm, cfg: EfficiencyConfig = EfficiencyConfig(), load_time_s: float | None = None) -> EfficiencyResult:
+    """Measure slmkit's fast path (:mod:`slmkit.runtime.generate`): prefill of ``prompt_tokens`` into a
+    fresh cache, then greedy decode steps one token at a time, as ``generate --fast`` and the server run
+    (the fused decode step where the model has one). ``fm`` is a FastModel (``build`` / ``build_gguf``)."""
+    from slmkit.runtime.generate import decode_one_token, prefill
+
+    g = torch.Generator().manual_seed(cfg.seed)
+    ids = torch.randint(0, fm.vocab, (cfg.prompt_tokens,), generator=g)
+    ctx = cfg.prompt_tokens + cfg.new_tokens + 1
+
+    def run(n_new: int) -> tuple[float, float, float]:
+        cache = fm.new_cache(context=ctx)
+        t0 = time.perf_counter()
+        logits = prefill(fm, ids, cache)
+        t1 = time.perf_counter()
+        tok = int(logits.argmax())
+        for _ in range(n_new):
+            tok = int(decode_one_token(fm, tok, cache).argmax())
+        t2 = time.perf_counter()
+        return t1 - t0, t1 - t0, t2 - t1
+
+    run(4)  # warm-up (kernel build, first-touch of the weights)
+    prefills, ttfts, decodes = [], [], []
+    for _ in range(cfg.repeats):
+        pre, ttft, dec = run(cfg.new_tokens)
+        prefills.append(cfg.prompt_tokens / pre)
+        ttfts.append(ttft)
+        decodes.append(cfg.new_tokens / dec)
+    return EfficiencyResult(
+        prefill_tokens_per_s=_median(prefills),
+        decode_tokens_per_s=_median(decodes),
+        time_to_first_token_s=_median(ttfts),
+        peak_rss_mb=peak_rss_mb(),
+        prompt_tokens=cfg.prompt_tokens,
+        new_tokens=cfg.new_tokens,
+        dtype=str(fm.dtype).replace("torch.", ""),
+        threads=torch.get_num_threads(),
+        load_time_s=load_time_s,
+    )
+
+
+def fast_logits_fn(fm):
+    """``window (1, T) -> logits (T, V)`` through the fast path (a fresh cache per window), for
+    :func:`slmkit.eval.perplexity.perplexity`'s ``logits_fn``: scores exactly what the fast path runs."""
+    from slmkit.runtime.generate import Segment, forward
+
+    @torch.inference_mode()
+    def fn(window: torch.Tensor) -> torch.Tensor:
+        ids = window[0]
+        cache = fm.new_cache(context=int(ids.numel()))
+        return forward(fm, [Segment(ids, cache, all_logits=True)])[0]
+
+    return fn
+

@@ -64,8 +64,12 @@ def read_text(path: str | Path) -> str:
 
 
 @torch.inference_mode()
-def perplexity(model, tokenizer, text: str | Sequence[str], cfg: PerplexityConfig = PerplexityConfig(), source: str = "") -> PerplexityResult:
-    """Perplexity of ``model`` on ``text`` (a string, or texts joined with blank lines)."""
+def perplexity(model, tokenizer, text: str | Sequence[str], cfg: PerplexityConfig = PerplexityConfig(), source: str = "",
+               logits_fn=None) -> PerplexityResult:
+    """Perplexity of ``model`` on ``text`` (a string, or texts joined with blank lines).
+
+    ``logits_fn(window (1, T)) -> (T, V)`` replaces ``model``'s forward (e.g. slmkit's fast path on a
+    GGUF file's own codes: :func:`slmkit.eval.efficiency.fast_logits_fn`)."""
     if not isinstance(text, str):
         text = "\n\n".join(text)
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
@@ -75,7 +79,7 @@ def perplexity(model, tokenizer, text: str | Sequence[str], cfg: PerplexityConfi
         ids = ids[: cfg.max_tokens]
     if ids.numel() < 2:
         raise DataError(f"text{' ' + source if source else ''} has {ids.numel()} tokens; perplexity needs at least 2")
-    device = next(model.parameters()).device
+    device = next(model.parameters()).device if logits_fn is None else torch.device("cpu")
     n = ids.numel()
     total_nll = 0.0
     scored = 0
@@ -85,7 +89,7 @@ def perplexity(model, tokenizer, text: str | Sequence[str], cfg: PerplexityConfi
     while prev_end < n:
         end = min(begin + cfg.context, n)
         window = ids[begin:end].to(device)[None]  # (1, T)
-        logits = model(window).logits[0].float()  # (T, V)
+        logits = (model(window).logits[0] if logits_fn is None else logits_fn(window)).float()  # (T, V)
         # position t predicts token t+1; score targets in [prev_end, end)
         # a window's first token has no history inside the window: with stride == context
         # it is skipped (one token per window, as in the HF guide's label masking)
