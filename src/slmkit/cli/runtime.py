@@ -46,26 +46,29 @@ def serve(
 ) -> None:
     """Serve MODEL over an OpenAI-compatible HTTP API (streaming, continuous batching).
 
-    With --large and --mode, serve MODEL paired with a large model (non-streaming;
-    each response carries "slmkit" metadata: escalated, confidence, acceptance_rate, redacted).
+    With --large and --mode, serve MODEL paired with a large model (streaming too; each response
+    carries "slmkit" metadata: escalated, confidence, acceptance_rate, redacted), under the same
+    --max-body-bytes, --max-queue, --timeout and --api-key (requests run one at a time).
     """
     from slmkit.errors import ConfigError
 
     if (large is None) != (mode is None):
         raise ConfigError("--large and --mode go together", "e.g. --large http://host:8000 --mode cascade")
-    if large is not None:
+    from slmkit.runtime.servecore import ServerConfig
+
+    cfg = ServerConfig(api_key=api_key, max_body_bytes=max_body, request_timeout_s=timeout, max_queue=max_queue)
+    if large is not None:  # same limits, queue bound, timeout and key as the single-model server
         import uvicorn
 
         from slmkit.collab.serving import build_backend, create_app
 
         backend = build_backend(model, large, mode, dtype=dtype or "fp32", threshold=threshold, timeout=timeout)
-        uvicorn.run(create_app(backend, name=name, api_key=api_key), host=host, port=port, log_level="warning")
+        uvicorn.run(create_app(backend, name=name, cfg=cfg), host=host, port=port, log_level="warning")
         return
     from slmkit.backends import HFBackend
     from slmkit.runtime.engine import EngineConfig
     from slmkit.runtime.generate import FastConfig
     from slmkit.runtime.gguffast import file_codes
-    from slmkit.runtime.server import ServerConfig
     from slmkit.runtime.server import serve as run
 
     weights = "int4" if int4 else "int8" if int8 else "native"
@@ -76,8 +79,7 @@ def serve(
     if name:
         backend.name = name
     run(backend, host=host, port=port,
-        cfg=ServerConfig(api_key=api_key, max_body_bytes=max_body, request_timeout_s=timeout),
-        engine_cfg=EngineConfig(max_batch=max_batch, max_queue=max_queue), fast_cfg=fast, adapters=adapters, gguf=gguf)
+        cfg=cfg, engine_cfg=EngineConfig(max_batch=max_batch, max_queue=max_queue), fast_cfg=fast, adapters=adapters, gguf=gguf)
 
 
 def fit(

@@ -16,13 +16,14 @@ Streaming: speculative mode sends each verified chunk as the target accepts it;
 cascade mode decides first (the small answer is generated whole), then sends the
 small answer or streams the large one; shield mode streams the large reply with
 placeholders restored, holding back a placeholder split across pieces until it is whole.
+
+The app runs on the server core shared with ``slmkit serve`` (:mod:`slmkit.runtime.servecore`):
+the same validation, body limit, bounded queue, timeout, cancellation and error shape.
 """
 
 
-import asyncio
 import logging
 import math
-import threading
 import time
 import uuid
 from collections.abc import Sequence
@@ -159,178 +160,149 @@ class CascadeBackend:
         return self.small.score(texts, contexts)
 
 
-def _err(status: int, message: str, kind: str = "invalid_request_error"):
-    from fastapi.responses import JSONResponse
+def model_limits(backend) -> tuple[int | None, object | None]:
+    """``(context length, tokenizer)`` of the model that reads a collaboration backend's prompts, where known.
 
-    return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind, "param": None, "code": None}})
-
-
-def create_app(backend: Backend, name: str | None = None, api_key: str | None = None):
-    """A minimal OpenAI-compatible app over any Backend; one request at a time; metadata under ``slmkit``.
-
-    ``stream: true`` answers with server-sent events in OpenAI's chunk format
-    (:mod:`slmkit.runtime.sse`), through :func:`~slmkit.backends.stream.generate_streaming`:
-    backends with a ``stream`` method send text as they generate, others in one piece.
-    The final chunk carries ``finish_reason`` and the request's ``slmkit`` metadata. A client
-    that disconnects stops generation at the backend's next piece of text.
+    Speculative: the target; cascade: the shorter context of the pair (either may answer), the small
+    model's tokenizer; shield: the remote's (None for an HTTP endpoint, which checks for itself).
     """
-    from fastapi import FastAPI, Request
-    from starlette.concurrency import run_in_threadpool
+    if getattr(backend, "remote", None) is not None:
+        return model_limits(backend.remote)
+    if hasattr(backend, "small") and hasattr(backend, "large"):
+        ctx_s, tok = model_limits(backend.small)
+        ctx_l = model_limits(backend.large)[0] if backend.large is not None else None
+        known = [c for c in (ctx_s, ctx_l) if c]
+        return (min(known) if known else None), tok
+    model = getattr(backend, "target", None)
+    if model is None:
+        model = getattr(backend, "model", None)
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return None, None
+    c = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    ctx = getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None)
+    return (ctx if isinstance(ctx, int) and ctx > 0 else None), getattr(backend, "tokenizer", None)
 
+
+def create_app(backend: Backend, name: str | None = None, api_key: str | None = None, cfg=None):
+    """An OpenAI-compatible app over any Backend, on the server core shared with ``slmkit serve``.
+
+    Validation, body limits (chunked bodies too), the bounded queue (``cfg.max_queue``, 429
+    when full), the request timeout, cancellation and OpenAI-shaped errors come from
+    :mod:`slmkit.runtime.servecore` (``cfg`` is its :class:`~slmkit.runtime.servecore.ServerConfig`).
+    Requests run one at a time on one worker thread (the backends share their models), each
+    through :func:`~slmkit.backends.stream.generate_streaming`, so a request that is cancelled
+    (client gone) or past its deadline stops at the backend's next piece of text. ``stream:
+    true`` answers with server-sent events in OpenAI's chunk format; the final chunk (or the
+    response) carries ``finish_reason`` and the request's ``slmkit`` metadata.
+    """
+    import contextlib
+    import queue
+    from dataclasses import replace as dc_replace
+
+    from fastapi import FastAPI, Request
+    from fastapi.responses import PlainTextResponse
+
+    from slmkit.backends.hf import render_prompt
+    from slmkit.runtime import servecore as core
     from slmkit.runtime import sse
     from slmkit.runtime.omp import release_pool
 
+    cfg = cfg or core.ServerConfig(api_key=api_key)
+    if api_key and not cfg.api_key:
+        cfg = dc_replace(cfg, api_key=api_key)
     name = name or backend.name
-    release_pool()  # the models were loaded on this thread; its idle OpenMP pool would slow the request threads
-    lock = threading.Lock()
-    running = [0]  # generations in progress (streaming or not)
-    app = FastAPI(title="slmkit collab", version="1")
+    release_pool()  # the models were loaded on this thread; its idle OpenMP pool would slow the worker thread
+    ctx, tok = model_limits(backend)
+    stats = core.Stats()
+    worker = core.SerialWorker(cfg.max_queue, name="slmkit-collab")
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1") and request.headers.get("authorization") != f"Bearer {api_key}":
-            return _err(401, "invalid or missing API key", "authentication_error")
-        return await call_next(request)
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        yield
+        worker.close()
+
+    app = FastAPI(title="slmkit collab", version="1", lifespan=lifespan)
+    app.state.worker = worker
+    core.install(app, cfg, stats)
 
     @app.get("/health")
     def health() -> dict:
-        return {"status": "ok", "model": name, "active": running[0]}
+        return {"status": "ok", "model": name, "active": worker.active, "queued": worker.queued}
+
+    @app.get("/metrics")
+    def metrics() -> PlainTextResponse:
+        gauges = {"slmkit_requests_active": worker.active, "slmkit_requests_queued": worker.queued,
+                  **{f"slmkit_worker_{k}": v for k, v in worker.stats.items()}}
+        return PlainTextResponse(stats.metrics(gauges))
 
     @app.get("/v1/models")
     def models() -> dict:
         return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "slmkit"}]}
 
-    def _params(body: dict):
-        try:
-            stop = body.get("stop") or ()
-            return GenParams(
-                max_new_tokens=int(body.get("max_tokens") or body.get("max_completion_tokens") or 16),
-                temperature=float(1.0 if body.get("temperature") is None else body["temperature"]),
-                top_p=float(1.0 if body.get("top_p") is None else body["top_p"]),
-                seed=body.get("seed"), stop=(stop,) if isinstance(stop, str) else tuple(stop),
-            ), None
-        except (SlmkitError, ValueError, TypeError) as err:
-            return None, _err(400, str(err).splitlines()[0])
-
-    def _guarded(fn):
-        """Run ``fn`` under the lock; (result, None) or (None, (message, type, status))."""
-        with lock:
-            running[0] += 1
+    def _params(s, prompt: Prompt, param: str) -> GenParams:
+        n = 0
+        if tok is not None and ctx is not None:
             try:
-                return fn(), None
-            except BackendError as err:
-                return None, (str(err).splitlines()[0], "upstream_error", 502)
+                rendered = render_prompt(tok, prompt)
             except SlmkitError as err:
-                return None, (str(err).splitlines()[0], "invalid_request_error", 400)
-            finally:
-                running[0] -= 1
-                release_pool()  # requests run on several worker threads: an idle pool slows the next one (runtime/omp.py)
+                raise core.ApiError(400, str(err).splitlines()[0], param) from None
+            except Exception:  # a chat template that rejects these roles or their order
+                raise core.ApiError(400, "the chat template rejected these messages", param) from None
+            n = len(tok(rendered, add_special_tokens=isinstance(prompt, str)).input_ids)
+        mt = core.budget(s, n, ctx, cfg, param)
+        if mt < 1:
+            raise core.bad(f"the prompt fills this model's context of {ctx} tokens; shorten it", param, "context_length_exceeded")
+        return GenParams(max_new_tokens=mt, temperature=s.temperature, top_p=s.top_p, seed=s.seed, stop=s.stop)
 
-    async def _run(params: GenParams, prompt: Prompt):
-        c, bad = await run_in_threadpool(_guarded, lambda: backend.generate([prompt], params)[0])
-        return (c, None) if bad is None else (None, _err(bad[2], bad[0], bad[1]))
-
-    def _stream(body: dict, params: GenParams, prompt: Prompt, chunk):
-        """SSE over ``generate_streaming`` in a worker thread; ``chunk(text, first, finish)`` shapes each event."""
-        loop = asyncio.get_running_loop()
-        q: asyncio.Queue = asyncio.Queue()
-        gone = threading.Event()
-
-        def put(item) -> None:
-            try:
-                loop.call_soon_threadsafe(q.put_nowait, item)
-            except RuntimeError:  # the loop is gone (server shutting down)
-                pass
-
-        def on_text(piece: str) -> bool:
-            put(("delta", piece))
-            return gone.is_set()
-
-        def work() -> None:
-            if gone.is_set():
-                return put(("error", ("client disconnected", "server_error", 499)))
-            c, bad = _guarded(lambda: generate_streaming(backend, prompt, params, on_text))
-            put(("done", c) if bad is None else ("error", bad))
-
-        threading.Thread(target=work, name="slmkit-collab-stream", daemon=True).start()
-        usage = bool((body.get("stream_options") or {}).get("include_usage"))
-
-        async def events():
-            try:
-                first = True
-                while True:
-                    kind, item = await q.get()
-                    if kind == "delta":
-                        if item:
-                            yield sse.event(chunk(item, first, None))
-                            first = False
-                        continue
-                    if kind == "error":
-                        yield sse.error_event(item[0], item[1])
-                        break
-                    yield sse.event({**chunk("", first, item.finish_reason), "slmkit": item.meta})
-                    if usage:
-                        yield sse.event(sse.usage_chunk(chunk("", False, None), None, max(item.tokens, 0)))
-                    break
-                yield sse.DONE
-            finally:  # finished, or the client went away (the generator is closed)
-                gone.set()
-
-        return sse.response(events())
-
-    async def _body(request: Request):
+    def _submit(params: GenParams, prompt: Prompt):
+        ch = core.Channel()
+        job = core.Job(run=lambda on_text: generate_streaming(backend, prompt, params, on_text), emit=ch.emit,
+                       deadline=time.monotonic() + cfg.request_timeout_s)
         try:
-            body = await request.json()
-        except ValueError:
-            return None, _err(400, "request body is not valid JSON")
-        if not isinstance(body, dict):
-            return None, _err(400, "request body must be a JSON object")
-        return body, None
+            worker.submit(job)
+        except queue.Full:
+            raise core.ApiError(429, "the server's queue is full; retry later") from None
+        return ch, job, job.deadline + cfg.grace_s
 
-    def _usage(c: Completion) -> dict:
-        return {"completion_tokens": max(c.tokens, 0)}
+    def _stream(s, ch, job, until, chunk):
+        """The SSE response; ``chunk(text, first, finish)`` shapes each event, the last one carries the metadata."""
+        def finish(ev, first: bool) -> list[dict]:
+            last = {**chunk("", first, ev.finish_reason), "slmkit": ev.meta}
+            usage = [sse.usage_chunk(chunk("", False, None), None, ev.count or 0)] if s.include_usage else []
+            return [last, *usage]
+
+        return core.stream_response(ch, job, until, stats, lambda ev, first: chunk(ev.text, first, None) if ev.text else None, finish)
 
     @app.post("/v1/completions")
+    @core.handler(stats)
     async def completions(request: Request):
-        body, bad = await _body(request)
-        if bad is not None:
-            return bad
-        if not isinstance(body.get("prompt"), str):
-            return _err(400, "'prompt' must be a string")
-        params, bad = _params(body)
-        if bad is not None:
-            return bad
+        body = await core.read_json(request, cfg)
+        s = core.sampling(body, cfg, None, ("max_tokens",), min_tokens=1)
+        prompt = core.prompt_of(body)
+        ch, job, until = _submit(_params(s, prompt, "prompt"), prompt)
         cid, created = f"cmpl-{uuid.uuid4().hex[:12]}", int(time.time())
-        if body.get("stream"):
-            return _stream(body, params, body["prompt"], lambda text, first, finish: sse.text_chunk(cid, created, name, text, finish))
-        c, bad = await _run(params, body["prompt"])
-        if bad is not None:
-            return bad
+        if s.stream:
+            return _stream(s, ch, job, until, lambda text, first, finish: sse.text_chunk(cid, created, name, text, finish))
+        end = core.finished(await core.collect(request, ch, job, until))
         return {"id": cid, "object": "text_completion", "created": created, "model": name,
-                "choices": [{"index": 0, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None}],
-                "usage": _usage(c), "slmkit": c.meta}
+                "choices": [{"index": 0, "text": end.text, "finish_reason": end.finish_reason, "logprobs": None}],
+                "usage": {"completion_tokens": end.count or 0}, "slmkit": end.meta}
 
     @app.post("/v1/chat/completions")
+    @core.handler(stats)
     async def chat(request: Request):
-        body, bad = await _body(request)
-        if bad is not None:
-            return bad
-        msgs = body.get("messages")
-        if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) and "content" in m for m in msgs):
-            return _err(400, "'messages' must be a non-empty list of {role, content}")
-        params, bad = _params(body)
-        if bad is not None:
-            return bad
-        prompt = [{"role": str(m.get("role", "user")), "content": str(m["content"])} for m in msgs]
+        body = await core.read_json(request, cfg)
+        s = core.sampling(body, cfg, None, ("max_completion_tokens", "max_tokens"), min_tokens=1)
+        prompt = core.messages_of(body)
+        ch, job, until = _submit(_params(s, prompt, "messages"), prompt)
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:12]}", int(time.time())
-        if body.get("stream"):
-            return _stream(body, params, prompt, lambda text, first, finish: sse.chat_chunk(cid, created, name, text, first, finish))
-        c, bad = await _run(params, prompt)
-        if bad is not None:
-            return bad
+        if s.stream:
+            return _stream(s, ch, job, until, lambda text, first, finish: sse.chat_chunk(cid, created, name, text, first, finish))
+        end = core.finished(await core.collect(request, ch, job, until))
         return {"id": cid, "object": "chat.completion", "created": created, "model": name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason}],
-                "usage": _usage(c), "slmkit": c.meta}
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": end.text}, "finish_reason": end.finish_reason}],
+                "usage": {"completion_tokens": end.count or 0}, "slmkit": end.meta}
 
     return app
 

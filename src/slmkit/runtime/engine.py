@@ -17,6 +17,7 @@ on EOS, a stop string, ``max_tokens``, cancellation (client gone) or its deadlin
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -55,6 +56,8 @@ class Event:
     top: list[dict] = field(default_factory=list)  # per token {token_text: logprob} when top_logprobs > 0
     finish_reason: str | None = None
     prompt_logprobs: list[float | None] | None = None  # echo: per prompt token (first is None)
+    meta: dict | None = None  # backend-specific extras of a "done" (collaboration modes)
+    count: int | None = None  # completion tokens of a "done" when ``tokens`` does not list them
 
 
 @dataclass
@@ -89,6 +92,29 @@ class Request:
         self.cancelled = True
 
 
+SEED_MAX = 2**64 - 1  #: torch.Generator.manual_seed takes 64-bit seeds
+
+
+def check(req: Request, engine: Engine | None = None) -> None:
+    """Raise ``ConfigError`` for a request the worker could not run (so one bad request never reaches a batch)."""
+    if engine is not None and (req.model or engine.default) not in engine.models:
+        raise ConfigError(f"unknown model {req.model!r}")
+    if not isinstance(req.max_new_tokens, int) or req.max_new_tokens < 0:
+        raise ConfigError(f"max_new_tokens must be an integer >= 0, got {req.max_new_tokens!r}")
+    if req.seed is not None and (isinstance(req.seed, bool) or not isinstance(req.seed, int) or not 0 <= req.seed <= SEED_MAX):
+        raise ConfigError(f"seed must be an integer in [0, 2**64 - 1], got {req.seed!r}")
+    if not (math.isfinite(req.temperature) and req.temperature >= 0):
+        raise ConfigError(f"temperature must be a finite number >= 0, got {req.temperature!r}")
+    if not (math.isfinite(req.top_p) and 0 < req.top_p <= 1):
+        raise ConfigError(f"top_p must be in (0, 1], got {req.top_p!r}")
+    if req.top_logprobs < 0 or req.ids.ndim != 1 or not len(req.ids):
+        raise ConfigError("a request needs a non-empty 1-D prompt and top_logprobs >= 0")
+    if engine is not None:
+        vocab = len(engine.tok)
+        if int(req.ids.min()) < 0 or int(req.ids.max()) >= max(vocab, engine.models[req.model or engine.default].vocab):
+            raise ConfigError("prompt token ids out of the vocabulary")
+
+
 class Engine:
     """Owns the models and the worker thread; :meth:`submit` is thread-safe."""
 
@@ -115,7 +141,8 @@ class Engine:
         return min(fm.max_positions, self.cfg.max_context or fm.max_positions)
 
     def submit(self, req: Request) -> None:
-        """Queue ``req``; raises ``queue.Full`` when the queue is full."""
+        """Queue ``req``; raises ``ConfigError`` for a request that cannot run, ``queue.Full`` when the queue is full."""
+        check(req, self)
         self._q.put_nowait(req)
 
     @property
@@ -139,11 +166,11 @@ class Engine:
                 if not self._active:
                     continue
                 self._step()
-            except Exception as err:  # keep serving: fail the batch, not the server
+            except Exception:  # keep serving: fail the batch, not the server (the text stays in the log)
                 log.exception("engine step failed")
                 self.stats["errors"] += 1
                 for r in self._active:
-                    r.emit(Event("error", text=f"internal error: {type(err).__name__}: {err}"))
+                    r.emit(Event("error", text="internal error"))
                 self._active = []
 
     def _admit(self) -> None:
@@ -157,14 +184,19 @@ class Engine:
             if r.cancelled:
                 self.stats["requests_cancelled"] += 1
                 continue
-            fm = self.models[r.model or self.default]
-            ctx = min(self.context_of(r.model), len(r.ids) + r.max_new_tokens)
-            try:
+            try:  # one request that cannot start fails alone
+                fm = self.models[r.model or self.default]
+                ctx = min(self.context_of(r.model), len(r.ids) + r.max_new_tokens)
                 r.cache = fm.new_cache(r.kv_policy, context=max(ctx, 1), budget=r.kv_budget)
+                r.gen = torch.Generator().manual_seed(r.seed) if r.seed is not None else None
             except ConfigError as err:
                 r.emit(Event("error", text=str(err).splitlines()[0], finish_reason="invalid"))
                 continue
-            r.gen = torch.Generator().manual_seed(r.seed) if r.seed is not None else None
+            except Exception:
+                log.exception("admitting a request failed")
+                self.stats["errors"] += 1
+                r.emit(Event("error", text="internal error"))
+                continue
             self._active.append(r)
 
     def _step(self) -> None:
@@ -194,7 +226,14 @@ class Engine:
             logits = forward(self.models[name], segs)
             self.stats["steps"] += 1
             for r, seg, lg in zip(reqs, segs, logits):
-                self._after(r, seg, lg)
+                try:  # sampling or detokenising one request fails that request alone
+                    self._after(r, seg, lg)
+                except Exception:
+                    log.exception("finishing a step of one request failed")
+                    self.stats["errors"] += 1
+                    r.finished = True
+                    r.cache = None
+                    r.emit(Event("error", text="internal error"))
         self._active = [r for r in self._active if not r.finished]
 
     def _after(self, r: Request, seg: Segment, lg: torch.Tensor) -> None:

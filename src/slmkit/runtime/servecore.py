@@ -1,0 +1,666 @@
+"""The HTTP core under ``slmkit serve`` and the collaboration modes (``serve --large ... --mode ...``).
+
+Both servers (:mod:`slmkit.runtime.server` over the continuous-batching engine,
+:mod:`slmkit.collab.serving` over a Backend) take from here:
+
+* **errors** in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``
+  (:class:`ApiError`), for every status, 404/405 of unknown routes included; a 500 says
+  "internal error" and never echoes exception text (the server log has the traceback);
+* **the guard** (:class:`Guard`, plain ASGI): the API key on ``/v1`` and ``/metrics``,
+  compared in constant time (``hmac.compare_digest``); a declared ``Content-Length`` over
+  the limit refused before anything is read; responses counted by status;
+* **the body** (:func:`read_json`): read piece by piece and abandoned at the limit (413),
+  so a chunked body of any size costs at most the limit; then parsed as strict JSON
+  (``NaN``/``Infinity`` refused, too deep nesting a 400 rather than a RecursionError);
+* **validation** of what both accept (:func:`sampling`, :func:`prompt_of`,
+  :func:`messages_of`): types, ranges, finite numbers, a ``seed`` that fits 64 bits
+  unsigned, ``max_tokens`` 0 kept as 0 (or refused where a server needs >= 1, never
+  replaced), ``stream_options`` checked before any job exists, the context length;
+* **the request life cycle**: a :class:`Channel` carries a worker thread's events into the
+  event loop; :func:`collect` (one JSON response) and :func:`stream_response` (a stream) wait at most
+  until the request's deadline plus a grace, cancel the job when the client leaves, and a
+  stream that fails mid-way ends with an error event and ``[DONE]`` — a client never waits
+  for ever;
+* **the queue** for backends that generate one request at a time (:class:`SerialWorker`):
+  bounded (429 when full), one thread, deadline and cancellation checked between pieces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import functools
+import hmac
+import json
+import logging
+import math
+import queue
+import threading
+import time
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+
+from slmkit.errors import BackendError, SlmkitError
+from slmkit.runtime import sse as _sse
+from slmkit.runtime.engine import Event
+
+log = logging.getLogger(__name__)
+
+SEED_MAX = 2**64 - 1  #: seeds are 64-bit unsigned (what torch.Generator.manual_seed takes)
+MAX_TOKENS_MAX = 2**31 - 1  #: max_tokens bound where a server does not know its model's context
+ROLES = ("system", "developer", "user", "assistant", "tool")
+JSON_MAX_DEPTH = 64  #: nesting deeper than this is refused (no request field needs more than 4)
+#: worker error codes (Event.finish_reason of an "error" event) -> HTTP status and OpenAI error type
+ERROR_STATUS = {"invalid": 400, "timeout": 504, "upstream": 502, "cancelled": 499}
+ERROR_TYPE = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
+              413: "invalid_request_error", 429: "rate_limit_error", 499: "invalid_request_error",
+              502: "upstream_error", 504: "timeout_error"}
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    api_key: str | None = None  #: require ``Authorization: Bearer KEY`` on /v1 and /metrics
+    max_body_bytes: int = 1_000_000  #: larger request bodies get HTTP 413 (chunked ones too)
+    request_timeout_s: float = 300.0  #: a request running longer ends with a timeout (504 or an error event)
+    max_stop: int = 16  #: stop strings per request at most
+    default_max_tokens: int = 16  #: when the request gives none (OpenAI's completions default)
+    max_queue: int = 256  #: waiting requests at most where the server owns the queue (collaboration modes)
+    grace_s: float = 10.0  #: how long past its deadline a request's worker may take to answer before the HTTP side gives up
+
+    def __post_init__(self):
+        for k in ("max_body_bytes", "max_stop", "max_queue"):
+            if getattr(self, k) < 1:
+                from slmkit.errors import ConfigError
+
+                raise ConfigError(f"{k} must be >= 1, got {getattr(self, k)}")
+        if not self.request_timeout_s > 0 or not math.isfinite(self.request_timeout_s):
+            from slmkit.errors import ConfigError
+
+            raise ConfigError(f"request_timeout_s must be a positive number of seconds, got {self.request_timeout_s}")
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class ApiError(Exception):
+    """A request that fails with ``status``; rendered in OpenAI's error shape."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.kind = kind or ERROR_TYPE.get(status, "server_error" if status >= 500 else "invalid_request_error")
+
+    def response(self):
+        return error_response(self.status, self.message, self.param, self.kind, self.code)
+
+
+def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def error_response(status: int, message: str, param: str | None = None, kind: str | None = None, code: str | None = None):
+    from fastapi.responses import JSONResponse
+
+    kind = kind or ERROR_TYPE.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return JSONResponse(status_code=status, content=error_body(message, kind, param, code))
+
+
+def error_of(ev: Event) -> ApiError:
+    """The ApiError for a worker's error event (its finish_reason is the code: invalid, timeout, upstream)."""
+    status = ERROR_STATUS.get(ev.finish_reason or "", 500)
+    return ApiError(status, ev.text if status != 500 else "internal error", code=ev.finish_reason if status != 500 else None)
+
+
+def _show(v, n: int = 60) -> str:
+    r = repr(v)
+    return r if len(r) <= n else r[: n - 3] + "..."
+
+
+# --------------------------------------------------------------------------- guard, counts, handlers
+
+
+class Stats:
+    """Responses by status and request latencies, for ``/metrics``."""
+
+    def __init__(self):
+        self.counts: collections.Counter = collections.Counter()
+        self.latencies: collections.deque[float] = collections.deque(maxlen=2000)
+
+    def metrics(self, gauges: dict[str, float]) -> str:
+        lat = sorted(self.latencies)
+        q = (lambda f: lat[min(len(lat) - 1, int(f * len(lat)))] if lat else 0.0)
+        lines = [
+            *(f"{k} {v}" for k, v in gauges.items()),
+            *(f'slmkit_responses_total{{status="{k}"}} {v}' for k, v in sorted(self.counts.items())),
+            f'slmkit_request_seconds{{quantile="0.5"}} {q(0.5):.4f}',
+            f'slmkit_request_seconds{{quantile="0.95"}} {q(0.95):.4f}',
+        ]
+        return "\n".join(lines) + "\n"
+
+
+class Guard:
+    """Plain ASGI middleware: API key, declared body size, status counts, and a last-resort 500.
+
+    A plain middleware (not Starlette's ``BaseHTTPMiddleware``) so that streams and client
+    disconnects pass through untouched.
+    """
+
+    def __init__(self, app, cfg: ServerConfig, stats: Stats):
+        self.app, self.cfg, self.stats = app, cfg, stats
+        self._want = f"Bearer {cfg.api_key}".encode() if cfg.api_key else None
+
+    async def _send_error(self, send, status: int, message: str, kind: str | None = None, code: str | None = None) -> None:
+        kind = kind or ERROR_TYPE.get(status, "server_error")
+        body = json.dumps(error_body(message, kind, None, code)).encode()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def counted(msg):
+            nonlocal started
+            if msg["type"] == "http.response.start":
+                started = True
+                self.stats.counts[str(msg["status"])] += 1
+            await send(msg)
+
+        path = scope.get("path", "")
+        headers = dict(scope.get("headers") or [])
+        if self._want is not None and (path.startswith("/v1") or path.startswith("/metrics")):
+            if not hmac.compare_digest(headers.get(b"authorization", b""), self._want):  # constant time
+                return await self._send_error(counted, 401, "invalid or missing API key", "authentication_error", "invalid_api_key")
+        size = headers.get(b"content-length")
+        if size is not None:
+            if not size.strip().isdigit():
+                return await self._send_error(counted, 400, "Content-Length is not a number")
+            if int(size) > self.cfg.max_body_bytes:
+                return await self._send_error(counted, 413, f"request body of {int(size)} bytes exceeds the limit of {self.cfg.max_body_bytes}")
+        try:
+            await self.app(scope, receive, counted)
+        except Exception:  # never a bare 500 page, never the exception's text; the server stays up
+            log.exception("unhandled error serving %s", path)
+            if not started:
+                await self._send_error(counted, 500, "internal error", "server_error")
+
+
+def install(app, cfg: ServerConfig, stats: Stats) -> None:
+    """The guard, and OpenAI-shaped errors for the framework's own 4xx (unknown route, wrong method)."""
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException
+
+    app.add_middleware(Guard, cfg=cfg, stats=stats)
+
+    async def http_error(_request, exc: HTTPException):
+        resp = error_response(exc.status_code, str(exc.detail))
+        if exc.headers:
+            resp.headers.update(exc.headers)
+        return resp
+
+    async def invalid(_request, exc: RequestValidationError):
+        return error_response(400, "invalid request")
+
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, invalid)
+
+
+def handler(stats: Stats):
+    """Decorator for an endpoint ``async fn(request)``: ApiError / SlmkitError become OpenAI-shaped 4xx,
+    anything else a 500 that says only "internal error"; non-streamed latencies are recorded."""
+    from fastapi.responses import StreamingResponse
+
+    def deco(fn):
+        @functools.wraps(fn)
+        async def wrapper(request):
+            t0 = time.perf_counter()
+            try:
+                resp = await fn(request)
+            except ApiError as e:
+                return e.response()
+            except BackendError as e:
+                return error_response(502, str(e).splitlines()[0], kind="upstream_error")
+            except SlmkitError as e:
+                return error_response(400, str(e).splitlines()[0])
+            except Exception:
+                log.exception("request failed")
+                return error_response(500, "internal error", kind="server_error")
+            if not isinstance(resp, StreamingResponse):
+                stats.latencies.append(time.perf_counter() - t0)
+            return resp
+
+        return wrapper
+
+    return deco
+
+
+# --------------------------------------------------------------------------- the body
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not allowed")
+
+
+def _depth_ok(obj, limit: int) -> bool:
+    stack = [(obj, 1)]
+    while stack:
+        o, d = stack.pop()
+        if isinstance(o, (dict, list)):
+            if d > limit:
+                return False
+            stack.extend((v, d + 1) for v in (o.values() if isinstance(o, dict) else o))
+    return True
+
+
+def parse_json(raw: bytes) -> dict:
+    """A request body as a JSON object: strict (no NaN/Infinity), nesting at most JSON_MAX_DEPTH."""
+    try:
+        body = json.loads(raw, parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError) as err:
+        why = f": {err}" if "not allowed" in str(err) else ""
+        raise ApiError(400, f"request body is not valid JSON{why}") from None
+    except RecursionError:
+        raise ApiError(400, f"request body is nested too deeply (at most {JSON_MAX_DEPTH} levels)") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "request body must be a JSON object")
+    if not _depth_ok(body, JSON_MAX_DEPTH):
+        raise ApiError(400, f"request body is nested too deeply (at most {JSON_MAX_DEPTH} levels)")
+    return body
+
+
+async def read_json(request, cfg: ServerConfig) -> dict:
+    """The request's JSON object, read piece by piece: past ``max_body_bytes`` reading stops with 413."""
+    from starlette.requests import ClientDisconnect
+
+    pieces, n = [], 0
+    try:
+        async for piece in request.stream():
+            n += len(piece)
+            if n > cfg.max_body_bytes:
+                raise ApiError(413, f"request body exceeds the limit of {cfg.max_body_bytes} bytes")
+            pieces.append(piece)
+    except ClientDisconnect:
+        raise ApiError(400, "the client closed the connection before the body ended") from None
+    return parse_json(b"".join(pieces))
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def bad(message: str, param: str | None, code: str | None = None) -> ApiError:
+    return ApiError(400, message, param, code=code)
+
+
+def number(body: dict, key: str, default: float | None, lo: float | None = None, hi: float | None = None) -> float | None:
+    """A finite number in [lo, hi], or ``default`` when absent/null."""
+    v = body.get(key)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise bad(f"{key} must be a number, got {_show(v)}", key)
+    try:
+        v = float(v)
+    except OverflowError:
+        v = math.inf
+    if not math.isfinite(v) or (lo is not None and v < lo) or (hi is not None and v > hi):
+        raise bad(f"{key} must be a finite number in [{lo}, {hi}], got {_show(body.get(key))}", key)
+    return v
+
+
+def integer(body: dict, key: str, default: int | None, lo: int | None = None, hi: int | None = None) -> int | None:
+    """An integer in [lo, hi] (a float with no fraction counts), or ``default`` when absent/null."""
+    v = body.get(key)
+    if v is None:
+        return default
+    if isinstance(v, float) and math.isfinite(v) and v.is_integer():
+        v = int(v)
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise bad(f"{key} must be an integer, got {_show(v)}", key)
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        raise bad(f"{key} must be an integer in [{lo}, {hi}], got {_show(v)}", key)
+    return v
+
+
+def flag(body: dict, key: str, default: bool = False) -> bool:
+    v = body.get(key)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise bad(f"{key} must be true or false, got {_show(v)}", key)
+    return v
+
+
+def text(v, param: str) -> str:
+    """``v`` as a string that can be encoded (no unpaired surrogates)."""
+    if not isinstance(v, str):
+        raise bad(f"{param} must be a string, got {_show(v)}", param)
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        raise bad(f"{param} holds an unpaired surrogate (\\ud800-\\udfff): not valid text", param) from None
+    return v
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """The fields every completion request shares, validated."""
+
+    model: str | None  #: the requested model (None: the server's default)
+    max_tokens: int | None  #: None when the request gives none
+    temperature: float
+    top_p: float
+    seed: int | None
+    stop: tuple[str, ...]
+    stream: bool
+    include_usage: bool  #: stream_options.include_usage
+
+
+def sampling(body: dict, cfg: ServerConfig, models: Collection[str] | None, max_tokens_keys: tuple[str, ...] = ("max_tokens",),
+             min_tokens: int = 0) -> Sampling:
+    """Validate the shared fields of ``body``; ``models``: the names served (None: any string is accepted)."""
+    model = body.get("model")
+    if model is not None:
+        if not isinstance(model, str):
+            raise bad(f"model must be a string, got {_show(model)}", "model")
+        if models is not None and model not in models:
+            names = ", ".join(map(repr, models))
+            raise ApiError(404, f"model {_show(model)} does not exist; this server serves {names}", "model", code="model_not_found")
+    if integer(body, "n", 1) != 1:
+        raise bad("only n=1 is supported", "n")
+    mt = None
+    for k in max_tokens_keys:
+        if body.get(k) is not None:
+            mt = integer(body, k, None, min_tokens, MAX_TOKENS_MAX)
+            break
+    stop = body.get("stop")
+    stop = () if stop is None else (stop,) if isinstance(stop, str) else stop
+    if not isinstance(stop, list | tuple) or len(stop) > cfg.max_stop:
+        raise bad(f"stop must be a string or a list of at most {cfg.max_stop} strings", "stop")
+    stop = tuple(text(s, "stop") for s in stop)
+    stream = flag(body, "stream")
+    opts = body.get("stream_options")
+    if opts is not None and not isinstance(opts, dict):
+        raise bad(f"stream_options must be an object, got {_show(opts)}", "stream_options")
+    include_usage = flag(opts or {}, "include_usage")
+    return Sampling(
+        model=model, max_tokens=mt,
+        temperature=number(body, "temperature", 1.0, 0.0, 2.0),
+        top_p=number(body, "top_p", 1.0, 1e-6, 1.0),
+        seed=integer(body, "seed", None, 0, SEED_MAX),
+        stop=tuple(s for s in stop if s), stream=stream, include_usage=stream and include_usage,
+    )
+
+
+def budget(s: Sampling, prompt_tokens: int, context: int | None, cfg: ServerConfig, param: str) -> int:
+    """``max_tokens`` for this request: the requested one, bounded by the context, else the default (fit to the context)."""
+    if context is None:
+        return s.max_tokens if s.max_tokens is not None else cfg.default_max_tokens
+    mt = s.max_tokens if s.max_tokens is not None else min(cfg.default_max_tokens, max(context - prompt_tokens, 0))
+    if prompt_tokens + mt > context:
+        raise bad(f"this model's context is {context} tokens, but the request needs {prompt_tokens} prompt + {mt} "
+                  "completion tokens; shorten the prompt or lower max_tokens", param, "context_length_exceeded")
+    return mt
+
+
+def prompt_of(body: dict, vocab: int | None = None) -> str | list[int]:
+    """``prompt``: a string, a list of one string, or (with ``vocab``) one list of token ids."""
+    p = body.get("prompt")
+    if isinstance(p, list) and len(p) == 1 and not isinstance(p[0], int):
+        p = p[0]
+    if isinstance(p, str):
+        return text(p, "prompt")
+    if vocab is not None and isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+        if max(p) >= vocab or min(p) < 0:
+            raise bad("prompt token ids out of the vocabulary", "prompt")
+        return list(p)
+    raise bad("prompt must be a string" + (" (or one list of token ids)" if vocab is not None else ""), "prompt")
+
+
+def messages_of(body: dict) -> list[dict]:
+    """``messages`` as ``[{role, content}]`` with string content (text parts are joined)."""
+    msgs = body.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise bad("messages must be a non-empty list of {role, content} objects", "messages")
+    out = []
+    for m in msgs:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise bad("messages must be a non-empty list of {role, content} objects with string content", "messages")
+        if m["role"] not in ROLES:
+            raise bad(f"message role must be one of {', '.join(ROLES)}, got {_show(m['role'])}", "messages")
+        content = m.get("content")
+        if isinstance(content, list):  # OpenAI's content parts: text only
+            if not all(isinstance(c, dict) and c.get("type") == "text" and isinstance(c.get("text"), str) for c in content):
+                raise bad("message content parts must be {type: text, text: string}", "messages")
+            content = "".join(c["text"] for c in content)
+        if not isinstance(content, str):
+            raise bad("messages must be a non-empty list of {role, content} objects with string content", "messages")
+        out.append({"role": m["role"], "content": text(content, "messages")})
+    return out
+
+
+def template_error(err: BaseException) -> bool:
+    """Whether ``err`` is a chat template refusing the messages (jinja2's TemplateError)."""
+    return any(c.__module__.startswith("jinja2") and c.__name__ == "TemplateError" for c in type(err).__mro__)
+
+
+# --------------------------------------------------------------------------- request life cycle
+
+
+class Channel:
+    """Events from a worker thread into this event loop (``emit`` is thread-safe)."""
+
+    def __init__(self):
+        self.loop = asyncio.get_running_loop()
+        self.q: asyncio.Queue[Event] = asyncio.Queue()
+
+    def emit(self, ev: Event) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.q.put_nowait, ev)
+        except RuntimeError:  # the loop is gone (server shutting down)
+            pass
+
+    async def next(self, deadline: float) -> Event | None:
+        """The next event, or None once ``deadline`` (time.monotonic) has passed."""
+        wait = deadline - time.monotonic()
+        if wait <= 0:
+            return None
+        try:
+            return await asyncio.wait_for(self.q.get(), timeout=wait)
+        except asyncio.TimeoutError:
+            return None
+
+
+def _timeout_event() -> Event:
+    return Event("error", text="request timed out", finish_reason="timeout")
+
+
+async def collect(request, ch: Channel, job, deadline: float) -> list[Event]:
+    """Every event of a non-streamed job up to its end ("done" or "error"). A client that disconnects
+    cancels the job; a worker silent past ``deadline`` ends it with a timeout."""
+    events: list[Event] = []
+    while True:
+        ev = await ch.next(min(deadline, time.monotonic() + 0.5))
+        if ev is None:
+            if time.monotonic() >= deadline:
+                job.cancel()
+                return [*events, _timeout_event()]
+            if await request.is_disconnected():
+                job.cancel()
+                return [*events, Event("error", text="client disconnected", finish_reason="cancelled")]
+            continue
+        events.append(ev)
+        if ev.kind in ("done", "error"):
+            return events
+
+
+def finished(events: list[Event]) -> Event:
+    """The last event of a collected job; raises its ApiError when it failed."""
+    end = events[-1]
+    if end.kind == "error":
+        raise error_of(end)
+    return end
+
+
+def stream_response(ch: Channel, job, deadline: float, stats: Stats, chunk: Callable[[Event, bool], dict | None],
+        finish: Callable[[Event, bool], list[dict]]):
+    """A server-sent event stream of ``job``'s events.
+
+    ``chunk(ev, first)`` shapes a delta (None: nothing to send), ``finish(ev, first)`` the chunks
+    of the end. A failure (worker error, a silent worker past ``deadline``, a bug while shaping)
+    sends one error event in OpenAI's shape and ``[DONE]``; the job is cancelled when the stream
+    ends for any reason (the client going away included).
+    """
+    t0 = time.perf_counter()
+
+    async def gen():
+        outcome = "stream_aborted"
+        first = True
+        try:
+            while True:
+                ev = await ch.next(deadline)
+                if ev is None:
+                    ev = _timeout_event()
+                if ev.kind == "error":
+                    err = error_of(ev)
+                    outcome = f"stream_error_{err.status}"
+                    yield sse_error(err)
+                    break
+                if ev.kind == "delta":
+                    c = chunk(ev, first)
+                    if c is not None:
+                        yield _sse.event(c)
+                        first = False
+                    continue
+                for c in finish(ev, first):
+                    yield _sse.event(c)
+                outcome = "stream_done"
+                break
+            yield _sse.DONE
+        except Exception:  # a bug while shaping chunks: the client still gets an end
+            log.exception("stream failed")
+            outcome = "stream_error_500"
+            yield sse_error(ApiError(500, "internal error"))
+            yield _sse.DONE
+        finally:  # finished, failed, or the client went away (the generator is closed)
+            job.cancel()
+            stats.counts[outcome] += 1
+            stats.latencies.append(time.perf_counter() - t0)
+
+    return _sse.response(gen())
+
+
+def sse_error(err: ApiError) -> str:
+    return _sse.error_event(err.message, kind=err.kind, code=err.code)
+
+
+# --------------------------------------------------------------------------- one-at-a-time worker
+
+
+@dataclass
+class Job:
+    """One request for a :class:`SerialWorker`: ``run(on_text)`` generates (``on_text(piece) -> stop?``)
+    and returns a Completion-like result (``text``, ``tokens``, ``finish_reason``, ``meta``)."""
+
+    run: Callable[[Callable[[str], bool]], object]
+    emit: Callable[[Event], None]
+    deadline: float = math.inf
+    cancelled: bool = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class SerialWorker:
+    """A bounded queue and one thread that runs :class:`Job` s one at a time.
+
+    Each job's pieces go out as "delta" events, its end as "done" (with ``text``, ``meta``
+    and the token count in ``count``) or "error" (finish_reason ``invalid``, ``upstream``,
+    ``timeout``, or None for an internal failure, whose text stays in the log). Between
+    pieces the job stops when cancelled or past its deadline. ``after_job`` runs on the
+    worker thread after each job.
+    """
+
+    def __init__(self, max_queue: int = 256, after_job: Callable[[], object] | None = None, name: str = "slmkit-worker"):
+        self._q: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
+        self._after = after_job
+        self._busy = 0
+        self._stop = threading.Event()
+        self.stats = {"requests_done": 0, "requests_cancelled": 0, "requests_timed_out": 0, "errors": 0}
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Job) -> None:
+        """Queue ``job``; raises ``queue.Full`` when the queue is full."""
+        self._q.put_nowait(job)
+
+    @property
+    def queued(self) -> int:
+        return self._q.qsize()
+
+    @property
+    def active(self) -> int:
+        return self._busy
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                job = self._q.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            self._busy = 1
+            try:
+                self._one(job)
+            finally:
+                self._busy = 0
+                if self._after is not None:
+                    try:
+                        self._after()
+                    except Exception:
+                        log.exception("after_job failed")
+
+    def _one(self, job: Job) -> None:
+        if job.cancelled:
+            self.stats["requests_cancelled"] += 1
+            return job.emit(Event("done", finish_reason="cancelled"))
+        if time.monotonic() > job.deadline:
+            self.stats["requests_timed_out"] += 1
+            return job.emit(_timeout_event())
+        late = False
+
+        def on_text(piece: str) -> bool:
+            nonlocal late
+            if piece:
+                job.emit(Event("delta", text=piece))
+            late = late or time.monotonic() > job.deadline
+            return job.cancelled or late
+
+        try:
+            c = job.run(on_text)
+        except BackendError as err:
+            ev = Event("error", text=str(err).splitlines()[0], finish_reason="upstream")
+        except SlmkitError as err:
+            ev = Event("error", text=str(err).splitlines()[0], finish_reason="invalid")
+        except Exception as err:
+            if template_error(err):
+                ev = Event("error", text="the chat template rejected these messages", finish_reason="invalid")
+            else:
+                log.exception("generation failed")
+                self.stats["errors"] += 1
+                ev = Event("error", text="internal error")
+        else:
+            if late:
+                self.stats["requests_timed_out"] += 1
+                ev = _timeout_event()
+            elif job.cancelled:
+                self.stats["requests_cancelled"] += 1
+                ev = Event("done", finish_reason="cancelled")
+            else:
+                self.stats["requests_done"] += 1
+                ev = Event("done", text=c.text, finish_reason=c.finish_reason, meta=c.meta, count=max(c.tokens, 0))
+        job.emit(ev)
