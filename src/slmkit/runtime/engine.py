@@ -103,8 +103,8 @@ def check(req: Request, engine: Engine | None = None) -> None:
         raise ConfigError(f"max_new_tokens must be an integer >= 0, got {req.max_new_tokens!r}")
     if req.seed is not None and (isinstance(req.seed, bool) or not isinstance(req.seed, int) or not 0 <= req.seed <= SEED_MAX):
         raise ConfigError(f"seed must be an integer in [0, 2**64 - 1], got {req.seed!r}")
-    if not (math.isfinite(req.temperature) and req.temperature >= 0):
-        raise ConfigError(f"temperature must be a finite number >= 0, got {req.temperature!r}")
+    if not (math.isfinite(req.temperature) and (req.temperature == 0 or req.temperature >= 1e-5)):
+        raise ConfigError(f"temperature must be 0 (greedy) or a finite number >= 1e-5, got {req.temperature!r}")
     if not (math.isfinite(req.top_p) and 0 < req.top_p <= 1):
         raise ConfigError(f"top_p must be in (0, 1], got {req.top_p!r}")
     if req.top_logprobs < 0 or req.ids.ndim != 1 or not len(req.ids):

@@ -49,6 +49,8 @@ log = logging.getLogger(__name__)
 SEED_MAX = 2**64 - 1  #: seeds are 64-bit unsigned (what torch.Generator.manual_seed takes)
 MAX_TOKENS_MAX = 2**31 - 1  #: max_tokens bound where a server does not know its model's context
 ROLES = ("system", "developer", "user", "assistant", "tool")
+GREEDY_BELOW = 1e-5  #: smaller temperatures decode greedily (as vLLM does): logits / 1e-300 overflow
+DISCONNECT_POLL_S = 0.2  #: how often a non-streamed request checks that its client is still there
 JSON_MAX_DEPTH = 64  #: nesting deeper than this is refused (no request field needs more than 4)
 #: worker error codes (Event.finish_reason of an "error" event) -> HTTP status and OpenAI error type
 ERROR_STATUS = {"invalid": 400, "timeout": 504, "upstream": 502, "cancelled": 499}
@@ -384,9 +386,10 @@ def sampling(body: dict, cfg: ServerConfig, models: Collection[str] | None, max_
     if opts is not None and not isinstance(opts, dict):
         raise bad(f"stream_options must be an object, got {_show(opts)}", "stream_options")
     include_usage = flag(opts or {}, "include_usage")
+    temperature = number(body, "temperature", 1.0, 0.0, 2.0)
     return Sampling(
         model=model, max_tokens=mt,
-        temperature=number(body, "temperature", 1.0, 0.0, 2.0),
+        temperature=0.0 if temperature < GREEDY_BELOW else temperature,
         top_p=number(body, "top_p", 1.0, 1e-6, 1.0),
         seed=integer(body, "seed", None, 0, SEED_MAX),
         stop=tuple(s for s in stop if s), stream=stream, include_usage=stream and include_usage,
@@ -480,19 +483,22 @@ async def collect(request, ch: Channel, job, deadline: float) -> list[Event]:
     """Every event of a non-streamed job up to its end ("done" or "error"). A client that disconnects
     cancels the job; a worker silent past ``deadline`` ends it with a timeout."""
     events: list[Event] = []
+    check_at = time.monotonic() + DISCONNECT_POLL_S
     while True:
-        ev = await ch.next(min(deadline, time.monotonic() + 0.5))
-        if ev is None:
-            if time.monotonic() >= deadline:
-                job.cancel()
-                return [*events, _timeout_event()]
+        ev = await ch.next(min(deadline, check_at))
+        if ev is not None:
+            events.append(ev)
+            if ev.kind in ("done", "error"):
+                return events
+        now = time.monotonic()
+        if now >= deadline:
+            job.cancel()
+            return [*events, _timeout_event()]
+        if now >= check_at:  # every DISCONNECT_POLL_S, busy or not (a decoding job sends events all the time)
+            check_at = now + DISCONNECT_POLL_S
             if await request.is_disconnected():
                 job.cancel()
                 return [*events, Event("error", text="client disconnected", finish_reason="cancelled")]
-            continue
-        events.append(ev)
-        if ev.kind in ("done", "error"):
-            return events
 
 
 def finished(events: list[Event]) -> Event:
