@@ -43,7 +43,7 @@ def test_valid_recipe_becomes_frozen_dataclasses(tiny_dir):
         (("    format: gguf\n", ""), ["stage 3 (export)", "missing key 'format'"]),
         (("    n: 8\n", "    n: eight\n"), ["stage 1 (gen-data)", "key 'n' must be int", "'eight'"]),
         (("    n: 8\n", "    n: 8.5\n"), ["stage 1 (gen-data)", "key 'n' must be int"]),
-        (("    type: F16\n", "    type: Q3_K\n"), ["stage 3 (export)", "key 'type' must be", "'Q3_K'"]),
+        (("    type: F16\n", "    type: Q9_9\n"), ["stage 3 (export)", "unknown GGUF type", "'Q9_9'"]),
         (("    n: 8\n", "    n: 8\n    max_tokens: 5\n"), ["stage 1 (gen-data)", "unknown key 'max_tokens'", "did you mean max_new_tokens"]),
         (("    n: 8\n", "    n: 1\n"), ["stage 1 (gen-data)", "n must be >= 2"]),
         # a technique's own range check, reported with the stage

@@ -48,6 +48,8 @@ def build(
     view = LogView() if json_out else RichView(err_console)
     result = run_build(rec, run_dir, view=view, force=force)
     data = collect(run_dir)
+    for w in data.get("warnings", []):
+        err_console.print(f"warning: {w}", markup=False, highlight=False)
     if json_out:
         print_json({
             "recipe": rec.name,
@@ -57,8 +59,13 @@ def build(
             "stages": [{k: s.get(k) for k in ("index", "name", "kind", "status", "seconds", "key", "outputs")} for s in result.stages],
             "summary": data["summary"],
             "models": data["table"],
+            "candidates": data["candidates"],
+            "recommended": data["recommended"],
+            "warnings": data["warnings"],
         })
         return
+    if data.get("recommended"):
+        console.print(f"recommended: {data['recommended']} - {data['recommendation'].get('reason', '')}", markup=False, highlight=False)
     for k, v in data["summary"].items():
         console.print(f"{k.replace('_', ' ')}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}")
     console.print(f"report: {result.report}")

@@ -43,6 +43,7 @@ SLOT_MEANING = {
     "model": "a student model",
     "data": "teacher-generated data",
     "gguf": "a GGUF file",
+    "text": "held-out text split into calibration and evaluation parts",
 }
 
 

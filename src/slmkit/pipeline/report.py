@@ -35,6 +35,8 @@ def _fmt_bytes(n) -> str:
 def _fmt(v, digits: int = 3) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
     if isinstance(v, float):
         return f"{v:.{digits}g}" if abs(v) < 1e4 else f"{v:,.0f}"
     if isinstance(v, int):
@@ -87,6 +89,9 @@ def collect(run_dir: str | Path) -> dict:
         "stages": stages,
         "table": [],
         "summary": {},
+        "candidates": [],
+        "recommended": None,
+        "warnings": [],
     }
     if "eval" in last:
         m = last["eval"]["metrics"]
@@ -100,6 +105,24 @@ def collect(run_dir: str | Path) -> dict:
             scores = m.get("scores", {}).get(row["role"] if row["role"] == "teacher" else "student")
             if scores and row["role"] in ("teacher", "student"):
                 row["trust"] = scores
+    if "candidates" in last:
+        m = last["candidates"]["metrics"]
+        data["candidates"] = m.get("candidates", [])
+        data["recommended"] = m.get("recommended")
+        data["recommendation"] = m.get("recommendation", {})
+        data["comparison"] = {k: m.get(k) for k in ("scorer", "scorer_what", "maker", "maker_what", "text", "tokens_scored",
+                                                    "context", "chunks", "threads", "speed", "notes", "versus_reference")}
+        data["warnings"] += data["recommendation"].get("warnings", [])
+        best = next((c for c in data["candidates"] if c["name"] == data["recommended"]), None)
+        if best is not None:
+            data["summary"].update(recommended=best["name"], recommended_bytes=best["bytes"],
+                                   recommended_kl_divergence=best.get("kl_divergence"),
+                                   recommended_perplexity=best.get("perplexity"),
+                                   recommended_decode_tokens_per_s=best.get("decode_tokens_per_s"))
+            vs = m.get("versus_reference") or {}
+            if vs.get("baseline") and not vs.get("recommended_is_baseline"):
+                data["summary"].update({"dominates_" + vs["baseline"].replace(" ", "_"): vs.get("dominates"),
+                                        "kl_divergence_ratio_to_reference": vs.get("kl_divergence_ratio")})
     if "speculative" in last:
         data["speculative"] = last["speculative"]["metrics"]
         sp = data["speculative"]
@@ -109,13 +132,50 @@ def collect(run_dir: str | Path) -> dict:
     return data
 
 
+def _pareto_plots(data: dict) -> list[tuple[str, str, str]]:
+    """Quality (KL divergence to the teacher) against size and against decode speed, one point per candidate."""
+    rows = [r for r in data["candidates"] if r.get("kl_divergence") is not None]
+    if not rows:
+        return []
+    cmp = data.get("comparison", {})
+    rec = data.get("recommendation", {})
+    why = f" Recommended: {rec['reason']}" if rec.get("reason") and data.get("recommended") else ""
+
+    def pts(xkey, scale=1.0):
+        return [{"label": r["name"], "x": r[xkey] * scale, "y": r["kl_divergence"], "yerr": r.get("kl_divergence_err"),
+                 "baseline": r.get("baseline"), "recommended": r.get("recommended")}
+                for r in rows if r.get(xkey)]
+
+    ylabel = "mean KL divergence to the teacher (lower is better)"
+    out = [("plot-pareto-size", f"Quality against file size on {cmp.get('text')}; bars: one standard error.{why}",
+            charts.pareto(pts("bytes", 1e-6), "file size (MB)", ylabel, "Quality vs size"))]
+    speed = pts("decode_tokens_per_s")
+    if speed:
+        out.append(("plot-pareto-speed", "Quality against decode speed on slmkit's fast path (batch 1, "
+                    f"{cmp.get('threads')} threads of a shared machine).{why}",
+                    charts.pareto(speed, "decode tokens/s (higher is better)", ylabel, "Quality vs speed", higher_x=True)))
+    return out
+
+
+def _kl(v) -> str:
+    return "-" if v is None else f"{v:.4f}" if abs(v) >= 1e-3 or v == 0 else f"{v:.2e}"
+
+
+def _public(path) -> str:
+    """A file name fit for a shared page: its last two components, never the machine's directories."""
+    if path is None:
+        return "-"
+    parts = Path(str(path)).parts
+    return "/".join(parts[-2:]) if len(parts) > 1 and Path(str(path)).is_absolute() else str(path)
+
+
 def _plots(data: dict) -> list[tuple[str, str, str]]:
     """(id, caption, svg) for every plot the data allows."""
-    out = []
+    out = _pareto_plots(data)
     rows = [r for r in data["table"] if r.get("perplexity") is not None]
     if rows:
         pts = [(r["label"], r["weight_memory_bytes"] / 1e6, r["perplexity"]) for r in rows]
-        out.append(("plot-quality-size", f"Perplexity on {data.get('eval', {}).get('text', '?')} against weight memory, one point per stage",
+        out.append(("plot-quality-size", f"Perplexity on {_public(data.get('eval', {}).get('text'))} against weight memory, one point per stage",
                     charts.scatter(pts, "weight memory (MB)", "perplexity (lower is better)", "Quality vs size across stages")))
     speed = [r for r in data["table"] if r.get("decode_tokens_per_s")]
     if speed:
@@ -151,7 +211,7 @@ def _table_html(data: dict) -> str:
             *[_fmt((r.get("trust") or {}).get(d)) for d in dims],
         ])
     ev = data.get("eval", {})
-    note = (f'<p class="note">Perplexity and agreement (top-1 next-token agreement with the teacher) on {esc(ev.get("text"))}, '
+    note = (f'<p class="note">Perplexity and agreement (top-1 next-token agreement with the teacher) on {esc(_public(ev.get("text")))}, '
             f'{esc(ev.get("tokens"))} tokens, windows of {esc(ev.get("context"))}. Memory: weights in the format the model is run in '
             f'plus a KV cache for the context in the eval settings. Speed on {esc(ev.get("threads"))} threads of a shared machine.</p>')
     return table(headers, body, "models") + note
@@ -174,13 +234,80 @@ def _fit_html(data: dict) -> str:
     return section("Device fit", table(["model", "precision", *presets], body, "fit") + note, "fit")
 
 
+def _pm(v, err, digits: int = 3, pct: bool = False) -> str:
+    if v is None:
+        return "-"
+    if pct:
+        return f"{100 * v:.1f}%" + (f" \u00b1 {100 * err:.1f}" if err else "")
+    return _fmt(v, digits) + (f" \u00b1 {_fmt(err, 2)}" if err else "")
+
+
+def _candidates_html(data: dict) -> str:
+    rows = data["candidates"]
+    cmp = data.get("comparison", {})
+    headers = ["", "candidate", "kind", "type", "file", "bits/weight", "KL divergence", "perplexity", "top-1 agreement",
+               "decode tokens/s", "prefill tokens/s", "peak memory", "meets target", "Pareto front"]
+    body = []
+    for r in rows:
+        body.append([
+            "\u2605" if r.get("recommended") else "", r["name"], r["role"], r.get("file_type") or "-", _fmt_bytes(r.get("bytes")),
+            _fmt(r.get("bits_per_weight")), _pm(r.get("kl_divergence"), r.get("kl_divergence_err"), 3),
+            _pm(r.get("perplexity"), r.get("perplexity_err"), 4), _pm(r.get("top1_agreement"), r.get("top1_agreement_err"), pct=True),
+            _fmt(r.get("decode_tokens_per_s")), _fmt(r.get("prefill_tokens_per_s")), _fmt_bytes(r.get("peak_memory_bytes")),
+            "yes" if r.get("meets_target") else ("no: " + "; ".join(r.get("misses") or []) or "no"),
+            "yes" if r.get("pareto") else "",
+        ])
+    speed = cmp.get("speed") or {}
+    note = (f'<p class="note">Quality: {esc(cmp.get("scorer_what"))}, against the teacher (F32), on {esc(cmp.get("text"))}: '
+            f'{esc(cmp.get("chunks"))} windows of {esc(cmp.get("context"))} tokens, the second half of each scored '
+            f'({esc(cmp.get("tokens_scored"))} tokens per candidate); \u00b1 is one standard error. Baselines made by '
+            f'{esc(cmp.get("maker_what"))}. ')
+    if speed:
+        note += (f'Speed: slmkit\'s fast path on each file\'s own blocks (F32 runs as bf16), a {speed.get("prompt_tokens")}-token '
+                 f'prefill then {speed.get("new_tokens")} greedy decode steps, median of {speed.get("repeats")}, '
+                 f'{esc(cmp.get("threads"))} threads of a shared machine; peak memory: the resident peak of a fresh process '
+                 'running the file (interpreter and PyTorch included).')
+    note += "</p>"
+    notes = "".join(f'<p class="note">{esc(n)}</p>' for n in cmp.get("notes") or [])
+    return table(headers, body, "candidates") + note + notes
+
+
+def _recommendation_html(data: dict) -> str:
+    rec = data.get("recommendation") or {}
+    parts = []
+    if data.get("recommended"):
+        best = next(c for c in data["candidates"] if c["name"] == data["recommended"])
+        parts.append(f'<p class="recommended"><strong>Recommended: {esc(best["name"])}</strong> '
+                     f'(<code>{esc(best["path"])}</code>). {esc(rec.get("reason"))}</p>')
+        vs = (data.get("comparison") or {}).get("versus_reference") or {}
+        if vs.get("baseline") and not vs.get("recommended_is_baseline"):
+            speed = vs.get("decode_speed_ratio")
+            verdict = "dominates" if vs.get("dominates") else "does not dominate"
+            parts.append(
+                f'<p>Against {esc(vs["baseline"])}: the recommendation {verdict} it: file {vs["bytes_ratio"]:.3f}x its size, '
+                f'decode {"-" if speed is None else f"{speed:.2f}x"} its speed, KL divergence {_kl(vs["kl_divergence"])} against '
+                f'{_kl(vs["baseline_kl_divergence"])} ({vs["kl_divergence_ratio"]:.2f}x'
+                + (f', a difference of {vs["kl_difference_in_se"]:.1f} standard errors' if vs.get("kl_difference_in_se") is not None else "")
+                + ').</p>')
+    parts += [f'<p class="warning">Warning: {esc(w)}</p>' for w in data.get("warnings") or []]
+    parts.append(f'<p class="note">Target{" " + esc(rec.get("target_name")) if rec.get("target_name") else ""}: {esc(rec.get("target"))}.</p>')
+    return "".join(parts)
+
+
 def render_html(data: dict) -> str:
     r = data["recipe"]
     parts = []
+    if data.get("candidates"):
+        parts.append(section("Recommendation", _recommendation_html(data), "recommendation"))
+    elif data.get("warnings"):
+        parts.append(section("Warnings", "".join(f'<p class="warning">{esc(w)}</p>' for w in data["warnings"]), "warnings"))
     summ = data.get("summary", {})
     if summ:
         parts.append(section("Summary", table(["measure", "value"], [[k.replace("_", " "), _fmt(v)] for k, v in summ.items()], "summary"), "summary"))
-    parts.append(section("Teacher \u2192 student", _table_html(data), "models"))
+    if data.get("candidates"):
+        parts.append(section("Candidates and baselines", _candidates_html(data), "candidates"))
+    if data["table"] or not data.get("candidates"):
+        parts.append(section("Teacher \u2192 student", _table_html(data), "models"))
     fit = _fit_html(data)
     if fit:
         parts.append(fit)
@@ -198,15 +325,16 @@ def render_html(data: dict) -> str:
     if data.get("speculative"):
         sp = data["speculative"]
         rows = [[k.replace("_", " "), _fmt(v)] for k, v in sp.items() if isinstance(v, (int, float, str))]
-        parts.append(section("Speculative decoding (student drafts for the teacher)", table(["measure", "value"], rows, "spec"), "speculative"))
+        what = sp.get("draft_what") or "the run's student model"
+        parts.append(section(f"Speculative decoding (draft: {what})", table(["measure", "value"], rows, "spec"), "speculative"))
     srows = [[s["index"], s["name"], s["kind"], s["state"], "-" if s.get("seconds") is None else f"{s['seconds']:.1f} s",
               "-" if s.get("cpu_seconds") is None else f"{s['cpu_seconds']:.1f} s", "yes" if s.get("resumed") else "", s["key"]]
              for s in data["stages"]]
     parts.append(section("Stages", table(["#", "stage", "kind", "state", "wall time", "CPU time", "resumed", "key"], srows, "stages"), "stages"))
-    parts.append(section("Recipe", f'<p class="note">{esc(r["source"])}</p><pre>{esc(r["text"])}</pre>', "recipe"))
+    parts.append(section("Recipe", f'<p class="note">{esc(_public(r["source"]))}</p><pre>{esc(r["text"])}</pre>', "recipe"))
     status = "complete" if data["complete"] else "incomplete (some stages have not finished)"
     return page(f"slmkit build report: {r['name']}", parts,
-                f"teacher {r['teacher']} - {status} - generated {data['generated']} from {data['run_dir']}")
+                f"teacher {_public(r['teacher'])} - {status} - generated {data['generated']} from run directory {Path(data['run_dir']).name}")
 
 
 def write_report(run_dir: str | Path) -> Path:

@@ -14,6 +14,9 @@ th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
 pre{background:#f6f8fa;padding:.75rem;overflow:auto;font-size:.85rem}
 .plots{display:flex;flex-wrap:wrap;gap:1rem}.plot{flex:1 1 28rem}.plot svg{max-width:100%;height:auto}
 .note{color:#666;font-size:.85rem}
+.warning{color:#a4000f;background:#fff1f0;border:1px solid #f3b3b3;padding:.4rem .6rem}
+.recommended{background:#f0f7ff;border-left:4px solid #d62728;padding:.4rem .6rem}
+table.candidates td:first-child{color:#d62728;font-size:1.1rem}
 """
 
 

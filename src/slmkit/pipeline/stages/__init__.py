@@ -1,6 +1,6 @@
 """Stage kinds, one module per family; importing this package registers them all in ``STAGES``."""
 
 from slmkit.pipeline.base import STAGES, Context, StageKind, StageResult, stage
-from slmkit.pipeline.stages import collab, compress, data, measure, model, train, trust  # noqa: F401  (registration)
+from slmkit.pipeline.stages import candidates, collab, compress, data, measure, model, train, trust  # noqa: F401  (registration)
 
 __all__ = ["STAGES", "Context", "StageKind", "StageResult", "stage"]

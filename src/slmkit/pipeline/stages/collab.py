@@ -1,4 +1,7 @@
-"""The speculative-decoding check: the student drafts for the teacher (:mod:`slmkit.collab.speculative`).
+"""The speculative-decoding check: a draft proposes tokens for the teacher (:mod:`slmkit.collab.speculative`).
+
+The draft is the run's student, the teacher's own int4/int8 copy on the fast path (self-speculation),
+prompt lookup, or the GGUF file the candidates stage recommended (``draft:``).
 
 Greedy speculative decoding must emit exactly the teacher's own greedy tokens;
 the stage checks that on a few prompts and measures the speed-up over the
@@ -18,16 +21,24 @@ from slmkit.pipeline.base import Context, StageResult, stage
 log = logging.getLogger(__name__)
 
 
+#: drafts the stage can use besides the student: the teacher's own quantised copy on the fast path,
+#: prompt lookup (no model), or the GGUF file the candidates stage recommended (its own blocks)
+DRAFTS = ("student", "int4", "int8", "lookup", "recommended")
+
+
 @dataclass(frozen=True)
 class SpeculativeStageConfig:
     prompts: int = 4  #: prompts to decode (held-out generated prompts if the recipe has data, else packaged ones)
     max_new_tokens: int = 48  #: tokens per prompt
     k: int = 4  #: first draft length
     adaptive: bool = True  #: choose the draft length from the running acceptance rate
+    draft: str = "student"  #: student (the run's model) | int4 | int8 (the teacher's own copy, fast path) | lookup | recommended
 
     def __post_init__(self):
         if self.prompts < 1 or self.max_new_tokens < 1:
             raise ConfigError("prompts and max_new_tokens must be >= 1")
+        if self.draft not in DRAFTS:
+            raise ConfigError(f"draft must be one of {', '.join(DRAFTS)}, got {self.draft!r}")
         self.spec_config(())
 
     def spec_config(self, eos: tuple[int, ...]):
@@ -48,17 +59,40 @@ def _prompts(ctx: Context, n: int) -> list[str]:
     return prompts[:n]
 
 
-@stage("speculative", SpeculativeStageConfig, needs=("teacher", "model"))
+def _draft(ctx: Context, cfg: SpeculativeStageConfig, teacher, ttok):
+    """(the draft ``speculate`` takes, its description)."""
+    from slmkit.collab.speculative import check_same_tokenizer, quantised_draft, resolve_draft
+
+    if cfg.draft in ("int4", "int8"):
+        return quantised_draft(teacher, cfg.draft), f"the teacher's own {cfg.draft} copy on slmkit's fast path"
+    if cfg.draft == "lookup":
+        return "lookup", "prompt lookup (n-grams of the prompt; no draft model)"
+    if cfg.draft == "recommended":
+        rec = next((r for r in reversed(ctx.history) if r["kind"] == "candidates"), None)
+        name = rec and rec["metrics"].get("recommended")
+        if not name:
+            raise ConfigError("draft: recommended needs an earlier candidates stage that recommended a candidate")
+        row = next(r for r in rec["metrics"]["candidates"] if r["name"] == name)
+        return resolve_draft(str(ctx.run_dir / row["path"]), teacher, ttok), f"the recommended candidate ({name})"
+    draft, dtok = ctx.load("model")
+    check_same_tokenizer(ttok, dtok, "the teacher and the student")
+    return draft, "the run's student model"
+
+
+def _needs(cfg: SpeculativeStageConfig) -> tuple[str, ...]:
+    return ("teacher", "model") if cfg.draft == "student" else ("teacher",)
+
+
+@stage("speculative", SpeculativeStageConfig, needs=_needs)
 def speculative(ctx: Context, cfg: SpeculativeStageConfig) -> StageResult:
-    """Student drafts, teacher verifies: greedy output must equal the teacher's; speed-up and acceptance."""
+    """A draft proposes, the teacher verifies: greedy output must equal the teacher's; speed-up and acceptance."""
     import torch
 
     from slmkit.backends.hf import render_prompt
-    from slmkit.collab.speculative import autoregressive, check_same_tokenizer, speculate
+    from slmkit.collab.speculative import autoregressive, speculate
 
     teacher, ttok = ctx.teacher()
-    draft, dtok = ctx.load("model")
-    check_same_tokenizer(ttok, dtok, "the teacher and the student")
+    draft, what = _draft(ctx, cfg, teacher, ttok)
     eos = tuple(sorted({t for t in (ttok.eos_token_id, teacher.generation_config.eos_token_id) if isinstance(t, int)}))
     scfg = cfg.spec_config(eos)
     prompts = _prompts(ctx, cfg.prompts)
@@ -82,6 +116,8 @@ def speculative(ctx: Context, cfg: SpeculativeStageConfig) -> StageResult:
         accepted += out.accepted
     ctx.progress(len(prompts), len(prompts))
     metrics = {
+        "draft": cfg.draft,
+        "draft_what": what,
         "prompts": len(prompts),
         "identical_to_teacher": identical,
         "exact": identical == len(prompts),

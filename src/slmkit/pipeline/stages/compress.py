@@ -21,8 +21,11 @@ log = logging.getLogger(__name__)
 
 
 def _calib_source(ctx: Context, calib: str) -> str | None:
-    """``auto``: the generated data's text if the recipe made some, else self-generated; ``self``; or a file."""
+    """``auto``: a heldout stage's calibration split, else the generated data's text, else self-generated;
+    ``self``; or a file."""
     if calib == "auto":
+        if "text" in ctx.slots:
+            return str(Path(ctx.slot("text")) / "calib.txt")
         if "data" in ctx.slots:
             from slmkit.pipeline.stages.data import data_paths
 
@@ -113,11 +116,12 @@ def prune(ctx: Context, cfg: PruneConfig) -> StageResult:
 
 @dataclass(frozen=True)
 class QuantizeConfig:
-    method: Literal["rtn", "gptq", "awq"]  #: quantizer (required)
-    bits: int = 4  #: code width: 3, 4, 5 or 8
-    group_size: int = 32  #: input columns per scale (0 = per-channel)
+    method: Literal["rtn", "imatrix", "gptq", "awq"]  #: quantizer (required)
+    bits: int | None = None  #: code width: 3, 4, 5 or 8 (default: the gguf type's, else 4)
+    group_size: int | None = None  #: input columns per scale, 0 = per-channel (default: the gguf type's, else 32)
     asymmetric: bool = False  #: w = d*q + m instead of w = d*q
-    gguf: str | None = "Q4_0"  #: quantise on this GGUF block grid so `export` keeps the codes exactly (null = none)
+    gguf: str | None = "Q4_0"  #: a llama.cpp file type (Q4_0, Q4_K_M, Q8_0, ...): every tensor on the block grid
+    #: llama-quantize gives it, so `export` with the same type keeps the codes exactly (null = one plain grid)
     damp: float = 0.01  #: gptq: dampening (fraction of the mean Hessian diagonal)
     calib: str = "auto"  #: calibration text: auto | self | a text/jsonl file
     calib_samples: int = 32  #: calibration sequences
@@ -131,13 +135,20 @@ class QuantizeConfig:
         from slmkit.compress.qgrid import Grid
 
         if self.gguf is None:
-            return Grid(bits=self.bits, group_size=self.group_size, symmetric=not self.asymmetric)
-        grid = Grid.for_gguf(self.gguf)
-        if (self.bits, self.group_size, not self.asymmetric) != (grid.bits, grid.group_size, grid.symmetric):
+            return Grid(bits=4 if self.bits is None else self.bits, group_size=32 if self.group_size is None else self.group_size,
+                        symmetric=not self.asymmetric)
+        from slmkit.export.gguf import TYPES
+        from slmkit.export.gguf_mix import base_type
+
+        if self.gguf not in TYPES or self.gguf in ("F32", "F16"):
+            raise ConfigError(f"unknown gguf type {self.gguf!r}", f"use a llama.cpp file type: {', '.join(t for t in TYPES if t not in ('F32', 'F16'))}")
+        grid = Grid.for_gguf(base_type(self.gguf))
+        if (self.bits not in (None, grid.bits) or self.group_size not in (None, grid.group_size)
+                or (self.asymmetric and grid.symmetric)):
             raise ConfigError(
                 f"gguf {self.gguf} means bits {grid.bits}, group_size {grid.group_size}, "
                 f"{'symmetric' if grid.symmetric else 'asymmetric'}; got bits {self.bits}, group_size {self.group_size}",
-                "match them, or set gguf: null",
+                "leave bits, group_size and asymmetric out (or match them), or set gguf: null",
             )
         return grid
 
@@ -152,25 +163,31 @@ class QuantizeConfig:
 
 @stage("quantize", QuantizeConfig, needs=("model",), makes=("model",))
 def quantize(ctx: Context, cfg: QuantizeConfig) -> StageResult:
-    """Quantise the student's weights (:func:`slmkit.compress.quantize.quantize`) and store the codes packed."""
+    """Quantise the student's weights (:func:`slmkit.compress.quantize.quantize`) and store the codes packed.
+
+    With ``gguf`` set to a llama.cpp file type, each weight lies on the grid llama-quantize gives
+    it in that type (with an importance matrix for the calibrated methods), the token embedding included.
+    """
     from slmkit.artefact import Manifest
     from slmkit.compress.qstore import PACKED, save_quantized
-    from slmkit.compress.quantize import QUANTIZERS
+    from slmkit.compress.quantize import QUANTIZERS, gguf_grids
     from slmkit.compress.quantize import quantize as run
 
     model, tok = ctx.load("model")
     mcfg = cfg.method_config()
-    ids, ccfg = (calibration(ctx, model, tok, cfg.calib, cfg.calib_samples, cfg.calib_len)
-                 if QUANTIZERS.get(cfg.method).needs_calibration else (None, None))
+    calibrated = QUANTIZERS.get(cfg.method).needs_calibration
+    ids, ccfg = calibration(ctx, model, tok, cfg.calib, cfg.calib_samples, cfg.calib_len) if calibrated else (None, None)
     ctx.progress(1, 2)
-    result = run(model, cfg.method, mcfg, ids, embeddings=cfg.gguf is not None)
+    grids = gguf_grids(model, cfg.gguf, imatrix=calibrated) if cfg.gguf is not None else None
+    result = run(model, cfg.method, mcfg, ids, embeddings=cfg.gguf is not None, grids=grids, gguf=cfg.gguf)
     ctx.progress(2, 2)
     manifest = Manifest(source=ctx.slots["model"])
     manifest.add_stage("quantize", mcfg, method=cfg.method, calibration=ccfg, seconds=round(result.seconds, 2))
     dest = save_quantized(model, tok, result, ctx.work / "model", manifest)
+    grid = mcfg.grid
     return StageResult(
         outputs={"model": ctx.rel(dest)},
-        metrics={"method": cfg.method, "bits": cfg.bits, "group_size": cfg.group_size, "gguf_grid": cfg.gguf,
+        metrics={"method": cfg.method, "bits": grid.bits, "group_size": grid.group_size, "gguf_grid": cfg.gguf,
                  "quantized_tensors": len(result.tensors), "seconds": result.seconds,
                  "packed_bytes": (dest / PACKED).stat().st_size,
                  "calibration": dataclasses.asdict(ccfg) if ccfg else None},

@@ -120,7 +120,8 @@ def _disk_bytes(ctx: Context, spec: str) -> int:
 
 
 #: precision of the fit planner for each GGUF type (bits per weight incl. block scales, rounded up)
-GGUF_PRECISION = {"F32": "fp32", "F16": "fp16", "Q8_0": "int8", "Q5_0": "int8", "Q4_0": "int4", "Q4_1": "int4"}
+GGUF_PRECISION = {"F32": "fp32", "F16": "fp16", "Q8_0": "int8", "Q6_K": "int8", "Q5_0": "int8", "Q5_1": "int8", "Q5_K_M": "int8",
+                  "Q5_K_S": "int8", "Q4_0": "int4", "Q4_1": "int4", "Q4_K_M": "int4", "Q4_K_S": "int4"}
 
 
 def _precision(ctx: Context, row: dict) -> str:

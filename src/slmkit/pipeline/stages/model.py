@@ -47,11 +47,15 @@ def student(ctx: Context, cfg: StudentConfig) -> StageResult:
 @dataclass(frozen=True)
 class ExportConfig:
     format: Literal["gguf", "safetensors"]  #: file format (required)
-    type: Literal["F32", "F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0"] = "Q4_0"  #: GGUF tensor type
+    type: str = "Q4_0"  #: GGUF: F32, F16 or a llama.cpp file type (Q8_0, Q4_0, Q4_K_M, Q5_K_M, ...)
 
     def __post_init__(self):
+        from slmkit.export.gguf import TYPES
+
         if self.format == "safetensors" and self.type != "Q4_0":
             raise ConfigError("type applies to GGUF only", "drop `type:` or use `format: gguf`")
+        if self.type not in TYPES:
+            raise ConfigError(f"unknown GGUF type {self.type!r}", f"use one of {', '.join(TYPES)}")
 
 
 @stage("export", ExportConfig, needs=("model",), makes=("gguf",))
@@ -80,7 +84,11 @@ def export(ctx: Context, cfg: ExportConfig) -> StageResult:
         manifest = (Manifest.read(src) if Path(src).is_dir() else None) or Manifest(source=ctx.slots["model"])
         rep = export_safetensors(model, tok, ctx.work / "model", manifest)
         return StageResult(outputs={}, metrics={"format": "safetensors", **_report(rep)})
-    rep = export_gguf_validated(model, tok, ctx.work / "model.gguf", cfg.type, quantized)
+    from slmkit.compress.quantize import QUANTIZERS
+
+    # calibrated codes lie on the types llama.cpp picks with an importance matrix
+    calibrated = quantized is not None and quantized.method in QUANTIZERS and QUANTIZERS.get(quantized.method).needs_calibration
+    rep = export_gguf_validated(model, tok, ctx.work / "model.gguf", cfg.type, quantized, imatrix=calibrated)
     log.info("export: %s", rep)
     return StageResult(outputs={"gguf": ctx.rel(ctx.work / "model.gguf")},
                        metrics={"format": "gguf", "type": cfg.type, "codes_kept_exactly": quantized is not None, **_report(rep)})

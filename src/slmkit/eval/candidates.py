@@ -1,0 +1,297 @@
+"""Candidates for deployment, side by side: the teacher, the baselines a user would otherwise ship,
+and a build's own GGUF files, all measured in one run on the same held-out text.
+
+:func:`compare` is the entry point (``slmkit build``'s ``candidates`` stage calls it):
+
+1. the teacher is written as an F32 GGUF file: the reference every other file is compared with
+   (and itself a candidate, "the teacher");
+2. the baselines: the teacher quantised the reference way at each of ``baselines`` (llama.cpp
+   file types, e.g. Q8_0, Q4_0, Q4_K_M), with an importance matrix from the calibration text
+   when ``imatrix``. Made by a registered :data:`BASELINES` maker: ``llama.cpp``
+   (``llama-imatrix`` + ``llama-quantize`` on the F32 file, where the tools are installed) or
+   ``slmkit`` (slmkit's ``rtn`` / ``imatrix`` writers, which reproduce llama-quantize's tensor types
+   and its rounding without / with an importance matrix);
+3. every candidate is scored against the reference on the held-out text
+   (:func:`slmkit.eval.heldout.score`: perplexity, mean KL divergence and top-1 agreement with
+   standard errors), and, with ``speed``, run on slmkit's fast path in a fresh process
+   (:func:`slmkit.eval.gguf_speed.fast_speed_isolated`: decode and prefill tokens/s, peak memory).
+
+Which candidate to deploy is :func:`slmkit.eval.recommend.recommend`'s call.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from slmkit.errors import ConfigError
+from slmkit.eval.gguf_speed import SpeedConfig, fast_speed_isolated
+from slmkit.eval.heldout import ScoreConfig, Quality, score
+from slmkit.registry import Registry
+
+log = logging.getLogger(__name__)
+
+#: file types a baseline may be made at (llama.cpp's, that slmkit's writers also reproduce)
+BASELINE_TYPES = ("Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_0", "Q5_1", "Q4_K_M", "Q4_K_S", "Q4_0", "Q4_1", "Q3_K_M", "Q3_K_L",
+                  "Q3_K_S", "Q2_K")
+#: types an importance matrix changes nothing for (8-bit)
+NO_IMATRIX = ("Q8_0",)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A GGUF file to measure."""
+
+    name: str  #: unique, short (it labels charts)
+    path: Path  #: the GGUF file
+    role: Literal["teacher", "baseline", "artefact"]
+    method: str  #: how it was made, in words
+    file_type: str | None = None  #: llama.cpp file type (Q4_K_M, ...), F32 for the teacher
+    stage: str | None = None  #: the build stage that made it (artefacts)
+
+    @property
+    def baseline(self) -> bool:
+        return self.role != "artefact"
+
+
+@dataclass(frozen=True)
+class HeldOutText:
+    """The evaluation text and the (disjoint) calibration text the baselines' importance matrix uses."""
+
+    eval: Path
+    calib: Path | None = None
+    source: str = ""  #: where they came from, for the report (no machine paths)
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    baselines: tuple[str, ...] = ("Q8_0", "Q4_0", "Q4_K_M")  #: llama.cpp file types of the teacher to compare with
+    imatrix: bool = True  #: baselines with an importance matrix from the calibration text (llama-quantize --imatrix)
+    calib_samples: int = 32  #: calibration windows for the importance matrix
+    calib_len: int = 512  #: tokens per calibration window (llama-imatrix -c)
+    maker: str = "auto"  #: who makes the baselines: auto (llama.cpp where installed) | llama.cpp | slmkit
+    scorer: str = "auto"  #: who scores quality: auto (llama.cpp where installed) | llama.cpp | slmkit
+    score: ScoreConfig = ScoreConfig()
+    speed: SpeedConfig | None = SpeedConfig()  #: None: no speed or memory measurement
+    seed: int = 0
+
+    def __post_init__(self):
+        bad = [t for t in self.baselines if t not in BASELINE_TYPES]
+        if bad:
+            raise ConfigError(f"unknown baseline type {bad[0]!r}", f"use llama.cpp file types: {', '.join(BASELINE_TYPES)}")
+        if self.calib_samples < 1 or self.calib_len < 8:
+            raise ConfigError(f"calib_samples must be >= 1 and calib_len >= 8, got {self.calib_samples}, {self.calib_len}")
+        if self.maker not in ("auto", "llama.cpp", "slmkit"):
+            raise ConfigError(f"maker must be auto, llama.cpp or slmkit, got {self.maker!r}")
+
+
+@dataclass
+class Comparison:
+    rows: list[dict]  #: one per candidate: name, path, role, baseline, bytes, bits_per_weight, quality, speed, ...
+    scorer: str  #: which scorer measured quality (one for all rows)
+    scorer_what: str
+    maker: str  #: who made the baselines
+    maker_what: str
+    text: str  #: the held-out text, in words
+    tokens: int | None  #: tokens scored per candidate
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class BaselineMaker:
+    """``make(reference F32 file, teacher, tokenizer, types, text, cfg, work) -> [Candidate]``."""
+
+    make: Callable
+    available: Callable[[], bool]
+    what: str
+
+
+BASELINES: Registry[BaselineMaker] = Registry("baseline maker")
+
+
+def _imatrix_for(t: str, cfg: CompareConfig, text: HeldOutText) -> bool:
+    return cfg.imatrix and text.calib is not None and t not in NO_IMATRIX
+
+
+def _atomic(dest: Path, write: Callable[[Path], None]) -> Path:
+    """Write ``dest`` through a temporary name, so an interrupted stage never leaves a half file."""
+    if dest.is_file():
+        return dest
+    tmp = dest.with_name(f".tmp-{dest.name}")
+    tmp.unlink(missing_ok=True)
+    write(tmp)
+    os.replace(tmp, dest)
+    return dest
+
+
+def llamacpp_baselines(reference: Path, teacher, tok, types: Sequence[str], text: HeldOutText, cfg: CompareConfig,
+                       work: Path) -> list[Candidate]:
+    """``llama-quantize`` of the F32 file at each type, ``--imatrix`` from ``llama-imatrix`` on the calibration text."""
+    from slmkit.eval.heldout import _threads
+    from slmkit.export import llamacpp
+
+    threads = _threads(cfg.score)
+    imat = None
+    if any(_imatrix_for(t, cfg, text) for t in types):
+        imat = _atomic(work / f"imatrix-{cfg.calib_samples}.gguf", lambda tmp: llamacpp.imatrix(
+            reference, text.calib, tmp, ctx=cfg.calib_len, chunks=cfg.calib_samples, threads=threads))
+    out = []
+    for t in types:
+        im = _imatrix_for(t, cfg, text)
+        dest = work / f"llama.cpp-{t}{'-imatrix' if im else ''}.gguf"
+        _atomic(dest, lambda tmp, t=t, im=im: llamacpp.quantize(reference, tmp, t, imatrix=imat if im else None, threads=threads))
+        method = f"llama-quantize {t}" + (f" --imatrix ({cfg.calib_samples} x {cfg.calib_len} calibration tokens)" if im else "")
+        out.append(Candidate(f"llama.cpp {t}{'+imatrix' if im else ''}", dest, "baseline", method, t))
+    return out
+
+
+def slmkit_baselines(reference: Path, teacher, tok, types: Sequence[str], text: HeldOutText, cfg: CompareConfig,
+                     work: Path) -> list[Candidate]:
+    """slmkit's ``rtn`` (llama-quantize without an importance matrix) / ``imatrix`` (with one) writers at each type."""
+    from slmkit.compress.calibrate import CalibConfig, calibration_ids
+    from slmkit.compress.qgrid import Grid
+    from slmkit.compress.quantize import QUANTIZERS, gguf_grids, quantize
+    from slmkit.export.gguf import export_gguf_validated
+    from slmkit.export.gguf_mix import base_type
+
+    ids = None
+    out = []
+    for t in types:
+        im = _imatrix_for(t, cfg, text)
+        dest = work / f"llama.cpp-equivalent-{t}{'-imatrix' if im else ''}.gguf"
+        if not dest.is_file():
+            if im and ids is None:
+                ids = calibration_ids(teacher, tok, CalibConfig(n_samples=cfg.calib_samples, seq_len=cfg.calib_len, seed=cfg.seed,
+                                                                source=str(text.calib)))
+            model = copy.deepcopy(teacher)
+            method = "imatrix" if im else "rtn"
+            grid = Grid.for_gguf(base_type(t))
+            q = quantize(model, method, QUANTIZERS.get(method).config(grid=grid), ids if im else None, embeddings=True,
+                         grids=gguf_grids(model, t, imatrix=im), gguf=t)
+            _atomic(dest, lambda tmp: export_gguf_validated(model, tok, tmp, t, q, check_loader=False, imatrix=im))
+            del model
+        method = (f"slmkit's {'imatrix' if im else 'rtn'} writer at {t}: llama-quantize's tensor types and rounding"
+                  + (f" with an importance matrix ({cfg.calib_samples} x {cfg.calib_len} calibration tokens)" if im else ""))
+        out.append(Candidate(f"llama.cpp-equiv. {t}{'+imatrix' if im else ''}", dest, "baseline", method, t))
+    return out
+
+
+def _llamacpp_tools() -> bool:
+    from slmkit.export import llamacpp
+
+    return llamacpp.tools() is not None
+
+
+BASELINES.add("llama.cpp", BaselineMaker(llamacpp_baselines, _llamacpp_tools, "llama.cpp's llama-quantize (and llama-imatrix)"))
+BASELINES.add("slmkit", BaselineMaker(slmkit_baselines, lambda: True,
+                                      "slmkit's rtn/imatrix GGUF writers, which reproduce llama-quantize (llama.cpp is not installed here)"))
+
+
+def reference_file(teacher, tok, work: Path) -> Path:
+    """The teacher as an F32 GGUF file (validated by reading it back): the reference and the "teacher" candidate."""
+    from slmkit.export.gguf import export_gguf_validated
+
+    return _atomic(work / "teacher-F32.gguf", lambda tmp: export_gguf_validated(teacher, tok, tmp, "F32", check_loader=False))
+
+
+def file_facts(path: Path) -> dict:
+    """Bytes, parameters, bits per weight (as llama.cpp counts them) and KV-cache bytes per token of a GGUF file."""
+    from slmkit.export.gguf_mix import bits_per_weight, types_from_gguf
+    from slmkit.models import describe, load_config
+
+    config = load_config(str(path))
+    facts = describe(config)
+    size = path.stat().st_size
+    try:
+        bpw = bits_per_weight(config, {k: v for k, v in types_from_gguf(path).items() if not k.endswith("norm.weight")})
+    except (ConfigError, KeyError):
+        bpw = 8 * size / facts.parameters
+    return {"bytes": size, "parameters": facts.parameters, "layers": facts.layers, "bits_per_weight": bpw,
+            "kv_bytes_per_token": facts.kv_cache_bytes_per_1k_tokens["bf16"] / 1024}
+
+
+def _quality(q: Quality) -> dict:
+    return {"perplexity": q.perplexity, "perplexity_err": q.perplexity_err, "kl_divergence": q.kl_divergence,
+            "kl_divergence_err": q.kl_divergence_err, "top1_agreement": q.top1_agreement,
+            "top1_agreement_err": q.top1_agreement_err, "tokens_scored": q.tokens}
+
+
+def add_memory(rows: Sequence[dict], context: int, measured_tokens: int | None) -> None:
+    """``memory_bytes`` of each row at ``context`` tokens: the measured peak of a process running the file
+    plus the KV cache of the tokens beyond those measured; without a measurement, the file, the KV
+    cache and slmkit.runtime.fit's runtime overhead. In place."""
+    from slmkit.runtime.fit import RUNTIME_OVERHEAD
+
+    for r in rows:
+        if r.get("peak_memory_bytes") and measured_tokens is not None:
+            extra = max(0, context - measured_tokens)
+            r["memory_bytes"] = int(r["peak_memory_bytes"] + r["kv_bytes_per_token"] * extra)
+            r["memory_measured"] = True
+        else:
+            r["memory_bytes"] = int(r["bytes"] + r["kv_bytes_per_token"] * context + RUNTIME_OVERHEAD)
+            r["memory_measured"] = False
+        r["memory_context"] = context
+
+
+def pick_maker(name: str) -> str:
+    if name == "auto":
+        return "llama.cpp" if BASELINES.get("llama.cpp").available() else "slmkit"
+    if not BASELINES.get(name).available():
+        from slmkit.export.llamacpp import HOW
+
+        raise ConfigError(f"baseline maker {name!r} is not available here", HOW)
+    return name
+
+
+def compare(teacher, tok, artefacts: Sequence[Candidate], text: HeldOutText, cfg: CompareConfig, work: str | Path,
+            progress: Callable[[int, int], None] = lambda done, total: None) -> Comparison:
+    """Measure the teacher, its baselines and ``artefacts`` side by side (see the module docstring).
+
+    ``teacher`` is the in-memory model (never modified); files are written into ``work`` and reused
+    when present (an interrupted run picks them up). Rows follow the order teacher, baselines,
+    artefacts.
+    """
+    from slmkit.eval.heldout import SCORERS, pick_scorer
+
+    work = Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    names = [a.name for a in artefacts]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"candidate names must be unique, got {names}")
+    maker = pick_maker(cfg.maker)
+    scorer = pick_scorer(cfg.scorer)
+    steps = 3 + (len(cfg.baselines) + len(artefacts) + 1 if cfg.speed else 0)
+    progress(0, steps)
+    ref = reference_file(teacher, tok, work)
+    teacher_c = Candidate("teacher (F32)", ref, "teacher", "the teacher, unquantised (F32 GGUF)", "F32")
+    baselines = BASELINES.get(maker).make(ref, teacher, tok, cfg.baselines, text, cfg, work)
+    progress(1, steps)
+    cands = [teacher_c, *baselines, *artefacts]
+    clash = {c.name for c in baselines} & set(names)
+    if clash:
+        raise ConfigError(f"an artefact is named like a baseline: {sorted(clash)[0]}")
+    scorer, ref_q, quals = score(ref, [c.path for c in cands[1:]], text.eval, cfg.score, work, scorer)
+    progress(2, steps)
+    rows = []
+    for i, (c, q) in enumerate(zip(cands, [ref_q, *quals])):
+        row = {"name": c.name, "path": c.path, "role": c.role, "baseline": c.baseline, "method": c.method,
+               "file_type": c.file_type, "stage": c.stage, **file_facts(c.path), **_quality(q)}
+        if cfg.speed is not None:
+            sp = fast_speed_isolated(c.path, cfg.speed)
+            if "error" in sp:
+                log.warning("fast path could not run %s: %s", c.path.name, sp["error"])
+                row["speed_error"] = sp["error"]
+            else:
+                row.update(decode_tokens_per_s=sp["decode_tokens_per_s"], prefill_tokens_per_s=sp["prefill_tokens_per_s"],
+                           peak_memory_bytes=sp["peak_memory_bytes"], fast_weight_bytes=sp["weight_bytes"],
+                           speed_threads=sp["threads"], fused_decode=sp["fused_decode"])
+            progress(3 + i, steps)
+        rows.append(row)
+    progress(steps, steps)
+    return Comparison(rows, scorer, SCORERS.get(scorer).what, maker, BASELINES.get(maker).what, text.source,
+                      ref_q.tokens)
