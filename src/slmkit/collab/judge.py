@@ -25,6 +25,7 @@ from pathlib import Path
 
 from slmkit.backends.base import Backend, GenParams
 from slmkit.collab.cascade import _wants_chat, token_f1
+from slmkit.data.readers import Lines
 from slmkit.errors import ConfigError, DataError
 from slmkit.registry import Registry
 
@@ -116,19 +117,24 @@ def truthfulqa_items(path: str | Path, limit: int = 0) -> list[QAItem]:
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
     items: list[QAItem] = []
-    with open(path, encoding="utf-8", newline="") as fh:
+    with Lines(path) as fh:  # encoding errors name the line
         reader = csv.DictReader(fh)
         need = {"Question", "Best Answer", "Incorrect Answers"}
-        if not need <= set(reader.fieldnames or ()):
-            raise DataError(f"{path}: expected TruthfulQA columns {sorted(need)}, got {reader.fieldnames}")
-        for n, row in enumerate(reader):
-            if limit and n >= limit:
-                break
-            wrong = [a.strip() for a in row["Incorrect Answers"].split(";") if a.strip()]
-            if not row["Best Answer"].strip() or not wrong:
-                continue
-            items.append(QAItem(row["Question"], row["Best Answer"].strip(), 0))
-            items.append(QAItem(row["Question"], wrong[0], 1))
+        try:
+            if not need <= set(reader.fieldnames or ()):
+                raise DataError(f"{path}: expected TruthfulQA columns {sorted(need)}, got {reader.fieldnames}")
+            for n, row in enumerate(reader):
+                if limit and n >= limit:
+                    break
+                if any(not isinstance(row.get(k), str) for k in need):
+                    raise DataError(f"{path}:{fh.lineno}: a row with missing columns")
+                wrong = [a.strip() for a in row["Incorrect Answers"].split(";") if a.strip()]
+                if not row["Best Answer"].strip() or not wrong:
+                    continue
+                items.append(QAItem(row["Question"], row["Best Answer"].strip(), 0))
+                items.append(QAItem(row["Question"], wrong[0], 1))
+        except csv.Error as err:
+            raise DataError(f"{path}:{fh.lineno}: not valid CSV ({err})") from None
     if not items:
         raise DataError(f"{path} holds no usable TruthfulQA rows")
     return items

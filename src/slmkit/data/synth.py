@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from slmkit.backends.base import Backend, GenParams
-from slmkit.data.readers import _open
+from slmkit.data.readers import _open, json_line
 from slmkit.errors import BackendError, ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -124,10 +124,7 @@ def read_prompts(path: str | Path, limit: int = 0) -> list[PromptItem]:
                 continue
             where = f"{path}:{lineno}"
             if jsonl:
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataError(f"{where}: not valid JSON ({err.msg})") from None
+                row = json_line(line, where)
                 if not isinstance(row, dict):
                     raise DataError(f"{where}: expected a JSON object")
                 rid = row.get("id", row.get("question_id"))
@@ -242,7 +239,7 @@ def _read_done(path: Path) -> list[dict]:
         for lineno, raw in enumerate(fh, 1):
             try:
                 row = json.loads(raw)
-            except ValueError:
+            except (ValueError, RecursionError):
                 if raw.endswith(b"\n"):
                     raise DataError(f"{path}:{lineno}: not valid JSON; not an output of gen-data?") from None
                 log.warning("%s: dropping a half-written last line", path)

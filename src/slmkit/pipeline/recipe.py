@@ -278,7 +278,13 @@ def load_recipe(path: str | Path) -> Recipe:
     p = Path(path)
     if not p.is_file():
         raise RecipeError(f"recipe {p} does not exist", "pass a YAML recipe, or omit it for the default recipe")
-    text = p.read_text(encoding="utf-8")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        line = p.read_bytes()[: err.start].count(b"\n") + 1
+        raise RecipeError(f"{p}:{line}: not UTF-8 text ({err.reason})", "save the recipe as UTF-8") from None
+    except OSError as err:
+        raise RecipeError(f"recipe {p} cannot be read ({err.strerror or err})") from None
     return parse_text(text, str(p))
 
 
@@ -289,7 +295,12 @@ def parse_text(text: str, source: str) -> Recipe:
         mark = getattr(err, "problem_mark", None)
         at = f":{mark.line + 1}" if mark is not None else ""
         raise RecipeError(f"{source}{at}: not valid YAML ({getattr(err, 'problem', err)})") from None
-    return parse_recipe(data, source, text)
+    except RecursionError:
+        raise RecipeError(f"{source}: nested too deeply to be a recipe") from None
+    try:
+        return parse_recipe(data, source, text)
+    except RecursionError:
+        raise RecipeError(f"{source}: nested too deeply to be a recipe") from None
 
 
 def packaged_recipes() -> dict[str, Path]:

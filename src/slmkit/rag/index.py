@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from slmkit.artefact import atomic_file, check_output
+from slmkit.data.readers import Lines, json_line
 from slmkit.errors import DataError, SlmkitError
 from slmkit.rag.chunk import ChunkConfig, Document, chunk_document, read_documents
 from slmkit.rag.embed import Embedder
@@ -38,6 +39,56 @@ log = logging.getLogger(__name__)
 FORMAT = 1
 META = "index.json"
 CHUNKS = "chunks.jsonl"
+
+
+REBUILD = "rebuild it with `slmkit rag index DOCS... --output INDEX`"
+
+
+def read_meta(root: Path) -> dict:
+    """``index.json`` of the index at ``root``, checked field by field (a DataError names the file and field)."""
+    path = root / META
+    if not path.is_file():
+        raise DataError(f"{root} is not an slmkit index (no {META})", "build one with `slmkit rag index DOCS... --output INDEX`")
+    try:
+        meta = json.loads(path.read_bytes())
+    except RecursionError:
+        raise DataError(f"{path} is nested too deeply", REBUILD) from None
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}:{err.lineno}: not valid JSON ({err.msg})", REBUILD) from None
+    except (ValueError, UnicodeDecodeError) as err:
+        raise DataError(f"{path} is not valid JSON ({str(err).splitlines()[0][:100]})", REBUILD) from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{path}: expected a JSON object, got {type(meta).__name__}", REBUILD)
+    if meta.get("format") != FORMAT:
+        raise DataError(f"{root} has index format {meta.get('format')!r}; this slmkit reads format {FORMAT}")
+
+    def bad(field: str, want: str):
+        return DataError(f"{path}: field '{field}' must be {want}, got {str(meta.get(field, '(missing)'))[:60]}", REBUILD)
+
+    def count_ok(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    if not count_ok(meta.get("count")):
+        raise bad("count", "an integer >= 0")
+    emb = meta.get("embedder")
+    if not isinstance(emb, dict) or not count_ok(emb.get("dim")) or not emb["dim"]:
+        raise bad("embedder", "an object with an integer 'dim' > 0")
+    shards = meta.get("shards")
+    if not isinstance(shards, list) or not all(
+            isinstance(x, dict) and isinstance(x.get("file"), str) and x["file"] == Path(x["file"]).name
+            and x["file"].startswith("vectors-") and count_ok(x.get("rows")) for x in shards):
+        raise bad("shards", "a list of {file: vectors-NNNNNN.npy in the index directory, rows}")
+    docs = meta.setdefault("docs", {})
+    if not isinstance(docs, dict) or not all(
+            isinstance(d, dict) and isinstance(d.get("sha256"), str) and count_ok(d.get("first")) and count_ok(d.get("chunks"))
+            for d in docs.values()):
+        raise bad("docs", "an object of {sha256, first, chunks} per document")
+    removed = meta.setdefault("removed", [])
+    if not isinstance(removed, list) or not all(count_ok(i) for i in removed):
+        raise bad("removed", "a list of chunk numbers")
+    if not isinstance(meta.setdefault("chunking", {}), dict):
+        raise bad("chunking", "an object")
+    return meta
 
 
 class IndexMismatchError(SlmkitError):
@@ -74,28 +125,33 @@ class VectorIndex:
     @classmethod
     def open(cls, root: str | Path) -> VectorIndex:
         root = Path(root)
-        if not (root / META).is_file():
-            raise DataError(f"{root} is not an slmkit index (no {META})", "build one with `slmkit rag index DOCS... --output INDEX`")
-        try:
-            meta = json.loads((root / META).read_text())
-        except json.JSONDecodeError as err:
-            raise DataError(f"{root / META} is not valid JSON ({err.msg})") from None
-        if meta.get("format") != FORMAT:
-            raise DataError(f"{root} has index format {meta.get('format')!r}; this slmkit reads format {FORMAT}")
-        count = int(meta["count"])
+        meta = read_meta(root)
+        count, dim = meta["count"], meta["embedder"]["dim"]
         chunks = []
         if count:
-            with open(root / CHUNKS, encoding="utf-8") as fh:
+            if not (root / CHUNKS).is_file():
+                raise DataError(f"{root / CHUNKS} is missing: {META} records {count} chunks", REBUILD)
+            with Lines(root / CHUNKS) as fh:
                 for _ in range(count):
-                    line = fh.readline()
+                    line = next(fh, "")
                     if not line.endswith("\n"):
-                        raise DataError(f"{root / CHUNKS} is truncated: {META} records {count} chunks")
-                    chunks.append(json.loads(line))
-        dim = int(meta["embedder"]["dim"])
-        parts = [np.load(root / s["file"], mmap_mode="r") for s in meta["shards"]]
-        vectors = np.concatenate(parts).astype(np.float32, copy=False) if parts else np.zeros((0, dim), np.float32)
+                        raise DataError(f"{root / CHUNKS} is truncated: {META} records {count} chunks", REBUILD)
+                    row = json_line(line, f"{root / CHUNKS}:{fh.lineno}")
+                    if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                        raise DataError(f"{root / CHUNKS}:{fh.lineno}: expected an object with a string 'text'", REBUILD)
+                    chunks.append(row)
+        parts = []
+        for s in meta["shards"]:
+            try:
+                parts.append(np.load(root / s["file"], mmap_mode="r", allow_pickle=False))
+            except (OSError, ValueError, EOFError) as err:
+                raise DataError(f"{root / s['file']}: not a readable vector shard ({str(err).splitlines()[0][:100]})", REBUILD) from None
+        try:
+            vectors = np.concatenate(parts).astype(np.float32, copy=False) if parts else np.zeros((0, dim), np.float32)
+        except ValueError:
+            raise DataError(f"{root}: vector shards of different widths", REBUILD) from None
         if vectors.shape != (count, dim):
-            raise DataError(f"{root}: vectors have shape {vectors.shape}, expected ({count}, {dim})")
+            raise DataError(f"{root}: vectors have shape {vectors.shape}, expected ({count}, {dim})", REBUILD)
         return cls(root, meta, chunks, vectors)
 
     @property

@@ -15,14 +15,13 @@ the file order (used to check data order across resumes). Errors name the file a
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from slmkit.data.readers import _open
+from slmkit.data.readers import _open, json_line
 from slmkit.errors import ConfigError, DataError, UnsupportedModelError
 from slmkit.train.losses import IGNORE_INDEX
 
@@ -122,10 +121,7 @@ def load_examples(path: str | Path, tokenizer, cfg: DataConfig = DataConfig()) -
                 if not line.strip():
                     continue
                 where = f"{path}:{lineno}"
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataError(f"{where}: not valid JSON ({err.msg})") from None
+                row = json_line(line, where)
                 if not isinstance(row, dict) or not ({"messages", "text"} & row.keys()):
                     raise DataError(f"{where}: expected an object with 'messages' (chat) or 'text' (plain text)")
                 if "messages" in row:
