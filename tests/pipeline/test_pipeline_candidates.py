@@ -91,7 +91,7 @@ def test_candidates_have_the_report_shape_and_the_recommendation_meets_the_targe
         assert not Path(r["path"]).is_absolute() and path.suffix == ".gguf" and path.is_file()
         assert r["bytes"] == path.stat().st_size
         assert r["decode_tokens_per_s"] > 0 and r["prefill_tokens_per_s"] > 0 and r["peak_memory_bytes"] > 0
-        assert r["tokens_scored"] == 4 * 16  # chunks x context/2
+        assert r["tokens_scored"] == 4 * 15  # chunks x (context/2 - 1), as llama-perplexity scores
     assert [r["baseline"] for r in rows.values()] == [True, True, True, False]
     assert rows["slmkit GPTQ Q4_0"]["path"] == "04-export/model.gguf"
     t = rows["teacher (F32)"]
@@ -119,10 +119,10 @@ def test_kl_divergence_and_perplexity_match_a_direct_computation(cand_run):
     text = (cand_run / "01-heldout" / "eval.txt").read_text()
     ids = tok(text, add_special_tokens=False, return_tensors="pt").input_ids[0][: 4 * 32].view(4, 32)
     with torch.inference_mode():
-        p = torch.log_softmax(teacher(ids).logits[:, 15:-1].float(), -1)  # (4, 16, V): the second half of each window
-        q = torch.log_softmax(cand(ids).logits[:, 15:-1].float(), -1)
+        p = torch.log_softmax(teacher(ids).logits[:, 16:-1].float(), -1)  # (4, 15, V): the second half of each window
+        q = torch.log_softmax(cand(ids).logits[:, 16:-1].float(), -1)
     kl = (p.exp() * (p - q)).sum(-1).mean().item()
-    nll = -q.gather(-1, ids[:, 16:, None]).mean().item()
+    nll = -q.gather(-1, ids[:, 17:, None]).mean().item()
     r = rows["slmkit GPTQ Q4_0"]
     assert r["kl_divergence"] == pytest.approx(kl, rel=1e-3)
     assert r["perplexity"] == pytest.approx(math.exp(nll), rel=1e-4)
@@ -231,3 +231,38 @@ def test_pareto_chart_labels_never_overlap():
     for i, a in enumerate(boxes):
         for b in boxes[i + 1:]:
             assert a.x1 <= b.x0 or b.x1 <= a.x0 or a.y1 <= b.y0 or b.y1 <= a.y0, (a, b)
+
+
+def _llamacpp() -> bool:
+    from slmkit.export import llamacpp
+
+    return llamacpp.tools() is not None
+
+
+@pytest.mark.skipif(not _llamacpp(), reason="llama.cpp's tools are not built (scripts/build_llamacpp.sh)")
+def test_llamacpp_makes_and_scores_the_baselines_when_installed(tiny_dir, text_file, tmp_path):
+    """maker/scorer llama.cpp: llama-quantize --imatrix files, llama-perplexity KL (it needs >= 100 scored tokens)."""
+    from slmkit.pipeline import build, parse_text
+
+    text = (candidates_recipe(tiny_dir, text_file, "    max_size: 100KB\n", speed=False)
+            .replace("maker: slmkit", "maker: llama.cpp").replace("scorer: slmkit", "scorer: llama.cpp")
+            .replace("chunks: 4", "chunks: 8"))
+    build(parse_text(text, "ll.yaml"), tmp_path / "run")
+    data, rows = _rows(tmp_path / "run")
+    assert list(rows) == ["teacher (F32)", "llama.cpp Q8_0", "llama.cpp Q4_0+imatrix", "slmkit GPTQ Q4_0"]
+    assert rows["llama.cpp Q4_0+imatrix"]["method"].startswith("llama-quantize Q4_0 --imatrix")
+    assert all(r["tokens_scored"] == 8 * 15 for r in rows.values())
+    assert 0 < rows["llama.cpp Q8_0"]["kl_divergence"] < rows["llama.cpp Q4_0+imatrix"]["kl_divergence"]
+    assert data["comparison"]["scorer"] == "llama.cpp" and data["recommended"] in ("llama.cpp Q4_0+imatrix", "slmkit GPTQ Q4_0")
+    assert not (tmp_path / "run" / "05-candidates" / "reference-32x8.kld").exists()  # the large base file is not kept
+    # slmkit's own scorer on the same files and windows agrees with llama-perplexity
+    from slmkit.eval.heldout import ScoreConfig, score
+
+    run = tmp_path / "run"
+    names = list(rows)[1:]
+    _, ref, ours = score(run / rows["teacher (F32)"]["path"], [run / rows[n]["path"] for n in names],
+                         run / "01-heldout" / "eval.txt", ScoreConfig(32, 8), tmp_path, "slmkit")
+    assert ref.perplexity == pytest.approx(rows["teacher (F32)"]["perplexity"], rel=5e-3)
+    for n, q in zip(names, ours):
+        assert q.perplexity == pytest.approx(rows[n]["perplexity"], rel=5e-3)
+        assert q.kl_divergence == pytest.approx(rows[n]["kl_divergence"], rel=0.15, abs=2e-6), n

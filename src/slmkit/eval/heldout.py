@@ -2,8 +2,8 @@
 
 Scored the way llama.cpp's ``llama-perplexity --kl-divergence`` scores a quantised file against
 its base model: the text is cut into ``chunks`` windows of ``context`` tokens, and the second
-half of each window is scored (every scored token sees at least ``context / 2`` tokens of
-history). Per scored token t with reference distribution P_t and candidate distribution Q_t:
+half of each window is scored: the tokens at positions context/2 + 1 .. context - 1, each
+predicted with at least context/2 tokens of history (``context / 2 - 1`` tokens per window). Per scored token t with reference distribution P_t and candidate distribution Q_t:
 
 * perplexity = exp(mean_t -log Q_t(x_{t+1}));
 * KL divergence = mean_t sum_v P_t(v) log(P_t(v) / Q_t(v))  (reference || candidate);
@@ -91,27 +91,41 @@ def _threads(cfg: ScoreConfig) -> int:
     return cfg.threads or torch.get_num_threads()
 
 
+def _llamacpp_perplexity(*args, tries: int = 3, **kw):
+    """``llamacpp.perplexity``, run again when its statistics are missing from the output: llama.cpp's
+    asynchronous logger can drop the last lines of a short run at exit (seen on tiny models)."""
+    from slmkit.errors import SlmkitError
+    from slmkit.export import llamacpp
+
+    for i in range(tries):
+        try:
+            return llamacpp.perplexity(*args, **kw)
+        except SlmkitError as err:
+            if not err.problem.startswith("could not read a perplexity") or i == tries - 1:
+                raise
+            log.warning("llama-perplexity printed no statistics for %s; running it again", args[0])
+    raise AssertionError("unreachable")
+
+
 def llamacpp_scores(reference: Path, files: Sequence[Path], text: Path, cfg: ScoreConfig,
                     work: Path) -> tuple[Quality, list[Quality]]:
     """``llama-perplexity`` saves the reference's log-probabilities, then compares every file with them."""
-    from slmkit.export import llamacpp
-
     base = work / f"reference-{cfg.context}x{cfg.chunks}.kld"
     try:
-        ref = llamacpp.perplexity(reference, text, ctx=cfg.context, chunks=cfg.chunks, save_base=base,
+        ref = _llamacpp_perplexity(reference, text, ctx=cfg.context, chunks=cfg.chunks, save_base=base,
                                   threads=_threads(cfg))
         if ref.chunks is not None and ref.chunks < cfg.chunks:
             raise DataError(f"the evaluation text has only {ref.chunks} windows of {cfg.context} tokens; {cfg.chunks} asked",
                             "use a longer text or fewer chunks")
         out = []
         for f in files:
-            r = llamacpp.perplexity(f, kl_base=base, ctx=cfg.context, threads=_threads(cfg))
+            r = _llamacpp_perplexity(f, kl_base=base, ctx=cfg.context, threads=_threads(cfg))
             out.append(Quality(r.perplexity, r.perplexity_err, r.kl_divergence, r.kl_divergence_err,
-                               r.top1_agreement, r.top1_agreement_err, r.tokens))
+                               r.top1_agreement, r.top1_agreement_err, cfg.chunks * (cfg.context // 2 - 1)))
             log.info("llama-perplexity %s: ppl %.3f, KLD %s", Path(f).name, r.perplexity, r.kl_divergence)
     finally:
         base.unlink(missing_ok=True)  # chunks * context/2 * vocab * 2 bytes (500 MB for 20 x 512 of a 49k vocab)
-    return Quality(ref.perplexity, ref.perplexity_err, 0.0, 0.0, 1.0, 0.0, ref.tokens), out
+    return Quality(ref.perplexity, ref.perplexity_err, 0.0, 0.0, 1.0, 0.0, cfg.chunks * (cfg.context // 2 - 1)), out
 
 
 def _windows(tokenizer, text: Path, cfg: ScoreConfig):
@@ -150,12 +164,12 @@ def slmkit_scores(reference: Path, files: Sequence[Path], text: Path, cfg: Score
 
     @torch.inference_mode()
     def logprobs(model, windows):
-        for w in windows:
-            yield torch.log_softmax(model(w[None]).logits[0, half - 1 : -1].float(), -1)  # (T/2, V)
+        for w in windows:  # positions half .. T-2 predict tokens half+1 .. T-1 (llama-perplexity's "first = n_ctx/2")
+            yield torch.log_softmax(model(w[None]).logits[0, half:-1].float(), -1)  # (T/2 - 1, V)
 
     model, tok = load(str(reference))
     windows = _windows(tok, text, cfg)
-    targets = windows[:, half:]  # (C, T/2): token t+1 scored from position t
+    targets = windows[:, half + 1:]  # (C, T/2 - 1): token t+1 scored from position t
     ref_lp, ref_nll, ref_top = [], [], []
     for lp, tgt in zip(logprobs(model, windows), targets):
         ref_nll.append(-lp.gather(-1, tgt[:, None])[:, 0])
