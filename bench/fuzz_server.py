@@ -16,10 +16,11 @@ count and time:
 3. **Limits**: a ``--chunked-mb`` MB chunked body gets 413, with the server's resident memory
    growing by less than twice its ``--max-body-bytes``; after ``--disconnects`` random
    client disconnects (streaming and not) the active and queued counts are back to 0 within
-   a second.
+   a second; ``--idle`` connections held open without a request leave the server's thread
+   count where it was and ``/health`` answering.
 
 Usage: PYTHONPATH=src python bench/fuzz_server.py [--n 10000] [--modes serve,speculative]
-       [--clients 16] [--disconnects 100] [--chunked-mb 100] [--budget-s 1800] [--json FILE]
+       [--clients 16] [--disconnects 100] [--idle 1000] [--chunked-mb 100] [--budget-s 1800] [--json FILE]
 
 The functions take a base URL, so ``tests/runtime/test_runtime_fuzz.py`` runs a small sample
 of the same checks against in-process servers.
@@ -284,8 +285,25 @@ def _stream_text(client: httpx.Client, url: str, body: dict) -> str:
     return "".join(out)
 
 
-def poison(url: str, model: str | None = None, clients: int = 16, tokens: int = 32, interval: float = 0.1, seed: int = 1) -> dict:
-    """Healthy greedy streams while a malformed request arrives every ``interval`` s: each equals its solo baseline."""
+#: the requests issue 17 found breaking other clients' requests, sent between random malformed ones
+POISON = [
+    {"prompt": "x", "seed": 2**64, "max_tokens": 4, "temperature": 1},
+    {"prompt": "x", "temperature": Raw("NaN"), "max_tokens": 4},
+    {"prompt": "x", "temperature": 1e-300, "max_tokens": 4, "stream": True},
+    {"prompt": "x", "max_tokens": Raw("Infinity")},
+    {"prompt": "x", "model": ["tiny"]},
+    {"prompt": "x", "stream": True, "stream_options": [1]},
+    {"prompt": "x", "top_p": 1e-300, "temperature": 2, "max_tokens": 4},
+    {"prompt": [0, 1, 2, 99999999]},
+    {"prompt": "x", "kv_policy": "h2o", "kv_budget": 2, "max_tokens": 4},
+]
+
+
+def poison(url: str, model: str | None = None, clients: int = 16, tokens: int = 128, interval: float = 0.1, seed: int = 1) -> dict:
+    """Healthy greedy streams while a malformed request arrives every ``interval`` s: each equals its solo baseline.
+
+    Every other malformed request is one of :data:`POISON`, the rest random (:func:`malformed`).
+    """
     prompts = [f"The {w} sees" for w in ("cat", "dog", "bird", "river", "house", "tree", "sun", "boat")]
     bodies = [{"prompt": prompts[i % len(prompts)], "max_tokens": tokens, "temperature": 0, **({"model": model} if model else {})}
               for i in range(clients)]
@@ -297,10 +315,14 @@ def poison(url: str, model: str | None = None, clients: int = 16, tokens: int = 
 
     def attacker() -> None:
         with httpx.Client(timeout=60) as c:
+            i = 0
             while not stop.is_set():
                 ep = rng.choice(ENDPOINTS)
+                i += 1
+                body = dumps(POISON[(i // 2) % len(POISON)]) if i % 2 else malformed(rng, ep, model, 65536)
+                ep = "/v1/completions" if i % 2 else ep
                 try:
-                    r = c.post(url + ep, content=malformed(rng, ep, model, 65536), headers={"content-type": "application/json"})
+                    r = c.post(url + ep, content=body, headers={"content-type": "application/json"})
                     poisoned[str(r.status_code)] += 1
                 except httpx.HTTPError:
                     poisoned["transport"] += 1
@@ -319,6 +341,7 @@ def poison(url: str, model: str | None = None, clients: int = 16, tokens: int = 
     t.join(timeout=60)
     equal = sum(g == baseline[b["prompt"]] for g, b in zip(got, bodies))
     return {"clients": clients, "equal_to_baseline": equal, "malformed_sent": sum(poisoned.values()),
+            "malformed_5xx": sum(v for k, v in poisoned.items() if k.startswith("5")),
             "malformed_statuses": dict(poisoned), "mismatches": [(b["prompt"], g[:80], baseline[b["prompt"]][:80])
                                                                   for g, b in zip(got, bodies) if g != baseline[b["prompt"]]][:3]}
 
@@ -400,6 +423,44 @@ def _json_or_none(b: bytes):
         return json.loads(b)
     except ValueError:
         return None
+
+
+def threads_of(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("Threads:"):
+                return int(line.split()[1])
+    return 0
+
+
+def idle(url: str, pid: int, n: int = 1000, hold_s: float = 3.0) -> dict:
+    """``n`` connections that never send a request: the server's threads and memory before, while held, and
+    whether it still answers; then how many of them it has closed by itself after ``hold_s`` seconds."""
+    u = urlparse(url)
+    before = {"threads": threads_of(pid), "rss_mb": round(rss_bytes(pid) / 2**20, 1)}
+    socks = []
+    try:
+        for _ in range(n):
+            socks.append(socket.create_connection((u.hostname, u.port), timeout=10))
+        time.sleep(hold_s)
+        held = {"threads": threads_of(pid), "rss_mb": round(rss_bytes(pid) / 2**20, 1)}
+        t0 = time.monotonic()
+        alive = httpx.get(url + "/health", timeout=30).status_code == 200
+        health_s = round(time.monotonic() - t0, 3)
+        closed = 0
+        for s in socks:
+            s.setblocking(False)
+            try:
+                closed += s.recv(1) == b""
+            except BlockingIOError:
+                pass
+            except OSError:
+                closed += 1
+    finally:
+        for s in socks:
+            s.close()
+    return {"connections": n, "before": before, "held": held, "health_ok": alive, "health_s": health_s,
+            "closed_by_server_after_s": {hold_s: closed}}
 
 
 def disconnects(url: str, n: int = 100, model: str | None = None, seed: int = 2, concurrency: int = 8) -> dict:
@@ -510,6 +571,7 @@ def main() -> None:
     ap.add_argument("--modes", default="serve,speculative", help="serve and/or collaboration modes (speculative, cascade)")
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--disconnects", type=int, default=100)
+    ap.add_argument("--idle", type=int, default=1000, help="connections held open without a request")
     ap.add_argument("--chunked-mb", type=int, default=100)
     ap.add_argument("--max-body-bytes", type=int, default=1_000_000, help="the servers' limit (slmkit's default)")
     ap.add_argument("--concurrency", type=int, default=8)
@@ -533,14 +595,17 @@ def main() -> None:
                 r["poison"] = poison(url, "tiny", a.clients)
                 r["chunked"] = chunked(url, a.chunked_mb << 20, pid=pid)
                 r["disconnects"] = disconnects(url, a.disconnects, "tiny")
+                r["idle"] = idle(url, pid, a.idle)
                 r["alive"] = httpx.get(url + "/health", timeout=10).status_code == 200
                 r["rss_mb_end"] = round(rss_bytes(pid) / 2**20, 1)
                 print(json.dumps({mode: {k: v for k, v in r.items() if k != "fuzz"}}, indent=1), flush=True)
             results["servers"][mode] = r
     ok = all(f["5xx"] == 0 and f["problems"] == 0 and f["health_failures"] == 0 for r in results["servers"].values() for f in r["fuzz"])
-    ok = ok and all(r["poison"]["equal_to_baseline"] == r["poison"]["clients"] and r["chunked"]["status"] == 413
+    ok = ok and all(r["poison"]["equal_to_baseline"] == r["poison"]["clients"] and r["poison"]["malformed_5xx"] == 0
+                    and r["chunked"]["status"] == 413
                     and (r["chunked"]["rss_growth_bytes"] or 0) < 2 * a.max_body_bytes
                     and r["disconnects"]["seconds_to_idle"] is not None and r["disconnects"]["seconds_to_idle"] <= 1.0
+                    and r["idle"]["health_ok"] and r["idle"]["held"]["threads"] <= r["idle"]["before"]["threads"] + 4
                     and r["alive"] for r in results["servers"].values())
     results["pass"] = ok
     if a.json:

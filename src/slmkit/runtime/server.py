@@ -103,7 +103,7 @@ def create_app(backend_or_engine, model_name: str | None = None, api_key: str | 
         kv = body.get("kv_policy")
         kv = "full" if kv is None else kv
         if not isinstance(kv, str) or kv not in KV_POLICIES:
-            raise ApiError(400, f"unknown kv_policy {core._show(kv)}; known: {', '.join(KV_POLICIES.names())}", "kv_policy")
+            raise ApiError(400, f"unknown kv_policy {core.brief(kv)}; known: {', '.join(KV_POLICIES.names())}", "kv_policy")
         budget = core.integer(body, "kv_budget", None, 2, core.MAX_TOKENS_MAX)
         if budget is None and kv in ("streaming", "h2o"):
             budget = 1024
@@ -220,7 +220,7 @@ def create_app(backend_or_engine, model_name: str | None = None, api_key: str | 
         except SlmkitError as err:
             raise ApiError(400, str(err).splitlines()[0], "messages") from None
         except Exception as err:  # a template that rejects these roles or their order
-            why = f": {core._show(str(err), 200)}" if core.template_error(err) else ""
+            why = f": {core.brief(str(err), 200)}" if core.template_error(err) else ""
             raise ApiError(400, f"the chat template rejected these messages{why}", "messages") from None
         ids = tok(rendered, add_special_tokens=False).input_ids
         want_lp = core.flag(body, "logprobs")
