@@ -248,6 +248,7 @@ class FastModel:
     specs: list = field(default_factory=list)  # per layer: the .spec() of qkv, o, gate_up, down
     fused: torch.Tensor | None = None  # kernel library: per-layer descriptors (norms, matrices) for the one-call decode step
     ffn: int = 0  # intermediate size (the fused step's F)
+    fused_head: torch.Tensor | None = None  # the output head's descriptor when the fused step also runs norm + head (GGUF)
     rope_cache: tuple = ()  # (cos, sin) fp32 (P, hd) for positions 0..P-1, grown on demand (fused step)
 
     def rope_at(self, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -398,6 +399,9 @@ def build(model, cfg: FastConfig = FastConfig(), weights: WeightSource | None = 
     fm.specs = [(ly.qkv.spec(), ly.o.spec(), ly.gate_up.spec(), ly.down.spec()) for ly in layers]
     if (use_q4 or weights is not None) and not cfg.compile and c.hidden_act == "silu":
         fm.fused = _fused_table(fm)
+        head_seg = _segments(fm.head) if weights is not None and fm.fused is not None else None
+        if head_seg is not None and len(head_seg) == 1:  # the q4 path keeps its head in torch (its logits unchanged)
+            fm.fused_head = torch.tensor(head_seg[0], dtype=torch.int64)
     if cfg.compile:
         # One graph each for the work before and after attention of a one-token decode step, shared by
         # every layer (weights are arguments, not constants); prefill and batches run eagerly.
@@ -638,15 +642,20 @@ def _fused_step(fm: FastModel, segs: Sequence[Segment]) -> list[torch.Tensor]:
     vp = torch.tensor([s.cache.v.data_ptr() for s in segs], dtype=torch.int64)
     caps = torch.tensor([s.cache.capacity for s in segs], dtype=torch.int32)
     posv = torch.tensor(pos, dtype=torch.int32)
+    head = fm.fused_head
+    logits = torch.empty(len(segs), int(head[2])) if head is not None else None  # (M, V), written by the call
     rc = q4kernel.require().slmkit_decode_batch(
         x.data_ptr(), len(segs), len(fm.layers), x.shape[1], fm.heads, fm.kv_heads, fm.head_dim, fm.ffn, fm.eps,
         fm.fused.data_ptr(), kp.data_ptr(), vp.data_ptr(), caps.data_ptr(), posv.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+        None if head is None else fm.norm.data_ptr(), None if head is None else head.data_ptr(),
+        None if head is None else logits.data_ptr(),
     )
     if rc:
         raise RuntimeError(f"fused decode step failed (code {rc})")
     for s in segs:
         s.cache.advance(1)
-    logits = fm.head(rms_norm(x, fm.norm, fm.eps)).float()  # (M, V)
+    if logits is None:
+        logits = fm.head(rms_norm(x, fm.norm, fm.eps)).float()  # (M, V)
     return [logits[i : i + 1] if s.all_logits else logits[i] for i, s in enumerate(segs)]
 
 

@@ -110,7 +110,7 @@ def load() -> ctypes.CDLL | None:
                 dq.argtypes = [p, p, p, i, i, p]
                 st = lib.slmkit_decode_batch
                 st.restype = ctypes.c_int
-                st.argtypes = [p, i, i, i, i, i, i, i, ctypes.c_float, p, p, p, p, p, p, p]
+                st.argtypes = [p, i, i, i, i, i, i, i, ctypes.c_float, p, p, p, p, p, p, p, p, p, p]
                 for name, args in (("slmkit_gg_matmul", [p, i, i, i, i, p, i, p, i]),
                                    ("slmkit_gg_dequant_bf16", [i, p, i, i, p]),
                                    ("slmkit_gg_rows_f32", [i, p, i, p, i, p]),

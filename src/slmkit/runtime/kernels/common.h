@@ -70,16 +70,16 @@ void slmkit_q4_rows(const uint8_t *q, const uint16_t *s, const uint16_t *m, int 
 
 /* ---- ggml.c: llama.cpp's GGUF block formats, read from the file's bytes */
 
-/* What the GGUF matmuls read besides xq and xs, derived from them (M x K/4 each): per 4-input lane of
- * the dot product, the negated sum of the int8 codes (nls), the group's scale (xsl) and its exact sum / 8 (sxl). */
+/* What the GGUF matmuls read: the int8 codes, scales and exact sums of the activations (per 32, from
+ * slmkit_q4_quantize) and, per token, derived by slmkit_gg_prepare: scale x code sum per 32 (xc32) and
+ * per 16 inputs (xc16), and the scale per 16 inputs (xs16). */
 typedef struct {
     const int8_t *xq;
-    const int32_t *nls;
-    const float *xsl, *sxl;
+    const float *xs, *xsum, *xc32, *xc16, *xs16;
 } slmkit_gg_act;
 
 int slmkit_gg_row_bytes(int type, int K);
-void slmkit_gg_prepare(const int8_t *xq, const float *xs, const float *xsum, int M, int K, int32_t *nls, float *xsl, float *sxl);
+void slmkit_gg_prepare(const int8_t *xq, const float *xs, int M, int K, float *xc32, float *xc16, float *xs16);
 void slmkit_gg_rows(int type, const uint8_t *w, int K, const slmkit_gg_act *a, int M, int r0, int r1, void *y, int ldy, int y_bf16);
 
 #endif

@@ -55,14 +55,13 @@ enum { S_Q, S_K, S_V, S_O, S_GATE, S_UP, S_DOWN, S_N };
 
 typedef struct {
     int8_t *xq;
-    float *xs, *xsum, *xcorr, *xsl, *sxl;
-    int32_t *nls;
+    float *xs, *xsum, *xcorr, *xc32, *xc16, *xs16;
 } acts;
 
 /* Quantise M rows of x (K inputs) once for every matrix that reads them; the GGUF extras only when one does. */
 static void quantize_for(const float *x, int M, int K, int gg, const acts *a) {
     slmkit_q4_quantize(x, 0, M, K, a->xq, a->xs, a->xsum, a->xcorr);
-    if (gg) slmkit_gg_prepare(a->xq, a->xs, a->xsum, M, K, a->nls, a->xsl, a->sxl);
+    if (gg) slmkit_gg_prepare(a->xq, a->xs, M, K, a->xc32, a->xc16, a->xs16);
 }
 
 /* y (M x ldy) columns of the matrices sg[0..n) side by side, one worksharing loop over tiles of 8 rows. */
@@ -76,7 +75,7 @@ static void mm_segs(const int64_t *sg, int n, int K, const acts *a, int M, float
         c += rows;
         first[s + 1] = first[s] + (rows + tile - 1) / tile;
     }
-    const slmkit_gg_act ga = {a->xq, a->nls, a->xsl, a->sxl};
+    const slmkit_gg_act ga = {a->xq, a->xs, a->xsum, a->xc32, a->xc16, a->xs16};
 #pragma omp for schedule(static)
     for (int it = 0; it < first[n]; it++) {
         int s = 0;
@@ -115,6 +114,28 @@ static int check_segs(const int64_t *sg, int n, int K, int rows, int *gg) {
     return total == rows;
 }
 
+/* o (hd) = sum_t w[t] v_t over the bf16 cache rows (stride hd); the same fused multiply-adds, in the same
+ * order per output, as the scalar loop the compiler contracts to fma. */
+static inline void weighted_sum_bf16(float *o, const float *w, const uint16_t *v, int n, int hd) {
+    if (hd % 16 == 0 && hd <= 256) {
+        __m512 acc[16];
+        for (int i = 0; i < hd / 16; i++) acc[i] = _mm512_setzero_ps();
+        for (int t = 0; t < n; t++) {
+            const __m512 wt = _mm512_set1_ps(w[t]);
+            const uint16_t *vt = v + (size_t)t * hd;
+            for (int i = 0; i < hd / 16; i++) {
+                const __m512 x = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(vt + 16 * i))), 16));
+                acc[i] = _mm512_fmadd_ps(wt, x, acc[i]);
+            }
+        }
+        for (int i = 0; i < hd / 16; i++) _mm512_storeu_ps(o + 16 * i, acc[i]);
+        return;
+    }
+    for (int i = 0; i < hd; i++) o[i] = 0;
+    for (int t = 0; t < n; t++)
+        for (int i = 0; i < hd; i++) o[i] = fmaf(w[t], bf16_to_f32(v[(size_t)t * hd + i]), o[i]);
+}
+
 static __thread void *t_buf[8];
 static __thread size_t t_cap[8];
 
@@ -123,10 +144,13 @@ static __thread size_t t_cap[8];
  * layers: L * L_N values (see the enums above).
  * kc[j], vc[j]: sequence j's bf16 caches (L, Hk, S[j], hd); pos[j]: its new token's position (< S[j]).
  * cos, sin: M x hd, the rotary factors of each token's position.
- * Returns 0 on success, -2 for bad sizes or positions, -3 for a malformed layer descriptor, -1 out of memory. */
+ * head (optional, with norm and logits): one matrix descriptor (SEG_KIND .. SEG_P2) of the output head;
+ * then the last layer's outputs go through the final RMSNorm (bf16 weights `norm`) and the head into
+ * logits (M x rows, fp32) in the same call.
+ * Returns 0 on success, -2 for bad sizes or positions, -3 for a malformed descriptor, -1 out of memory. */
 int slmkit_decode_batch(float *x, int M, int L, int D, int H, int Hk, int hd, int F, float eps,
                         const int64_t *layers, const int64_t *kc, const int64_t *vc, const int *S, const int *pos,
-                        const float *cos, const float *sin) {
+                        const float *cos, const float *sin, const uint16_t *norm, const int64_t *head, float *logits) {
     if (D % 64 || (H * hd) % 64 || F % 64 || hd % 2 || H % Hk || M < 1 || F > 65536 || D > 65536 || H * hd > 65536) return -2;
     size_t ctx = 0; /* sum of context lengths after this step */
     for (int j = 0; j < M; j++) {
@@ -142,89 +166,108 @@ int slmkit_decode_batch(float *x, int M, int L, int D, int H, int Hk, int hd, in
             !check_segs(sg + S_GATE * SEG_N, 2, D, 2 * F, &gg_gu) || !check_segs(sg + S_DOWN * SEG_N, 1, F, D, &gg_down))
             return -3;
     }
+    int gg_head = 0;
+    const int V = head ? (int)head[SEG_ROWS] : 0;
+    if (head && (!norm || !logits || !check_segs(head, 1, D, V, &gg_head))) return -3;
     int kmax = D > H * hd ? D : H * hd;
     kmax = kmax > F ? kmax : F;
     const size_t mk = (size_t)M * kmax;
     const size_t ws = (size_t)M * (2 * (size_t)D + nqkv + (size_t)H * hd + 3 * (size_t)F) + (size_t)H * ctx + (size_t)M;
-    const size_t need[8] = {mk, 4 * (mk / GROUP), 4 * (mk / GROUP), 4 * (mk / GROUP), mk, mk, mk, 4 * ws};
+    const size_t mb = mk / GROUP;
+    const size_t need[8] = {mk, 4 * mb, 4 * mb, 4 * mb, 4 * mb, 8 * mb, 8 * mb, 4 * ws};
     for (int i = 0; i < 8; i++)
         if (grow(&t_buf[i], &t_cap[i], need[i])) return -1;
     const acts a = {(int8_t *)t_buf[0], (float *)t_buf[1], (float *)t_buf[2], (float *)t_buf[3],
-                    (float *)t_buf[4], (float *)t_buf[5], (int32_t *)t_buf[6]};
+                    (float *)t_buf[4], (float *)t_buf[5], (float *)t_buf[6]};
     float *h = (float *)t_buf[7], *qkv = h + (size_t)M * D, *att = qkv + (size_t)M * nqkv, *gu = att + (size_t)M * H * hd,
           *act = gu + (size_t)M * 2 * F, *tmp = act + (size_t)M * F, *sc = tmp + (size_t)M * D;
     size_t sc_off[M]; /* where each sequence's H score rows start */
     for (size_t j = 0, o = 0; j < (size_t)M; j++) { sc_off[j] = o; o += (size_t)H * (pos[j] + 1); }
     const float scale = 1.0f / sqrtf((float)hd);
+    const int head_quant = hd % GROUP == 0; /* each head's attention output quantised by the thread that computed it */
     /* One team for the whole step: serial parts run in `single` blocks, matmuls and attention are
      * worksharing loops; every construct ends in a barrier, so there is no fork/join per matmul. */
 #pragma omp parallel
-    for (int l = 0; l < L; l++) {
-        const int64_t *p = layers + (size_t)l * L_N, *sg = p + L_SEGS;
+    {
+        for (int l = 0; l < L; l++) {
+            const int64_t *p = layers + (size_t)l * L_N, *sg = p + L_SEGS;
 #pragma omp single
-        {
-            for (int j = 0; j < M; j++) rmsnorm(x + (size_t)j * D, (const uint16_t *)(intptr_t)p[L_ANORM], D, eps, h + (size_t)j * D);
-            quantize_for(h, M, D, gg_attn, &a);
-        }
-        mm_segs(sg + S_Q * SEG_N, 3, D, &a, M, qkv, nqkv);
+            {
+                if (l > 0) /* the previous layer's down projection joins the residual stream */
+                    for (size_t i = 0; i < (size_t)M * D; i++) x[i] += tmp[i];
+                for (int j = 0; j < M; j++) rmsnorm(x + (size_t)j * D, (const uint16_t *)(intptr_t)p[L_ANORM], D, eps, h + (size_t)j * D);
+                quantize_for(h, M, D, gg_attn, &a);
+            }
+            mm_segs(sg + S_Q * SEG_N, 3, D, &a, M, qkv, nqkv);
 #pragma omp single
-        for (int j = 0; j < M; j++) {
-            float *q = qkv + (size_t)j * nqkv, *k = q + (size_t)H * hd, *v = k + (size_t)Hk * hd;
-            rope(q, H, hd, cos + (size_t)j * hd, sin + (size_t)j * hd);
-            rope(k, Hk, hd, cos + (size_t)j * hd, sin + (size_t)j * hd);
-            const size_t Sj = (size_t)S[j];
-            uint16_t *kl = (uint16_t *)(intptr_t)kc[j] + (size_t)l * Hk * Sj * hd;
-            uint16_t *vl = (uint16_t *)(intptr_t)vc[j] + (size_t)l * Hk * Sj * hd;
-            for (int g = 0; g < Hk; g++)
-                for (int i = 0; i < hd; i++) {
-                    kl[((size_t)g * Sj + pos[j]) * hd + i] = f32_to_bf16(k[g * hd + i]);
-                    vl[((size_t)g * Sj + pos[j]) * hd + i] = f32_to_bf16(v[g * hd + i]);
-                }
-        }
+            for (int j = 0; j < M; j++) {
+                float *q = qkv + (size_t)j * nqkv, *k = q + (size_t)H * hd, *v = k + (size_t)Hk * hd;
+                rope(q, H, hd, cos + (size_t)j * hd, sin + (size_t)j * hd);
+                rope(k, Hk, hd, cos + (size_t)j * hd, sin + (size_t)j * hd);
+                const size_t Sj = (size_t)S[j];
+                uint16_t *kl = (uint16_t *)(intptr_t)kc[j] + (size_t)l * Hk * Sj * hd;
+                uint16_t *vl = (uint16_t *)(intptr_t)vc[j] + (size_t)l * Hk * Sj * hd;
+                for (int g = 0; g < Hk; g++)
+                    for (int i = 0; i < hd; i++) {
+                        kl[((size_t)g * Sj + pos[j]) * hd + i] = f32_to_bf16(k[g * hd + i]);
+                        vl[((size_t)g * Sj + pos[j]) * hd + i] = f32_to_bf16(v[g * hd + i]);
+                    }
+            }
 #pragma omp for schedule(dynamic, 1)
-        for (int jh = 0; jh < M * H; jh++) {
-            const int j = jh / H, hh = jh % H, g = hh / group, n = pos[j] + 1;
-            const size_t Sj = (size_t)S[j];
-            const uint16_t *kg = (const uint16_t *)(intptr_t)kc[j] + ((size_t)l * Hk + g) * Sj * hd;
-            const uint16_t *vg = (const uint16_t *)(intptr_t)vc[j] + ((size_t)l * Hk + g) * Sj * hd;
-            const float *qh = qkv + (size_t)j * nqkv + (size_t)hh * hd;
-            float *s_ = sc + sc_off[j] + (size_t)hh * n, mx = -INFINITY;
-            for (int t = 0; t < n; t++) {
-                s_[t] = dot_bf16(qh, kg + (size_t)t * hd, hd) * scale;
-                mx = s_[t] > mx ? s_[t] : mx;
-            }
-            float sum = 0;
-            for (int t = 0; t < n; t++) { s_[t] = expf(s_[t] - mx); sum += s_[t]; }
-            float *o = att + ((size_t)j * H + hh) * hd;
-            for (int i = 0; i < hd; i++) o[i] = 0;
-            for (int t = 0; t < n; t++) {
-                const float w = s_[t] / sum;
-                const uint16_t *vt = vg + (size_t)t * hd;
-                for (int i = 0; i < hd; i++) o[i] += w * bf16_to_f32(vt[i]);
-            }
-        }
-#pragma omp single
-        quantize_for(att, M, H * hd, gg_o, &a);
-        mm_segs(sg + S_O * SEG_N, 1, H * hd, &a, M, tmp, D);
-#pragma omp single
-        {
-            for (size_t i = 0; i < (size_t)M * D; i++) x[i] += tmp[i];
-            for (int j = 0; j < M; j++) rmsnorm(x + (size_t)j * D, (const uint16_t *)(intptr_t)p[L_MNORM], D, eps, h + (size_t)j * D);
-            quantize_for(h, M, D, gg_gu, &a);
-        }
-        mm_segs(sg + S_GATE * SEG_N, 2, D, &a, M, gu, 2 * F);
-#pragma omp single
-        {
-            for (int j = 0; j < M; j++)
-                for (int i = 0; i < F; i++) {
-                    const float g = gu[(size_t)j * 2 * F + i];
-                    act[(size_t)j * F + i] = g / (1.0f + expf(-g)) * gu[(size_t)j * 2 * F + F + i];
+            for (int jh = 0; jh < M * H; jh++) {
+                const int j = jh / H, hh = jh % H, g = hh / group, n = pos[j] + 1;
+                const size_t Sj = (size_t)S[j];
+                const uint16_t *kg = (const uint16_t *)(intptr_t)kc[j] + ((size_t)l * Hk + g) * Sj * hd;
+                const uint16_t *vg = (const uint16_t *)(intptr_t)vc[j] + ((size_t)l * Hk + g) * Sj * hd;
+                const float *qh = qkv + (size_t)j * nqkv + (size_t)hh * hd;
+                float *s_ = sc + sc_off[j] + (size_t)hh * n, mx = -INFINITY;
+                for (int t = 0; t < n; t++) {
+                    s_[t] = dot_bf16(qh, kg + (size_t)t * hd, hd) * scale;
+                    mx = s_[t] > mx ? s_[t] : mx;
                 }
-            quantize_for(act, M, F, gg_down, &a);
-        }
-        mm_segs(sg + S_DOWN * SEG_N, 1, F, &a, M, tmp, D);
+                float sum = 0;
+                for (int t = 0; t < n; t++) { s_[t] = expf(s_[t] - mx); sum += s_[t]; }
+                for (int t = 0; t < n; t++) s_[t] = s_[t] / sum;
+                const size_t off = ((size_t)j * H + hh) * hd;
+                weighted_sum_bf16(att + off, s_, vg, n, hd);
+                if (head_quant) { /* groups of 32 never straddle heads: quantise this head's slice here */
+                    const acts ah = {a.xq + off, a.xs + off / GROUP, a.xsum + off / GROUP, a.xcorr + off / GROUP,
+                                     a.xc32 + off / GROUP, a.xc16 + off / 16, a.xs16 + off / 16};
+                    quantize_for(att + off, 1, hd, gg_o, &ah);
+                }
+            }
+            if (!head_quant) {
 #pragma omp single
-        for (size_t i = 0; i < (size_t)M * D; i++) x[i] += tmp[i];
+                quantize_for(att, M, H * hd, gg_o, &a);
+            }
+            mm_segs(sg + S_O * SEG_N, 1, H * hd, &a, M, tmp, D);
+#pragma omp single
+            {
+                for (size_t i = 0; i < (size_t)M * D; i++) x[i] += tmp[i];
+                for (int j = 0; j < M; j++) rmsnorm(x + (size_t)j * D, (const uint16_t *)(intptr_t)p[L_MNORM], D, eps, h + (size_t)j * D);
+                quantize_for(h, M, D, gg_gu, &a);
+            }
+            mm_segs(sg + S_GATE * SEG_N, 2, D, &a, M, gu, 2 * F);
+#pragma omp single
+            {
+                for (int j = 0; j < M; j++)
+                    for (int i = 0; i < F; i++) {
+                        const float g = gu[(size_t)j * 2 * F + i];
+                        act[(size_t)j * F + i] = g / (1.0f + expf(-g)) * gu[(size_t)j * 2 * F + F + i];
+                    }
+                quantize_for(act, M, F, gg_down, &a);
+            }
+            mm_segs(sg + S_DOWN * SEG_N, 1, F, &a, M, tmp, D);
+        }
+#pragma omp single
+        {
+            for (size_t i = 0; i < (size_t)M * D; i++) x[i] += tmp[i]; /* the last layer's down projection */
+            if (head) {
+                for (int j = 0; j < M; j++) rmsnorm(x + (size_t)j * D, norm, D, eps, h + (size_t)j * D);
+                quantize_for(h, M, D, gg_head, &a);
+            }
+        }
+        if (head) mm_segs(head, 1, D, &a, M, logits, V);
     }
     return 0;
 }

@@ -23,11 +23,12 @@
  * and every weight w = (q - o) s + c is written with a centre c (c = m + o d for Q4_1/Q5_1,
  * o d sc_j - dmin m_j for Q4_K/Q5_K, 0 for the symmetric formats) whose product with the
  * activations uses their exact fp32 sums, so the int8 rounding error scales with (w - c), as
- * in slmkit's q4 kernel. Per 64 inputs and 16 lanes of 4 inputs each:
+ * in slmkit's q4 kernel. For a row, with groups g of 32 inputs (16 for Q6_K):
  *
- *     acc += float(dpbusd(-o * lanesum(xq), q, xq)) * xs_lane * s_lane  +  c_lane * sum(x)_lane / 8
+ *     y = sum_g s_g xs_g dot(q_g, xq_g)  -  o sum_g s_g xs_g sum(xq_g)  +  sum_g c_g sum(x_g)
  *
- * A row is K / 64 such chunks (K % 64 == 0; K % 256 == 0 for the K-quants).
+ * The last two sums and the products s_g xs_g are computed first, 16 groups per vector; then each
+ * 64-input chunk costs one vpdpbusd and one fma per token (K % 64 == 0; K % 256 for the K-quants).
  */
 #include "common.h"
 
@@ -58,7 +59,7 @@ static inline int gg_block_bytes(int type) {
 /* Bytes of one row of K weights, or -1 when the type has no kernel or K does not suit it. */
 int slmkit_gg_row_bytes(int type, int K) {
     const int blk = gg_block(type);
-    if (!blk || K <= 0 || K % 64 || K % blk) return -1;
+    if (!blk || K <= 0 || K % 64 || K % blk || K > 65536) return -1;
     return K / blk * gg_block_bytes(type);
 }
 
@@ -68,20 +69,17 @@ static inline float h2f(const uint8_t *p) {
     return _cvtsh_ss(h);
 }
 
-/* 16 lanes: a in the first 8, b in the last 8 (two groups of 32 inputs in a 64-input chunk). */
-static inline __m512 pair(float a, float b) {
-    return _mm512_insertf32x8(_mm512_set1_ps(a), _mm256_set1_ps(b), 1);
-}
-
-/* The 6-bit scale and min of sub-block j of a Q4_K/Q5_K super-block (ggml's get_scale_min_k4). */
-static inline void scale_min_k4(int j, const uint8_t *q, int *sc, int *mn) {
-    if (j < 4) {
-        *sc = q[j] & 63;
-        *mn = q[j + 4] & 63;
-    } else {
-        *sc = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
-        *mn = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
-    }
+/* The 6-bit scales and mins of a Q4_K/Q5_K super-block as 8 + 8 bytes (ggml's utmp/kmask unpacking of
+ * get_scale_min_k4, in ggml_vec_dot_q4_K_q8_K): sm[0..7] scales, sm[8..15] mins. */
+static inline void scales_mins_k4(const uint8_t *q, uint8_t sm[16]) {
+    uint32_t u[4];
+    memcpy(u, q, 12);
+    u[3] = ((u[2] >> 4) & 0x0f0f0f0fu) | (((u[1] >> 6) & 0x03030303u) << 4);
+    const uint32_t mins_lo = u[1] & 0x3f3f3f3fu;
+    u[1] = (u[2] & 0x0f0f0f0fu) | (((u[0] >> 6) & 0x03030303u) << 4);
+    u[2] = mins_lo;
+    u[0] &= 0x3f3f3f3fu;
+    memcpy(sm, u, 16);
 }
 
 /* log2 of the code offset o of each format: w = (q - o) s + c with q unsigned. */
@@ -98,9 +96,61 @@ static inline int gg_has_centre(int type) {
     return type == GG_Q4_1 || type == GG_Q5_1 || type == GG_Q4_K || type == GG_Q5_K;
 }
 
-/* Chunk c (inputs 64c .. 64c+63) of a row: the 64 unsigned codes in input order, and per lane of 4
- * inputs the weight scale s (dv) and centre c (cv, formats with a min only). */
-static inline __attribute__((always_inline)) __m512i gg_unpack(const int type, const uint8_t *row, int c, __m512 *dv, __m512 *cv) {
+/* Inputs that share one weight scale: 16 for Q6_K, 32 for every other format. */
+static inline int gg_group(int type) { return type == GG_Q6_K ? 16 : 32; }
+
+/* The weight scale s and centre c of every group of a row (K / gg_group inputs each), w = (q - o) s + c. */
+static inline __attribute__((always_inline)) void gg_scales(const int type, const uint8_t *row, int K, float *s, float *cen) {
+    switch (type) {
+    case GG_Q4_0: case GG_Q4_1: case GG_Q5_0: case GG_Q5_1: case GG_Q8_0: {
+        const int bs = gg_block_bytes(type), nb = K / 32;
+        uint16_t hd[nb], hm[nb];
+        for (int b = 0; b < nb; b++) {
+            memcpy(hd + b, row + (size_t)b * bs, 2);
+            if (gg_has_centre(type)) memcpy(hm + b, row + (size_t)b * bs + 2, 2);
+        }
+        const __m512 o = _mm512_set1_ps((float)(1 << gg_shift(type)));
+        for (int b = 0; b < nb; b += 16) {
+            const __mmask16 k = nb - b >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (nb - b)) - 1);
+            const __m512 d = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, hd + b));
+            _mm512_mask_storeu_ps(s + b, k, d);
+            if (gg_has_centre(type)) /* w = q d + m = (q - o) d + (m + o d) */
+                _mm512_mask_storeu_ps(cen + b, k, _mm512_fmadd_ps(o, d, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, hm + b))));
+        }
+        return;
+    }
+    case GG_Q4_K: case GG_Q5_K: {
+        const int bs = gg_block_bytes(type);
+        const __m256 o = _mm256_set1_ps((float)(1 << gg_shift(type)));
+        for (int i = 0; i < K / 256; i++) {
+            const uint8_t *sb = row + (size_t)i * bs;
+            uint8_t sm[16];
+            scales_mins_k4(sb + 4, sm);
+            uint64_t s8, m8;
+            memcpy(&s8, sm, 8);
+            memcpy(&m8, sm + 8, 8);
+            const __m256 sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)s8)));
+            const __m256 mn = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)m8)));
+            const __m256 ds = _mm256_mul_ps(_mm256_set1_ps(h2f(sb)), sc); /* d sc_j, as ggml's d1 = d * sc */
+            _mm256_storeu_ps(s + 8 * i, ds);
+            /* w = d sc q - dmin m = (q - o) d sc + (o d sc - dmin m) */
+            _mm256_storeu_ps(cen + 8 * i, _mm256_fnmadd_ps(_mm256_set1_ps(h2f(sb + 2)), mn, _mm256_mul_ps(o, ds)));
+        }
+        return;
+    }
+    default: { /* GG_Q6_K: 16 int8 scales per super-block */
+        for (int i = 0; i < K / 256; i++) {
+            const uint8_t *sb = row + (size_t)i * 210;
+            const __m512 sc = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(sb + 192))));
+            _mm512_storeu_ps(s + 16 * i, _mm512_mul_ps(_mm512_set1_ps(h2f(sb + 208)), sc));
+        }
+        return;
+    }
+    }
+}
+
+/* Chunk c (inputs 64c .. 64c+63) of a row: the 64 unsigned codes in input order. */
+static inline __attribute__((always_inline)) __m512i gg_codes(const int type, const uint8_t *row, int c) {
     const __m512i m4 = _mm512_set1_epi8(0x0F);
     switch (type) {
     case GG_Q4_0: case GG_Q4_1: case GG_Q5_0: case GG_Q5_1: {
@@ -118,38 +168,24 @@ static inline __attribute__((always_inline)) __m512i gg_unpack(const int type, c
             memcpy(&h1, b1 + qh, 4);
             z = _mm512_or_si512(z, _mm512_maskz_mov_epi8((__mmask64)h0 | ((__mmask64)h1 << 32), _mm512_set1_epi8(0x10)));
         }
-        const float d0 = h2f(b0), d1 = h2f(b1);
-        *dv = pair(d0, d1);
-        if (type == GG_Q4_1) *cv = pair(h2f(b0 + 2) + 8.0f * d0, h2f(b1 + 2) + 8.0f * d1);
-        if (type == GG_Q5_1) *cv = pair(h2f(b0 + 2) + 16.0f * d0, h2f(b1 + 2) + 16.0f * d1);
         return z;
     }
     case GG_Q8_0: {
         const uint8_t *b0 = row + (size_t)(2 * c) * 34, *b1 = b0 + 34;
         __m512i z = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(b0 + 2))),
                                        _mm256_loadu_si256((const __m256i *)(b1 + 2)), 1);
-        *dv = pair(h2f(b0), h2f(b1));
         return _mm512_xor_si512(z, _mm512_set1_epi8((char)0x80)); /* int8 q -> q + 128 */
     }
     case GG_Q4_K: case GG_Q5_K: {
         const uint8_t *sb = row + (size_t)(c >> 2) * gg_block_bytes(type);
         const int j = c & 3;
-        const float d = h2f(sb), dmin = h2f(sb + 2);
-        int s0, m0, s1, m1;
-        scale_min_k4(2 * j, sb + 4, &s0, &m0);
-        scale_min_k4(2 * j + 1, sb + 4, &s1, &m1);
         const __m256i raw = _mm256_loadu_si256((const __m256i *)(sb + (type == GG_Q4_K ? 16 : 48) + 32 * j));
         __m512i z = _mm512_and_si512(_mm512_inserti64x4(_mm512_castsi256_si512(raw), _mm256_srli_epi16(raw, 4), 1), m4);
-        float o = 8.0f;
         if (type == GG_Q5_K) { /* bit 2j of qh[l] is input l's fifth bit, bit 2j+1 input 32+l's */
             const __m256i qh = _mm256_loadu_si256((const __m256i *)(sb + 16));
             __m512i h = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_srli_epi16(qh, 2 * j)), _mm256_srli_epi16(qh, 2 * j + 1), 1);
             z = _mm512_or_si512(z, _mm512_slli_epi16(_mm512_and_si512(h, _mm512_set1_epi8(1)), 4));
-            o = 16.0f;
         }
-        const float ds0 = d * (float)s0, ds1 = d * (float)s1;
-        *dv = pair(ds0, ds1);
-        *cv = pair(o * ds0 - dmin * (float)m0, o * ds1 - dmin * (float)m1);
         return z;
     }
     default: { /* GG_Q6_K: chunk j of the super-block is half j/2, low (j even) or high nibbles */
@@ -159,50 +195,68 @@ static inline __attribute__((always_inline)) __m512i gg_unpack(const int type, c
         const __m512i lo = part ? _mm512_and_si512(_mm512_srli_epi16(ql, 4), m4) : _mm512_and_si512(ql, m4);
         const __m256i qh = _mm256_loadu_si256((const __m256i *)(sb + 128 + 32 * n));
         __m512i h = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_srli_epi16(qh, 4 * part)), _mm256_srli_epi16(qh, 4 * part + 2), 1);
-        h = _mm512_slli_epi16(_mm512_and_si512(h, _mm512_set1_epi8(3)), 4);
-        int32_t s4; /* the chunk's 4 int8 scales (sub-blocks of 16), 4 lanes each */
-        memcpy(&s4, sb + 192 + 4 * j, 4);
-        const __m128i sv = _mm_shuffle_epi8(_mm_cvtsi32_si128(s4), _mm_setr_epi8(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3));
-        *dv = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sv)), _mm512_set1_ps(h2f(sb + 208)));
-        return _mm512_or_si512(lo, h);
+        return _mm512_or_si512(lo, _mm512_slli_epi16(_mm512_and_si512(h, _mm512_set1_epi8(3)), 4));
     }
     }
 }
 
-/* From quantised activations (xq M x K, xs and xsum M x K/32): per lane of 4 inputs the negated
- * code sum, the group's scale, and the group's exact sum / 8. */
-void slmkit_gg_prepare(const int8_t *xq, const float *xs, const float *xsum, int M, int K, int32_t *nls, float *xsl, float *sxl) {
-    const int nc = K / 64, nb = K / GROUP, K4 = K / 4;
-    const __m512i ones = _mm512_set1_epi8(1);
+/* From quantised activations (xq M x K, xs M x K/32): per group of 16 and of 32 inputs the group's
+ * scale times its code sum (xc16, xc32: the code offset's correction), and the scale per 16 (xs16). */
+void slmkit_gg_prepare(const int8_t *xq, const float *xs, int M, int K, float *xc32, float *xc16, float *xs16) {
+    const int nb = K / GROUP;
     for (int t = 0; t < M; t++)
-        for (int c = 0; c < nc; c++) {
-            __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, _mm512_loadu_si512((const void *)(xq + (size_t)t * K + 64 * c)));
-            _mm512_storeu_si512((void *)(nls + (size_t)t * K4 + 16 * c), _mm512_sub_epi32(_mm512_setzero_si512(), s));
-            const float *g = xs + (size_t)t * nb + 2 * c, *gs = xsum + (size_t)t * nb + 2 * c;
-            _mm512_storeu_ps(xsl + (size_t)t * K4 + 16 * c, pair(g[0], g[1]));
-            _mm512_storeu_ps(sxl + (size_t)t * K4 + 16 * c, pair(gs[0] * 0.125f, gs[1] * 0.125f));
+        for (int b = 0; b < nb; b++) {
+            const int8_t *q = xq + (size_t)t * K + 32 * b;
+            int s0 = 0, s1 = 0;
+            for (int i = 0; i < 16; i++) {
+                s0 += q[i];
+                s1 += q[16 + i];
+            }
+            const float d = xs[(size_t)t * nb + b];
+            xc32[(size_t)t * nb + b] = d * (float)(s0 + s1);
+            xc16[(size_t)t * 2 * nb + 2 * b] = d * (float)s0;
+            xc16[(size_t)t * 2 * nb + 2 * b + 1] = d * (float)s1;
+            xs16[(size_t)t * 2 * nb + 2 * b] = xs16[(size_t)t * 2 * nb + 2 * b + 1] = d;
         }
 }
 
-/* Rows [r0, r1) of y for T (1..4) tokens. */
+/* Rows [r0, r1) of y for T (1..4) tokens. Per row: the groups' scales combined with each token's
+ * activation scales (comb) and the offset / centre terms summed first, in 16-wide vectors; then per
+ * chunk one vpdpbusd per token and one fma with that chunk's two (or four, Q6_K) combined scales. */
 static inline __attribute__((always_inline)) void gg_rows_T(const int type, const int T, const uint8_t *w, int K,
                                                             const slmkit_gg_act *a, int r0, int r1, void *y, int ldy, int y_bf16) {
-    const int nc = K / 64, K4 = K / 4, sh = gg_shift(type), cen = gg_has_centre(type);
+    const int nc = K / 64, G = gg_group(type), ng = K / G, nb = K / 32, sh = gg_shift(type), cen_ = gg_has_centre(type);
     const size_t rb = (size_t)slmkit_gg_row_bytes(type, K), step = rb / nc;
+    const float *xc = G == 16 ? a->xc16 : a->xc32, *xsg = G == 16 ? a->xs16 : a->xs;
+    const __m512 o = _mm512_set1_ps((float)(1 << sh));
+    /* lanes of a chunk's 64 inputs (4 per lane) -> its groups: 2 of 32 (8 lanes each) or 4 of 16 */
+    const __m512i lanes = G == 16 ? _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3)
+                                  : _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+    float s[ng], cen[cen_ ? ng : 1], comb[T][ng];
     for (int r = r0; r < r1; r++) {
         const uint8_t *row = w + (size_t)r * rb;
+        gg_scales(type, row, K, s, cen);
         __m512 acc[4];
-        for (int t = 0; t < T; t++) acc[t] = _mm512_setzero_ps();
+        for (int t = 0; t < T; t++) {
+            acc[t] = _mm512_setzero_ps();
+            for (int g = 0; g < ng; g += 16) {
+                const __mmask16 k = ng - g >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (ng - g)) - 1);
+                const __m512 sv = _mm512_maskz_loadu_ps(k, s + g);
+                _mm512_mask_storeu_ps(comb[t] + g, k, _mm512_mul_ps(sv, _mm512_maskz_loadu_ps(k, xsg + (size_t)t * ng + g)));
+                /* - o s xs sum(xq): the code offset */
+                acc[t] = _mm512_fnmadd_ps(_mm512_mul_ps(o, sv), _mm512_maskz_loadu_ps(k, xc + (size_t)t * ng + g), acc[t]);
+                if (cen_) /* + c sum(x): the centre, with the exact activation sums (groups of 32) */
+                    acc[t] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, cen + g), _mm512_maskz_loadu_ps(k, a->xsum + (size_t)t * nb + g), acc[t]);
+            }
+        }
         for (int c = 0; c < nc; c++) {
             _mm_prefetch((const char *)row + step * c + PREFETCH_BYTES, _MM_HINT_T0); /* rows stream: fetch ahead */
-            __m512 dv, cv = _mm512_setzero_ps();
-            const __m512i u = gg_unpack(type, row, c, &dv, &cv);
+            const __m512i u = gg_codes(type, row, c);
             for (int t = 0; t < T; t++) {
-                const size_t l = (size_t)t * K4 + 16 * c;
-                const __m512i init = _mm512_slli_epi32(_mm512_loadu_si512((const void *)(a->nls + l)), sh); /* -o lanesum(xq) */
-                const __m512i d = _mm512_dpbusd_epi32(init, u, _mm512_loadu_si512((const void *)(a->xq + (size_t)t * K + 64 * c)));
-                acc[t] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d), _mm512_loadu_ps(a->xsl + l)), dv, acc[t]);
-                if (cen) acc[t] = _mm512_fmadd_ps(cv, _mm512_loadu_ps(a->sxl + l), acc[t]);
+                const __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, _mm512_loadu_si512((const void *)(a->xq + (size_t)t * K + 64 * c)));
+                const __m512 sc = G == 16 ? _mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(_mm_loadu_ps(comb[t] + 4 * c)))
+                                          : _mm512_permutexvar_ps(lanes, _mm512_castpd_ps(_mm512_castpd128_pd512(_mm_load_sd((const double *)(comb[t] + 2 * c)))));
+                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sc, acc[t]);
             }
         }
         for (int t = 0; t < T; t++) {
@@ -226,10 +280,11 @@ static inline __attribute__((always_inline)) void gg_rows_T(const int type, cons
 
 /* Rows [r0, r1) of y (M x N, row stride ldy) = W x for a weight in GGUF format `type`, activations prepared. */
 void slmkit_gg_rows(int type, const uint8_t *w, int K, const slmkit_gg_act *a, int M, int r0, int r1, void *y, int ldy, int y_bf16) {
-    const int K4 = K / 4;
+    const int nb = K / GROUP;
     for (int t0 = 0; t0 < M; t0 += 4) {
         const int T = M - t0 < 4 ? M - t0 : 4;
-        const slmkit_gg_act at = {a->xq + (size_t)t0 * K, a->nls + (size_t)t0 * K4, a->xsl + (size_t)t0 * K4, a->sxl + (size_t)t0 * K4};
+        const slmkit_gg_act at = {a->xq + (size_t)t0 * K, a->xs + (size_t)t0 * nb, a->xsum + (size_t)t0 * nb,
+                                  a->xc32 + (size_t)t0 * nb, a->xc16 + (size_t)t0 * 2 * nb, a->xs16 + (size_t)t0 * 2 * nb};
         void *o = y_bf16 ? (void *)((uint16_t *)y + (size_t)t0 * ldy) : (void *)((float *)y + (size_t)t0 * ldy);
         switch (type) {
             GG_TYPE(GG_Q4_0)
@@ -252,18 +307,17 @@ static __thread size_t t_bcap[7];
 /* y (M x N) = x (M x K) @ W^T with W (N rows of K) in GGUF format `type`. x and y are fp32, or bf16
  * when the flag is set. Returns 0 on success, -2 for a type or shape without a kernel, -1 out of memory. */
 int slmkit_gg_matmul(const void *x, int x_bf16, int M, int K, int type, const uint8_t *w, int N, void *y, int y_bf16) {
-    if (slmkit_gg_row_bytes(type, K) < 0 || M < 1 || N < 0) return -2;
-    const size_t mk = (size_t)M * K, mb = mk / GROUP, m4 = mk / 4;
-    const size_t need[7] = {mk, 4 * mb, 4 * mb, 4 * mb, 4 * m4, 4 * m4, 4 * m4};
+    if (slmkit_gg_row_bytes(type, K) < 0 || K > 65536 || M < 1 || N < 0) return -2;
+    const size_t mk = (size_t)M * K, mb = mk / GROUP;
+    const size_t need[7] = {mk, 4 * mb, 4 * mb, 4 * mb, 4 * mb, 8 * mb, 8 * mb};
     for (int i = 0; i < 7; i++)
         if (grow(&t_buf[i], &t_bcap[i], need[i])) return -1;
     int8_t *xq = (int8_t *)t_buf[0];
     float *xs = (float *)t_buf[1], *xsum = (float *)t_buf[2], *xcorr = (float *)t_buf[3];
-    int32_t *nls = (int32_t *)t_buf[4];
-    float *xsl = (float *)t_buf[5], *sxl = (float *)t_buf[6];
+    float *xc32 = (float *)t_buf[4], *xc16 = (float *)t_buf[5], *xs16 = (float *)t_buf[6];
     slmkit_q4_quantize(x, x_bf16, M, K, xq, xs, xsum, xcorr);
-    slmkit_gg_prepare(xq, xs, xsum, M, K, nls, xsl, sxl);
-    const slmkit_gg_act a = {xq, nls, xsl, sxl};
+    slmkit_gg_prepare(xq, xs, M, K, xc32, xc16, xs16);
+    const slmkit_gg_act a = {xq, xs, xsum, xc32, xc16, xs16};
     const int tile = 8, ntiles = (N + tile - 1) / tile;
 #pragma omp parallel for schedule(static)
     for (int it = 0; it < ntiles; it++) {
@@ -279,14 +333,13 @@ int slmkit_gg_matmul(const void *x, int x_bf16, int M, int K, int type, const ui
  * Every 16 inputs of a chunk share one scale and centre (lane 4p of dv/cv for inputs 16p..16p+15).
  */
 static inline __attribute__((always_inline)) void gg_dequant_row(const int type, const uint8_t *row, int K, float *of, uint16_t *ob) {
-    const int nc = K / 64;
-    const float o = (float)(1 << gg_shift(type));
+    const int nc = K / 64, G = gg_group(type), ng = K / G;
+    float s[ng], cen[ng];
+    gg_scales(type, row, K, s, cen);
+    const __m512 o = _mm512_set1_ps((float)(1 << gg_shift(type)));
     for (int c = 0; c < nc; c++) {
-        __m512 dv, cv = _mm512_setzero_ps();
-        const __m512i u = gg_unpack(type, row, c, &dv, &cv);
-        for (int p = 0; p < 4; p++) {
-            const __m512i idx = _mm512_set1_epi32(4 * p);
-            const __m512 s = _mm512_permutexvar_ps(idx, dv), m = _mm512_permutexvar_ps(idx, cv);
+        const __m512i u = gg_codes(type, row, c);
+        for (int p = 0; p < 4; p++) { /* inputs 64c + 16p .. +15 share group (64c + 16p) / G */
             __m128i part;
             switch (p) {
             case 0: part = _mm512_extracti32x4_epi32(u, 0); break;
@@ -294,7 +347,10 @@ static inline __attribute__((always_inline)) void gg_dequant_row(const int type,
             case 2: part = _mm512_extracti32x4_epi32(u, 2); break;
             default: part = _mm512_extracti32x4_epi32(u, 3); break;
             }
-            const __m512 v = _mm512_fmadd_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(part)), _mm512_set1_ps(o)), s, m);
+            const int g = (64 * c + 16 * p) / G;
+            const __m512 q = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(part)), o);
+            const __m512 v = gg_has_centre(type) ? _mm512_fmadd_ps(q, _mm512_set1_ps(s[g]), _mm512_set1_ps(cen[g]))
+                                                 : _mm512_mul_ps(q, _mm512_set1_ps(s[g]));
             if (of) _mm512_storeu_ps(of + 64 * c + 16 * p, v);
             else store_bf16x16(ob + 64 * c + 16 * p, v);
         }
