@@ -90,15 +90,16 @@ def qat(model, tok, ids, ftype: str, work: Path, args):
     return quantize(model, "rtn", RTNConfig(), embeddings=True, grids=gguf_grids(model, ftype, imatrix=True))
 
 
-def fast_speed(path: Path, threads: int, tokens: int = 128) -> dict | None:
-    """slmkit's fast path on the file's own codes: decode and 512-token prefill tokens/s, or None."""
-    try:
-        from slmkit.runtime.generate import build_gguf  # noqa: F401
-    except ImportError:
-        return None
-    from slmkit.eval.efficiency import fast_efficiency
+def fast_speed(path: Path, tokens: int = 128, prompt: int = 512) -> dict:
+    """slmkit's fast path on the file's own codes, shaped like llama-bench's tests: ``tg`` decodes
+    ``tokens`` from an empty context, ``pp`` is one ``prompt``-token prefill (tokens/s, medians of 3)."""
+    from slmkit.eval.efficiency import EfficiencyConfig, measure_fast
+    from slmkit.runtime.gguffast import build_gguf
 
-    return fast_efficiency(str(path), new_tokens=tokens, prompt_tokens=512, threads=threads)
+    fm = build_gguf(path)
+    tg = measure_fast(fm, EfficiencyConfig(prompt_tokens=1, new_tokens=tokens, repeats=3)).decode_tokens_per_s
+    pp = measure_fast(fm, EfficiencyConfig(prompt_tokens=prompt, new_tokens=1, repeats=3)).prefill_tokens_per_s
+    return {"tg": tg, "pp": pp}
 
 
 def main() -> None:
@@ -111,7 +112,8 @@ def main() -> None:
     ap.add_argument("--qat-steps", type=int, default=100)
     ap.add_argument("--qat-lr", type=float, default=1e-5)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--speed", action="store_true")
+    ap.add_argument("--speed", action="store_true", help="also time every file (run on an idle machine)")
+    ap.add_argument("--no-quality", action="store_true", help="skip the llama-perplexity scoring (with --speed)")
     ap.add_argument("--work", default="/tmp/gguf-bench")
     ap.add_argument("--out", default=None, help="append rows as JSON lines here")
     args = ap.parse_args()
@@ -161,35 +163,45 @@ def main() -> None:
 
     rows = []
     for name, t, method, p, extra in files:
-        res = llamacpp.perplexity(p, kl_base=kld, threads=args.threads)
         types_here = types_from_gguf(p)
         ref_name = work / f"llama-{t}{'' if method in ('rtn', 'llama.cpp') else '-imatrix'}.gguf"
         same = types_here == types_from_gguf(ref_name)
         row = {"name": name, "type": t, "method": method, "bytes": p.stat().st_size,
-               "bpw": round(bits_per_weight(base.config, types_here), 3),
-               "perplexity": res.perplexity, "perplexity_err": res.perplexity_err,
-               "kl_divergence": res.kl_divergence, "kl_divergence_err": res.kl_divergence_err,
-               "top1_agreement": res.top1_agreement, "top1_agreement_err": res.top1_agreement_err,
-               "tokens": res.tokens, "types_match_llama": same, **extra}
+               "bpw": round(bits_per_weight(base.config, types_here), 3), "types_match_llama": same, **extra}
+        if not args.no_quality:
+            res = llamacpp.perplexity(p, kl_base=kld, threads=args.threads)
+            row.update(perplexity=res.perplexity, perplexity_err=res.perplexity_err,
+                       kl_divergence=res.kl_divergence, kl_divergence_err=res.kl_divergence_err,
+                       top1_agreement=res.top1_agreement, top1_agreement_err=res.top1_agreement_err,
+                       tokens=res.tokens)
         if args.speed:
             row["llama_bench"] = llamacpp.bench(p, tg=128, pp=512, threads=args.threads)
-            row["slmkit_fast"] = fast_speed(p, args.threads)
+            row["slmkit_fast"] = fast_speed(p)
+            row["decode_ratio"] = row["slmkit_fast"]["tg"] / row["llama_bench"]["tg"]
+            row["prefill_ratio"] = row["slmkit_fast"]["pp"] / row["llama_bench"]["pp"]
         rows.append(row)
         print(json.dumps(row), flush=True)
         if args.out:
             with open(args.out, "a") as fh:
                 fh.write(json.dumps(row) + "\n")
 
-    best_llama = {r["type"]: r["kl_divergence"] for r in rows if r["method"] == "llama.cpp imatrix"}
+    best_llama = {r["type"]: r["kl_divergence"] for r in rows if r["method"] == "llama.cpp imatrix" and "kl_divergence" in r}
     print(f"\n| file | types as llama.cpp | MB | bpw | perplexity | mean KLD | top-1 agree | KLD / llama.cpp imatrix |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
+    for r in rows if not args.no_quality else []:
         ratio = r["kl_divergence"] / best_llama[r["type"]] if r["type"] in best_llama else float("nan")
         print(f"| {r['name']} | {'yes' if r['types_match_llama'] else 'NO'} | {r['bytes'] / 1e6:.2f} | {r['bpw']:.3f} | "
               f"{r['perplexity']:.3f} ± {r['perplexity_err']:.3f} | {r['kl_divergence']:.4f} ± {r['kl_divergence_err']:.4f} | "
               f"{100 * r['top1_agreement']:.2f}% | {ratio:.2f} |")
+    if args.speed:
+        print("\n| file | llama.cpp tg128 | slmkit tg128 | ratio | llama.cpp pp512 | slmkit pp512 | ratio |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        for r in rows:
+            lb, sf = r["llama_bench"], r["slmkit_fast"]
+            print(f"| {r['name']} | {lb['tg']:.1f} | {sf['tg']:.1f} | {r['decode_ratio']:.2f} | {lb['pp']:.1f} | "
+                  f"{sf['pp']:.1f} | {r['prefill_ratio']:.2f} |")
     for t in types:
-        ptq = [r for r in rows if r["type"] == t and r["method"] in ("rtn", "imatrix", "gptq", "awq")]
+        ptq = [r for r in rows if r["type"] == t and r["method"] in ("rtn", "imatrix", "gptq", "awq") and "kl_divergence" in r]
         if ptq and t in best_llama:
             b = min(ptq, key=lambda r: r["kl_divergence"])
             print(f"# {t}: best slmkit post-training file {b['name']}: KLD {b['kl_divergence']:.4f} = "
