@@ -57,6 +57,8 @@ def serve(
     from slmkit.runtime.servecore import ServerConfig
 
     cfg = ServerConfig(api_key=api_key, max_body_bytes=max_body, request_timeout_s=timeout, max_queue=max_queue)
+    if large is not None and (adapter or int8 or int4):
+        raise ConfigError("--adapter, --int8 and --int4 apply to `slmkit serve MODEL` alone, not to --large/--mode pairs")
     if large is not None:  # same limits, queue bound, timeout and key as the single-model server
         import uvicorn
 
