@@ -61,7 +61,7 @@ def slmkit_file(base, tok, ids, ftype: str, method: str, path: Path, args) -> di
     calibrated = method != "rtn"
     grids = gguf_grids(model, ftype, imatrix=calibrated)
     if method == "qat":
-        q = qat(model, tok, ids, ftype, path.parent, args)
+        model, q = qat(model, tok, ids, ftype, path.parent, args)
     else:
         rec = QUANTIZERS.get(method)
         cfg = rec.config()
@@ -73,7 +73,7 @@ def slmkit_file(base, tok, ids, ftype: str, method: str, path: Path, args) -> di
 
 def qat(model, tok, ids, ftype: str, work: Path, args):
     """LLM-QAT on the mix's grids, distilled from the dense model on the calibration windows."""
-    from slmkit.compress.quantize import RTNConfig, gguf_grids, quantize
+    from slmkit.compress.quantize import RTNConfig, gguf_grids, rtn_model
     from slmkit.train.data import DataConfig
     from slmkit.train.distill import DistillConfig, distill
     from slmkit.train.losses import LossConfig
@@ -87,7 +87,13 @@ def qat(model, tok, ids, ftype: str, work: Path, args):
     res = distill(model, tok, data, work / f"qat-{ftype}", cfg, teacher=teacher,
                   source={"teacher": "default", "student": "default"}, force=True)
     print(f"# qat {ftype}: {res.steps} steps, train loss {res.train_loss:.4f}, {res.seconds:.0f} s", flush=True)
-    return quantize(model, "rtn", RTNConfig(), embeddings=True, grids=gguf_grids(model, ftype, imatrix=True))
+    from slmkit.compress.qstore import load_quantized
+
+    model, q = load_quantized(work / f"qat-{ftype}")  # the codes training ended on
+    grids = gguf_grids(model, ftype, imatrix=True)
+    rest = [n for n in grids if n not in q.tensors]  # the embedding (and an untied head), as llama.cpp types them
+    q.tensors.update(rtn_model(model, None, RTNConfig(), rest, grids.get))
+    return model, q
 
 
 def fast_speed(path: Path, tokens: int = 128, prompt: int = 512) -> dict:

@@ -51,3 +51,35 @@ def test_train_qat_distill_ends_on_grid_and_exports_losslessly(tiny_tok, tmp_pat
     back = read_gguf_weights(path, saved.config)
     for name in [n for n in sd if n.startswith("model.layers.") and n.endswith("proj.weight")]:
         assert torch.equal(back[name], sd[name]), name
+
+
+def test_train_qat_on_a_llama_cpp_mix(tiny_tok, tmp_path):
+    """--qat Q4_K_M: every Linear trains on the block type llama-quantize gives it (k-quants included)
+    and ends on that grid."""
+    from transformers import AutoModelForCausalLM
+
+    from slmkit.train.qat import qat_grids
+
+    data = tmp_path / "t.txt"
+    data.write_text("\n".join(tiny_corpus(60, seed=5)))
+    teacher = tiny_model(tiny_llama_config(tiny_tok, layers=2, hidden=256), seed=1)
+    student = tiny_model(tiny_llama_config(tiny_tok, layers=2, hidden=256), seed=1)
+    grids = qat_grids(student, "Q4_K_M")
+    assert {g.gguf for g in grids.values()} >= {"Q4_K", "Q6_K"}
+    cfg = DistillConfig(loss=LossConfig("fkl"), data=DataConfig(block_size=24), max_steps=2, batch_size=2,
+                        learning_rate=1e-3, save_steps=2, qat="Q4_K_M")
+    distill(student, tiny_tok, data, tmp_path / "q", cfg, teacher=teacher)
+    sd = AutoModelForCausalLM.from_pretrained(tmp_path / "q").state_dict()
+    # the codes training ended on are kept beside the weights; the GGUF export writes exactly them
+    from slmkit.compress.qstore import load_quantized
+    from slmkit.export.gguf import export_gguf_validated, read_gguf_weights
+
+    model, q = load_quantized(tmp_path / "q")
+    assert q.gguf == "Q4_K_M" and {t.grid.gguf for t in q.tensors.values()} >= {"Q4_K", "Q6_K"}
+    rep = export_gguf_validated(model, tiny_tok, tmp_path / "q.gguf", "Q4_K_M", q, check_loader=False, imatrix=True)
+    assert rep.exact == rep.tensors
+    back = read_gguf_weights(tmp_path / "q.gguf", model.config)
+    for name in grids:
+        assert torch.equal(back[name], sd[name]), name
+    with pytest.raises(Exception, match="unknown QAT grid"):
+        DistillConfig(qat="Q7_X")

@@ -42,6 +42,22 @@ def save_quantized(model, tokenizer, quantized, dest: str | os.PathLike, manifes
     directory is renamed into place; if it raises, ``dest`` is left as it was.
     ``force``: replace a directory slmkit did not write (see :func:`slmkit.artefact.atomic_dir`).
     """
+    dest = Path(dest)
+    with atomic_dir(dest, force=force) as tmp:
+        model.config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        write_packed(model, quantized, tmp / PACKED)
+        if extra is not None:
+            extra(tmp)
+        (tmp / MANIFEST).write_text(manifest.to_json())
+    return dest
+
+
+def write_packed(model, quantized, path: str | os.PathLike) -> None:
+    """Write :data:`PACKED` (``model``'s tensors, the codes of ``quantized`` packed) at ``path``."""
     from safetensors.torch import save_file
 
     grid: Grid = quantized.grid
@@ -76,18 +92,7 @@ def save_quantized(model, tokenizer, quantized, dest: str | os.PathLike, manifes
         meta["grids"] = json.dumps(own_grids)
     if getattr(quantized, "gguf", None):
         meta["gguf"] = quantized.gguf
-    dest = Path(dest)
-    with atomic_dir(dest, force=force) as tmp:
-        model.config.save_pretrained(tmp)
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        save_file(tensors, str(tmp / PACKED), metadata=meta)
-        if extra is not None:
-            extra(tmp)
-        (tmp / MANIFEST).write_text(manifest.to_json())
-    return dest
+    save_file(tensors, str(path), metadata=meta)
 
 
 def _grid_json(grid: Grid) -> dict:

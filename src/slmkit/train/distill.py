@@ -390,14 +390,22 @@ def distill(
     if cfg.qat:
         from slmkit.train.qat import finish_qat, qat_grids
 
-        finish_qat(final, qat_grids(final, cfg.qat))  # latent weights -> the grids they were trained on
-    _finalize(final, tokenizer, output, identity, cfg, result, base_manifest, force)
+        # latent weights -> the grids they were trained on; the codes are kept beside the weights
+        from slmkit.export.gguf_mix import FTYPES
+
+        codes = finish_qat(final, qat_grids(final, cfg.qat))
+        codes.gguf = cfg.qat if cfg.qat in FTYPES else None
+    _finalize(final, tokenizer, output, identity, cfg, result, base_manifest, force, codes if cfg.qat else None)
     return result
 
 
 def _finalize(model, tokenizer, output: Path, identity: dict, cfg: DistillConfig, result: DistillResult,
-              base: Manifest | None, force: bool = False) -> None:
-    """Write the final model atomically (model, tokenizer, manifest), keeping the run's checkpoints inside it."""
+              base: Manifest | None, force: bool = False, codes=None) -> None:
+    """Write the final model atomically (model, tokenizer, manifest), keeping the run's checkpoints inside it.
+
+    ``codes`` (QAT's :class:`~slmkit.compress.quantize.Quantized`): also written packed
+    (:data:`slmkit.compress.qstore.PACKED`), so that ``slmkit export DIR --type ...`` writes exactly the
+    codes training ended on (a k-quant scale search run again on the rounded weights may pick others)."""
     src = identity.get("source", {})
     manifest = Manifest(source=base.source if base else str(src.get("student", "")),
                         stages=list(base.stages) if base else [])
@@ -407,6 +415,10 @@ def _finalize(model, tokenizer, output: Path, identity: dict, cfg: DistillConfig
     with atomic_dir(output, force=force, owned=is_run_output) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        if codes is not None:
+            from slmkit.compress.qstore import PACKED, write_packed
+
+            write_packed(model, codes, tmp / PACKED)
         (tmp / MANIFEST).write_text(manifest.to_json())
         for entry in sorted(output.iterdir()):  # run state (run.json, checkpoints, teacher data) moves in last
             if not (tmp / entry.name).exists():
