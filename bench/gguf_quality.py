@@ -192,7 +192,7 @@ def main() -> None:
                 fh.write(json.dumps(row) + "\n")
 
     best_llama = {r["type"]: r["kl_divergence"] for r in rows if r["method"] == "llama.cpp imatrix" and "kl_divergence" in r}
-    print(f"\n| file | types as llama.cpp | MB | bpw | perplexity | mean KLD | top-1 agree | KLD / llama.cpp imatrix |")
+    print("\n| file | types as llama.cpp | MB | bpw | perplexity | mean KLD | top-1 agree | KLD / llama.cpp imatrix |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for r in rows if not args.no_quality else []:
         ratio = r["kl_divergence"] / best_llama[r["type"]] if r["type"] in best_llama else float("nan")

@@ -48,7 +48,7 @@ def quantize_cmd(
     """Quantise MODEL's weights (RTN, GPTQ or AWQ) and store them packed; optionally export GGUF."""
     from slmkit.artefact import Manifest, check_output
     from slmkit.compress.calibrate import CalibConfig, calibration_ids
-    from slmkit.compress.qgrid import GGUF_BLOCK, Grid
+    from slmkit.compress.qgrid import Grid
     from slmkit.compress.qstore import PACKED, save_quantized
     from slmkit.compress.quantize import QUANTIZERS, quantize
     from slmkit.errors import ConfigError

@@ -350,3 +350,30 @@ def sequential(
         xs = outs
         log.debug("calibrated block %d/%d", i + 1, len(layers))
     return xs
+
+
+def round_sequentially(model, ids: torch.Tensor, names: Collection[str], fn, seed: int = 0,
+                       hessian: bool = True, label: str = "") -> dict:
+    """Replace each Linear ``names`` (HF weight names) of ``model`` by its codes, block by block.
+
+    ``fn(hf_name, linear, stats) -> QTensor`` chooses the codes from the block's calibration
+    statistics (:func:`sequential`); the weight becomes their dequantised value, so later blocks
+    calibrate on the already-quantised model. Returns ``{hf_name: QTensor}``.
+    """
+    wanted = set(names)
+    out: dict = {}
+
+    def step(i: int, block, stats) -> None:
+        for name, lin in block.named_modules():
+            full = f"model.layers.{i}.{name}.weight"
+            if full not in wanted:
+                continue
+            qt = fn(full, lin, stats[name])
+            lin.weight.data.copy_(qt.dequantize().to(lin.weight.dtype))
+            out[full] = qt
+        if label:
+            log.info("%s: block %d done", label, i)
+
+    sequential(model, ids, step, seed=seed, hessian=hessian)
+    return out
+

@@ -29,7 +29,6 @@ so a GGUF-typed grid exports these codes unchanged. :func:`gptq_quantize` is pur
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
@@ -38,7 +37,6 @@ from slmkit.compress.kquant import row_sigma2
 from slmkit.compress.qgrid import Grid, QTensor, codes_for, fit_params
 from slmkit.errors import ConfigError
 
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -155,20 +153,9 @@ def gptq_model(model, ids: torch.Tensor, cfg: GPTQConfig, names: list[str], grid
     ``grid_of(name)`` gives each weight's grid (default: ``cfg.grid`` for all). The weights become
     their fake-quantised values; the returned codes reproduce them exactly.
     """
-    from slmkit.compress.calibrate import sequential
+    from slmkit.compress.calibrate import round_sequentially
 
-    wanted = set(names)
-    out: dict[str, QTensor] = {}
+    def codes(full: str, lin, st) -> QTensor:
+        return gptq_quantize(lin.weight, st.H, cfg, grid_of(full) if grid_of else None)
 
-    def step(i: int, block, stats) -> None:
-        for name, lin in block.named_modules():
-            full = f"model.layers.{i}.{name}.weight"
-            if full not in wanted:
-                continue
-            qt = gptq_quantize(lin.weight, stats[name].H, cfg, grid_of(full) if grid_of else None)
-            lin.weight.data.copy_(qt.dequantize().to(lin.weight.dtype))
-            out[full] = qt
-        log.info("GPTQ: block %d done", i)
-
-    sequential(model, ids, step, seed=cfg.seed)
-    return out
+    return round_sequentially(model, ids, names, codes, seed=cfg.seed, label="GPTQ")

@@ -128,24 +128,13 @@ def imatrix_model(model, ids, cfg: IMatrixConfig, names: list[str], grid_of=None
     The statistics are collected block by block on the calibration ids (each block sees the outputs of
     the blocks before it, already quantised), as GPTQ's are, without the Hessian.
     """
-    from slmkit.compress.calibrate import sequential
+    from slmkit.compress.calibrate import round_sequentially
 
-    wanted = set(names)
-    out: dict[str, QTensor] = {}
+    def codes(full: str, lin, st) -> QTensor:
+        return quantize_rtn(lin.weight.float(), grid_of(full) if grid_of else cfg.grid,
+                            importance=st.sq_norm / max(st.n, 1))
 
-    def step(i: int, block, stats) -> None:
-        for name, lin in block.named_modules():
-            full = f"model.layers.{i}.{name}.weight"
-            if full not in wanted:
-                continue
-            st = stats[name]
-            qt = quantize_rtn(lin.weight.float(), grid_of(full) if grid_of else cfg.grid,
-                              importance=st.sq_norm / max(st.n, 1))
-            lin.weight.data.copy_(qt.dequantize().to(lin.weight.dtype))
-            out[full] = qt
-
-    sequential(model, ids, step, seed=cfg.seed, hessian=False)
-    return out
+    return round_sequentially(model, ids, names, codes, seed=cfg.seed, hessian=False, label="imatrix")
 
 
 QUANTIZERS.add("rtn", Quantizer(rtn_model, RTNConfig, False))

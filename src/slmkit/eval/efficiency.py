@@ -51,6 +51,20 @@ def _median(xs: list[float]) -> float:
     return xs[len(xs) // 2]
 
 
+def _result(prefills, ttfts, decodes, cfg: EfficiencyConfig, dtype, load_time_s) -> EfficiencyResult:
+    return EfficiencyResult(
+        prefill_tokens_per_s=_median(prefills),
+        decode_tokens_per_s=_median(decodes),
+        time_to_first_token_s=_median(ttfts),
+        peak_rss_mb=peak_rss_mb(),
+        prompt_tokens=cfg.prompt_tokens,
+        new_tokens=cfg.new_tokens,
+        dtype=str(dtype).replace("torch.", ""),
+        threads=torch.get_num_threads(),
+        load_time_s=load_time_s,
+    )
+
+
 @torch.inference_mode()
 def decode_loop(model, ids: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, float, float]:
     """Greedy decode; returns (generated ids, prefill+first-token seconds, decode seconds)."""
@@ -86,17 +100,7 @@ def measure(model, cfg: EfficiencyConfig = EfficiencyConfig(), load_time_s: floa
         _, ttft, dec = decode_loop(model, ids, cfg.new_tokens + 1)
         ttfts.append(ttft)
         decodes.append(cfg.new_tokens / dec)
-    return EfficiencyResult(
-        prefill_tokens_per_s=_median(prefills),
-        decode_tokens_per_s=_median(decodes),
-        time_to_first_token_s=_median(ttfts),
-        peak_rss_mb=peak_rss_mb(),
-        prompt_tokens=cfg.prompt_tokens,
-        new_tokens=cfg.new_tokens,
-        dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
-        threads=torch.get_num_threads(),
-        load_time_s=load_time_s,
-    )
+    return _result(prefills, ttfts, decodes, cfg, next(model.parameters()).dtype, load_time_s)
 
 
 @torch.inference_mode()
@@ -128,17 +132,7 @@ def measure_fast(fm, cfg: EfficiencyConfig = EfficiencyConfig(), load_time_s: fl
         prefills.append(cfg.prompt_tokens / pre)
         ttfts.append(ttft)
         decodes.append(cfg.new_tokens / dec)
-    return EfficiencyResult(
-        prefill_tokens_per_s=_median(prefills),
-        decode_tokens_per_s=_median(decodes),
-        time_to_first_token_s=_median(ttfts),
-        peak_rss_mb=peak_rss_mb(),
-        prompt_tokens=cfg.prompt_tokens,
-        new_tokens=cfg.new_tokens,
-        dtype=str(fm.dtype).replace("torch.", ""),
-        threads=torch.get_num_threads(),
-        load_time_s=load_time_s,
-    )
+    return _result(prefills, ttfts, decodes, cfg, fm.dtype, load_time_s)
 
 
 def fast_logits_fn(fm):
