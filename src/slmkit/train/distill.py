@@ -27,7 +27,6 @@ import json
 import logging
 import os
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,6 +37,7 @@ from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArgu
 from slmkit.artefact import MANIFEST, Manifest, atomic_dir, check_output, is_slmkit_dir
 from slmkit.errors import ConfigError, UnsupportedModelError
 from slmkit.train.data import Collator, DataConfig, ExampleDataset, load_examples, pad_batch
+from slmkit.train.checkpoints import is_complete, last_complete_checkpoint  # noqa: F401 (re-exported)
 from slmkit.train.losses import IGNORE_INDEX, LossConfig, distill_loss
 
 log = logging.getLogger(__name__)
@@ -229,28 +229,8 @@ def _sha256(path: Path) -> str:
 
 
 def _complete(ckpt: Path) -> bool:
-    """A checkpoint is complete when its trainer state (written last) parses and names its step."""
-    try:
-        state = json.loads((ckpt / "trainer_state.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return state.get("global_step") == int(ckpt.name.split("-")[-1])
-
-
-def last_complete_checkpoint(ckpt_dir: Path) -> Path | None:
-    """Newest complete ``checkpoint-N``; half-written ones (a run killed while saving) are removed."""
-    if not ckpt_dir.is_dir():
-        return None
-    found = sorted((p for p in ckpt_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
-                   key=lambda p: int(p.name.split("-")[-1]))
-    best = None
-    for p in found:
-        if _complete(p):
-            best = p
-        else:
-            log.warning("removing incomplete checkpoint %s (the run stopped while writing it)", p)
-            shutil.rmtree(p, ignore_errors=True)
-    return best
+    """A checkpoint is complete when its trainer state names its step and its weights and optimizer are whole."""
+    return is_complete(ckpt)
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

@@ -222,11 +222,10 @@ def check_training_output(output: str | Path, force: bool = False) -> None:
 
 
 def latest_checkpoint(directory: str | Path) -> Path | None:
-    directory = Path(directory)
-    if not directory.is_dir():
-        return None
-    cks = [p for p in directory.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
-    return max(cks, key=lambda p: int(p.name.split("-")[-1]), default=None)
+    """Newest *complete* checkpoint in ``directory``; half-written ones are logged and removed."""
+    from slmkit.train.checkpoints import last_complete_checkpoint
+
+    return last_complete_checkpoint(directory)
 
 
 def trainer_args(cfg, ckpt: Path) -> dict:
@@ -309,6 +308,8 @@ def run_trainer(trainer, model, ckpt: Path, resume: bool, use_cache: bool):
     start = latest_checkpoint(ckpt) if resume else None
     if start is not None:
         log.info("resuming %s from %s", type(trainer).__name__, start)
+    elif resume and ckpt.is_dir():
+        log.warning("no complete checkpoint in %s; starting from step 0", ckpt)
     try:
         out = trainer.train(resume_from_checkpoint=str(start) if start is not None else None)
     finally:
