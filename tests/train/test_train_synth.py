@@ -167,3 +167,37 @@ def test_train_synth_batches_give_the_same_sampled_replies(tiny_llama, tmp_path)
         rows[bs] = {**kept, **rejected}
     assert len(rows[1]) == 5 and rows[1] == rows[3]
     assert len(set(rows[1].values())) > 1  # sampled, varied replies
+
+
+@pytest.mark.parametrize("which", ["output", "rejected"])
+def test_train_synth_last_row_without_newline_is_generated_again(tmp_path, which):
+    """A kill between a row and its newline (issue 17): the row is cut and generated again, so the
+    next row does not join it on one line and every later resume still reads the file."""
+    answers = {f"q{i}": (f"answer {i} says something different, {'word ' * i}" if i % 3 else "no") for i in range(1, 8)}
+    prompts = [PromptItem(k, [{"role": "user", "content": k}]) for k in answers]
+    cfg = SynthConfig(batch_size=1)
+    ref = tmp_path / "ref.jsonl"
+    generate_dataset(FakeTeacher(answers), prompts, ref, cfg)
+    out = tmp_path / "out.jsonl"
+    with pytest.raises(RuntimeError):
+        generate_dataset(FakeTeacher(answers, crash_after=4), prompts, out, cfg)  # q1..q4: q3 rejected
+    cut = out if which == "output" else out.with_name(out.name + ".rejected.jsonl")
+    data = cut.read_bytes()
+    assert data.endswith(b"}\n")
+    cut.write_bytes(data[:-1])  # the last row is whole JSON, its newline never written
+    t2 = FakeTeacher(answers)
+    generate_dataset(t2, prompts, out, cfg)
+    assert t2.calls == 4  # q5..q7 and the row that lost its newline
+    for a, b in ((ref, out), (ref.with_name("ref.jsonl.rejected.jsonl"), out.with_name("out.jsonl.rejected.jsonl"))):
+        assert sorted(map(json.dumps, _rows(a))) == sorted(map(json.dumps, _rows(b)))
+        assert b.read_bytes().endswith(b"\n")
+    t3 = FakeTeacher(answers)
+    generate_dataset(t3, prompts, out, cfg)
+    assert t3.calls == 0
+
+
+def test_train_synth_foreign_rows_are_a_clear_error(tmp_path):
+    out = tmp_path / "out.jsonl"
+    out.write_text('{"id": "a", "messages": []}\n[1, 2]\n')
+    with pytest.raises(DataError, match=r"out.jsonl:2: not a gen-data row"):
+        generate_dataset(FakeTeacher({}), [], out, SynthConfig())

@@ -231,24 +231,32 @@ def teacher_perplexity(teacher: Backend, messages: list[dict], reply: str) -> fl
 
 
 def _read_done(path: Path) -> list[dict]:
-    """Rows already written; a truncated last line (a crash mid-write) is cut off the file."""
+    """Rows already written; a last line without its newline (a kill mid-write) is cut off the file.
+
+    That row is generated again. A last line that happens to parse is cut too: appending the
+    next row after it would join two rows on one line and break every later resume.
+    """
     if not path.exists():
         return []
     rows, good_bytes = [], 0
     with open(path, "rb") as fh:
         for lineno, raw in enumerate(fh, 1):
+            if not raw.endswith(b"\n"):
+                log.warning("%s:%d: dropping a half-written last line (it will be generated again)", path, lineno)
+                break
             try:
                 row = json.loads(raw)
             except (ValueError, RecursionError):
-                if raw.endswith(b"\n"):
-                    raise DataError(f"{path}:{lineno}: not valid JSON; not an output of gen-data?") from None
-                log.warning("%s: dropping a half-written last line", path)
-                break
+                raise DataError(f"{path}:{lineno}: not valid JSON; not an output of gen-data?") from None
+            if not isinstance(row, dict) or "id" not in row:
+                raise DataError(f"{path}:{lineno}: not a gen-data row (an object with an \"id\"); not an output of gen-data?")
             rows.append(row)
             good_bytes += len(raw)
     if good_bytes < path.stat().st_size:
         with open(path, "r+b") as fh:
             fh.truncate(good_bytes)
+            fh.flush()
+            os.fsync(fh.fileno())
     return rows
 
 
