@@ -12,6 +12,11 @@ uncommitted batch, which the next run discards and redoes, so interrupted indexi
 without losing finished work. Adding documents later embeds only the new or changed ones
 (a changed document's old chunks are marked removed).
 
+One run writes an index at a time: ``build_index`` holds an exclusive ``flock`` on ``.lock``
+inside the index directory for the whole run; a second run on the same output does not wait,
+it exits 2 (:class:`IndexBusyError`) naming the holder's pid. Readers (``rag ask``) take no
+lock: they see the last committed ``index.json`` and only the chunk lines and shards it lists.
+
 Search is exact: one matrix-vector product over all vectors (``scores = V q``). bench/enhance.py
 compares it with faiss (IndexFlatIP, HNSW) and usearch; for collections up to ~10^5 chunks exact
 numpy search is fast enough, needs no extra dependency, and never misses a neighbour.
@@ -19,16 +24,18 @@ numpy search is fast enough, needs no extra dependency, and never misses a neigh
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from slmkit.artefact import atomic_file, check_output
+from slmkit.artefact import _TMP, atomic_file, check_output
 from slmkit.data.readers import Lines, json_line
 from slmkit.errors import DataError, SlmkitError
 from slmkit.rag.chunk import ChunkConfig, Document, chunk_document, read_documents
@@ -39,6 +46,7 @@ log = logging.getLogger(__name__)
 FORMAT = 1
 META = "index.json"
 CHUNKS = "chunks.jsonl"
+LOCK = ".lock"
 
 
 REBUILD = "rebuild it with `slmkit rag index DOCS... --output INDEX`"
@@ -204,13 +212,51 @@ def _is_index(path: Path) -> bool:
     return (path / META).is_file()
 
 
+def _is_ours(path: Path) -> bool:
+    """An index, or what a first run killed before its first ``index.json`` leaves behind."""
+    if _is_index(path):
+        return True
+    try:
+        return all(p.name in (LOCK, CHUNKS) or (p.name.startswith(".") and _TMP in p.name) for p in path.iterdir())
+    except OSError:
+        return False
+
+
+class IndexBusyError(SlmkitError):
+    """Another run is writing this index (exit 2)."""
+
+
+@contextlib.contextmanager
+def index_lock(root: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``root`` (created if missing) for one writing run, or raise
+    :class:`IndexBusyError` at once when another run holds it. The lock goes with the process:
+    a killed run never leaves a stale lock behind."""
+    root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(root / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            raise IndexBusyError(
+                f"index {root} is being written by another `slmkit rag index` run"
+                + (f" (pid {holder})" if holder.isdigit() else ""),
+                "wait for it to finish (a rerun then adds only what is new), or index into another --output",
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def _open_for_write(root: Path, embedder: Embedder, chunking: ChunkConfig, force: bool = False) -> dict:
     """Existing metadata (checked against embedder and chunking) with uncommitted leftovers removed.
 
     A non-empty ``root`` that is not an index is refused unless ``force``, which
     writes the index into it (files of the same names are replaced, others kept).
     """
-    check_output(root, force, owned=_is_index)
+    check_output(root, force, owned=_is_ours)
     if not _is_index(root):
         root.mkdir(parents=True, exist_ok=True)
         meta = _new_meta(embedder, chunking)
@@ -277,7 +323,7 @@ def build_index(
     holding something else is refused unless ``force`` (see :func:`_open_for_write`).
     """
     root = Path(dest)
-    check_output(root, force, owned=_is_index)  # before reading any document
+    check_output(root, force, owned=_is_ours)  # before reading any document
     docs: list[Document] = []
     seen: set[str] = set()
     for p in paths:
@@ -288,6 +334,12 @@ def build_index(
             docs.append(d)
     if not docs:
         raise DataError("no document text found in " + ", ".join(map(str, paths)))
+    with index_lock(root):
+        return _build_locked(root, docs, embedder, chunking, batch_chunks, progress, force)
+
+
+def _build_locked(root: Path, docs: list[Document], embedder: Embedder, chunking: ChunkConfig, batch_chunks: int,
+                  progress: Callable[[int, int], None] | None, force: bool) -> IndexStats:
     meta = _open_for_write(root, embedder, chunking, force)
     todo = [d for d in docs if meta["docs"].get(d.key, {}).get("sha256") != d.sha256]
     skipped = len(docs) - len(todo)
