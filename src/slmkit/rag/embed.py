@@ -60,7 +60,15 @@ class Embedder:
 
         path = embedder_dir(spec)
         tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        model = AutoModel.from_pretrained(str(path), local_files_only=True, dtype=torch.float32).eval()
+        from transformers.utils import logging as hf_logging
+
+        shown = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # a 90 MB encoder loads in a blink: no bar on stderr
+        try:
+            model = AutoModel.from_pretrained(str(path), local_files_only=True, dtype=torch.float32).eval()
+        finally:
+            if shown:
+                hf_logging.enable_progress_bar()
         max_tokens = 512
         st = path / "sentence_bert_config.json"
         if st.is_file():
