@@ -248,14 +248,18 @@ int slmkit_decode_batch(float *x, int M, int L, int D, int H, int Hk, int hd, in
                 quantize_for(h, M, D, gg_gu, &a);
             }
             mm_segs(sg + S_GATE * SEG_N, 2, D, &a, M, gu, 2 * F);
-#pragma omp single
-            {
-                for (int j = 0; j < M; j++)
-                    for (int i = 0; i < F; i++) {
-                        const float g = gu[(size_t)j * 2 * F + i];
-                        act[(size_t)j * F + i] = g / (1.0f + expf(-g)) * gu[(size_t)j * 2 * F + F + i];
-                    }
-                quantize_for(act, M, F, gg_down, &a);
+            /* SiLU(gate) * up and its quantisation, split across the team by groups of 32 (F % 64 == 0) */
+#pragma omp for schedule(static)
+            for (int jg = 0; jg < M * (F / GROUP); jg++) {
+                const int j = jg / (F / GROUP);
+                const size_t i0 = (size_t)(jg % (F / GROUP)) * GROUP, off = (size_t)j * F + i0;
+                for (size_t i = i0; i < i0 + GROUP; i++) {
+                    const float g = gu[(size_t)j * 2 * F + i];
+                    act[(size_t)j * F + i] = g / (1.0f + expf(-g)) * gu[(size_t)j * 2 * F + F + i];
+                }
+                const acts ag = {a.xq + off, a.xs + off / GROUP, a.xsum + off / GROUP, a.xcorr + off / GROUP,
+                                 a.xc32 + off / GROUP, a.xc16 + off / 16, a.xs16 + off / 16};
+                quantize_for(act + off, 1, GROUP, gg_down, &ag);
             }
             mm_segs(sg + S_DOWN * SEG_N, 1, F, &a, M, tmp, D);
         }
