@@ -266,3 +266,27 @@ def test_llamacpp_makes_and_scores_the_baselines_when_installed(tiny_dir, text_f
     for n, q in zip(names, ours):
         assert q.perplexity == pytest.approx(rows[n]["perplexity"], rel=5e-3)
         assert q.kl_divergence == pytest.approx(rows[n]["kl_divergence"], rel=0.15, abs=2e-6), n
+
+
+def test_speed_takes_config_and_norms_from_the_teacher_only_when_the_fast_model_is_the_same(cand_run, tiny_dir):
+    from slmkit.eval.gguf_speed import _same_skeleton, fast_model
+    from slmkit.models import load
+    from slmkit.runtime import generate as G
+
+    _, rows = _rows(cand_run)
+    path = cand_run / rows["slmkit GPTQ Q4_0"]["path"]
+    teacher, _ = load(str(tiny_dir))
+    assert _same_skeleton(teacher, path)
+    a, _ = fast_model(path, str(tiny_dir))
+    b, _ = fast_model(path)
+    ids = torch.arange(3, 19)
+    with torch.inference_mode():
+        la = G.prefill(a, ids, a.new_cache(context=32))
+        lb = G.prefill(b, ids, b.new_cache(context=32))
+    assert torch.equal(la, lb) and a.nbytes() == b.nbytes()
+    # a file whose norms differ from the reference's is not built from it
+    changed, _ = load(str(tiny_dir))
+    with torch.no_grad():
+        changed.model.norm.weight.add_(0.5)
+    assert not _same_skeleton(changed, path)
+    assert not _same_skeleton(teacher, cand_run / rows["teacher (F32)"]["path"])  # dense matrices come from the model

@@ -249,12 +249,13 @@ def pick_maker(name: str) -> str:
 
 
 def compare(teacher, tok, artefacts: Sequence[Candidate], text: HeldOutText, cfg: CompareConfig, work: str | Path,
-            progress: Callable[[int, int], None] = lambda done, total: None) -> Comparison:
+            progress: Callable[[int, int], None] = lambda done, total: None, teacher_spec: str | None = None) -> Comparison:
     """Measure the teacher, its baselines and ``artefacts`` side by side (see the module docstring).
 
     ``teacher`` is the in-memory model (never modified); files are written into ``work`` and reused
     when present (an interrupted run picks them up). Rows follow the order teacher, baselines,
-    artefacts.
+    artefacts. ``teacher_spec`` (how to load the teacher) lets the speed measurement take config and
+    norms from it for files with the teacher's skeleton instead of dequantising each file.
     """
     from slmkit.eval.heldout import SCORERS, pick_scorer
 
@@ -282,14 +283,16 @@ def compare(teacher, tok, artefacts: Sequence[Candidate], text: HeldOutText, cfg
         row = {"name": c.name, "path": c.path, "role": c.role, "baseline": c.baseline, "method": c.method,
                "file_type": c.file_type, "stage": c.stage, **file_facts(c.path), **_quality(q)}
         if cfg.speed is not None:
-            sp = fast_speed_isolated(c.path, cfg.speed)
+            sp = fast_speed_isolated(c.path, cfg.speed, reference=teacher_spec)
             if "error" in sp:
                 log.warning("fast path could not run %s: %s", c.path.name, sp["error"])
                 row["speed_error"] = sp["error"]
             else:
                 row.update(decode_tokens_per_s=sp["decode_tokens_per_s"], prefill_tokens_per_s=sp["prefill_tokens_per_s"],
+                           decode_median_tokens_per_s=sp["decode_median_tokens_per_s"],
+                           prefill_median_tokens_per_s=sp["prefill_median_tokens_per_s"],
                            peak_memory_bytes=sp["peak_memory_bytes"], fast_weight_bytes=sp["weight_bytes"],
-                           speed_threads=sp["threads"], fused_decode=sp["fused_decode"])
+                           speed_threads=sp["threads"], fused_decode=sp["fused_decode"], fast_weights=sp["weights"])
             progress(3 + i, steps)
         rows.append(row)
     progress(steps, steps)

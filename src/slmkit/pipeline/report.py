@@ -263,8 +263,9 @@ def _candidates_html(data: dict) -> str:
             f'({esc(cmp.get("tokens_scored"))} tokens per candidate); \u00b1 is one standard error. Baselines made by '
             f'{esc(cmp.get("maker_what"))}. ')
     if speed:
-        note += (f'Speed: slmkit\'s fast path on each file\'s own blocks (F32 runs as bf16), a {speed.get("prompt_tokens")}-token '
-                 f'prefill then {speed.get("new_tokens")} greedy decode steps, median of {speed.get("repeats")}, '
+        note += (f'Speed: slmkit\'s fast path on each file\'s own blocks (the F32 teacher on its fp32 weights), a '
+                 f'{speed.get("prompt_tokens")}-token prefill then {speed.get("new_tokens")} greedy decode steps, the best of '
+                 f'{speed.get("repeats")} runs (medians in report.json), '
                  f'{esc(cmp.get("threads"))} threads of a shared machine; peak memory: the resident peak of a fresh process '
                  'running the file (interpreter and PyTorch included).')
     note += "</p>"

@@ -78,7 +78,7 @@ class CandidatesStageConfig:
     speed: bool = True  #: decode/prefill tokens/s and peak memory on slmkit's fast path
     prompt_tokens: int = 256  #: speed: prefill length
     new_tokens: int = 64  #: speed: decode steps
-    repeats: int = 3  #: speed: timed repetitions (median)
+    repeats: int = 5  #: speed: timed repetitions (the best is reported, the median kept)
     target: str = ""  #: the target's name in the report (e.g. phone-4gb)
     objective: Literal["quality", "size", "speed"] = "quality"  #: what the recommendation optimises
     max_size: str | None = None  #: largest file, e.g. 120MB
@@ -255,7 +255,7 @@ def candidates(ctx: Context, cfg: CandidatesStageConfig) -> StageResult:
     arts, notes = artefacts(ctx)
     text = _text(ctx, cfg)
     ccfg = cfg.compare_config(ctx.recipe.seed, torch.get_num_threads())
-    result = compare(teacher, tok, arts, text, ccfg, ctx.work, ctx.progress)
+    result = compare(teacher, tok, arts, text, ccfg, ctx.work, ctx.progress, teacher_spec=ctx.resolve(ctx.slots["teacher"]))
     target = cfg.target_config()
     rows = result.rows
     add_memory(rows, target.context, cfg.prompt_tokens + cfg.new_tokens if cfg.speed else None)
