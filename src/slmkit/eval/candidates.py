@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,6 +79,7 @@ class CompareConfig:
     scorer: str = "auto"  #: who scores quality: auto (llama.cpp where installed) | llama.cpp | slmkit
     score: ScoreConfig = ScoreConfig()
     speed: SpeedConfig | None = SpeedConfig()  #: None: no speed or memory measurement
+    speed_rounds: int = 2  #: passes over all files, in alternating order; each file's best pass is kept
     seed: int = 0
 
     def __post_init__(self):
@@ -86,6 +88,8 @@ class CompareConfig:
             raise ConfigError(f"unknown baseline type {bad[0]!r}", f"use llama.cpp file types: {', '.join(BASELINE_TYPES)}")
         if self.calib_samples < 1 or self.calib_len < 8:
             raise ConfigError(f"calib_samples must be >= 1 and calib_len >= 8, got {self.calib_samples}, {self.calib_len}")
+        if self.speed_rounds < 1:
+            raise ConfigError(f"speed_rounds must be >= 1, got {self.speed_rounds}")
         if self.maker not in ("auto", "llama.cpp", "slmkit"):
             raise ConfigError(f"maker must be auto, llama.cpp or slmkit, got {self.maker!r}")
 
@@ -238,6 +242,31 @@ def add_memory(rows: Sequence[dict], context: int, measured_tokens: int | None) 
         r["memory_context"] = context
 
 
+def _speeds(rows: list[dict], cfg: CompareConfig, teacher_spec: str | None, step: Callable[[int], None]) -> None:
+    """Fast-path speed and peak memory of every row, in place: ``speed_rounds`` passes over the files in
+    alternating order, each file in a fresh process; a file keeps its best decode and prefill speeds
+    (a shared machine slows some passes down, never speeds one up) and its largest peak memory."""
+    done = 0
+    for r in range(cfg.speed_rounds):
+        for row in (rows if r % 2 == 0 else rows[::-1]):
+            sp = fast_speed_isolated(row["path"], cfg.speed, reference=teacher_spec)
+            done += 1
+            step(done)
+            if "error" in sp:
+                log.warning("fast path could not run %s: %s", Path(row["path"]).name, sp["error"])
+                row["speed_error"] = sp["error"]
+                continue
+            runs = row.setdefault("decode_runs", []), row.setdefault("prefill_runs", [])
+            runs[0].extend(sp["decode_runs"])
+            runs[1].extend(sp["prefill_runs"])
+            row.update(decode_tokens_per_s=max(runs[0]), prefill_tokens_per_s=max(runs[1]),
+                       decode_median_tokens_per_s=statistics.median(runs[0]),
+                       prefill_median_tokens_per_s=statistics.median(runs[1]),
+                       peak_memory_bytes=max(row.get("peak_memory_bytes") or 0, sp["peak_memory_bytes"]),
+                       fast_weight_bytes=sp["weight_bytes"], speed_threads=sp["threads"], fused_decode=sp["fused_decode"],
+                       fast_weights=sp["weights"])
+
+
 def pick_maker(name: str) -> str:
     if name == "auto":
         return "llama.cpp" if BASELINES.get("llama.cpp").available() else "slmkit"
@@ -266,7 +295,7 @@ def compare(teacher, tok, artefacts: Sequence[Candidate], text: HeldOutText, cfg
         raise ConfigError(f"candidate names must be unique, got {names}")
     maker = pick_maker(cfg.maker)
     scorer = pick_scorer(cfg.scorer)
-    steps = 3 + (len(cfg.baselines) + len(artefacts) + 1 if cfg.speed else 0)
+    steps = 3 + ((len(cfg.baselines) + len(artefacts) + 1) * cfg.speed_rounds if cfg.speed else 0)
     progress(0, steps)
     ref = reference_file(teacher, tok, work)
     teacher_c = Candidate("teacher (F32)", ref, "teacher", "the teacher, unquantised (F32 GGUF)", "F32")
@@ -278,23 +307,11 @@ def compare(teacher, tok, artefacts: Sequence[Candidate], text: HeldOutText, cfg
         raise ConfigError(f"an artefact is named like a baseline: {sorted(clash)[0]}")
     scorer, ref_q, quals = score(ref, [c.path for c in cands[1:]], text.eval, cfg.score, work, scorer)
     progress(2, steps)
-    rows = []
-    for i, (c, q) in enumerate(zip(cands, [ref_q, *quals])):
-        row = {"name": c.name, "path": c.path, "role": c.role, "baseline": c.baseline, "method": c.method,
-               "file_type": c.file_type, "stage": c.stage, **file_facts(c.path), **_quality(q)}
-        if cfg.speed is not None:
-            sp = fast_speed_isolated(c.path, cfg.speed, reference=teacher_spec)
-            if "error" in sp:
-                log.warning("fast path could not run %s: %s", c.path.name, sp["error"])
-                row["speed_error"] = sp["error"]
-            else:
-                row.update(decode_tokens_per_s=sp["decode_tokens_per_s"], prefill_tokens_per_s=sp["prefill_tokens_per_s"],
-                           decode_median_tokens_per_s=sp["decode_median_tokens_per_s"],
-                           prefill_median_tokens_per_s=sp["prefill_median_tokens_per_s"],
-                           peak_memory_bytes=sp["peak_memory_bytes"], fast_weight_bytes=sp["weight_bytes"],
-                           speed_threads=sp["threads"], fused_decode=sp["fused_decode"], fast_weights=sp["weights"])
-            progress(3 + i, steps)
-        rows.append(row)
+    rows = [{"name": c.name, "path": c.path, "role": c.role, "baseline": c.baseline, "method": c.method,
+             "file_type": c.file_type, "stage": c.stage, **file_facts(c.path), **_quality(q)}
+            for c, q in zip(cands, [ref_q, *quals])]
+    if cfg.speed is not None:
+        _speeds(rows, cfg, teacher_spec, lambda done: progress(3 + done, steps))
     progress(steps, steps)
     return Comparison(rows, scorer, SCORERS.get(scorer).what, maker, BASELINES.get(maker).what, text.source,
                       ref_q.tokens)
