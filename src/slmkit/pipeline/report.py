@@ -121,8 +121,8 @@ def collect(run_dir: str | Path) -> dict:
                                    recommended_decode_tokens_per_s=best.get("decode_tokens_per_s"))
             vs = m.get("versus_reference") or {}
             if vs.get("baseline") and not vs.get("recommended_is_baseline"):
-                data["summary"].update({"dominates_" + vs["baseline"].replace(" ", "_"): vs.get("dominates"),
-                                        "kl_divergence_ratio_to_reference": vs.get("kl_divergence_ratio")})
+                data["summary"].update(reference_baseline=vs["baseline"], dominates_reference=vs.get("dominates"),
+                                       kl_divergence_ratio_to_reference=vs.get("kl_divergence_ratio"))
     if "speculative" in last:
         data["speculative"] = last["speculative"]["metrics"]
         sp = data["speculative"]
@@ -234,12 +234,18 @@ def _fit_html(data: dict) -> str:
     return section("Device fit", table(["model", "precision", *presets], body, "fit") + note, "fit")
 
 
-def _pm(v, err, digits: int = 3, pct: bool = False) -> str:
+def _pm(v, err, digits: int = 3, pct: bool = False, kl: bool = False) -> str:
     if v is None:
         return "-"
     if pct:
         return f"{100 * v:.1f}%" + (f" \u00b1 {100 * err:.1f}" if err else "")
+    if kl and v and abs(v) >= 1e-3:
+        return f"{v:.4f}" + (f" \u00b1 {err:.4f}" if err else "")
     return _fmt(v, digits) + (f" \u00b1 {_fmt(err, 2)}" if err else "")
+
+
+def _speed(v) -> str:
+    return "-" if v is None else f"{v:,.0f}" if v >= 100 else f"{v:.1f}"
 
 
 def _candidates_html(data: dict) -> str:
@@ -251,9 +257,9 @@ def _candidates_html(data: dict) -> str:
     for r in rows:
         body.append([
             "\u2605" if r.get("recommended") else "", r["name"], r["role"], r.get("file_type") or "-", _fmt_bytes(r.get("bytes")),
-            _fmt(r.get("bits_per_weight")), _pm(r.get("kl_divergence"), r.get("kl_divergence_err"), 3),
+            _fmt(r.get("bits_per_weight")), _pm(r.get("kl_divergence"), r.get("kl_divergence_err"), 3, kl=True),
             _pm(r.get("perplexity"), r.get("perplexity_err"), 4), _pm(r.get("top1_agreement"), r.get("top1_agreement_err"), pct=True),
-            _fmt(r.get("decode_tokens_per_s")), _fmt(r.get("prefill_tokens_per_s")), _fmt_bytes(r.get("peak_memory_bytes")),
+            _speed(r.get("decode_tokens_per_s")), _speed(r.get("prefill_tokens_per_s")), _fmt_bytes(r.get("peak_memory_bytes")),
             "yes" if r.get("meets_target") else ("no: " + "; ".join(r.get("misses") or []) or "no"),
             "yes" if r.get("pareto") else "",
         ])
@@ -272,7 +278,7 @@ def _candidates_html(data: dict) -> str:
                  'running the file (interpreter and PyTorch included).')
     note += "</p>"
     notes = "".join(f'<p class="note">{esc(n)}</p>' for n in cmp.get("notes") or [])
-    return table(headers, body, "candidates") + note + notes
+    return f'<div class="wide">{table(headers, body, "candidates")}</div>' + note + notes
 
 
 def _recommendation_html(data: dict) -> str:

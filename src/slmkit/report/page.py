@@ -17,6 +17,7 @@ pre{background:#f6f8fa;padding:.75rem;overflow:auto;font-size:.85rem}
 .warning{color:#a4000f;background:#fff1f0;border:1px solid #f3b3b3;padding:.4rem .6rem}
 .recommended{background:#f0f7ff;border-left:4px solid #d62728;padding:.4rem .6rem}
 table.candidates td:first-child{color:#d62728;font-size:1.1rem}
+table.candidates{font-size:.8rem}.wide{overflow-x:auto}
 """
 
 
