@@ -220,124 +220,51 @@ void slmkit_gg_prepare(const int8_t *xq, const float *xs, int M, int K, float *x
         }
 }
 
-/* The scales s and centres c (w = (q - o) s + c) of panel p of a row: its 16 groups (16 x 32 inputs,
- * or 16 x 16 for Q6_K; the last panel may hold fewer, k masks them), into registers. */
-static inline __attribute__((always_inline)) void gg_panel_scales(const int type, const uint8_t *row, int p, __mmask16 k,
-                                                                  __m512 *s, __m512 *cen) {
-    switch (type) {
-    case GG_Q4_0: case GG_Q4_1: case GG_Q5_0: case GG_Q5_1: case GG_Q8_0: {
-        const int bs = gg_block_bytes(type);
-        /* the first 4 bytes of 16 blocks: fp16 d (and fp16 m above it for Q4_1/Q5_1) */
-        const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(bs));
-        const __m512i dm = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), k, idx, row + (size_t)p * 16 * bs, 1);
-        *s = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dm));
-        if (gg_has_centre(type)) /* w = q d + m = (q - o) d + (m + o d) */
-            *cen = _mm512_fmadd_ps(_mm512_set1_ps((float)(1 << gg_shift(type))), *s, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(dm, 16))));
-        return;
-    }
-    case GG_Q4_K: case GG_Q5_K: { /* super-blocks 2p and 2p+1 (absent when k covers only the first 8 groups) */
-        const int bs = gg_block_bytes(type);
-        const __m256 o = _mm256_set1_ps((float)(1 << gg_shift(type)));
-        __m256 ds[2], cc[2];
-        for (int h = 0; h < 2; h++) {
-            if (h && !(k >> 8)) {
-                ds[1] = cc[1] = _mm256_setzero_ps();
-                break;
-            }
-            const uint8_t *sb = row + (size_t)(2 * p + h) * bs;
-            uint8_t sm[16];
-            scales_mins_k4(sb + 4, sm);
-            uint64_t s8, m8;
-            memcpy(&s8, sm, 8);
-            memcpy(&m8, sm + 8, 8);
-            const __m256 sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)s8)));
-            const __m256 mn = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)m8)));
-            ds[h] = _mm256_mul_ps(_mm256_set1_ps(h2f(sb)), sc); /* d sc_j, as ggml's d1 = d * sc */
-            /* w = d sc q - dmin m = (q - o) d sc + (o d sc - dmin m) */
-            cc[h] = _mm256_fnmadd_ps(_mm256_set1_ps(h2f(sb + 2)), mn, _mm256_mul_ps(o, ds[h]));
-        }
-        *s = _mm512_insertf32x8(_mm512_castps256_ps512(ds[0]), ds[1], 1);
-        *cen = _mm512_insertf32x8(_mm512_castps256_ps512(cc[0]), cc[1], 1);
-        return;
-    }
-    default: { /* GG_Q6_K: super-block p, 16 int8 scales */
-        const uint8_t *sb = row + (size_t)p * 210;
-        const __m512 sc = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(sb + 192))));
-        *s = _mm512_mul_ps(_mm512_set1_ps(h2f(sb + 208)), sc);
-        return;
-    }
-    }
-}
-
-/* R rows from r (R * T accumulators) for T (1..4) tokens, a panel of 16 groups at a time: the groups'
- * scales (gathered from the blocks) times each token's activation scales stay in a register (comb)
- * and the offset / centre terms are summed in 16-wide vectors; then each 64-input chunk of the panel
- * costs one vpdpbusd per token and one fma with its two (four for Q6_K) combined scales, picked out
- * of comb by a lane permutation. Several rows at once keep several fma chains in flight and share
- * the activation loads. */
-static inline __attribute__((always_inline)) void gg_rows_RT(const int type, const int T, const int R, const uint8_t *w, int K,
-                                                             const slmkit_gg_act *a, int r, void *y, int ldy, int y_bf16) {
+/* Rows [r0, r1) of y for T (1..4) tokens. Per row: the groups' scales combined with each token's
+ * activation scales (comb) and the offset / centre terms summed first, in 16-wide vectors; then per
+ * chunk one vpdpbusd per token and one fma with that chunk's two (or four, Q6_K) combined scales. */
+static inline __attribute__((always_inline)) void gg_rows_T(const int type, const int T, const uint8_t *w, int K,
+                                                            const slmkit_gg_act *a, int r0, int r1, void *y, int ldy, int y_bf16) {
     const int nc = K / 64, G = gg_group(type), ng = K / G, nb = K / 32, sh = gg_shift(type), cen_ = gg_has_centre(type);
-    const int cpp = G == 16 ? 4 : 8; /* chunks per panel */
     const size_t rb = (size_t)slmkit_gg_row_bytes(type, K), step = rb / nc;
     const float *xc = G == 16 ? a->xc16 : a->xc32, *xsg = G == 16 ? a->xs16 : a->xs;
     const __m512 o = _mm512_set1_ps((float)(1 << sh));
-    /* lanes of chunk j of a panel (4 inputs per lane) -> its groups in the panel: 2j, 2j+1 (8 lanes
-     * each) or 4j .. 4j+3 (4 lanes each) */
-    const __m512i lane0 = G == 16 ? _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3)
+    /* lanes of a chunk's 64 inputs (4 per lane) -> its groups: 2 of 32 (8 lanes each) or 4 of 16 */
+    const __m512i lanes = G == 16 ? _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3)
                                   : _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
-    const __m512i lstep = _mm512_set1_epi32(G == 16 ? 4 : 2);
-    const uint8_t *rows[R];
-    __m512 acc[R][T];
-    for (int i = 0; i < R; i++) {
-        rows[i] = w + (size_t)(r + i) * rb;
-        for (int t = 0; t < T; t++) acc[i][t] = _mm512_setzero_ps();
-    }
-    for (int p = 0; p * 16 < ng; p++) {
-        const int g0 = 16 * p, left = ng - g0;
-        const __mmask16 k = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
-        __m512 comb[R][T];
-        for (int i = 0; i < R; i++) {
-            __m512 sv, cv = _mm512_setzero_ps();
-            gg_panel_scales(type, rows[i], p, k, &sv, &cv);
-            for (int t = 0; t < T; t++) {
-                comb[i][t] = _mm512_mul_ps(sv, _mm512_maskz_loadu_ps(k, xsg + (size_t)t * ng + g0));
-                /* - o s xs sum(xq): the code offset */
-                acc[i][t] = _mm512_fnmadd_ps(_mm512_mul_ps(o, sv), _mm512_maskz_loadu_ps(k, xc + (size_t)t * ng + g0), acc[i][t]);
-                if (cen_) /* + c sum(x): the centre, with the exact activation sums (groups of 32) */
-                    acc[i][t] = _mm512_fmadd_ps(cv, _mm512_maskz_loadu_ps(k, a->xsum + (size_t)t * nb + g0), acc[i][t]);
-            }
-        }
-        const int c0 = p * cpp, c1 = c0 + cpp < nc ? c0 + cpp : nc;
-        __m512i lanes = lane0;
-        for (int c = c0; c < c1; c++, lanes = _mm512_add_epi32(lanes, lstep)) {
-            _mm_prefetch((const char *)rows[R - 1] + step * c + PREFETCH_BYTES, _MM_HINT_T0); /* rows stream: fetch ahead */
-            __m512i xv[T];
-            for (int t = 0; t < T; t++) xv[t] = _mm512_loadu_si512((const void *)(a->xq + (size_t)t * K + 64 * c));
-            for (int i = 0; i < R; i++) {
-                const __m512i u = gg_codes(type, rows[i], c);
-                for (int t = 0; t < T; t++) {
-                    const __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, xv[t]);
-                    acc[i][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_permutexvar_ps(lanes, comb[i][t]), acc[i][t]);
-                }
-            }
-        }
-    }
-    for (int i = 0; i < R; i++)
+    float s[ng], cen[cen_ ? ng : 1], comb[T][ng];
+    for (int r = r0; r < r1; r++) {
+        const uint8_t *row = w + (size_t)r * rb;
+        gg_scales(type, row, K, s, cen);
+        __m512 acc[4];
         for (int t = 0; t < T; t++) {
-            const float v = _mm512_reduce_add_ps(acc[i][t]);
-            if (y_bf16) ((uint16_t *)y)[(size_t)t * ldy + r + i] = f32_to_bf16(v);
-            else ((float *)y)[(size_t)t * ldy + r + i] = v;
+            acc[t] = _mm512_setzero_ps();
+            for (int g = 0; g < ng; g += 16) {
+                const __mmask16 k = ng - g >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (ng - g)) - 1);
+                const __m512 sv = _mm512_maskz_loadu_ps(k, s + g);
+                _mm512_mask_storeu_ps(comb[t] + g, k, _mm512_mul_ps(sv, _mm512_maskz_loadu_ps(k, xsg + (size_t)t * ng + g)));
+                /* - o s xs sum(xq): the code offset */
+                acc[t] = _mm512_fnmadd_ps(_mm512_mul_ps(o, sv), _mm512_maskz_loadu_ps(k, xc + (size_t)t * ng + g), acc[t]);
+                if (cen_) /* + c sum(x): the centre, with the exact activation sums (groups of 32) */
+                    acc[t] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, cen + g), _mm512_maskz_loadu_ps(k, a->xsum + (size_t)t * nb + g), acc[t]);
+            }
         }
-}
-
-/* Rows [r0, r1) for T tokens: R_T rows at a time (4 for one or two tokens, 2 for three or four), then one by one. */
-static inline __attribute__((always_inline)) void gg_rows_T(const int type, const int T, const uint8_t *w, int K,
-                                                            const slmkit_gg_act *a, int r0, int r1, void *y, int ldy, int y_bf16) {
-    const int R = T <= 2 ? 4 : 2;
-    int r = r0;
-    for (; r + R <= r1; r += R) gg_rows_RT(type, T, R, w, K, a, r, y, ldy, y_bf16);
-    for (; r < r1; r++) gg_rows_RT(type, T, 1, w, K, a, r, y, ldy, y_bf16);
+        for (int c = 0; c < nc; c++) {
+            _mm_prefetch((const char *)row + step * c + PREFETCH_BYTES, _MM_HINT_T0); /* rows stream: fetch ahead */
+            const __m512i u = gg_codes(type, row, c);
+            for (int t = 0; t < T; t++) {
+                const __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, _mm512_loadu_si512((const void *)(a->xq + (size_t)t * K + 64 * c)));
+                const __m512 sc = G == 16 ? _mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(_mm_loadu_ps(comb[t] + 4 * c)))
+                                          : _mm512_permutexvar_ps(lanes, _mm512_castpd_ps(_mm512_castpd128_pd512(_mm_load_sd((const double *)(comb[t] + 2 * c)))));
+                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sc, acc[t]);
+            }
+        }
+        for (int t = 0; t < T; t++) {
+            const float v = _mm512_reduce_add_ps(acc[t]);
+            if (y_bf16) ((uint16_t *)y)[(size_t)t * ldy + r] = f32_to_bf16(v);
+            else ((float *)y)[(size_t)t * ldy + r] = v;
+        }
+    }
 }
 
 #define GG_T(type, T) gg_rows_T(type, T, w, K, &at, r0, r1, o, ldy, y_bf16)
