@@ -24,7 +24,6 @@ from __future__ import annotations
 import copy
 import logging
 import os
-import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,7 +78,6 @@ class CompareConfig:
     scorer: str = "auto"  #: who scores quality: auto (llama.cpp where installed) | llama.cpp | slmkit
     score: ScoreConfig = ScoreConfig()
     speed: SpeedConfig | None = SpeedConfig()  #: None: no speed or memory measurement
-    speed_rounds: int = 2  #: passes over all files, in alternating order; each file's best pass is kept
     seed: int = 0
 
     def __post_init__(self):
@@ -88,8 +86,6 @@ class CompareConfig:
             raise ConfigError(f"unknown baseline type {bad[0]!r}", f"use llama.cpp file types: {', '.join(BASELINE_TYPES)}")
         if self.calib_samples < 1 or self.calib_len < 8:
             raise ConfigError(f"calib_samples must be >= 1 and calib_len >= 8, got {self.calib_samples}, {self.calib_len}")
-        if self.speed_rounds < 1:
-            raise ConfigError(f"speed_rounds must be >= 1, got {self.speed_rounds}")
         if self.maker not in ("auto", "llama.cpp", "slmkit"):
             raise ConfigError(f"maker must be auto, llama.cpp or slmkit, got {self.maker!r}")
 
@@ -243,28 +239,41 @@ def add_memory(rows: Sequence[dict], context: int, measured_tokens: int | None) 
 
 
 def _speeds(rows: list[dict], cfg: CompareConfig, teacher_spec: str | None, step: Callable[[int], None]) -> None:
-    """Fast-path speed and peak memory of every row, in place: ``speed_rounds`` passes over the files in
-    alternating order, each file in a fresh process; a file keeps its best decode and prefill speeds
-    (a shared machine slows some passes down, never speeds one up) and its largest peak memory."""
-    done = 0
-    for r in range(cfg.speed_rounds):
-        for row in (rows if r % 2 == 0 else rows[::-1]):
-            sp = fast_speed_isolated(row["path"], cfg.speed, reference=teacher_spec)
-            done += 1
-            step(done)
-            if "error" in sp:
-                log.warning("fast path could not run %s: %s", Path(row["path"]).name, sp["error"])
-                row["speed_error"] = sp["error"]
-                continue
-            runs = row.setdefault("decode_runs", []), row.setdefault("prefill_runs", [])
-            runs[0].extend(sp["decode_runs"])
-            runs[1].extend(sp["prefill_runs"])
-            row.update(decode_tokens_per_s=max(runs[0]), prefill_tokens_per_s=max(runs[1]),
-                       decode_median_tokens_per_s=statistics.median(runs[0]),
-                       prefill_median_tokens_per_s=statistics.median(runs[1]),
-                       peak_memory_bytes=max(row.get("peak_memory_bytes") or 0, sp["peak_memory_bytes"]),
-                       fast_weight_bytes=sp["weight_bytes"], speed_threads=sp["threads"], fused_decode=sp["fused_decode"],
-                       fast_weights=sp["weights"])
+    """Fast-path speed and peak memory of every row, in place.
+
+    Peak memory: each file alone in a fresh process (one timing round). Speed: all files in one more
+    process, timed round-robin (:func:`~slmkit.eval.gguf_speed.interleaved_speeds`), so that the
+    machine's other load falls on every file alike; a file's speed is its best round.
+    """
+    from dataclasses import replace
+
+    from slmkit.eval.gguf_speed import interleaved_speeds_isolated
+
+    ok = []
+    for i, row in enumerate(rows):
+        sp = fast_speed_isolated(row["path"], replace(cfg.speed, repeats=1), reference=teacher_spec)
+        step(i + 1)
+        if "error" in sp:
+            log.warning("fast path could not run %s: %s", Path(row["path"]).name, sp["error"])
+            row["speed_error"] = sp["error"]
+            continue
+        row.update(peak_memory_bytes=sp["peak_memory_bytes"], fast_weight_bytes=sp["weight_bytes"],
+                   speed_threads=sp["threads"], fused_decode=sp["fused_decode"], fast_weights=sp["weights"])
+        ok.append(row)
+    speeds = interleaved_speeds_isolated([r["path"] for r in ok], cfg.speed, reference=teacher_spec) if ok else {}
+    step(len(rows) + 1)
+    if "error" in speeds:
+        log.warning("fast-path speed measurement failed: %s", speeds["error"])
+        for r in ok:
+            r["speed_error"] = speeds["error"]
+        return
+    for r in ok:
+        sp = speeds[str(r["path"])]
+        if "error" in sp:
+            r["speed_error"] = sp["error"]
+            continue
+        r.update({k: sp[k] for k in ("decode_tokens_per_s", "prefill_tokens_per_s", "decode_median_tokens_per_s",
+                                      "prefill_median_tokens_per_s", "decode_runs", "prefill_runs")})
 
 
 def pick_maker(name: str) -> str:
@@ -295,7 +304,7 @@ def compare(teacher, tok, artefacts: Sequence[Candidate], text: HeldOutText, cfg
         raise ConfigError(f"candidate names must be unique, got {names}")
     maker = pick_maker(cfg.maker)
     scorer = pick_scorer(cfg.scorer)
-    steps = 3 + ((len(cfg.baselines) + len(artefacts) + 1) * cfg.speed_rounds if cfg.speed else 0)
+    steps = 3 + (len(cfg.baselines) + len(artefacts) + 2 if cfg.speed else 0)
     progress(0, steps)
     ref = reference_file(teacher, tok, work)
     teacher_c = Candidate("teacher (F32)", ref, "teacher", "the teacher, unquantised (F32 GGUF)", "F32")

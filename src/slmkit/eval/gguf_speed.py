@@ -1,18 +1,23 @@
-"""Speed and peak memory of a GGUF file on slmkit's fast path, running the file's own blocks.
+"""Speed and peak memory of GGUF files on slmkit's fast path, running each file's own blocks.
 
-:func:`fast_speed` builds the fast model from the file's quantised blocks
+:func:`fast_model` builds a file's fast model from its quantised blocks
 (:func:`slmkit.runtime.gguffast.build_gguf`), or, for a file without quantised tensors (F32/F16),
-the fast path on its weights in fp32 (what ``slmkit generate FILE.gguf --fast`` runs), then times a
-``prompt_tokens`` prefill and ``new_tokens`` greedy decode steps on random token ids (batch 1,
-after a warm-up). The speeds reported are the best of ``repeats`` runs (as ``timeit`` reports
-the fastest: on a shared machine the slower runs measure the other processes); the medians are
-kept beside them. :func:`fast_speed_isolated` runs it in a fresh Python
-process, so the peak resident memory it reports belongs to that file alone: the high-water mark
-is reset (``/proc/self/clear_refs``) after the transformers model the fast model was built from
-has been freed, so it counts the interpreter, PyTorch, the fast model's weights, the KV cache and
-activations, as a process serving the file would hold them.
+the fast path on its weights in fp32 (what ``slmkit generate FILE.gguf --fast`` runs). A timing
+round is a ``prompt_tokens`` prefill then ``new_tokens`` greedy decode steps on random token ids
+(batch 1), after one untimed warm-up round.
 
-    python -m slmkit.eval.gguf_speed FILE.gguf [--prompt-tokens 256] [--new-tokens 64] [--threads 2] [--reference MODEL]
+* :func:`interleaved_speeds` times several files in one process, round-robin (one round of each
+  file, then the next round in the opposite order), so that another process slowing the machine
+  down hits every file alike; a file's speed is its best round (as ``timeit`` reports the fastest:
+  on a shared machine the slower rounds measure the other processes), the median is kept beside it.
+* :func:`fast_speed_isolated` runs one file in a fresh Python process, so the peak resident memory
+  it reports belongs to that file alone: the high-water mark is reset (``/proc/self/clear_refs``)
+  after the transformers model the fast model was built from has been freed, so it counts the
+  interpreter, PyTorch, the fast model's weights, the KV cache and activations, as a process
+  serving the file would hold them.
+
+    python -m slmkit.eval.gguf_speed FILE.gguf [FILE.gguf ...] [--prompt-tokens 256] [--new-tokens 64]
+                                     [--threads 2] [--reference MODEL]   (several files: interleaved)
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from slmkit.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -40,7 +47,7 @@ log = logging.getLogger(__name__)
 class SpeedConfig:
     prompt_tokens: int = 256  #: prefill length (tokens)
     new_tokens: int = 64  #: greedy decode steps after the prompt
-    repeats: int = 5  #: timed repetitions; the best is reported (and the median kept)
+    repeats: int = 10  #: timed rounds per file; the best is reported (and the median kept)
     threads: int | None = None  #: intra-op threads (None: PyTorch's default)
     seed: int = 0  #: seeds the random prompt
 
@@ -127,46 +134,48 @@ def fast_model(path: str | Path, reference: str | None = None):
     return build_gguf(path, model=model), "the file's own blocks"
 
 
+def _round(fm, ids: torch.Tensor, cfg: SpeedConfig) -> tuple[float, float]:
+    """(prefill tokens/s, decode tokens/s) of one timing round."""
+    from slmkit.runtime import generate as G
+
+    cache = fm.new_cache(context=min(fm.max_positions, cfg.prompt_tokens + cfg.new_tokens + 1))
+    t0 = time.perf_counter()
+    logits = G.prefill(fm, ids, cache)
+    pp = cfg.prompt_tokens / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    for _ in range(cfg.new_tokens):
+        logits = G.decode_one_token(fm, int(logits.argmax()), cache)
+    return pp, cfg.new_tokens / (time.perf_counter() - t0)
+
+
+def _summary(pp: list[float], tg: list[float]) -> dict:
+    return {"decode_tokens_per_s": max(tg), "prefill_tokens_per_s": max(pp),
+            "decode_median_tokens_per_s": statistics.median(tg), "prefill_median_tokens_per_s": statistics.median(pp),
+            "decode_runs": tg, "prefill_runs": pp}
+
+
+def _ids(fm, cfg: SpeedConfig) -> torch.Tensor:
+    return torch.randint(0, fm.vocab, (cfg.prompt_tokens,), generator=torch.Generator().manual_seed(cfg.seed))
+
+
 def fast_speed(path: str | Path, cfg: SpeedConfig = SpeedConfig(), reference: str | None = None) -> dict:
     """Decode and prefill tokens/s of ``path`` on the fast path, and the peak memory while running it.
 
     Raises :class:`~slmkit.errors.ConfigError` / :class:`~slmkit.errors.UnsupportedModelError` when
     the fast path cannot run the file (no kernel library, a block type it does not read).
     """
-    import torch
-
-    from slmkit.runtime import generate as G
-
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     fm, weights = fast_model(path, reference)
     gc.collect()
-    g = torch.Generator().manual_seed(cfg.seed)
-    ids = torch.randint(0, fm.vocab, (cfg.prompt_tokens,), generator=g)
-    context = min(fm.max_positions, cfg.prompt_tokens + cfg.new_tokens + 1)
+    ids = _ids(fm, cfg)
     with torch.inference_mode():
-        exact_peak = False
-        pp, tg = [], []
-        for r in range(cfg.repeats + 1):  # the first round is a warm-up: kernel load, page-in, thread pools
-            if r == 1:
-                pp, tg = [], []
-                exact_peak = reset_peak_memory()
-            cache = fm.new_cache(context=context)
-            t0 = time.perf_counter()
-            logits = G.prefill(fm, ids, cache)
-            pp.append(cfg.prompt_tokens / (time.perf_counter() - t0))
-            t0 = time.perf_counter()
-            for _ in range(cfg.new_tokens):
-                logits = G.decode_one_token(fm, int(logits.argmax()), cache)
-            tg.append(cfg.new_tokens / (time.perf_counter() - t0))
+        _round(fm, ids, cfg)  # warm-up: kernel load, page-in, thread pools, allocator
+        exact_peak = reset_peak_memory()
+        runs = [_round(fm, ids, cfg) for _ in range(cfg.repeats)]
     return {
-        "decode_tokens_per_s": max(tg),
-        "prefill_tokens_per_s": max(pp),
-        "decode_median_tokens_per_s": statistics.median(tg),
-        "prefill_median_tokens_per_s": statistics.median(pp),
+        **_summary([r[0] for r in runs], [r[1] for r in runs]),
         "weights": weights,
-        "decode_runs": tg,
-        "prefill_runs": pp,
         "peak_memory_bytes": peak_memory_bytes(),
         "peak_memory_exact": exact_peak,  #: False: the mark includes loading (no clear_refs here)
         "weight_bytes": fm.nbytes(),
@@ -177,13 +186,38 @@ def fast_speed(path: str | Path, cfg: SpeedConfig = SpeedConfig(), reference: st
     }
 
 
-def fast_speed_isolated(path: str | Path, cfg: SpeedConfig = SpeedConfig(), reference: str | None = None,
-                        timeout: float = 900) -> dict:
-    """:func:`fast_speed` in a fresh Python process; ``{"error": ...}`` when the fast path cannot run the file."""
-    args = [sys.executable, "-m", "slmkit.eval.gguf_speed", str(path), "--prompt-tokens", str(cfg.prompt_tokens),
+def interleaved_speeds(paths: list[str | Path], cfg: SpeedConfig = SpeedConfig(), reference: str | None = None) -> dict:
+    """``{path: speeds}`` of every file, timed round-robin in this process (see the module docstring);
+    a file the fast path cannot run gets ``{"error": ...}``."""
+    from slmkit.errors import SlmkitError
+
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    models, out = {}, {}
+    for p in paths:
+        try:
+            models[str(p)] = fast_model(p, reference)[0]
+        except SlmkitError as err:
+            out[str(p)] = {"error": err.problem}
+    gc.collect()
+    ids = {p: _ids(fm, cfg) for p, fm in models.items()}
+    runs: dict[str, list[tuple[float, float]]] = {p: [] for p in models}
+    order = list(models)
+    with torch.inference_mode():
+        for p in order:
+            _round(models[p], ids[p], cfg)  # warm-up
+        for r in range(cfg.repeats):
+            for p in (order if r % 2 == 0 else order[::-1]):
+                runs[p].append(_round(models[p], ids[p], cfg))
+    for p, rs in runs.items():
+        out[p] = {**_summary([r[0] for r in rs], [r[1] for r in rs]), "threads": torch.get_num_threads()}
+    return out
+
+
+def _python(args: list[str], cfg: SpeedConfig, timeout: float) -> dict:
+    """Run ``python -m slmkit.eval.gguf_speed ARGS`` and return the JSON it prints (or ``{"error": ...}``)."""
+    args = [sys.executable, "-m", "slmkit.eval.gguf_speed", *args, "--prompt-tokens", str(cfg.prompt_tokens),
             "--new-tokens", str(cfg.new_tokens), "--repeats", str(cfg.repeats), "--seed", str(cfg.seed)]
-    if reference is not None:
-        args += ["--reference", reference]
     env = dict(os.environ)
     if cfg.threads is not None:
         args += ["--threads", str(cfg.threads)]
@@ -199,18 +233,34 @@ def fast_speed_isolated(path: str | Path, cfg: SpeedConfig = SpeedConfig(), refe
     return json.loads(lines[-1])
 
 
+def interleaved_speeds_isolated(paths: list[str | Path], cfg: SpeedConfig = SpeedConfig(), reference: str | None = None,
+                                timeout: float = 1800) -> dict:
+    """:func:`interleaved_speeds` in a fresh Python process (``{"error": ...}`` for the whole set when it fails)."""
+    out = _python([*map(str, paths), *(["--reference", reference] if reference else [])], cfg, timeout)
+    return out if "error" in out else out["files"]
+
+
+def fast_speed_isolated(path: str | Path, cfg: SpeedConfig = SpeedConfig(), reference: str | None = None,
+                        timeout: float = 900) -> dict:
+    """:func:`fast_speed` in a fresh Python process; ``{"error": ...}`` when the fast path cannot run the file."""
+    return _python([str(path), *(["--reference", reference] if reference else [])], cfg, timeout)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("path")
+    ap.add_argument("paths", nargs="+")
     for f in dataclasses.fields(SpeedConfig):
         ap.add_argument(f"--{f.name.replace('_', '-')}", type=int, default=f.default)
-    ap.add_argument("--reference", default=None, help="a model spec with the file's skeleton (config and norms), loaded instead")
+    ap.add_argument("--reference", default=None, help="a model spec with the files' skeleton (config and norms), loaded instead")
     args = ap.parse_args(argv)
     from slmkit.errors import SlmkitError
 
     cfg = SpeedConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SpeedConfig)})
     try:
-        out = fast_speed(args.path, cfg, args.reference)
+        if len(args.paths) == 1:
+            out = fast_speed(args.paths[0], cfg, args.reference)
+        else:
+            out = {"files": interleaved_speeds(args.paths, cfg, args.reference)}
     except SlmkitError as err:
         out = {"error": err.problem}
     sys.stdout.write(json.dumps(out) + "\n")

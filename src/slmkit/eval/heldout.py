@@ -91,7 +91,7 @@ def _threads(cfg: ScoreConfig) -> int:
     return cfg.threads or torch.get_num_threads()
 
 
-def _llamacpp_perplexity(*args, tries: int = 8, **kw):
+def _llamacpp_perplexity(*args, tries: int = 12, **kw):
     """``llamacpp.perplexity``, run again when its statistics are missing from the output: llama.cpp's
     asynchronous logger (common/log.cpp, a worker thread never joined at exit) can drop the last lines
     of a run that exits right after printing them; seen in about half the runs on a tiny model, and

@@ -101,8 +101,9 @@ class PerplexityResult:
 _NUM = r"([-+0-9.eE]+|nan|inf)"
 
 
-def parse_perplexity(text: str) -> PerplexityResult:
-    """Parse ``llama-perplexity``'s output (plain run, or ``--kl-divergence`` statistics)."""
+def parse_perplexity(text: str, kl: bool = False) -> PerplexityResult:
+    """Parse ``llama-perplexity``'s output (plain run, or with ``kl`` its ``--kl-divergence`` statistics,
+    which must then be there)."""
     def grab(pattern: str) -> tuple[float, float | None] | None:
         m = re.search(pattern, text)
         if not m:
@@ -115,6 +116,9 @@ def parse_perplexity(text: str) -> PerplexityResult:
                           "\n".join(text.strip().splitlines()[-3:]))
     kld = grab(rf"Mean\s+KLD:\s*{_NUM}\s*\S+\s*{_NUM}")
     same = grab(rf"Same top p:\s*{_NUM}\s*\S+\s*{_NUM}\s*%")
+    if kl and (kld is None or same is None):
+        raise SlmkitError("could not read a perplexity's KL divergence statistics from llama-perplexity's output",
+                          "\n".join(text.strip().splitlines()[-3:]))
     chunks = re.search(r"calculating perplexity over (\d+) chunks", text)
     n_ctx = re.search(r"n_ctx=(\d+)", text)
     res = PerplexityResult(ppl[0], ppl[1])
@@ -150,7 +154,7 @@ def perplexity(model: str | Path, text: str | Path | None = None, ctx: int = 512
             args += ["--kl-divergence-base", save_base]
     if chunks:
         args += ["--chunks", str(chunks)]
-    return parse_perplexity(_run(args))
+    return parse_perplexity(_run(args), kl=kl_base is not None)
 
 
 def bench(model: str | Path, tg: int = 128, pp: int = 512, threads: int = 2, repetitions: int = 3) -> dict:

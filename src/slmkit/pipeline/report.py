@@ -270,10 +270,9 @@ def _candidates_html(data: dict) -> str:
             f'{esc(cmp.get("maker_what"))}. ')
     if speed:
         note += (f'Speed: slmkit\'s fast path on each file\'s own blocks (the F32 teacher on its fp32 weights), a '
-                 f'{speed.get("prompt_tokens")}-token prefill then {speed.get("new_tokens")} greedy decode steps, the best of '
-                 f'{speed.get("repeats")} runs in each of {speed.get("rounds", 1)} passes over the files in alternating order '
-                 '(medians in report.json; files of the same tensor types run the same kernels, so a gap between them is '
-                 'the noise of the machine), '
+                 f'{speed.get("prompt_tokens")}-token prefill then {speed.get("new_tokens")} greedy decode steps; all files in one '
+                 f'process, round-robin, {speed.get("repeats")} rounds each, the best round (medians in report.json; files of '
+                 'the same tensor types run the same kernels, so a gap between them is the noise of the machine), '
                  f'{esc(cmp.get("threads"))} threads of a shared machine; peak memory: the resident peak of a fresh process '
                  'running the file (interpreter and PyTorch included).')
     note += "</p>"

@@ -78,8 +78,7 @@ class CandidatesStageConfig:
     speed: bool = True  #: decode/prefill tokens/s and peak memory on slmkit's fast path
     prompt_tokens: int = 256  #: speed: prefill length
     new_tokens: int = 64  #: speed: decode steps
-    repeats: int = 5  #: speed: timed repetitions per process (the best is reported, the median kept)
-    speed_rounds: int = 2  #: speed: passes over all files in alternating order (each file keeps its best)
+    repeats: int = 10  #: speed: timed rounds per file, all files round-robin in one process (the best is reported, the median kept)
     target: str = ""  #: the target's name in the report (e.g. phone-4gb)
     objective: Literal["quality", "size", "speed"] = "quality"  #: what the recommendation optimises
     max_size: str | None = None  #: largest file, e.g. 120MB
@@ -108,7 +107,7 @@ class CandidatesStageConfig:
 
         speed = SpeedConfig(self.prompt_tokens, self.new_tokens, self.repeats, threads, seed) if self.speed else None
         return CompareConfig(baselines=self.baselines, imatrix=self.imatrix, calib_samples=self.calib_samples,
-                             calib_len=self.calib_len, maker=self.maker, speed_rounds=self.speed_rounds,
+                             calib_len=self.calib_len, maker=self.maker,
                              scorer=self.scorer, score=ScoreConfig(self.context, self.chunks, threads), speed=speed, seed=seed)
 
     def target_config(self):
@@ -161,7 +160,7 @@ def lineage(ctx: Context, model_value: str) -> list[dict]:
             break
         chain.append(rec)
         value = rec.get("inputs", {}).get("model")
-        if value is None:
+        if value is None or rec["kind"] == "student":  # a student stage starts a model afresh from its source
             break
     return chain[::-1]
 
@@ -281,7 +280,7 @@ def candidates(ctx: Context, cfg: CandidatesStageConfig) -> StageResult:
         "scorer": result.scorer, "scorer_what": result.scorer_what, "maker": result.maker, "maker_what": result.maker_what,
         "text": result.text, "tokens_scored": result.tokens, "context": cfg.context, "chunks": cfg.chunks,
         "threads": torch.get_num_threads(), "speed": {"prompt_tokens": cfg.prompt_tokens, "new_tokens": cfg.new_tokens,
-                                                      "repeats": cfg.repeats, "rounds": cfg.speed_rounds} if cfg.speed else None,
+                                                      "repeats": cfg.repeats} if cfg.speed else None,
         "notes": notes,
     }
     return StageResult(metrics=metrics)
