@@ -9,9 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, Union, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, Union, runtime_checkable
 
 from slmkit.errors import ConfigError
+
+if TYPE_CHECKING:
+    from slmkit.runtime.constrain import Constraint
 
 #: A prompt is raw text (continued as is) or a chat (a list of {"role", "content"} messages).
 Prompt = Union[str, list[dict]]
@@ -28,6 +31,7 @@ class GenParams:
     stop: tuple[str, ...] = ()  #: generation ends before the first of these strings
     logprobs: bool = False  #: return the log-probability of each generated token
     seeds: tuple[int, ...] | None = None  #: one seed per prompt of a call (overrides ``seed + i``)
+    constraint: Constraint | None = None  #: output must match this JSON schema / regex / grammar (slmkit.runtime.constrain)
 
     def seed_for(self, i: int) -> int | None:
         """The sampling seed of prompt ``i`` of a call: ``seeds[i]`` when given, else ``seed + i`` (None: unseeded)."""

@@ -80,6 +80,18 @@ class HFBackend:
         text.close()
         return c
 
+    def _eos_ids(self) -> set[int]:
+        return set(_as_list(self.model.generation_config.eos_token_id) + _as_list(self.tokenizer.eos_token_id))
+
+    def _token_masks(self, constraint, n: int) -> list:
+        """One :class:`~slmkit.runtime.constrain.TokenMask` per row (llguidance's tokenizer built once per backend)."""
+        from slmkit.runtime.constrain import TokenMask, compile_grammar, llg_tokenizer
+
+        if getattr(self, "_lltok", None) is None:
+            self._lltok = llg_tokenizer(self.tokenizer, self.model.config.get_text_config().vocab_size, self._eos_ids())
+        grammar = compile_grammar(constraint)
+        return [TokenMask(self._lltok, constraint, grammar=grammar) for _ in range(n)]
+
     def _encode(self, prompt: Prompt) -> list[int]:
         tok = self.tokenizer
         # chat templates already contain the special tokens they need
@@ -112,11 +124,18 @@ class HFBackend:
             stopping_criteria=StoppingCriteriaList([stops]),
         )
         sampler = None
-        if params.temperature > 0 and (params.seed is not None or params.seeds is not None):
-            sampler = _SeededSampling(params.temperature, params.top_p, [params.seed_for(offset + i) for i in range(B)], params.logprobs)
-            kw.update(logits_processor=LogitsProcessorList([sampler]))
+        procs = []
+        if params.constraint is not None:  # first: temperature and top-p then see only admitted tokens
+            procs.append(_Constrained(self._token_masks(params.constraint, B), self._eos_ids(), L + params.max_new_tokens))
+        if params.temperature > 0 and (params.seed is not None or params.seeds is not None or procs):
+            seeds = [params.seed_for(offset + i) if params.seed is not None or params.seeds is not None
+                     else int(torch.randint(0, 2**62, (1,))) for i in range(B)]
+            sampler = _SeededSampling(params.temperature, params.top_p, seeds, params.logprobs)
+            procs.append(sampler)
         elif params.temperature > 0:
             kw.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0)
+        if procs:
+            kw.update(logits_processor=LogitsProcessorList(procs))
         if text is not None:
             kw.update(streamer=_Streamer(text))
         res = self.model.generate(input_ids.to(self.device), attention_mask=mask.to(self.device), **kw)
@@ -134,7 +153,8 @@ class HFBackend:
             body = new[: n - 1] if hit_eos else new[:n]
             gen_text, hit_stop = _truncate_at_stop(tok.decode(body, skip_special_tokens=True), params.stop)
             lps = [float(steps[j][i, t]) for j, t in enumerate(new[:n])] if params.logprobs else None
-            reason = "stop" if (hit_eos or hit_stop or n < params.max_new_tokens) else "length"
+            done = procs and params.constraint is not None and procs[0].masks[i].done
+            reason = "stop" if (hit_eos or hit_stop or n < params.max_new_tokens or done) else "length"
             out.append(Completion(gen_text, n, reason, lps))
         return out
 
@@ -229,6 +249,33 @@ class _TextStops(StoppingCriteria):
                 if self.end[i] is None and stop_index(self.tok.decode(input_ids[i, self.start :], skip_special_tokens=True), self.stops) >= 0:
                     self.end[i] = T - self.start
         return torch.tensor([e is not None for e in self.end], device=input_ids.device)
+
+
+class _Constrained(LogitsProcessor):
+    """Logits processor: row ``i``'s logits masked by ``masks[i]`` (a grammar, slmkit.runtime.constrain).
+
+    Each call first feeds every row's last sampled token to its mask (not on the first call: the
+    prompt); a row that ended (EOS) or whose grammar is complete is left alone (transformers pads it).
+    """
+
+    def __init__(self, masks: list, eos: set[int], end: int):
+        self.masks, self.eos, self.end = masks, eos, end  # end: the padded prompt length + max_new_tokens
+        self.started = False
+        self.ended = [False] * len(masks)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        for i, m in enumerate(self.masks):
+            if self.ended[i]:
+                continue
+            if self.started:
+                last = int(input_ids[i, -1])
+                if last in self.eos:
+                    self.ended[i] = True
+                    continue
+                m.accept(last)  # a complete grammar then admits EOS alone
+            m.apply(scores[i], self.end - input_ids.shape[1])
+        self.started = True
+        return scores
 
 
 class _SeededSampling(LogitsProcessor):

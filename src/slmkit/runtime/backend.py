@@ -31,6 +31,19 @@ class FastBackend:
             self.fm = build(model, cfg)
         self.name = name or str(getattr(model.config, "name_or_path", "") or "local")
         self.kv, self.kv_budget = kv, kv_budget
+        self._lltok = None  # llguidance's tokenizer, built on the first constrained request (~1 s)
+        self._pool = None  # one worker thread computing the next token mask during the forward pass
+
+    def token_mask(self, constraint):
+        """A :class:`~slmkit.runtime.constrain.TokenMask` for one sequence under ``constraint``."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from slmkit.runtime.constrain import TokenMask, llg_tokenizer
+
+        if self._lltok is None:
+            self._lltok = llg_tokenizer(self.tokenizer, self.fm.vocab, self.fm.eos)
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="slmkit-mask")
+        return TokenMask(self._lltok, constraint, self._pool)
 
     def encode(self, prompt: Prompt) -> torch.Tensor:
         tok = self.tokenizer
@@ -45,6 +58,7 @@ class FastBackend:
 
         EOS and stop strings end the text and are not part of it; EOS still counts as a generated token.
         """
+        mask = self.token_mask(params.constraint) if params.constraint is not None else None
         ids = self.encode(prompt)
         ctx = min(self.fm.max_positions, len(ids) + params.max_new_tokens)
         cache = self.fm.new_cache(self.kv, context=ctx, budget=self.kv_budget)
@@ -53,7 +67,7 @@ class FastBackend:
         sent = 0
         hold = max((len(s) for s in params.stop), default=1) - 1
         eos = False
-        for step in stream(self.fm, ids, params.max_new_tokens, params.temperature, params.top_p, seed, cache):
+        for step in stream(self.fm, ids, params.max_new_tokens, params.temperature, params.top_p, seed, cache, mask=mask):
             if step.token in self.fm.eos:
                 eos = True
                 yield "", step.token, step.logprob
@@ -72,7 +86,8 @@ class FastBackend:
             sent = end
         text = self.tokenizer.decode(out, skip_special_tokens=True)
         yield text[sent:], None, None
-        yield "", None, None, "stop" if eos or len(out) < params.max_new_tokens else "length"
+        done = eos or len(out) < params.max_new_tokens or (mask is not None and mask.done)
+        yield "", None, None, "stop" if done else "length"
 
     @torch.inference_mode()
     def generate(self, prompts: Sequence[Prompt], params: GenParams) -> list[Completion]:

@@ -699,8 +699,14 @@ def stream(
     seed: int | None = None,
     cache=None,
     prefill_chunk: int = 512,
+    mask=None,
 ) -> Iterator[Step]:
-    """Yield generated tokens one by one; stops after EOS (which is yielded) or ``max_new_tokens``."""
+    """Yield generated tokens one by one; stops after EOS (which is yielded) or ``max_new_tokens``.
+
+    ``mask`` (a :class:`slmkit.runtime.constrain.TokenMask`) constrains every token to its grammar; the
+    stream also ends once the grammar is complete (nothing but EOS may follow: ``mask.done``). The mask of
+    the next token is computed while the model runs the current one (when the mask has a worker pool).
+    """
     if cache is None:
         cache = fm.new_cache("full", context=min(fm.max_positions, ids.shape[0] + max_new_tokens))
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -710,10 +716,16 @@ def stream(
     for b in range(0, ids.shape[0], prefill_chunk):
         logits = prefill(fm, ids[b : b + prefill_chunk], cache)
     for i in range(max_new_tokens):
+        if mask is not None:
+            mask.apply(logits, max_new_tokens - i)
         tok = sample(logits, temperature, top_p, gen)
         yield Step(tok, float(torch.log_softmax(logits, -1)[tok]))
         if tok in fm.eos or i == max_new_tokens - 1:
             return
+        if mask is not None:
+            mask.accept(tok)  # starts the next mask on the pool: it overlaps the forward pass below
+            if mask.done:
+                return
         logits = decode_one_token(fm, tok, cache)
 
 
