@@ -10,9 +10,11 @@ of each of several sequences (:func:`slmkit.runtime.generate.forward` uses it), 
 to bf16 for long prompts, which are compute-bound (:func:`linear`).
 
 The kernel is optional. It is compiled with the system C compiler into a per-user cache the
-first time it is needed (about a second) and loaded with :mod:`ctypes`; when the CPU lacks
-AVX512-VNNI, there is no compiler, the build fails, or ``SLMKIT_Q4_KERNEL=0`` is set,
-:func:`load` returns ``None`` (and says why once, at INFO) and callers use torch's kernel.
+first time it is needed (about 5 s) and loaded with :mod:`ctypes`; the cache is owner-only and
+hash-checked before loading (:mod:`slmkit.runtime.kernelcache`). When the CPU lacks
+AVX512-VNNI (nothing is then compiled or loaded), there is no compiler, the build fails, the
+cache directory is unsafe (a warning), or ``SLMKIT_Q4_KERNEL=0`` is set, :func:`load` returns
+``None`` (and says why once, at INFO) and callers use torch's kernel.
 
 Numerics: the activations are rounded to int8 per group of 32 (absmax / 127), so results
 differ from a dequantise-then-matmul in the third significant digit; the per-group offset
@@ -22,24 +24,26 @@ term uses the exact fp32 activation sums.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import os
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
+
+from slmkit.runtime import kernelcache
 
 log = logging.getLogger(__name__)
 
 KERNELS = Path(__file__).with_name("kernels")
 SOURCES = tuple(KERNELS / f for f in ("q4.c", "ggml.c", "decode.c"))  #: compiled together into one library
 HEADERS = (KERNELS / "common.h",)
+#: -Werror=vla: no stack array sized by an input may come back (a batch-sized one overflowed the stack);
+#: -Werror=frame-larger-than: every fixed one stays small beside a thread's 8 MB stack
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mf16c", "-mfma",
-         "-fopenmp", "-shared", "-fPIC", "-lm"]
+         "-fopenmp", "-shared", "-fPIC", "-Werror=vla", "-Werror=frame-larger-than=262144", "-lm", "-pthread"]
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "f16c", "fma")
+CPUINFO = Path("/proc/cpuinfo")  #: where :func:`cpu_supported` reads the CPU's flags
+RECIPE = kernelcache.Recipe("slmkit", SOURCES, HEADERS, tuple(FLAGS))
 GROUP = 32
 
 _lib: ctypes.CDLL | None = None
@@ -48,11 +52,12 @@ _tried = False
 
 
 def cpu_supported() -> tuple[bool, str]:
-    """Whether this CPU has the instructions the kernel is built for (Linux /proc/cpuinfo)."""
+    """Whether this CPU has the instructions the kernel is built for (Linux :data:`CPUINFO` flags,
+    which the kernel clears for features the OS has not enabled)."""
     try:
-        text = Path("/proc/cpuinfo").read_text()
+        text = CPUINFO.read_text()
     except OSError:
-        return False, "cannot read /proc/cpuinfo (the kernel is built for Linux on x86-64 only)"
+        return False, f"cannot read {CPUINFO} (the kernel is built for Linux on x86-64 only)"
     flags = set()
     for line in text.splitlines():
         if line.startswith("flags"):
@@ -63,35 +68,21 @@ def cpu_supported() -> tuple[bool, str]:
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("SLMKIT_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "slmkit")
-    return Path(root) / "kernels"
-
-
-def _build() -> Path:
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("g++")
-    if not cc:
-        raise RuntimeError("no C compiler (cc, gcc or g++) on PATH")
-    src = b"".join(f.name.encode() + f.read_bytes() for f in (*SOURCES, *HEADERS))
-    tag = hashlib.sha256(src + " ".join([cc, *FLAGS]).encode()).hexdigest()[:12]
-    out = cache_dir() / f"slmkit-{tag}.so"
-    if out.exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:  # build aside, then rename: never a half-written .so
-        tmp_so = Path(tmp) / out.name
-        r = subprocess.run([cc, *FLAGS, "-o", str(tmp_so), *map(str, SOURCES)], capture_output=True, text=True)
-        if r.returncode:
-            raise RuntimeError(f"{cc} failed: {r.stderr.strip()[-400:]}")
-        os.replace(tmp_so, out)
-    return out
+    """Where the library is built (:func:`slmkit.runtime.kernelcache.default_dir`)."""
+    return kernelcache.default_dir()
 
 
 def load() -> ctypes.CDLL | None:
-    """The compiled kernel, or ``None`` when it cannot be used here (:func:`why_unavailable` says why)."""
+    """The compiled kernel, or ``None`` when it cannot be used here (:func:`why_unavailable` says why).
+
+    A CPU without the instructions never compiles or loads it; the cache is checked as
+    :mod:`slmkit.runtime.kernelcache` describes (an unsafe cache directory is refused, with a warning).
+    """
     global _lib, _why, _tried
     if _tried:
         return _lib
     _tried = True
+    level = logging.INFO
     if os.environ.get("SLMKIT_Q4_KERNEL", "1") == "0":
         _why = "disabled by SLMKIT_Q4_KERNEL=0"
     else:
@@ -100,7 +91,7 @@ def load() -> ctypes.CDLL | None:
             _why = why
         else:
             try:
-                lib = ctypes.CDLL(str(_build()))
+                lib = kernelcache.load(RECIPE, cache_dir())
                 fn = lib.slmkit_q4_matmul
                 fn.restype = ctypes.c_int
                 p, i = ctypes.c_void_p, ctypes.c_int
@@ -117,17 +108,26 @@ def load() -> ctypes.CDLL | None:
                                    ("slmkit_gg_row_bytes", [i, i])):
                     fn = getattr(lib, name)
                     fn.restype, fn.argtypes = ctypes.c_int, args
+                lib.slmkit_scratch_live_bytes.restype, lib.slmkit_scratch_live_bytes.argtypes = ctypes.c_size_t, []
+                lib.slmkit_scratch_release.restype, lib.slmkit_scratch_release.argtypes = None, []
                 _lib = lib
-            except (OSError, RuntimeError) as e:
+            except kernelcache.UnsafeCacheError as e:
+                _why, level = str(e), logging.WARNING
+            except (OSError, RuntimeError, AttributeError) as e:
                 _why = f"could not build or load {', '.join(f.name for f in SOURCES)}: {e}"
     if _lib is None:
-        log.info("slmkit's q4 kernel is unavailable (%s); int4 weights use torch's kernel", _why)
+        log.log(level, "slmkit's q4 kernel is unavailable (%s); int4 weights use torch's kernel", _why)
     return _lib
 
 
 def why_unavailable() -> str | None:
     load()
     return _why
+
+
+def scratch_live_bytes() -> int:
+    """Bytes of per-thread scratch the kernels hold now, all threads together (each thread's is freed when it exits)."""
+    return int(require().slmkit_scratch_live_bytes())
 
 
 def pack(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -49,14 +49,17 @@ static inline void store_bf16x16(uint16_t *out, __m512 w) {
     _mm256_storeu_si256((__m256i *)out, _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
 }
 
-/* Grow a 64-byte aligned buffer to at least `bytes`; 0 on success. */
-static inline int grow(void **p, size_t *cap, size_t bytes) {
-    if (bytes <= *cap) return 0;
-    free(*p);
-    *p = aligned_alloc(64, (bytes + 63) / 64 * 64);
-    *cap = *p ? bytes : 0;
-    return *p ? 0 : -1;
-}
+/* Most inputs a row may have (K, D, F, H * hd): every entry point refuses larger ones, so the
+ * fixed stack arrays sized from it (per-row scales, 16 KB for 4096 groups) are bounded. */
+#define SLMKIT_MAX_K 65536
+
+/* Per-thread scratch (q4.c): slot `slot` of the calling thread grown to at least `bytes` (64-byte
+ * aligned; NULL when out of memory). Each thread's buffers are freed when it exits (a pthread key
+ * destructor) or by slmkit_scratch_release(); slots are owned by one entry point each. */
+enum { SCR_Q4 = 0, SCR_GG = 4, SCR_DEC = 11, SCR_N = 20 };
+void *slmkit_scratch(int slot, size_t bytes);
+size_t slmkit_scratch_live_bytes(void);
+void slmkit_scratch_release(void);
 
 /* ---- q4.c: slmkit's own 4-bit layout */
 

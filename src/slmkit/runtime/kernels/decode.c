@@ -136,9 +136,6 @@ static inline void weighted_sum_bf16(float *o, const float *w, const uint16_t *v
         for (int i = 0; i < hd; i++) o[i] = fmaf(w[t], bf16_to_f32(v[(size_t)t * hd + i]), o[i]);
 }
 
-static __thread void *t_buf[8];
-static __thread size_t t_cap[8];
-
 /* M sequences, one new token each (continuous batching), through every layer.
  * x (M x D fp32, in/out): the tokens' embeddings in, the last layer's outputs out.
  * layers: L * L_N values (see the enums above).
@@ -151,7 +148,7 @@ static __thread size_t t_cap[8];
 int slmkit_decode_batch(float *x, int M, int L, int D, int H, int Hk, int hd, int F, float eps,
                         const int64_t *layers, const int64_t *kc, const int64_t *vc, const int *S, const int *pos,
                         const float *cos, const float *sin, const uint16_t *norm, const int64_t *head, float *logits) {
-    if (D % 64 || (H * hd) % 64 || F % 64 || hd % 2 || H % Hk || M < 1 || F > 65536 || D > 65536 || H * hd > 65536) return -2;
+    if (D % 64 || (H * hd) % 64 || F % 64 || hd % 2 || H % Hk || M < 1 || F > SLMKIT_MAX_K || D > SLMKIT_MAX_K || H * hd > SLMKIT_MAX_K) return -2;
     size_t ctx = 0; /* sum of context lengths after this step */
     for (int j = 0; j < M; j++) {
         if (pos[j] < 0 || pos[j] >= S[j]) return -2;
@@ -174,14 +171,17 @@ int slmkit_decode_batch(float *x, int M, int L, int D, int H, int Hk, int hd, in
     const size_t mk = (size_t)M * kmax;
     const size_t ws = (size_t)M * (2 * (size_t)D + nqkv + (size_t)H * hd + 3 * (size_t)F) + (size_t)H * ctx + (size_t)M;
     const size_t mb = mk / GROUP;
-    const size_t need[8] = {mk, 4 * mb, 4 * mb, 4 * mb, 4 * mb, 8 * mb, 8 * mb, 4 * ws};
-    for (int i = 0; i < 8; i++)
-        if (grow(&t_buf[i], &t_cap[i], need[i])) return -1;
-    const acts a = {(int8_t *)t_buf[0], (float *)t_buf[1], (float *)t_buf[2], (float *)t_buf[3],
-                    (float *)t_buf[4], (float *)t_buf[5], (float *)t_buf[6]};
-    float *h = (float *)t_buf[7], *qkv = h + (size_t)M * D, *att = qkv + (size_t)M * nqkv, *gu = att + (size_t)M * H * hd,
+    /* scratch: the activations' codes and scales, the work space, and where each sequence's H score
+     * rows start (on the heap: M is the batch size, unbounded; a stack array of M overflowed) */
+    const size_t need[9] = {mk, 4 * mb, 4 * mb, 4 * mb, 4 * mb, 8 * mb, 8 * mb, 4 * ws, sizeof(size_t) * (size_t)M};
+    void *buf[9];
+    for (int i = 0; i < 9; i++)
+        if (!(buf[i] = slmkit_scratch(SCR_DEC + i, need[i]))) return -1;
+    const acts a = {(int8_t *)buf[0], (float *)buf[1], (float *)buf[2], (float *)buf[3],
+                    (float *)buf[4], (float *)buf[5], (float *)buf[6]};
+    float *h = (float *)buf[7], *qkv = h + (size_t)M * D, *att = qkv + (size_t)M * nqkv, *gu = att + (size_t)M * H * hd,
           *act = gu + (size_t)M * 2 * F, *tmp = act + (size_t)M * F, *sc = tmp + (size_t)M * D;
-    size_t sc_off[M]; /* where each sequence's H score rows start */
+    size_t *sc_off = (size_t *)buf[8];
     for (size_t j = 0, o = 0; j < (size_t)M; j++) { sc_off[j] = o; o += (size_t)H * (pos[j] + 1); }
     const float scale = 1.0f / sqrtf((float)hd);
     const int head_quant = hd % GROUP == 0; /* each head's attention output quantised by the thread that computed it */

@@ -59,7 +59,7 @@ static inline int gg_block_bytes(int type) {
 /* Bytes of one row of K weights, or -1 when the type has no kernel or K does not suit it. */
 int slmkit_gg_row_bytes(int type, int K) {
     const int blk = gg_block(type);
-    if (!blk || K <= 0 || K % 64 || K % blk || K > 65536) return -1;
+    if (!blk || K <= 0 || K % 64 || K % blk || K > SLMKIT_MAX_K) return -1;
     return K / blk * gg_block_bytes(type);
 }
 
@@ -104,7 +104,7 @@ static inline __attribute__((always_inline)) void gg_scales(const int type, cons
     switch (type) {
     case GG_Q4_0: case GG_Q4_1: case GG_Q5_0: case GG_Q5_1: case GG_Q8_0: {
         const int bs = gg_block_bytes(type), nb = K / 32;
-        uint16_t hd[nb], hm[nb];
+        uint16_t hd[SLMKIT_MAX_K / 32], hm[SLMKIT_MAX_K / 32]; /* nb <= SLMKIT_MAX_K / 32 */
         for (int b = 0; b < nb; b++) {
             memcpy(hd + b, row + (size_t)b * bs, 2);
             if (gg_has_centre(type)) memcpy(hm + b, row + (size_t)b * bs + 2, 2);
@@ -232,7 +232,9 @@ static inline __attribute__((always_inline)) void gg_rows_T(const int type, cons
     /* lanes of a chunk's 64 inputs (4 per lane) -> its groups: 2 of 32 (8 lanes each) or 4 of 16 */
     const __m512i lanes = G == 16 ? _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3)
                                   : _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
-    float s[ng], cen[cen_ ? ng : 1], comb[T][ng];
+    /* fixed bounds (ng <= SLMKIT_MAX_K / 16): 16 KB each, comb 64 KB, laid out as comb[T][ng] */
+    float s[SLMKIT_MAX_K / 16], cen[SLMKIT_MAX_K / 16], comb_[4 * (SLMKIT_MAX_K / 16)];
+#define comb(t) (comb_ + (size_t)(t) * ng)
     for (int r = r0; r < r1; r++) {
         const uint8_t *row = w + (size_t)r * rb;
         gg_scales(type, row, K, s, cen);
@@ -242,7 +244,7 @@ static inline __attribute__((always_inline)) void gg_rows_T(const int type, cons
             for (int g = 0; g < ng; g += 16) {
                 const __mmask16 k = ng - g >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (ng - g)) - 1);
                 const __m512 sv = _mm512_maskz_loadu_ps(k, s + g);
-                _mm512_mask_storeu_ps(comb[t] + g, k, _mm512_mul_ps(sv, _mm512_maskz_loadu_ps(k, xsg + (size_t)t * ng + g)));
+                _mm512_mask_storeu_ps(comb(t) + g, k, _mm512_mul_ps(sv, _mm512_maskz_loadu_ps(k, xsg + (size_t)t * ng + g)));
                 /* - o s xs sum(xq): the code offset */
                 acc[t] = _mm512_fnmadd_ps(_mm512_mul_ps(o, sv), _mm512_maskz_loadu_ps(k, xc + (size_t)t * ng + g), acc[t]);
                 if (cen_) /* + c sum(x): the centre, with the exact activation sums (groups of 32) */
@@ -254,8 +256,8 @@ static inline __attribute__((always_inline)) void gg_rows_T(const int type, cons
             const __m512i u = gg_codes(type, row, c);
             for (int t = 0; t < T; t++) {
                 const __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, _mm512_loadu_si512((const void *)(a->xq + (size_t)t * K + 64 * c)));
-                const __m512 sc = G == 16 ? _mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(_mm_loadu_ps(comb[t] + 4 * c)))
-                                          : _mm512_permutexvar_ps(lanes, _mm512_castpd_ps(_mm512_castpd128_pd512(_mm_load_sd((const double *)(comb[t] + 2 * c)))));
+                const __m512 sc = G == 16 ? _mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(_mm_loadu_ps(comb(t) + 4 * c)))
+                                          : _mm512_permutexvar_ps(lanes, _mm512_castpd_ps(_mm512_castpd128_pd512(_mm_load_sd((const double *)(comb(t) + 2 * c)))));
                 acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sc, acc[t]);
             }
         }
@@ -266,6 +268,8 @@ static inline __attribute__((always_inline)) void gg_rows_T(const int type, cons
         }
     }
 }
+
+#undef comb
 
 #define GG_T(type, T) gg_rows_T(type, T, w, K, &at, r0, r1, o, ldy, y_bf16)
 #define GG_TYPE(type)                          \
@@ -300,21 +304,18 @@ void slmkit_gg_rows(int type, const uint8_t *w, int K, const slmkit_gg_act *a, i
     }
 }
 
-/* Per-thread scratch of the stand-alone matmul. */
-static __thread void *t_buf[7];
-static __thread size_t t_bcap[7];
-
 /* y (M x N) = x (M x K) @ W^T with W (N rows of K) in GGUF format `type`. x and y are fp32, or bf16
  * when the flag is set. Returns 0 on success, -2 for a type or shape without a kernel, -1 out of memory. */
 int slmkit_gg_matmul(const void *x, int x_bf16, int M, int K, int type, const uint8_t *w, int N, void *y, int y_bf16) {
-    if (slmkit_gg_row_bytes(type, K) < 0 || K > 65536 || M < 1 || N < 0) return -2;
+    if (slmkit_gg_row_bytes(type, K) < 0 || K > SLMKIT_MAX_K || M < 1 || N < 0) return -2;
     const size_t mk = (size_t)M * K, mb = mk / GROUP;
     const size_t need[7] = {mk, 4 * mb, 4 * mb, 4 * mb, 4 * mb, 8 * mb, 8 * mb};
+    void *buf[7];
     for (int i = 0; i < 7; i++)
-        if (grow(&t_buf[i], &t_bcap[i], need[i])) return -1;
-    int8_t *xq = (int8_t *)t_buf[0];
-    float *xs = (float *)t_buf[1], *xsum = (float *)t_buf[2], *xcorr = (float *)t_buf[3];
-    float *xc32 = (float *)t_buf[4], *xc16 = (float *)t_buf[5], *xs16 = (float *)t_buf[6];
+        if (!(buf[i] = slmkit_scratch(SCR_GG + i, need[i]))) return -1;
+    int8_t *xq = (int8_t *)buf[0];
+    float *xs = (float *)buf[1], *xsum = (float *)buf[2], *xcorr = (float *)buf[3];
+    float *xc32 = (float *)buf[4], *xc16 = (float *)buf[5], *xs16 = (float *)buf[6];
     slmkit_q4_quantize(x, x_bf16, M, K, xq, xs, xsum, xcorr);
     slmkit_gg_prepare(xq, xs, M, K, xc32, xc16, xs16);
     const slmkit_gg_act a = {xq, xs, xsum, xc32, xc16, xs16};
@@ -333,8 +334,8 @@ int slmkit_gg_matmul(const void *x, int x_bf16, int M, int K, int type, const ui
  * Every 16 inputs of a chunk share one scale and centre (lane 4p of dv/cv for inputs 16p..16p+15).
  */
 static inline __attribute__((always_inline)) void gg_dequant_row(const int type, const uint8_t *row, int K, float *of, uint16_t *ob) {
-    const int nc = K / 64, G = gg_group(type), ng = K / G;
-    float s[ng], cen[ng];
+    const int nc = K / 64, G = gg_group(type);
+    float s[SLMKIT_MAX_K / 16], cen[SLMKIT_MAX_K / 16]; /* K / G groups <= SLMKIT_MAX_K / 16 */
     gg_scales(type, row, K, s, cen);
     const __m512 o = _mm512_set1_ps((float)(1 << gg_shift(type)));
     for (int c = 0; c < nc; c++) {

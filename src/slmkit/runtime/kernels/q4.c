@@ -24,21 +24,64 @@
  */
 #include "common.h"
 
-/* Per-thread scratch for the quantised activations (grown on demand). */
-static __thread int8_t *t_xq;
-static __thread float *t_xs, *t_xsum, *t_xcorr;
-static __thread size_t t_cap;
+#include <pthread.h>
 
-static int scratch(size_t mk) {
-    if (mk <= t_cap) return 0;
-    free(t_xq); free(t_xs); free(t_xsum); free(t_xcorr);
-    t_xq = (int8_t *)aligned_alloc(64, (mk + 63) / 64 * 64);
-    t_xs = (float *)aligned_alloc(64, ((mk / GROUP) * 4 + 15) / 16 * 64);
-    t_xsum = (float *)aligned_alloc(64, ((mk / GROUP) * 4 + 15) / 16 * 64);
-    t_xcorr = (float *)aligned_alloc(64, ((mk / GROUP) * 4 + 15) / 16 * 64);
-    if (!t_xq || !t_xs || !t_xsum || !t_xcorr) { t_cap = 0; return -1; }
-    t_cap = mk;
-    return 0;
+/* ------------------------------------------------------------------ per-thread scratch
+ *
+ * Each calling thread (a server's request threads included) keeps its buffers between calls, and
+ * they go with the thread: a pthread key destructor frees them at thread exit (they used to be
+ * __thread pointers, never freed, so every finished request thread leaked its scratch). */
+typedef struct {
+    void *p[SCR_N];
+    size_t cap[SCR_N];
+} scratch_t;
+
+static pthread_key_t scr_key;
+static pthread_once_t scr_once = PTHREAD_ONCE_INIT;
+static int scr_key_ok;
+static size_t scr_live; /* bytes held by every thread together (atomic) */
+
+static void scr_free(void *v) {
+    scratch_t *s = (scratch_t *)v;
+    for (int i = 0; i < SCR_N; i++) {
+        free(s->p[i]);
+        __atomic_sub_fetch(&scr_live, s->cap[i], __ATOMIC_RELAXED);
+    }
+    free(s);
+}
+
+static void scr_init(void) { scr_key_ok = pthread_key_create(&scr_key, scr_free) == 0; }
+
+void *slmkit_scratch(int slot, size_t bytes) {
+    pthread_once(&scr_once, scr_init);
+    if (!scr_key_ok || slot < 0 || slot >= SCR_N) return NULL;
+    scratch_t *s = (scratch_t *)pthread_getspecific(scr_key);
+    if (!s) {
+        s = (scratch_t *)calloc(1, sizeof *s);
+        if (!s) return NULL;
+        if (pthread_setspecific(scr_key, s)) { free(s); return NULL; }
+    }
+    if (s->p[slot] && bytes <= s->cap[slot]) return s->p[slot];
+    free(s->p[slot]);
+    __atomic_sub_fetch(&scr_live, s->cap[slot], __ATOMIC_RELAXED);
+    const size_t cap = bytes ? (bytes + 63) / 64 * 64 : 64;
+    s->p[slot] = aligned_alloc(64, cap);
+    s->cap[slot] = s->p[slot] ? cap : 0;
+    __atomic_add_fetch(&scr_live, s->cap[slot], __ATOMIC_RELAXED);
+    return s->p[slot];
+}
+
+size_t slmkit_scratch_live_bytes(void) { return __atomic_load_n(&scr_live, __ATOMIC_RELAXED); }
+
+/* Free the calling thread's scratch now (it is recreated on the thread's next call). */
+void slmkit_scratch_release(void) {
+    pthread_once(&scr_once, scr_init);
+    if (!scr_key_ok) return;
+    scratch_t *s = (scratch_t *)pthread_getspecific(scr_key);
+    if (s) {
+        pthread_setspecific(scr_key, NULL);
+        scr_free(s);
+    }
 }
 
 /* Quantise rows of x (M x K, fp32 or bf16) to int8 per group of 32: codes, scales, exact sums,
@@ -70,7 +113,7 @@ static inline void rows_kernel(const uint8_t *q, const uint16_t *s, const uint16
                                int r0, int r1, void *out, int ldo, int out_bf16) {
     const int nb = K / GROUP, nc = K / 64;
     const __m256i lowmask = _mm256_set1_epi8(0x0F);
-    float comb[4][2048]; /* s_b * xs_b per token (K <= 65536) */
+    float comb[4][SLMKIT_MAX_K / GROUP]; /* s_b * xs_b per token (32 KB) */
     for (int r = r0; r < r1; r++) {
         const uint8_t *qr = q + (size_t)r * (K / 2);
         const uint16_t *sr = s + (size_t)r * nb, *mr = m + (size_t)r * nb;
@@ -146,10 +189,12 @@ static void mm_tiles(const uint8_t *q, const uint16_t *s, const uint16_t *m, int
 /* y (M x N) = x (M x K) @ W^T. x and y are fp32, or bf16 when the flag is set. Returns 0 on success. */
 int slmkit_q4_matmul(const void *x, int x_bf16, int M, int K, const uint8_t *q, const uint16_t *s,
                      const uint16_t *m, int N, void *y, int y_bf16) {
-    if (K % 64 || K > 65536) return -2;
-    if (scratch((size_t)M * K)) return -1;
-    int8_t *xq = t_xq;
-    float *xs = t_xs, *xsum = t_xsum, *xcorr = t_xcorr;
+    if (K % 64 || K > SLMKIT_MAX_K || M < 0 || N < 0) return -2;
+    const size_t mk = (size_t)M * K, mb = mk / GROUP;
+    int8_t *xq = (int8_t *)slmkit_scratch(SCR_Q4, mk);
+    float *xs = (float *)slmkit_scratch(SCR_Q4 + 1, 4 * mb), *xsum = (float *)slmkit_scratch(SCR_Q4 + 2, 4 * mb);
+    float *xcorr = (float *)slmkit_scratch(SCR_Q4 + 3, 4 * mb);
+    if (!xq || !xs || !xsum || !xcorr) return -1;
     slmkit_q4_quantize(x, x_bf16, M, K, xq, xs, xsum, xcorr);
 #pragma omp parallel
     mm_tiles(q, s, m, K, xq, xs, xsum, xcorr, M, N, y, y_bf16);
