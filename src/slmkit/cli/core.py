@@ -77,6 +77,28 @@ def _fast_backend(model: str, dtype: Optional[str], weights: str, kv: str, kv_bu
     return FastBackend(m, tok, cfg, name=model, kv=kv, kv_budget=kv_budget, gguf=gguf)
 
 
+def _constraint_of(json_schema: Optional[Path], regex: Optional[str], grammar: Optional[Path]):
+    """The --json-schema / --regex / --grammar constraint (at most one), its file read and checked."""
+    from slmkit.errors import ConfigError, DataError
+    from slmkit.runtime.constrain import Constraint
+
+    given = [f for f, v in (("--json-schema", json_schema), ("--regex", regex), ("--grammar", grammar)) if v is not None]
+    if len(given) > 1:
+        raise ConfigError(f"{' and '.join(given)} exclude each other: give one constraint")
+    if regex is not None:
+        return Constraint.regex(regex, name="--regex")
+    path = json_schema if json_schema is not None else grammar
+    if path is None:
+        return None
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"cannot read {given[0]} file {path}: {getattr(err, 'strerror', None) or err}") from None
+    if json_schema is not None:
+        return Constraint.json_schema(text, name=f"--json-schema {path}")
+    return Constraint.grammar(text, name=f"--grammar {path}")
+
+
 def generate(
     model: str = typer.Argument(..., help="default | hub id | directory | file.gguf"),
     prompt: str = typer.Argument(..., help="the prompt"),
@@ -92,18 +114,30 @@ def generate(
     int4: bool = typer.Option(False, "--int4", help="with --fast: int4 weight-only matmuls (groups of 32; slmkit's q4 kernel and fused decode step on AVX512-VNNI CPUs, else torch's kernel; a quantised FILE.gguf: only with an explicit --dtype)"),
     kv: str = typer.Option("full", "--kv", help="with --fast: KV policy full|int8|int4|streaming|h2o"),
     kv_budget: Optional[int] = typer.Option(None, "--kv-budget", help="with --fast: tokens kept by streaming/h2o"),
+    json_schema: Optional[Path] = typer.Option(None, "--json-schema", help="constrain the output to JSON valid against this JSON Schema file"),
+    regex: Optional[str] = typer.Option(None, "--regex", help="constrain the output to match this regular expression (Rust regex syntax)"),
+    grammar: Optional[Path] = typer.Option(None, "--grammar", help="constrain the output to this grammar file (Lark, or llama.cpp's GBNF)"),
 ) -> None:
-    """Generate a completion for PROMPT."""
+    """Generate a completion for PROMPT (optionally constrained to a JSON schema, a regex or a grammar)."""
     from slmkit.backends import GenParams, HFBackend
 
+    constraint = _constraint_of(json_schema, regex, grammar)  # bad input fails before the model loads
     backend = _fast_backend(model, dtype, "int4" if int4 else "int8" if int8 else "native", kv, kv_budget) if fast else HFBackend.from_spec(model, dtype=dtype or "fp32")
-    params = GenParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    params = GenParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, constraint=constraint)
     t0 = time.perf_counter()
     c = backend.generate([_prompt_of(backend.tokenizer, prompt, chat)], params)[0]
     dt = time.perf_counter() - t0
     if json_out:
-        print_json({"model": model, "prompt": prompt, "text": c.text, "tokens": c.tokens, "finish_reason": c.finish_reason,
-                    "seconds": dt, "tokens_per_s": c.tokens / dt if dt > 0 else None, "fast": fast})
+        out = {"model": model, "prompt": prompt, "text": c.text, "tokens": c.tokens, "finish_reason": c.finish_reason,
+               "seconds": dt, "tokens_per_s": c.tokens / dt if dt > 0 else None, "fast": fast}
+        if json_schema is not None:
+            import json
+
+            try:
+                out["json"] = json.loads(c.text)
+            except ValueError:  # only when the token budget ran out first (finish_reason "length")
+                out["json"] = None
+        print_json(out)
     else:
         sys.stdout.write(c.text.strip() + "\n")
 

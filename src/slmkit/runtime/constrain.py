@@ -188,7 +188,8 @@ class TokenMask:
         """(vocab,) bool: the tokens the grammar admits next."""
         self._wait()
         if self.matcher.is_error():
-            raise ConstraintError(f"{self.c.name}: {_first(self.matcher.get_error())}")
+            err = self.matcher.get_error()
+            raise ConstraintError(self._dead_end() if "NoExtension" in err else f"{self.c.name}: {_first(err)}")
         bits = np.unpackbits(self.bits.numpy().view(np.uint8), bitorder="little")[: self.vocab]
         return torch.from_numpy(bits.astype(bool))
 
