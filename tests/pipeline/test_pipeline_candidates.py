@@ -64,13 +64,25 @@ def text_file(tmp_path_factory):
     return path
 
 
+def _task_data() -> bool:
+    from slmkit.data.paths import data_dir
+
+    root = data_dir()
+    return root is not None and all((root / f).is_file() for f in ("truthfulqa/TruthfulQA.csv", "bbq/Age.jsonl.gz"))
+
+
+TASK_NAMES = ("truthfulqa_mc1", "bbq")
+TASKS_YAML = f"    tasks: [{', '.join(TASK_NAMES)}]\n    task_items: 6\n"
+
+
 @pytest.fixture(scope="module")
 def cand_run(tiny_dir, text_file, tmp_path_factory):
     """A tiny build: GPTQ Q4_0 of the teacher exported, then measured with the teacher and two baselines;
-    target: best quality within 100 KB (the F32 teacher and the Q8_0 baseline are larger)."""
+    target: best quality within 100 KB (the F32 teacher and the Q8_0 baseline are larger); 6 items of two
+    downstream tasks when the shared data is here."""
     from slmkit.pipeline import build, parse_text
 
-    text = candidates_recipe(tiny_dir, text_file, "    max_size: 100KB\n" + SPEC_INT4)
+    text = candidates_recipe(tiny_dir, text_file, "    max_size: 100KB\n" + (TASKS_YAML if _task_data() else "") + SPEC_INT4)
     run_dir = tmp_path_factory.mktemp("cands") / "run"
     build(parse_text(text, "cands.yaml"), run_dir)
     return run_dir
@@ -127,6 +139,51 @@ def test_kl_divergence_and_perplexity_match_a_direct_computation(cand_run):
     r = rows["slmkit GPTQ Q4_0"]
     assert r["kl_divergence"] == pytest.approx(kl, rel=1e-3)
     assert r["perplexity"] == pytest.approx(math.exp(nll), rel=1e-4)
+
+
+@pytest.mark.skipif(not _task_data(), reason="downstream tasks need truthfulqa/ and bbq/ of the shared data (SLMKIT_DATA)")
+def test_task_scores_per_candidate_match_a_direct_scoring_and_the_report_shows_them(cand_run):
+    from slmkit.backends.hf import HFBackend
+    from slmkit.eval.downstream import TaskConfig, load_tasks
+    from slmkit.eval.tasks import multiple_choice
+    from slmkit.models import load
+    from slmkit.trust.stats import wilson
+
+    data, rows = _rows(cand_run)
+    tk = data["comparison"]["tasks"]
+    ref = "llama.cpp-equiv. Q4_0+imatrix"  # no Q4_K_M among the baselines: the last one is the reference
+    assert list(tk["tasks"]) == list(TASK_NAMES) and tk["reference"] == ref and tk["skipped"] is None
+    assert all(v["items"] == 6 and v["of"] > 6 and 0 < v["chance"] < 1 for v in tk["tasks"].values())
+    for name, r in rows.items():
+        assert r["tasks_seconds"] > 0
+        for t in TASK_NAMES:
+            s = r["tasks"][t]
+            assert s["n"] == 6 and 0 <= s["acc"] <= 1 and 0 <= s["acc_norm"] <= 1
+            assert s["ci95"] == pytest.approx(list(wilson(round(s["acc"] * 6), 6)))
+            assert s["ci95"][0] <= s["acc"] <= s["ci95"][1] and s["ci95_norm"][0] <= s["acc_norm"] <= s["ci95_norm"][1]
+            vs = s.get("vs_reference")
+            if name == ref:
+                assert vs is None
+            else:
+                assert vs["diff"] == pytest.approx(s["acc"] - rows[ref]["tasks"][t]["acc"]) and vs["n"] == 6
+                assert vs["ci95"][0] <= vs["diff"] <= vs["ci95"][1] and 0 < vs["p_value"] <= 1
+        assert all(r["tasks"][t]["agreement_with_teacher"] == 1.0 for t in TASK_NAMES) or name != "teacher (F32)"
+    # the same numbers from the artefact's file, scored directly with whole sequences (no shared KV cache)
+    model, tok = load(str(cand_run / rows["slmkit GPTQ Q4_0"]["path"]))
+    be = HFBackend(model, tok)
+
+    class Plain:
+        name = "plain"
+        score = staticmethod(be.score)
+
+    for t in load_tasks(TaskConfig(TASK_NAMES, 6)):
+        res = multiple_choice(Plain(), t.items)
+        assert res.acc == rows["slmkit GPTQ Q4_0"]["tasks"][t.name]["acc"]
+        assert res.acc_norm == rows["slmkit GPTQ Q4_0"]["tasks"][t.name]["acc_norm"]
+    html = (cand_run / "report.html").read_text()
+    assert 'class="tasks"' in html and "truthfulqa_mc1 acc [95% CI]" in html and "bbq acc [95% CI]" in html
+    assert f"Paired against {ref} on the same items" in html and "McNemar" in html
+    assert len(tk["notes"]) == 2 and all(n.split(" ")[0] in TASK_NAMES for n in tk["notes"])
 
 
 def test_impossible_budget_finishes_with_a_warning_and_exit_0(tiny_dir, text_file, tmp_path, capsys):

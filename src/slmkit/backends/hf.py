@@ -177,6 +177,65 @@ class HFBackend:
         return out
 
     @torch.inference_mode()
+    def score_choices(self, contexts: Sequence[str], choices: Sequence[Sequence[str]], prefix: str = "") -> list[list[float]]:
+        """Total log-likelihood of each of ``choices[i]`` as a continuation of ``contexts[i]``.
+
+        The same numbers as :meth:`score` (lm-eval's split of context and continuation; equal up to
+        float round-off, tested), at a fraction of the cost when contexts are long and choices short:
+        each context runs once and its KV cache serves all of its choices in one batch, and ``prefix``
+        (a start that contexts share, e.g. a few-shot primer) runs once for all items. A context that
+        does not start with ``prefix``'s tokens is simply run whole.
+        """
+        import copy
+
+        from transformers import DynamicCache
+
+        model, tok = self.model, self.tokenizer
+        dev = self.device
+        base, base_ids, base_last = None, [], None
+        if prefix:
+            base_ids = tok(prefix.rstrip(), add_special_tokens=False).input_ids
+            if base_ids:
+                base = DynamicCache(config=model.config)
+                res = model(input_ids=torch.tensor([base_ids], device=dev), cache=base, use_cache=True)
+                base, base_last = res.cache, F.log_softmax(res.logits[0, -1].float(), -1)
+        out: list[list[float]] = []
+        for ctx, chs in zip(contexts, choices):
+            pairs = [self._encode_pair(ctx, c) for c in chs]
+            start = pairs[0][1]
+            ctx_ids = pairs[0][0][:start]
+            if any(s != start or ids[:start] != ctx_ids for ids, s in pairs):  # no shared context (no BOS/EOS to lead with)
+                out.append([s.total for s in self._score_batch(pairs)])
+                continue
+            k = len(base_ids) if base is not None and ctx_ids[: len(base_ids)] == base_ids else 0
+            cache = copy.deepcopy(base) if k else DynamicCache(config=model.config)
+            if len(ctx_ids) > k:
+                res = model(input_ids=torch.tensor([ctx_ids[k:]], device=dev), cache=cache, use_cache=True)
+                cache, last = res.cache, F.log_softmax(res.logits[0, -1].float(), -1)  # (V,): predicts each first token
+            else:
+                last = base_last
+            conts = [ids[start:] for ids, _ in pairs]
+            totals = [float(last[c[0]]) for c in conts]
+            L = max(len(c) for c in conts) - 1  # the last token of a continuation is predicted, never fed
+            if L > 0:
+                B, T = len(conts), len(ctx_ids)
+                inp = torch.zeros((B, L), dtype=torch.long)  # (B, L): right-padded, so real tokens keep their positions
+                mask = torch.zeros((B, T + L), dtype=torch.long)
+                mask[:, :T] = 1
+                for i, c in enumerate(conts):
+                    inp[i, : len(c) - 1] = torch.tensor(c[:-1])
+                    mask[i, T : T + len(c) - 1] = 1
+                cache.batch_repeat_interleave(B)
+                logp = F.log_softmax(model(input_ids=inp.to(dev), attention_mask=mask.to(dev), cache=cache,
+                                           use_cache=True).logits.float(), -1)  # (B, L, V)
+                for i, c in enumerate(conts):
+                    if len(c) > 1:
+                        tgt = torch.tensor(c[1:], device=logp.device)
+                        totals[i] += float(logp[i, : len(c) - 1].gather(-1, tgt[:, None]).sum())
+            out.append(totals)
+        return out
+
+    @torch.inference_mode()
     def prompt_logprobs(self, text: str) -> tuple[list[str], list[float | None]]:
         """Tokens of ``text`` (tokenizer defaults) and their log-probs; the first has none (as in vLLM's echo)."""
         ids = self.tokenizer(text).input_ids

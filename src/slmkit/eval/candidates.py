@@ -14,7 +14,12 @@ and a build's own GGUF files, all measured in one run on the same held-out text.
 3. every candidate is scored against the reference on the held-out text
    (:func:`slmkit.eval.heldout.score`: perplexity, mean KL divergence and top-1 agreement with
    standard errors), and, with ``speed``, run on slmkit's fast path in a fresh process
-   (:func:`slmkit.eval.gguf_speed.fast_speed_isolated`: decode and prefill tokens/s, peak memory).
+   (:func:`slmkit.eval.gguf_speed.fast_speed_isolated`: decode and prefill tokens/s, peak memory);
+4. with ``tasks``, every file is loaded dequantised (:func:`slmkit.models.load`) and scored on a few
+   multiple-choice tasks of the shared data the lm-evaluation-harness way
+   (:mod:`slmkit.eval.downstream`): accuracy with its 95% interval, and, on the same items, the
+   paired difference from the reference baseline (the teacher's Q4_K_M) with Newcombe's interval
+   and McNemar's test, and how often the file picks the teacher's answer.
 
 Which candidate to deploy is :func:`slmkit.eval.recommend.recommend`'s call.
 """
@@ -24,12 +29,14 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from slmkit.errors import ConfigError
+from slmkit.errors import ConfigError, DataError
+from slmkit.eval.downstream import TaskConfig
 from slmkit.eval.gguf_speed import SpeedConfig, fast_speed_isolated
 from slmkit.eval.heldout import ScoreConfig, Quality, score
 from slmkit.registry import Registry
@@ -78,6 +85,7 @@ class CompareConfig:
     scorer: str = "auto"  #: who scores quality: auto (llama.cpp where installed) | llama.cpp | slmkit
     score: ScoreConfig = ScoreConfig()
     speed: SpeedConfig | None = SpeedConfig()  #: None: no speed or memory measurement
+    tasks: TaskConfig | None = None  #: downstream multiple-choice tasks (None: none)
     seed: int = 0
 
     def __post_init__(self):
@@ -100,6 +108,7 @@ class Comparison:
     text: str  #: the held-out text, in words
     tokens: int | None  #: tokens scored per candidate
     notes: list[str] = field(default_factory=list)
+    tasks: dict | None = None  #: the downstream tasks: what each is, the reference, notes (or why they were skipped)
 
 
 @dataclass(frozen=True)
@@ -276,6 +285,83 @@ def _speeds(rows: list[dict], cfg: CompareConfig, teacher_spec: str | None, step
                                       "prefill_median_tokens_per_s", "decode_runs", "prefill_runs")})
 
 
+def reference_row(rows: Sequence[dict]) -> dict | None:
+    """The baseline a build's files are held against: the teacher's Q4_K_M, else the last baseline."""
+    refs = [r for r in rows if r["role"] == "baseline"]
+    return next((r for r in refs if r.get("file_type") == "Q4_K_M"), refs[-1] if refs else None)
+
+
+def _pct(v: float) -> str:
+    return f"{100 * v:.1f}%"
+
+
+def _task_notes(rows: Sequence[dict], tasks, ref: dict | None) -> list[str]:
+    """One sentence per task: do the candidates' differences exceed their intervals?"""
+    notes = []
+    for t in tasks:
+        res = [(r["name"], r["tasks"][t.name]) for r in rows]
+        accs = [v["acc"] for _, v in res]
+        lo_max, hi_min = max(v["ci95"][0] for _, v in res), min(v["ci95"][1] for _, v in res)
+        half = max((v["ci95"][1] - v["ci95"][0]) / 2 for _, v in res)
+        head = (f"{t.name} ({len(t.items)} items, chance {_pct(chance_of(t))}): accuracy {_pct(min(accs))} to {_pct(max(accs))} "
+                f"across the candidates, 95% intervals up to \u00b1{100 * half:.1f} points")
+        head += ("; the differences are inside the intervals (all intervals overlap)" if lo_max <= hi_min
+                 else "; not all intervals overlap")
+        teacher = res[0][1]
+        if teacher["ci95"][0] <= chance_of(t):
+            head += "; the teacher itself is not above chance here, so this task says little about these files"
+        if ref is not None:
+            sig = [f"{n} {100 * v['vs_reference']['diff']:+.1f} points "
+                   f"[{100 * v['vs_reference']['ci95'][0]:+.1f}, {100 * v['vs_reference']['ci95'][1]:+.1f}], "
+                   f"McNemar p = {v['vs_reference']['p_value']:.3f}"
+                   for n, v in res if v.get("vs_reference") and v["vs_reference"]["p_value"] < 0.05]
+            head += (f". Paired against {ref['name']} on the same items: " +
+                     ("; ".join(sig) if sig else "no candidate differs from it at the 5% level (McNemar)"))
+        notes.append(head + ".")
+    return notes
+
+
+def chance_of(task) -> float:
+    from slmkit.eval.tasks import chance
+
+    return chance(task.items)
+
+
+def _task_scores(rows: list[dict], cfg: TaskConfig, step: Callable[[int], None]) -> dict:
+    """Downstream task scores of every row's file, in place (``row["tasks"]``); what was done, for the report."""
+    from slmkit.backends.hf import HFBackend
+    from slmkit.eval.downstream import load_tasks, score_model, summary
+    from slmkit.eval.tasks import paired_difference
+    from slmkit.models import load
+
+    try:
+        tasks = load_tasks(cfg)
+    except DataError as err:
+        why = f"downstream tasks skipped: {err.problem}" + (f" ({err.hint})" if err.hint else "")
+        log.warning("candidates: %s", why)
+        return {"skipped": why, "names": list(cfg.names)}
+    results = []
+    for i, r in enumerate(rows):
+        t0 = time.perf_counter()
+        model, tok = load(str(r["path"]))  # dequantised, fp32
+        res = score_model(HFBackend(model, tok, name=r["name"]), tasks)
+        del model
+        r["tasks"] = {n: summary(v) for n, v in res.items()}
+        r["tasks_seconds"] = time.perf_counter() - t0
+        results.append(res)
+        step(i + 1)
+    ref = reference_row(rows)
+    ref_res = results[rows.index(ref)] if ref is not None else None
+    for r, res in zip(rows, results):
+        for n, v in res.items():
+            teacher = results[0][n]
+            r["tasks"][n]["agreement_with_teacher"] = sum(a == b for a, b in zip(v.predictions, teacher.predictions)) / v.n
+            if ref_res is not None and r is not ref:
+                r["tasks"][n]["vs_reference"] = paired_difference(v.correct, ref_res[n].correct)
+    return {"tasks": {t.name: t.describe() for t in tasks}, "items": cfg.items,
+            "reference": None if ref is None else ref["name"], "notes": _task_notes(rows, tasks, ref), "skipped": None}
+
+
 def pick_maker(name: str) -> str:
     if name == "auto":
         return "llama.cpp" if BASELINES.get("llama.cpp").available() else "slmkit"
@@ -304,7 +390,9 @@ def compare(teacher, tok, artefacts: Sequence[Candidate], text: HeldOutText, cfg
         raise ConfigError(f"candidate names must be unique, got {names}")
     maker = pick_maker(cfg.maker)
     scorer = pick_scorer(cfg.scorer)
-    steps = 3 + (len(cfg.baselines) + len(artefacts) + 2 if cfg.speed else 0)
+    n_rows = 1 + len(cfg.baselines) + len(artefacts)
+    tasks_on = cfg.tasks is not None and bool(cfg.tasks.names)
+    steps = 3 + (n_rows + 1 if cfg.speed else 0) + (n_rows if tasks_on else 0)
     progress(0, steps)
     ref = reference_file(teacher, tok, work)
     teacher_c = Candidate("teacher (F32)", ref, "teacher", "the teacher, unquantised (F32 GGUF)", "F32")
@@ -319,8 +407,10 @@ def compare(teacher, tok, artefacts: Sequence[Candidate], text: HeldOutText, cfg
     rows = [{"name": c.name, "path": c.path, "role": c.role, "baseline": c.baseline, "method": c.method,
              "file_type": c.file_type, "stage": c.stage, **file_facts(c.path), **_quality(q)}
             for c, q in zip(cands, [ref_q, *quals])]
+    tasks = _task_scores(rows, cfg.tasks, lambda done: progress(2 + done, steps)) if tasks_on else None
     if cfg.speed is not None:
-        _speeds(rows, cfg, teacher_spec, lambda done: progress(3 + done, steps))
+        first = 3 + (len(rows) if tasks_on else 0)
+        _speeds(rows, cfg, teacher_spec, lambda done: progress(first + done, steps))
     progress(steps, steps)
     return Comparison(rows, scorer, SCORERS.get(scorer).what, maker, BASELINES.get(maker).what, text.source,
-                      ref_q.tokens)
+                      ref_q.tokens, tasks=tasks)

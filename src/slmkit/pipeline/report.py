@@ -111,8 +111,10 @@ def collect(run_dir: str | Path) -> dict:
         data["recommended"] = m.get("recommended")
         data["recommendation"] = m.get("recommendation", {})
         data["comparison"] = {k: m.get(k) for k in ("scorer", "scorer_what", "maker", "maker_what", "text", "tokens_scored",
-                                                    "context", "chunks", "threads", "speed", "notes", "versus_reference")}
+                                                    "context", "chunks", "threads", "speed", "notes", "versus_reference", "tasks")}
         data["warnings"] += data["recommendation"].get("warnings", [])
+        if (m.get("tasks") or {}).get("skipped"):
+            data["warnings"].append(m["tasks"]["skipped"])
         best = next((c for c in data["candidates"] if c["name"] == data["recommended"]), None)
         if best is not None:
             data["summary"].update(recommended=best["name"], recommended_bytes=best["bytes"],
@@ -248,11 +250,51 @@ def _speed(v) -> str:
     return "-" if v is None else f"{v:,.0f}" if v >= 100 else f"{v:.1f}"
 
 
+def _acc_ci(t: dict | None) -> str:
+    if not t or t.get("acc") is None:
+        return "-"
+    lo, hi = t["ci95"]
+    return f"{100 * t['acc']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]"
+
+
+def _tasks_html(data: dict) -> str:
+    """Downstream tasks: each candidate against the reference baseline on the same items, and what the intervals say."""
+    tk = (data.get("comparison") or {}).get("tasks") or {}
+    if not tk.get("tasks"):
+        return ""
+    names = list(tk["tasks"])
+    ref = tk.get("reference")
+    headers = ["candidate", *[h for n in names for h in (f"{n}: acc_norm", f"{n}: \u0394 acc vs {ref or 'reference'} [95% CI], p",
+                                                        f"{n}: same answer as the teacher")]]
+    body = []
+    for r in data["candidates"]:
+        cells = [r["name"]]
+        for n in names:
+            t = (r.get("tasks") or {}).get(n) or {}
+            vs = t.get("vs_reference")
+            cells += [_acc_ci({"acc": t.get("acc_norm"), "ci95": t.get("ci95_norm")}) if t else "-",
+                      "reference" if r["name"] == ref else "-" if not vs else
+                      f"{100 * vs['diff']:+.1f} [{100 * vs['ci95'][0]:+.1f}, {100 * vs['ci95'][1]:+.1f}], p={vs['p_value']:.2f}",
+                      "-" if t.get("agreement_with_teacher") is None else f"{100 * t['agreement_with_teacher']:.0f}%"]
+        body.append(cells)
+    what = "; ".join(f"{n}: {v['items']} of {v['of']:,} items of {v['source']}, as {v['follows']} poses it, chance "
+                     f"{100 * v['chance']:.1f}%" for n, v in tk["tasks"].items())
+    note = (f'<p class="note">Downstream tasks, scored the lm-evaluation-harness way (log-likelihood of each choice; acc_norm '
+            f'divides it by the choice\'s length in characters) on every file loaded dequantised: {esc(what)}. Accuracy in the '
+            "candidates table with its 95% Wilson interval; \u0394: accuracy minus the reference's on the same items, with "
+            "Newcombe's paired 95% interval and McNemar's exact p-value (a paired test resolves smaller differences than two "
+            "overlapping intervals).</p>")
+    return (f'<div class="wide">{table(headers, body, "tasks")}</div>' + note
+            + "".join(f'<p class="note">{esc(n)}</p>' for n in tk.get("notes") or []))
+
+
 def _candidates_html(data: dict) -> str:
     rows = data["candidates"]
     cmp = data.get("comparison", {})
+    task_names = list(((cmp.get("tasks") or {}).get("tasks")) or {})
     headers = ["", "candidate", "kind", "type", "file", "bits/weight", "KL divergence", "perplexity", "top-1 agreement",
-               "decode tokens/s", "prefill tokens/s", "peak memory", "meets target", "Pareto front"]
+               "decode tokens/s", "prefill tokens/s", "peak memory", *[f"{n} acc [95% CI]" for n in task_names],
+               "meets target", "Pareto front"]
     body = []
     for r in rows:
         body.append([
@@ -260,6 +302,7 @@ def _candidates_html(data: dict) -> str:
             _fmt(r.get("bits_per_weight")), _pm(r.get("kl_divergence"), r.get("kl_divergence_err"), 3, kl=True),
             _pm(r.get("perplexity"), r.get("perplexity_err"), 4), _pm(r.get("top1_agreement"), r.get("top1_agreement_err"), pct=True),
             _speed(r.get("decode_tokens_per_s")), _speed(r.get("prefill_tokens_per_s")), _fmt_bytes(r.get("peak_memory_bytes")),
+            *[_acc_ci((r.get("tasks") or {}).get(n)) for n in task_names],
             "yes" if r.get("meets_target") else ("no: " + "; ".join(r.get("misses") or []) or "no"),
             "yes" if r.get("pareto") else "",
         ])
@@ -277,7 +320,7 @@ def _candidates_html(data: dict) -> str:
                  'running the file (interpreter and PyTorch included).')
     note += "</p>"
     notes = "".join(f'<p class="note">{esc(n)}</p>' for n in cmp.get("notes") or [])
-    return f'<div class="wide">{table(headers, body, "candidates")}</div>' + note + notes
+    return f'<div class="wide">{table(headers, body, "candidates")}</div>' + note + notes + _tasks_html(data)
 
 
 def _recommendation_html(data: dict) -> str:

@@ -79,6 +79,8 @@ class CandidatesStageConfig:
     prompt_tokens: int = 256  #: speed: prefill length
     new_tokens: int = 64  #: speed: decode steps
     repeats: int = 10  #: speed: timed rounds per file, all files round-robin in one process (the best is reported, the median kept)
+    tasks: tuple[str, ...] = ()  #: downstream multiple-choice tasks scored on every file (slmkit.eval.downstream.TASKS)
+    task_items: int = 100  #: items per task, evenly spaced through its data set (0: all)
     target: str = ""  #: the target's name in the report (e.g. phone-4gb)
     objective: Literal["quality", "size", "speed"] = "quality"  #: what the recommendation optimises
     max_size: str | None = None  #: largest file, e.g. 120MB
@@ -105,10 +107,14 @@ class CandidatesStageConfig:
         from slmkit.eval.gguf_speed import SpeedConfig
         from slmkit.eval.heldout import ScoreConfig
 
+        from slmkit.eval.downstream import TaskConfig
+
         speed = SpeedConfig(self.prompt_tokens, self.new_tokens, self.repeats, threads, seed) if self.speed else None
+        tasks = TaskConfig(tuple(self.tasks), self.task_items) if self.tasks else None
         return CompareConfig(baselines=self.baselines, imatrix=self.imatrix, calib_samples=self.calib_samples,
                              calib_len=self.calib_len, maker=self.maker,
-                             scorer=self.scorer, score=ScoreConfig(self.context, self.chunks, threads), speed=speed, seed=seed)
+                             scorer=self.scorer, score=ScoreConfig(self.context, self.chunks, threads), speed=speed,
+                             tasks=tasks, seed=seed)
 
     def target_config(self):
         from slmkit.eval.recommend import Target
@@ -281,6 +287,7 @@ def candidates(ctx: Context, cfg: CandidatesStageConfig) -> StageResult:
         "text": result.text, "tokens_scored": result.tokens, "context": cfg.context, "chunks": cfg.chunks,
         "threads": torch.get_num_threads(), "speed": {"prompt_tokens": cfg.prompt_tokens, "new_tokens": cfg.new_tokens,
                                                       "repeats": cfg.repeats} if cfg.speed else None,
+        "tasks": result.tasks,
         "notes": notes,
     }
     return StageResult(metrics=metrics)
