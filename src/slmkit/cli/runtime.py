@@ -39,6 +39,7 @@ def serve(
     max_queue: int = typer.Option(256, "--max-queue", min=1, help="waiting requests before HTTP 429"),
     timeout: float = typer.Option(300.0, "--timeout", min=0.1, help="seconds a request may run"),
     max_body: int = typer.Option(1_000_000, "--max-body-bytes", min=1, help="larger request bodies get HTTP 413"),
+    idle_timeout: float = typer.Option(30.0, "--idle-timeout", min=0.01, help="close a connection that sends no complete request (headers) within this many seconds of opening or of its last response"),
     adapter: list[str] = typer.Option([], "--adapter", help="NAME=DIR: serve a LoRA adapter as model NAME (repeatable)"),
     large: Optional[str] = typer.Option(None, "--large", help="pair MODEL (the small one) with this large MODEL or http(s):// URL"),
     mode: Optional[str] = typer.Option(None, "--mode", help="with --large: speculative | cascade | shield"),
@@ -48,7 +49,7 @@ def serve(
 
     With --large and --mode, serve MODEL paired with a large model (streaming too; each response
     carries "slmkit" metadata: escalated, confidence, acceptance_rate, redacted), under the same
-    --max-body-bytes, --max-queue, --timeout and --api-key (requests run one at a time).
+    --max-body-bytes, --max-queue, --timeout, --idle-timeout and --api-key (requests run one at a time).
     """
     from slmkit.errors import ConfigError
 
@@ -56,16 +57,16 @@ def serve(
         raise ConfigError("--large and --mode go together", "e.g. --large http://host:8000 --mode cascade")
     from slmkit.runtime.servecore import ServerConfig
 
-    cfg = ServerConfig(api_key=api_key, max_body_bytes=max_body, request_timeout_s=timeout, max_queue=max_queue)
+    cfg = ServerConfig(api_key=api_key, max_body_bytes=max_body, request_timeout_s=timeout, max_queue=max_queue,
+                       idle_timeout_s=idle_timeout)
     if large is not None and (adapter or int8 or int4):
         raise ConfigError("--adapter, --int8 and --int4 apply to `slmkit serve MODEL` alone, not to --large/--mode pairs")
-    if large is not None:  # same limits, queue bound, timeout and key as the single-model server
-        import uvicorn
-
+    if large is not None:  # same limits, queue bound, timeouts and key as the single-model server
         from slmkit.collab.serving import build_backend, create_app
+        from slmkit.runtime.servecore import run as run_app
 
         backend = build_backend(model, large, mode, dtype=dtype or "fp32", threshold=threshold, timeout=timeout)
-        uvicorn.run(create_app(backend, name=name, cfg=cfg), host=host, port=port, log_level="warning")
+        run_app(create_app(backend, name=name, cfg=cfg), host, port, cfg)
         return
     from slmkit.backends import HFBackend
     from slmkit.runtime.engine import EngineConfig

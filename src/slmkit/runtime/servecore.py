@@ -23,7 +23,11 @@ Both servers (:mod:`slmkit.runtime.server` over the continuous-batching engine,
   stream that fails mid-way ends with an error event and ``[DONE]`` — a client never waits
   for ever;
 * **the queue** for backends that generate one request at a time (:class:`SerialWorker`):
-  bounded (429 when full), one thread, deadline and cancellation checked between pieces.
+  bounded (429 when full), one thread, deadline and cancellation checked between pieces;
+* **idle connections** (:func:`run`): uvicorn with its h11 protocol plus a header deadline, so
+  a connection that sends no complete request (no bytes at all, or headers trickled in, as a
+  slowloris client does) within ``idle_timeout_s`` of opening or of its previous response is
+  closed (uvicorn alone closes only kept-alive connections, and only until a first byte arrives).
 """
 
 from __future__ import annotations
@@ -83,6 +87,9 @@ class ServerConfig:
     default_max_tokens: int = 16  #: when the request gives none (OpenAI's completions default)
     max_queue: int = 256  #: waiting requests at most where the server owns the queue (collaboration modes)
     grace_s: float = 10.0  #: how long past its deadline a request's worker may take to answer before the HTTP side gives up
+    #: a connection that has not sent a complete request's headers this many seconds after it opened
+    #: (or after its previous response) is closed; also uvicorn's keep-alive timeout
+    idle_timeout_s: float = 30.0
 
     def __post_init__(self):
         for k in ("max_body_bytes", "max_stop", "max_queue"):
@@ -90,10 +97,11 @@ class ServerConfig:
                 from slmkit.errors import ConfigError
 
                 raise ConfigError(f"{k} must be >= 1, got {getattr(self, k)}")
-        if not self.request_timeout_s > 0 or not math.isfinite(self.request_timeout_s):
-            from slmkit.errors import ConfigError
+        for k in ("request_timeout_s", "idle_timeout_s"):
+            if not getattr(self, k) > 0 or not math.isfinite(getattr(self, k)):
+                from slmkit.errors import ConfigError
 
-            raise ConfigError(f"request_timeout_s must be a positive number of seconds, got {self.request_timeout_s}")
+                raise ConfigError(f"{k} must be a positive number of seconds, got {getattr(self, k)}")
 
 
 # --------------------------------------------------------------------------- errors
@@ -473,3 +481,71 @@ class SerialWorker:
                 self.stats["requests_done"] += 1
                 ev = Event("done", text=c.text, finish_reason=c.finish_reason, meta=c.meta, count=max(c.tokens, 0))
         job.emit(ev)
+
+
+# --------------------------------------------------------------------------- idle connections
+
+
+def _header_deadline_protocol():
+    """uvicorn's h11 protocol with a deadline for each request's headers (see :func:`run`)."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderDeadlineH11(H11Protocol):
+        """Closes a connection whose next request's headers are not complete ``idle_timeout_s`` after it
+        opened or after the previous response ended. The deadline is not moved by partial data: bytes
+        trickled in one at a time do not keep a connection open (a slowloris client)."""
+
+        _deadline: asyncio.TimerHandle | None = None
+
+        def _watch(self) -> None:
+            waiting = self.conn.their_state is h11.IDLE and not self.transport.is_closing()
+            if waiting and self._deadline is None:
+                self._deadline = self.loop.call_later(self.config.slmkit_idle_timeout_s, self._expire)
+            elif not waiting and self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def _expire(self) -> None:
+            self._deadline = None
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                log.debug("closing a connection from %s: no complete request within %s s", self.client, self.config.slmkit_idle_timeout_s)
+                self.transport.close()
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._watch()
+
+        def handle_events(self) -> None:
+            super().handle_events()
+            self._watch()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()  # starts the next cycle (client back to IDLE) unless pipelined data is waiting
+            self._watch()
+
+        def connection_lost(self, exc) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+            super().connection_lost(exc)
+
+    return HeaderDeadlineH11
+
+
+def uvicorn_config(app, host: str, port: int, cfg: ServerConfig, **kw):
+    """The uvicorn ``Config`` both servers run under: the h11 protocol with the header deadline, and
+    ``timeout_keep_alive`` = ``cfg.idle_timeout_s``."""
+    import uvicorn
+
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", http=_header_deadline_protocol(),
+                            timeout_keep_alive=cfg.idle_timeout_s, **kw)
+    config.slmkit_idle_timeout_s = cfg.idle_timeout_s
+    return config
+
+
+def run(app, host: str, port: int, cfg: ServerConfig) -> None:
+    """Serve ``app`` on host:port until interrupted (uvicorn, idle connections closed: :func:`uvicorn_config`)."""
+    import uvicorn
+
+    uvicorn.Server(uvicorn_config(app, host, port, cfg)).run()

@@ -298,8 +298,6 @@ def serve(backend, host: str = "127.0.0.1", port: int = 8000, api_key: str | Non
     With ``gguf`` (the file the model was loaded from) the base model runs the file's own quantised
     blocks (:func:`slmkit.runtime.gguffast.build_gguf`); adapters merge into the dequantised weights.
     """
-    import uvicorn
-
     from slmkit.runtime.generate import FastConfig, runner, supports
 
     fast_cfg = fast_cfg or FastConfig()
@@ -313,4 +311,4 @@ def serve(backend, host: str = "127.0.0.1", port: int = 8000, api_key: str | Non
         models.update(adapter_models(backend.model, backend.tokenizer, adapters, fast_cfg, base_name=backend.name))
     engine = Engine(models, backend.tokenizer, engine_cfg or EngineConfig(), default=backend.name)
     cfg = cfg or ServerConfig(api_key=api_key)
-    uvicorn.run(create_app(engine, cfg=cfg), host=host, port=port, log_level="warning")
+    core.run(create_app(engine, cfg=cfg), host, port, cfg)
