@@ -69,7 +69,7 @@ def _fast_backend(model: str, dtype: Optional[str], weights: str, kv: str, kv_bu
     from slmkit.runtime.generate import FastConfig
     from slmkit.runtime.gguffast import file_codes
 
-    gguf = file_codes(model, dtype, weights)  # a quantised FILE.gguf runs its own blocks unless --dtype is given
+    gguf = file_codes(model, dtype, weights)  # a quantised FILE.gguf or packed DIR runs its own codes unless --dtype is given
     cfg = FastConfig(dtype="bf16" if dtype in ("bf16", "bfloat16") else "fp32", weights=weights)
     m, tok = load(model, dtype=dtype or "fp32")
     if kv in ("streaming", "h2o") and kv_budget is None:
@@ -249,7 +249,7 @@ def evaluate(
         from slmkit.runtime.gguffast import build_gguf, file_codes
 
         weights = "int4" if int4 else "int8" if int8 else "native"
-        gguf = file_codes(model, dtype, weights)  # a quantised FILE.gguf runs its own blocks unless --dtype is given
+        gguf = file_codes(model, dtype, weights)  # a quantised FILE.gguf or packed DIR runs its own codes unless --dtype is given
         fcfg = FastConfig(dtype=dtype if dtype in ("fp32", "bf16") else "fp32", weights=weights)
         fm = build_gguf(gguf, fcfg, m) if gguf is not None else build(m, fcfg)
         path_name = f"fast ({'file codes' if gguf is not None else weights if weights != 'native' else dtype or 'fp32'})"

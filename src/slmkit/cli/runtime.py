@@ -75,7 +75,9 @@ def serve(
     from slmkit.runtime.server import serve as run
 
     weights = "int4" if int4 else "int8" if int8 else "native"
-    gguf = file_codes(model, dtype, weights)  # a quantised FILE.gguf serves its own blocks unless --dtype is given
+    # a quantised FILE.gguf or packed quantised DIR serves its own codes unless --dtype is given; other
+    # architectures serve through transformers' forward (require_fast=False)
+    gguf = file_codes(model, dtype, weights, require_fast=False)
     fast = FastConfig(dtype=dtype if dtype in ("fp32", "bf16") else "fp32", weights=weights)
     adapters = _adapters(adapter)
     backend = HFBackend.from_spec(model, dtype=dtype or "fp32")

@@ -549,7 +549,7 @@ def resolve_draft(spec: str, target, target_tok, dtype: str = "fp32", what: str 
 
     ``"lookup"``, ``"int4"``/``"int8"`` (the target's own quantised copy), ``"layers:N"`` (its first N
     blocks), or a MODEL spec, whose tokenizer is compared with the target's before its weights load.
-    A quantised llama FILE.gguf drafts on the fast path with the file's own blocks
+    A quantised llama FILE.gguf or packed quantised DIR drafts on the fast path with its own codes
     (:func:`slmkit.runtime.gguffast.build_gguf`) where slmkit's kernel library runs.
     """
     if spec == "lookup":
@@ -570,7 +570,7 @@ def resolve_draft(spec: str, target, target_tok, dtype: str = "fp32", what: str 
     from slmkit.runtime import generate as G
     from slmkit.runtime.gguffast import build_gguf, file_codes
 
-    path = file_codes(spec, None)  # the draft's numerics never change the output: use the file's blocks when it can
+    path = file_codes(spec, None, require_fast=False)  # the draft's numerics never change the output: its own codes when it can
     if path is not None and G.supports(model):
         return FastDrafter(build_gguf(path, model=model))
     return model

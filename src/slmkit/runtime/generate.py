@@ -654,8 +654,9 @@ def _fused_step(fm: FastModel, segs: Sequence[Segment]) -> list[torch.Tensor]:
         raise RuntimeError(f"fused decode step failed (code {rc})")
     for s in segs:
         s.cache.advance(1)
-    if logits is None:
-        logits = fm.head(rms_norm(x, fm.norm, fm.eps)).float()  # (M, V)
+    if logits is None:  # the head in torch; a dense (bf16) head takes bf16 inputs, as in forward's per-op path
+        h = x.to(fm.dtype) if type(fm.head) is Dense else x
+        logits = fm.head(rms_norm(h, fm.norm, fm.eps)).float()  # (M, V)
     return [logits[i : i + 1] if s.all_logits else logits[i] for i, s in enumerate(segs)]
 
 

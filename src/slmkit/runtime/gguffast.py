@@ -9,6 +9,9 @@ Q6_K; llama.cpp's mixes such as Q4_K_M combine several in one file). F32/F16/BF1
 dense (bf16). llama.cpp stores attn_q/attn_k rows permuted for its rotary layout; whole rows of
 blocks are moved back (rows are independent, so this is lossless). A tied output head multiplies
 with the embedding table's blocks and the embedding lookup dequantises the rows it needs.
+
+A slmkit packed quantised directory (GPTQ/AWQ/RTN codes, QAT codes) runs its own codes the same way
+(:mod:`slmkit.runtime.packedfast`); :func:`build_gguf` and :func:`file_codes` take either.
 """
 
 from __future__ import annotations
@@ -19,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from slmkit.errors import ConfigError, UnsupportedModelError
+from slmkit.errors import ConfigError, CorruptModelError, UnsupportedModelError
 from slmkit.runtime import ggmlkernel, q4kernel
-from slmkit.runtime.generate import Dense, FastConfig, FastModel, GGUFQ, build
+from slmkit.runtime.generate import SUPPORTED, Dense, FastConfig, FastModel, GGUFQ, build
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +63,16 @@ def build_gguf(path: str | Path, cfg: FastConfig = FastConfig(), model=None) -> 
     :class:`~slmkit.errors.UnsupportedModelError` naming the tensor when one is quantised in a
     format the kernels do not read, and :class:`~slmkit.errors.ConfigError` when the kernel
     library is unavailable or ``cfg`` asks for re-quantisation or torch.compile.
+
+    ``path`` may also be a packed quantised directory: its own codes run
+    (:func:`slmkit.runtime.packedfast.build_packed`; weights whose grid has no kernel run dequantised,
+    with a warning).
     """
     import gguf
 
     path = Path(path)
     if cfg.weights in ("int4", "int8"):
-        raise ConfigError(f"weights={cfg.weights!r} re-quantises; a GGUF file's own blocks run as they are (weights='gguf')")
+        raise ConfigError(f"weights={cfg.weights!r} re-quantises; a quantised file's own codes run as they are (weights='gguf')")
     if cfg.compile:
         raise ConfigError("compile=True cannot trace slmkit's GGUF kernel (a ctypes call)")
     if q4kernel.load() is None:
@@ -75,6 +82,10 @@ def build_gguf(path: str | Path, cfg: FastConfig = FastConfig(), model=None) -> 
         from slmkit.models import load
 
         model, _ = load(str(path))
+    if path.is_dir():
+        from slmkit.runtime.packedfast import build_packed
+
+        return build_packed(path, cfg, model)
     from slmkit.export.gguf import gguf_name
 
     c = model.config
@@ -124,22 +135,50 @@ def build_gguf(path: str | Path, cfg: FastConfig = FastConfig(), model=None) -> 
     return fm
 
 
-def file_codes(spec: str, dtype: str | None, weights: str = "native") -> Path | None:
-    """The GGUF file whose own blocks ``--fast`` should run for ``spec``, or None (the dequantised model).
+def file_codes(spec: str, dtype: str | None, weights: str = "native", require_fast: bool = True) -> Path | None:
+    """The GGUF file or packed quantised directory whose own codes ``--fast`` should run for ``spec``, or None
+    (the dequantised model).
 
-    The CLI's rule: a spec naming a quantised GGUF file, with no ``--dtype`` given, runs the file's
-    blocks; an explicit ``--dtype fp32``/``bf16`` runs the dequantised weights as before (and
-    ``--int4``/``--int8`` then re-quantise those). ``--int4``/``--int8`` without ``--dtype`` on such
-    a file is a :class:`~slmkit.errors.ConfigError`: they would round the file's codes a second time.
-    Where the kernel library is unavailable the dequantised weights run (with a warning).
+    The CLI's rule: a spec naming a quantised GGUF file or a slmkit packed quantised directory
+    (``slmkit quantize``, ``slmkit distill --qat``), with no ``--dtype`` given, runs its own codes; an
+    explicit ``--dtype fp32``/``bf16`` runs the dequantised weights as before (and ``--int4``/``--int8``
+    then re-quantise those). ``--int4``/``--int8`` without ``--dtype`` on such a spec is a
+    :class:`~slmkit.errors.ConfigError`: they would round the file's (calibrated) codes a second time.
+
+    Checked before any weight loads, so bad input fails fast with one line: a truncated or corrupt
+    GGUF file (:class:`~slmkit.errors.CorruptModelError` naming it); a GGUF file or packed directory
+    whose architecture the fast path does not run (:class:`~slmkit.errors.UnsupportedModelError`
+    naming it; with ``require_fast=False``, as ``serve`` and ``--draft`` call it, None: the model runs
+    through transformers there); a quantised GGUF tensor in a type the kernels do not read
+    (UnsupportedModelError naming the types). A packed directory none of whose weights has a kernel
+    returns None with a warning (its dequantised codes run, as before). Where the kernel library is
+    unavailable the dequantised weights run (with a warning).
     """
-    from slmkit.models.load import resolve
+    from slmkit.compress.qstore import is_quantized_dir
+    from slmkit.models.load import check_gguf, resolve
 
     src = resolve(spec)
-    if src.kind != "gguf" or dtype is not None:
+    if src.kind == "dir" and is_quantized_dir(src.path):
+        return _packed_codes(Path(src.path), dtype, weights, require_fast)
+    if src.kind != "gguf":
         return None
     path = Path(src.path) / src.gguf_file
-    if not is_quantised(path):
+    check_gguf(path)  # a truncated file: one line naming it
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    arch = reader.fields["general.architecture"].contents() if "general.architecture" in reader.fields else None
+    if arch not in SUPPORTED:
+        if not require_fast:
+            return None
+        raise UnsupportedModelError(
+            f"{path.name}: general.architecture is {arch!r}; slmkit's fast path runs {', '.join(SUPPORTED)} models only",
+            "run without --fast (transformers' forward)",
+        )
+    if dtype is not None:
+        return None
+    quantised = [t for t in reader.tensors if int(t.tensor_type) not in DENSE_TYPES]
+    if not quantised:
         return None
     if weights != "native":
         raise ConfigError(
@@ -148,5 +187,52 @@ def file_codes(spec: str, dtype: str | None, weights: str = "native") -> Path | 
         )
     if q4kernel.load() is None:
         log.warning("slmkit's kernel library is unavailable (%s): %s runs dequantised", q4kernel.why_unavailable(), path.name)
+        return None
+    missing: dict[str, str] = {}  # type -> first tensor
+    for t in quantised:
+        if int(t.tensor_type) not in ggmlkernel.TYPES:
+            missing.setdefault(_type_name(int(t.tensor_type)), t.name)
+    if missing:
+        supported = ", ".join(v[0] for v in ggmlkernel.TYPES.values())
+        first = next(iter(missing.items()))
+        raise UnsupportedModelError(
+            f"{path.name} holds {' and '.join(missing)} tensors (e.g. {first[1]} is {first[0]}), which slmkit's "
+            f"GGUF kernels do not read (they read {supported})",
+            "run with --dtype fp32 (or bf16) to use the dequantised weights",
+        )
+    return path
+
+
+def _packed_codes(path: Path, dtype: str | None, weights: str, require_fast: bool) -> Path | None:
+    """:func:`file_codes` for a packed quantised directory."""
+    import json
+
+    from slmkit.runtime.packedfast import plan
+
+    try:
+        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError) as err:
+        raise CorruptModelError(f"{path / 'config.json'} is not valid JSON ({err})") from None
+    if model_type not in SUPPORTED:
+        if not require_fast:
+            return None
+        raise UnsupportedModelError(
+            f"{path.name}: a {model_type!r} model; slmkit's fast path runs {', '.join(SUPPORTED)} models only",
+            "run without --fast (transformers' forward)",
+        )
+    if dtype is not None:
+        return None
+    if weights != "native":
+        raise ConfigError(
+            f"--{weights} would round {path.name}'s quantised codes a second time; --fast runs the directory's own codes without it",
+            f"drop --{weights}, or add --dtype fp32 to re-round the dequantised codes on purpose",
+        )
+    if q4kernel.load() is None:
+        log.warning("slmkit's kernel library is unavailable (%s): %s runs its dequantised codes", q4kernel.why_unavailable(), path.name)
+        return None
+    kinds = plan(path)
+    if kinds and all(t is None for t, _ in kinds.values()):
+        name, (_, why) = next(iter(kinds.items()))
+        log.warning("%s: no quantised weight has a kernel (e.g. %s: %s): the dequantised codes run", path.name, name, why)
         return None
     return path
