@@ -157,6 +157,29 @@ def test_generate_fast_on_a_packed_dir_runs_its_codes(gptq_kquant, capsys):
     assert "second time" in err and gptq_kquant.name in err and "--dtype fp32" in err
 
 
+def test_qat_codes_saved_beside_the_weights_run_as_they_are(tiny_tok, tmp_path, capsys):
+    """``slmkit distill --qat Q4_0``'s output (weights + the packed codes training ended on) runs those codes."""
+    from slmkit.cli import main
+    from slmkit.compress.qgrid import encode_gguf_blocks
+    from slmkit.compress.qstore import PACKED, read_packed
+    from slmkit.models.tiny import tiny_corpus
+    from slmkit.train.data import DataConfig
+    from slmkit.train.distill import DistillConfig, distill
+    from slmkit.train.losses import LossConfig
+
+    data = tmp_path / "t.txt"
+    data.write_text("\n".join(tiny_corpus(40, seed=4)))
+    cfg = DistillConfig(loss=LossConfig("fkl"), data=DataConfig(block_size=24), max_steps=2, batch_size=2,
+                        learning_rate=1e-3, save_steps=2, qat="Q4_0")
+    distill(_tiny(tiny_tok, hidden=128), tiny_tok, data, tmp_path / "qat", cfg, teacher=_tiny(tiny_tok, hidden=128))
+    fm, _, _ = _fast(tmp_path / "qat")
+    _, codes, _, _ = read_packed(tmp_path / "qat" / PACKED)
+    for name, m in _held(fm).items():
+        assert isinstance(m, G.GGUFQ) and np.array_equal(m.q.numpy(), encode_gguf_blocks(codes[name])), name
+    assert main(["generate", str(tmp_path / "qat"), "The cat", "--fast", "--raw", "--max-new-tokens", "4", "--json"]) == 0
+    assert 1 <= json.loads(capsys.readouterr().out)["tokens"] <= 4
+
+
 def test_the_cli_rule_for_packed_dirs(gptq_kquant):
     from slmkit.errors import ConfigError
     from slmkit.runtime.gguffast import file_codes
