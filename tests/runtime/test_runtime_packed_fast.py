@@ -239,6 +239,23 @@ def test_grids_without_a_kernel_run_dequantised_and_say_so(tiny_tok, tmp_path, c
     assert dense and isinstance(fm.head, G.GGUFQ) and fm.head.qtype == int(gguf.GGMLQuantizationType.Q6_K)
     for n in dense:  # the dequantised codes, not re-rounded
         assert torch.equal(held[n].w, dict(model.named_parameters())[n].detach().to(torch.bfloat16)), n
+    _follows_transformers(fm, model, tok)
+
+
+def test_an_awq_dir_runs_its_codes_and_follows_transformers(tiny_tok, tmp_path):
+    """AWQ (asymmetric 4-bit, groups of 64; its scales folded into the norms): Q4_1 blocks, the fused step, and
+    the same next-token distributions as transformers on the directory's dequantised codes."""
+    from slmkit.compress.qgrid import Grid
+
+    path = _write(_tiny(tiny_tok, hidden=128), tiny_tok, tmp_path / "awq", "awq", Grid(4, 64, False))
+    fm, model, tok = _fast(path)
+    assert all(isinstance(m, G.GGUFQ) and m.qtype == int(gguf.GGMLQuantizationType.Q4_1) for m in _held(fm).values())
+    assert fm.fused is not None
+    _follows_transformers(fm, model, tok)
+
+
+def _follows_transformers(fm, model, tok) -> None:
+    """Teacher-forced on transformers' greedy text (16 tokens of each prompt): KL(ref || fast) max 0.05, mean 0.01."""
     for prompt in PROMPTS:
         ids = tok(prompt, return_tensors="pt").input_ids[0]
         seq = model.generate(ids[None], max_new_tokens=16, do_sample=False)[0]
