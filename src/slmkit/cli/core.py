@@ -12,8 +12,8 @@ import typer
 from slmkit.cli._common import console, human_bytes, human_count, kv_table, print_json
 
 DTYPE_HELP = "weights dtype: fp32 or bf16 (default fp32)"
-FAST_DTYPE_HELP = ("weights dtype: fp32 or bf16 (default fp32; with --fast on a quantised FILE.gguf the default runs "
-                   "the file's own blocks, and an explicit --dtype runs its dequantised weights)")
+FAST_DTYPE_HELP = ("weights dtype: fp32 or bf16 (default fp32; with --fast on a quantised FILE.gguf or a `slmkit quantize` "
+                   "DIR the default runs its own codes, and an explicit --dtype runs its dequantised weights)")
 
 
 def register(app: typer.Typer) -> None:
@@ -110,7 +110,7 @@ def generate(
     chat: Optional[bool] = typer.Option(None, "--chat/--raw", help="wrap the prompt in the chat template (default: when the model has one)"),
     json_out: bool = typer.Option(False, "--json"),
     fast: bool = typer.Option(False, "--fast", help="the fast CPU path (static KV cache; llama models)"),
-    int8: bool = typer.Option(False, "--int8", help="with --fast: int8 weight-only matmuls (a quantised FILE.gguf: only with an explicit --dtype)"),
+    int8: bool = typer.Option(False, "--int8", help="with --fast: int8 weight-only matmuls (a quantised FILE.gguf or DIR: only with an explicit --dtype)"),
     int4: bool = typer.Option(False, "--int4", help="with --fast: int4 weight-only matmuls (groups of 32; slmkit's q4 kernel and fused decode step on AVX512-VNNI CPUs, else torch's kernel; a quantised FILE.gguf: only with an explicit --dtype)"),
     kv: str = typer.Option("full", "--kv", help="with --fast: KV policy full|int8|int4|streaming|h2o"),
     kv_budget: Optional[int] = typer.Option(None, "--kv-budget", help="with --fast: tokens kept by streaming/h2o"),
@@ -149,7 +149,7 @@ def chat(
     dtype: Optional[str] = typer.Option(None, "--dtype", help=FAST_DTYPE_HELP),
     system: Optional[str] = typer.Option(None, "--system", help="system prompt"),
     fast: bool = typer.Option(False, "--fast", help="the fast CPU path (static KV cache; llama models)"),
-    int8: bool = typer.Option(False, "--int8", help="with --fast: int8 weight-only matmuls (a quantised FILE.gguf: only with an explicit --dtype)"),
+    int8: bool = typer.Option(False, "--int8", help="with --fast: int8 weight-only matmuls (a quantised FILE.gguf or DIR: only with an explicit --dtype)"),
     int4: bool = typer.Option(False, "--int4", help="with --fast: int4 weight-only matmuls (groups of 32; slmkit's q4 kernel and fused decode step on AVX512-VNNI CPUs, else torch's kernel; a quantised FILE.gguf: only with an explicit --dtype)"),
     kv: str = typer.Option("full", "--kv", help="with --fast: KV policy full|int8|int4|streaming|h2o"),
     kv_budget: Optional[int] = typer.Option(None, "--kv-budget", help="with --fast: tokens kept by streaming/h2o"),
@@ -222,7 +222,7 @@ def evaluate(
     stride: Optional[int] = typer.Option(None, "--stride", help="tokens between windows (default: context)"),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="score only the first N tokens"),
     efficiency: bool = typer.Option(False, "--efficiency", help="measure load time, memory, prefill/decode speed"),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help=DTYPE_HELP + " (default fp32; with --fast on a quantised FILE.gguf, unset = the file's own codes)"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help=DTYPE_HELP + " (default fp32; with --fast on a quantised FILE.gguf or DIR, unset = its own codes)"),
     fast: bool = typer.Option(False, "--fast", help="measure slmkit's fast path (what generate/serve --fast run), not the transformers loop"),
     int8: bool = typer.Option(False, "--int8", help="with --fast: int8 weights"),
     int4: bool = typer.Option(False, "--int4", help="with --fast: int4 weights (slmkit's q4 kernel)"),
