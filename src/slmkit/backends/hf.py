@@ -125,14 +125,14 @@ class HFBackend:
         )
         sampler = None
         procs = []
-        if params.constraint is not None:  # first: temperature and top-p then see only admitted tokens
-            procs.append(_Constrained(self._token_masks(params.constraint, B), self._eos_ids(), L + params.max_new_tokens))
-        if params.temperature > 0 and (params.seed is not None or params.seeds is not None or procs):
+        if params.temperature > 0 and (params.seed is not None or params.seeds is not None or params.constraint is not None):
             seeds = [params.seed_for(offset + i) if params.seed is not None or params.seeds is not None
                      else int(torch.randint(0, 2**62, (1,))) for i in range(B)]
             sampler = _SeededSampling(params.temperature, params.top_p, seeds, params.logprobs)
             procs.append(sampler)
-        elif params.temperature > 0:
+        if params.constraint is not None:  # masks first, then sampling (temperature and top-p see admitted tokens only)
+            procs = [_Constrained(self._token_masks(params.constraint, B), self._eos_ids(), L + params.max_new_tokens, sampler)]
+        elif params.temperature > 0 and sampler is None:
             kw.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0)
         if procs:
             kw.update(logits_processor=LogitsProcessorList(procs))
@@ -317,8 +317,9 @@ class _Constrained(LogitsProcessor):
     prompt); a row that ended (EOS) or whose grammar is complete is left alone (transformers pads it).
     """
 
-    def __init__(self, masks: list, eos: set[int], end: int):
+    def __init__(self, masks: list, eos: set[int], end: int, sampler: _SeededSampling | None = None):
         self.masks, self.eos, self.end = masks, eos, end  # end: the padded prompt length + max_new_tokens
+        self.sampler = sampler  # samples after masking (else greedy); a pick is vetted by its mask (close-out)
         self.started = False
         self.ended = [False] * len(masks)
 
@@ -334,6 +335,15 @@ class _Constrained(LogitsProcessor):
                 m.accept(last)  # a complete grammar then admits EOS alone
             m.apply(scores[i], self.end - input_ids.shape[1])
         self.started = True
+        if self.sampler is not None:
+            scores = self.sampler(input_ids, scores)  # (B, V): 0 at the sampled token, -inf elsewhere
+        picks = scores.argmax(-1).tolist()
+        for i, m in enumerate(self.masks):
+            if not self.ended[i]:
+                t = m.vet(picks[i], self.end - input_ids.shape[1])
+                if t != picks[i]:
+                    scores[i] = -math.inf
+                    scores[i, t] = 0.0
         return scores
 
 

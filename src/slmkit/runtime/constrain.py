@@ -164,6 +164,8 @@ class TokenMask:
         self._chars = [t[0] for t in (lltok.tokenize_str(ch) for ch in CLOSE_CHARS) if len(t) == 1]
         self._pending: Future | None = None
         self._ready = False
+        self._done = self.matcher.is_stopped()
+        self._plan: list[int] | None = None  # the close-out planned by the last apply (within the window)
         self._schedule()
 
     # ------------------------------------------------------------------ the mask
@@ -198,14 +200,15 @@ class TokenMask:
 
         ``left``: tokens the sequence may still generate, this one included. Within :data:`CLOSE_WINDOW`
         of the end a close-out is planned at each step (:meth:`plan_close`); once it needs every token
-        left, its tokens are forced (then EOS), so the output is complete within the budget whenever a
-        completion of that length exists (a model free to the end would be cut mid-value).
+        left, its tokens are forced (then EOS), and :meth:`vet` swaps a sampled token after which no
+        close-out would fit for the plan's first one. So the output is complete within the budget
+        whenever a completion of that length exists (a model free to the end would be cut mid-value).
         """
         ok = self.allowed()
-        if not self.matcher.is_accepting() and int(ok.sum()) == int(ok[self.eos].sum()):  # only EOS (or nothing) left
-            raise ConstraintError(self._dead_end())
+        self._check(ok)
+        self._plan = None
         if self.close and left is not None and not self.forced and not self.closing and left <= CLOSE_WINDOW:
-            plan = self.plan_close(left - 1)  # one token kept for EOS
+            plan = self._plan = self.plan_close(left - 1)  # one token kept for EOS
             if plan is not None and len(plan) + 1 >= left:
                 self.forced, self.closing = plan, True
         if self.forced or self.closing:
@@ -216,6 +219,27 @@ class TokenMask:
         if V > len(ok):
             logits[..., len(ok):] = float("-inf")
         return logits.masked_fill_(~ok[:V], float("-inf"))
+
+    def vet(self, token: int, left: int) -> int:
+        """The token to take instead of the sampled ``token`` (``left`` as given to :meth:`apply`): ``token``
+        itself unless the output could no longer be closed within the budget after it; then the first
+        token of the close-out planned in :meth:`apply`."""
+        if not self._plan or self.forced or self.closing:
+            return token
+        m = self.matcher
+        if m.try_consume_tokens([int(token)]) != 1:
+            return token
+        fits = self.plan_close(left - 2) is not None  # after it: left - 1 tokens, one of them for EOS
+        m.rollback(1)
+        return token if fits else self._plan[0]
+
+    def _check(self, ok: torch.Tensor) -> None:
+        if not self.matcher.is_accepting() and int(ok.sum()) == int(ok[self.eos].sum()):  # only EOS (or nothing) left
+            raise ConstraintError(self._dead_end())
+
+    def check(self) -> None:
+        """Raise :class:`ConstraintError` now if the grammar admits nothing from here (e.g. an empty language)."""
+        self._check(self.allowed())
 
     def _dead_end(self) -> str:
         if self.tokens == 0:
@@ -235,7 +259,8 @@ class TokenMask:
             raise ConstraintError(f"{self.c.name}: token {token} is not allowed here ({_first(self.matcher.get_error())})")
         self.tokens += 1
         self._ready = False
-        if not self.done:
+        self._done = self.matcher.is_stopped()  # read before the worker borrows the matcher
+        if not self._done:
             self._schedule()
 
     def plan_close(self, limit: int) -> list[int] | None:
@@ -270,9 +295,10 @@ class TokenMask:
     @property
     def done(self) -> bool:
         """The output is complete: nothing but end-of-sequence may follow."""
-        return self.matcher.is_stopped()
+        return self._done
 
     @property
     def complete(self) -> bool:
         """The output so far is a whole sentence of the language (it may go on, or end here)."""
+        self._wait()
         return self.matcher.is_accepting()

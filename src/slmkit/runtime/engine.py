@@ -75,6 +75,7 @@ class Request:
     kv_budget: int | None = None
     model: str | None = None  # key into Engine.models (None: the default)
     deadline: float = float("inf")  # time.monotonic() after which the request ends with "timeout"
+    mask: object = None  # a slmkit.runtime.constrain.TokenMask (Engine.token_mask): the output follows its grammar
     # worker state
     cancelled: bool = False
     finished: bool = False
@@ -129,12 +130,36 @@ class Engine:
         self._active: list[Request] = []
         self._stop = threading.Event()
         release_pool()  # this thread's idle OpenMP pool would slow every step of the engine thread (runtime/omp.py)
+        self._lltoks: dict[int, object] = {}  # llguidance tokenizers by vocabulary size (constrained requests)
+        self._mask_pool = None
+        self._mask_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="slmkit-engine", daemon=True)
         self.stats = {"steps": 0, "tokens_generated": 0, "prompt_tokens": 0, "requests_done": 0,
                       "requests_cancelled": 0, "requests_timed_out": 0, "errors": 0}
         self._thread.start()
 
     # ------------------------------------------------------------------ API
+
+    def token_mask(self, constraint, model: str | None = None):
+        """A checked :class:`~slmkit.runtime.constrain.TokenMask` for one request to ``model`` (thread-safe).
+
+        Raises ``ConstraintError`` for a grammar that does not compile or admits no output. llguidance's
+        tokenizer is built once per vocabulary size; one worker thread computes every request's next
+        mask while the batch runs its forward pass.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        from slmkit.runtime.constrain import TokenMask, llg_tokenizer
+
+        fm = self.models[model or self.default]
+        with self._mask_lock:
+            if fm.vocab not in self._lltoks:
+                self._lltoks[fm.vocab] = llg_tokenizer(self.tok, fm.vocab, fm.eos)
+            if self._mask_pool is None:
+                self._mask_pool = ThreadPoolExecutor(1, thread_name_prefix="slmkit-mask")
+        mask = TokenMask(self._lltoks[fm.vocab], constraint, self._mask_pool)
+        mask.check()
+        return mask
 
     def context_of(self, model: str | None) -> int:
         fm = self.models[model or self.default]
@@ -228,6 +253,10 @@ class Engine:
             for r, seg, lg in zip(reqs, segs, logits):
                 try:  # sampling or detokenising one request fails that request alone
                     self._after(r, seg, lg)
+                except ConfigError as err:  # its grammar reached a dead end (slmkit.runtime.constrain)
+                    r.finished = True
+                    r.cache = None
+                    r.emit(Event("error", text=str(err).splitlines()[0], finish_reason="invalid"))
                 except Exception:
                     log.exception("finishing a step of one request failed")
                     self.stats["errors"] += 1
@@ -252,8 +281,12 @@ class Engine:
             if r.max_new_tokens == 0:
                 self._finish(r, "length")
                 return
+        if r.mask is not None:
+            lg = r.mask.apply(lg.float().clone(), r.max_new_tokens - len(r.out))  # logits are inference tensors: no in-place update
         lp = torch.log_softmax(lg.float(), -1)
         tok = sample(lg, r.temperature, r.top_p, r.gen)
+        if r.mask is not None:
+            tok = r.mask.vet(tok, r.max_new_tokens - len(r.out))
         r.out.append(tok)
         self.stats["tokens_generated"] += 1
         if tok in fm.eos:
@@ -268,8 +301,12 @@ class Engine:
             for x, t in zip(v.tolist(), i.tolist()):
                 alts.setdefault(self.tok.decode([t]), x)  # ids that decode alike keep the larger log-prob
             r.pending_top.append(alts)
-        hit = self._flush(r, final=len(r.out) >= r.max_new_tokens)
-        if hit:
+        done = False  # the grammar is complete: end here (nothing but EOS could follow)
+        if r.mask is not None and len(r.out) < r.max_new_tokens:
+            r.mask.accept(tok)  # the next mask is computed on the engine's mask thread during the next step
+            done = r.mask.done
+        hit = self._flush(r, final=len(r.out) >= r.max_new_tokens or done)
+        if hit or done:
             self._finish(r, "stop")
         elif len(r.out) >= r.max_new_tokens:
             self._finish(r, "length")

@@ -720,6 +720,8 @@ def stream(
         if mask is not None:
             mask.apply(logits, max_new_tokens - i)
         tok = sample(logits, temperature, top_p, gen)
+        if mask is not None:
+            tok = mask.vet(tok, max_new_tokens - i)
         yield Step(tok, float(torch.log_softmax(logits, -1)[tok]))
         if tok in fm.eos or i == max_new_tokens - 1:
             return

@@ -43,10 +43,9 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
-from slmkit.backends.hf import render_prompt
 from slmkit.errors import ConfigError, SlmkitError
 from slmkit.runtime import servecore as core
-from slmkit.runtime import sse
+from slmkit.runtime import sse, tools
 from slmkit.runtime.engine import Engine, EngineConfig, Event
 from slmkit.runtime.engine import Request as Job
 from slmkit.runtime.kvcache import KV_POLICIES
@@ -96,7 +95,7 @@ def create_app(backend_or_engine, model_name: str | None = None, api_key: str | 
     def models() -> dict:
         return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "slmkit"} for n in engine.models]}
 
-    def _job(body: dict, s: core.Sampling, ids: list[int], emit, echo: bool = False, top: int = 0) -> Job:
+    def _job(body: dict, s: core.Sampling, ids: list[int], emit, echo: bool = False, top: int = 0, mask=None) -> Job:
         model = s.model or engine.default
         ctx = engine.context_of(model)
         mt = core.budget(s, len(ids), ctx, cfg, "messages" if "messages" in body else "prompt")
@@ -117,8 +116,17 @@ def create_app(backend_or_engine, model_name: str | None = None, api_key: str | 
             ids=torch.tensor(ids, dtype=torch.long), max_new_tokens=mt, emit=emit,
             temperature=s.temperature, top_p=s.top_p, seed=s.seed, stop=s.stop,
             top_logprobs=top, echo_logprobs=echo, kv_policy=kv, kv_budget=budget, model=model,
-            deadline=time.monotonic() + cfg.request_timeout_s,
+            deadline=time.monotonic() + cfg.request_timeout_s, mask=mask,
         )
+
+    def _mask(st: tools.Structured, model: str | None):
+        """The request's token mask (None: free text); an unusable schema or grammar is a 400 naming its field."""
+        if st.constraint is None:
+            return None
+        try:
+            return engine.token_mask(st.constraint, model or engine.default)
+        except SlmkitError as err:
+            raise ApiError(400, str(err).splitlines()[0], st.param) from None
 
     def _submit(job: Job) -> float:
         """Queue ``job``; the time the HTTP side waits for it at most."""
@@ -150,7 +158,8 @@ def create_app(backend_or_engine, model_name: str | None = None, api_key: str | 
             pid = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
             ids = [pid if pid is not None else 0]
         ch = core.Channel()
-        job = _job(body, s, ids, ch.emit, echo=echo and want_lp, top=top)
+        rf, param = tools.response_format_of(body)
+        job = _job(body, s, ids, ch.emit, echo=echo and want_lp, top=top, mask=_mask(tools.Structured(rf, param), s.model))
         wait_until = _submit(job)
         cid, created = f"cmpl-{uuid.uuid4().hex[:12]}", int(time.time())
 
@@ -214,9 +223,10 @@ def create_app(backend_or_engine, model_name: str | None = None, api_key: str | 
     async def chat(request: Request):
         body = await core.read_json(request, cfg)
         s = core.sampling(body, cfg, engine.models, ("max_completion_tokens", "max_tokens"))
-        messages = core.messages_of(body)
+        st = tools.structured_of(body)
+        messages = tools.chat_messages(body)
         try:
-            rendered = render_prompt(tok, messages)
+            rendered = tools.render(tok, messages, st.prompt_tools)
         except SlmkitError as err:
             raise ApiError(400, str(err).splitlines()[0], "messages") from None
         except Exception as err:  # a template that rejects these roles or their order
@@ -226,9 +236,11 @@ def create_app(backend_or_engine, model_name: str | None = None, api_key: str | 
         want_lp = core.flag(body, "logprobs")
         top = core.integer(body, "top_logprobs", 0, 0, 20) if want_lp else 0
         ch = core.Channel()
-        job = _job(body, s, ids, ch.emit, top=top)
+        job = _job(body, s, ids, ch.emit, top=top, mask=_mask(st, s.model))
         wait_until = _submit(job)
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:12]}", int(time.time())
+        if st.calls:
+            return await _tool_answer(request, s, st, ch, job, wait_until, cid, created, len(ids))
 
         def content_lp(ev: Event) -> dict | None:
             if not want_lp or not ev.tokens:
@@ -260,6 +272,51 @@ def create_app(backend_or_engine, model_name: str | None = None, api_key: str | 
             "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(e.text for e in deltas)},
                          "finish_reason": end.finish_reason, "logprobs": content_lp(_merged(deltas))}],
             "usage": {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n},
+        })
+
+    async def _tool_answer(request, s, st, ch, job, wait_until, cid: str, created: int, n_prompt: int):
+        """A chat answer that may hold tool calls: OpenAI's ``tool_calls`` (streamed as deltas), finish ``tool_calls``."""
+        calls = tools.CallStream()
+        if s.stream:
+            state = {"first": True}
+
+            def chunk(ev: Event, first: bool) -> dict | None:
+                deltas = calls.feed(ev.text)
+                if not deltas:
+                    return None
+                merged: dict = {}
+                for d in deltas:  # one chunk per engine event: content pieces joined, call deltas listed
+                    if "content" in d:
+                        merged["content"] = merged.get("content", "") + d["content"]
+                    else:
+                        merged.setdefault("tool_calls", []).extend(d["tool_calls"])
+                c = tools.delta_chunk(cid, created, job.model, merged, state["first"])
+                state["first"] = False
+                return c
+
+            def finish(ev: Event, first: bool) -> list[dict]:
+                out = [tools.delta_chunk(cid, created, job.model, d, state["first"]) for d in calls.finish()]
+                msg = calls.message()
+                reason = "tool_calls" if msg.get("tool_calls") and ev.finish_reason == "stop" else ev.finish_reason
+                out.append(tools.delta_chunk(cid, created, job.model, {}, state["first"] and not out, reason))
+                if s.include_usage:
+                    out.append(sse.usage_chunk(tools.delta_chunk(cid, created, job.model, {}, False), n_prompt, len(ev.tokens)))
+                return out
+
+            return core.stream_response(ch, job, wait_until, stats, chunk, finish)
+        events = await core.collect(request, ch, job, wait_until)
+        end = core.finished(events)
+        for e in events:
+            if e.kind == "delta":
+                calls.feed(e.text)
+        calls.finish()
+        msg = calls.message()
+        reason = "tool_calls" if msg.get("tool_calls") and end.finish_reason == "stop" else end.finish_reason
+        n = len(end.tokens)
+        return JSONResponse({
+            "id": cid, "object": "chat.completion", "created": created, "model": job.model,
+            "choices": [{"index": 0, "message": msg, "finish_reason": reason, "logprobs": None}],
+            "usage": {"prompt_tokens": n_prompt, "completion_tokens": n, "total_tokens": n_prompt + n},
         })
 
     return app
