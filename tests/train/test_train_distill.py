@@ -127,8 +127,9 @@ def test_train_distill_run_directory_errors(tiny_tok, teacher, text_file, tmp_pa
     with pytest.raises(ConfigError, match="holds a different run.*config"):
         distill(_student(tiny_tok), tiny_tok, text_file, tmp_path / "a", _cfg(max_steps=2, loss=LossConfig("rkl")),
                 teacher=teacher, resume=True)
-    with pytest.raises(ConfigError, match="nothing to resume"):
-        distill(_student(tiny_tok), tiny_tok, text_file, tmp_path / "b", cfg, teacher=teacher, resume=True)
+    # --resume where no run was written yet (killed before its run.json) starts one
+    res = distill(_student(tiny_tok), tiny_tok, text_file, tmp_path / "b", cfg, teacher=teacher, resume=True)
+    assert res.resumed_from is None and res.steps == 2 and (tmp_path / "b" / "slmkit.json").is_file()
 
 
 def test_train_distill_tokenizer_mismatch_is_clear(tiny_tok):

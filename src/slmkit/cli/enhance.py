@@ -26,8 +26,10 @@ def register(app: typer.Typer) -> None:
 
 def _quiet_libraries() -> None:
     from datasets.utils.logging import disable_progress_bar
+    from transformers.utils import logging as hf_logging
 
     disable_progress_bar()
+    hf_logging.disable_progress_bar()  # "Loading weights" bars on stderr would bury a two-line error
 
 
 def _lora(lora: bool, r: int, alpha: Optional[float]):

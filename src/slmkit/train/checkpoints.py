@@ -15,15 +15,26 @@ when:
   ``save_only_model``: a resume needs them).
 
 Incomplete ones are logged and removed, so the Trainer can write that step again cleanly.
+
+A run directory also carries the run's identity (``run.json``: the model, the data and the
+settings that must not change within a run): :func:`prepare_run` writes it when a run starts and,
+on ``--resume``, refuses (:class:`~slmkit.errors.ConfigError`, exit 2) to continue another run's
+checkpoints. Distillation keeps it in its output directory, SFT and preference training in
+``OUTPUT.checkpoints``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import math
 import shutil
 import struct
 from pathlib import Path
+
+from slmkit.artefact import atomic_file
+from slmkit.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +43,7 @@ WEIGHTS = ("model.safetensors", "adapter_model.safetensors")
 BIN_WEIGHTS = ("pytorch_model.bin", "adapter_model.bin")
 INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 OPTIMIZER = ("optimizer.pt", "scheduler.pt")
+RUN_FILE = "run.json"
 
 
 def checkpoint_step(path: Path) -> int | None:
@@ -136,3 +148,160 @@ def last_complete_checkpoint(directory: str | Path, remove: bool = True) -> Path
         if remove:
             shutil.rmtree(p, ignore_errors=True)
     return best
+
+
+# ---------------------------------------------------------------------------- run identity
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def rows_sha256(rows) -> str:
+    """sha256 of JSON-able training rows (conversations, preference pairs) in order."""
+    return hashlib.sha256(json.dumps(rows, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def weights_sha256(model) -> str:
+    """sha256 over every parameter and buffer of ``model`` (names, dtypes, shapes and bytes)."""
+    import torch
+
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def logging_steps(logging: int, save: int, max_steps: int) -> int:
+    """The Trainer's logging interval, shortened to divide the save interval and the step budget.
+
+    The Trainer logs the mean loss of the steps since its last log and forgets the steps after
+    it when a run stops; a checkpoint taken between two logs therefore made a resumed run log
+    (and record in ``log_history``) other numbers than an uninterrupted one. With every
+    checkpoint and the last step on a log boundary, a resumed run's log equals the uninterrupted
+    run's.
+    """
+    return math.gcd(math.gcd(max(1, logging), max(1, save)), max(1, max_steps))
+
+
+def train_from(trainer, start: Path | None) -> None:
+    """``trainer.train()``, resuming from the checkpoint ``start`` (or from step 0 when None).
+
+    A checkpoint already at (or past) the step budget is loaded without training: the Trainer,
+    resumed at its last step, runs one step more before it checks the budget (a rerun of a
+    finished run, killed before it cleaned up, wrote a model one step further than the run's).
+    """
+    if start is not None and checkpoint_step(start) >= trainer.args.max_steps:
+        from transformers.trainer_callback import TrainerState
+
+        if checkpoint_step(start) > trainer.args.max_steps:
+            log.warning("%s is past the step budget (%d); keeping its weights", start, trainer.args.max_steps)
+        trainer._load_from_checkpoint(str(start))  # weights (or adapters) only: nothing is left to train
+        trainer.state = TrainerState.load_from_json(str(start / STATE))
+        return
+    trainer.train(resume_from_checkpoint=str(start) if start is not None else None)
+
+
+def mean_logged_loss(log_history: list[dict]) -> float:
+    """Mean training loss over all steps of a run, from the Trainer's ``log_history`` (each logged
+    loss weighted by the steps it covers). Unlike the Trainer's ``training_loss`` (the steps run in
+    *this* call), it is the same for a resumed run as for an uninterrupted one; NaN when nothing was logged."""
+    total, last = 0.0, 0
+    for h in log_history:
+        if "loss" in h and "step" in h and h["step"] > last:
+            total += float(h["loss"]) * (h["step"] - last)
+            last = h["step"]
+    return total / last if last else math.nan
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _holds_run(directory: Path, checkpoints: Path) -> bool:
+    return (directory / RUN_FILE).exists() or (checkpoints.is_dir() and any(
+        checkpoint_step(p) is not None for p in checkpoints.iterdir() if p.is_dir()))
+
+
+def prepare_run(directory: str | Path, identity: dict, resume: bool, existing: str = "refuse",
+                checkpoints: str | Path | None = None) -> Path | None:
+    """Check ``directory``'s run against ``identity``; return the checkpoint to resume from (or None).
+
+    ``identity`` (JSON-able) names what must not change within a run: model, data, settings
+    (not the step budget or save cadence). With ``resume``, an existing ``run.json`` must equal
+    it (else :class:`ConfigError` naming up to three differing fields); checkpoints without a
+    ``run.json`` are refused (whose run they are cannot be told); a directory holding no run
+    yet starts a new one (a run killed before it wrote anything resumes from step 0). Without
+    ``resume``, a directory holding a run is refused (``existing="refuse"``) or cleared of its
+    run state (``existing="replace"``). ``run.json`` is written atomically when a run starts.
+    ``checkpoints``: where the ``checkpoint-N`` directories are (default ``directory``).
+    """
+    directory = Path(directory)
+    ckpts = Path(checkpoints) if checkpoints is not None else directory
+    run_file = directory / RUN_FILE
+    held = directory.is_dir() and _holds_run(directory, ckpts)
+    if held and resume:
+        if not run_file.is_file():
+            raise ConfigError(f"{directory} holds checkpoints without a {RUN_FILE}, so whose run they are cannot be checked",
+                              f"delete {directory} to start over, or choose another --output")
+        try:
+            old = json.loads(run_file.read_text())
+        except (OSError, ValueError, UnicodeDecodeError):
+            raise ConfigError(f"{run_file} is not readable JSON", f"delete {directory} to start over") from None
+        old, new = _flat(old if isinstance(old, dict) else {}), _flat(json.loads(json.dumps(identity)))
+        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        if diff:
+            shown = "; ".join(f"{k}: {str(old.get(k))[:40]!r} there, {str(new.get(k))[:40]!r} now" for k in diff[:3])
+            raise ConfigError(f"{directory} holds a different run ({shown})",
+                              "resume with the same model, data and settings, or choose another --output")
+        ckpt = last_complete_checkpoint(ckpts)
+        if ckpt is None:
+            log.warning("no complete checkpoint in %s; starting from step 0", ckpts)
+        return ckpt
+    if held and existing == "refuse":
+        raise ConfigError(f"{directory} already holds a training run",
+                          "pass --resume to continue it, or choose another --output")
+    if held:
+        log.warning("starting a new run in %s: removing the previous run's checkpoints (pass --resume to continue one)",
+                    directory)
+        for p in ckpts.iterdir() if ckpts.is_dir() else ():
+            if checkpoint_step(p) is not None and p.is_dir():
+                shutil.rmtree(p)
+    elif resume:
+        log.warning("nothing to resume in %s; starting a new run", directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with atomic_file(run_file) as tmp:
+        tmp.write_text(json.dumps(identity, indent=2, sort_keys=True))
+    return None
+
+
+def finish_run(directory: str | Path) -> None:
+    """Remove a finished run's directory once its final artefact is safely written.
+
+    Checkpoints go first, newest first, and ``run.json`` last: a run killed while this runs
+    leaves a directory that ``--resume`` still recognises as its own (it resumes from a
+    remaining complete checkpoint, or from step 0, and writes the same result).
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return
+    entries = sorted(directory.iterdir(), key=lambda p: (p.name == RUN_FILE, -(checkpoint_step(p) or 0)))
+    for p in entries:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+    directory.rmdir()

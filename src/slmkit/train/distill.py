@@ -22,11 +22,11 @@ with a manifest (:func:`slmkit.artefact.save_model`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,12 +37,13 @@ from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArgu
 from slmkit.artefact import MANIFEST, Manifest, atomic_dir, check_output, is_slmkit_dir
 from slmkit.errors import ConfigError, UnsupportedModelError
 from slmkit.train.data import Collator, DataConfig, ExampleDataset, load_examples, pad_batch
-from slmkit.train.checkpoints import is_complete, last_complete_checkpoint  # noqa: F401 (re-exported)
+from slmkit.train.checkpoints import (RUN_FILE, file_sha256, is_complete, logging_steps, mean_logged_loss,
+                                      prepare_run, train_from)
+from slmkit.train.checkpoints import last_complete_checkpoint  # noqa: F401 (re-exported)
 from slmkit.train.losses import IGNORE_INDEX, LossConfig, distill_loss
 
 log = logging.getLogger(__name__)
 
-RUN_FILE = "run.json"
 CHECKPOINTS = "checkpoints"
 TEACHER_DATA = "teacher-data.jsonl"  #: a black-box teacher's answers (written by the CLI into the output)
 
@@ -104,7 +105,7 @@ class DistillConfig:
 class DistillResult:
     output: str
     steps: int
-    train_loss: float  #: mean training loss over the steps run in this call
+    train_loss: float  #: mean training loss over all steps of the run (resumed or not: from the logged losses)
     history: list[dict]  #: the Trainer's log entries (step, loss, loss parts, learning rate)
     seconds: float
     resumed_from: str | None = None
@@ -220,57 +221,20 @@ class DistillTrainer(Trainer):
 # ------------------------------------------------------------------ run directory
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _complete(ckpt: Path) -> bool:
     """A checkpoint is complete when its trainer state names its step and its weights and optimizer are whole."""
     return is_complete(ckpt)
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def _prepare_run_dir(output: Path, identity: dict, resume: bool, force: bool = False) -> Path | None:
-    """Check ``output`` against this run's identity; returns the checkpoint to resume from (or None)."""
-    run_file = output / RUN_FILE
-    ckpts = output / CHECKPOINTS
+    """Check ``output`` against this run's identity (:func:`slmkit.train.checkpoints.prepare_run`);
+    returns the checkpoint to resume from (or None)."""
     check_output(output, force, owned=is_run_output)
-    if resume:
-        if not run_file.is_file():
-            raise ConfigError(f"nothing to resume in {output}: no {RUN_FILE} there", "drop --resume to start a new run")
-        old, new = _flat(json.loads(run_file.read_text())), _flat(identity)
-        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        if diff:
-            shown = "; ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in diff[:3])
-            raise ConfigError(f"{output} holds a different run ({shown})",
-                              "resume with the same teacher, student, data and settings, or choose another --output")
-        ckpt = last_complete_checkpoint(ckpts)
-        if ckpt is None:
-            log.warning("no complete checkpoint in %s; starting from step 0", ckpts)
-        return ckpt
-    if run_file.exists() or (ckpts.exists() and any(ckpts.iterdir())):
-        raise ConfigError(f"{output} already holds a training run",
-                          "pass --resume to continue it, or choose another --output")
-    if output.is_dir() and (output / MANIFEST).exists():
+    ckpts = output / CHECKPOINTS
+    held = (output / RUN_FILE).exists() or (ckpts.is_dir() and any(ckpts.iterdir()))
+    if output.is_dir() and (output / MANIFEST).exists() and not held:
         raise ConfigError(f"{output} already holds a model", "choose another --output")
-    output.mkdir(parents=True, exist_ok=True)
-    tmp = run_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps(identity, indent=2, sort_keys=True))
-    os.replace(tmp, run_file)
-    return None
+    return prepare_run(output, identity, resume, existing="refuse", checkpoints=ckpts)
 
 
 class _LogCallback(TrainerCallback):
@@ -319,7 +283,7 @@ def distill(
     data = Path(data)
     t0 = time.perf_counter()
     examples, kind = load_examples(data, tokenizer, cfg.data)
-    identity = {"source": source or {}, "data": str(data.resolve()), "data_sha256": _sha256(data),
+    identity = {"source": source or {}, "data": str(data.resolve()), "data_sha256": file_sha256(data),
                 "config": json.loads(json.dumps(cfg.identity()))}
     ckpt = _prepare_run_dir(output, identity, resume, force)
     args = TrainingArguments(
@@ -334,7 +298,7 @@ def distill(
         save_strategy="steps",
         save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit,
-        logging_steps=cfg.logging_steps,
+        logging_steps=logging_steps(cfg.logging_steps, cfg.save_steps, cfg.max_steps),  # a resumed run logs the same
         seed=cfg.seed,
         data_seed=cfg.seed,
         report_to="none",
@@ -358,10 +322,10 @@ def distill(
     trainer.remove_callback(PrinterCallback)  # the Trainer prints log dicts on stdout; log them instead
     trainer.add_callback(_LogCallback())
     student.train()
-    out = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+    train_from(trainer, ckpt)
     student.eval()
     history = [h for h in trainer.state.log_history if "loss" in h]
-    result = DistillResult(str(output), trainer.state.global_step, float(out.training_loss), history,
+    result = DistillResult(str(output), trainer.state.global_step, mean_logged_loss(trainer.state.log_history), history,
                            time.perf_counter() - t0, str(ckpt) if ckpt else None, kind, len(examples))
     result.seen_idx = trainer.seen_idx  # type: ignore[attr-defined]
     if stop_after and trainer.state.global_step < cfg.max_steps:
@@ -400,7 +364,19 @@ def _finalize(model, tokenizer, output: Path, identity: dict, cfg: DistillConfig
 
             write_packed(model, codes, tmp / PACKED)
         (tmp / MANIFEST).write_text(manifest.to_json())
-        for entry in sorted(output.iterdir()):  # run state (run.json, checkpoints, teacher data) moves in last
-            if not (tmp / entry.name).exists():
-                os.replace(entry, tmp / entry.name)
+        # the run state (run.json, checkpoints, teacher data) comes along as hard links: it stays whole in
+        # `output` until the rename, so a run killed here still resumes (moving it in left it torn)
+        for entry in sorted(output.iterdir()):
+            if not (tmp / entry.name).exists() and not entry.is_symlink():
+                if entry.is_dir():
+                    shutil.copytree(entry, tmp / entry.name, copy_function=_link_or_copy)
+                else:
+                    _link_or_copy(entry, tmp / entry.name)
+
+
+def _link_or_copy(src, dst) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # a file system without hard links
+        shutil.copy2(src, dst)
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from slmkit.errors import ConfigError
 from slmkit.registry import Registry
-from slmkit.train.sft import LoraSettings, require_chat_template, run_trainer, trainable_marker, trainer_args
+from slmkit.train.sft import LoraSettings, require_chat_template, run_identity, run_trainer, trainable_marker, trainer_args
 
 log = logging.getLogger(__name__)
 
@@ -271,8 +271,9 @@ def preference_train(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     ckpt = Path(checkpoints)
+    identity = run_identity(cfg.method, model, pairs, cfg)
     model.train()
     trainable_marker(model)
     use_cache = model.config.use_cache
     trainer = PREFERENCE_METHODS.get(cfg.method)(model, tokenizer, pairs, cfg, ckpt, callbacks)
-    return PreferenceResult(*run_trainer(trainer, model, ckpt, resume, use_cache))
+    return PreferenceResult(*run_trainer(trainer, model, ckpt, resume, use_cache, identity))

@@ -14,8 +14,10 @@ stores the frozen base in 4 bits with bitsandbytes kernels, which need a GPU;
 on CPU the nearest equivalent is LoRA over a base whose weights already lie on
 a 4-bit grid, which is what the default model is (dequantised from Q4_1).
 
-Checkpoints go to ``<output>.checkpoints/`` every ``save_steps`` steps;
-``resume=True`` continues from the newest one. The final artefact is written
+Checkpoints go to ``<output>.checkpoints/`` every ``save_steps`` steps, beside the run's
+identity (``run.json``: the starting weights' hash, the data's hash, the settings);
+``resume=True`` continues from the newest complete one, and refuses another run's
+(:func:`slmkit.train.checkpoints.prepare_run`). The final artefact is written
 atomically: a merged model directory, or a PEFT adapter directory, both with
 an ``slmkit.json`` manifest.
 """
@@ -24,8 +26,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -208,7 +208,14 @@ def checkpoint_dir(output: str | Path) -> Path:
 
 
 def _holds_checkpoints(path: Path) -> bool:
-    return all(p.name.startswith("checkpoint-") for p in path.iterdir())
+    """A run's checkpoint directory: it carries slmkit's ``run.json`` (next to the Trainer's
+    checkpoints and model card), or holds nothing but ``checkpoint-N`` directories and the card."""
+    from slmkit.train.checkpoints import RUN_FILE
+
+    run = path / RUN_FILE
+    if run.is_file() and not run.is_symlink():
+        return True
+    return all(p.name.startswith(("checkpoint-", f".{RUN_FILE}.tmp-")) or p.name == "README.md" for p in path.iterdir())
 
 
 def check_training_output(output: str | Path, force: bool = False) -> None:
@@ -228,8 +235,24 @@ def latest_checkpoint(directory: str | Path) -> Path | None:
     return last_complete_checkpoint(directory)
 
 
+def run_identity(kind: str, model, rows, cfg) -> dict:
+    """What a resumed run must share with the run that wrote the checkpoints: the trainer kind, the
+    starting weights (sha256 of every tensor), the training rows (sha256) and the settings, less
+    the step budget and the save / logging cadence (a run may be extended)."""
+    from dataclasses import asdict
+
+    from slmkit.train.checkpoints import rows_sha256, weights_sha256
+
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("max_steps", "save_steps", "logging_steps")}
+    return json.loads(json.dumps({"kind": kind, "model_sha256": weights_sha256(model), "data_sha256": rows_sha256(rows),
+                                  "rows": len(rows), "config": settings}, default=str))
+
+
 def trainer_args(cfg, ckpt: Path) -> dict:
     """Training arguments common to SFT and preference trainers (CPU, no reporting)."""
+    from slmkit.train.checkpoints import logging_steps
+
+    save_steps = cfg.save_steps or cfg.max_steps
     return dict(
         output_dir=str(ckpt),
         max_steps=cfg.max_steps,
@@ -239,9 +262,9 @@ def trainer_args(cfg, ckpt: Path) -> dict:
         warmup_steps=cfg.warmup_steps,
         weight_decay=cfg.weight_decay,
         lr_scheduler_type="linear",
-        logging_steps=cfg.logging_steps,
+        logging_steps=logging_steps(cfg.logging_steps, save_steps, cfg.max_steps),  # a resumed run logs the same
         save_strategy="steps" if cfg.save_steps else "no",
-        save_steps=cfg.save_steps or cfg.max_steps,
+        save_steps=save_steps,
         save_total_limit=2,
         report_to="none",
         use_cpu=not torch.cuda.is_available(),
@@ -276,6 +299,7 @@ def sft(
     require_chat_template(tokenizer)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    identity = run_identity("sft", model, conversations, cfg)
     dataset = build_dataset(tokenizer, conversations)
     ckpt = Path(checkpoints)
     args = TRLSFTConfig(
@@ -298,26 +322,31 @@ def sft(
         peft_config=cfg.lora.peft_config() if cfg.lora is not None else None,
         callbacks=callbacks,
     )
-    return SFTResult(*run_trainer(trainer, model, ckpt, resume, use_cache))
+    return SFTResult(*run_trainer(trainer, model, ckpt, resume, use_cache, identity))
 
 
-def run_trainer(trainer, model, ckpt: Path, resume: bool, use_cache: bool):
-    """Train (from the latest checkpoint in ``ckpt`` when ``resume``), restore ``use_cache``;
-    returns (trained model in eval mode, steps, final training loss, log history)."""
+def run_trainer(trainer, model, ckpt: Path, resume: bool, use_cache: bool, identity: dict):
+    """Train (from the latest complete checkpoint in ``ckpt`` when ``resume``, after checking that
+    ``ckpt`` holds the run ``identity`` names), restore ``use_cache``; returns (trained model in
+    eval mode, steps, final training loss, log history)."""
+    from slmkit.train.checkpoints import mean_logged_loss, prepare_run, train_from
+
     quiet(trainer)
-    start = latest_checkpoint(ckpt) if resume else None
+    try:
+        start = prepare_run(ckpt, identity, resume, existing="replace")
+    except BaseException:
+        model.config.use_cache = use_cache
+        raise
     if start is not None:
         log.info("resuming %s from %s", type(trainer).__name__, start)
-    elif resume and ckpt.is_dir():
-        log.warning("no complete checkpoint in %s; starting from step 0", ckpt)
     try:
-        out = trainer.train(resume_from_checkpoint=str(start) if start is not None else None)
+        train_from(trainer, start)
     finally:
         model.config.use_cache = use_cache
     trained = trainer.model
     trained.eval()
-    loss = float(out.training_loss) if out.training_loss is not None else math.nan
-    return trained, int(out.global_step), loss, list(trainer.state.log_history)
+    loss = mean_logged_loss(trainer.state.log_history)  # over the whole run, resumed or not
+    return trained, int(trainer.state.global_step), loss, list(trainer.state.log_history)
 
 
 def trainable_marker(model) -> None:
@@ -370,5 +399,7 @@ def save_trained(model, tokenizer, dest: str | Path, manifest: Manifest, merge: 
 
 
 def finish_checkpoints(checkpoints: str | Path) -> None:
-    """Remove the checkpoint directory once the final artefact is safely written."""
-    shutil.rmtree(checkpoints, ignore_errors=True)
+    """Remove the checkpoint directory once the final artefact is safely written (``run.json`` last)."""
+    from slmkit.train.checkpoints import finish_run
+
+    finish_run(checkpoints)
