@@ -132,6 +132,7 @@ CLOSE_CHARS = '"}]),:0[{tfnrueals1 .-_' + "".join(c for c in "abcdefghijklmnopqr
                                                     if c not in "tfnrueals01") + "\n<>/=;'()+*#!?"
 CLOSE_WINDOW = 64  #: tokens before the budget ends from which the close-out is planned at each step
 CLOSE_NODES = 4000  #: characters tried per close-out search at most
+CLOSE_SLACK = 16  #: plan at every step once the budget left is within this many tokens of the last plan (else every 8th)
 
 
 def _first(msg: str) -> str:
@@ -159,9 +160,14 @@ class TokenMask:
         self.bits = torch.full(((self.vocab + 31) // 32,), -1, dtype=torch.int32)  # one bit per token id
         self.tokens = 0  # tokens accepted so far
         self.close = close  # finish the output within the token budget (see apply)
-        self.forced: list[int] = []  # the planned close-out still to emit
+        self.lltok = lltok
+        self.forced = b""  # the planned close-out still to emit (bytes)
+        self._ok: torch.Tensor | None = None  # the last mask (apply)
         self.closing = False  # a close-out was planned: once it is emitted, only EOS
         self._chars = [t[0] for t in (lltok.tokenize_str(ch) for ch in CLOSE_CHARS) if len(t) == 1]
+        # UTF-8 continuation bytes last: a character the model left half-written must be finished first
+        self._chars += [t[0] for t in (lltok.tokenize_bytes(bytes([b])) for b in range(0x80, 0xC0)) if len(t) == 1]
+        self._last: int | None = None  # length of the last close-out planned
         self._pending: Future | None = None
         self._ready = False
         self._done = self.matcher.is_stopped()
@@ -207,18 +213,22 @@ class TokenMask:
         ok = self.allowed()
         self._check(ok)
         self._plan = None
-        if self.close and left is not None and not self.forced and not self.closing and left <= CLOSE_WINDOW:
+        near = self._last is None or left is None or left <= self._last + CLOSE_SLACK or left % 8 == 0  # else skip this step
+        if self.close and left is not None and not self.forced and not self.closing and left <= CLOSE_WINDOW and near:
             plan = self._plan = self.plan_close(left - 1)  # one token kept for EOS
+            self._last = None if plan is None else len(plan)
             if plan is not None and len(plan) + 1 >= left:
-                self.forced, self.closing = plan, True
+                self.forced, self.closing = self.lltok.decode_bytes(plan), True
+        self._ok = ok
         if self.forced or self.closing:
             keep = torch.zeros_like(ok)
-            keep[self.forced[0] if self.forced else self.eos] = True
+            keep[self._next_of(self.forced) if self.forced else self.eos] = True
             ok = ok & keep if bool((ok & keep).any()) else ok
         V = logits.shape[-1]
-        if V > len(ok):
-            logits[..., len(ok):] = float("-inf")
-        return logits.masked_fill_(~ok[:V], float("-inf"))
+        with torch.inference_mode(logits.is_inference()):  # logits of an inference-mode forward may be updated in place there
+            if V > len(ok):
+                logits[..., len(ok):] = float("-inf")
+            return logits.masked_fill_(~ok[:V], float("-inf"))
 
     def vet(self, token: int, left: int) -> int:
         """The token to take instead of the sampled ``token`` (``left`` as given to :meth:`apply`): ``token``
@@ -231,7 +241,16 @@ class TokenMask:
             return token
         fits = self.plan_close(left - 2) is not None  # after it: left - 1 tokens, one of them for EOS
         m.rollback(1)
-        return token if fits else self._plan[0]
+        return token if fits else self._next_of(self.lltok.decode_bytes(self._plan))
+
+    def _next_of(self, text: bytes) -> int:
+        """The longest admitted token that starts ``text`` (the grammar engine admits only the canonical
+        token where bytes are forced, e.g. ``ar`` rather than ``a`` inside a fixed key)."""
+        for k in range(len(text), 0, -1):
+            t = self.lltok.tokenize_bytes(text[:k])
+            if len(t) == 1 and bool(self._ok[t[0]]):
+                return t[0]
+        return self.lltok.tokenize_bytes(text[:1])[0]
 
     def _check(self, ok: torch.Tensor) -> None:
         if not self.matcher.is_accepting() and int(ok.sum()) == int(ok[self.eos].sum()):  # only EOS (or nothing) left
@@ -254,7 +273,8 @@ class TokenMask:
             self._pending.result()
             self._pending = None
         if self.forced:
-            self.forced = self.forced[1:] if int(token) == self.forced[0] else []
+            piece = self.lltok.decode_bytes([int(token)])
+            self.forced = self.forced[len(piece):] if self.forced.startswith(piece) else b""
         if not self.matcher.consume_token(int(token)):
             raise ConstraintError(f"{self.c.name}: token {token} is not allowed here ({_first(self.matcher.get_error())})")
         self.tokens += 1
