@@ -93,6 +93,18 @@ def test_pack_roundtrip(grid):
     assert torch.equal(unpack_codes(packed, tuple(q.codes.shape), grid), q.codes)
 
 
+
+@pytest.mark.parametrize("grid", [Grid(3, 32, symmetric=False), Grid(5, 32, symmetric=False), Grid(8, 32),
+                                  Grid.for_gguf("Q6_K"), Grid.for_gguf("Q2_K"), Grid.for_gguf("Q3_K")])
+def test_pack_roundtrip_every_code_width(grid):
+    """Every code of the range, in sizes that do not fill the last byte, comes back (2/4/8 bits: whole codes per
+    byte; 3/5/6 bits: codes across byte boundaries)."""
+    g = torch.Generator().manual_seed(grid.bits)
+    for shape in [(1, 1), (3, 7), (5, 33)]:
+        c = torch.randint(grid.qmin, grid.qmax + 1, shape, generator=g).to(torch.int8)
+        c.view(-1)[0], c.view(-1)[-1] = grid.qmin, grid.qmax
+        assert torch.equal(unpack_codes(pack_codes(c, grid), shape, grid), c), (grid, shape)
+
 def test_bad_grids():
     with pytest.raises(ConfigError, match="unsupported bits 6"):
         Grid(bits=6)

@@ -300,10 +300,15 @@ def pack_codes(codes: torch.Tensor, grid: Grid) -> np.ndarray:
 
 
 def unpack_codes(packed: np.ndarray, shape: tuple[int, int], grid: Grid) -> torch.Tensor:
-    n = shape[0] * shape[1]
-    bits = np.unpackbits(packed, bitorder="little")[: n * grid.bits].reshape(n, grid.bits).astype(np.int32)
-    u = (bits << np.arange(grid.bits, dtype=np.int32)).sum(1)
-    return torch.from_numpy(u + grid.qmin).to(torch.int8).reshape(shape)
+    """The codes :func:`pack_codes` packed: ``shape`` int8."""
+    n, b = shape[0] * shape[1], grid.bits
+    if 8 % b == 0:  # 2, 4, 8 bits: whole codes in each byte, the first in the lowest bits
+        shifts = np.arange(8 // b, dtype=np.uint8) * np.uint8(b)
+        u = ((packed[:, None] >> shifts) & np.uint8((1 << b) - 1)).reshape(-1)[:n]
+    else:  # 3, 5, 6 bits: each code's bits (lowest first) packed into one byte
+        bits = np.unpackbits(packed, bitorder="little")[: n * b].reshape(n, b)
+        u = np.packbits(bits, axis=1, bitorder="little")[:, 0]
+    return torch.from_numpy(u.astype(np.int16) + grid.qmin).to(torch.int8).reshape(shape)
 
 
 def _check_kquant(q: QTensor) -> None:
