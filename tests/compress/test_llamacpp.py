@@ -72,14 +72,16 @@ def test_f32_logits_agree(wide, wide_f32, bindings):
     assert np.abs(theirs - ours).max() < 1e-3 * max(1.0, np.abs(ours).max())
 
 
-@pytest.mark.parametrize("ftype", ["Q4_0", "Q4_K_M", "Q5_K_M"])
-def test_quantised_logits_agree(wide, tmp_path, ftype, bindings):
-    """A GPTQ-quantised model written at a llama.cpp mix: llama.cpp's logits on the file agree with
+@pytest.mark.parametrize("method,ftype", [("gptq", "Q4_0"), ("gptq", "Q4_K_M"), ("gptq", "Q5_K_M"),
+                                          ("awq", "Q4_0"), ("awq", "Q4_K_M")])
+def test_quantised_logits_agree(wide, tmp_path, method, ftype, bindings):
+    """A GPTQ- or AWQ-quantised model written at a llama.cpp mix: llama.cpp's logits on the file agree with
     slmkit's in-memory model of the same codes. llama.cpp rounds activations to 8 bits for its
     quantised dot products, so the tolerance is statistical: mean KL divergence below 1e-3 nats and
     the same top token at 95% of positions or more (measured here: 0.7-1.0e-5 nats and 0.98-1.0)."""
     import copy
 
+    from slmkit.compress.awq import AWQConfig
     from slmkit.compress.gptq import GPTQConfig
     from slmkit.compress.quantize import gguf_grids, quantize
     from slmkit.export.gguf import export_gguf_validated
@@ -87,7 +89,8 @@ def test_quantised_logits_agree(wide, tmp_path, ftype, bindings):
     model, tok = wide
     model = copy.deepcopy(model)
     calib = torch.randint(3, 384, (8, 64), generator=torch.Generator().manual_seed(1))
-    q = quantize(model, "gptq", GPTQConfig(), calib, embeddings=True, grids=gguf_grids(model, ftype, imatrix=True),
+    cfg = GPTQConfig() if method == "gptq" else AWQConfig()
+    q = quantize(model, method, cfg, calib, embeddings=True, grids=gguf_grids(model, ftype, imatrix=True),
                  gguf=ftype)
     path = export_gguf_validated(model, tok, tmp_path / f"{ftype}.gguf", ftype, q, check_loader=False, imatrix=True).path
     ids = _ids()

@@ -122,8 +122,8 @@ def awq_block(block: nn.Module, stats: dict, cfg: AWQConfig, names: dict[str, st
     ``grid_of(hf name)`` gives each weight's grid (default ``cfg.grid``).
 
     On GGUF grids the final rounding also weights each input column by its mean squared activation
-    (``diag H``, llama.cpp's imatrix scale search); clipping is searched on the plain grids only
-    (the k-quant search already fits each sub-block's range).
+    (``diag H``, llama.cpp's imatrix scale search: make_qx_quants / make_qkx3_quants, which already
+    search each block's range); the clip search is for the plain grids only.
     """
     def grid(n: str) -> Grid:
         return grid_of(names[n]) if grid_of else cfg.grid
@@ -155,7 +155,7 @@ def awq_block(block: nn.Module, stats: dict, cfg: AWQConfig, names: dict[str, st
         clip = importance = None
         if g.gguf is not None:
             importance = H[n].diagonal().clamp_min(0)
-        if cfg.clip and n not in NO_CLIP and not (g.gguf or "").endswith("_K"):
+        if cfg.clip and n not in NO_CLIP and g.gguf is None:  # GGUF grids: llama.cpp's weighted scale search instead
             clip = search_clip(W, H[n], g, cfg.max_shrink, cfg.clip_steps)
         qt = quantize_rtn(W, g, clip, importance=importance)
         mods[n].weight.data.copy_(qt.dequantize().to(mods[n].weight.dtype))
