@@ -16,7 +16,6 @@ LLM-QAT, Liu et al. 2023, arXiv:2305.17888), so the default model needs no data.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Callable, Collection
@@ -26,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from slmkit.data.readers import json_line
 from slmkit.errors import ConfigError, DataError, UnsupportedModelError
 
 log = logging.getLogger(__name__)
@@ -70,10 +70,7 @@ def read_calibration_text(path: str | Path) -> str:
         for lineno, line in enumerate(raw.splitlines(), 1):
             if not line.strip():
                 continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{p}:{lineno}: not valid JSON ({err.msg})") from None
+            row = json_line(line, f"{p}:{lineno}")  # too deep nesting and 5,000-digit numbers are DataErrors too
             if not isinstance(row, dict) or not isinstance(row.get("text"), str):
                 raise DataError(f"{p}:{lineno}: expected an object with a string 'text' field")
             texts.append(row["text"])

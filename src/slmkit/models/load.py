@@ -101,27 +101,148 @@ def check_gguf(path: Path) -> None:
             "download or export it again",
         ) from None
     size = path.stat().st_size
-    for t in reader.tensors:
+    align = int(getattr(reader, "alignment", 32) or 32)
+    end = reader.data_offset
+    for t in sorted(reader.tensors, key=lambda t: int(t.data_offset)):
         if t.data_offset + t.n_bytes > size:
             raise CorruptModelError(f"{path} is truncated: tensor {t.name} runs past the end of the file")
+        if (t.data_offset - reader.data_offset) % align or t.data_offset < end:  # gguf.md: aligned, in order, no overlap
+            raise CorruptModelError(f"{path} is corrupt: tensor {t.name} starts at a misaligned or overlapping offset",
+                                    "download or export it again")
+        end = t.data_offset + t.n_bytes
 
 
-def check_safetensors(path: Path) -> None:
-    """Raise :class:`CorruptModelError` unless ``path`` is a complete safetensors file."""
+#: safetensors dtype -> bytes per element (the format's own list)
+ST_DTYPES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+             "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+
+
+def safetensors_header(path: Path) -> dict:
+    """The parsed header of a safetensors file, every entry checked against the data that follows it.
+
+    Raises :class:`CorruptModelError` naming the file when the header length runs past the file,
+    the header is not a JSON object (or not UTF-8, or nested too deeply), a dtype is unknown, a
+    shape is not a list of sizes, or a tensor's byte range is reversed, runs past the data,
+    overlaps another or does not hold exactly shape x dtype bytes.
+    """
     size = path.stat().st_size
     try:
         with open(path, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
+            head = fh.read(8)
+            if len(head) < 8:
+                raise ValueError(f"{size} bytes, shorter than the 8-byte header length")
+            (n,) = struct.unpack("<Q", head)
             if n <= 0 or 8 + n > size:
                 raise ValueError("header length exceeds the file")
             header = json.loads(fh.read(n))
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-        if 8 + n + end > size:
-            raise ValueError(f"tensor data needs {8 + n + end} bytes, file has {size}")
-    except (ValueError, struct.error, KeyError, TypeError) as err:
+        if not isinstance(header, dict):
+            raise ValueError(f"header is a JSON {type(header).__name__}, not an object")
+        data = size - 8 - n
+        spans = []
+        for name, v in header.items():
+            if name == "__metadata__":
+                continue
+            if not isinstance(v, dict):
+                raise ValueError(f"tensor {name!r}: entry is not an object")
+            dtype, shape, offs = v.get("dtype"), v.get("shape"), v.get("data_offsets")
+            if dtype not in ST_DTYPES:
+                raise ValueError(f"tensor {name!r}: unknown dtype {dtype!r}")
+            if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+                raise ValueError(f"tensor {name!r}: shape {shape!r} is not a list of sizes")
+            if (not isinstance(offs, list) or len(offs) != 2 or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs)
+                    or not 0 <= offs[0] <= offs[1]):
+                raise ValueError(f"tensor {name!r}: data_offsets {offs!r} are not a byte range")
+            if offs[1] > data:
+                raise ValueError(f"tensor data needs {8 + n + offs[1]} bytes, file has {size}")
+            numel = 1
+            for d in shape:
+                numel *= d
+            if numel * ST_DTYPES[dtype] != offs[1] - offs[0]:
+                raise ValueError(f"tensor {name!r}: shape {shape} of {dtype} needs {numel * ST_DTYPES[dtype]} bytes, "
+                                 f"its range holds {offs[1] - offs[0]}")
+            spans.append((offs[0], offs[1], name))
+        spans.sort()
+        for (a0, a1, an), (b0, b1, bn) in zip(spans, spans[1:]):
+            if b0 < a1:
+                raise ValueError(f"tensors {an!r} and {bn!r} overlap")
+    except RecursionError:
+        raise CorruptModelError(f"{path} is a corrupt safetensors file (its header is nested too deeply)") from None
+    except (ValueError, struct.error, UnicodeDecodeError) as err:
         raise CorruptModelError(
-            f"{path} is a truncated or corrupt safetensors file ({err})", "save or download it again"
+            f"{path} is a truncated or corrupt safetensors file ({str(err)[:200]})", "save or download it again"
         ) from None
+    return header
+
+
+def check_safetensors(path: Path) -> None:
+    """Raise :class:`CorruptModelError` unless ``path`` is a complete, consistent safetensors file."""
+    safetensors_header(path)
+
+
+#: upper bounds on a config's sizes: far beyond any released model, small enough that a bogus
+#: value is refused before transformers allocates for it (or loops over 10^8 layers)
+CONFIG_BOUNDS = {"vocab_size": 1 << 23, "hidden_size": 1 << 17, "intermediate_size": 1 << 20, "num_hidden_layers": 4096,
+                 "num_attention_heads": 4096, "num_key_value_heads": 4096, "head_dim": 1 << 14,
+                 "max_position_embeddings": 1 << 27}
+
+
+def check_config_dict(cfg, path: Path) -> None:
+    """Raise :class:`CorruptModelError` unless ``cfg`` (a parsed config.json) is an object whose size
+    fields are integers in range (top level and ``text_config``)."""
+    if not isinstance(cfg, dict):
+        raise CorruptModelError(f"{path} holds a JSON {type(cfg).__name__}, not an object of model settings")
+    for where, c in (("", cfg), ("text_config.", cfg.get("text_config"))):
+        if not isinstance(c, dict):
+            continue
+        for key, top in CONFIG_BOUNDS.items():
+            v = c.get(key)
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= top:
+                raise CorruptModelError(f"{path}: {where}{key} = {str(v)[:40]!r} is not an integer in [1, {top:,}]",
+                                        "fix or re-download config.json")
+
+
+def _check_weights_fit_config(src: "ModelSource") -> None:
+    """A plain HF directory's safetensors must hold about the parameters its config describes.
+
+    Missing tensors would be initialised at random by transformers (a garbage model, with a warning
+    that scrolls by) and a config inflated far beyond its weights would allocate for nothing.
+    Packed quantised and low-rank directories have their own loaders and checks.
+    """
+    files = sorted(Path(src.path).glob("*.safetensors"))
+    if not files:
+        return
+    from slmkit.compress.qstore import is_quantized_dir
+
+    if is_quantized_dir(src.path):
+        return
+    stored = 0
+    for f in files:
+        for name, v in safetensors_header(f).items():
+            if name != "__metadata__":
+                n = 1
+                for d in v["shape"]:
+                    n *= d
+                stored += n
+    cfg = json.loads((Path(src.path) / "config.json").read_text())
+    from slmkit.compress.lowrank import CONFIG_KEY as LOWRANK_KEY
+    from slmkit.models.student import SHARE_KEY
+
+    if not isinstance(cfg, dict) or any(k in cfg for k in (LOWRANK_KEY, SHARE_KEY, "quantization_config")):
+        return  # factorised, block-shared or quantised weights hold fewer elements than the config's dense model
+    c = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else cfg
+    h, v, layers, inter = (c.get(k) for k in ("hidden_size", "vocab_size", "num_hidden_layers", "intermediate_size"))
+    if not all(isinstance(x, int) for x in (h, v, layers)):
+        return
+    # a lower bound on what the config needs: one embedding table, and per layer one h x h (attention
+    # output) and, where given, the smallest MLP (two h x inter); real models need several times more
+    need = v * h + layers * (h * h + (2 * h * inter if isinstance(inter, int) else 0))
+    if need > stored:
+        raise CorruptModelError(
+            f"{src.path}/config.json describes a model of at least {need:,} parameters, but its safetensors hold {stored:,}",
+            "the config does not belong to these weights: fix or re-download the model",
+        )
 
 
 def converted_dir(gguf_path: Path) -> Path:
@@ -193,9 +314,17 @@ def _check_files(src: ModelSource) -> None:
             check_safetensors(f)
         cfg = Path(src.path) / "config.json"
         try:
-            json.loads(cfg.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise CorruptModelError(f"{cfg} is not valid JSON ({err})") from None
+            parsed = json.loads(cfg.read_bytes(), parse_constant=_no_constant)
+        except RecursionError:
+            raise CorruptModelError(f"{cfg} is not valid JSON (nested too deeply)") from None
+        except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError, NaN/Infinity, 5,000-digit integers
+            raise CorruptModelError(f"{cfg} is not valid JSON ({str(err)[:200]})") from None
+        check_config_dict(parsed, cfg)
+        _check_weights_fit_config(src)
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def _kwargs(src: ModelSource, trust_remote_code: bool) -> dict:
@@ -222,8 +351,21 @@ def load_config(spec: str | ModelSource, trust_remote_code: bool = False):
             f"{src.spec}: transformers does not know this architecture ({str(err).splitlines()[0]})",
             "upgrade transformers, or pass --trust-remote-code if you trust the model's own code",
         ) from None
+    except Exception as err:  # transformers' strict config validation (huggingface_hub StrictDataclassError, TypeError)
+        if not _is_config_validation(err):
+            raise
+        why = " ".join(line.strip() for line in str(err).splitlines()[1:3]) or str(err).splitlines()[0]
+        raise CorruptModelError(f"{src.spec}: its config is invalid ({why[:200]})", "fix or re-download config.json") from None
     _strip_gguf_quantization(config)
     return config
+
+
+def _is_config_validation(err: Exception) -> bool:
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:  # older huggingface_hub
+        StrictDataclassError = ()  # noqa: N806
+    return isinstance(err, (TypeError, StrictDataclassError) if StrictDataclassError else TypeError)
 
 
 def _strip_gguf_quantization(config) -> None:
@@ -298,6 +440,8 @@ def load(
             model.to(device).eval()
             model.config.name_or_path = spec
             return model, load_tokenizer(src, trust_remote_code)
+    if src.kind == "dir":
+        _check_shapes(src, config)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             src.path, dtype=torch.float32 if src.kind == "zoo" else torch_dtype, **_kwargs(src, trust_remote_code)
@@ -310,6 +454,11 @@ def load(
         raise UnsupportedModelError(
             f"{spec}: not a causal language model transformers can load ({str(err).splitlines()[0]})"
         ) from None
+    except RuntimeError as err:  # a stored tensor's shape does not fit the config (transformers' size-mismatch report)
+        if "mismatch" not in str(err):
+            raise
+        raise CorruptModelError(f"{spec}: its weights do not fit its config.json (tensor shapes differ)",
+                                "the config does not belong to these weights: fix or re-download the model") from None
     _strip_gguf_quantization(model.config)
     if getattr(model.config, "slmkit_shared_blocks", None):  # a block-shared student stores each group once
         from slmkit.models.student import restore_sharing
@@ -325,6 +474,27 @@ def load(
     model.config.name_or_path = spec
     log.info("loaded %s (%s) as %s on %s", spec, src.kind, torch_dtype, device)
     return model, tokenizer
+
+
+def _check_shapes(src: ModelSource, config) -> None:
+    """Every tensor a directory's safetensors store under a name the model has must have that
+    parameter's shape (checked on a ``meta``-device model, before transformers loads, reinitialises
+    the misfit at random and prints its load report)."""
+    files = sorted(Path(src.path).glob("*.safetensors"))
+    if not files:
+        return
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()}
+    except (ValueError, KeyError, TypeError, RuntimeError):
+        return  # transformers' own load reports what is wrong
+    for f in files:
+        for name, v in safetensors_header(f).items():
+            if name in expected and tuple(v["shape"]) != expected[name]:
+                raise CorruptModelError(f"{f}: tensor {name} has shape {tuple(v['shape'])}, config.json needs {expected[name]}",
+                                        "the config does not belong to these weights: fix or re-download the model")
 
 
 def adapter_base_spec(path: Path) -> str:

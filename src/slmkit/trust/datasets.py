@@ -12,6 +12,7 @@ import csv
 import gzip
 import io
 import json
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,7 +55,22 @@ def locate(relative: str, root: str | Path | None = None) -> Path:
 
 
 def _text(path: Path) -> io.TextIOBase:
-    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8", newline="")
+    """The file's text (a ``.gz`` decompressed), read and checked whole: a corrupt or truncated gzip
+    stream or non-UTF-8 bytes are a DataError naming the file, not an exception half-way through a parse."""
+    try:
+        raw = path.read_bytes()
+        if path.suffix == ".gz":
+            raw = gzip.decompress(raw)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as err:
+        why = "cut short" if isinstance(err, EOFError) else str(err) or type(err).__name__
+        raise DataError(f"{path}: not a readable gzip file ({why})", "download or re-create the file") from None
+    except OSError as err:
+        raise DataError(f"{path}: cannot be read ({err.strerror or err})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    return io.StringIO(text, newline="")
 
 
 def read_csv(path: Path, required: tuple[str, ...]) -> list[tuple[int, dict]]:
@@ -156,11 +172,15 @@ def advglue(root=None, limit: int = 0) -> dict[str, list[dict]]:
     from slmkit.trust.common import take_split
 
     path = locate("advglue/dev.json", root)
-    try:
-        with open(path, encoding="utf-8") as fh:
+    with _text(path) as fh:
+        try:
             data = json.load(fh)
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+        except RecursionError:
+            raise DataError(f"{path}: JSON nested too deeply") from None
+        except ValueError as err:
+            raise DataError(f"{path}: not valid JSON ({str(err)[:200]})") from None
     if not isinstance(data, dict):
         raise DataError(f"{path}: expected an object of tasks ({', '.join(ADVGLUE_FIELDS)})")
     parts = {}
@@ -181,11 +201,13 @@ def ood_knowledge(root=None, limit: int = 0) -> dict[str, list[dict]]:
     from slmkit.trust.common import take_split
 
     path = locate("decodingtrust/ood_knowledge.json.gz", root)
-    try:
-        with gzip.open(path, "rt", encoding="utf-8") as fh:
+    with _text(path) as fh:
+        try:
             data = json.load(fh)
-    except (json.JSONDecodeError, OSError) as err:
-        raise DataError(f"{path}: cannot read JSON ({err})") from None
+        except RecursionError:
+            raise DataError(f"{path}: JSON nested too deeply") from None
+        except ValueError as err:
+            raise DataError(f"{path}: cannot read JSON ({str(err)[:200]})") from None
     test = data.get("test") if isinstance(data, dict) else None
     if not isinstance(test, dict) or not test:
         raise DataError(f"{path}: expected a 'test' object of question lists")
