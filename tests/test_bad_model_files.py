@@ -50,6 +50,7 @@ COMMANDS = {  # {M}: the bad model, {T}: a text file, {O}: an output path
     "lowrank": ["lowrank", "{M}", "--ratio", "0.5", "--calib", "{T}", "--output", "{O}"],
     "fit": ["fit", "{M}", "--memory", "4GB"],
     "speculate": ["speculate", "--draft", "lookup", "--target", "{M}", "hello", "--max-new-tokens", "2"],
+    "serve": ["serve", "{M}", "--port", "1"],  # startup: the model is refused before anything listens
 }
 
 
@@ -72,7 +73,10 @@ def _run(capsys, args: list[str], needle: str) -> None:
 
 
 @pytest.mark.parametrize("command", list(COMMANDS))
-def test_every_malformed_model_exits_2_on_every_command(capsys, cases, tmp_path, command):
+def test_every_malformed_model_exits_2_on_every_command(capsys, cases, tmp_path, monkeypatch, command):
+    from slmkit.runtime import servecore
+
+    monkeypatch.setattr(servecore, "run", lambda *a, **k: pytest.fail("serve started on a malformed model"))
     root, made = cases
     failures = []
     for name, path in made.items():

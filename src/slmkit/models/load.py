@@ -100,6 +100,13 @@ def check_gguf(path: Path) -> None:
             f"{path} is a truncated or corrupt GGUF file ({type(err).__name__}: {err})".splitlines()[0],
             "download or export it again",
         ) from None
+    for field in reader.fields.values():  # scalar strings (architecture, names) are read as UTF-8 later
+        if len(field.types) == 1 and field.types[0] == gguf.GGUFValueType.STRING:
+            try:
+                bytes(field.parts[field.data[0]]).decode("utf-8")
+            except UnicodeDecodeError:
+                raise CorruptModelError(f"{path} is corrupt: metadata {field.name!r} is not UTF-8 text",
+                                        "download or export it again") from None
     size = path.stat().st_size
     align = int(getattr(reader, "alignment", 32) or 32)
     end = reader.data_offset
