@@ -227,21 +227,24 @@ def template_knows_tools(tokenizer) -> bool:
     return isinstance(tpl, str) and "tools" in tpl
 
 
-def render(tokenizer, messages: list[dict], tools: list[dict]) -> str:
-    """The prompt: the template's own tool support when it has one, else :data:`FALLBACK_SYSTEM` and text."""
-    from slmkit.backends.hf import render_prompt
+def format_call(name: str, arguments: dict) -> str:
+    """One call as the model writes it: the block the tool-call grammar admits (compact JSON, ``name`` first).
 
-    history = any("tool_calls" in m or m["role"] == "tool" for m in messages)
-    if not tools and not history:
-        return render_prompt(tokenizer, messages)
-    if template_knows_tools(tokenizer):
-        msgs = [{k: v for k, v in m.items() if v is not None} for m in messages]
-        return tokenizer.apply_chat_template(msgs, tools=tools or None, tokenize=False, add_generation_prompt=True)
+    Used for calls in a prompt's history (the fallback) and in training data (``slmkit sft``,
+    ``slmkit gen-data --tools``), so what a model is taught is what constrained decoding lets it write.
+    """
+    body = json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False, separators=(",", ":"))
+    return f"{OPEN}\n{body}\n{CLOSE}"
+
+
+def fallback_messages(messages: list[dict], tools: list[dict]) -> list[dict]:
+    """``messages`` as plain ``{role, content}`` turns for a template without tool support: calls as
+    :func:`format_call` blocks, ``tool`` results as user turns in ``<tool_response>``, the functions
+    in a system message (:data:`FALLBACK_SYSTEM`)."""
     msgs = []
     for m in messages:
         if "tool_calls" in m:
-            text = "\n".join(f"{OPEN}\n{json.dumps({'name': c['function']['name'], 'arguments': c['function']['arguments']})}\n{CLOSE}"
-                             for c in m["tool_calls"])
+            text = "\n".join(format_call(c["function"]["name"], c["function"]["arguments"]) for c in m["tool_calls"])
             msgs.append({"role": "assistant", "content": (m["content"] + "\n" if m["content"] else "") + text})
         elif m["role"] == "tool":
             msgs.append({"role": "user", "content": f"<tool_response>\n{m['content']}\n</tool_response>"})
@@ -254,7 +257,26 @@ def render(tokenizer, messages: list[dict], tools: list[dict]) -> str:
             msgs[0] = {"role": msgs[0]["role"], "content": msgs[0]["content"] + "\n\n" + sysmsg}
         else:
             msgs.insert(0, {"role": "system", "content": sysmsg})
-    return render_prompt(tokenizer, msgs)
+    return msgs
+
+
+def render(tokenizer, messages: list[dict], tools: list[dict], add_generation_prompt: bool = True) -> str:
+    """The prompt: the template's own tool support when it has one, else :data:`FALLBACK_SYSTEM` and text.
+
+    ``add_generation_prompt=False`` renders a finished conversation (training data: ``slmkit sft``
+    finds each assistant turn by rendering the conversation up to it with and without it).
+    """
+    from slmkit.backends.hf import render_prompt
+
+    history = any("tool_calls" in m or m["role"] == "tool" for m in messages)
+    if (tools or history) and template_knows_tools(tokenizer):
+        msgs = [{k: v for k, v in m.items() if v is not None} for m in messages]
+        return tokenizer.apply_chat_template(msgs, tools=tools or None, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
+    msgs = fallback_messages(messages, tools) if (tools or history) else messages
+    if add_generation_prompt or not getattr(tokenizer, "chat_template", None):
+        return render_prompt(tokenizer, msgs)  # (without a chat template: its refusal)
+    return tokenizer.apply_chat_template(msgs, tokenize=False)
 
 
 # --------------------------------------------------------------------------- the output
@@ -323,6 +345,15 @@ class CallStream:
             return {"role": "assistant", "content": self.buf}
         return {"role": "assistant", "content": None, "tool_calls": [
             {"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["args"]}} for c in done]}
+
+
+def parse_reply(text: str) -> dict:
+    """A whole generated reply as an OpenAI assistant message (:meth:`CallStream.message`): complete
+    ``<tool_call>`` blocks as ``tool_calls`` (arguments as JSON text), anything else as content."""
+    calls = CallStream()
+    calls.feed(text)
+    calls.finish()
+    return calls.message()
 
 
 def delta_chunk(cid: str, created: int, model: str, delta: dict, first: bool, finish: str | None = None) -> dict:

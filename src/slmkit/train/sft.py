@@ -5,6 +5,10 @@ taken on assistant tokens only: :func:`tokenize_chat` finds each assistant
 turn's character span by rendering the conversation up to that turn with and
 without it, and labels every other token ``-100``. This works for any
 prefix-preserving template (no ``{% generation %}`` markers needed).
+Tool-use conversations (``{"messages", "tools"}``, see :mod:`slmkit.train.records`) are rendered
+as the server renders a request (:func:`slmkit.runtime.tools.render`: the template's own tool
+support, or the documented fallback prompt); the assistant's calls and answers are trained, the
+system prompt listing the functions, the user turns and the ``tool`` results are not.
 Sequences can be packed (TRL's best-fit-decreasing packing; attention stays
 within each packed example through position ids).
 
@@ -122,21 +126,31 @@ def require_chat_template(tokenizer) -> None:
         )
 
 
-def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+def _renderer(tokenizer, tools: list[dict] | None):
+    """``render(messages, add_generation_prompt) -> text``: the chat template, or with ``tools`` the server's tool rendering."""
+    if tools is None:
+        return lambda msgs, gen: tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+    from slmkit.runtime.tools import render
+
+    return lambda msgs, gen: render(tokenizer, msgs, tools, add_generation_prompt=gen)
+
+
+def assistant_spans(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the ``[start, end)`` character span of each assistant turn.
 
     A turn's span starts where the template's generation prompt ends and runs
     to the end of the rendered turn (so the end-of-turn token is trained).
+    ``tools`` (a tool-use conversation, possibly ``[]``): rendered by :func:`slmkit.runtime.tools.render`.
     """
     require_chat_template(tokenizer)
-    render = tokenizer.apply_chat_template
-    text = render(messages, tokenize=False)
+    render = _renderer(tokenizer, tools)
+    text = render(messages, False)
     spans = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        before = render(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
-        upto = render(messages[: i + 1], tokenize=False)
+        before = render(messages[:i], True) if i else ""
+        upto = render(messages[: i + 1], False)
         if not (upto.startswith(before) and text.startswith(upto)):
             raise UnsupportedModelError(
                 "the chat template is not prefix-preserving (rendering a conversation up to a turn does not "
@@ -147,9 +161,15 @@ def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[in
     return text, spans
 
 
-def tokenize_chat(tokenizer, messages: list[dict]) -> dict[str, list[int]]:
-    """``{"input_ids", "labels"}`` with labels ``-100`` on every token outside an assistant turn."""
-    text, spans = assistant_spans(tokenizer, messages)
+def tokenize_chat(tokenizer, conversation: list[dict] | dict) -> dict[str, list[int]]:
+    """``{"input_ids", "labels"}`` with labels ``-100`` on every token outside an assistant turn.
+
+    ``conversation``: a list of messages, or a tool-use row ``{"messages", "tools"}``.
+    """
+    if isinstance(conversation, dict):
+        text, spans = assistant_spans(tokenizer, conversation["messages"], conversation["tools"])
+    else:
+        text, spans = assistant_spans(tokenizer, conversation)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(enc["input_ids"])
     labels = []
@@ -159,7 +179,7 @@ def tokenize_chat(tokenizer, messages: list[dict]) -> dict[str, list[int]]:
     return {"input_ids": ids, "labels": labels}
 
 
-def build_dataset(tokenizer, conversations: list[list[dict]]):
+def build_dataset(tokenizer, conversations: list):
     """A ``datasets.Dataset`` of tokenized conversations (columns input_ids, labels)."""
     from datasets import Dataset
 
@@ -171,7 +191,7 @@ def build_dataset(tokenizer, conversations: list[list[dict]]):
 
 
 @torch.inference_mode()
-def assistant_loss(model, tokenizer, conversations: list[list[dict]], max_length: int = 512, batch_size: int = 4) -> float:
+def assistant_loss(model, tokenizer, conversations: list, max_length: int = 512, batch_size: int = 4) -> float:
     """Mean cross-entropy (nats per token) over assistant tokens only, conversations unpacked."""
     rows = [tokenize_chat(tokenizer, msgs) for msgs in conversations]
     total, count = 0.0, 0
@@ -280,13 +300,14 @@ def trainer_args(cfg, ckpt: Path) -> dict:
 def sft(
     model,
     tokenizer,
-    conversations: list[list[dict]],
+    conversations: list,
     cfg: SFTConfig,
     checkpoints: str | Path,
     resume: bool = False,
     callbacks: list | None = None,
 ) -> SFTResult:
-    """Fine-tune ``model`` on ``conversations`` (loss on assistant tokens only).
+    """Fine-tune ``model`` on ``conversations`` (loss on assistant tokens only): lists of messages,
+    or tool-use rows ``{"messages", "tools"}`` (:func:`slmkit.train.records.read_sft`).
 
     With ``cfg.lora`` the base weights are frozen and the returned model is a
     PEFT model wrapping ``model``; otherwise ``model`` is trained in place.
