@@ -45,7 +45,9 @@ def test_cached_choice_scores_equal_whole_sequence_scores_and_run_the_primer_onc
         assert a == pytest.approx(b, abs=1e-4)
     n_primer = len(tok(primer, add_special_tokens=False).input_ids)
     whole_tokens = sum(len(tok(it.context + c).input_ids) for it in items for c in it.continuations)
-    assert fed[0] == n_primer and sum(fed) < whole_tokens / 2  # the primer once, each context once
+    # the primer (but its last token) once; then per batch one pass over the contexts and one over the choices:
+    # the three items after the primer in one batch, the one without it in another
+    assert fed[0] == n_primer - 1 and len(fed) == 5 and sum(fed) < whole_tokens / 2
 
 
 def test_acc_norm_divides_by_characters_without_the_delimiter_and_any_gold_counts(tiny_llama):
@@ -148,3 +150,23 @@ def test_a_model_scores_the_same_through_the_cache_on_real_items(tiny_llama, sha
     assert a.predictions == b.predictions
     for x, y in zip(a.loglikelihoods, b.loglikelihoods):
         assert x == pytest.approx(y, abs=1e-3)
+
+
+def test_load_like_fills_a_copy_of_the_teacher_with_the_files_weights_and_falls_back_otherwise(tiny_llama, tmp_path):
+    from slmkit.eval.candidates import load_like
+    from slmkit.export.gguf import export_gguf
+    from slmkit.models import load
+    from slmkit.models.tiny import tiny_llama_config, tiny_model
+
+    model, tok = tiny_llama
+    path = export_gguf(model, tok, tmp_path / "q.gguf", "Q4_0")
+    fast, ftok = load_like(path, model, tok)
+    ref, _ = load(str(path))
+    assert ftok is tok and fast is not model
+    ids = torch.arange(3, 40)[None]
+    with torch.inference_mode():
+        assert torch.equal(fast(ids).logits, ref(ids).logits)
+        assert not torch.equal(fast(ids).logits, model(ids).logits)  # the file's rounded weights, not the teacher's
+    other = tiny_model(tiny_llama_config(tok, layers=1))  # another skeleton: the file is loaded whole
+    m2, tok2 = load_like(path, other, tok)
+    assert tok2 is not tok and m2.config.num_hidden_layers == model.config.num_hidden_layers

@@ -177,63 +177,103 @@ class HFBackend:
         return out
 
     @torch.inference_mode()
-    def score_choices(self, contexts: Sequence[str], choices: Sequence[Sequence[str]], prefix: str = "") -> list[list[float]]:
+    def score_choices(self, contexts: Sequence[str], choices: Sequence[Sequence[str]], prefix: str = "",
+                      max_tokens: int = 1024) -> list[list[float]]:
         """Total log-likelihood of each of ``choices[i]`` as a continuation of ``contexts[i]``.
 
         The same numbers as :meth:`score` (lm-eval's split of context and continuation; equal up to
-        float round-off, tested), at a fraction of the cost when contexts are long and choices short:
-        each context runs once and its KV cache serves all of its choices in one batch, and ``prefix``
-        (a start that contexts share, e.g. a few-shot primer) runs once for all items. A context that
-        does not start with ``prefix``'s tokens is simply run whole.
+        float round-off, tested), at a fraction of the cost when contexts are long and choices many:
+        each context runs once and its KV cache serves all of its choices, and ``prefix`` (a start the
+        contexts share, e.g. a few-shot primer) runs once for all items. Items go in batches of at most
+        ``max_tokens`` padded tokens per forward pass, items of like lengths together. An item whose
+        choices do not share its context's tokens (a tokenizer with no BOS/EOS to lead an empty
+        context) is scored whole.
         """
+        from transformers import DynamicCache
+
+        model, tok = self.model, self.tokenizer
+        out: list[list[float] | None] = [None] * len(contexts)
+        base, base_ids = None, []
+        if prefix:  # the primer's tokens but its last, so that every context feeds at least one token
+            base_ids = tok(prefix.rstrip(), add_special_tokens=False).input_ids[:-1]
+            if base_ids:
+                base = DynamicCache(config=model.config)
+                base = model(input_ids=torch.tensor([base_ids], device=self.device), cache=base, use_cache=True).cache
+        groups: dict[int, list[tuple[int, list[int], list[list[int]]]]] = {0: [], len(base_ids): []}
+        for i, (ctx, chs) in enumerate(zip(contexts, choices)):
+            pairs = [self._encode_pair(ctx, c) for c in chs]
+            start = pairs[0][1]
+            ctx_ids = pairs[0][0][:start]
+            if any(s != start or ids[:start] != ctx_ids for ids, s in pairs):
+                out[i] = [s.total for s in self._score_batch(pairs)]
+                continue
+            k = len(base_ids) if base is not None and ctx_ids[: len(base_ids)] == base_ids and len(ctx_ids) > len(base_ids) else 0
+            groups[k].append((i, ctx_ids[k:], [ids[start:] for ids, _ in pairs]))
+        for k, items in groups.items():
+            items.sort(key=lambda x: (max(len(c) for c in x[2]), len(x[1])))  # like lengths share a batch: less padding
+            batch: list = []
+            for item in [*items, None]:
+                if batch and (item is None or not _fits([*batch, item], max_tokens)):
+                    for i, totals in zip((b[0] for b in batch), self._score_shared(batch, k, base)):
+                        out[i] = totals
+                    batch = []
+                if item is not None:
+                    batch.append(item)
+        return out  # type: ignore[return-value]
+
+    def _score_shared(self, items: list[tuple[int, list[int], list[list[int]]]], k: int, base) -> list[list[float]]:
+        """One batch of :meth:`score_choices`: ``items`` are (index, context tokens after the first ``k``,
+        continuations); ``base`` caches those ``k`` tokens (batch 1)."""
         import copy
 
         from transformers import DynamicCache
 
-        model, tok = self.model, self.tokenizer
-        dev = self.device
-        base, base_ids, base_last = None, [], None
-        if prefix:
-            base_ids = tok(prefix.rstrip(), add_special_tokens=False).input_ids
-            if base_ids:
-                base = DynamicCache(config=model.config)
-                res = model(input_ids=torch.tensor([base_ids], device=dev), cache=base, use_cache=True)
-                base, base_last = res.cache, F.log_softmax(res.logits[0, -1].float(), -1)
-        out: list[list[float]] = []
-        for ctx, chs in zip(contexts, choices):
-            pairs = [self._encode_pair(ctx, c) for c in chs]
-            start = pairs[0][1]
-            ctx_ids = pairs[0][0][:start]
-            if any(s != start or ids[:start] != ctx_ids for ids, s in pairs):  # no shared context (no BOS/EOS to lead with)
-                out.append([s.total for s in self._score_batch(pairs)])
-                continue
-            k = len(base_ids) if base is not None and ctx_ids[: len(base_ids)] == base_ids else 0
-            cache = copy.deepcopy(base) if k else DynamicCache(config=model.config)
-            if len(ctx_ids) > k:
-                res = model(input_ids=torch.tensor([ctx_ids[k:]], device=dev), cache=cache, use_cache=True)
-                cache, last = res.cache, F.log_softmax(res.logits[0, -1].float(), -1)  # (V,): predicts each first token
-            else:
-                last = base_last
-            conts = [ids[start:] for ids, _ in pairs]
-            totals = [float(last[c[0]]) for c in conts]
-            L = max(len(c) for c in conts) - 1  # the last token of a continuation is predicted, never fed
-            if L > 0:
-                B, T = len(conts), len(ctx_ids)
-                inp = torch.zeros((B, L), dtype=torch.long)  # (B, L): right-padded, so real tokens keep their positions
-                mask = torch.zeros((B, T + L), dtype=torch.long)
-                mask[:, :T] = 1
-                for i, c in enumerate(conts):
-                    inp[i, : len(c) - 1] = torch.tensor(c[:-1])
-                    mask[i, T : T + len(c) - 1] = 1
-                cache.batch_repeat_interleave(B)
-                logp = F.log_softmax(model(input_ids=inp.to(dev), attention_mask=mask.to(dev), cache=cache,
-                                           use_cache=True).logits.float(), -1)  # (B, L, V)
-                for i, c in enumerate(conts):
-                    if len(c) > 1:
-                        tgt = torch.tensor(c[1:], device=logp.device)
-                        totals[i] += float(logp[i, : len(c) - 1].gather(-1, tgt[:, None]).sum())
-            out.append(totals)
-        return out
+        model, dev = self.model, self.device
+        pad = self.tokenizer.pad_token_id or 0
+        G, T = len(items), max(len(r) for _, r, _ in items)
+        ids = torch.full((G, T), pad, dtype=torch.long)  # (G, T): contexts left-padded, so their last tokens line up
+        mask = torch.zeros((G, k + T), dtype=torch.long)
+        pos = torch.full((G, T), k, dtype=torch.long)
+        mask[:, :k] = 1
+        for g, (_, rest, _) in enumerate(items):
+            off = T - len(rest)
+            ids[g, off:] = torch.tensor(rest)
+            mask[g, k + off:] = 1
+            pos[g, off:] = torch.arange(k, k + len(rest))
+        cache = copy.deepcopy(base) if k else DynamicCache(config=model.config)
+        if k:
+            cache.batch_repeat_interleave(G)
+        res = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev), cache=cache, use_cache=True,
+                    logits_to_keep=1)
+        last = F.log_softmax(res.logits[:, -1].float(), -1)  # (G, V): each context's next-token log-probs
+        rows = [(g, c) for g, (_, _, conts) in enumerate(items) for c in conts]
+        totals = [float(last[g, c[0]]) for g, c in rows]
+        L = max(len(c) for _, c in rows) - 1  # the last token of a continuation is predicted, never fed
+        if L > 0:
+            R = len(rows)
+            sel = torch.tensor([g for g, _ in rows])
+            cache = res.cache
+            cache.batch_select_indices(sel.to(dev))  # each context's cache, once per choice
+            inp = torch.full((R, L), pad, dtype=torch.long)  # (R, L): choices right-padded after their context
+            mask2 = torch.cat([mask[sel], torch.zeros((R, L), dtype=torch.long)], 1)
+            pos2 = torch.zeros((R, L), dtype=torch.long)
+            for r, (g, c) in enumerate(rows):
+                inp[r, : len(c) - 1] = torch.tensor(c[:-1])
+                mask2[r, k + T : k + T + len(c) - 1] = 1
+                pos2[r] = torch.arange(L) + k + len(items[g][1])
+            logits = model(input_ids=inp.to(dev), attention_mask=mask2.to(dev), position_ids=pos2.to(dev), cache=cache,
+                           use_cache=True).logits.float()  # (R, L, V)
+            norm = torch.logsumexp(logits, -1)  # (R, L)
+            for r, (_, c) in enumerate(rows):
+                if len(c) > 1:
+                    tgt = torch.tensor(c[1:], device=logits.device)
+                    n = len(c) - 1
+                    totals[r] += float((logits[r, :n].gather(-1, tgt[:, None])[:, 0] - norm[r, :n]).sum())
+        per_item, r = [], 0
+        for _, _, conts in items:
+            per_item.append(totals[r : r + len(conts)])
+            r += len(conts)
+        return per_item
 
     @torch.inference_mode()
     def prompt_logprobs(self, text: str) -> tuple[list[str], list[float | None]]:
@@ -283,6 +323,13 @@ class HFBackend:
                 TokenScores(self.tokenizer.convert_ids_to_tokens(ids[start:]), lp.tolist(), greedy)
             )
         return res
+
+
+def _fits(items: list, max_tokens: int) -> bool:
+    """Whether a batch of :meth:`HFBackend.score_choices` items stays within ``max_tokens`` padded tokens per pass."""
+    ctx = len(items) * max(len(r) for _, r, _ in items)
+    conts = sum(len(c) for _, _, c in items) * max(len(x) for _, _, c in items for x in c)
+    return len(items) == 1 or max(ctx, conts) <= max_tokens
 
 
 def _as_list(x) -> list[int]:

@@ -15,7 +15,7 @@ and a build's own GGUF files, all measured in one run on the same held-out text.
    (:func:`slmkit.eval.heldout.score`: perplexity, mean KL divergence and top-1 agreement with
    standard errors), and, with ``speed``, run on slmkit's fast path in a fresh process
    (:func:`slmkit.eval.gguf_speed.fast_speed_isolated`: decode and prefill tokens/s, peak memory);
-4. with ``tasks``, every file is loaded dequantised (:func:`slmkit.models.load`) and scored on a few
+4. with ``tasks``, every file is loaded dequantised (:func:`load_like`) and scored on a few
    multiple-choice tasks of the shared data the lm-evaluation-harness way
    (:mod:`slmkit.eval.downstream`): accuracy with its 95% interval, and, on the same items, the
    paired difference from the reference baseline (the teacher's Q4_K_M) with Newcombe's interval
@@ -327,7 +327,34 @@ def chance_of(task) -> float:
     return chance(task.items)
 
 
-def _task_scores(rows: list[dict], cfg: TaskConfig, step: Callable[[int], None]) -> dict:
+def load_like(path: str | Path, teacher, tok):
+    """(model, tokenizer) of GGUF file ``path``, dequantised, fp32.
+
+    When the file holds exactly ``teacher``'s tensors (by name and shape: a quantisation of it), they
+    are dequantised by gguf's reference code (:func:`slmkit.export.gguf.read_gguf_weights`, what
+    transformers' GGUF loader runs too) into a copy of ``teacher``, and ``tok`` is the tokenizer: the
+    same model as :func:`slmkit.models.load` gives, without rebuilding the config and tokenizer from
+    the file (~15 s for the default model). Any other file is loaded through :func:`slmkit.models.load`.
+    """
+    import gguf
+
+    from slmkit.export.gguf import gguf_name, read_gguf_weights
+    from slmkit.models import load
+
+    state = teacher.state_dict()
+    tied = getattr(teacher.config, "tie_word_embeddings", False)
+    want = {k: v.shape for k, v in state.items() if not (k == "lm_head.weight" and tied)}
+    if {t.name for t in gguf.GGUFReader(str(path)).tensors} != {gguf_name(k) for k in want}:
+        return load(str(path))
+    weights = read_gguf_weights(path, teacher.config)
+    if set(weights) != set(want) or any(weights[k].shape != want[k] for k in want):
+        return load(str(path))
+    model = copy.deepcopy(teacher).float().eval()
+    model.load_state_dict(weights, strict=not tied)
+    return model, tok
+
+
+def _task_scores(rows: list[dict], cfg: TaskConfig, step: Callable[[int], None], teacher=None, tok=None) -> dict:
     """Downstream task scores of every row's file, in place (``row["tasks"]``); what was done, for the report."""
     from slmkit.backends.hf import HFBackend
     from slmkit.eval.downstream import load_tasks, score_model, summary
@@ -343,8 +370,8 @@ def _task_scores(rows: list[dict], cfg: TaskConfig, step: Callable[[int], None])
     results = []
     for i, r in enumerate(rows):
         t0 = time.perf_counter()
-        model, tok = load(str(r["path"]))  # dequantised, fp32
-        res = score_model(HFBackend(model, tok, name=r["name"]), tasks)
+        model, mtok = load_like(r["path"], teacher, tok) if teacher is not None else load(str(r["path"]))
+        res = score_model(HFBackend(model, mtok, name=r["name"]), tasks)
         del model
         r["tasks"] = {n: summary(v) for n, v in res.items()}
         r["tasks_seconds"] = time.perf_counter() - t0
@@ -407,7 +434,7 @@ def compare(teacher, tok, artefacts: Sequence[Candidate], text: HeldOutText, cfg
     rows = [{"name": c.name, "path": c.path, "role": c.role, "baseline": c.baseline, "method": c.method,
              "file_type": c.file_type, "stage": c.stage, **file_facts(c.path), **_quality(q)}
             for c, q in zip(cands, [ref_q, *quals])]
-    tasks = _task_scores(rows, cfg.tasks, lambda done: progress(2 + done, steps)) if tasks_on else None
+    tasks = _task_scores(rows, cfg.tasks, lambda done: progress(2 + done, steps), teacher, tok) if tasks_on else None
     if cfg.speed is not None:
         first = 3 + (len(rows) if tasks_on else 0)
         _speeds(rows, cfg, teacher_spec, lambda done: progress(first + done, steps))
