@@ -219,7 +219,13 @@ def test_report_renders_candidates_and_pareto_charts_in_headless_chromium(cand_r
     for name in ("teacher (F32)", "llama.cpp-equiv. Q4_0+imatrix", "slmkit GPTQ Q4_0"):
         assert f"<td>{name}</td>" in dom
     assert f"Recommended: {data['recommended']}" in dom
+    # the starred row is the recommended candidate, and it meets the target (a file of at most 100 KB)
+    assert re.search(rf"<tr><td>\u2605</td><td>{re.escape(data['recommended'])}</td>", dom)
+    best = next(c for c in data["candidates"] if c["name"] == data["recommended"])
+    assert best["meets_target"] and best["bytes"] <= 100_000
     assert 'id="plot-pareto-size"' in dom and 'id="plot-pareto-speed"' in dom
+    if _task_data():
+        assert 'class="tasks"' in dom and "truthfulqa_mc1 acc [95% CI]" in dom
     shot = tmp_path / "shot.png"
     cmd2 = [c for c in cmd if c != "--dump-dom"]
     cmd2[-1:-1] = [f"--screenshot={shot}", "--window-size=1200,2400"]
