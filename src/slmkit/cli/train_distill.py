@@ -129,10 +129,15 @@ def gen_data_cmd(
     judge: Optional[str] = typer.Option(None, "--judge", help="judge model or endpoint for --min-judge-score"),
     min_judge_score: float = typer.Option(0.0, "--min-judge-score", help="drop replies the judge scores below this (1-10)"),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="prompts per teacher call (replies do not depend on it)"),
+    tools: Optional[Path] = typer.Option(None, "--tools", help="JSON list of OpenAI function specs: the teacher calls one per prompt "
+                                         "(constrained decoding), rows are tool-use conversations for sft"),
+    tool_choice: str = typer.Option("required", "--tool-choice", help="with --tools: required (any function) or a function name"),
+    parallel_calls: bool = typer.Option(False, "--parallel-calls", help="with --tools: allow several calls per reply"),
     dtype: str = typer.Option("fp32", "--dtype"),
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Write teacher answers to prompts as messages jsonl, filtered (length, duplicates, perplexity, judge)."""
+    """Write teacher answers to prompts as messages jsonl, filtered (length, duplicates, perplexity, judge);
+    with --tools, tool-use conversations whose calls are valid by construction."""
     from slmkit.backends import from_spec
     from slmkit.data.synth import SynthConfig, check_synth_output, generate_dataset, read_prompts, self_instruct_prompts
     from slmkit.errors import ConfigError
@@ -141,6 +146,12 @@ def gen_data_cmd(
         raise ConfigError("gen-data needs --prompts FILE", "e.g. --prompts ../shared/data/instructions/self_instruct_seed_tasks.jsonl")
     if min_judge_score > 0 and judge is None:
         raise ConfigError("--min-judge-score needs --judge MODEL")
+    if tools is not None:
+        return _gen_tool_data(model, prompts, output, force, tools, tool_choice, parallel_calls, n, self_instruct,
+                              max_new_tokens, temperature, seed, batch_size, dtype, json_out,
+                              text_filters=judge is not None or max_perplexity > 0)
+    if tool_choice != "required" or parallel_calls:
+        raise ConfigError("--tool-choice and --parallel-calls need --tools FILE")
     cfg = SynthConfig(n=n, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, min_words=min_words,
                       max_words=max_words, near_dup=near_dup, max_perplexity=max_perplexity, min_judge_score=min_judge_score,
                       batch_size=batch_size)
@@ -150,10 +161,38 @@ def gen_data_cmd(
     if self_instruct:
         items = items + self_instruct_prompts(teacher, items, self_instruct, seed=seed)
     judge_b = from_spec(judge, dtype=dtype) if judge else None
-    rep = generate_dataset(teacher, items, output, cfg, judge=judge_b, force=force)
+    _print_synth(model, generate_dataset(teacher, items, output, cfg, judge=judge_b, force=force), json_out)
+
+
+def _print_synth(model: str, rep, json_out: bool) -> None:
     if json_out:
         print_json(rep)
         return
     rows = [("output", rep.output), ("rows in output", rep.accepted), ("generated now", rep.generated),
             ("already done", rep.skipped_done), ("rejected now", ", ".join(f"{k} {v}" for k, v in rep.rejected.items()) or "0")]
     console.print(kv_table(f"gen-data {model}", rows))
+
+
+def _gen_tool_data(model: str, prompts: Path, output: Path, force: bool, tools: Path, tool_choice: str, parallel: bool,
+                   n: int, self_instruct: int, max_new_tokens: int, temperature: float, seed: int, batch_size: int,
+                   dtype: str, json_out: bool, text_filters: bool) -> None:
+    """gen-data --tools: a constrained call per prompt (:func:`slmkit.data.toolsynth.generate_tool_dataset`)."""
+    from slmkit.backends import from_spec
+    from slmkit.data.synth import check_synth_output, read_prompts, self_instruct_prompts
+    from slmkit.data.toolsynth import ToolSynthConfig, check_choice, generate_tool_dataset, read_tools
+    from slmkit.errors import ConfigError
+
+    if text_filters:
+        raise ConfigError("--judge and --max-perplexity filter text answers; they do not apply with --tools")
+    if _is_url(model):
+        raise ConfigError("gen-data --tools needs a local teacher (constrained decoding runs in slmkit), not an endpoint",
+                          "pass a model directory, hub id, file.gguf or 'default'")
+    offered = read_tools(tools)
+    cfg = ToolSynthConfig(tool_choice=check_choice(offered, tool_choice), parallel=parallel, n=n,
+                          max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, batch_size=batch_size)
+    items = read_prompts(prompts)
+    check_synth_output(output, force)
+    teacher = from_spec(model, dtype=dtype)
+    if self_instruct:
+        items = items + self_instruct_prompts(teacher, items, self_instruct, seed=seed)
+    _print_synth(model, generate_tool_dataset(teacher, items, offered, output, cfg, force=force), json_out)
