@@ -14,7 +14,7 @@ before and after a LoRA SFT (slmkit.train.sft, loss on the assistant's call only
     model itself) calls a function for each train request under the grammar; its rows' exact accuracy
     against the gold calls is reported as the data's quality.
 
-    PYTHONPATH=src python bench/function_calling.py [--model default] [--train 200] [--test 100] [--steps 60]
+    PYTHONPATH=src python bench/function_calling.py [--model default] [--train 200] [--test 100] [--steps 50]
         [--data gold,teacher] [--teacher default] [--threads 2] [--json out.json]
     PYTHONPATH=src python bench/function_calling.py --tiny      (a random tiny model: checks the script runs)
 """
@@ -92,8 +92,8 @@ def main() -> None:
     ap.add_argument("--offered", type=int, default=4, help="functions offered per request (0 = all ten)")
     ap.add_argument("--data", default="gold,teacher", help="training rows: gold, teacher, or both")
     ap.add_argument("--teacher", default="self", help="gen-data teacher for --data teacher (self = the model itself)")
-    ap.add_argument("--steps", type=int, default=60, help="LoRA SFT steps")
-    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=50, help="LoRA SFT steps (50 x 2 packed rows of 1024 tokens: about one pass over 200 requests)")
+    ap.add_argument("--batch-size", type=int, default=2, help="packed rows per step")
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--lora-r", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=96)
