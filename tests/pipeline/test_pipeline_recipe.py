@@ -56,6 +56,10 @@ def test_valid_recipe_becomes_frozen_dataclasses(tiny_dir):
         (("name: t\n", "name: t\nseed: zero\n"), ["top-level key 'seed' must be int"]),
         (("teacher: ", "teacher: /no/such/"), ["top-level key 'teacher'", "no such file or directory"]),
         (("  - stage: student\n", "  - stage: student\n    source: ./missing-dir\n"), ["stage 2 (student)", "missing-dir"]),
+        (("  - stage: eval\n", "  - stage: eval\n  - stage: candidates\n    text: generated\n    tasks: [truthfulqa_mc]\n"),
+         ["stage 5 (candidates)", "unknown downstream task 'truthfulqa_mc'", "did you mean truthfulqa_mc1"]),
+        (("  - stage: eval\n", "  - stage: eval\n  - stage: candidates\n    text: generated\n    tasks: [bbq]\n    task_items: -1\n"),
+         ["stage 5 (candidates)", "task items must be >= 0"]),
     ],
 )
 def test_bad_recipes_name_stage_and_key(tiny_dir, edit, needles):

@@ -344,9 +344,10 @@ def load_like(path: str | Path, teacher, tok):
     state = teacher.state_dict()
     tied = getattr(teacher.config, "tie_word_embeddings", False)
     want = {k: v.shape for k, v in state.items() if not (k == "lm_head.weight" and tied)}
-    if {t.name for t in gguf.GGUFReader(str(path)).tensors} != {gguf_name(k) for k in want}:
+    reader = gguf.GGUFReader(str(path))
+    if {t.name for t in reader.tensors} != {gguf_name(k) for k in want}:
         return load(str(path))
-    weights = read_gguf_weights(path, teacher.config)
+    weights = read_gguf_weights(path, teacher.config, reader)
     if set(weights) != set(want) or any(weights[k].shape != want[k] for k in want):
         return load(str(path))
     model = copy.deepcopy(teacher).float().eval()

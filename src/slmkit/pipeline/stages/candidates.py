@@ -211,13 +211,13 @@ def artefacts(ctx: Context) -> tuple[list, list[str]]:
 
 def _versus(rows: list[dict], rec_name: str | None, tol: float) -> dict | None:
     """The recommendation against the teacher's reference Q4_K_M (or the last baseline): does it dominate it?"""
+    from slmkit.eval.candidates import reference_row
     from slmkit.eval.recommend import dominates
 
     if rec_name is None:
         return None
     best = next(r for r in rows if r["name"] == rec_name)
-    refs = [r for r in rows if r["role"] == "baseline"]
-    ref = next((r for r in refs if r.get("file_type") == "Q4_K_M"), refs[-1] if refs else None)
+    ref = reference_row(rows)
     if ref is None or ref is best:
         return {"baseline": None if ref is None else ref["name"], "recommended_is_baseline": ref is best}
     se = ((best.get("kl_divergence_err") or 0) ** 2 + (ref.get("kl_divergence_err") or 0) ** 2) ** 0.5
