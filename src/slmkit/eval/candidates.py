@@ -303,12 +303,12 @@ def _task_notes(rows: Sequence[dict], tasks, ref: dict | None) -> list[str]:
         accs = [v["acc"] for _, v in res]
         lo_max, hi_min = max(v["ci95"][0] for _, v in res), min(v["ci95"][1] for _, v in res)
         half = max((v["ci95"][1] - v["ci95"][0]) / 2 for _, v in res)
-        head = (f"{t.name} ({len(t.items)} items, chance {_pct(chance_of(t))}): accuracy {_pct(min(accs))} to {_pct(max(accs))} "
+        head = (f"{t.name} ({len(t.items)} items, chance {_pct(_chance(t))}): accuracy {_pct(min(accs))} to {_pct(max(accs))} "
                 f"across the candidates, 95% intervals up to \u00b1{100 * half:.1f} points")
         head += ("; the differences are inside the intervals (all intervals overlap)" if lo_max <= hi_min
                  else "; not all intervals overlap")
         teacher = res[0][1]
-        if teacher["ci95"][0] <= chance_of(t):
+        if teacher["ci95"][0] <= _chance(t):
             head += "; the teacher itself is not above chance here, so this task says little about these files"
         if ref is not None:
             sig = [f"{n} {100 * v['vs_reference']['diff']:+.1f} points "
@@ -321,7 +321,7 @@ def _task_notes(rows: Sequence[dict], tasks, ref: dict | None) -> list[str]:
     return notes
 
 
-def chance_of(task) -> float:
+def _chance(task) -> float:
     from slmkit.eval.tasks import chance
 
     return chance(task.items)
