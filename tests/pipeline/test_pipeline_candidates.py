@@ -354,3 +354,28 @@ def test_speed_takes_config_and_norms_from_the_teacher_only_when_the_fast_model_
         changed.model.norm.weight.add_(0.5)
     assert not _same_skeleton(changed, path)
     assert not _same_skeleton(teacher, cand_run / rows["teacher (F32)"]["path"])  # dense matrices come from the model
+
+
+def test_student_notes_say_when_the_healing_did_not_pay():
+    """A prune+distill student on the Pareto front (smallest, fastest) that misses the target's quality
+    constraint gets the healing note; one that meets it gets none; a dominated one names who dominates it."""
+    from types import SimpleNamespace
+
+    from slmkit.pipeline.stages.candidates import _student_notes
+
+    history = [
+        {"dir": "02-student", "kind": "student", "inputs": {}, "outputs": {"model": "m1"}, "metrics": {}},
+        {"dir": "03-prune", "kind": "prune", "inputs": {"model": "m1"}, "outputs": {"model": "m2"}, "metrics": {}},
+        {"dir": "04-distill", "kind": "distill", "inputs": {"model": "m2"}, "outputs": {"model": "m3"}, "metrics": {"steps": 80}},
+        {"dir": "05-export", "kind": "export", "inputs": {"model": "m3"}, "outputs": {"gguf": "s.gguf"}, "metrics": {}},
+    ]
+    ctx = SimpleNamespace(history=history)
+    base = {"name": "llama.cpp Q4_K_M", "role": "baseline", "bytes": 100, "kl_divergence": 0.03, "decode_tokens_per_s": 100.0}
+    student = {"name": "slmkit prune+distill Q4_0", "role": "artefact", "stage": "05-export", "bytes": 50,
+               "kl_divergence": 3.2, "decode_tokens_per_s": 200.0, "misses": ["KL divergence not below llama.cpp Q4_K_M's"]}
+    notes = _student_notes(ctx, [base, student], [base["name"], student["name"]], 0.05)
+    assert len(notes) == 1 and "misses the target" in notes[0] and "80 distillation steps" in notes[0]
+    assert _student_notes(ctx, [base, {**student, "misses": []}], [base["name"], student["name"]], 0.05) == []
+    slow = {**student, "bytes": 200, "decode_tokens_per_s": 50.0, "misses": []}
+    notes = _student_notes(ctx, [base, slow], [base["name"]], 0.05)
+    assert len(notes) == 1 and "dominated by llama.cpp Q4_K_M" in notes[0]

@@ -282,6 +282,27 @@ def _rejected_path(output: Path) -> Path:
     return output.with_name(output.name + ".rejected.jsonl")
 
 
+
+def open_synth_output(output: str | Path, force: bool = False) -> tuple[Path, Path, list[dict], set[str]]:
+    """Check ``output`` (and its rejected-rows file) for gen-data, empty a file slmkit did not write
+    (only reached with ``force``), and return ``(output, rejected path, rows kept so far, ids done)``
+    so that a rerun resumes where the last one stopped."""
+    from slmkit.artefact import atomic_file
+
+    output = Path(output)
+    rejected_path = _rejected_path(output)
+    check_synth_output(output, force)
+    for path in (output, rejected_path):
+        if path.is_file() and path.stat().st_size and not _written_here(path):  # only with force
+            log.warning("replacing %s (--force): it was not written by gen-data", path)
+            with atomic_file(path, force=True, owned=_written_here):
+                pass
+    output.parent.mkdir(parents=True, exist_ok=True)
+    kept = _read_done(output)
+    done = {str(r.get("id")) for r in kept} | {str(r.get("id")) for r in _read_done(rejected_path)}
+    return output, rejected_path, kept, done
+
+
 def _append(path: Path, row: dict) -> None:
     with open(path, "a", encoding="utf-8") as fh:
         fh.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -297,19 +318,7 @@ def generate_dataset(teacher: Backend, prompts: list[PromptItem], output: str | 
     write is refused (:class:`~slmkit.errors.OutputExistsError`), or with ``force`` replaced
     by an empty file before generation starts.
     """
-    from slmkit.artefact import atomic_file
-
-    output = Path(output)
-    rejected_path = _rejected_path(output)
-    check_synth_output(output, force)
-    for path in (output, rejected_path):
-        if path.is_file() and path.stat().st_size and not _written_here(path):  # only with force
-            log.warning("replacing %s (--force): it was not written by gen-data", path)
-            with atomic_file(path, force=True, owned=_written_here):
-                pass
-    output.parent.mkdir(parents=True, exist_ok=True)
-    kept = _read_done(output)
-    done = {str(r.get("id")) for r in kept} | {str(r.get("id")) for r in _read_done(rejected_path)}
+    output, rejected_path, kept, done = open_synth_output(output, force)
     dedup = DedupIndex(cfg.near_dup)
     for r in kept:
         dedup.add(r["messages"][-1]["content"])

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from slmkit.backends.base import Backend, GenParams
-from slmkit.data.synth import PromptItem, SynthReport, _append, _read_done, _rejected_path, _written_here, check_synth_output
+from slmkit.data.synth import PromptItem, SynthReport, _append, open_synth_output
 from slmkit.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -135,22 +135,11 @@ def generate_tool_dataset(teacher: Backend, prompts: list[PromptItem], tools: li
     replies without a usable call (the budget ran out before the call closed) go to
     ``<output>.rejected.jsonl``.
     """
-    from slmkit.artefact import atomic_file
     from slmkit.runtime.tools import call_grammar
 
     choice = check_choice(tools, cfg.tool_choice)
     constraint = call_grammar(tools, choice, cfg.parallel)
-    output = Path(output)
-    rejected_path = _rejected_path(output)
-    check_synth_output(output, force)
-    for path in (output, rejected_path):
-        if path.is_file() and path.stat().st_size and not _written_here(path):  # only with force
-            log.warning("replacing %s (--force): it was not written by gen-data", path)
-            with atomic_file(path, force=True, owned=_written_here):
-                pass
-    output.parent.mkdir(parents=True, exist_ok=True)
-    kept = _read_done(output)
-    done = {str(r.get("id")) for r in kept} | {str(r.get("id")) for r in _read_done(rejected_path)}
+    output, rejected_path, kept, done = open_synth_output(output, force)
     target = cfg.n or len(prompts)
     report = SynthReport(str(output), len(kept), 0, 0)
     pending = [item for item in prompts if item.id not in done]

@@ -231,21 +231,23 @@ def _versus(rows: list[dict], rec_name: str | None, tol: float) -> dict | None:
 
 
 def _student_notes(ctx: Context, rows: list[dict], front: list[str], tol: float) -> list[str]:
-    """Say when a prune/distill student is dominated: its healing budget did not pay for the pruning."""
+    """Say when a prune/distill student did not pay for its pruning: it is dominated by another
+    candidate, or it misses the target's constraints (e.g. worse than the baseline it must beat)."""
     from slmkit.eval.recommend import dominates
 
     notes = []
     for r in rows:
-        if r["role"] != "artefact" or r["name"] in front:
+        if r["role"] != "artefact" or (r["name"] in front and not r.get("misses")):
             continue
         chain = lineage(ctx, next((h.get("inputs", {}).get("model") for h in ctx.history if h["dir"] == r["stage"]), None) or "")
         if not any(h["kind"] in STUDENT_KINDS for h in chain):
             continue
-        by = next(o["name"] for o in rows if o is not r and dominates(o, r, tol))
         steps = sum(h.get("metrics", {}).get("steps") or 0 for h in chain if h["kind"] == "distill")
-        notes.append(f"{r['name']} is dominated by {by} (larger KL divergence at no smaller size or higher speed): "
-                     f"its healing budget ({steps} distillation steps) was too small to pay for the pruning here; "
-                     "prune-and-distill pays with a GPU and far more training tokens")
+        by = next((o["name"] for o in rows if o is not r and dominates(o, r, tol)), None)
+        why = (f"is dominated by {by} (larger KL divergence at no smaller size or higher speed)" if by is not None else
+               f"misses the target ({'; '.join(map(str, r['misses']))}) at KL divergence {r.get('kl_divergence', float('nan')):.4g}")
+        notes.append(f"{r['name']} {why}: its healing budget ({steps} distillation steps) was too small to pay for "
+                     "the pruning here; prune-and-distill pays with a GPU and far more training tokens")
     return notes
 
 
