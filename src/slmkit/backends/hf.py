@@ -27,7 +27,7 @@ def render_prompt(tokenizer, prompt: Prompt) -> str:
     return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
 
 
-def _truncate_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
+def truncate_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
     cut = stop_index(text, stops)
     return (text[:cut], True) if cut >= 0 else (text, False)
 
@@ -74,14 +74,14 @@ class HFBackend:
     def stream(self, prompt: Prompt, params: GenParams, on_text: OnText) -> Completion:
         """Generate one completion, calling ``on_text`` with each new piece of text
         (see :mod:`slmkit.backends.stream`); stops early when ``on_text`` returns True."""
-        eos = set(_as_list(self.model.generation_config.eos_token_id) + _as_list(self.tokenizer.eos_token_id))
+        eos = set(token_id_list(self.model.generation_config.eos_token_id) + token_id_list(self.tokenizer.eos_token_id))
         text = TokenText(self.tokenizer, params.stop, on_text, eos)
         c = self._generate_batch([prompt], params, 0, text)[0]
         text.close()
         return c
 
     def _eos_ids(self) -> set[int]:
-        return set(_as_list(self.model.generation_config.eos_token_id) + _as_list(self.tokenizer.eos_token_id))
+        return set(token_id_list(self.model.generation_config.eos_token_id) + token_id_list(self.tokenizer.eos_token_id))
 
     def _token_masks(self, constraint, n: int) -> list:
         """One :class:`~slmkit.runtime.constrain.TokenMask` per row (llguidance's tokenizer built once per backend)."""
@@ -139,7 +139,7 @@ class HFBackend:
         if text is not None:
             kw.update(streamer=_Streamer(text))
         res = self.model.generate(input_ids.to(self.device), attention_mask=mask.to(self.device), **kw)
-        eos = set(_as_list(self.model.generation_config.eos_token_id) + _as_list(tok.eos_token_id))
+        eos = set(token_id_list(self.model.generation_config.eos_token_id) + token_id_list(tok.eos_token_id))
         steps = sampler.logp if sampler is not None else [torch.log_softmax(s.float(), -1) for s in (res.scores or ())]
         out = []
         for i in range(B):
@@ -151,7 +151,7 @@ class HFBackend:
                     n, hit_eos = j + 1, True
                     break
             body = new[: n - 1] if hit_eos else new[:n]
-            gen_text, hit_stop = _truncate_at_stop(tok.decode(body, skip_special_tokens=True), params.stop)
+            gen_text, hit_stop = truncate_at_stop(tok.decode(body, skip_special_tokens=True), params.stop)
             lps = [float(steps[j][i, t]) for j, t in enumerate(new[:n])] if params.logprobs else None
             done = procs and params.constraint is not None and procs[0].masks[i].done
             reason = "stop" if (hit_eos or hit_stop or n < params.max_new_tokens or done) else "length"
@@ -332,7 +332,7 @@ def _fits(items: list, max_tokens: int) -> bool:
     return len(items) == 1 or max(ctx, conts) <= max_tokens
 
 
-def _as_list(x) -> list[int]:
+def token_id_list(x) -> list[int]:
     if x is None:
         return []
     return list(x) if isinstance(x, (list, tuple)) else [int(x)]

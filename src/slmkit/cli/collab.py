@@ -52,12 +52,13 @@ def speculate(
     """Speculative decoding: the draft proposes, the target verifies; reports speed-up and acceptance."""
     import torch
 
+    from slmkit.backends.hf import token_id_list
     from slmkit.collab.speculative import SpecConfig, autoregressive, resolve_draft, speculate as run
     from slmkit.models import load
 
     t_model, t_tok = load(target, dtype=dtype)
     d_model = resolve_draft(draft, t_model, t_tok, dtype, "the draft (--draft)")
-    eos = {t for t in (t_tok.eos_token_id, *_as_list(t_model.generation_config.eos_token_id)) if t is not None}
+    eos = {t for t in (t_tok.eos_token_id, *token_id_list(t_model.generation_config.eos_token_id)) if t is not None}
     cfg = SpecConfig(
         max_new_tokens=max_new_tokens, k=min(k, k_max), k_max=k_max, adaptive=not fixed,
         temperature=temperature, top_p=top_p, eos_token_ids=tuple(sorted(eos)),
@@ -91,11 +92,6 @@ def speculate(
     rows = [(k_, v) for k_, v in result.items() if k_ != "text"]
     console.print(kv_table("speculative decoding", rows))
 
-
-def _as_list(x) -> list:
-    if x is None:
-        return []
-    return list(x) if isinstance(x, (list, tuple)) else [x]
 
 
 def route(

@@ -257,7 +257,7 @@ def qa_prompt(question: str, context: str | None, chat: bool) -> Prompt:
     return [{"role": "user", "content": body}] if chat else body + "\nAnswer:"
 
 
-def _wants_chat(backend) -> bool:
+def wants_chat(backend) -> bool:
     tok = getattr(backend, "tokenizer", None)
     return tok is None or bool(getattr(tok, "chat_template", None))
 
@@ -299,7 +299,7 @@ def run_cascade(small: Backend, large: Backend | None, rows: Sequence[dict], cfg
     n_cal = max(1, min(n - 1, round(cfg.calib_fraction * n))) if labelled and n >= 2 else n
     cal = list(range(n_cal))
     ev = list(range(n_cal, n)) if n_cal < n else cal
-    small_prompts = [qa_prompt(q, r.get("context"), _wants_chat(small)) for q, r in zip(questions, rows)]
+    small_prompts = [qa_prompt(q, r.get("context"), wants_chat(small)) for q, r in zip(questions, rows)]
     small_ok: list[float] | None = None
     signal = SIGNALS.get(cfg.signal)
     if cfg.signal == "router":
@@ -319,7 +319,7 @@ def run_cascade(small: Backend, large: Backend | None, rows: Sequence[dict], cfg
         todo = [i for i in idx if i not in large_texts]
         if large is None or not todo:
             return
-        prompts = [qa_prompt(questions[i], rows[i].get("context"), _wants_chat(large)) for i in todo]
+        prompts = [qa_prompt(questions[i], rows[i].get("context"), wants_chat(large)) for i in todo]
         try:
             outs = large.generate(prompts, GenParams(max_new_tokens=cfg.max_new_tokens))
         except BackendError as err:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from slmkit.backends.base import Backend, GenParams
-from slmkit.collab.cascade import _wants_chat, token_f1
+from slmkit.collab.cascade import wants_chat, token_f1
 from slmkit.data.readers import Lines
 from slmkit.errors import ConfigError, DataError
 from slmkit.registry import Registry
@@ -80,7 +80,7 @@ def logprob_risk(backend: Backend, items: Sequence[QAItem], cfg: JudgeConfig) ->
 def consistency_risk(backend: Backend, items: Sequence[QAItem], cfg: JudgeConfig) -> list[float]:
     """SelfCheckGPT-style: 1 - mean unigram F1 between the answer and sampled answers."""
     questions = sorted({it.question for it in items})
-    chat = _wants_chat(backend)
+    chat = wants_chat(backend)
     prompts = [[{"role": "user", "content": q}] if chat else _context(backend, q) for q in questions]
     samples: dict[str, list[str]] = {q: [] for q in questions}
     for j in range(cfg.samples):

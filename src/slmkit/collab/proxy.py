@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from slmkit.collab.speculative import SpecOutput, _as_ids, _CachedLM, _device, _finish, check_same_vocab, token_probs
+from slmkit.collab.speculative import SpecOutput, as_ids, CachedLM, model_device, finish_output, check_same_vocab, token_probs
 from slmkit.errors import ConfigError
 
 
@@ -81,13 +81,13 @@ def combined_decode(
     t0 = time.perf_counter()
     for m in models[1:]:
         check_same_vocab(models[0], m)
-    ctx = _as_ids(ids)
-    lms = [_CachedLM(m) for m in models]
+    ctx = as_ids(ids)
+    lms = [CachedLM(m) for m in models]
     out = SpecOutput(tokens=[])
     eos = set(eos_token_ids)
     feed = ctx
     while len(out.tokens) < max_new_tokens:
-        scores = combine([lm.feed(feed.to(_device(lm.model)), 1)[-1].cpu() for lm in lms])
+        scores = combine([lm.feed(feed.to(model_device(lm.model)), 1)[-1].cpu() for lm in lms])
         if temperature == 0:
             tok = int(scores.argmax(-1))
         else:
@@ -100,7 +100,7 @@ def combined_decode(
     out.seconds = time.perf_counter() - t0
     from slmkit.collab.speculative import SpecConfig
 
-    return _finish(out, SpecConfig(max_new_tokens=max_new_tokens, eos_token_ids=eos_token_ids))
+    return finish_output(out, SpecConfig(max_new_tokens=max_new_tokens, eos_token_ids=eos_token_ids))
 
 
 def proxy_tune(large, expert, base, ids, cfg: ProxyConfig, gen: torch.Generator | None = None) -> SpecOutput:

@@ -63,7 +63,7 @@ class SpeculativeBackend:
         return self._one(prompt, params, 0, on_text)
 
     def _one(self, prompt: Prompt, params: GenParams, i: int, on_text: OnText | None) -> Completion:
-        from slmkit.backends.hf import _truncate_at_stop, render_prompt
+        from slmkit.backends.hf import truncate_at_stop, render_prompt
         from slmkit.collab.speculative import SpecConfig, speculate
 
         if params.max_new_tokens == 0:
@@ -78,7 +78,7 @@ class SpeculativeBackend:
         res = speculate(self.target, self.draft, torch.tensor(ids), cfg, gen, on_tokens=text.push)
         text.close()
         body = [t for t in res.tokens if t not in eos]
-        out, hit_stop = _truncate_at_stop(tok.decode(body, skip_special_tokens=True), params.stop)
+        out, hit_stop = truncate_at_stop(tok.decode(body, skip_special_tokens=True), params.stop)
         reason = "stop" if res.finish_reason == "stop" or hit_stop else "length"
         meta = {"acceptance_rate": None if math.isnan(res.acceptance_rate) else res.acceptance_rate,
                 "drafted": res.drafted, "accepted": res.accepted, "target_calls": res.target_calls}

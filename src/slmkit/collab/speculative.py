@@ -221,7 +221,7 @@ def lookup_draft(context: torch.Tensor, k: int, ngram_max: int = 3, ngram_min: i
 # --------------------------------------------------------------------------- cached models
 
 
-class _CachedLM:
+class CachedLM:
     """A causal LM plus its KV cache; ``n`` is how many context tokens the cache holds."""
 
     def __init__(self, model):
@@ -256,7 +256,7 @@ class _CachedLM:
 
 
 class _FastLM:
-    """The target on slmkit's fast path (weights shared with the transformers model): same interface as :class:`_CachedLM`."""
+    """The target on slmkit's fast path (weights shared with the transformers model): same interface as :class:`CachedLM`."""
 
     def __init__(self, model, capacity: int):
         from slmkit.runtime import generate as G
@@ -280,7 +280,7 @@ class _FastLM:
             self.n = n
 
 
-def _device(model) -> torch.device:
+def model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
@@ -346,7 +346,7 @@ def _param_count(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _as_ids(ids) -> torch.Tensor:
+def as_ids(ids) -> torch.Tensor:
     t = torch.as_tensor(ids, dtype=torch.long)
     if t.dim() == 2:
         if t.shape[0] != 1:
@@ -366,7 +366,7 @@ def _pick(logits: torch.Tensor, cfg: SpecConfig, gen: torch.Generator | None) ->
     return int(torch.multinomial(token_probs(logits, cfg.temperature, cfg.top_p), 1, generator=gen))
 
 
-def _finish(out: SpecOutput, cfg: SpecConfig) -> SpecOutput:
+def finish_output(out: SpecOutput, cfg: SpecConfig) -> SpecOutput:
     """Cut at the first EOS and at max_new_tokens."""
     eos = set(cfg.eos_token_ids)
     for i, t in enumerate(out.tokens):
@@ -383,9 +383,9 @@ def autoregressive(target, ids, cfg: SpecConfig, gen: torch.Generator | None = N
     """The target alone, one token per forward pass, with the same cache and sampling code
     as :func:`speculate` (the baseline its speed-up is measured against)."""
     t0 = time.perf_counter()
-    ctx = _as_ids(ids)
-    dev = _device(target)
-    lm = _CachedLM(target)
+    ctx = as_ids(ids)
+    dev = model_device(target)
+    lm = CachedLM(target)
     out = SpecOutput(tokens=[])
     eos = set(cfg.eos_token_ids)
     nxt = ctx.to(dev)
@@ -397,7 +397,7 @@ def autoregressive(target, ids, cfg: SpecConfig, gen: torch.Generator | None = N
         nxt = torch.tensor([tok], device=dev)
     out.target_calls = lm.calls
     out.seconds = time.perf_counter() - t0
-    return _finish(out, cfg)
+    return finish_output(out, cfg)
 
 
 def _draft_tokens(next_logits: Callable[[torch.Tensor], torch.Tensor], unseen: torch.Tensor, k: int, cfg: SpecConfig, gen,
@@ -448,8 +448,8 @@ class ModelDrafter:
     """
 
     def __init__(self, model, vocab: torch.Tensor | None = None):
-        self.lm = _CachedLM(model)
-        self.dev = _device(model)
+        self.lm = CachedLM(model)
+        self.dev = model_device(model)
         self.model = model
         self.vocab = None if vocab is None else torch.as_tensor(vocab, dtype=torch.long).unique()
         if self.vocab is not None:
@@ -606,7 +606,7 @@ def speculate(
     distributed as the target's (see the module docstring).
     """
     t0 = time.perf_counter()
-    ctx = _as_ids(ids)
+    ctx = as_ids(ids)
     if draft is None or (isinstance(draft, str) and draft == "lookup"):
         drafter: Drafter = LookupDrafter()
         c = 0.0 if cfg.cost_ratio is None else cfg.cost_ratio
@@ -631,7 +631,7 @@ def speculate(
         check_same_vocab(target, draft)
         drafter = ModelDrafter(draft)
         c = cfg.cost_ratio if cfg.cost_ratio is not None else min(0.95, _param_count(draft) / _param_count(target))
-    dev = _device(target)
+    dev = model_device(target)
     if cfg.fast_target:
         from slmkit.runtime.generate import supports
 
@@ -640,7 +640,7 @@ def speculate(
                                         "leave fast_target off")
         tgt = _FastLM(target, ctx.shape[0] + cfg.max_new_tokens + cfg.k_max + 1)
     else:
-        tgt = _CachedLM(target)
+        tgt = CachedLM(target)
     out = SpecOutput(tokens=[])
     eos = set(cfg.eos_token_ids)
     # running acceptance estimate: accepted / Bernoulli trials seen, with exponential forgetting
@@ -687,7 +687,7 @@ def speculate(
     out.target_calls = tgt.calls
     out.draft_calls = drafter.calls
     out.seconds = time.perf_counter() - t0
-    return _finish(out, cfg)
+    return finish_output(out, cfg)
 
 
 def _fast_cost(fm, target, cfg: SpecConfig) -> float:

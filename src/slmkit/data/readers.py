@@ -73,7 +73,7 @@ def _why(err: BaseException) -> str:
     return "cut short" if isinstance(err, EOFError) else str(err) or type(err).__name__
 
 
-def _open(path: Path) -> Lines:
+def open_lines(path: Path) -> Lines:
     """Lines of a (possibly gzipped) UTF-8 text file; see :class:`Lines`."""
     return Lines(path)
 

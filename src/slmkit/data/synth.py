@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from slmkit.backends.base import Backend, GenParams
-from slmkit.data.readers import _open, json_line
+from slmkit.data.readers import open_lines, json_line
 from slmkit.errors import BackendError, ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ def read_prompts(path: str | Path, limit: int = 0) -> list[PromptItem]:
         raise DataError(f"prompts file {path} does not exist")
     items: list[PromptItem] = []
     jsonl = str(path).endswith((".jsonl", ".json", ".jsonl.gz"))
-    with _open(path) as fh:
+    with open_lines(path) as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
                 continue
@@ -261,7 +261,7 @@ def _read_done(path: Path) -> list[dict]:
 
 
 def _written_here(path: Path) -> bool:
-    """A file of rows this module wrote: each is a JSON object that starts with its "id" (see ``_append``)."""
+    """A file of rows this module wrote: each is a JSON object that starts with its "id" (see ``append_row``)."""
     try:
         with open(path, "rb") as fh:
             return fh.read(7) == b'{"id": '
@@ -303,7 +303,7 @@ def open_synth_output(output: str | Path, force: bool = False) -> tuple[Path, Pa
     return output, rejected_path, kept, done
 
 
-def _append(path: Path, row: dict) -> None:
+def append_row(path: Path, row: dict) -> None:
     with open(path, "a", encoding="utf-8") as fh:
         fh.write(json.dumps(row, ensure_ascii=False) + "\n")
         fh.flush()
@@ -364,9 +364,9 @@ def generate_dataset(teacher: Backend, prompts: list[PromptItem], output: str | 
                 reason = "judge"
         if reason is not None:
             report.rejected[reason] = report.rejected.get(reason, 0) + 1
-            _append(rejected_path, {"id": item.id, "reason": reason, "reply": reply, "meta": meta})
+            append_row(rejected_path, {"id": item.id, "reason": reason, "reply": reply, "meta": meta})
             continue
         dedup.add(reply)
-        _append(output, {"id": item.id, "messages": [*item.messages, {"role": "assistant", "content": reply}], "meta": meta})
+        append_row(output, {"id": item.id, "messages": [*item.messages, {"role": "assistant", "content": reply}], "meta": meta})
         report.accepted += 1
     return report

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from slmkit.backends.base import Backend, GenParams
-from slmkit.data.synth import PromptItem, SynthReport, _append, open_synth_output
+from slmkit.data.synth import PromptItem, SynthReport, append_row, open_synth_output
 from slmkit.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -156,11 +156,11 @@ def generate_tool_dataset(teacher: Backend, prompts: list[PromptItem], tools: li
             meta = {"teacher": teacher.name, "finish_reason": c.finish_reason, "tool_choice": choice}
             if reason is not None:
                 report.rejected[reason] = report.rejected.get(reason, 0) + 1
-                _append(rejected_path, {"id": item.id, "reason": reason, "reply": c.text, "meta": meta})
+                append_row(rejected_path, {"id": item.id, "reason": reason, "reply": c.text, "meta": meta})
                 continue
             for k, call in enumerate(calls):  # ids that do not change between runs
                 call["id"] = "call_" + hashlib.sha1(f"{item.id}/{k}".encode()).hexdigest()[:24]
             answer = {"role": "assistant", "content": None, "tool_calls": calls}
-            _append(output, {"id": item.id, "tools": tools, "messages": [*item.messages, answer], "meta": meta})
+            append_row(output, {"id": item.id, "tools": tools, "messages": [*item.messages, answer], "meta": meta})
             report.accepted += 1
     return report

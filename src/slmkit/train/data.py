@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from slmkit.data.readers import _open, json_line
+from slmkit.data.readers import open_lines, json_line
 from slmkit.errors import ConfigError, DataError, UnsupportedModelError
 from slmkit.train.losses import IGNORE_INDEX
 
@@ -116,7 +116,7 @@ def load_examples(path: str | Path, tokenizer, cfg: DataConfig = DataConfig()) -
         examples, kind = _chunks(ids, cfg, 0), "text"
     else:
         examples, kinds = [], set()
-        with _open(path) as fh:
+        with open_lines(path) as fh:
             for lineno, line in enumerate(fh, 1):
                 if not line.strip():
                     continue

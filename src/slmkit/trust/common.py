@@ -318,7 +318,7 @@ def generate(
 
 @torch.inference_mode()
 def _generate_batched(backend, prompts, params: GenParams, samples: int, batch_size: int) -> list[list[Completion]]:
-    from slmkit.backends.hf import _as_list, _truncate_at_stop, render_prompt
+    from slmkit.backends.hf import token_id_list, truncate_at_stop, render_prompt
 
     model, tok = backend.model, backend.tokenizer
     encoded = []
@@ -329,7 +329,7 @@ def _generate_batched(backend, prompts, params: GenParams, samples: int, batch_s
             ids = [pid if pid is not None else 0]
         encoded.append(ids)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    eos = set(_as_list(model.generation_config.eos_token_id) + _as_list(tok.eos_token_id))
+    eos = set(token_id_list(model.generation_config.eos_token_id) + token_id_list(tok.eos_token_id))
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     per_batch = max(1, batch_size // samples)
     out: list[list[Completion]] = [[] for _ in prompts]
@@ -360,7 +360,7 @@ def _generate_batched(backend, prompts, params: GenParams, samples: int, batch_s
                     body, n, reason = row[:cut], cut + 1, "stop"
                 else:
                     body, reason = row, "length"
-                text, hit = _truncate_at_stop(tok.decode(body, skip_special_tokens=True), params.stop)
+                text, hit = truncate_at_stop(tok.decode(body, skip_special_tokens=True), params.stop)
                 out[i].append(Completion(text, n, "stop" if hit else reason))
     return out
 
