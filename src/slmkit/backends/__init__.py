@@ -1,16 +1,34 @@
 """Backends: one Protocol for generating and scoring text, over local models or HTTP endpoints."""
 
-from slmkit.backends.base import Backend, Completion, GenParams, Prompt, TokenScores
+from slmkit.backends.base import Backend, Completion, GenParams, PartialFailure, Prompt, TokenScores
 from slmkit.backends.hf import HFBackend
 from slmkit.backends.openai import OpenAIBackend
+from slmkit.errors import ConfigError
 
 
-def from_spec(spec: str, dtype: str = "fp32", api_key: str | None = None) -> Backend:
-    """``http(s)://...`` → :class:`OpenAIBackend` (``URL#model`` picks a model); anything else → :class:`HFBackend`."""
-    if spec.startswith(("http://", "https://")):
+def is_endpoint(spec: str | None) -> bool:
+    """Whether a model spec is an OpenAI-compatible endpoint (``http(s)://...[#model]``)."""
+    return spec is not None and spec.startswith(("http://", "https://"))
+
+
+def check_concurrency(concurrency: int, *specs: str | None) -> None:
+    """``--concurrency N`` (N > 1) needs at least one endpoint among ``specs`` (a local model batches instead)."""
+    if concurrency < 1:
+        raise ConfigError(f"--concurrency must be >= 1, got {concurrency}")
+    if concurrency > 1 and not any(is_endpoint(s) for s in specs):
+        named = ", ".join(s for s in specs if s) or "the model"
+        raise ConfigError(f"--concurrency {concurrency} applies to http(s) endpoints, and {named} is a local model",
+                          "pass an endpoint URL (e.g. http://127.0.0.1:8000 from `slmkit serve`), or drop --concurrency")
+
+
+def from_spec(spec: str, dtype: str = "fp32", api_key: str | None = None, concurrency: int = 1) -> Backend:
+    """``http(s)://...`` → :class:`OpenAIBackend` (``URL#model`` picks a model; ``concurrency`` requests in
+    flight at once); anything else → :class:`HFBackend` (which batches in-process; ``concurrency`` is unused)."""
+    if is_endpoint(spec):
         url, _, model = spec.partition("#")
-        return OpenAIBackend(url, model=model or None, api_key=api_key)
+        return OpenAIBackend(url, model=model or None, api_key=api_key, concurrency=concurrency)
     return HFBackend.from_spec(spec, dtype=dtype)
 
 
-__all__ = ["Backend", "Completion", "GenParams", "HFBackend", "OpenAIBackend", "Prompt", "TokenScores", "from_spec"]
+__all__ = ["Backend", "Completion", "GenParams", "HFBackend", "OpenAIBackend", "PartialFailure", "Prompt", "TokenScores",
+           "check_concurrency", "from_spec", "is_endpoint"]

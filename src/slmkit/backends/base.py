@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, Union, runtime_checkable
 
-from slmkit.errors import ConfigError
+from slmkit.errors import BackendError, ConfigError
 
 if TYPE_CHECKING:
     from slmkit.runtime.constrain import Constraint
@@ -72,6 +72,26 @@ class TokenScores:
     @property
     def total(self) -> float:
         return float(sum(self.logprobs))
+
+
+class PartialFailure(BackendError):
+    """Some prompts of a call failed (after their retries); the others may have got answers.
+
+    ``results[i]`` is prompt ``i``'s answer (a :class:`Completion` or :class:`TokenScores`), or None
+    for each failed ``i``; ``failed`` maps those indices to what went wrong. Callers that can use
+    partial results (``gen-data`` writes the answered rows and leaves the rest to a rerun) catch it.
+    """
+
+    def __init__(self, results: list, errors: dict[int, BackendError]):
+        self.results = results
+        self.failed = {i: errors[i].problem for i in sorted(errors)}
+        first = min(errors)
+        if len(errors) == len(results):  # nothing came back: the first error says it all
+            problem = errors[first].problem if len(results) == 1 else f"all {len(results)} requests failed (prompt {first}: {errors[first].problem})"
+            super().__init__(problem, errors[first].hint)
+        else:
+            super().__init__(f"{len(errors)} of {len(results)} requests failed (prompt {first}: {errors[first].problem})",
+                             "the other answers came back; check the server, then rerun")
 
 
 @runtime_checkable

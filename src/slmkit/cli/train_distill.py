@@ -128,7 +128,10 @@ def gen_data_cmd(
     max_perplexity: float = typer.Option(0.0, "--max-perplexity", help="drop replies above this teacher perplexity (0 = off)"),
     judge: Optional[str] = typer.Option(None, "--judge", help="judge model or endpoint for --min-judge-score"),
     min_judge_score: float = typer.Option(0.0, "--min-judge-score", help="drop replies the judge scores below this (1-10)"),
-    batch_size: int = typer.Option(8, "--batch-size", min=1, help="prompts per teacher call (replies do not depend on it)"),
+    batch_size: int = typer.Option(0, "--batch-size", min=0, help="prompts per teacher call (replies do not depend on it; "
+                                   "0 = max(8, 4 x --concurrency))"),
+    concurrency: int = typer.Option(1, "--concurrency", min=1, help="requests in flight at once to an http(s) teacher "
+                                    "(vLLM, slmkit serve); rows are the same at any value"),
     tools: Optional[Path] = typer.Option(None, "--tools", help="JSON list of OpenAI function specs: the teacher calls one per prompt "
                                          "(constrained decoding), rows are tool-use conversations for sft"),
     tool_choice: str = typer.Option("required", "--tool-choice", help="with --tools: required (any function) or a function name"),
@@ -138,10 +141,12 @@ def gen_data_cmd(
 ) -> None:
     """Write teacher answers to prompts as messages jsonl, filtered (length, duplicates, perplexity, judge);
     with --tools, tool-use conversations whose calls are valid by construction."""
-    from slmkit.backends import from_spec
+    from slmkit.backends import check_concurrency, from_spec
     from slmkit.data.synth import SynthConfig, check_synth_output, generate_dataset, read_prompts, self_instruct_prompts
     from slmkit.errors import ConfigError
 
+    check_concurrency(concurrency, model, judge)
+    batch_size = batch_size or max(8, 4 * concurrency)
     if prompts is None:
         raise ConfigError("gen-data needs --prompts FILE", "e.g. --prompts ../shared/data/instructions/self_instruct_seed_tasks.jsonl")
     if min_judge_score > 0 and judge is None:
@@ -157,20 +162,28 @@ def gen_data_cmd(
                       batch_size=batch_size)
     items = read_prompts(prompts)
     check_synth_output(output, force)
-    teacher = from_spec(model, dtype=dtype)
+    teacher = from_spec(model, dtype=dtype, concurrency=concurrency)
     if self_instruct:
         items = items + self_instruct_prompts(teacher, items, self_instruct, seed=seed)
-    judge_b = from_spec(judge, dtype=dtype) if judge else None
+    judge_b = from_spec(judge, dtype=dtype, concurrency=concurrency) if judge else None
     _print_synth(model, generate_dataset(teacher, items, output, cfg, judge=judge_b, force=force), json_out)
 
 
 def _print_synth(model: str, rep, json_out: bool) -> None:
+    """Print the report; if some prompts got no answer, then fail (exit 2) saying a rerun retries them."""
+    from slmkit.errors import BackendError
+
     if json_out:
         print_json(rep)
-        return
-    rows = [("output", rep.output), ("rows in output", rep.accepted), ("generated now", rep.generated),
-            ("already done", rep.skipped_done), ("rejected now", ", ".join(f"{k} {v}" for k, v in rep.rejected.items()) or "0")]
-    console.print(kv_table(f"gen-data {model}", rows))
+    else:
+        rows = [("output", rep.output), ("rows in output", rep.accepted), ("generated now", rep.generated),
+                ("already done", rep.skipped_done), ("rejected now", ", ".join(f"{k} {v}" for k, v in rep.rejected.items()) or "0")]
+        if rep.failed:
+            rows.append(("failed (no answer)", rep.failed))
+        console.print(kv_table(f"gen-data {model}", rows))
+    if rep.failed:
+        raise BackendError(f"the teacher gave no answer to {rep.failed} prompt(s) (first: {rep.failures[0]})",
+                           "the answered rows are written; rerun the same command to retry only the failed prompts")
 
 
 def _gen_tool_data(model: str, prompts: Path, output: Path, force: bool, tools: Path, tool_choice: str, parallel: bool,

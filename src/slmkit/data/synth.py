@@ -32,7 +32,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from slmkit.backends.base import Backend, GenParams
+from slmkit.backends.base import Backend, GenParams, PartialFailure
 from slmkit.data.readers import open_lines, json_line
 from slmkit.errors import BackendError, ConfigError, DataError
 
@@ -79,6 +79,8 @@ class SynthReport:
     generated: int  #: replies generated in this call
     skipped_done: int  #: prompts already answered or rejected in an earlier call
     rejected: dict[str, int] = field(default_factory=dict)  #: reason -> count (this call)
+    failed: int = 0  #: prompts the teacher gave no answer to (server errors after retries); a rerun retries them
+    failures: list[str] = field(default_factory=list)  #: the first few of those, "id: why"
 
 
 # ------------------------------------------------------------------ prompts
@@ -310,6 +312,25 @@ def append_row(path: Path, row: dict) -> None:
         os.fsync(fh.fileno())
 
 
+def _answer(teacher: Backend, batch: list[PromptItem], params: GenParams, report: SynthReport
+            ) -> tuple[list, PartialFailure | None]:
+    """``[(item, completion)]`` for the prompts of ``batch`` the teacher answered, in prompt order,
+    and the failure of the others (None when all were answered).
+
+    A prompt whose request failed (after the backend's retries) is left out, counted in
+    ``report.failed`` and not written anywhere, so a rerun asks for it again; the others go on.
+    """
+    try:
+        return list(zip(batch, teacher.generate([it.messages for it in batch], params))), None
+    except PartialFailure as err:
+        for i, why in err.failed.items():
+            log.warning("gen-data: no answer to prompt %s: %s", batch[i].id, why)
+            if len(report.failures) < 5:
+                report.failures.append(f"{batch[i].id}: {why}")
+        report.failed += len(err.failed)
+        return [(it, c) for it, c in zip(batch, err.results) if c is not None], err
+
+
 def generate_dataset(teacher: Backend, prompts: list[PromptItem], output: str | Path, cfg: SynthConfig = SynthConfig(),
                      judge: Backend | None = None, force: bool = False) -> SynthReport:
     """Answer ``prompts`` with ``teacher``, filter, and append ``messages`` rows to ``output`` (resumable).
@@ -328,6 +349,7 @@ def generate_dataset(teacher: Backend, prompts: list[PromptItem], output: str | 
     pending = [item for item in prompts if item.id not in done]
     report.skipped_done = len(prompts) - len(pending)
     queue: list = []  # (item, completion) answered by the last teacher call, in prompt order
+    empty_calls = 0  # teacher calls in a row that answered no prompt
     while pending or queue:
         if report.accepted >= target:
             break
@@ -338,7 +360,13 @@ def generate_dataset(teacher: Backend, prompts: list[PromptItem], output: str | 
             batch, pending = pending[:take], pending[take:]
             seeds = tuple(cfg.seed * 1_000_003 + int(hashlib.sha1(it.id.encode()).hexdigest()[:8], 16) for it in batch)
             params = GenParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seeds=seeds)
-            queue = list(zip(batch, teacher.generate([it.messages for it in batch], params)))
+            queue, failure = _answer(teacher, batch, params, report)
+            empty_calls = 0 if queue else empty_calls + 1
+            if empty_calls >= 2:  # two calls in a row got nothing back: the teacher is down, stop (a rerun resumes)
+                raise BackendError(f"teacher {teacher.name} answered none of the last two batches ({failure.problem})",
+                                   f"{report.accepted} rows are in {output}; check the server, then rerun to go on")
+            if not queue:
+                continue
         item, c = queue.pop(0)
         report.generated += 1
         reply = c.text.strip()
