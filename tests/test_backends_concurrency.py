@@ -132,3 +132,12 @@ def test_gen_data_against_slmkit_serve_same_rows(tiny_dir, start_server, tmp_pat
     one = [json.loads(x) for x in (tmp_path / "c1.jsonl").read_text().splitlines()]
     four = [json.loads(x) for x in (tmp_path / "c4.jsonl").read_text().splitlines()]
     assert len(one) == 6 and one == four
+
+
+@pytest.mark.parametrize("verb", [["audit", "{model}", "--limit", "1"],
+                                  ["rag", "ask", "{tmp}/none", "q?", "--model", "{model}"]])
+def test_concurrency_on_a_local_model_exits_2(verb, tiny_dir, tmp_path, capsys):
+    args = [a.format(model=tiny_dir, tmp=tmp_path) for a in verb]
+    assert main([*args, "--concurrency", "3"]) == 2
+    assert "--concurrency 3 applies to http(s) endpoints" in capsys.readouterr().err
+

@@ -193,16 +193,18 @@ def rag_ask(
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1),
     limit: int = typer.Option(0, "--limit", min=0, help="first N questions only (0 = all)"),
     dtype: str = typer.Option("fp32", "--dtype"),
+    concurrency: int = typer.Option(1, "--concurrency", min=1, help="requests in flight at once to an http(s) --model"),
     json_out: bool = typer.Option(False, "--json", help="a list of {question, answer, sources: [{id, text, score}]}"),
 ) -> None:
     """Answer questions with retrieved, numbered sources, and cite them."""
-    from slmkit.backends import from_spec
+    from slmkit.backends import check_concurrency, from_spec
     from slmkit.errors import ConfigError, DataError
     from slmkit.rag.answer import RAGConfig, answer
     from slmkit.rag.embed import Embedder
     from slmkit.rag.index import VectorIndex
     from slmkit.train.records import iter_rows
 
+    check_concurrency(concurrency, model)
     if (question is None) == (questions is None):
         raise ConfigError("give either a QUESTION or --questions FILE.jsonl")
     if questions is not None:
@@ -216,7 +218,8 @@ def rag_ask(
     cfg = RAGConfig(k=k, max_new_tokens=max_new_tokens)
     idx = VectorIndex.open(index)  # also checks INDEX with --k 0, so a typo fails early
     emb = Embedder.load(idx.embedder_identity["spec"]) if k > 0 else None
-    answers = answer(from_spec(model, dtype=dtype), idx if k > 0 else None, emb, qs, cfg)
+    answers = answer(from_spec(model, dtype=dtype, concurrency=concurrency), idx if k > 0 else None, emb, qs, cfg,
+                     batch_size=max(8, 4 * concurrency))
     if json_out:
         print_json([a.to_dict() for a in answers])
         return

@@ -33,14 +33,16 @@ def audit(
     canary_candidates: int = typer.Option(1000, "--canary-candidates", min=2, help="random PINs each canary is "
                                           "ranked among (exposure is at most log2 of this)"),
     api_key: Optional[str] = typer.Option(None, "--api-key", help="for http(s) endpoints"),
+    concurrency: int = typer.Option(1, "--concurrency", min=1, help="requests in flight at once to an http(s) endpoint"),
     json_out: bool = typer.Option(False, "--json", help="print JSON: one object per dimension"),
 ) -> None:
     """Audit MODEL on robustness, privacy, reliability, safety and fairness (optionally against --compare)."""
-    from slmkit.backends import from_spec
+    from slmkit.backends import check_concurrency, from_spec
     from slmkit.artefact import check_output
     from slmkit.trust.report import is_audit_dir, report_json, write_report
     from slmkit.trust.suite import AuditConfig, AuditContext, audit as run_audit, compare, parse_dimensions
 
+    check_concurrency(concurrency, model, compare_with)
     if data_dir is not None and not data_dir.is_dir():
         from slmkit.errors import DataError
 
@@ -55,13 +57,13 @@ def audit(
     def progress(who: str):
         return lambda dim: err_console.print(f"[dim]{who}: {dim}...[/dim]")  # stderr: --json output stays clean
 
-    backend = from_spec(model, dtype=dtype, api_key=api_key)
+    backend = from_spec(model, dtype=dtype, api_key=api_key, concurrency=concurrency)
     backend.name = model
     a = run_audit(backend, cfg, ctx, progress(model))
     b = None
     if compare_with is not None:
         del backend
-        other = from_spec(compare_with, dtype=dtype, api_key=api_key)
+        other = from_spec(compare_with, dtype=dtype, api_key=api_key, concurrency=concurrency)
         other.name = compare_with if compare_with != model else f"{compare_with} (B)"
         b = run_audit(other, cfg, ctx, progress(other.name))
     diffs = compare(a, b) if b is not None else None
