@@ -100,7 +100,8 @@ def route(
     data: Path = typer.Option(..., "--data", help="jsonl with 'question' (and 'answer' to measure quality)"),
     escalate: Optional[float] = typer.Option(None, "--escalate", help="target escalation rate in [0, 1]"),
     quality: Optional[float] = typer.Option(None, "--quality", help="instead: target fraction of large-model quality in [0, 1]"),
-    signal: str = typer.Option("logprob", "--signal", help="confidence signal: logprob | consistency | router"),
+    signal: str = typer.Option("logprob", "--signal", help="confidence signal: logprob | consistency | router | probe (router, and probe without --probe, train on the calibration split)"),
+    probe: Optional[Path] = typer.Option(None, "--probe", help="--signal probe: a probe file from `slmkit judge --signal probe --save-probe FILE`"),
     calib_fraction: float = typer.Option(0.5, "--calib-fraction", help="share of labelled rows used to calibrate"),
     limit: int = typer.Option(0, "--limit", min=0, help="first N rows (0 = all)"),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1),
@@ -118,7 +119,7 @@ def route(
     cfg = CascadeConfig(
         signal=signal, escalate=escalate, quality=quality, calib_fraction=calib_fraction,
         max_new_tokens=max_new_tokens, samples=samples, timeout=timeout, retries=retries,
-        fallback=fallback, seed=seed,
+        fallback=fallback, seed=seed, probe=None if probe is None else str(probe),
     )
     report = run_route(small, large, data, cfg, limit=limit, dtype=dtype)
     if json_out:
@@ -130,8 +131,12 @@ def route(
 def judge(
     data: Path = typer.Option(..., "--data", help="jsonl with 'question', 'answer' and optional 'label' (1 = hallucinated)"),
     model: str = typer.Option("default", "--model", help="the judging (small) MODEL"),
-    method: str = typer.Option("logprob", "--method", help="logprob | consistency"),
-    samples: int = typer.Option(4, "--samples", min=2),
+    signal: str = typer.Option("logprob", "--signal", "--method", help="risk signal: logprob | consistency | probe"),
+    samples: int = typer.Option(4, "--samples", min=2, help="--signal consistency: sampled answers per question"),
+    probe: Optional[Path] = typer.Option(None, "--probe", help="--signal probe: a trained probe file (without it: probes cross-validated on the labelled rows, grouped by question)"),
+    save_probe: Optional[Path] = typer.Option(None, "--save-probe", help="--signal probe: write the probe fitted on all rows here (safetensors)"),
+    probe_layer: Optional[int] = typer.Option(None, "--probe-layer", help="--signal probe: hidden-state index (0 = embeddings, -1 = last; default: the middle block)"),
+    folds: int = typer.Option(5, "--folds", min=2, help="--signal probe: held-out folds"),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="flag items whose risk exceeds this"),
     limit: int = typer.Option(0, "--limit", min=0, help="first N rows (TruthfulQA: N questions, 2N pairs)"),
     dtype: str = typer.Option("fp32", "--dtype"),
@@ -140,8 +145,11 @@ def judge(
     """Score (question, answer) pairs for hallucination risk (TruthfulQA.csv or jsonl); AUROC when labelled."""
     from slmkit.collab.judge import JudgeConfig, judge_file
 
-    cfg = JudgeConfig(method=method, samples=samples, threshold=threshold)
-    report = judge_file(model, data, cfg, limit=limit, dtype=dtype)
+    from slmkit.collab.probe import ProbeConfig
+
+    cfg = JudgeConfig(method=signal, samples=samples, threshold=threshold, probe=None if probe is None else str(probe),
+                      probe_cfg=ProbeConfig(layer=probe_layer, folds=folds))
+    report = judge_file(model, data, cfg, limit=limit, dtype=dtype, save_probe=save_probe)
     if json_out:
         print_json(report)
         return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -43,7 +44,10 @@ def serve(
     adapter: list[str] = typer.Option([], "--adapter", help="NAME=DIR: serve a LoRA adapter as model NAME (repeatable)"),
     large: Optional[str] = typer.Option(None, "--large", help="pair MODEL (the small one) with this large MODEL or http(s):// URL"),
     mode: Optional[str] = typer.Option(None, "--mode", help="with --large: speculative | cascade | shield"),
-    threshold: float = typer.Option(-1.0, "--threshold", help="cascade: escalate when the small answer's mean token log-prob is below this"),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="cascade: escalate when the small answer's confidence is below this (default -1.0 for --signal logprob, a mean token log-prob; 0.5 otherwise)"),
+    signal: str = typer.Option("logprob", "--signal", help="cascade: confidence signal, logprob | consistency | probe (probe needs --probe FILE)"),
+    probe: Optional[Path] = typer.Option(None, "--probe", help="cascade --signal probe: a probe file from `slmkit judge --signal probe --save-probe FILE`"),
+    samples: int = typer.Option(4, "--samples", min=2, help="cascade --signal consistency: sampled answers per request"),
 ) -> None:
     """Serve MODEL over an OpenAI-compatible HTTP API (streaming, continuous batching).
 
@@ -65,7 +69,14 @@ def serve(
         from slmkit.collab.serving import build_backend, create_app
         from slmkit.runtime.servecore import run as run_app
 
-        backend = build_backend(model, large, mode, dtype=dtype or "fp32", threshold=threshold, timeout=timeout)
+        from slmkit.collab.cascade import CascadeConfig
+
+        if mode != "cascade" and (signal != "logprob" or probe is not None or threshold is not None):
+            raise ConfigError("--signal, --probe and --threshold apply to --mode cascade")
+        ccfg = CascadeConfig(signal=signal, samples=samples, probe=None if probe is None else str(probe))
+        if threshold is None:
+            threshold = -1.0 if signal == "logprob" else 0.5
+        backend = build_backend(model, large, mode, dtype=dtype or "fp32", threshold=threshold, timeout=timeout, cascade=ccfg)
         run_app(create_app(backend, name=name, cfg=cfg), host, port, cfg)
         return
     from slmkit.backends import HFBackend

@@ -11,6 +11,13 @@ The confidence signals follow the routing literature:
   model's log-likelihood of the query, the share of digits) trained on a labelled
   calibration split to predict whether the small model answers correctly
   (a minimal RouteLLM-style router, Ong et al. 2024, arXiv:2406.18665).
+* ``probe``: one minus the wrong-answer probability of a linear probe on the small
+  model's hidden states over the prompt and its answer (Azaria & Mitchell 2023,
+  arXiv:2304.13734; see :mod:`slmkit.collab.probe`): a probe file trained with
+  ``slmkit judge --signal probe --save-probe FILE``, or, given labelled rows, one trained
+  on the calibration split's correctness of the small model's answers.
+
+Every signal scores the small model's greedy answers (generated once, with log-probs).
 
 The escalation threshold is calibrated on held-out labelled (or unlabelled) data to a
 target escalation rate, or to a target fraction of the large model's quality.
@@ -35,7 +42,9 @@ from slmkit.registry import Registry
 
 log = logging.getLogger(__name__)
 
-#: confidence signals: ``fn(small, prompts, questions, cfg, labels) -> (answers, confidences)``
+#: confidence signals: ``fn(small, prompts, questions, answers, cfg, train) -> confidences`` (higher = more
+#: confident); ``answers`` are the small model's greedy completions (with log-probs), ``train`` is
+#: ``(train_idx, small_ok)`` for a signal that learns from labelled rows, else None
 SIGNALS: Registry[Callable] = Registry("confidence signal")
 
 
@@ -43,7 +52,7 @@ SIGNALS: Registry[Callable] = Registry("confidence signal")
 class CascadeConfig:
     """Knobs of a small→large cascade."""
 
-    signal: str = "logprob"  #: confidence signal: logprob | consistency | router
+    signal: str = "logprob"  #: confidence signal: logprob | consistency | router | probe
     escalate: float | None = None  #: target escalation rate in [0, 1] (default 0.25 when quality is None)
     quality: float | None = None  #: target fraction of the large model's quality in [0, 1] (needs labels)
     calib_fraction: float = 0.5  #: share of labelled rows used to calibrate, in (0, 1)
@@ -53,6 +62,7 @@ class CascadeConfig:
     timeout: float = 60.0  #: seconds per request to a large HTTP endpoint
     retries: int = 2  #: retries per request to a large HTTP endpoint
     fallback: bool = True  #: if the large model fails, answer from the small one and say so
+    probe: str | None = None  #: probe signal: a probe file (safetensors) to use instead of training one
     seed: int = 0
 
     def __post_init__(self):
@@ -170,22 +180,23 @@ def _mean(xs: Sequence[float]) -> float:
 
 
 @SIGNALS.register("logprob")
-def logprob_signal(small: Backend, prompts, questions, cfg: CascadeConfig, labels=None):
+def logprob_signal(small: Backend, prompts, questions, comps: Sequence[Completion], cfg: CascadeConfig, train=None):
     """Mean token log-probability of the greedy answer (higher = more confident)."""
-    comps = small.generate(prompts, GenParams(max_new_tokens=cfg.max_new_tokens, logprobs=True))
-    return comps, [_mean(c.logprobs or []) for c in comps]
+    if any(c.logprobs is None for c in comps):
+        comps = small.generate(prompts, GenParams(max_new_tokens=cfg.max_new_tokens, logprobs=True))
+    return [_mean(c.logprobs or []) for c in comps]
 
 
 @SIGNALS.register("consistency")
-def consistency_signal(small: Backend, prompts, questions, cfg: CascadeConfig, labels=None):
-    """Mean token F1 between the greedy answer and ``cfg.samples`` sampled answers."""
-    comps = small.generate(prompts, GenParams(max_new_tokens=cfg.max_new_tokens))
+def consistency_signal(small: Backend, prompts, questions, comps: Sequence[Completion], cfg: CascadeConfig, train=None):
+    """Mean token F1 between the greedy answer and ``cfg.samples`` sampled answers (SelfCheckGPT's
+    unigram variant, Manakul et al. 2023, arXiv:2303.08896, Sec. 5.3)."""
     agree = [0.0] * len(prompts)
     for j in range(cfg.samples):
         gp = GenParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.sample_temperature, seed=cfg.seed + 1000 * (j + 1))
         for i, s in enumerate(small.generate(prompts, gp)):
             agree[i] += token_f1(s.text, comps[i].text) / cfg.samples
-    return comps, agree
+    return agree
 
 
 def query_features(small: Backend, questions: Sequence[str]) -> torch.Tensor:
@@ -220,21 +231,58 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, l2: float = 1e-2, steps: int 
 
 
 @SIGNALS.register("router")
-def router_signal(small: Backend, prompts, questions, cfg: CascadeConfig, labels=None):
+def router_signal(small: Backend, prompts, questions, comps: Sequence[Completion], cfg: CascadeConfig, train=None):
     """Predicted probability that the small model is right, from query features alone.
 
-    ``labels`` is ``(train_idx, small_ok, answers)``: the router trains on those rows'
-    correctness of the small model's (already generated) ``answers``.
+    ``train`` is ``(train_idx, small_ok)``: the router trains on those rows' correctness of
+    the small model's answers.
     """
-    if labels is None:
+    if train is None:
         raise ConfigError("the router signal needs labelled data (an 'answer' field) to train on", "use --signal logprob")
-    train_idx, small_ok, comps = labels
+    train_idx, small_ok = train
     feats = query_features(small, questions)
     y = torch.tensor([float(small_ok[i]) for i in train_idx])
     if y.min() == y.max():  # one class only: the router can only predict that rate
-        return comps, [float(y[0])] * len(prompts)
+        return [float(y[0])] * len(prompts)
     predict = fit_logistic(feats[train_idx], y)
-    return comps, predict(feats).tolist()
+    return predict(feats).tolist()
+
+
+@SIGNALS.register("probe")
+def probe_signal(small: Backend, prompts, questions, comps: Sequence[Completion], cfg: CascadeConfig, train=None):
+    """1 - P(wrong) of a linear probe on the small model's hidden states over prompt + answer.
+
+    With ``cfg.probe``: that probe file. Otherwise ``train`` (``(train_idx, small_ok)``) trains
+    one on the calibration rows (a wrong answer is label 1), as the router does.
+    """
+    from slmkit.backends.hf import render_prompt
+    from slmkit.collab.probe import ProbeConfig, fit_probe, hidden_features, load_probe, resolve_layer
+
+    model, tok = getattr(small, "model", None), getattr(small, "tokenizer", None)
+    if model is None or tok is None:
+        raise ConfigError("the probe signal reads the small model's hidden states; the small model must be local")
+    contexts = [render_prompt(tok, p) for p in prompts]
+    answers = [c.text for c in comps]
+    if cfg.probe is not None:
+        probe = load_probe(cfg.probe)
+        feats = hidden_features(model, tok, contexts, answers, probe.layer, probe.pool)
+        return (1.0 - probe.risk(feats)).tolist()
+    if train is None:
+        raise ConfigError("the probe signal needs a probe file (--probe FILE) or labelled rows to train on",
+                          "train one with: slmkit judge --data LABELLED --model SMALL --signal probe --save-probe FILE")
+    train_idx, small_ok = train
+    pcfg = ProbeConfig(seed=cfg.seed)
+    layer = resolve_layer(model, pcfg.layer)
+    feats = hidden_features(model, tok, contexts, answers, layer, pcfg.pool)
+    wrong = [1 - int(small_ok[i]) for i in train_idx]
+    if len(set(wrong)) < 2:  # one class only: the probe can only predict that rate
+        return [1.0 - wrong[0]] * len(prompts)
+    probe = fit_probe(feats[train_idx], wrong, pcfg, layer)
+    return (1.0 - probe.risk(feats)).tolist()
+
+
+#: signals that learn from labelled rows (the calibration split's correctness of the small model)
+TRAINED_SIGNALS = ("router", "probe")
 
 
 # --------------------------------------------------------------------------- running
@@ -302,16 +350,13 @@ def run_cascade(small: Backend, large: Backend | None, rows: Sequence[dict], cfg
     small_prompts = [qa_prompt(q, r.get("context"), wants_chat(small)) for q, r in zip(questions, rows)]
     small_ok: list[float] | None = None
     signal = SIGNALS.get(cfg.signal)
-    if cfg.signal == "router":
-        if not labelled:
-            raise ConfigError("the router signal needs labelled data (an 'answer' field) to train on", "use --signal logprob")
-        pre = small.generate(small_prompts, GenParams(max_new_tokens=cfg.max_new_tokens))
-        small_ok = [float(answer_correct(c.text, g)) for c, g in zip(pre, golds)]
-        comps, conf = signal(small, small_prompts, questions, cfg, (cal, small_ok, pre))
-    else:
-        comps, conf = signal(small, small_prompts, questions, cfg)
+    comps = small.generate(small_prompts, GenParams(max_new_tokens=cfg.max_new_tokens, logprobs=True))
     if labelled:
         small_ok = [float(answer_correct(c.text, g)) for c, g in zip(comps, golds)]
+    train = (cal, small_ok) if labelled and cfg.signal in TRAINED_SIGNALS and not (cfg.signal == "probe" and cfg.probe) else None
+    if cfg.signal in TRAINED_SIGNALS and train is None and not (cfg.signal == "probe" and cfg.probe):
+        raise ConfigError(f"the {cfg.signal} signal needs labelled data (an 'answer' field) to train on", "use --signal logprob")
+    conf = signal(small, small_prompts, questions, comps, cfg, train)
     large_texts: dict[int, str] = {}
 
     def ask_large(idx: list[int]) -> None:

@@ -9,8 +9,13 @@ Two risk scores, higher = more likely hallucinated:
   overlap as the consistency measure: sample ``samples`` answers to the question and
   take ``1 - mean_i F1(answer, sample_i)``; an answer the model cannot reproduce
   under sampling is flagged (the n-gram variant of Sec. 5.3, without NLI or QA models).
+* ``probe``: the wrong-answer probability of a linear probe on the judging model's hidden
+  states over question + answer (Azaria & Mitchell 2023, arXiv:2304.13734; see
+  :mod:`slmkit.collab.probe`): a trained probe file, or, on labelled rows, out-of-fold
+  scores of probes trained on the other questions (so every score is held out).
 
-Detection quality is the AUROC of the risk against hallucination labels; the labelled
+Detection quality is the AUROC of the risk against hallucination labels, with a percentile
+bootstrap interval over items (Efron & Tibshirani 1993, Ch. 13); the labelled
 set here is built from TruthfulQA (Lin et al. 2022): for each question its best correct
 answer (label 0) and its first incorrect answer (label 1).
 """
@@ -20,11 +25,12 @@ from __future__ import annotations
 import csv
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from slmkit.backends.base import Backend, GenParams
 from slmkit.collab.cascade import wants_chat, token_f1
+from slmkit.collab.probe import Probe, ProbeConfig, cross_val_risk, fit_probe, hidden_features, load_probe, resolve_layer
 from slmkit.data.readers import Lines
 from slmkit.errors import ConfigError, DataError
 from slmkit.registry import Registry
@@ -37,11 +43,13 @@ JUDGES: Registry[Callable] = Registry("judge method")
 
 @dataclass(frozen=True)
 class JudgeConfig:
-    method: str = "logprob"  #: logprob | consistency
+    method: str = "logprob"  #: logprob | consistency | probe
     samples: int = 4  #: sampled answers per question (consistency)
     max_new_tokens: int = 24  #: length of each sampled answer (tokens)
     temperature: float = 0.8  #: temperature of the samples
     threshold: float | None = None  #: flag items whose risk exceeds this (None: report scores only)
+    probe: str | None = None  #: probe method: a trained probe file (None: cross-validate on labelled rows)
+    probe_cfg: ProbeConfig = field(default_factory=ProbeConfig)  #: probe method: layer, pooling, folds
     seed: int = 0
 
     def __post_init__(self):
@@ -88,6 +96,54 @@ def consistency_risk(backend: Backend, items: Sequence[QAItem], cfg: JudgeConfig
         for q, c in zip(questions, backend.generate(prompts, gp)):
             samples[q].append(c.text)
     return [1.0 - sum(token_f1(it.answer, s) for s in samples[it.question]) / cfg.samples for it in items]
+
+
+@JUDGES.register("probe")
+def probe_risk(backend: Backend, items: Sequence[QAItem], cfg: JudgeConfig) -> list[float]:
+    """P(wrong) from a linear probe on the judging model's hidden states (held out when cross-validated)."""
+    return probe_and_risk(backend, items, cfg)[0]
+
+
+def probe_and_risk(backend: Backend, items: Sequence[QAItem], cfg: JudgeConfig) -> tuple[list[float], Probe]:
+    """The probe's risks and the probe: ``cfg.probe``'s file, or (labelled rows) out-of-fold risks,
+    grouped by question, plus a probe fitted on all rows (to save)."""
+    model, tok = getattr(backend, "model", None), getattr(backend, "tokenizer", None)
+    contexts = [_context(backend, it.question) for it in items]
+    answers = [it.answer for it in items]
+    if cfg.probe is not None:
+        probe = load_probe(cfg.probe)
+        feats = hidden_features(model, tok, contexts, answers, probe.layer, probe.pool, cfg.probe_cfg.batch_size, cfg.probe_cfg.max_tokens)
+        return probe.risk(feats).tolist(), probe
+    labels = [it.label for it in items]
+    if any(lab is None for lab in labels):
+        raise ConfigError("the probe judge needs a probe file (--probe FILE) or labelled rows (a 'label' in every row) to train on")
+    pc = cfg.probe_cfg
+    layer = resolve_layer(model, pc.layer) if model is not None else 0
+    feats = hidden_features(model, tok, contexts, answers, layer, pc.pool, pc.batch_size, pc.max_tokens)
+    groups = [it.question for it in items]
+    risk = cross_val_risk(feats, labels, groups, pc, layer)
+    probe = fit_probe(feats, labels, pc, layer, groups)
+    probe.meta.update(model=getattr(backend, "name", ""), n_questions=len(set(groups)), folds=pc.folds,
+                      cv_auroc=auroc(risk.tolist(), labels))
+    return risk.tolist(), probe
+
+
+def auroc_ci(scores: Sequence[float], labels: Sequence[int], n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of :func:`auroc` (items resampled with replacement)."""
+    import numpy as np
+    from sklearn.metrics import roc_auc_score
+
+    s, y = np.asarray(scores, dtype=float), np.asarray(labels, dtype=int)
+    rng = np.random.default_rng(seed)
+    vals = []
+    for _ in range(n_boot):
+        idx = rng.integers(0, len(y), len(y))
+        if 0 < y[idx].sum() < len(idx):  # a resample needs both classes
+            vals.append(roc_auc_score(y[idx], s[idx]))
+    if not vals:
+        raise DataError("AUROC needs both positive (1) and negative (0) labels")
+    lo, hi = np.quantile(vals, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(lo), float(hi)
 
 
 def auroc(scores: Sequence[float], labels: Sequence[int]) -> float:
@@ -162,17 +218,31 @@ def judge(backend: Backend, items: Sequence[QAItem], cfg: JudgeConfig) -> list[f
     return JUDGES.get(cfg.method)(backend, items, cfg)
 
 
-def judge_file(model: str, data: str | Path, cfg: JudgeConfig, limit: int = 0, dtype: str = "fp32") -> dict:
-    """The ``slmkit judge`` verb: risks per item, flags, and AUROC when every item is labelled."""
+def judge_file(model: str, data: str | Path, cfg: JudgeConfig, limit: int = 0, dtype: str = "fp32",
+               save_probe: str | Path | None = None) -> dict:
+    """The ``slmkit judge`` verb: risks per item, flags, and AUROC (with its 95% bootstrap interval)
+    when every item is labelled; with ``save_probe``, the probe fitted on all rows is written there."""
     from slmkit.backends import from_spec
 
+    if save_probe is not None and (cfg.method != "probe" or cfg.probe is not None):
+        raise ConfigError("--save-probe trains a probe: use it with --signal probe and without --probe")
     items = read_items(data, limit)
     backend = from_spec(model, dtype=dtype)
-    risk = judge(backend, items, cfg)
     report: dict = {"model": model, "data": str(data), "method": cfg.method, "n": len(items)}
+    if cfg.method == "probe":
+        risk, probe = probe_and_risk(backend, items, cfg)
+        report["held_out"] = cfg.probe is None  # out-of-fold scores, grouped by question
+        if save_probe is not None:
+            from slmkit.collab.probe import save_probe as write_probe
+
+            probe.meta.update(data=str(data), dtype=dtype)
+            report["probe"] = str(write_probe(probe, save_probe))
+    else:
+        risk = judge(backend, items, cfg)
     labels = [it.label for it in items]
     if all(lab is not None for lab in labels) and len(set(labels)) == 2:
         report["auroc"] = auroc(risk, labels)
+        report["auroc_ci95"] = list(auroc_ci(risk, labels, seed=cfg.seed))
     report["items"] = [
         {"question": it.question, "answer": it.answer, "label": it.label, "risk": r,
          **({"flagged": r > cfg.threshold} if cfg.threshold is not None else {})}

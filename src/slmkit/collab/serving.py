@@ -89,22 +89,39 @@ class SpeculativeBackend:
 
 
 class CascadeBackend:
-    """Small first; escalate when the mean token log-prob of its answer is below ``threshold``.
+    """Small first; escalate when the confidence of its answer is below ``threshold``.
 
-    Confidence is the FrugalGPT-style mean token log-probability (see
-    :mod:`slmkit.collab.cascade`). :meth:`generate` answers all prompts with the small
-    model in one call and sends every escalated prompt to the large one in one call.
-    :meth:`stream` must decide first, so it generates the small answer whole, then
-    streams either it (one piece) or the large model's answer.
+    Confidence is one of :data:`slmkit.collab.cascade.SIGNALS`, named by ``cfg.signal``
+    (default: the FrugalGPT-style mean token log-probability; ``consistency`` samples
+    ``cfg.samples`` more answers; ``probe`` needs ``cfg.probe``, a trained probe file).
+    :meth:`generate` answers all prompts with the small model in one call and sends every
+    escalated prompt to the large one in one call. :meth:`stream` must decide first, so it
+    generates the small answer whole, then streams either it (one piece) or the large model's answer.
     """
 
-    def __init__(self, small: Backend, large: Backend | None, threshold: float, fallback: bool = True):
+    def __init__(self, small: Backend, large: Backend | None, threshold: float, fallback: bool = True, cfg=None):
+        from slmkit.collab.cascade import TRAINED_SIGNALS, CascadeConfig
+
+        self.cfg = cfg if cfg is not None else CascadeConfig()
+        if self.cfg.signal in TRAINED_SIGNALS and not (self.cfg.signal == "probe" and self.cfg.probe):
+            raise SlmkitError(f"serving cannot train the {self.cfg.signal} signal on requests",
+                              "use --signal logprob|consistency, or --signal probe --probe FILE")
+        if self.cfg.signal == "probe":
+            from slmkit.collab.probe import load_probe
+
+            load_probe(self.cfg.probe)  # a missing or foreign file is refused before serving
         self.small, self.large, self.threshold, self.fallback = small, large, threshold, fallback
         self.name = f"cascade({small.name}->{large.name if large is not None else 'unreachable'})"
 
     def _first(self, prompts: Sequence[Prompt], params: GenParams) -> tuple[list[Completion], list[float]]:
+        from slmkit.collab.cascade import SIGNALS
+
         first = self.small.generate(prompts, replace(params, logprobs=True))
-        return first, [sum(c.logprobs) / len(c.logprobs) if c.logprobs else -math.inf for c in first]
+        if self.cfg.signal == "logprob":
+            return first, [sum(c.logprobs) / len(c.logprobs) if c.logprobs else -math.inf for c in first]
+        questions = [p if isinstance(p, str) else str(p[-1].get("content", "")) if p else "" for p in prompts]
+        cfg = replace(self.cfg, max_new_tokens=max(1, params.max_new_tokens))
+        return first, [float(c) for c in SIGNALS.get(cfg.signal)(self.small, prompts, questions, first, cfg)]
 
     def _meta(self, conf: float) -> dict:
         return {"escalated": False, "confidence": conf if math.isfinite(conf) else None, "source": "small"}
@@ -308,8 +325,9 @@ def create_app(backend: Backend, name: str | None = None, api_key: str | None = 
 
 
 def build_backend(small_spec: str, large_spec: str, mode: str, dtype: str = "fp32", threshold: float = -1.0,
-                  timeout: float = 60.0, retries: int = 2) -> Backend:
-    """The Backend behind ``slmkit serve SMALL --large ... --mode ...``."""
+                  timeout: float = 60.0, retries: int = 2, cascade=None) -> Backend:
+    """The Backend behind ``slmkit serve SMALL --large ... --mode ...`` (``cascade``: a
+    :class:`~slmkit.collab.cascade.CascadeConfig` naming the confidence signal)."""
     from slmkit.backends import HFBackend
     from slmkit.backends.openai import OpenAIBackend
     from slmkit.errors import ConfigError
@@ -337,7 +355,7 @@ def build_backend(small_spec: str, large_spec: str, mode: str, dtype: str = "fp3
         except BackendError as err:
             log.warning("large model unreachable (%s); the cascade answers from the small model", err)
             large = None
-        return CascadeBackend(small, large, threshold)
+        return CascadeBackend(small, large, threshold, cfg=cascade)
     if mode == "shield":
         from slmkit.collab.privacy import ShieldedBackend
 
