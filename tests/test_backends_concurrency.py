@@ -141,3 +141,21 @@ def test_concurrency_on_a_local_model_exits_2(verb, tiny_dir, tmp_path, capsys):
     assert main([*args, "--concurrency", "3"]) == 2
     assert "--concurrency 3 applies to http(s) endpoints" in capsys.readouterr().err
 
+
+
+def test_judge_over_endpoint_with_concurrency(tmp_path, capsys):
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"question": f"question {i}?", "answer": f"answer number {i}", "label": i % 2}) + "\n"
+                            for i in range(8)))
+    with FakeOpenAI(delay=0.05) as fake:
+        assert main(["judge", "--data", str(data), "--model", fake.url, "--concurrency", "4", "--json"]) == 0
+        assert fake.max_in_flight == 4
+    report = json.loads(capsys.readouterr().out)
+    assert report["n"] == 8 and len(report["items"]) == 8
+
+
+def test_route_concurrency_needs_a_large_endpoint(tiny_dir, tmp_path, capsys):
+    data = tmp_path / "qa.jsonl"
+    data.write_text(json.dumps({"question": "q?"}) + "\n")
+    assert main(["route", "--small", str(tiny_dir), "--large", str(tiny_dir), "--data", str(data), "--concurrency", "2"]) == 2
+    assert "--concurrency 2 applies to http(s) endpoints" in capsys.readouterr().err

@@ -108,19 +108,22 @@ def route(
     samples: int = typer.Option(4, "--samples", min=2, help="samples per question for --signal consistency"),
     timeout: float = typer.Option(60.0, "--timeout", help="seconds per request to a large endpoint"),
     retries: int = typer.Option(2, "--retries", min=0, help="retries per request to a large endpoint"),
+    concurrency: int = typer.Option(1, "--concurrency", min=1, help="requests in flight at once to a large endpoint"),
     fallback: bool = typer.Option(True, "--fallback/--no-fallback", help="answer from the small model when the large one is unreachable"),
     dtype: str = typer.Option("fp32", "--dtype"),
     seed: int = typer.Option(0, "--seed"),
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
     """Cascade: the small model answers, low-confidence questions escalate to the large one."""
+    from slmkit.backends import check_concurrency
     from slmkit.collab.cascade import CascadeConfig, run_route
 
     cfg = CascadeConfig(
         signal=signal, escalate=escalate, quality=quality, calib_fraction=calib_fraction,
-        max_new_tokens=max_new_tokens, samples=samples, timeout=timeout, retries=retries,
+        max_new_tokens=max_new_tokens, samples=samples, timeout=timeout, retries=retries, concurrency=concurrency,
         fallback=fallback, seed=seed, probe=None if probe is None else str(probe),
     )
+    check_concurrency(concurrency, large)
     report = run_route(small, large, data, cfg, limit=limit, dtype=dtype)
     if json_out:
         print_json(report)
@@ -140,16 +143,19 @@ def judge(
     threshold: Optional[float] = typer.Option(None, "--threshold", help="flag items whose risk exceeds this"),
     limit: int = typer.Option(0, "--limit", min=0, help="first N rows (TruthfulQA: N questions, 2N pairs)"),
     dtype: str = typer.Option("fp32", "--dtype"),
+    concurrency: int = typer.Option(1, "--concurrency", min=1, help="requests in flight at once when --model is an http(s) endpoint"),
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
     """Score (question, answer) pairs for hallucination risk (TruthfulQA.csv or jsonl); AUROC when labelled."""
+    from slmkit.backends import check_concurrency
     from slmkit.collab.judge import JudgeConfig, judge_file
 
     from slmkit.collab.probe import ProbeConfig
 
     cfg = JudgeConfig(method=signal, samples=samples, threshold=threshold, probe=None if probe is None else str(probe),
                       probe_cfg=ProbeConfig(layer=probe_layer, folds=folds))
-    report = judge_file(model, data, cfg, limit=limit, dtype=dtype, save_probe=save_probe)
+    check_concurrency(concurrency, model)
+    report = judge_file(model, data, cfg, limit=limit, dtype=dtype, save_probe=save_probe, concurrency=concurrency)
     if json_out:
         print_json(report)
         return

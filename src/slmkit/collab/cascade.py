@@ -61,6 +61,7 @@ class CascadeConfig:
     sample_temperature: float = 0.7  #: temperature of those samples
     timeout: float = 60.0  #: seconds per request to a large HTTP endpoint
     retries: int = 2  #: retries per request to a large HTTP endpoint
+    concurrency: int = 1  #: requests in flight at once to a large HTTP endpoint
     fallback: bool = True  #: if the large model fails, answer from the small one and say so
     probe: str | None = None  #: probe signal: a probe file (safetensors) to use instead of training one
     seed: int = 0
@@ -316,7 +317,8 @@ def large_backend(spec: str, cfg: CascadeConfig, dtype: str = "fp32") -> Backend
         from slmkit.backends.openai import OpenAIBackend
 
         url, _, model = spec.partition("#")
-        return OpenAIBackend(url, model=model or None, timeout=cfg.timeout, retries=cfg.retries, backoff=0.2)
+        return OpenAIBackend(url, model=model or None, timeout=cfg.timeout, retries=cfg.retries, backoff=0.2,
+                             concurrency=cfg.concurrency)
     from slmkit.backends import HFBackend
 
     return HFBackend.from_spec(spec, dtype=dtype)
