@@ -9,10 +9,11 @@ from typing import Optional
 import typer
 
 from slmkit.cli._common import FORCE_HELP, console, human_bytes, kv_table, print_json
+from slmkit.cli.progress import with_progress
 
 
 def register(app: typer.Typer) -> None:
-    app.command("quantize")(quantize_cmd)
+    app.command("quantize")(with_progress("quantize")(quantize_cmd))
     app.command("export")(export_cmd)
 
 

@@ -11,13 +11,15 @@ from typing import Optional
 import typer
 
 from slmkit.cli._common import FORCE_HELP, console, kv_table, print_json
+from slmkit.cli.progress import with_progress
+from slmkit.progress import trainer_callback
 
 MODEL_HELP = "default | hub id | directory | file.gguf"
 
 
 def register(app: typer.Typer) -> None:
-    app.command("sft")(sft)
-    app.command("dpo")(dpo)
+    app.command("sft")(with_progress("sft")(sft))
+    app.command("dpo")(with_progress("dpo")(dpo))
     rag = typer.Typer(help="Retrieval-augmented generation: index documents, answer with sources.", no_args_is_help=True)
     rag.command("index")(rag_index)
     rag.command("ask")(rag_ask)
@@ -85,7 +87,7 @@ def sft(
     m, tok = load(model, dtype=dtype)
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):
-        res = run(m, tok, convs, cfg, checkpoint_dir(output), resume=resume)
+        res = run(m, tok, convs, cfg, checkpoint_dir(output), resume=resume, callbacks=[trainer_callback()])
     seconds = time.perf_counter() - t0
     loss = assistant_loss(res.model, tok, convs[:64], max_length=max_length)
     manifest = Manifest(source=model, metrics={"train_loss": res.train_loss, "assistant_loss_first64": loss})
@@ -148,7 +150,7 @@ def dpo(
     before = preference_metrics(m, tok, held, cfg, reference=None)
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):
-        res = preference_train(m, tok, pairs, cfg, checkpoint_dir(output), resume=resume)
+        res = preference_train(m, tok, pairs, cfg, checkpoint_dir(output), resume=resume, callbacks=[trainer_callback()])
     seconds = time.perf_counter() - t0
     after = preference_metrics(res.model, tok, held, cfg, reference="adapters-off" if lora else ref)
     manifest = Manifest(source=model, metrics={"before": before, "after": after})

@@ -9,13 +9,14 @@ from typing import Optional
 import typer
 
 from slmkit.cli._common import FORCE_HELP, console, err_console, kv_table, print_json
+from slmkit.cli.progress import with_progress
 
 log = logging.getLogger(__name__)
 
 
 def register(app: typer.Typer) -> None:
-    app.command("distill")(distill_cmd)
-    app.command("gen-data")(gen_data_cmd)
+    app.command("distill")(with_progress("distill")(distill_cmd))
+    app.command("gen-data")(with_progress("gen-data")(gen_data_cmd))
 
 
 def _is_url(spec: str) -> bool:
@@ -56,6 +57,7 @@ def distill_cmd(
     from slmkit.artefact import Manifest, check_output
     from slmkit.errors import ConfigError, DataError
     from slmkit.models import load
+    from slmkit.progress import trainer_callback
     from slmkit.train.data import DataConfig
     from slmkit.train.distill import TEACHER_DATA, DistillConfig, check_same_tokenizer, distill, is_run_output
     from slmkit.train.losses import LossConfig
@@ -99,7 +101,7 @@ def distill_cmd(
     base = Manifest.read(student) if Path(student).is_dir() else None
     res = distill(s_model, s_tok, data_path, output, cfg, teacher=t_model, resume=resume,
                   source={"teacher": teacher, "student": student, "black_box": black_box}, base_manifest=base,
-                  force=force)
+                  force=force, callbacks=[trainer_callback()])
     first = res.history[0]["loss"] if res.history else None
     last = res.history[-1]["loss"] if res.history else None
     out = {"output": str(output), "teacher": teacher, "student": student, "loss": lcfg.loss, "steps": res.steps,

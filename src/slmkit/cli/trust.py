@@ -8,11 +8,13 @@ from typing import Optional
 
 import typer
 
-from slmkit.cli._common import FORCE_HELP, console, err_console, print_json
+from slmkit.cli._common import FORCE_HELP, console, print_json
+from slmkit.cli.progress import with_progress
+from slmkit.progress import step
 
 
 def register(app: typer.Typer) -> None:
-    app.command("audit")(audit)
+    app.command("audit")(with_progress("audit")(audit))
 
 
 def audit(
@@ -54,18 +56,23 @@ def audit(
                       memorisation=not no_memorisation, canary_candidates=canary_candidates)
     ctx = AuditContext(cfg.data_dir, seed)
 
+    dims = list(cfg.dimensions)
+
     def progress(who: str):
-        return lambda dim: err_console.print(f"[dim]{who}: {dim}...[/dim]")  # stderr: --json output stays clean
+        # a bar over the dimensions (slmkit.cli.progress: on stderr, on a terminal, not with --json)
+        return lambda dim: step(f"{who} dimensions", dims.index(dim) if dim in dims else 0, len(dims))
 
     backend = from_spec(model, dtype=dtype, api_key=api_key, concurrency=concurrency)
     backend.name = model
     a = run_audit(backend, cfg, ctx, progress(model))
+    step(f"{model} dimensions", len(dims), len(dims))
     b = None
     if compare_with is not None:
         del backend
         other = from_spec(compare_with, dtype=dtype, api_key=api_key, concurrency=concurrency)
         other.name = compare_with if compare_with != model else f"{compare_with} (B)"
         b = run_audit(other, cfg, ctx, progress(other.name))
+        step(f"{other.name} dimensions", len(dims), len(dims))
     diffs = compare(a, b) if b is not None else None
     paths = write_report(output, a, b, diffs, force=force) if output is not None else None
     if json_out:

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from slmkit import progress
 from slmkit.data.readers import json_line
 from slmkit.errors import ConfigError, DataError, UnsupportedModelError
 
@@ -115,13 +116,15 @@ def self_generate(model, tokenizer, n: int, length: int, seed: int = 0, batch_si
     allowed_ids = allowed.nonzero()[:, 0]
     g = torch.Generator().manual_seed(seed)
     out = []
+    progress.step("self-generated calibration tokens", 0, n * length)
     for b0 in range(0, n, batch_size):
         b = min(batch_size, n - b0)
         first = allowed_ids[torch.randint(allowed_ids.numel(), (b,), generator=g)]
         seq = torch.cat([torch.full((b, 1), start, dtype=torch.long), first[:, None]], dim=1)  # (B, 2)
         res = model(seq.to(device), use_cache=True)
         cache = getattr(res, "cache", None) or getattr(res, "past_key_values", None)
-        for _ in range(length - 1):
+        for t in range(length - 1):
+            progress.step("self-generated calibration tokens", b0 * length + b * (t + 1), n * length)
             logits = res.logits[:, -1].float().cpu()  # (B, V)
             logits[:, ~allowed] = -math.inf
             nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=g)  # (B, 1)
@@ -129,6 +132,7 @@ def self_generate(model, tokenizer, n: int, length: int, seed: int = 0, batch_si
             res = model(nxt.to(device), cache=cache, use_cache=True)
             cache = getattr(res, "cache", None) or getattr(res, "past_key_values", None)
         out.append(seq[:, 1:])  # drop the start token: (B, length)
+        progress.step("self-generated calibration tokens", (b0 + b) * length, n * length)
     return torch.cat(out)
 
 
@@ -338,6 +342,7 @@ def sequential(
     """
     layers = decoder_layers(model)
     xs, kws = block_inputs(model, ids, batch_size)
+    progress.step("blocks", 0, len(layers))
     for i, block in enumerate(layers):
         stats = collect_stats(block, xs, kws, seed=seed + i, hessian=hessian, only=only) if collect else {}
         fn(i, block, stats)
@@ -346,6 +351,7 @@ def sequential(
             on_block(i, xs, outs)
         xs = outs
         log.debug("calibrated block %d/%d", i + 1, len(layers))
+        progress.step("blocks", i + 1, len(layers))
     return xs
 
 

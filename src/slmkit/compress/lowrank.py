@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from slmkit import progress
 from slmkit.compress.calibrate import LinearStats, decoder_layers, linears, sequential
 from slmkit.errors import ConfigError, CorruptModelError
 from slmkit.registry import Registry
@@ -209,8 +210,10 @@ def lowrank(model, calib_ids: torch.Tensor | None, cfg: LowRankConfig):
         sequential(model, calib_ids, fn, batch_size=cfg.batch_size, hessian=cfg.method == "whiten")
     else:
         with torch.no_grad():
-            for i, block in enumerate(decoder_layers(model)):
+            layers = decoder_layers(model)
+            for i, block in enumerate(layers):
                 fn(i, block, {})
+                progress.step("blocks", i + 1, len(layers))
     model.config.slmkit_lowrank = dict(ranks)
     log.info("low-rank (%s): %d layers factorised", cfg.method, len(ranks))
     return model

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from slmkit import progress
 from slmkit.compress.awq import AWQConfig, awq_model
 from slmkit.compress.gptq import GPTQConfig, gptq_model
 from slmkit.compress.qgrid import GGUF_TYPES, Grid, QTensor, quantize_rtn
@@ -114,11 +115,12 @@ def rtn_model(model, ids, cfg: RTNConfig, names: list[str], grid_of=None) -> dic
     params = dict(model.named_parameters())
     out = {}
     with torch.no_grad():
-        for name in names:
+        for k, name in enumerate(names):
             p = params[name]
             qt = quantize_rtn(p.float(), grid_of(name) if grid_of else cfg.grid)
             p.data.copy_(qt.dequantize().to(p.dtype))
             out[name] = qt
+            progress.step("weights", k + 1, len(names))
     return out
 
 

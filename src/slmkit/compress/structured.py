@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slmkit import progress
 from slmkit.compress.calibrate import LinearStats, decoder_layers, sequential
 from slmkit.compress.prune import PRUNER_CONFIGS, PRUNERS
 from slmkit.errors import ConfigError, UnsupportedModelError
@@ -132,6 +133,7 @@ def perplexity_impact(model, ids: torch.Tensor, batch_size: int = 8) -> torch.Te
             model.model.layers = nn.ModuleList([b for j, b in enumerate(layers) if j != i])
             model.config.num_hidden_layers = len(layers) - 1
             scores[i] = _mean_nll(model, ids, batch_size) - base
+            progress.step("blocks skipped in turn", i + 1, len(layers))
     finally:
         model.model.layers = layers
         model.config.num_hidden_layers = n_layers

@@ -32,6 +32,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from slmkit import progress
 from slmkit.backends.base import Backend, GenParams, PartialFailure
 from slmkit.data.readers import open_lines, json_line
 from slmkit.errors import BackendError, ConfigError, DataError
@@ -351,6 +352,7 @@ def generate_dataset(teacher: Backend, prompts: list[PromptItem], output: str | 
     queue: list = []  # (item, completion) answered by the last teacher call, in prompt order
     empty_calls = 0  # teacher calls in a row that answered no prompt
     while pending or queue:
+        progress.step("accepted replies", report.accepted, target)
         if report.accepted >= target:
             break
         if not queue:
@@ -397,4 +399,5 @@ def generate_dataset(teacher: Backend, prompts: list[PromptItem], output: str | 
         dedup.add(reply)
         append_row(output, {"id": item.id, "messages": [*item.messages, {"role": "assistant", "content": reply}], "meta": meta})
         report.accepted += 1
+    progress.step("accepted replies", report.accepted, target)
     return report

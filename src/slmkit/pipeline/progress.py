@@ -17,6 +17,24 @@ log = logging.getLogger(__name__)
 _STYLE = {"pending": "dim", "running": "bold yellow", "ran": "green", "resumed": "green", "cached": "cyan", "failed": "bold red"}
 
 
+def make_bar(console, transient: bool = False):
+    """The rich progress bar slmkit shows (build stages, and every long verb through ``slmkit.cli.progress``):
+    description, bar, done/total, elapsed time and ETA."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("elapsed"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=transient,
+    )
+
+
 class View(Protocol):
     def begin(self, recipe, stages: list) -> None: ...
     def stage_start(self, spec, resumed: bool) -> None: ...
@@ -56,19 +74,9 @@ class RichView(LogView):
     def __init__(self, console=None):
         super().__init__()
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
         self.console = console or Console(stderr=True)
-        self.progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("elapsed"),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            console=self.console,
-        )
+        self.progress = make_bar(self.console)
         self.rows: dict[int, dict] = {}
         self.task = None
         self.live = None
