@@ -177,6 +177,17 @@ class HFBackend:
         return out
 
     @torch.inference_mode()
+    def score_ids(self, seqs: Sequence[tuple[list[int], int]]) -> list[TokenScores]:
+        """Log-probs of ``ids[start:]`` for each ``(ids, start)`` (``start >= 1``): token ids already split
+        into context and continuation, as lm-evaluation-harness' ``_loglikelihood_tokens`` takes them."""
+        if any(start < 1 or start > len(ids) for ids, start in seqs):
+            raise ValueError("score_ids needs 1 <= start <= len(ids) for every sequence")
+        out: list[TokenScores] = []
+        for b in range(0, len(seqs), self.batch_size):
+            out.extend(self._score_batch(list(seqs[b : b + self.batch_size])))
+        return out
+
+    @torch.inference_mode()
     def score_choices(self, contexts: Sequence[str], choices: Sequence[Sequence[str]], prefix: str = "",
                       max_tokens: int = 1024) -> list[list[float]]:
         """Total log-likelihood of each of ``choices[i]`` as a continuation of ``contexts[i]``.

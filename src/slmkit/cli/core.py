@@ -64,17 +64,10 @@ def _prompt_of(tokenizer, prompt: str, chat: Optional[bool]):
 
 
 def _fast_backend(model: str, dtype: Optional[str], weights: str, kv: str, kv_budget: Optional[int]):
-    from slmkit.models import load
     from slmkit.runtime.backend import FastBackend
-    from slmkit.runtime.generate import FastConfig
-    from slmkit.runtime.gguffast import file_codes
 
-    gguf = file_codes(model, dtype, weights)  # a quantised FILE.gguf or packed DIR runs its own codes unless --dtype is given
-    cfg = FastConfig(dtype="bf16" if dtype in ("bf16", "bfloat16") else "fp32", weights=weights)
-    m, tok = load(model, dtype=dtype or "fp32")
-    if kv in ("streaming", "h2o") and kv_budget is None:
-        kv_budget = 1024
-    return FastBackend(m, tok, cfg, name=model, kv=kv, kv_budget=kv_budget, gguf=gguf)
+    # a quantised FILE.gguf or packed DIR runs its own codes unless --dtype is given
+    return FastBackend.from_spec(model, dtype, weights, kv, kv_budget)
 
 
 def _constraint_of(json_schema: Optional[Path], regex: Optional[str], grammar: Optional[Path]):

@@ -34,6 +34,21 @@ class FastBackend:
         self._lltok = None  # llguidance's tokenizer, built on the first constrained request (~1 s)
         self._pool = None  # one worker thread computing the next token mask during the forward pass
 
+    @classmethod
+    def from_spec(cls, spec: str, dtype: str | None = None, weights: str = "native", kv: str = "full",
+                  kv_budget: int | None = None) -> FastBackend:
+        """The fast path over ``spec`` (``slmkit generate --fast``): a quantised FILE.gguf or packed DIR runs its
+        own codes unless ``dtype`` is given; ``weights`` native|int8|int4; streaming/h2o keep 1024 tokens by default."""
+        from slmkit.models import load
+        from slmkit.runtime.gguffast import file_codes
+
+        gguf = file_codes(spec, dtype, weights)
+        cfg = FastConfig(dtype="bf16" if dtype in ("bf16", "bfloat16") else "fp32", weights=weights)
+        model, tok = load(spec, dtype=dtype or "fp32")
+        if kv in ("streaming", "h2o") and kv_budget is None:
+            kv_budget = 1024
+        return cls(model, tok, cfg, name=spec, kv=kv, kv_budget=kv_budget, gguf=gguf)
+
     def token_mask(self, constraint):
         """A :class:`~slmkit.runtime.constrain.TokenMask` for one sequence under ``constraint``."""
         from concurrent.futures import ThreadPoolExecutor
