@@ -1,4 +1,4 @@
-"""Collaboration verbs: speculate, route, judge, invert."""
+"""Collaboration verbs: speculate, route, judge, proxy, invert."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ def register(app: typer.Typer) -> None:
     app.command("speculate")(speculate)
     app.command("route")(route)
     app.command("judge")(judge)
+    app.command("proxy")(proxy)
     app.command("invert")(invert)
 
 
@@ -53,7 +54,8 @@ def speculate(
     import torch
 
     from slmkit.backends.hf import token_id_list
-    from slmkit.collab.speculative import SpecConfig, autoregressive, resolve_draft, speculate as run
+    from slmkit.collab.drafters import resolve_draft
+    from slmkit.collab.speculative import SpecConfig, autoregressive, speculate as run
     from slmkit.models import load
 
     t_model, t_tok = load(target, dtype=dtype)
@@ -160,6 +162,73 @@ def judge(
         print_json(report)
         return
     console.print(kv_table("judge", [(k_, v) for k_, v in report.items() if k_ != "items"]))
+
+
+def proxy(
+    prompt: Optional[str] = typer.Argument(None, help="the prompt (wrapped in the chat template unless --raw); omit with --eval"),
+    base: str = typer.Option(..., "--base", help="the LARGE model to steer: default | hub id | directory | file.gguf"),
+    tuned: str = typer.Option(..., "--tuned", help="the tuned SMALL model (the expert)"),
+    untuned: str = typer.Option(..., "--untuned", help="the same SMALL model before tuning; all three share one tokenizer"),
+    alpha: float = typer.Option(1.0, "--alpha", help="strength of the (tuned - untuned) shift; 1.0 as in Liu et al. 2024"),
+    eval_data: Optional[Path] = typer.Option(None, "--eval", help="jsonl of {question | prompt, answer(s), context?}: task metric of base, tuned, untuned and proxy, and the tuning gap closed"),
+    reference: Optional[str] = typer.Option(None, "--reference", help="with --eval: the LARGE model tuned directly (the gap proxy-tuning should close)"),
+    limit: int = typer.Option(0, "--limit", min=0, help="with --eval: first N rows (0 = all)"),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy"),
+    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0),
+    seed: int = typer.Option(0, "--seed"),
+    raw: bool = typer.Option(False, "--raw", help="continue PROMPT as raw text (no chat template)"),
+    dtype: str = typer.Option("fp32", "--dtype"),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """Proxy-tuning: decode the large model with the logit shift of a tuned small model (Liu et al. 2024)."""
+    import torch
+
+    from slmkit.backends.hf import token_id_list
+    from slmkit.collab.proxy import ProxyConfig, decode_system, encode_prompt, evaluate_proxy
+    from slmkit.collab.speculative import check_same_tokenizer
+    from slmkit.errors import ConfigError
+    from slmkit.models import load
+
+    if (prompt is None) == (eval_data is None):
+        raise ConfigError("give a PROMPT or --eval FILE (one of them)")
+    if reference is not None and eval_data is None:
+        raise ConfigError("--reference is compared under --eval FILE")
+    rows = None
+    if eval_data is not None:
+        from slmkit.data import read_jsonl
+
+        rows = read_jsonl(eval_data, limit=limit)
+        for i, r in enumerate(rows, 1):
+            if not ("question" in r or "prompt" in r) or not isinstance(r.get("answer", r.get("answers")), (str, list)):
+                raise ConfigError(f"{eval_data}: row {i} needs 'question' (or 'prompt') and 'answer' (a string or list)")
+    large, tok = load(base, dtype=dtype)
+    models = {"--tuned": load(tuned, dtype=dtype), "--untuned": load(untuned, dtype=dtype)}
+    if reference is not None:
+        models["--reference"] = load(reference, dtype=dtype)
+    for flag, (_, t) in models.items():
+        check_same_tokenizer(tok, t, f"--base and {flag}")
+    chat = not raw and bool(getattr(tok, "chat_template", None))
+    eos = {t for t in (tok.eos_token_id, *token_id_list(large.generation_config.eos_token_id)) if t is not None}
+    cfg = ProxyConfig(alpha=alpha, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, eos_token_ids=tuple(sorted(eos)))
+    small_t, small_u = models["--tuned"][0], models["--untuned"][0]
+    if rows is not None:
+        ref = models["--reference"][0] if reference is not None else None
+        result = {"base": base, "tuned": tuned, "untuned": untuned, "reference": reference, "data": str(eval_data),
+                  **evaluate_proxy(large, small_t, small_u, tok, rows, cfg, chat=chat, reference=ref)}
+        if not json_out:
+            result.pop("examples")
+    else:
+        out = decode_system("proxy", large, small_t, small_u, encode_prompt(tok, prompt, chat), cfg, torch.Generator().manual_seed(seed))
+        result = {"text": tok.decode([t for t in out.tokens if t not in eos], skip_special_tokens=True),
+                  "tokens": len(out.tokens), "tokens_per_s": out.tokens_per_s, "finish_reason": out.finish_reason,
+                  "alpha": alpha, "base": base, "tuned": tuned, "untuned": untuned}
+    if json_out:
+        print_json(result)
+        return
+    if "text" in result:
+        sys.stdout.write(result["text"] + "\n")
+    console.print(kv_table("proxy-tuning", [(k_, v) for k_, v in result.items() if k_ != "text"]))
 
 
 def invert(

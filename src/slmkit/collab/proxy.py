@@ -117,3 +117,75 @@ def contrastive(expert, amateur, ids, cfg: ContrastiveConfig) -> SpecOutput:
         [expert, amateur], lambda l: contrastive_scores(l[0], l[1], cfg.alpha), ids,
         cfg.max_new_tokens, 0.0, 1.0, cfg.eos_token_ids,
     )
+
+
+# --------------------------------------------------------------------------- generate and evaluate
+
+#: the decoders compared by :func:`evaluate_proxy`: the large model alone, each small model alone, proxy-tuned
+SYSTEMS = ("base", "tuned", "untuned", "proxy")
+
+
+def encode_prompt(tok, prompt, chat: bool) -> torch.Tensor:
+    """Token ids of ``prompt``: through the chat template when ``chat``, else raw text."""
+    from slmkit.backends.hf import render_prompt
+
+    if chat:
+        msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        ids = tok(render_prompt(tok, msgs), add_special_tokens=False).input_ids
+    else:
+        ids = tok(prompt).input_ids
+    if not ids:
+        pid = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        ids = [pid if pid is not None else 0]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def decode_system(system: str, large, tuned, untuned, ids, cfg: ProxyConfig, gen: torch.Generator | None = None) -> SpecOutput:
+    """One of :data:`SYSTEMS` on ``ids``, all through the same token loop (so only the scores differ)."""
+    if system == "proxy":
+        return proxy_tune(large, tuned, untuned, ids, cfg, gen)
+    model = {"base": large, "tuned": tuned, "untuned": untuned}.get(system)
+    if model is None:
+        raise ConfigError(f"unknown proxy system {system!r}; known: {', '.join(SYSTEMS)}")
+    return combined_decode([model], lambda l: l[0], ids, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.eos_token_ids, gen)
+
+
+def evaluate_proxy(large, tuned, untuned, tok, rows: Sequence[dict], cfg: ProxyConfig, chat: bool = True,
+                   reference=None) -> dict:
+    """Task quality of the large model alone, each small model alone, and proxy-tuned, on ``rows``.
+
+    Rows are ``{question | prompt, answer(s), context?}``; a prediction is scored by containment
+    of a normalised gold answer and by token F1 (:mod:`slmkit.collab.cascade`). The tuning gap
+    closed is ``(proxy - base) / (reference - base)`` with ``reference`` a directly tuned large
+    model (Liu et al. 2024, Sec. 3), and ``(proxy - base) / (tuned - base)`` against the tuned small one.
+    """
+    from slmkit.collab.cascade import answer_correct, qa_prompt, token_f1
+
+    eos = set(cfg.eos_token_ids)
+    systems = {s: None for s in SYSTEMS} | ({"reference": reference} if reference is not None else {})
+    scores: dict[str, dict] = {s: {"correct": 0.0, "f1": 0.0} for s in systems}
+    examples = []
+    for row in rows:
+        golds = row.get("answer", row.get("answers"))
+        golds = [golds] if isinstance(golds, str) else [str(g) for g in golds]
+        prompt = row["prompt"] if "prompt" in row else qa_prompt(str(row["question"]), row.get("context"), chat)
+        ids = encode_prompt(tok, prompt, chat)
+        ex = {"prompt": prompt if isinstance(prompt, str) else prompt[-1]["content"], "answer": golds}
+        for s in systems:
+            out = (decode_system(s, large, tuned, untuned, ids, cfg) if s != "reference"
+                   else decode_system("base", reference, tuned, untuned, ids, cfg))
+            text = tok.decode([t for t in out.tokens if t not in eos], skip_special_tokens=True).strip()
+            scores[s]["correct"] += answer_correct(text, golds) / len(rows)
+            scores[s]["f1"] += max(token_f1(text, g) for g in golds) / len(rows)
+            ex[s] = text
+        examples.append(ex)
+    report: dict = {"n": len(rows), "alpha": cfg.alpha, "metrics": scores}
+    for metric in ("correct", "f1"):
+        base, proxy = scores["base"][metric], scores["proxy"][metric]
+        gaps = {"tuned": scores["tuned"][metric]} | ({"reference": scores["reference"][metric]} if reference is not None else {})
+        for name, top in gaps.items():
+            report[f"gap_closed_vs_{name}_{metric}"] = (proxy - base) / (top - base) if top != base else None
+        report[f"small_tuning_gain_{metric}"] = scores["tuned"][metric] - scores["untuned"][metric]
+        report[f"proxy_gain_{metric}"] = proxy - base
+    report["examples"] = examples
+    return report
