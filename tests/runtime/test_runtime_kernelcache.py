@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from slmkit.errors import ConfigError
 from slmkit.runtime import kernelcache as KC
 from slmkit.runtime import q4kernel as Q
 
@@ -175,7 +176,7 @@ def test_eight_processes_building_at_once_all_succeed(tmp_path):
     cc = tmp_path / "cc"
     cc.write_text(f'#!/bin/sh\ncase " $* " in *" -o "*) echo "$$" >> {log};; esac\nexec {shutil.which("cc") or shutil.which("gcc")} "$@"\n')
     cc.chmod(0o755)
-    r = Q.RECIPE
+    r = Q.recipe(Q.choose())
     spec = json.dumps({"name": r.name, "sources": [str(p) for p in r.sources], "headers": [str(p) for p in r.headers], "flags": list(r.flags)})
     d = tmp_path / "cache" / "kernels"
     env = {**os.environ, "CC": str(cc), "PYTHONPATH": str(Path(KC.__file__).parents[2])}
@@ -193,12 +194,15 @@ def _reset_q4(monkeypatch):
         monkeypatch.setattr(Q, name, value)
 
 
-def test_cpu_without_the_instructions_never_compiles_or_loads(tmp_path, monkeypatch):
-    """Fake /proc/cpuinfo without AVX512-VNNI: no compiler runs, no library is opened, torch is used."""
+def test_a_forced_variant_the_cpu_lacks_never_compiles_or_loads(tmp_path, monkeypatch):
+    """Fake /proc/cpuinfo without AVX512-VNNI and SLMKIT_KERNEL=avx512: a ConfigError naming the variant and
+    the missing flag; no compiler runs, no library is opened, nothing is created."""
     fake = tmp_path / "cpuinfo"
     fake.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma f16c avx512f avx512bw avx512vl avx512dq\n")
     monkeypatch.setattr(Q, "CPUINFO", fake)
+    monkeypatch.setattr(Q.platform, "machine", lambda: "x86_64")
     monkeypatch.setenv("SLMKIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("SLMKIT_KERNEL", "avx512")
     _reset_q4(monkeypatch)
 
     def forbidden(*a, **k):
@@ -207,18 +211,35 @@ def test_cpu_without_the_instructions_never_compiles_or_loads(tmp_path, monkeypa
     monkeypatch.setattr(KC, "ensure", forbidden)
     monkeypatch.setattr(KC.subprocess, "run", forbidden)
     monkeypatch.setattr(ctypes, "CDLL", forbidden)
-    assert Q.load() is None
-    assert Q.why_unavailable() == "CPU lacks avx512_vnni"
-    assert not (tmp_path / "cache").exists()
-    with pytest.raises(RuntimeError, match="CPU lacks avx512_vnni"):
+    with pytest.raises(ConfigError, match=r"SLMKIT_KERNEL=avx512 cannot run here: CPU lacks avx512_vnni \(needed by the avx512 kernel\)"):
+        Q.load()
+    with pytest.raises(ConfigError, match="SLMKIT_KERNEL=avx512"):
         Q.matmul(torch.zeros(1, 64), *Q.pack(torch.randn(8, 64)))
+    assert not (tmp_path / "cache").exists()
+    monkeypatch.setenv("SLMKIT_KERNEL", "avx3")
+    with pytest.raises(ConfigError, match="'avx3' is not a kernel variant"):
+        Q.load()
+    monkeypatch.delenv("SLMKIT_KERNEL")
+    assert Q.choose() == "avx2"  # what the CPU has, unforced
 
 
-def test_unreadable_cpuinfo_means_no_kernel(tmp_path, monkeypatch):
-    monkeypatch.setattr(Q, "CPUINFO", tmp_path / "missing")
-    _reset_q4(monkeypatch)
-    monkeypatch.setattr(KC, "ensure", lambda *a, **k: pytest.fail("built without CPU flags"))
-    assert Q.load() is None and "cannot read" in Q.why_unavailable()
+def test_choice_follows_the_cpu_flags(tmp_path, monkeypatch):
+    monkeypatch.delenv("SLMKIT_KERNEL", raising=False)
+    avx512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "f16c", "fma", "avx2"}
+    assert Q.choose(avx512, "x86_64") == "avx512"
+    assert Q.choose({"avx2", "fma", "f16c"}, "x86_64") == "avx2"
+    assert Q.choose({"avx", "sse4_2"}, "x86_64") == "portable"
+    assert Q.choose({"fp", "asimd", "asimddp"}, "aarch64") == "neon"
+    assert Q.choose({"fp", "asimd"}, "aarch64") == "portable"  # a Raspberry Pi 4 (Cortex-A72: no dot product)
+    assert Q.choose(avx512, "aarch64") == "portable"
+    monkeypatch.setenv("SLMKIT_KERNEL", "AVX2")  # case-insensitive
+    assert Q.choose(avx512, "x86_64") == "avx2"
+    monkeypatch.setenv("SLMKIT_KERNEL", "neon")
+    with pytest.raises(ConfigError, match="neon kernel is for aarch64"):
+        Q.choose(avx512, "x86_64")
+    monkeypatch.setattr(Q, "CPUINFO", tmp_path / "missing")  # unreadable flags: only the portable build is safe
+    monkeypatch.delenv("SLMKIT_KERNEL")
+    assert Q.choose(machine="x86_64") == "portable"
 
 
 def test_unsafe_cache_directory_disables_the_kernel_with_a_warning(tmp_path, monkeypatch, caplog):
@@ -260,8 +281,9 @@ def test_fast_generate_with_an_unsafe_cache_warns_and_runs_dequantised(tmp_path,
 def test_zero_length_kernel_in_the_cache_is_rebuilt_and_used(tmp_path, monkeypatch):
     """The q4 kernel used to dlopen whatever sat at its path; a zero-length file made int4 fall back to torch for good."""
     d = KC.private_dir(tmp_path / "kernels")
-    key = KC.build_key(Q.RECIPE, KC.compiler())
-    so = d / f"slmkit-{key[:16]}.so"
+    r = Q.recipe(Q.choose())
+    key = KC.build_key(r, KC.compiler())
+    so = d / f"{r.name}-{key[:16]}.so"
     so.write_bytes(b"")
     monkeypatch.setenv("SLMKIT_CACHE", str(tmp_path))
     _reset_q4(monkeypatch)
@@ -315,7 +337,7 @@ def test_kernel_flags_refuse_stack_arrays_sized_by_input(tmp_path):
     """-Werror=vla is in the kernel's flags: a variable-length array (decode.c had one of the batch size) fails the build."""
     src = tmp_path / "vla.c"
     src.write_text("int f(int n) { float a[n]; a[0] = 1; return (int)a[n - 1]; }\n")
-    flags = tuple(f for f in Q.RECIPE.flags if not f.startswith("-m") and f != "-fopenmp")
+    flags = tuple(f for f in Q.recipe("portable").flags if not f.startswith("-m") and f != "-fopenmp")
     with pytest.raises(RuntimeError, match="vla|variable length"):
         KC.ensure(KC.Recipe("vla", (src,), (), flags), tmp_path / "kernels")
     for f in Q.SOURCES:  # and the sources hold none (alloca included)

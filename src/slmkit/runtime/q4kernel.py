@@ -9,12 +9,22 @@ so that the activation rounding error scales with the weight. Besides the matmul
 of each of several sequences (:func:`slmkit.runtime.generate.forward` uses it), and a dequantiser
 to bf16 for long prompts, which are compute-bound (:func:`linear`).
 
+**Variants.** The sources are compiled once per instruction set, each into its own cached library
+with its own flags (so the AVX2 build cannot contain AVX-512 instructions): ``avx512``
+(AVX512F/BW/VL/DQ, AVX512-VNNI, F16C, FMA), ``avx2`` (AVX2, FMA, F16C: llama.cpp's
+``vpmaddubsw`` dot products), ``neon`` (AArch64 with the dot-product extension: ``sdot``) and
+``portable`` (plain C loops the compiler vectorises for the baseline target, no ``-m`` flags).
+:func:`choose` takes the first of :data:`ORDER` this CPU's flags (Linux :data:`CPUINFO`) allow;
+``SLMKIT_KERNEL=avx512|avx2|neon|portable`` forces one (``auto``: choose), and a forced variant
+the CPU lacks, or an unknown name, is a :class:`~slmkit.errors.ConfigError` naming it. All
+variants compute the same quantities (:file:`kernels/simd.h`); they differ only in the order of
+fp32 additions, so products agree to about 1e-6 of their norm (the tests bound it at 1e-5).
+
 The kernel is optional. It is compiled with the system C compiler into a per-user cache the
 first time it is needed (about 5 s) and loaded with :mod:`ctypes`; the cache is owner-only and
-hash-checked before loading (:mod:`slmkit.runtime.kernelcache`). When the CPU lacks
-AVX512-VNNI (nothing is then compiled or loaded), there is no compiler, the build fails, the
-cache directory is unsafe (a warning), or ``SLMKIT_Q4_KERNEL=0`` is set, :func:`load` returns
-``None`` (and says why once, at INFO) and callers use torch's kernel.
+hash-checked before loading (:mod:`slmkit.runtime.kernelcache`). When there is no compiler, the
+build fails, the cache directory is unsafe (a warning), or ``SLMKIT_Q4_KERNEL=0`` is set,
+:func:`load` returns ``None`` (and says why once, at INFO) and callers use torch's kernel.
 
 Numerics: the activations are rounded to int8 per group of 32 (absmax / 127), so results
 differ from a dequantise-then-matmul in the third significant digit; the per-group offset
@@ -26,45 +36,134 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import platform
 from pathlib import Path
 
 import torch
 
+from slmkit.errors import ConfigError
 from slmkit.runtime import kernelcache
 
 log = logging.getLogger(__name__)
 
 KERNELS = Path(__file__).with_name("kernels")
 SOURCES = tuple(KERNELS / f for f in ("q4.c", "ggml.c", "decode.c"))  #: compiled together into one library
-HEADERS = (KERNELS / "common.h",)
+HEADERS = (KERNELS / "common.h", KERNELS / "simd.h")
 #: -Werror=vla: no stack array sized by an input may come back (a batch-sized one overflowed the stack);
 #: -Werror=frame-larger-than: every fixed one stays small beside a thread's 8 MB stack
-FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mf16c", "-mfma",
-         "-fopenmp", "-shared", "-fPIC", "-Werror=vla", "-Werror=frame-larger-than=262144", "-lm", "-pthread"]
-CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "f16c", "fma")
-CPUINFO = Path("/proc/cpuinfo")  #: where :func:`cpu_supported` reads the CPU's flags
-RECIPE = kernelcache.Recipe("slmkit", SOURCES, HEADERS, tuple(FLAGS))
+FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-Werror=vla", "-Werror=frame-larger-than=262144", "-lm", "-pthread"]
+#: variant -> (the machine it runs on, its compiler flags, the CPU flags it needs)
+VARIANTS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
+    "avx512": ("x86_64", ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mf16c", "-mfma"),
+               ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "f16c", "fma")),
+    "avx2": ("x86_64", ("-mavx2", "-mfma", "-mf16c"), ("avx2", "fma", "f16c")),
+    "neon": ("aarch64", ("-march=armv8.2-a+dotprod",), ("asimd", "asimddp")),
+    "portable": ("", (), ()),
+}
+ORDER = ("avx512", "avx2", "neon", "portable")  #: best first
+ENV = "SLMKIT_KERNEL"  #: forces a variant
+CPUINFO = Path("/proc/cpuinfo")  #: where :func:`cpu_flags` reads the CPU's flags
 GROUP = 32
 
 _lib: ctypes.CDLL | None = None
 _why: str | None = None  # why the kernel is unavailable (None: not tried yet, or available)
 _tried = False
+_variant: str | None = None  # the variant :func:`load` loaded
+_libs: dict[tuple[str, str], ctypes.CDLL] = {}  # (variant, cache directory) -> library, loaded in this process
 
 
-def cpu_supported() -> tuple[bool, str]:
-    """Whether this CPU has the instructions the kernel is built for (Linux :data:`CPUINFO` flags,
-    which the kernel clears for features the OS has not enabled)."""
+def recipe(variant: str) -> kernelcache.Recipe:
+    """What the library of ``variant`` is built from: the sources, ``-DSLMKIT_ISA_<VARIANT>`` and its flags."""
+    _, mflags, _ = VARIANTS[variant]
+    return kernelcache.Recipe(f"slmkit-{variant}", SOURCES, HEADERS, (*FLAGS, f"-DSLMKIT_ISA_{variant.upper()}", *mflags))
+
+
+def cpu_flags() -> set[str] | None:
+    """This CPU's feature flags (x86 ``flags``, ARM ``Features`` of :data:`CPUINFO`); None when unreadable.
+    Linux clears the flags of features the OS has not enabled."""
     try:
         text = CPUINFO.read_text()
     except OSError:
-        return False, f"cannot read {CPUINFO} (the kernel is built for Linux on x86-64 only)"
-    flags = set()
+        return None
     for line in text.splitlines():
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            break
-    missing = [f for f in CPU_FLAGS if f not in flags]
-    return (not missing), ("CPU lacks " + ", ".join(missing)) if missing else ""
+        if line.startswith(("flags", "Features")):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def variant_supported(variant: str, flags: set[str] | None = None, machine: str | None = None) -> tuple[bool, str]:
+    """Whether ``variant`` runs on this CPU (or on one with ``flags`` and ``machine``), and if not, why."""
+    arch, _, needs = VARIANTS[variant]
+    machine = machine or platform.machine().lower()
+    if arch and machine not in (arch, {"x86_64": "amd64", "aarch64": "arm64"}[arch]):
+        return False, f"the {variant} kernel is for {arch}, this machine is {machine}"
+    if not needs:
+        return True, ""
+    flags = cpu_flags() if flags is None else flags
+    if flags is None:
+        return False, f"cannot read {CPUINFO} to check the CPU for the {variant} kernel"
+    missing = [f for f in needs if f not in flags]
+    return (not missing), (f"CPU lacks {', '.join(missing)} (needed by the {variant} kernel)" if missing else "")
+
+
+def choose(flags: set[str] | None = None, machine: str | None = None) -> str:
+    """The variant to use: ``$SLMKIT_KERNEL`` when set (ConfigError when unknown or unsupported here), else
+    the first of :data:`ORDER` the CPU supports (``portable`` always runs)."""
+    forced = os.environ.get(ENV, "").strip().lower()
+    if forced and forced != "auto":
+        if forced not in VARIANTS:
+            raise ConfigError(f"{ENV}={forced!r} is not a kernel variant", f"use one of {', '.join(ORDER)}, or auto")
+        ok, why = variant_supported(forced, flags, machine)
+        if not ok:
+            raise ConfigError(f"{ENV}={forced} cannot run here: {why}", f"unset {ENV} to choose from the CPU's flags")
+        return forced
+    return next(v for v in ORDER if variant_supported(v, flags, machine)[0])
+
+
+def cpu_supported() -> tuple[bool, str]:
+    """Whether the chosen variant runs on this CPU (``portable`` always does; a forced one may not)."""
+    try:
+        choose()
+    except ConfigError as e:
+        return False, str(e)
+    return True, ""
+
+
+def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """Declare the library's entry points for ctypes."""
+    p, i = ctypes.c_void_p, ctypes.c_int
+    for name, res, args in (("slmkit_q4_matmul", i, [p, i, i, i, p, p, p, i, p, i]),
+                            ("slmkit_q4_dequant_bf16", None, [p, p, p, i, i, p]),
+                            ("slmkit_decode_batch", i, [p, i, i, i, i, i, i, i, ctypes.c_float, p, p, p, p, p, p, p, p, p, p]),
+                            ("slmkit_gg_matmul", i, [p, i, i, i, i, p, i, p, i]),
+                            ("slmkit_gg_dequant_bf16", i, [i, p, i, i, p]),
+                            ("slmkit_gg_rows_f32", i, [i, p, i, p, i, p]),
+                            ("slmkit_gg_row_bytes", i, [i, i]),
+                            ("slmkit_scratch_live_bytes", ctypes.c_size_t, []),
+                            ("slmkit_scratch_release", None, []),
+                            ("slmkit_kernel_isa", ctypes.c_char_p, [])):
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = res, args
+    return lib
+
+
+def load_variant(variant: str) -> ctypes.CDLL:
+    """The library of ``variant``, built if needed (cached per process); the caller checks that the CPU
+    supports it. Raises :class:`~slmkit.runtime.kernelcache.UnsafeCacheError`, RuntimeError or OSError."""
+    key = (variant, str(cache_dir()))
+    if key not in _libs:
+        lib = _bind(kernelcache.load(recipe(variant), cache_dir()))
+        isa = lib.slmkit_kernel_isa().decode()
+        if isa != variant:
+            raise RuntimeError(f"the {variant} kernel library says it was built for {isa}")
+        _libs[key] = lib
+    return _libs[key]
+
+
+def variant() -> str | None:
+    """The variant :func:`load` uses (None when the kernel is unavailable)."""
+    load()
+    return _variant
 
 
 def cache_dir() -> Path:
@@ -73,48 +172,26 @@ def cache_dir() -> Path:
 
 
 def load() -> ctypes.CDLL | None:
-    """The compiled kernel, or ``None`` when it cannot be used here (:func:`why_unavailable` says why).
-
-    A CPU without the instructions never compiles or loads it; the cache is checked as
+    """The compiled kernel of the chosen variant (:func:`choose`), or ``None`` when it cannot be used here
+    (:func:`why_unavailable` says why). Raises ConfigError when ``$SLMKIT_KERNEL`` names an unknown variant
+    or one this CPU lacks (nothing is compiled or loaded then); the cache is checked as
     :mod:`slmkit.runtime.kernelcache` describes (an unsafe cache directory is refused, with a warning).
     """
-    global _lib, _why, _tried
+    global _lib, _why, _tried, _variant
     if _tried:
         return _lib
-    _tried = True
-    level = logging.INFO
+    _lib, _variant, level = None, None, logging.INFO
     if os.environ.get("SLMKIT_Q4_KERNEL", "1") == "0":
         _why = "disabled by SLMKIT_Q4_KERNEL=0"
     else:
-        ok, why = cpu_supported()
-        if not ok:
-            _why = why
-        else:
-            try:
-                lib = kernelcache.load(RECIPE, cache_dir())
-                fn = lib.slmkit_q4_matmul
-                fn.restype = ctypes.c_int
-                p, i = ctypes.c_void_p, ctypes.c_int
-                fn.argtypes = [p, i, i, i, p, p, p, i, p, i]
-                dq = lib.slmkit_q4_dequant_bf16
-                dq.restype = None
-                dq.argtypes = [p, p, p, i, i, p]
-                st = lib.slmkit_decode_batch
-                st.restype = ctypes.c_int
-                st.argtypes = [p, i, i, i, i, i, i, i, ctypes.c_float, p, p, p, p, p, p, p, p, p, p]
-                for name, args in (("slmkit_gg_matmul", [p, i, i, i, i, p, i, p, i]),
-                                   ("slmkit_gg_dequant_bf16", [i, p, i, i, p]),
-                                   ("slmkit_gg_rows_f32", [i, p, i, p, i, p]),
-                                   ("slmkit_gg_row_bytes", [i, i])):
-                    fn = getattr(lib, name)
-                    fn.restype, fn.argtypes = ctypes.c_int, args
-                lib.slmkit_scratch_live_bytes.restype, lib.slmkit_scratch_live_bytes.argtypes = ctypes.c_size_t, []
-                lib.slmkit_scratch_release.restype, lib.slmkit_scratch_release.argtypes = None, []
-                _lib = lib
-            except kernelcache.UnsafeCacheError as e:
-                _why, level = str(e), logging.WARNING
-            except (OSError, RuntimeError, AttributeError) as e:
-                _why = f"could not build or load {', '.join(f.name for f in SOURCES)}: {e}"
+        name = choose()
+        try:
+            _lib, _variant = load_variant(name), name
+        except kernelcache.UnsafeCacheError as e:
+            _why, level = str(e), logging.WARNING
+        except (OSError, RuntimeError, AttributeError) as e:
+            _why = f"could not build or load {', '.join(f.name for f in SOURCES)} ({name}): {e}"
+    _tried = True
     if _lib is None:
         log.log(level, "slmkit's q4 kernel is unavailable (%s); int4 weights use torch's kernel", _why)
     return _lib

@@ -1,14 +1,57 @@
 /* slmkit CPU kernels: helpers and cross-file declarations shared by q4.c, ggml.c and decode.c.
  *
- * The three files are compiled together into one shared library by slmkit.runtime.q4kernel
- * (AVX512F/BW/VL/DQ, AVX512-VNNI, F16C, FMA; OpenMP). Activations are quantised once per input
+ * The three files are compiled together into one shared library per instruction set by
+ * slmkit.runtime.q4kernel, which picks the variant from the CPU's flags (or SLMKIT_KERNEL):
+ *
+ *   -DSLMKIT_ISA_AVX512    AVX512F/BW/VL/DQ, AVX512-VNNI, F16C, FMA: vpdpbusd on 64 inputs at once
+ *   -DSLMKIT_ISA_AVX2      AVX2, FMA, F16C (no AVX-512): vpmaddubsw + vpmaddwd on 32 inputs, as
+ *                          llama.cpp's AVX2 mul_sum_us8_pairs_float / mul_sum_i8_pairs_float
+ *   -DSLMKIT_ISA_NEON      AArch64 with the dot-product extension: sdot on 16 inputs
+ *   -DSLMKIT_ISA_PORTABLE  plain C loops the compiler vectorises for the baseline target
+ *
+ * The AVX-512 kernels are written with its intrinsics; every other variant shares one generic path
+ * built from the 32-byte helpers below (vb_* for the weight codes, vacc_* for the dot products), whose
+ * AVX2, NEON and plain-C definitions differ. Activations are quantised once per input
  * (slmkit_q4_quantize: int8 per group of 32, absmax / 127, exact fp32 group sums) and shared by
  * every matmul that reads that input, whatever the weight format.
  */
 #ifndef SLMKIT_KERNELS_COMMON_H
 #define SLMKIT_KERNELS_COMMON_H
 
+#if defined(SLMKIT_ISA_AVX512)
+#if !defined(__AVX512F__) || !defined(__AVX512BW__) || !defined(__AVX512VL__) || !defined(__AVX512DQ__) || \
+    !defined(__AVX512VNNI__) || !defined(__F16C__) || !defined(__FMA__)
+#error "SLMKIT_ISA_AVX512 needs -mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx512vnni -mf16c -mfma"
+#endif
+#define SLMKIT_AVX512 1
+#define SLMKIT_ISA_NAME "avx512"
+#elif defined(SLMKIT_ISA_AVX2)
+#if !defined(__AVX2__) || !defined(__FMA__) || !defined(__F16C__)
+#error "SLMKIT_ISA_AVX2 needs -mavx2 -mfma -mf16c"
+#endif
+#if defined(__AVX512F__)
+#error "the AVX2 variant must be built without AVX-512 (it would run on CPUs that lack it)"
+#endif
+#define SLMKIT_AVX2 1
+#define SLMKIT_ISA_NAME "avx2"
+#elif defined(SLMKIT_ISA_NEON)
+#if !defined(__aarch64__) || !defined(__ARM_FEATURE_DOTPROD)
+#error "SLMKIT_ISA_NEON needs an AArch64 target with the dot-product extension (-march=armv8.2-a+dotprod)"
+#endif
+#define SLMKIT_NEON 1
+#define SLMKIT_ISA_NAME "neon"
+#elif defined(SLMKIT_ISA_PORTABLE)
+#define SLMKIT_ISA_NAME "portable"
+#else
+#error "define one of SLMKIT_ISA_AVX512, SLMKIT_ISA_AVX2, SLMKIT_ISA_NEON, SLMKIT_ISA_PORTABLE"
+#endif
+
+#if defined(SLMKIT_AVX512) || defined(SLMKIT_AVX2)
 #include <immintrin.h>
+#endif
+#if defined(SLMKIT_NEON)
+#include <arm_neon.h>
+#endif
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -18,14 +61,6 @@
 #ifndef PREFETCH_BYTES
 #define PREFETCH_BYTES 4096
 #endif
-
-static inline __m512 load16(const void *x, int bf16, int off) {
-    if (bf16) {
-        __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)x + off));
-        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-    }
-    return _mm512_loadu_ps((const float *)x + off);
-}
 
 static inline uint16_t f32_to_bf16(float f) {
     uint32_t u;
@@ -42,12 +77,24 @@ static inline float bf16_to_f32(uint16_t h) {
     return f;
 }
 
+#if defined(SLMKIT_AVX512)
+static inline __m512 load16(const void *x, int bf16, int off) {
+    if (bf16) {
+        __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)x + off));
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+    return _mm512_loadu_ps((const float *)x + off);
+}
+
 /* 16 fp32 values to bf16 (round to nearest even, as torch), stored at out. */
 static inline void store_bf16x16(uint16_t *out, __m512 w) {
     __m512i u = _mm512_castps_si512(w);
     u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
     _mm256_storeu_si256((__m256i *)out, _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
 }
+#endif
+
+#include "simd.h"
 
 /* Most inputs a row may have (K, D, F, H * hd): every entry point refuses larger ones, so the
  * fixed stack arrays sized from it (per-row scales, 16 KB for 4096 groups) are bounded. */

@@ -30,20 +30,6 @@ static void rope(float *v, int heads, int hd, const float *cos, const float *sin
     }
 }
 
-static inline float dot_bf16(const float *q, const uint16_t *k, int hd) {
-    if (hd % 16 == 0) {
-        __m512 acc = _mm512_setzero_ps();
-        for (int i = 0; i < hd; i += 16) {
-            __m512 kv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(k + i))), 16));
-            acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), kv, acc);
-        }
-        return _mm512_reduce_add_ps(acc);
-    }
-    float d = 0;
-    for (int i = 0; i < hd; i++) d += q[i] * bf16_to_f32(k[i]);
-    return d;
-}
-
 /* A layer's descriptor (int64): the two norm weights (bf16), then 7 matrices of 6 values each,
  * SEG_KIND .. SEG_P2. Matrices 0-2 read the attention input and write q|k|v side by side (slmkit's
  * q4 path has one fused q/k/v matrix in slot 0 and empty slots 1-2), 3 is the output projection,
@@ -112,28 +98,6 @@ static int check_segs(const int64_t *sg, int n, int K, int rows, int *gg) {
         total += (int)d[SEG_ROWS];
     }
     return total == rows;
-}
-
-/* o (hd) = sum_t w[t] v_t over the bf16 cache rows (stride hd); the same fused multiply-adds, in the same
- * order per output, as the scalar loop the compiler contracts to fma. */
-static inline void weighted_sum_bf16(float *o, const float *w, const uint16_t *v, int n, int hd) {
-    if (hd % 16 == 0 && hd <= 256) {
-        __m512 acc[16];
-        for (int i = 0; i < hd / 16; i++) acc[i] = _mm512_setzero_ps();
-        for (int t = 0; t < n; t++) {
-            const __m512 wt = _mm512_set1_ps(w[t]);
-            const uint16_t *vt = v + (size_t)t * hd;
-            for (int i = 0; i < hd / 16; i++) {
-                const __m512 x = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(vt + 16 * i))), 16));
-                acc[i] = _mm512_fmadd_ps(wt, x, acc[i]);
-            }
-        }
-        for (int i = 0; i < hd / 16; i++) _mm512_storeu_ps(o + 16 * i, acc[i]);
-        return;
-    }
-    for (int i = 0; i < hd; i++) o[i] = 0;
-    for (int t = 0; t < n; t++)
-        for (int i = 0; i < hd; i++) o[i] = fmaf(w[t], bf16_to_f32(v[(size_t)t * hd + i]), o[i]);
 }
 
 /* M sequences, one new token each (continuous batching), through every layer.

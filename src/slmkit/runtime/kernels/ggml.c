@@ -1,4 +1,5 @@
-/* slmkit: matmuls that read llama.cpp's GGUF weight blocks as the file stores them (AVX512-VNNI).
+/* slmkit: matmuls that read llama.cpp's GGUF weight blocks as the file stores them (AVX512-VNNI; AVX2, NEON
+ * and plain C through the generic path of common.h / simd.h, offset and centre terms alike).
  *
  * Formats (ggml-common.h in llama.cpp, Gerganov et al.; values as gguf-py's quants.py dequantises them):
  *
@@ -66,7 +67,7 @@ int slmkit_gg_row_bytes(int type, int K) {
 static inline float h2f(const uint8_t *p) {
     uint16_t h;
     memcpy(&h, p, 2);
-    return _cvtsh_ss(h);
+    return slmkit_h2f(h);
 }
 
 /* The 6-bit scales and mins of a Q4_K/Q5_K super-block as 8 + 8 bytes (ggml's utmp/kmask unpacking of
@@ -99,6 +100,7 @@ static inline int gg_has_centre(int type) {
 /* Inputs that share one weight scale: 16 for Q6_K, 32 for every other format. */
 static inline int gg_group(int type) { return type == GG_Q6_K ? 16 : 32; }
 
+#if defined(SLMKIT_AVX512)
 /* The weight scale s and centre c of every group of a row (K / gg_group inputs each), w = (q - o) s + c. */
 static inline __attribute__((always_inline)) void gg_scales(const int type, const uint8_t *row, int K, float *s, float *cen) {
     switch (type) {
@@ -199,6 +201,96 @@ static inline __attribute__((always_inline)) __m512i gg_codes(const int type, co
     }
     }
 }
+#else
+/* The offset o of the codes the generic path multiplies: Q8_0's int8 codes are used signed (o = 0). */
+static inline float gg_offset(int type) { return type == GG_Q8_0 ? 0.0f : (float)(1 << gg_shift(type)); }
+
+/* The weight scale s and centre c of every group of a row (K / gg_group inputs each), w = (q - o) s + c. */
+static inline __attribute__((always_inline)) void gg_scales(const int type, const uint8_t *row, int K, float *s, float *cen) {
+    const float o = gg_offset(type);
+    switch (type) {
+    case GG_Q4_0: case GG_Q4_1: case GG_Q5_0: case GG_Q5_1: case GG_Q8_0: {
+        const int bs = gg_block_bytes(type);
+        for (int b = 0; b < K / 32; b++) {
+            s[b] = h2f(row + (size_t)b * bs);
+            if (gg_has_centre(type)) cen[b] = o * s[b] + h2f(row + (size_t)b * bs + 2); /* w = q d + m = (q - o) d + (m + o d) */
+        }
+        return;
+    }
+    case GG_Q4_K: case GG_Q5_K: {
+        const int bs = gg_block_bytes(type);
+        for (int i = 0; i < K / 256; i++) {
+            const uint8_t *sb = row + (size_t)i * bs;
+            uint8_t sm[16];
+            scales_mins_k4(sb + 4, sm);
+            const float d = h2f(sb), dmin = h2f(sb + 2);
+            for (int j = 0; j < 8; j++) {
+                s[8 * i + j] = d * (float)sm[j]; /* d sc_j, as ggml's d1 = d * sc */
+                cen[8 * i + j] = o * s[8 * i + j] - dmin * (float)sm[8 + j]; /* o d sc - dmin m */
+            }
+        }
+        return;
+    }
+    default: /* GG_Q6_K: 16 int8 scales per super-block */
+        for (int i = 0; i < K / 256; i++) {
+            const uint8_t *sb = row + (size_t)i * 210;
+            const float d = h2f(sb + 208);
+            for (int j = 0; j < 16; j++) s[16 * i + j] = d * (float)(int8_t)sb[192 + j];
+        }
+        return;
+    }
+}
+
+/* Chunk c (inputs 64c .. 64c+63) of a row: the 64 codes in input order as two halves of 32 (unsigned,
+ * but Q8_0's signed). The same layouts as the AVX-512 gg_codes. */
+static inline __attribute__((always_inline)) void gg_codes2(const int type, const uint8_t *row, int c, vb *u0, vb *u1) {
+    switch (type) {
+    case GG_Q4_0: case GG_Q4_1: case GG_Q5_0: case GG_Q5_1: {
+        const int bs = gg_block_bytes(type);
+        const int qs = type == GG_Q4_0 ? 2 : type == GG_Q4_1 ? 4 : type == GG_Q5_0 ? 6 : 8;
+        const uint8_t *b0 = row + (size_t)(2 * c) * bs, *b1 = b0 + bs;
+        *u0 = vb_nib16(b0 + qs);
+        *u1 = vb_nib16(b1 + qs);
+        if (type == GG_Q5_0 || type == GG_Q5_1) { /* bit i of the block's 32 high bits belongs to input i */
+            const int qh = type == GG_Q5_0 ? 2 : 4;
+            uint32_t h0, h1;
+            memcpy(&h0, b0 + qh, 4);
+            memcpy(&h1, b1 + qh, 4);
+            *u0 = vb_or(*u0, vb_bits4(h0));
+            *u1 = vb_or(*u1, vb_bits4(h1));
+        }
+        return;
+    }
+    case GG_Q8_0: {
+        const uint8_t *b0 = row + (size_t)(2 * c) * 34;
+        *u0 = vb_load(b0 + 2);
+        *u1 = vb_load(b0 + 34 + 2);
+        return;
+    }
+    case GG_Q4_K: case GG_Q5_K: {
+        const uint8_t *sb = row + (size_t)(c >> 2) * gg_block_bytes(type);
+        const int j = c & 3;
+        const vb raw = vb_load(sb + (type == GG_Q4_K ? 16 : 48) + 32 * j);
+        *u0 = vb_lo4(raw);
+        *u1 = vb_hi4(raw);
+        if (type == GG_Q5_K) { /* bit 2j of qh[l] is input l's fifth bit, bit 2j+1 input 32+l's */
+            const vb qh = vb_load(sb + 16);
+            *u0 = vb_or(*u0, vb_field(qh, 2 * j, 1));
+            *u1 = vb_or(*u1, vb_field(qh, 2 * j + 1, 1));
+        }
+        return;
+    }
+    default: { /* GG_Q6_K: chunk j of the super-block is half j/2, low (j even) or high nibbles */
+        const uint8_t *sb = row + (size_t)(c >> 2) * 210;
+        const int j = c & 3, n = j >> 1, part = j & 1;
+        const vb ql0 = vb_load(sb + 64 * n), ql1 = vb_load(sb + 64 * n + 32), qh = vb_load(sb + 128 + 32 * n);
+        *u0 = vb_or(part ? vb_hi4(ql0) : vb_lo4(ql0), vb_field(qh, 4 * part, 3));
+        *u1 = vb_or(part ? vb_hi4(ql1) : vb_lo4(ql1), vb_field(qh, 4 * part + 2, 3));
+        return;
+    }
+    }
+}
+#endif
 
 /* From quantised activations (xq M x K, xs M x K/32): per group of 16 and of 32 inputs the group's
  * scale times its code sum (xc16, xc32: the code offset's correction), and the scale per 16 (xs16). */
@@ -220,6 +312,9 @@ void slmkit_gg_prepare(const int8_t *xq, const float *xs, int M, int K, float *x
         }
 }
 
+#define comb(t) (comb_ + (size_t)(t) * ng)
+
+#if defined(SLMKIT_AVX512)
 /* Rows [r0, r1) of y for T (1..4) tokens. Per row: the groups' scales combined with each token's
  * activation scales (comb) and the offset / centre terms summed first, in 16-wide vectors; then per
  * chunk one vpdpbusd per token and one fma with that chunk's two (or four, Q6_K) combined scales. */
@@ -234,7 +329,6 @@ static inline __attribute__((always_inline)) void gg_rows_T(const int type, cons
                                   : _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
     /* fixed bounds (ng <= SLMKIT_MAX_K / 16): 16 KB each, comb 64 KB, laid out as comb[T][ng] */
     float s[SLMKIT_MAX_K / 16], cen[SLMKIT_MAX_K / 16], comb_[4 * (SLMKIT_MAX_K / 16)];
-#define comb(t) (comb_ + (size_t)(t) * ng)
     for (int r = r0; r < r1; r++) {
         const uint8_t *row = w + (size_t)r * rb;
         gg_scales(type, row, K, s, cen);
@@ -268,6 +362,46 @@ static inline __attribute__((always_inline)) void gg_rows_T(const int type, cons
         }
     }
 }
+#else
+/* Rows [r0, r1) of y for T (1..4) tokens, the generic path: per row the groups' scales combined with each
+ * token's activation scales (comb) and the offset / centre terms summed first; then per 32-input half
+ * of each chunk one integer dot product per token and its fma with the half's one (two, Q6_K) scales. */
+static inline __attribute__((always_inline)) void gg_rows_T(const int type, const int T, const uint8_t *w, int K,
+                                                            const slmkit_gg_act *a, int r0, int r1, void *y, int ldy, int y_bf16) {
+    const int nc = K / 64, G = gg_group(type), ng = K / G, nb = K / 32, cen_ = gg_has_centre(type), sgn = type == GG_Q8_0;
+    const size_t rb = (size_t)slmkit_gg_row_bytes(type, K), step = rb / nc;
+    const float *xc = G == 16 ? a->xc16 : a->xc32, *xsg = G == 16 ? a->xs16 : a->xs, o = gg_offset(type);
+    float s[SLMKIT_MAX_K / 16], cen[SLMKIT_MAX_K / 16], comb_[4 * (SLMKIT_MAX_K / 16)];
+    for (int r = r0; r < r1; r++) {
+        const uint8_t *row = w + (size_t)r * rb;
+        gg_scales(type, row, K, s, cen);
+        vacc acc[4];
+        float off[4];
+        for (int t = 0; t < T; t++) {
+            for (int g = 0; g < ng; g++) comb(t)[g] = s[g] * xsg[(size_t)t * ng + g];
+            /* + c sum(x) (the centre, exact activation sums, groups of 32) - o s xs sum(xq) (the code offset) */
+            off[t] = dot_sub_f32(cen_ ? cen : NULL, a->xsum + (size_t)t * nb, o, s, xc + (size_t)t * ng, ng);
+            acc[t] = vacc_zero();
+        }
+        for (int c = 0; c < nc; c++) {
+            SLMKIT_PREFETCH(row + step * c + PREFETCH_BYTES); /* rows stream: fetch ahead */
+            vb u0, u1;
+            gg_codes2(type, row, c, &u0, &u1);
+            for (int t = 0; t < T; t++) {
+                const int8_t *xt = a->xq + (size_t)t * K + 64 * c;
+                const float *ct = comb(t) + (64 / G) * c;
+                acc[t] = vacc_dot(acc[t], u0, xt, ct, G, sgn);
+                acc[t] = vacc_dot(acc[t], u1, xt + 32, ct + 32 / G, G, sgn);
+            }
+        }
+        for (int t = 0; t < T; t++) {
+            const float v = vacc_sum(acc[t]) + off[t];
+            if (y_bf16) ((uint16_t *)y)[(size_t)t * ldy + r] = f32_to_bf16(v);
+            else ((float *)y)[(size_t)t * ldy + r] = v;
+        }
+    }
+}
+#endif
 
 #undef comb
 
@@ -333,6 +467,7 @@ int slmkit_gg_matmul(const void *x, int x_bf16, int M, int K, int type, const ui
  * For long prompts (compute-bound: a bf16 matmul beats the int8 dot products) and embedding lookups.
  * Every 16 inputs of a chunk share one scale and centre (lane 4p of dv/cv for inputs 16p..16p+15).
  */
+#if defined(SLMKIT_AVX512)
 static inline __attribute__((always_inline)) void gg_dequant_row(const int type, const uint8_t *row, int K, float *of, uint16_t *ob) {
     const int nc = K / 64, G = gg_group(type);
     float s[SLMKIT_MAX_K / 16], cen[SLMKIT_MAX_K / 16]; /* K / G groups <= SLMKIT_MAX_K / 16 */
@@ -357,6 +492,28 @@ static inline __attribute__((always_inline)) void gg_dequant_row(const int type,
         }
     }
 }
+#else
+static inline __attribute__((always_inline)) void gg_dequant_row(const int type, const uint8_t *row, int K, float *of, uint16_t *ob) {
+    const int nc = K / 64, G = gg_group(type);
+    float s[SLMKIT_MAX_K / 16], cen[SLMKIT_MAX_K / 16]; /* K / G groups <= SLMKIT_MAX_K / 16 */
+    gg_scales(type, row, K, s, cen);
+    const float o = gg_offset(type);
+    for (int c = 0; c < nc; c++) {
+        vb u[2];
+        int8_t codes[64];
+        gg_codes2(type, row, c, &u[0], &u[1]);
+        memcpy(codes, &u[0], 32);
+        memcpy(codes + 32, &u[1], 32);
+        for (int i = 0; i < 64; i++) {
+            const int g = (64 * c + i) / G;
+            const float q = (type == GG_Q8_0 ? (float)codes[i] : (float)(uint8_t)codes[i]) - o;
+            const float v = gg_has_centre(type) ? q * s[g] + cen[g] : q * s[g];
+            if (of) of[64 * c + i] = v;
+            else ob[64 * c + i] = f32_to_bf16(v);
+        }
+    }
+}
+#endif
 
 #define GG_DQ(type) case type: gg_dequant_row(type, row, K, of, ob); break;
 

@@ -1,4 +1,5 @@
-/* slmkit: 4-bit weight x 8-bit activation matmul for CPU decode (AVX512-VNNI).
+/* slmkit: 4-bit weight x 8-bit activation matmul for CPU decode (AVX512-VNNI; AVX2, NEON and plain C
+ * through the generic path of common.h / simd.h).
  *
  * The scheme is llama.cpp's Q4_1 x Q8 dot product (Gerganov et al., ggml): weights are stored
  * per group of 32 input channels as 4-bit codes q in 0..15 with an fp16 scale s and centre m
@@ -18,8 +19,8 @@
  *      unpacks into one 64-byte register in input order with an and, a shift and an insert;
  *   s, m  N * K/32 fp16 each.
  *
- * Built by slmkit.runtime.q4kernel with cc -O3 and the AVX512 flags (with ggml.c and decode.c, into one
- * library); loaded with ctypes. The fused decode step that uses these matmuls is in decode.c.
+ * Built by slmkit.runtime.q4kernel with cc -O3 and one instruction set's flags (with ggml.c and decode.c,
+ * into one library per variant); loaded with ctypes. The fused decode step that uses these matmuls is in decode.c.
  * Threads: OpenMP, which resolves to the libgomp torch already loaded (same thread count).
  */
 #include "common.h"
@@ -84,6 +85,7 @@ void slmkit_scratch_release(void) {
     }
 }
 
+#if defined(SLMKIT_AVX512)
 /* Quantise rows of x (M x K, fp32 or bf16) to int8 per group of 32: codes, scales, exact sums,
  * and the centring correction 8 * xs * sum(xq). */
 void slmkit_q4_quantize(const void *x, int bf16, int M, int K, int8_t *xq, float *xs, float *xsum, float *xcorr) {
@@ -106,7 +108,43 @@ void slmkit_q4_quantize(const void *x, int bf16, int M, int K, int8_t *xq, float
         }
     }
 }
+#else
+/* Quantise rows of x (M x K, fp32 or bf16) to int8 per group of 32: codes, scales, exact sums,
+ * and the centring correction 8 * xs * sum(xq) (the same values as the AVX-512 build but for the
+ * order of the fp32 sums). */
+void slmkit_q4_quantize(const void *x, int bf16, int M, int K, int8_t *xq, float *xs, float *xsum, float *xcorr) {
+    const int nb = K / GROUP;
+    float v[GROUP];
+    for (int t = 0; t < M; t++) {
+        for (int b = 0; b < nb; b++) {
+            const size_t off = (size_t)t * K + (size_t)b * GROUP;
+            if (bf16)
+                for (int i = 0; i < GROUP; i++) v[i] = bf16_to_f32(((const uint16_t *)x)[off + i]);
+            else
+                memcpy(v, (const float *)x + off, sizeof v);
+            float mx = 0, sum = 0;
+            for (int i = 0; i < GROUP; i++) {
+                const float av = fabsf(v[i]);
+                mx = av > mx ? av : mx;
+                sum += v[i];
+            }
+            const float d = mx / 127.0f, inv = mx > 0 ? 127.0f / mx : 0.0f;
+            int32_t qs = 0;
+            for (int i = 0; i < GROUP; i++) {
+                float r = round_even(v[i] * inv);
+                r = r > 127.0f ? 127.0f : r < -127.0f ? -127.0f : r;
+                xq[off + i] = (int8_t)r;
+                qs += (int8_t)r;
+            }
+            xs[(size_t)t * nb + b] = d;
+            xsum[(size_t)t * nb + b] = sum;
+            xcorr[(size_t)t * nb + b] = 8.0f * d * (float)qs;
+        }
+    }
+}
+#endif
 
+#if defined(SLMKIT_AVX512)
 /* T tokens (1..4) against rows [r0, r1): y[t, r] for the given tokens. */
 static inline void rows_kernel(const uint8_t *q, const uint16_t *s, const uint16_t *m, int K,
                                const int8_t *xq, const float *xs, const float *xsum, const float *xcorr, int T,
@@ -153,6 +191,45 @@ static inline void rows_kernel(const uint8_t *q, const uint16_t *s, const uint16
         }
     }
 }
+#else
+/* T tokens (1..4) against rows [r0, r1): the generic path (simd.h), two 32-input groups per chunk. */
+static inline void rows_kernel(const uint8_t *q, const uint16_t *s, const uint16_t *m, int K,
+                               const int8_t *xq, const float *xs, const float *xsum, const float *xcorr, int T,
+                               int r0, int r1, void *out, int ldo, int out_bf16) {
+    const int nb = K / GROUP, nc = K / 64;
+    float comb[4][SLMKIT_MAX_K / GROUP], sf[SLMKIT_MAX_K / GROUP], mf[SLMKIT_MAX_K / GROUP];
+    for (int r = r0; r < r1; r++) {
+        const uint8_t *qr = q + (size_t)r * (K / 2);
+        const uint16_t *sr = s + (size_t)r * nb, *mr = m + (size_t)r * nb;
+        for (int b = 0; b < nb; b++) {
+            sf[b] = slmkit_h2f(sr[b]);
+            mf[b] = slmkit_h2f(mr[b]);
+        }
+        vacc acc[4];
+        float off[4];
+        for (int t = 0; t < T; t++) {
+            for (int b = 0; b < nb; b++) comb[t][b] = sf[b] * xs[t * nb + b];
+            /* m sum(x) - s 8 xs sum(xq): the centres and the code offset */
+            off[t] = dot_sub_f32(mf, xsum + t * nb, 1.0f, sf, xcorr + t * nb, nb);
+            acc[t] = vacc_zero();
+        }
+        for (int c = 0; c < nc; c++) {
+            SLMKIT_PREFETCH(qr + 32 * c + PREFETCH_BYTES); /* rows stream: fetch ahead */
+            const vb raw = vb_load(qr + 32 * c), lo = vb_lo4(raw), hi = vb_hi4(raw);
+            for (int t = 0; t < T; t++) {
+                const int8_t *xt = xq + (size_t)t * K + 64 * c;
+                acc[t] = vacc_dot(acc[t], lo, xt, comb[t] + 2 * c, 32, 0);
+                acc[t] = vacc_dot(acc[t], hi, xt + 32, comb[t] + 2 * c + 1, 32, 0);
+            }
+        }
+        for (int t = 0; t < T; t++) {
+            const float v = vacc_sum(acc[t]) + off[t];
+            if (out_bf16) ((uint16_t *)out)[(size_t)t * ldo + r] = f32_to_bf16(v);
+            else ((float *)out)[(size_t)t * ldo + r] = v;
+        }
+    }
+}
+#endif
 
 /* Rows [r0, r1) of y (M x N, row stride ldy) = W x for activations already quantised, four tokens at a time. */
 void slmkit_q4_rows(const uint8_t *q, const uint16_t *s, const uint16_t *m, int K, const int8_t *xq, const float *xs,
@@ -206,6 +283,7 @@ int slmkit_q4_matmul(const void *x, int x_bf16, int M, int K, const uint8_t *q, 
  * A prompt of many tokens is compute-bound, not bandwidth-bound: there a bf16 matmul (AMX on CPUs
  * that have it) beats the int8 dot products. This writes the bf16 weight (N x K) the codes stand for.
  */
+#if defined(SLMKIT_AVX512)
 void slmkit_q4_dequant_bf16(const uint8_t *q, const uint16_t *s, const uint16_t *m, int N, int K, uint16_t *out) {
     const int nb = K / GROUP, nc = K / 64;
 #pragma omp parallel for schedule(static)
@@ -231,3 +309,25 @@ void slmkit_q4_dequant_bf16(const uint8_t *q, const uint16_t *s, const uint16_t 
         }
     }
 }
+#else
+void slmkit_q4_dequant_bf16(const uint8_t *q, const uint16_t *s, const uint16_t *m, int N, int K, uint16_t *out) {
+    const int nb = K / GROUP, nc = K / 64;
+#pragma omp parallel for schedule(static)
+    for (int r = 0; r < N; r++) {
+        const uint8_t *qr = q + (size_t)r * (K / 2);
+        uint16_t *o = out + (size_t)r * K;
+        for (int c = 0; c < nc; c++)
+            for (int half = 0; half < 2; half++) { /* group 2c + half: low nibbles, then high */
+                const int b = 2 * c + half;
+                const float sv = slmkit_h2f(s[(size_t)r * nb + b]), mv = slmkit_h2f(m[(size_t)r * nb + b]) - 8.0f * sv;
+                for (int j = 0; j < 32; j++) {
+                    const int code = half ? qr[32 * c + j] >> 4 : qr[32 * c + j] & 0x0F;
+                    o[64 * c + 32 * half + j] = f32_to_bf16((float)code * sv + mv);
+                }
+            }
+    }
+}
+#endif
+
+/* Which instruction set this library was built for ("avx512", "avx2", "neon" or "portable"). */
+const char *slmkit_kernel_isa(void) { return SLMKIT_ISA_NAME; }
