@@ -35,7 +35,7 @@ import torch
 
 def truncated(model, n: int):
     """A draft sharing the model's first ``n`` decoder blocks, embeddings, norm and head."""
-    from slmkit.collab.speculative import layer_draft
+    from slmkit.collab.drafters import layer_draft
 
     return layer_draft(model, n)
 
@@ -72,7 +72,8 @@ def _hf(model, ids, n, **kw):
 
 
 def bench_speculative(model, tok, args) -> dict:
-    from slmkit.collab.speculative import ModelDrafter, SpecConfig, autoregressive, frequent_vocab, quantised_draft, speculate
+    from slmkit.collab.drafters import ModelDrafter, frequent_vocab, quantised_draft
+    from slmkit.collab.speculative import SpecConfig, autoregressive, speculate
 
     draft = small_model(model, args.draft, args.draft_layers)
     fr_draft = ModelDrafter(draft, frequent_vocab(tok, args.draft_vocab))

@@ -9,15 +9,9 @@ import json
 import pytest
 import torch
 
-from slmkit.collab.speculative import (
-    SpecConfig,
-    autoregressive,
-    choose_draft_length,
-    lookup_draft,
-    rejection_accept,
-    speculate,
-    token_probs,
-)
+from slmkit.collab.drafters import lookup_draft
+from slmkit.collab.draftlen import choose_draft_length
+from slmkit.collab.speculative import SpecConfig, autoregressive, rejection_accept, speculate, token_probs
 from slmkit.errors import ConfigError, UnsupportedModelError
 from slmkit.models.tiny import tiny_llama_config, tiny_model
 
@@ -67,7 +61,7 @@ def test_greedy_identical_to_target_alone(pair, prompt):
 
 def test_quantised_self_draft_is_exact_and_mostly_accepted(pair):
     """draft="int4": the target's own int4 copy on the fast path drafts; the output is still the target's."""
-    from slmkit.collab.speculative import FastDrafter, quantised_draft
+    from slmkit.collab.drafters import FastDrafter, quantised_draft
 
     target, _, tok = pair
     ids = torch.tensor(tok("The cat sees the house.").input_ids)
@@ -91,7 +85,7 @@ def test_quantised_self_draft_is_exact_and_mostly_accepted(pair):
 
 
 def test_reduced_vocab_draft_is_still_exact(pair):
-    from slmkit.collab.speculative import ModelDrafter, frequent_vocab
+    from slmkit.collab.drafters import ModelDrafter, frequent_vocab
 
     target, draft, tok = pair
     ids = torch.tensor(tok("The small bird finds a question.").input_ids)
@@ -106,7 +100,7 @@ def test_reduced_vocab_draft_is_still_exact(pair):
 
 
 def test_layer_draft_shares_weights_and_leaves_target_intact(pair):
-    from slmkit.collab.speculative import layer_draft
+    from slmkit.collab.drafters import layer_draft
 
     target, _, tok = pair
     ids = torch.tensor(tok("The cat sees the house.").input_ids)
@@ -273,7 +267,7 @@ def test_cli_speculate_mismatched_tokenizer(tiny_dir, tmp_path, capsys):
 @pytest.mark.integration
 def test_default_pair_greedy_identical(default_model):
     """The default model with a 10-layer copy of itself as draft, fp32: identical to the target alone."""
-    from slmkit.collab.speculative import layer_draft
+    from slmkit.collab.drafters import layer_draft
 
     model, tok = default_model
     draft = layer_draft(model, 10)

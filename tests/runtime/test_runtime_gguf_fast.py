@@ -263,7 +263,8 @@ def test_generate_fast_on_a_gguf_file_runs_its_blocks(tiny_tok, tmp_path_factory
 @needs_kernel
 def test_a_gguf_draft_runs_its_blocks_and_the_target_stays_exact(tiny_tok, tmp_path_factory):
     """``speculate --draft FILE.gguf``: the draft runs the file's blocks on the fast path; greedy output is the target's."""
-    from slmkit.collab.speculative import FastDrafter, SpecConfig, autoregressive, resolve_draft, speculate
+    from slmkit.collab.drafters import FastDrafter, resolve_draft
+    from slmkit.collab.speculative import SpecConfig, autoregressive, speculate
 
     path = _export(tiny_tok, tmp_path_factory, "Q4_0", 128)
     target = _tiny(tiny_tok, 128, seed=128)  # the model the file was exported from

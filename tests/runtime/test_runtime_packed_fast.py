@@ -280,7 +280,8 @@ def test_a_dir_without_any_kernel_grid_runs_its_dequantised_codes(tiny_tok, tmp_
 
 def test_a_packed_draft_runs_its_codes_and_the_target_stays_exact(gptq_plain, tiny_tok):
     """``speculate --draft DIR``: the draft runs the directory's codes on the fast path; greedy output is the target's."""
-    from slmkit.collab.speculative import FastDrafter, SpecConfig, autoregressive, resolve_draft, speculate
+    from slmkit.collab.drafters import FastDrafter, resolve_draft
+    from slmkit.collab.speculative import SpecConfig, autoregressive, speculate
 
     target = _tiny(tiny_tok)  # the model the directory was quantised from
     draft = resolve_draft(str(gptq_plain), target, tiny_tok)

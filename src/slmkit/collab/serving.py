@@ -47,9 +47,9 @@ class SpeculativeBackend:
 
     def __init__(self, target, tokenizer, draft, name: str | None = None, k_max: int = 12):
         from slmkit.backends.hf import HFBackend
-        from slmkit.collab.speculative import FastDrafter, check_same_vocab
+        from slmkit.collab.speculative import check_same_vocab
 
-        if not isinstance(draft, (str, FastDrafter)):  # speculate() checks a FastDrafter's vocabulary
+        if isinstance(draft, torch.nn.Module):  # speculate() checks a drafter's vocabulary
             check_same_vocab(target, draft)
         self.target, self.tokenizer, self.draft, self.k_max = target, tokenizer, draft, k_max
         self._hf = HFBackend(target, tokenizer)
@@ -341,7 +341,7 @@ def build_backend(small_spec: str, large_spec: str, mode: str, dtype: str = "fp3
         if is_url:
             raise ConfigError("speculative mode needs the large model's logits locally; --large must be a model, not a URL",
                               "use --mode cascade or shield with an endpoint")
-        from slmkit.collab.speculative import resolve_draft
+        from slmkit.collab.drafters import resolve_draft
         from slmkit.models import load
 
         target, t_tok = load(large_spec, dtype=dtype)

@@ -61,7 +61,8 @@ def _prompts(ctx: Context, n: int) -> list[str]:
 
 def _draft(ctx: Context, cfg: SpeculativeStageConfig, teacher, ttok):
     """(the draft ``speculate`` takes, its description)."""
-    from slmkit.collab.speculative import check_same_tokenizer, quantised_draft, resolve_draft
+    from slmkit.collab.drafters import quantised_draft, resolve_draft
+    from slmkit.collab.speculative import check_same_tokenizer
 
     if cfg.draft in ("int4", "int8"):
         return quantised_draft(teacher, cfg.draft), f"the teacher's own {cfg.draft} copy on slmkit's fast path"

@@ -1,0 +1,190 @@
+"""How many tokens to draft: the speculative loop's controller, from measured costs and running acceptance.
+
+Leviathan, Kalman, Matias 2023 (arXiv:2211.17192), Eq. 1: with a per-token acceptance rate ``alpha``
+a draft of ``k`` tokens yields ``E(k) = (1 - alpha^(k+1)) / (1 - alpha)`` tokens per verification;
+Sec. 3.4 (Theorem 3.8) divides by the step's cost to get the speed-up. Here the costs are not assumed
+but measured while decoding:
+
+* a draft token of each source (the draft model; prompt lookup, nearly free) costs ``t_d`` seconds
+  (an exponential moving average);
+* a target pass over ``n`` tokens costs ``t(n) = a + b n`` seconds, fitted by least squares to the
+  passes seen so far (per-``n`` moving averages); plain decoding is ``t(1)`` per token.
+
+Each step takes the source and ``k`` that maximise ``E(k) / (k t_d + t(k+1))``, and ``k = 0`` (plain
+decoding with the target) when no draft beats ``1 / t(1)``: a draft that is slow or rarely right
+then costs almost nothing. While drafting does not pay, the model draft is re-tried with a short
+probe after ``probe_every`` plain steps, the gap doubling after each probe that still does not pay
+(up to ``probe_max``), so a draft that starts agreeing again is picked up. Prompt lookup is scored
+on every step for free: its proposal is compared with the tokens the target emitted
+(:meth:`DraftController.shadow`), so it drafts as soon as the context starts to repeat.
+None of this touches exactness: the choice depends only on the past, never on the tokens being drawn.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from slmkit.collab.speculative import SpecConfig
+
+
+def expected_tokens_per_cost(alpha: float, k: int, cost_ratio: float, verify_cost: float) -> float:
+    """Expected emitted tokens per unit of target-step time for draft length ``k`` (``k = 0``: plain decoding, 1).
+
+    Leviathan et al. 2023, Eq. 1: E[tokens] = (1 - alpha^(k+1)) / (1 - alpha); one step costs
+    ``k * c`` draft time plus one verification, which we model as ``1 + verify_cost * k``.
+    """
+    tokens = float(k + 1) if alpha >= 1 else (1 - alpha ** (k + 1)) / (1 - alpha)
+    return tokens / (k * cost_ratio + 1 + verify_cost * k)
+
+
+def choose_draft_length(alpha: float, cost_ratio: float, verify_cost: float, k_max: int, k_min: int = 1) -> int:
+    """The k in [k_min, k_max] that maximises :func:`expected_tokens_per_cost` (``k_min=0`` allows plain decoding)."""
+    return max(range(k_min, k_max + 1), key=lambda k: expected_tokens_per_cost(alpha, k, cost_ratio, verify_cost))
+
+
+class Acceptance:
+    """Running per-token acceptance rate: accepted / Bernoulli trials, with exponential forgetting.
+
+    A step that accepts ``n`` of ``k`` drafts is ``n`` successes and, if ``n < k``, one failure
+    (the geometric model behind Eq. 1); the prior counts as ``2 * prior`` successes in 2 trials.
+    """
+
+    def __init__(self, prior: float, decay: float):
+        self.decay = decay
+        self.acc, self.trials = 2 * prior, 2.0
+
+    def add(self, accepted: int, trials: int) -> None:
+        if trials:
+            self.acc = self.decay * self.acc + accepted
+            self.trials = self.decay * self.trials + trials
+
+    @property
+    def alpha(self) -> float:
+        return min(0.99, max(0.01, self.acc / self.trials))
+
+
+class VerifyCost:
+    """``t(n) = a + b n`` seconds for a target pass over ``n`` tokens, fitted to measured passes."""
+
+    def __init__(self, prior_slope: float, decay: float = 0.7):
+        self.prior_slope = prior_slope  # b / t(1) assumed while all passes had one length
+        self.decay = decay
+        self.mean: dict[int, float] = {}  # n -> moving average of seconds
+        self.count: dict[int, int] = {}
+
+    def add(self, n: int, seconds: float) -> None:
+        c = self.count.get(n, 0)
+        self.mean[n] = seconds if c == 0 else self.decay * self.mean[n] + (1 - self.decay) * seconds
+        self.count[n] = c + 1
+
+    def fit(self) -> tuple[float, float] | None:
+        """``(t(1), b)`` in seconds, or None before any pass was measured."""
+        if not self.mean:
+            return None
+        if len(self.mean) == 1:  # one length seen: t(n0) = t(1) (1 + v (n0 - 1)) with the prior v
+            (n0, t0), = self.mean.items()
+            t1 = t0 / (1 + self.prior_slope * (n0 - 1))
+            return t1, self.prior_slope * t1
+        w = {n: min(c, 8) for n, c in self.count.items()}  # weighted least squares over the per-n means
+        sw = sum(w.values())
+        mn = sum(w[n] * n for n in w) / sw
+        mt = sum(w[n] * self.mean[n] for n in w) / sw
+        var = sum(w[n] * (n - mn) ** 2 for n in w)
+        b = max(0.0, sum(w[n] * (n - mn) * (self.mean[n] - mt) for n in w) / var)
+        a = mt - b * mn
+        t1 = a + b
+        if t1 <= 0:  # a noisy fit through the origin: fall back to the shortest pass seen
+            n0 = min(self.mean)
+            t1 = self.mean[n0] / (1 + self.prior_slope * (n0 - 1))
+            b = min(b, t1)
+        return t1, b
+
+
+class DraftController:
+    """Chooses each step's draft source ("model" or "lookup") and length ``k``; see the module docstring.
+
+    Sources: ``has_model`` (a draft model that :meth:`choose` may call) and ``lookup`` (prompt lookup).
+    Record every step with :meth:`drafted`, :meth:`verified`, :meth:`accepted` (and :meth:`shadow`).
+    With ``cfg.cost_ratio`` set, the costs are fixed (draft token = ``cost_ratio``, each extra verified
+    token = ``verify_cost`` times a target step) instead of measured.
+    """
+
+    def __init__(self, cfg: SpecConfig, has_model: bool, lookup: bool):
+        self.cfg = cfg
+        self.has_model, self.lookup = has_model, lookup
+        self.alpha = {s: Acceptance(cfg.prior_acceptance, cfg.decay) for s in ("model", "lookup")}
+        self.t_draft: dict[str, float] = {}  # source -> seconds per draft token
+        self.verify = VerifyCost(cfg.verify_cost)
+        self.gap = cfg.probe_every  # plain steps before the next probe of the model draft
+        self.plain = 0  # plain steps since the model last drafted
+
+    def _costs(self, source: str) -> tuple[float, float] | None:
+        """(draft cost per token, extra verify cost per token), both in units of one plain target step."""
+        if self.cfg.cost_ratio is not None:
+            return (self.cfg.cost_ratio if source == "model" else 0.0), self.cfg.verify_cost
+        fit = self.verify.fit()
+        if fit is None or source not in self.t_draft:
+            return None
+        t1, b = fit
+        return self.t_draft[source] / t1, b / t1
+
+    def _best(self, source: str, k_max: int) -> tuple[int, float]:
+        """(best k >= 1, its expected tokens per plain-step time) for one source; rate 0 when unknown."""
+        costs = self._costs(source)
+        if costs is None or k_max < 1:
+            return min(self.cfg.k, k_max), 0.0
+        c, v = costs
+        a = self.alpha[source].alpha
+        k = choose_draft_length(a, c, v, k_max)
+        return k, expected_tokens_per_cost(a, k, c, v)
+
+    def choose(self, room: int, lookup_len: int) -> tuple[str, int]:
+        """(source, k) for the next step: ``room`` tokens may still be drafted, ``lookup_len`` were found by lookup."""
+        cfg = self.cfg
+        if room < 1 or not (self.has_model or lookup_len):
+            return "model", 0
+        if not cfg.adaptive:
+            return ("model", min(cfg.k, room)) if self.has_model else ("lookup", min(cfg.k, lookup_len))
+        k_model = min(cfg.k_max, room)
+        if self.has_model and self._costs("model") is None:  # nothing measured yet: draft cfg.k to measure
+            return "model", min(cfg.k, k_model)
+        options = [("plain", 0, 1.0)]
+        if lookup_len:
+            options.append(("lookup", *self._best("lookup", min(lookup_len, room))))
+        if self.has_model:
+            options.append(("model", *self._best("model", k_model)))
+        source, k, _ = max(options, key=lambda o: o[2])
+        if source == "model":
+            self.gap = cfg.probe_every
+        if source != "plain":
+            self.plain = 0
+            return source, k
+        if self.has_model:  # drafting does not pay now: probe the model draft now and then
+            self.plain += 1
+            if self.plain >= self.gap:
+                self.plain, self.gap = 0, min(cfg.probe_max, 2 * self.gap)
+                return "model", self._best("model", k_model)[0]
+        return "model", 0
+
+    def drafted(self, source: str, k: int, seconds: float) -> None:
+        if k > 0:
+            per = seconds / k
+            old = self.t_draft.get(source)
+            self.t_draft[source] = per if old is None else 0.7 * old + 0.3 * per
+
+    def verified(self, n: int, seconds: float) -> None:
+        self.verify.add(n, seconds)
+
+    def accepted(self, source: str, n: int, k: int) -> None:
+        self.alpha[source].add(n, n + (1 if n < k else 0))
+
+    def shadow(self, proposal: list[int], emitted: list[int]) -> None:
+        """Score a lookup proposal that was not drafted against the tokens the target emitted (free)."""
+        j = 0
+        while j < len(proposal) and j < len(emitted) and proposal[j] == emitted[j]:
+            j += 1
+        rejected = j < len(proposal) and j < len(emitted)  # past the emitted tokens the outcome is unknown
+        self.alpha["lookup"].add(j, j + int(rejected))
+        if "lookup" not in self.t_draft:
+            self.t_draft["lookup"] = 0.0
