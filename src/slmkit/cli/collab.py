@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -36,7 +37,7 @@ def _encode(tok, prompt: str, chat: bool):
 
 def speculate(
     prompt: str = typer.Argument(..., help="the prompt (continued as raw text unless --chat)"),
-    draft: str = typer.Option(..., "--draft", help="draft MODEL (same tokenizer as the target), 'lookup', 'layers:N' (the target's first N blocks), or 'int4'/'int8' (the target's own quantised copy on the fast path)"),
+    draft: str = typer.Option(..., "--draft", help="draft MODEL (same tokenizer as the target), 'lookup', 'layers:N' (the target's first N blocks), or 'int4'/'int8' (the target's own quantised copy on the fast path, with prompt lookup when the context repeats)"),
     target: str = typer.Option(..., "--target", help="target MODEL: default | hub id | directory | file.gguf"),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32 (greedy output identical to the target) or bf16"),
@@ -46,7 +47,9 @@ def speculate(
     seed: int = typer.Option(0, "--seed"),
     k: int = typer.Option(4, "--k", min=0, help="draft length of the first step"),
     k_max: int = typer.Option(12, "--k-max", min=1, max=64, help="longest draft the adaptive rule may choose"),
-    fixed: bool = typer.Option(False, "--fixed-k", help="keep k fixed instead of adapting it"),
+    fixed: bool = typer.Option(False, "--fixed-k", help="keep k fixed instead of choosing it from measured costs and acceptance"),
+    lookup: Optional[bool] = typer.Option(None, "--lookup/--no-lookup", help="also draft by prompt lookup when the context repeats (default: on for int4/int8)"),
+    baseline: str = typer.Option("generate", "--baseline", help="the target alone that speedup divides by: generate (transformers' model.generate) | fast (slmkit's fast path, the engine that verifies)"),
     no_baseline: bool = typer.Option(False, "--no-baseline", help="skip the target-alone run (speedup is then null)"),
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
@@ -55,19 +58,30 @@ def speculate(
 
     from slmkit.backends.hf import token_id_list
     from slmkit.collab.drafters import resolve_draft
-    from slmkit.collab.speculative import SpecConfig, autoregressive, speculate as run
+    from slmkit.collab.speculative import SpecConfig, autoregressive, hf_generate, speculate as run
+    from slmkit.errors import ConfigError
     from slmkit.models import load
 
+    if baseline not in ("generate", "fast"):
+        raise ConfigError(f"--baseline must be generate or fast, got {baseline!r}")
     t_model, t_tok = load(target, dtype=dtype)
-    d_model = resolve_draft(draft, t_model, t_tok, dtype, "the draft (--draft)")
+    d_model = resolve_draft(draft, t_model, t_tok, dtype, "the draft (--draft)", lookup=lookup)
     eos = {t for t in (t_tok.eos_token_id, *token_id_list(t_model.generation_config.eos_token_id)) if t is not None}
     cfg = SpecConfig(
         max_new_tokens=max_new_tokens, k=min(k, k_max), k_max=k_max, adaptive=not fixed,
         temperature=temperature, top_p=top_p, eos_token_ids=tuple(sorted(eos)),
     )
     ids = _encode(t_tok, prompt, chat)
-    autoregressive(t_model, ids, SpecConfig(max_new_tokens=2))  # warm-up: first-call overheads off the clock
-    base = None if no_baseline else autoregressive(t_model, ids, cfg, torch.Generator().manual_seed(seed))
+
+    def target_alone(c):
+        if baseline == "generate":
+            return hf_generate(t_model, ids, c, seed)
+        return autoregressive(t_model, ids, replace(c, fast_target=True), torch.Generator().manual_seed(seed))
+
+    warm = replace(cfg, max_new_tokens=2)  # warm-up: first-call overheads off the clock
+    target_alone(warm)
+    run(t_model, d_model, ids, warm)
+    base = None if no_baseline else target_alone(cfg)
     out = run(t_model, d_model, ids, cfg, torch.Generator().manual_seed(seed))
     body = [t for t in out.tokens if t not in eos]
     result = {
@@ -77,9 +91,13 @@ def speculate(
         "speedup": None if base is None else out.tokens_per_s / base.tokens_per_s,
         "acceptance_rate": out.acceptance_rate,
         "target_tokens_per_s": None if base is None else base.tokens_per_s,
+        "baseline": None if base is None else baseline,
         "drafted": out.drafted,
         "accepted": out.accepted,
+        "lookup_drafted": out.lookup_drafted,
+        "lookup_accepted": out.lookup_accepted,
         "target_calls": out.target_calls,
+        "plain_steps": sum(1 for k_ in out.draft_lengths if k_ == 0),
         "mean_draft_length": (sum(out.draft_lengths) / len(out.draft_lengths)) if out.draft_lengths else 0.0,
         "identical_to_target": None if base is None or temperature > 0 else base.tokens == out.tokens,
         "finish_reason": out.finish_reason,
@@ -93,7 +111,6 @@ def speculate(
     sys.stdout.write(result["text"] + "\n")
     rows = [(k_, v) for k_, v in result.items() if k_ != "text"]
     console.print(kv_table("speculative decoding", rows))
-
 
 
 def route(

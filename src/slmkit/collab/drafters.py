@@ -322,7 +322,7 @@ def as_drafter(draft, target) -> Drafter:
     if isinstance(draft, ModelDrafter):
         check_same_vocab(target, draft.model)
         return draft.fresh()
-    if isinstance(draft, LookupDrafter):
-        return draft
+    if hasattr(draft, "propose") and hasattr(draft, "fresh"):  # any other Drafter
+        return draft.fresh()
     check_same_vocab(target, draft)
     return ModelDrafter(draft)

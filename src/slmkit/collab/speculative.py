@@ -121,7 +121,9 @@ class SpecOutput:
     accepted: int = 0  #: draft tokens the target accepted
     target_calls: int = 0  #: target forward passes (prefill included)
     draft_calls: int = 0  #: draft forward passes (prefill included)
-    draft_lengths: list[int] = field(default_factory=list)  #: k chosen at each step
+    draft_lengths: list[int] = field(default_factory=list)  #: k chosen at each step (0: a plain target step)
+    lookup_drafted: int = 0  #: of ``drafted``, tokens drafted by prompt lookup
+    lookup_accepted: int = 0  #: of ``accepted``, prompt-lookup tokens accepted
     finish_reason: str = "length"  #: "stop" (EOS) or "length"
     seconds: float = 0.0
 
@@ -235,7 +237,7 @@ class CachedLM:
             self.n = n
 
 
-class _FastLM:
+class FastLM:
     """The target on slmkit's fast path (weights shared with the transformers model): same interface as :class:`CachedLM`."""
 
     def __init__(self, model, capacity: int):
@@ -333,7 +335,7 @@ def _target_lm(target, cfg: SpecConfig, capacity: int, default: bool):
     if cfg.fast_target and not can:
         raise UnsupportedModelError("fast_target verifies on slmkit's fast path, which runs llama-architecture models on CPU only",
                                     "leave fast_target unset")
-    return _FastLM(target, capacity) if want and can else CachedLM(target)
+    return FastLM(target, capacity) if want and can else CachedLM(target)
 
 
 @torch.inference_mode()
@@ -355,6 +357,24 @@ def autoregressive(target, ids, cfg: SpecConfig, gen: torch.Generator | None = N
             break
         nxt = torch.tensor([tok], device=dev)
     out.target_calls = lm.calls
+    out.seconds = time.perf_counter() - t0
+    return finish_output(out, cfg)
+
+
+@torch.inference_mode()
+def hf_generate(target, ids, cfg: SpecConfig, seed: int = 0) -> SpecOutput:
+    """The target alone through transformers' own ``generate`` (the plain baseline users know), same
+    stopping and sampling settings (temperature, top-p, no top-k); its seconds include the whole call."""
+    ctx = as_ids(ids).to(model_device(target))[None]
+    kw = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None} if cfg.temperature == 0 else \
+        {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": 0}
+    eos = list(cfg.eos_token_ids)
+    if cfg.temperature > 0:
+        torch.manual_seed(seed)  # generate draws from the global generator
+    t0 = time.perf_counter()
+    res = target.generate(ctx, attention_mask=torch.ones_like(ctx), max_new_tokens=cfg.max_new_tokens,
+                          min_new_tokens=0, eos_token_id=eos or None, pad_token_id=eos[0] if eos else 0, **kw)
+    out = SpecOutput(tokens=res[0, ctx.shape[1]:].tolist(), target_calls=len(res[0]) - ctx.shape[1])
     out.seconds = time.perf_counter() - t0
     return finish_output(out, cfg)
 
@@ -422,6 +442,9 @@ def speculate(
         out.draft_lengths.append(kd)
         if kd:
             ctl.accepted(source, n_acc, kd)
+        if source == "lookup":
+            out.lookup_drafted += kd
+            out.lookup_accepted += n_acc
         if look.numel() and (source != "lookup" or not kd):
             ctl.shadow(look.tolist(), new)
         if on_tokens is not None:
