@@ -65,7 +65,7 @@ def test_embeddings_are_unit_mean_pooled_vectors(embedder):
 
     enc = embedder.tokenizer(["a cat sat on the mat"], return_tensors="pt")
     with torch.no_grad():
-        h = embedder.model(**enc).last_hidden_state[0].mean(0)  # no padding: plain mean
+        h = embedder.model[0].auto_model(**enc).last_hidden_state[0].mean(0)  # no padding: plain mean
     assert np.allclose(v[0], (h / h.norm()).numpy(), atol=1e-5)
 
 

@@ -80,7 +80,7 @@ def retrieve(index: VectorIndex, embedder: Embedder, questions: list[str], k: in
     if k == 0:
         return [[] for _ in questions]
     index.check_embedder(embedder)
-    return index.search(embedder.embed(questions), k)
+    return index.search(embedder.embed_queries(questions), k)
 
 
 def answer(

@@ -43,7 +43,7 @@ from slmkit.rag.embed import Embedder
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2  #: index.json's format version: 2 = sentence-transformers embeddings (pooling, prompts from the model), chunks bounded by embedder tokens
 META = "index.json"
 CHUNKS = "chunks.jsonl"
 LOCK = ".lock"
@@ -68,7 +68,7 @@ def read_meta(root: Path) -> dict:
     if not isinstance(meta, dict):
         raise DataError(f"{path}: expected a JSON object, got {type(meta).__name__}", REBUILD)
     if meta.get("format") != FORMAT:
-        raise DataError(f"{root} has index format {meta.get('format')!r}; this slmkit reads format {FORMAT}")
+        raise DataError(f"{root} has index format {meta.get('format')!r}; this slmkit reads format {FORMAT} only", REBUILD)
 
     def bad(field: str, want: str):
         return DataError(f"{path}: field '{field}' must be {want}, got {str(meta.get(field, '(missing)'))[:60]}", REBUILD)
@@ -369,7 +369,7 @@ def _build_locked(root: Path, docs: list[Document], embedder: Embedder, chunking
 
     size = 0
     for d in todo:
-        cs = chunk_document(d, chunking)
+        cs = chunk_document(d, chunking, getattr(embedder, "count_tokens", None), getattr(embedder, "max_tokens", 0))
         if not cs:
             continue
         pending.append((d, cs))
