@@ -21,13 +21,18 @@ def check_concurrency(concurrency: int, *specs: str | None) -> None:
                           "pass an endpoint URL (e.g. http://127.0.0.1:8000 from `slmkit serve`), or drop --concurrency")
 
 
-def from_spec(spec: str, dtype: str = "fp32", api_key: str | None = None, concurrency: int = 1) -> Backend:
+def from_spec(spec: str, dtype: str = "fp32", api_key: str | None = None, concurrency: int = 1,
+              device: str = "cpu") -> Backend:
     """``http(s)://...`` → :class:`OpenAIBackend` (``URL#model`` picks a model; ``concurrency`` requests in
-    flight at once); anything else → :class:`HFBackend` (which batches in-process; ``concurrency`` is unused)."""
+    flight at once); anything else → :class:`HFBackend` on ``device`` (cpu | cuda | cuda:N | auto; it
+    batches in-process, ``concurrency`` is unused)."""
     if is_endpoint(spec):
         url, _, model = spec.partition("#")
         return OpenAIBackend(url, model=model or None, api_key=api_key, concurrency=concurrency)
-    return HFBackend.from_spec(spec, dtype=dtype)
+    from slmkit.models import load
+
+    model, tok = load(spec, dtype=dtype, device=device)
+    return HFBackend(model, tok, name=spec)
 
 
 __all__ = ["Backend", "Completion", "GenParams", "HFBackend", "OpenAIBackend", "PartialFailure", "Prompt", "TokenScores",

@@ -12,6 +12,10 @@ from rich.table import Table
 
 #: every verb with --output takes --force (the CLI contract)
 FORCE_HELP = "replace an existing --output that slmkit did not write (without it: refused, exit 2)"
+#: every verb that runs a model takes --device (slmkit.models.device)
+DEVICE_HELP = "auto (CUDA when present, else CPU) | cpu | cuda | cuda:N"
+#: --dtype where the default follows the device
+DTYPE_HELP = "fp32 | bf16 | fp16 (default: bf16 on a GPU, fp32 on the CPU)"
 
 console = Console(stderr=False)
 err_console = Console(stderr=True)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from slmkit.cli._common import FORCE_HELP, console, human_bytes, kv_table, print_json
+from slmkit.cli._common import DEVICE_HELP, FORCE_HELP, console, human_bytes, kv_table, print_json
 from slmkit.cli.progress import with_progress
 
 
@@ -44,6 +45,7 @@ def quantize_cmd(
     output: Path = typer.Option(..., "--output", help="directory to write (packed codes + config + tokenizer)"),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     gguf_type: Optional[str] = typer.Option(None, "--gguf", help="a llama.cpp file type (Q4_0, Q4_K_M, Q4_K_S, Q5_K_M, Q6_K, Q8_0, ...): quantise every tensor on the block grid llama-quantize would give it, and also write DIR/model-TYPE.gguf from these codes"),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP + " (compression runs there; the result is saved from the CPU)"),
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
     """Quantise MODEL's weights (RTN, GPTQ or AWQ) and store them packed; optionally export GGUF."""
@@ -55,6 +57,7 @@ def quantize_cmd(
     from slmkit.errors import ConfigError
     from slmkit.export.gguf import export_gguf_validated
     from slmkit.models import load
+    from slmkit.models.device import resolve_device
 
     # everything a user can get wrong is checked before the model is loaded
     q = QUANTIZERS.get(method)
@@ -82,9 +85,10 @@ def quantize_cmd(
     calib_cfg = CalibConfig(n_samples=calib_samples, seq_len=calib_len, seed=seed,
                             source=None if calib is None else str(calib)) if q.needs_calibration else None
     check_output(output, force)
+    dev = resolve_device(device)
 
     t0 = time.perf_counter()
-    m, tok = load(model)
+    m, tok = load(model, device=dev)
     ids = calibration_ids(m, tok, calib_cfg) if calib_cfg is not None else None
     grids = None
     if gguf_type is not None:  # each tensor on the grid of the type llama-quantize gives it
@@ -92,6 +96,11 @@ def quantize_cmd(
 
         grids = gguf_grids(m, gguf_type, imatrix=q.needs_calibration)
     result = quantize(m, method, cfg, ids, embeddings=gguf_type is not None, grids=grids, gguf=gguf_type)
+    if dev.type != "cpu":  # packing and GGUF export read the codes on the CPU
+        m.cpu()
+        result.tensors = {k: dataclasses.replace(qt, codes=qt.codes.cpu(), scales=qt.scales.cpu(),
+                                                 mins=None if qt.mins is None else qt.mins.cpu())
+                          for k, qt in result.tensors.items()}
     manifest = Manifest(source=model)
     manifest.add_stage("quantize", cfg, method=method, calibration=calib_cfg, seconds=round(result.seconds, 2),
                        tensors=len(result.tensors))

@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from slmkit.cli._common import FORCE_HELP, console, kv_table, print_json
+from slmkit.cli._common import DEVICE_HELP, DTYPE_HELP, FORCE_HELP, console, kv_table, print_json
 from slmkit.cli.progress import with_progress
 from slmkit.progress import trainer_callback
 
@@ -24,6 +24,15 @@ def register(app: typer.Typer) -> None:
     rag.command("index")(rag_index)
     rag.command("ask")(rag_ask)
     app.add_typer(rag, name="rag")
+
+
+def _training_device(device: str):
+    """``--device`` for a Trainer verb: the device, checked (exit 2 naming the flag when it is not there)."""
+    from slmkit.models.device import resolve_device, training_device_check
+
+    dev = resolve_device(device)
+    training_device_check(dev)
+    return dev
 
 
 def _quiet_libraries() -> None:
@@ -66,7 +75,8 @@ def sft(
     resume: bool = typer.Option(False, "--resume", help="continue from the newest checkpoint in OUTPUT.checkpoints"),
     limit: int = typer.Option(0, "--limit", min=0, help="first N examples only (0 = all)"),
     seed: int = typer.Option(0, "--seed"),
-    dtype: str = typer.Option("fp32", "--dtype"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help=DTYPE_HELP),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP + " (a GPU other than the first: CUDA_VISIBLE_DEVICES)"),
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
     """Supervised fine-tuning on chat data (loss on assistant tokens only)."""
@@ -75,16 +85,18 @@ def sft(
     from slmkit.models import load
     from slmkit.train.records import read_sft
     from slmkit.train.sft import SFTConfig, assistant_loss, check_training_output, checkpoint_dir, finish_checkpoints, save_trained
+    from slmkit.models.device import resolve_dtype
     from slmkit.train.sft import sft as run
 
     if merge and not lora:
         raise ConfigError("--merge needs --lora (full fine-tuning already writes a model)")
+    dev = _training_device(device)
     cfg = SFTConfig(lora=_lora(lora, lora_r, lora_alpha), max_steps=max_steps, learning_rate=lr, batch_size=batch_size,
                     grad_accum=grad_accum, max_length=max_length, packing=packing, save_steps=save_steps, seed=seed)
     convs = read_sft(data, limit=limit)
     check_training_output(output, force)
     _quiet_libraries()
-    m, tok = load(model, dtype=dtype)
+    m, tok = load(model, dtype=resolve_dtype(dtype, dev), device=dev)
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):
         res = run(m, tok, convs, cfg, checkpoint_dir(output), resume=resume, callbacks=[trainer_callback()])
@@ -120,6 +132,7 @@ def dpo(
     resume: bool = typer.Option(False, "--resume"),
     limit: int = typer.Option(0, "--limit", min=0, help="first N pairs only (0 = all)"),
     seed: int = typer.Option(0, "--seed"),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP + " (a GPU other than the first: CUDA_VISIBLE_DEVICES)"),
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
     """Preference optimisation (DPO or SimPO); reports reward accuracy and margin."""
@@ -134,6 +147,7 @@ def dpo(
 
     if merge and not lora:
         raise ConfigError("--merge needs --lora (full fine-tuning already writes a model)")
+    dev = _training_device(device)
     cfg = PreferenceConfig(method=method, beta=beta, lora=_lora(lora, lora_r, None), max_steps=max_steps,
                            learning_rate=lr, batch_size=batch_size,
                            max_length=max_length, save_steps=save_steps, seed=seed)
@@ -145,7 +159,7 @@ def dpo(
     held = read(eval_data) if eval_data is not None else pairs[:64]
     check_training_output(output, force)
     _quiet_libraries()
-    m, tok = load(model)
+    m, tok = load(model, device=dev)  # fp32 weights: DPO's log-ratio margins are small
     ref = copy.deepcopy(m) if (method == "dpo" and not lora) else None
     before = preference_metrics(m, tok, held, cfg, reference=None)
     t0 = time.perf_counter()

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from slmkit.cli._common import FORCE_HELP, console, err_console, kv_table, print_json
+from slmkit.cli._common import DEVICE_HELP, DTYPE_HELP, FORCE_HELP, console, err_console, kv_table, print_json
 from slmkit.cli.progress import with_progress
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,9 @@ def distill_cmd(
     save_steps: int = typer.Option(50, "--save-steps", min=1),
     seed: int = typer.Option(0, "--seed"),
     qat: Optional[str] = typer.Option(None, "--qat", help="quantisation-aware training on a GGUF block type (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K) or a llama.cpp file type (Q4_K_M, Q5_K_M, ...: each Linear on the type llama-quantize gives it)"),
-    dtype: str = typer.Option("fp32", "--dtype", help="fp32 or bf16 (both models)"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help=DTYPE_HELP + "; both models"),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP + " (both models; a GPU other than the first: "
+                               "CUDA_VISIBLE_DEVICES)"),
     autocast_bf16: bool = typer.Option(False, "--autocast-bf16", help="mixed precision: fp32 weights, bf16 autocast compute (the Trainer's bf16)"),
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
@@ -57,6 +59,7 @@ def distill_cmd(
     from slmkit.artefact import Manifest, check_output
     from slmkit.errors import ConfigError, DataError
     from slmkit.models import load
+    from slmkit.models.device import resolve_device, resolve_dtype, training_device_check
     from slmkit.progress import trainer_callback
     from slmkit.train.data import DataConfig
     from slmkit.train.distill import TEACHER_DATA, DistillConfig, check_same_tokenizer, distill, is_run_output
@@ -65,6 +68,9 @@ def distill_cmd(
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    dev = resolve_device(device)
+    training_device_check(dev)
+    dtype = resolve_dtype(dtype, dev)
     lcfg = LossConfig(loss=loss, temperature=temperature, beta=beta, alpha=alpha, ce_weight=ce_weight, top_k=top_k)
     check_output(output, force, owned=is_run_output)
     data_path = data
@@ -93,10 +99,10 @@ def distill_cmd(
         learning_rate=lr, save_steps=min(save_steps, max_steps), seed=seed, logging_steps=max(1, min(10, max_steps // 5)), qat=qat or "",
         bf16=autocast_bf16,
     )
-    s_model, s_tok = load(student, dtype=dtype)
+    s_model, s_tok = load(student, dtype=dtype, device=dev)
     t_model = None
     if teacher is not None and not black_box and (lcfg.uses_teacher or seq_kd):
-        t_model, t_tok = load(teacher, dtype=dtype)
+        t_model, t_tok = load(teacher, dtype=dtype, device=dev)
         check_same_tokenizer(t_tok, s_tok)
     base = Manifest.read(student) if Path(student).is_dir() else None
     res = distill(s_model, s_tok, data_path, output, cfg, teacher=t_model, resume=resume,
@@ -138,7 +144,8 @@ def gen_data_cmd(
                                          "(constrained decoding), rows are tool-use conversations for sft"),
     tool_choice: str = typer.Option("required", "--tool-choice", help="with --tools: required (any function) or a function name"),
     parallel_calls: bool = typer.Option(False, "--parallel-calls", help="with --tools: allow several calls per reply"),
-    dtype: str = typer.Option("fp32", "--dtype"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help=DTYPE_HELP),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP + " (a local teacher)"),
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
     """Write teacher answers to prompts as messages jsonl, filtered (length, duplicates, perplexity, judge);
@@ -146,8 +153,11 @@ def gen_data_cmd(
     from slmkit.backends import check_concurrency, from_spec
     from slmkit.data.synth import SynthConfig, check_synth_output, generate_dataset, read_prompts, self_instruct_prompts
     from slmkit.errors import ConfigError
+    from slmkit.models.device import resolve_device, resolve_dtype
 
     check_concurrency(concurrency, model, judge)
+    dev = resolve_device(device)
+    dtype = resolve_dtype(dtype, dev)
     batch_size = batch_size or max(8, 4 * concurrency)
     if prompts is None:
         raise ConfigError("gen-data needs --prompts FILE", "e.g. --prompts ../shared/data/instructions/self_instruct_seed_tasks.jsonl")
@@ -155,7 +165,7 @@ def gen_data_cmd(
         raise ConfigError("--min-judge-score needs --judge MODEL")
     if tools is not None:
         return _gen_tool_data(model, prompts, output, force, tools, tool_choice, parallel_calls, n, self_instruct,
-                              max_new_tokens, temperature, seed, batch_size, dtype, json_out,
+                              max_new_tokens, temperature, seed, batch_size, dtype, dev, json_out,
                               text_filters=judge is not None or max_perplexity > 0)
     if tool_choice != "required" or parallel_calls:
         raise ConfigError("--tool-choice and --parallel-calls need --tools FILE")
@@ -164,10 +174,10 @@ def gen_data_cmd(
                       batch_size=batch_size)
     items = read_prompts(prompts)
     check_synth_output(output, force)
-    teacher = from_spec(model, dtype=dtype, concurrency=concurrency)
+    teacher = from_spec(model, dtype=dtype, concurrency=concurrency, device=dev)
     if self_instruct:
         items = items + self_instruct_prompts(teacher, items, self_instruct, seed=seed)
-    judge_b = from_spec(judge, dtype=dtype, concurrency=concurrency) if judge else None
+    judge_b = from_spec(judge, dtype=dtype, concurrency=concurrency, device=dev) if judge else None
     _print_synth(model, generate_dataset(teacher, items, output, cfg, judge=judge_b, force=force), json_out)
 
 
@@ -190,7 +200,7 @@ def _print_synth(model: str, rep, json_out: bool) -> None:
 
 def _gen_tool_data(model: str, prompts: Path, output: Path, force: bool, tools: Path, tool_choice: str, parallel: bool,
                    n: int, self_instruct: int, max_new_tokens: int, temperature: float, seed: int, batch_size: int,
-                   dtype: str, json_out: bool, text_filters: bool) -> None:
+                   dtype: str, device, json_out: bool, text_filters: bool) -> None:
     """gen-data --tools: a constrained call per prompt (:func:`slmkit.data.toolsynth.generate_tool_dataset`)."""
     from slmkit.backends import from_spec
     from slmkit.data.synth import check_synth_output, read_prompts, self_instruct_prompts
@@ -207,7 +217,7 @@ def _gen_tool_data(model: str, prompts: Path, output: Path, force: bool, tools: 
                           max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, batch_size=batch_size)
     items = read_prompts(prompts)
     check_synth_output(output, force)
-    teacher = from_spec(model, dtype=dtype)
+    teacher = from_spec(model, dtype=dtype, device=device)
     if self_instruct:
         items = items + self_instruct_prompts(teacher, items, self_instruct, seed=seed)
     _print_synth(model, generate_tool_dataset(teacher, items, offered, output, cfg, force=force), json_out)

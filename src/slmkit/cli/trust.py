@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from slmkit.cli._common import FORCE_HELP, console, print_json
+from slmkit.cli._common import DEVICE_HELP, FORCE_HELP, console, print_json
 from slmkit.cli.progress import with_progress
 from slmkit.progress import step
 
@@ -28,7 +28,8 @@ def audit(
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="folder holding truthfulqa/, bbq/, ... "
                                             "(default: $SLMKIT_DATA or ../shared/data)"),
     dtype: str = typer.Option("auto", "--dtype", help="compute dtype: auto (bf16 on a CPU with native bf16, "
-                              "about 2.7x faster here; else fp32), fp32 or bf16"),
+                              "about 2.7x faster here; else fp32; bf16 on a GPU), fp32 or bf16"),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP + " (local models)"),
     seed: int = typer.Option(0, "--seed"),
     toxicity_samples: int = typer.Option(2, "--toxicity-samples", min=1, help="continuations per toxicity prompt"),
     no_memorisation: bool = typer.Option(False, "--no-memorisation", help="skip the canary fine-tune"),
@@ -40,11 +41,14 @@ def audit(
 ) -> None:
     """Audit MODEL on robustness, privacy, reliability, safety and fairness (optionally against --compare)."""
     from slmkit.backends import check_concurrency, from_spec
+    from slmkit.models.device import resolve_device, resolve_dtype
     from slmkit.artefact import check_output
     from slmkit.trust.report import is_audit_dir, report_json, write_report
     from slmkit.trust.suite import AuditConfig, AuditContext, audit as run_audit, compare, parse_dimensions
 
     check_concurrency(concurrency, model, compare_with)
+    dev = resolve_device(device)
+    dtype = resolve_dtype(dtype, dev)
     if data_dir is not None and not data_dir.is_dir():
         from slmkit.errors import DataError
 
@@ -62,14 +66,14 @@ def audit(
         # a bar over the dimensions (slmkit.cli.progress: on stderr, on a terminal, not with --json)
         return lambda dim: step(f"{who} dimensions", dims.index(dim) if dim in dims else 0, len(dims))
 
-    backend = from_spec(model, dtype=dtype, api_key=api_key, concurrency=concurrency)
+    backend = from_spec(model, dtype=dtype, api_key=api_key, concurrency=concurrency, device=dev)
     backend.name = model
     a = run_audit(backend, cfg, ctx, progress(model))
     step(f"{model} dimensions", len(dims), len(dims))
     b = None
     if compare_with is not None:
         del backend
-        other = from_spec(compare_with, dtype=dtype, api_key=api_key, concurrency=concurrency)
+        other = from_spec(compare_with, dtype=dtype, api_key=api_key, concurrency=concurrency, device=dev)
         other.name = compare_with if compare_with != model else f"{compare_with} (B)"
         b = run_audit(other, cfg, ctx, progress(other.name))
         step(f"{other.name} dimensions", len(dims), len(dims))

@@ -414,17 +414,21 @@ def _cache_conversion(model, tokenizer, src: ModelSource) -> None:
 def load(
     spec: str,
     dtype: str | torch.dtype = "fp32",
-    device: str = "cpu",
+    device: str | torch.device = "cpu",
     trust_remote_code: bool = False,
 ):
     """Load ``spec`` as ``(PreTrainedModel, tokenizer)`` in eval mode.
 
-    ``dtype`` is ``"fp32"``, ``"bf16"`` or ``"fp16"`` (or a ``torch.dtype``).
+    ``dtype`` is ``"fp32"``, ``"bf16"`` or ``"fp16"`` (or a ``torch.dtype``). ``device`` is
+    ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA when present; :mod:`slmkit.models.device`).
     Never runs the model repo's own code unless ``trust_remote_code`` is set.
     """
     from transformers import AutoModelForCausalLM
 
+    from slmkit.models.device import resolve_device
+
     torch_dtype = parse_dtype(dtype)
+    device = resolve_device(device)
     adapter = Path(str(spec)).expanduser()
     if adapter.is_dir() and (adapter / "adapter_config.json").is_file() and not (adapter / "config.json").is_file():
         return _load_adapter_dir(adapter, torch_dtype, device, trust_remote_code)

@@ -307,7 +307,7 @@ def distill(
         disable_tqdm=True,
         dataloader_pin_memory=False,
         bf16=cfg.bf16 or next(student.parameters()).dtype == torch.bfloat16,
-        use_cpu=cfg.bf16 and not torch.cuda.is_available(),  # transformers refuses CPU bf16 autocast without it
+        use_cpu=next(student.parameters()).device.type == "cpu",  # train where the student was loaded (CPU or GPU)
     )
     if cfg.qat:
         from slmkit.train.qat import attach_fake_quant, qat_grids

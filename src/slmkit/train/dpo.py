@@ -222,7 +222,7 @@ def _dataset(pairs: list[dict]):
 def _dpo_trainer(model, tokenizer, pairs, cfg: PreferenceConfig, ckpt: Path, callbacks):
     from trl import DPOConfig, DPOTrainer
 
-    args = DPOConfig(**trainer_args(cfg, ckpt), beta=cfg.effective_beta, loss_type=["sigmoid"], max_length=cfg.max_length)
+    args = DPOConfig(**trainer_args(cfg, ckpt, model), beta=cfg.effective_beta, loss_type=["sigmoid"], max_length=cfg.max_length)
     ref = None if cfg.lora is not None else copy.deepcopy(model).eval()
     return DPOTrainer(
         model=model,
@@ -240,7 +240,7 @@ def _simpo_trainer(model, tokenizer, pairs, cfg: PreferenceConfig, ckpt: Path, c
     from trl.experimental.cpo import CPOConfig, CPOTrainer
 
     args = CPOConfig(
-        **trainer_args(cfg, ckpt),
+        **trainer_args(cfg, ckpt, model),
         beta=cfg.effective_beta,
         loss_type="simpo",
         cpo_alpha=0.0,

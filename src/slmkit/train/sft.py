@@ -268,8 +268,9 @@ def run_identity(kind: str, model, rows, cfg) -> dict:
                                   "rows": len(rows), "config": settings}, default=str))
 
 
-def trainer_args(cfg, ckpt: Path) -> dict:
-    """Training arguments common to SFT and preference trainers (CPU, no reporting)."""
+def trainer_args(cfg, ckpt: Path, model) -> dict:
+    """Training arguments common to SFT and preference trainers (no reporting). Training stays on
+    ``model``'s device: the CPU, or a GPU (the Trainer's first visible one) when it was loaded there."""
     from slmkit.train.checkpoints import logging_steps
 
     save_steps = cfg.save_steps or cfg.max_steps
@@ -287,7 +288,7 @@ def trainer_args(cfg, ckpt: Path) -> dict:
         save_steps=save_steps,
         save_total_limit=2,
         report_to="none",
-        use_cpu=not torch.cuda.is_available(),
+        use_cpu=next(model.parameters()).device.type == "cpu",
         seed=cfg.seed,
         data_seed=cfg.seed,
         disable_tqdm=True,
@@ -324,7 +325,7 @@ def sft(
     dataset = build_dataset(tokenizer, conversations)
     ckpt = Path(checkpoints)
     args = TRLSFTConfig(
-        **trainer_args(cfg, ckpt),
+        **trainer_args(cfg, ckpt, model),
         max_length=cfg.max_length,
         packing=cfg.packing,
         packing_strategy="bfd",

@@ -1,0 +1,70 @@
+"""--device auto|cpu|cuda|cuda:N: resolution, the dtype that follows it, and exit 2 naming the flag
+when the device is not there (the GPU runs themselves are in tests/test_gpu.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from slmkit.cli import main
+from slmkit.errors import ConfigError
+from slmkit.models.device import resolve_device, resolve_dtype, training_device_check
+
+no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour on a machine without CUDA")
+
+
+def test_auto_and_cpu():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device(None) == resolve_device("auto")
+
+
+def test_not_a_device():
+    with pytest.raises(ConfigError, match=r"--device tpu: not a device") as e:
+        resolve_device("tpu")
+    assert "auto | cpu | cuda | cuda:N" in str(e.value)
+    with pytest.raises(ConfigError, match="cuda:x"):
+        resolve_device("cuda:x")
+
+
+@no_cuda
+def test_cuda_without_cuda_names_the_flag():
+    for spec in ("cuda", "cuda:0", "CUDA:1"):
+        with pytest.raises(ConfigError, match=rf"--device {spec}: CUDA is not available here"):
+            resolve_device(spec)
+
+
+def test_dtype_follows_the_device():
+    cpu = torch.device("cpu")
+    assert resolve_dtype(None, cpu) == "fp32" and resolve_dtype("bf16", cpu) == "bf16"
+    assert resolve_dtype("auto", cpu) == "auto"  # the CPU's own rule (bf16 where the CPU has it), in parse_dtype
+    if torch.cuda.is_available():
+        gpu = torch.device("cuda", 0)
+        assert resolve_dtype(None, gpu) in ("bf16", "fp16") and resolve_dtype("fp32", gpu) == "fp32"
+
+
+def test_training_on_another_gpu_says_how():
+    training_device_check(torch.device("cpu"))
+    training_device_check(torch.device("cuda", 0))
+    with pytest.raises(ConfigError, match="CUDA_VISIBLE_DEVICES=1"):
+        training_device_check(torch.device("cuda", 1))
+
+
+@no_cuda
+@pytest.mark.parametrize("verb", [
+    ["prune", "{tiny}", "--method", "magnitude", "--output", "{tmp}/p"],
+    ["quantize", "{tiny}", "--method", "rtn", "--bits", "4", "--output", "{tmp}/q"],
+    ["lowrank", "{tiny}", "--ratio", "0.5", "--output", "{tmp}/l"],
+    ["sft", "{tiny}", "--data", "{tmp}/d.jsonl", "--output", "{tmp}/s"],
+    ["dpo", "{tiny}", "--data", "{tmp}/d.jsonl", "--output", "{tmp}/o"],
+    ["distill", "--student", "{tiny}", "--data", "{tmp}/d.txt", "--loss", "ce", "--output", "{tmp}/x"],
+    ["gen-data", "{tiny}", "--prompts", "{tmp}/d.txt", "--output", "{tmp}/g.jsonl"],
+    ["audit", "{tiny}", "--limit", "1"],
+])
+def test_verbs_exit_2_on_cuda_without_cuda(verb, tiny_dir, tmp_path, capsys):
+    (tmp_path / "d.txt").write_text("hello world\n")
+    (tmp_path / "d.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n')
+    args = [a.format(tiny=tiny_dir, tmp=tmp_path) for a in verb]
+    assert main([*args, "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "--device cuda: CUDA is not available here" in err and "Traceback" not in err
