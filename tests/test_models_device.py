@@ -68,3 +68,26 @@ def test_verbs_exit_2_on_cuda_without_cuda(verb, tiny_dir, tmp_path, capsys):
     assert main([*args, "--device", "cuda"]) == 2
     err = capsys.readouterr().err
     assert "--device cuda: CUDA is not available here" in err and "Traceback" not in err
+
+
+def test_generate_and_eval_take_device(tiny_dir, tmp_path, capsys):
+    import json
+
+    assert main(["generate", str(tiny_dir), "hi", "--max-new-tokens", "2", "--device", "cpu", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] >= 1
+    text = tmp_path / "t.txt"
+    text.write_text("the cat sees the house by the river. " * 20)
+    assert main(["eval", str(tiny_dir), "--perplexity", str(text), "--context", "32", "--device", "cpu", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["device"] == "cpu" and out["dtype"] == "fp32"
+
+
+def test_fast_path_refuses_a_gpu_device(tiny_dir, capsys):
+    assert main(["generate", str(tiny_dir), "hi", "--fast", "--device", "tpu"]) == 2
+    assert "--device tpu: not a device" in capsys.readouterr().err
+
+
+@no_cuda
+def test_generate_exits_2_on_cuda_without_cuda(tiny_dir, capsys):
+    assert main(["generate", str(tiny_dir), "hi", "--device", "cuda:0"]) == 2
+    assert "--device cuda:0: CUDA is not available here" in capsys.readouterr().err

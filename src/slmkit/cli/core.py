@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from slmkit.cli._common import console, human_bytes, human_count, kv_table, print_json
+from slmkit.cli._common import DEVICE_HELP, console, human_bytes, human_count, kv_table, print_json
 
 DTYPE_HELP = "weights dtype: fp32 or bf16 (default fp32)"
 FAST_DTYPE_HELP = ("weights dtype: fp32 or bf16 (default fp32; with --fast on a quantised FILE.gguf or a `slmkit quantize` "
@@ -63,6 +63,19 @@ def _prompt_of(tokenizer, prompt: str, chat: Optional[bool]):
     return [{"role": "user", "content": prompt}] if use_chat else prompt
 
 
+def _device_for(device: Optional[str], fast: bool):
+    """``--device`` (unset: auto) for generate/eval; ``--fast`` is slmkit's CPU path, so it runs on the CPU."""
+    from slmkit.errors import ConfigError
+    from slmkit.models.device import resolve_device
+
+    if fast:
+        if device is not None and resolve_device(device).type != "cpu":
+            raise ConfigError(f"--fast is slmkit's CPU path; it does not run on --device {device}",
+                              "drop --fast to run the transformers loop on the GPU, or use --device cpu")
+        return resolve_device("cpu")
+    return resolve_device(device)
+
+
 def _fast_backend(model: str, dtype: Optional[str], weights: str, kv: str, kv_budget: Optional[int]):
     from slmkit.runtime.backend import FastBackend
 
@@ -110,12 +123,16 @@ def generate(
     json_schema: Optional[Path] = typer.Option(None, "--json-schema", help="constrain the output to JSON valid against this JSON Schema file"),
     regex: Optional[str] = typer.Option(None, "--regex", help="constrain the output to match this regular expression (Rust regex syntax)"),
     grammar: Optional[Path] = typer.Option(None, "--grammar", help="constrain the output to this grammar file (Lark, or llama.cpp's GBNF)"),
+    device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP + " (unset: auto; --fast: the CPU; on a GPU the dtype defaults to bf16)"),
 ) -> None:
     """Generate a completion for PROMPT (optionally constrained to a JSON schema, a regex or a grammar)."""
-    from slmkit.backends import GenParams, HFBackend
+    from slmkit.backends import GenParams, from_spec
+    from slmkit.models.device import resolve_dtype
 
     constraint = _constraint_of(json_schema, regex, grammar)  # bad input fails before the model loads
-    backend = _fast_backend(model, dtype, "int4" if int4 else "int8" if int8 else "native", kv, kv_budget) if fast else HFBackend.from_spec(model, dtype=dtype or "fp32")
+    dev = _device_for(device, fast)
+    backend = (_fast_backend(model, dtype, "int4" if int4 else "int8" if int8 else "native", kv, kv_budget) if fast
+               else from_spec(model, dtype=resolve_dtype(dtype, dev), device=dev))
     params = GenParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, constraint=constraint)
     t0 = time.perf_counter()
     c = backend.generate([_prompt_of(backend.tokenizer, prompt, chat)], params)[0]
@@ -219,6 +236,7 @@ def evaluate(
     fast: bool = typer.Option(False, "--fast", help="measure slmkit's fast path (what generate/serve --fast run), not the transformers loop"),
     int8: bool = typer.Option(False, "--int8", help="with --fast: int8 weights"),
     int4: bool = typer.Option(False, "--int4", help="with --fast: int4 weights (slmkit's q4 kernel)"),
+    device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP + " (unset: auto; --fast: the CPU; on a GPU the dtype defaults to bf16)"),
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
     """Evaluate MODEL: perplexity on a text file and/or efficiency (of the transformers loop, or --fast)."""
@@ -234,8 +252,13 @@ def evaluate(
         raise ConfigError("--int8 and --int4 exclude each other")
     cfg = PerplexityConfig(context=context, stride=stride or context, max_tokens=max_tokens)
     text = read_text(perplexity_file) if perplexity_file is not None else None
+    dev = _device_for(device, fast)
+    if not fast and dev.type != "cpu":
+        from slmkit.models.device import resolve_dtype
+
+        dtype = resolve_dtype(dtype, dev)
     t0 = time.perf_counter()
-    m, tok = load(model, dtype=dtype or "fp32")
+    m, tok = load(model, dtype=dtype or "fp32", device=dev)
     fm = path_name = None
     if fast:
         from slmkit.runtime.generate import FastConfig, build
@@ -247,7 +270,7 @@ def evaluate(
         fm = build_gguf(gguf, fcfg, m) if gguf is not None else build(m, fcfg)
         path_name = f"fast ({'file codes' if gguf is not None else weights if weights != 'native' else dtype or 'fp32'})"
     load_s = time.perf_counter() - t0
-    result: dict = {"model": model, "dtype": dtype or "fp32", "path": path_name or "transformers",
+    result: dict = {"model": model, "dtype": dtype or "fp32", "device": str(dev), "path": path_name or "transformers",
                     "load_time_s": round(load_s, 3)}
     if text is not None:
         from slmkit.eval.efficiency import fast_logits_fn
