@@ -91,3 +91,12 @@ def test_fast_path_refuses_a_gpu_device(tiny_dir, capsys):
 def test_generate_exits_2_on_cuda_without_cuda(tiny_dir, capsys):
     assert main(["generate", str(tiny_dir), "hi", "--device", "cuda:0"]) == 2
     assert "--device cuda:0: CUDA is not available here" in capsys.readouterr().err
+
+
+@no_cuda
+@pytest.mark.parametrize("verb", [["judge", "--data", "{tmp}/qa.jsonl", "--model", "{tiny}"],
+                                  ["route", "--small", "{tiny}", "--large", "{tiny}", "--data", "{tmp}/qa.jsonl"]])
+def test_collab_verbs_exit_2_on_cuda_without_cuda(verb, tiny_dir, tmp_path, capsys):
+    (tmp_path / "qa.jsonl").write_text('{"question": "q?", "answer": "a", "label": 0}\n')
+    assert main([*(a.format(tiny=tiny_dir, tmp=tmp_path) for a in verb), "--device", "cuda"]) == 2
+    assert "--device cuda: CUDA is not available here" in capsys.readouterr().err

@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from slmkit.cli._common import FORCE_HELP, console, kv_table, print_json
+from slmkit.cli._common import DEVICE_HELP, DTYPE_HELP, FORCE_HELP, console, kv_table, print_json
 
 
 def register(app: typer.Typer) -> None:
@@ -129,13 +129,15 @@ def route(
     retries: int = typer.Option(2, "--retries", min=0, help="retries per request to a large endpoint"),
     concurrency: int = typer.Option(1, "--concurrency", min=1, help="requests in flight at once to a large endpoint"),
     fallback: bool = typer.Option(True, "--fallback/--no-fallback", help="answer from the small model when the large one is unreachable"),
-    dtype: str = typer.Option("fp32", "--dtype"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help=DTYPE_HELP),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP + " (local models)"),
     seed: int = typer.Option(0, "--seed"),
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
     """Cascade: the small model answers, low-confidence questions escalate to the large one."""
     from slmkit.backends import check_concurrency
     from slmkit.collab.cascade import CascadeConfig, run_route
+    from slmkit.models.device import resolve_device, resolve_dtype
 
     cfg = CascadeConfig(
         signal=signal, escalate=escalate, quality=quality, calib_fraction=calib_fraction,
@@ -143,7 +145,8 @@ def route(
         fallback=fallback, seed=seed, probe=None if probe is None else str(probe),
     )
     check_concurrency(concurrency, large)
-    report = run_route(small, large, data, cfg, limit=limit, dtype=dtype)
+    dev = resolve_device(device)
+    report = run_route(small, large, data, cfg, limit=limit, dtype=resolve_dtype(dtype, dev), device=dev)
     if json_out:
         print_json(report)
         return
@@ -161,20 +164,24 @@ def judge(
     folds: int = typer.Option(5, "--folds", min=2, help="--signal probe: held-out folds"),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="flag items whose risk exceeds this"),
     limit: int = typer.Option(0, "--limit", min=0, help="first N rows (TruthfulQA: N questions, 2N pairs)"),
-    dtype: str = typer.Option("fp32", "--dtype"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help=DTYPE_HELP),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP + " (a local --model)"),
     concurrency: int = typer.Option(1, "--concurrency", min=1, help="requests in flight at once when --model is an http(s) endpoint"),
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
     """Score (question, answer) pairs for hallucination risk (TruthfulQA.csv or jsonl); AUROC when labelled."""
     from slmkit.backends import check_concurrency
     from slmkit.collab.judge import JudgeConfig, judge_file
+    from slmkit.models.device import resolve_device, resolve_dtype
 
     from slmkit.collab.probe import ProbeConfig
 
     cfg = JudgeConfig(method=signal, samples=samples, threshold=threshold, probe=None if probe is None else str(probe),
                       probe_cfg=ProbeConfig(layer=probe_layer, folds=folds))
     check_concurrency(concurrency, model)
-    report = judge_file(model, data, cfg, limit=limit, dtype=dtype, save_probe=save_probe, concurrency=concurrency)
+    dev = resolve_device(device)
+    report = judge_file(model, data, cfg, limit=limit, dtype=resolve_dtype(dtype, dev), save_probe=save_probe,
+                        concurrency=concurrency, device=dev)
     if json_out:
         print_json(report)
         return

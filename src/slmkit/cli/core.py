@@ -163,6 +163,7 @@ def chat(
     int4: bool = typer.Option(False, "--int4", help="with --fast: int4 weight-only matmuls (groups of 32; slmkit's q4 kernel and fused decode step on AVX512-VNNI CPUs, else torch's kernel; a quantised FILE.gguf: only with an explicit --dtype)"),
     kv: str = typer.Option("full", "--kv", help="with --fast: KV policy full|int8|int4|streaming|h2o"),
     kv_budget: Optional[int] = typer.Option(None, "--kv-budget", help="with --fast: tokens kept by streaming/h2o"),
+    device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP + " (unset: auto; --fast: the CPU; on a GPU the dtype defaults to bf16)"),
 ) -> None:
     """Chat in the terminal (chat template, tokens streamed). Empty line or Ctrl-D ends."""
     import threading
@@ -173,8 +174,11 @@ def chat(
     from slmkit.backends.hf import render_prompt
     from slmkit.models import load
 
+    from slmkit.models.device import resolve_dtype
+
+    dev = _device_for(device, fast)
     fb = _fast_backend(model, dtype, "int4" if int4 else "int8" if int8 else "native", kv, kv_budget) if fast else None
-    m, tok = (fb.model, fb.tokenizer) if fb else load(model, dtype=dtype or "fp32")
+    m, tok = (fb.model, fb.tokenizer) if fb else load(model, dtype=resolve_dtype(dtype, dev), device=dev)
     messages: list[dict] = [{"role": "system", "content": system}] if system else []
     render_prompt(tok, [{"role": "user", "content": "x"}])  # fails early without a chat template
     while True:
@@ -198,7 +202,7 @@ def chat(
             sys.stdout.write("\n")
             messages.append({"role": "assistant", "content": "".join(reply).strip()})
             continue
-        ids = tok(render_prompt(tok, messages), return_tensors="pt", add_special_tokens=False).input_ids
+        ids = tok(render_prompt(tok, messages), return_tensors="pt", add_special_tokens=False).input_ids.to(dev)
         streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
         kw = dict(
             input_ids=ids,

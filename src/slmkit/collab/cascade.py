@@ -311,7 +311,7 @@ def wants_chat(backend) -> bool:
     return tok is None or bool(getattr(tok, "chat_template", None))
 
 
-def large_backend(spec: str, cfg: CascadeConfig, dtype: str = "fp32") -> Backend:
+def large_backend(spec: str, cfg: CascadeConfig, dtype: str = "fp32", device: str = "cpu") -> Backend:
     """The large model: an HTTP endpoint (with the config's timeout and retries) or a local model."""
     if spec.startswith(("http://", "https://")):
         from slmkit.backends.openai import OpenAIBackend
@@ -320,8 +320,9 @@ def large_backend(spec: str, cfg: CascadeConfig, dtype: str = "fp32") -> Backend
         return OpenAIBackend(url, model=model or None, timeout=cfg.timeout, retries=cfg.retries, backoff=0.2,
                              concurrency=cfg.concurrency)
     from slmkit.backends import HFBackend
+    from slmkit.models import load
 
-    return HFBackend.from_spec(spec, dtype=dtype)
+    return HFBackend(*load(spec, dtype=dtype, device=device), name=spec)
 
 
 def _gold(row: dict) -> list[str] | None:
@@ -426,16 +427,18 @@ def run_cascade(small: Backend, large: Backend | None, rows: Sequence[dict], cfg
     return report
 
 
-def run_route(small_spec: str, large_spec: str, data: str | Path, cfg: CascadeConfig, limit: int = 0, dtype: str = "fp32") -> dict:
-    """The ``slmkit route`` verb: load both ends, read ``data`` (jsonl), run the cascade."""
+def run_route(small_spec: str, large_spec: str, data: str | Path, cfg: CascadeConfig, limit: int = 0, dtype: str = "fp32",
+              device: str = "cpu") -> dict:
+    """The ``slmkit route`` verb: load both ends (local ones on ``device``), read ``data`` (jsonl), run the cascade."""
     from slmkit.backends import HFBackend
     from slmkit.data import read_jsonl
+    from slmkit.models import load
 
     rows = read_jsonl(data, required=("question",), limit=limit)
-    small = HFBackend.from_spec(small_spec, dtype=dtype)
+    small = HFBackend(*load(small_spec, dtype=dtype, device=device), name=small_spec)
     large_error = None
     try:
-        large = large_backend(large_spec, cfg, dtype)
+        large = large_backend(large_spec, cfg, dtype, device)
     except BackendError as err:
         if not cfg.fallback:
             raise

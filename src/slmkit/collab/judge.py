@@ -219,16 +219,16 @@ def judge(backend: Backend, items: Sequence[QAItem], cfg: JudgeConfig) -> list[f
 
 
 def judge_file(model: str, data: str | Path, cfg: JudgeConfig, limit: int = 0, dtype: str = "fp32",
-               save_probe: str | Path | None = None, concurrency: int = 1) -> dict:
+               save_probe: str | Path | None = None, concurrency: int = 1, device: str = "cpu") -> dict:
     """The ``slmkit judge`` verb: risks per item, flags, and AUROC (with its 95% bootstrap interval)
     when every item is labelled; with ``save_probe``, the probe fitted on all rows is written there.
-    ``concurrency``: requests in flight at once when ``model`` is an http(s) endpoint."""
+    ``concurrency``: requests in flight at once when ``model`` is an http(s) endpoint; ``device``: where a local one runs."""
     from slmkit.backends import from_spec
 
     if save_probe is not None and (cfg.method != "probe" or cfg.probe is not None):
         raise ConfigError("--save-probe trains a probe: use it with --signal probe and without --probe")
     items = read_items(data, limit)
-    backend = from_spec(model, dtype=dtype, concurrency=concurrency)
+    backend = from_spec(model, dtype=dtype, concurrency=concurrency, device=device)
     report: dict = {"model": model, "data": str(data), "method": cfg.method, "n": len(items)}
     if cfg.method == "probe":
         risk, probe = probe_and_risk(backend, items, cfg)
