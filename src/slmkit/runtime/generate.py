@@ -45,12 +45,17 @@ import torch
 import torch.nn.functional as F
 
 from slmkit.errors import ConfigError, UnsupportedModelError
-from slmkit.runtime import ggmlkernel, q4kernel
-from slmkit.runtime.kvcache import FullCache, KVShape, kv_policy
+from slmkit.runtime import q4kernel
+from slmkit.runtime.arch import ArchSpec, describe, families
+from slmkit.runtime.kvcache import AttnOpts, FullCache, KVShape, QuantKV, FullKV, kv_policy
+from slmkit.runtime.weights import GGUFQ, Q4, Concat, Dense, Int4, Int8, apply_linear
+
+__all__ = ["FastConfig", "FastModel", "Layer", "Segment", "build", "forward", "stream", "generate", "supports", "runner",
+           "Dense", "Concat", "Int8", "Int4", "Q4", "GGUFQ", "apply_linear", "SUPPORTED"]
 
 log = logging.getLogger(__name__)
 
-SUPPORTED = ("llama",)
+SUPPORTED = tuple(families())  #: model types the fast path describes (slmkit.runtime.arch.ARCHS)
 
 
 @dataclass(frozen=True)
@@ -75,160 +80,31 @@ class FastConfig:
         return torch.bfloat16 if (self.dtype == "bf16" or self.weights != "native") else torch.float32
 
 
-# ---------------------------------------------------------------------------- weights
-
-
-class Dense:
-    """y = x W^T (+ b) with W at the compute dtype."""
-
-    def __init__(self, w: torch.Tensor, b: torch.Tensor | None = None):
-        self.w, self.b = w, b
-
-    def __call__(self, x):
-        """``x`` (N, K) -> (N, out); every weight kind multiplies through :func:`apply_linear`."""
-        return apply_linear(self.spec(), x)
-
-    def spec(self) -> tuple:
-        """(kind, tensors..., bias, group): what :func:`apply_linear` needs, as plain values (for torch.compile)."""
-        return ("dense", self.w, None, self.b, 0)
-
-    def nbytes(self) -> int:
-        return self.w.numel() * self.w.element_size() + (0 if self.b is None else self.b.numel() * self.b.element_size())
-
-
-class Concat:
-    """Several linears applied to one input, outputs concatenated: a fused matmul without copying shared weights."""
-
-    def __init__(self, parts: list[Dense]):
-        self.parts = parts
-
-    def __call__(self, x):
-        return apply_linear(self.spec(), x)
-
-    def spec(self) -> tuple:
-        return ("concat", tuple(p.spec() for p in self.parts), None, None, 0)
-
-    def nbytes(self) -> int:
-        return sum(p.nbytes() for p in self.parts)
-
-
-class Int8(Dense):
-    """Weight-only int8: W ~ q * s with one scale per output channel (symmetric, absmax / 127)."""
-
-    def __init__(self, w: torch.Tensor, b: torch.Tensor | None, dtype: torch.dtype):
-        wf = w.float()
-        s = (wf.abs().amax(1) / 127).clamp_min(1e-12)  # (N,)
-        self.q = (wf / s[:, None]).round().clamp(-127, 127).to(torch.int8).contiguous()  # (N, K)
-        self.s = s.to(dtype)
-        self.b = None if b is None else b.to(dtype)
-        self.w = self.q
-
-    def spec(self) -> tuple:
-        return ("int8", self.q, self.s, self.b, 0)
-
-    def rows(self, ids: torch.Tensor, dtype) -> torch.Tensor:
-        """Dequantised rows (an embedding lookup from the same int8 table)."""
-        return self.q[ids].to(dtype) * self.s[ids, None].to(dtype)
-
-    def nbytes(self) -> int:
-        return self.q.numel() + self.s.numel() * self.s.element_size() + (0 if self.b is None else self.b.numel() * self.b.element_size())
-
-
-class Int4(Dense):
-    """Weight-only int4, asymmetric per group of ``group`` input channels: W ~ (q - 8) * s + z (gpt-fast's layout).
-
-    Multiplies with ``torch._weight_int4pack_mm_for_cpu`` (bf16 activations). The default
-    model's weights already lie on a 32-wide 4-bit grid (its GGUF is Q4_1), so group 32
-    reproduces them up to the bf16 rounding of scales and offsets.
-    """
-
-    def __init__(self, w: torch.Tensor, b: torch.Tensor | None, dtype: torch.dtype, group: int = 32):
-        n, k = w.shape
-        if k % group:
-            raise ConfigError(f"int4 weights need in_features divisible by {group}, got {k}")
-        wg = w.float().view(n, k // group, group)
-        lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
-        scale = ((hi - lo) / 15).clamp_min(1e-8)
-        q = ((wg - lo) / scale).round().clamp(0, 15).view(n, k).to(torch.int32)
-        zero = lo + 8 * scale  # so that W = (q - 8) * scale + zero
-        self.sz = torch.cat([scale, zero], -1).transpose(0, 1).contiguous().to(torch.bfloat16)  # (K/g, N, 2)
-        self.q = torch._convert_weight_to_int4pack_for_cpu(q, 1)
-        self.group = group
-        self.b = None if b is None else b.to(dtype)
-        self.w = self.q
-
-    def spec(self) -> tuple:
-        return ("int4", self.q, self.sz, self.b, self.group)
-
-    def nbytes(self) -> int:
-        extra = 0 if self.b is None else self.b.numel() * self.b.element_size()
-        return self.q.numel() * self.q.element_size() + self.sz.numel() * self.sz.element_size() + extra
-
-
-class Q4(Dense):
-    """Weight-only int4 in slmkit's kernel layout: w ~ (code - 8) * s + m per group of 32 (fp16 s, m).
-
-    Multiplies with :func:`slmkit.runtime.q4kernel.matmul` (activations rounded to int8 per 32).
-    """
-
-    def __init__(self, w: torch.Tensor, b: torch.Tensor | None, dtype: torch.dtype):
-        self.q, self.s, self.m = q4kernel.pack(w.detach())
-        self.b = None if b is None else b.to(dtype)
-        self.w = self.q
-
-    def spec(self) -> tuple:
-        return ("q4", self, None, self.b, 0)
-
-    def segments(self) -> list[tuple]:
-        """(kind, type, rows, p0, p1, p2) for the fused decode step (kind 1: slmkit's q4 layout)."""
-        return [(1, 0, self.q.shape[0], self.q.data_ptr(), self.s.data_ptr(), self.m.data_ptr())]
-
-    def nbytes(self) -> int:
-        extra = 0 if self.b is None else self.b.numel() * self.b.element_size()
-        return self.q.numel() + self.s.numel() * 2 + self.m.numel() * 2 + extra
-
-
-class GGUFQ(Dense):
-    """A GGUF tensor's own quantised blocks (llama.cpp format ``qtype``; one row of blocks per output).
-
-    Multiplies with :func:`slmkit.runtime.ggmlkernel.linear` (activations rounded to int8 per 32);
-    :meth:`rows` dequantises table rows (an embedding lookup from the same blocks).
-    """
-
-    def __init__(self, raw: torch.Tensor, qtype: int, k: int, b: torch.Tensor | None = None):
-        if ggmlkernel.row_bytes(qtype, k) != raw.shape[1]:
-            raise ValueError(f"{tuple(raw.shape)} is not a table of {k}-wide {ggmlkernel.TYPES.get(qtype, ('?',))[0]} rows")
-        self.q, self.qtype, self.k = raw.contiguous(), qtype, k
-        self.b = b
-        self.w = self.q
-
-    def spec(self) -> tuple:
-        return ("gguf", self, None, self.b, 0)
-
-    def rows(self, ids: torch.Tensor, dtype) -> torch.Tensor:
-        return ggmlkernel.rows_f32(self.qtype, self.q, self.k, ids).to(dtype)
-
-    def segments(self) -> list[tuple]:
-        """(kind, type, rows, p0, p1, p2) for the fused decode step (kind 2: GGUF blocks)."""
-        return [(2, self.qtype, self.q.shape[0], self.q.data_ptr(), 0, 0)]
-
-    def nbytes(self) -> int:
-        return self.q.numel() + (0 if self.b is None else self.b.numel() * self.b.element_size())
-
-
 @dataclass
 class Layer:
+    """One decoder layer's weights. Norm weights are the effective scale (``offset + w``, :func:`norm_weight`)."""
+
     attn_norm: torch.Tensor  # (D,)
     qkv: Dense  # D -> (H + 2 Hk) * hd
     o: Dense  # H * hd -> D
     mlp_norm: torch.Tensor
     gate_up: Dense  # D -> 2 F
     down: Dense  # F -> D
+    q_norm: torch.Tensor | None = None  # (hd,) per-head RMSNorm of q before RoPE (Qwen3, Gemma 3)
+    k_norm: torch.Tensor | None = None
+    post_attn_norm: torch.Tensor | None = None  # (D,) on the attention output before the residual (Gemma 2/3)
+    post_mlp_norm: torch.Tensor | None = None  # (D,) on the MLP output before the residual (Gemma 2/3)
+    attn: AttnOpts | None = None  # scale / soft-cap / sliding window of this layer's attention; None: plain causal
+    rope_key: str | None = None  # the rotary module's layer type (Gemma 3's local and global RoPE)
+
+    def norms(self) -> list[torch.Tensor]:
+        return [t for t in (self.attn_norm, self.mlp_norm, self.q_norm, self.k_norm, self.post_attn_norm, self.post_mlp_norm)
+                if t is not None]
 
 
 @dataclass
 class FastModel:
-    """A llama-architecture decoder as flat tensors (built by :func:`build`)."""
+    """A decoder as flat tensors (built by :func:`build`), computing what its :class:`~slmkit.runtime.arch.ArchSpec` says."""
 
     cfg: FastConfig
     layers: list[Layer]
@@ -250,13 +126,19 @@ class FastModel:
     ffn: int = 0  # intermediate size (the fused step's F)
     fused_head: torch.Tensor | None = None  # the output head's descriptor when the fused step also runs norm + head (GGUF)
     rope_cache: tuple = ()  # (cos, sin) fp32 (P, hd) for positions 0..P-1, grown on demand (fused step)
+    arch: ArchSpec | None = None  # what the family computes (norm offset, activation, q/k norms, windows, soft-caps, ...)
+    embed_scale: torch.Tensor | None = None  # Gemma: sqrt(hidden) at the embedding's dtype; None: 1
+
+    def rope(self, x: torch.Tensor, pos: torch.Tensor, key: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (1, N, rd) of positions ``pos`` (1, N) for rotary layer type ``key`` (Gemma 3; None: the only one)."""
+        return self.rotary(x, pos) if key is None else self.rotary(x, pos, key)
 
     def rope_at(self, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 cos and sin (hd,) of one position, from transformers' rotary module (every rope_scaling variant)."""
         if not self.rope_cache or pos >= self.rope_cache[0].shape[0]:
             n = min(self.max_positions, max(1024, 2 * (pos + 1)))
             p = torch.arange(n)[None]
-            cos, sin = self.rotary(torch.zeros(1, 1, dtype=torch.float32), p)
+            cos, sin = self.rope(torch.zeros(1, 1, dtype=torch.float32), p, self.layers[0].rope_key)
             self.rope_cache = (cos[0].float().contiguous(), sin[0].float().contiguous())
         return self.rope_cache[0][pos], self.rope_cache[1][pos]
 
@@ -270,6 +152,10 @@ class FastModel:
     def new_cache(self, policy="full", context: int | None = None, budget: int | None = None):
         """A cache for one sequence; ``policy`` is a name or a config from :mod:`slmkit.runtime.kvcache`."""
         cfg = kv_policy(policy, budget=budget) if isinstance(policy, str) else policy
+        if any(ly.attn is not None for ly in self.layers) and not isinstance(cfg, (FullKV, QuantKV)):
+            fam = self.arch.family if self.arch is not None else "this"
+            raise ConfigError(f"a {fam} model's attention (sliding window / soft-cap / query scale) runs with the full, "
+                              f"int8 or int4 KV cache, not {type(cfg).__name__}", "use --kv full, int8 or int4")
         return cfg.make(self.kv_shape(), context or self.max_positions)
 
     def weight_bytes_per_token(self) -> int:
@@ -277,7 +163,7 @@ class FastModel:
         total = self.head.nbytes() + self.norm.numel() * self.norm.element_size()
         for ly in self.layers:
             total += sum(m.nbytes() for m in (ly.qkv, ly.o, ly.gate_up, ly.down))
-            total += (ly.attn_norm.numel() + ly.mlp_norm.numel()) * ly.attn_norm.element_size()
+            total += sum(t.numel() * t.element_size() for t in ly.norms())
         return total
 
     def nbytes(self) -> int:
@@ -291,9 +177,9 @@ class FastModel:
         return self.weight_bytes_per_token() + emb
 
 
-def supports(model) -> bool:
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return getattr(cfg, "model_type", None) in SUPPORTED and not getattr(cfg, "mlp_bias", False)
+def supports(model, warn: bool = False) -> bool:
+    """Whether the fast path describes ``model``'s architecture (:func:`slmkit.runtime.arch.describe`; ``warn``: say why not)."""
+    return describe(model.config, warn=warn) is not None
 
 
 #: ``weights(hf_name, module) -> Dense``: where a custom builder takes each matrix from
@@ -301,24 +187,42 @@ def supports(model) -> bool:
 WeightSource = Callable[[str, torch.nn.Module], Dense]
 
 
+def norm_weight(norm: torch.nn.Module, arch: ArchSpec, dtype: torch.dtype) -> torch.Tensor:
+    """The effective RMSNorm scale: ``w`` at the compute dtype (shared in fp32), or ``offset + w`` in fp32 (Gemma's
+    ``Gemma3RMSNorm`` multiplies in fp32 and rounds after; :func:`rms_norm` does the same for an fp32 scale)."""
+    w = norm.weight.detach()
+    return w.to(dtype) if not arch.norm_offset else (arch.norm_offset + w.float())
+
+
+def _attn_opts(arch: ArchSpec, layer: int) -> AttnOpts | None:
+    opts = AttnOpts(scale=arch.attn_scale, softcap=arch.attn_softcap, window=arch.window(layer))
+    return None if opts == AttnOpts() else opts
+
+
 def build(model, cfg: FastConfig = FastConfig(), weights: WeightSource | None = None) -> FastModel:
-    """Pull the weights out of a transformers llama model (shared, not copied, in fp32).
+    """Pull the weights out of a transformers decoder whose family :mod:`slmkit.runtime.arch` describes
+    (shared, not copied, in fp32).
 
     ``weights`` (used by :func:`slmkit.runtime.gguffast.build_gguf`) supplies every matrix, the
     output head and the embedding table instead (the model still gives config, norms and rotary);
     q/k/v and gate/up then run as :class:`Concat` of the parts it returns.
+
+    The one-call fused decode step (:func:`_fused_step`) runs only what :func:`fused_covers` accepts;
+    a model with anything else (biases, q/k norms, GELU, sandwich norms, soft-caps, partial or per-layer
+    RoPE, a sliding window shorter than the cache) decodes per op, which follows the whole spec.
     """
     if (cfg.weights == "gguf") != (weights is not None):
         raise ConfigError("weights='gguf' runs a GGUF file's own blocks: build it with slmkit.runtime.gguffast.build_gguf(path)")
-    if not supports(model):
+    arch = describe(model.config, warn=False)
+    if arch is None:
         mt = getattr(model.config, "model_type", "?")
         raise UnsupportedModelError(
-            f"the fast path supports llama-architecture models without MLP bias, not {mt!r}",
+            f"the fast path has no description of a {mt!r} model (it runs {', '.join(SUPPORTED)})",
             "run without --fast (model.generate works for every architecture)",
         )
     from transformers.activations import ACT2FN
 
-    c = model.config
+    c = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     dtype = cfg.torch_dtype
     heads, kv = c.num_attention_heads, c.num_key_value_heads
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
@@ -358,21 +262,8 @@ def build(model, cfg: FastConfig = FastConfig(), weights: WeightSource | None = 
             return Concat([lin(m.weight, m.bias) for m in mods])
         return lin(torch.cat([m.weight for m in mods]), cat_bias(*mods))
 
-    layers = []
     with torch.no_grad():
-        for i, ly in enumerate(model.model.layers):
-            a, m = ly.self_attn, ly.mlp
-            pre = f"model.layers.{i}."
-            layers.append(
-                Layer(
-                    attn_norm=ly.input_layernorm.weight.detach().to(dtype),
-                    qkv=fused([a.q_proj, a.k_proj, a.v_proj], [pre + f"self_attn.{x}_proj" for x in "qkv"]),
-                    o=one(pre + "self_attn.o_proj", a.o_proj),
-                    mlp_norm=ly.post_attention_layernorm.weight.detach().to(dtype),
-                    gate_up=fused([m.gate_proj, m.up_proj], [pre + "mlp.gate_proj", pre + "mlp.up_proj"]),
-                    down=one(pre + "mlp.down_proj", m.down_proj),
-                )
-            )
+        layers = [_layer(ly, f"model.layers.{i}.", i, arch, dtype, one, fused) for i, ly in enumerate(model.model.layers)]
         emb_w = model.get_input_embeddings().weight.detach()
         head_w = model.get_output_embeddings().weight.detach()
         tied = emb_w.data_ptr() == head_w.data_ptr()
@@ -390,14 +281,17 @@ def build(model, cfg: FastConfig = FastConfig(), weights: WeightSource | None = 
             embed = emb_w.to(dtype)
     eos = model.generation_config.eos_token_id if model.generation_config is not None else None
     eos = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
+    act = getattr(c, "hidden_activation", None) if arch.act == "gelu_tanh" else None
     fm = FastModel(
-        cfg=cfg, layers=layers, embed=embed, norm=model.model.norm.weight.detach().to(dtype), head=head,
-        rotary=model.model.rotary_emb, act=ACT2FN[c.hidden_act], heads=heads, kv_heads=kv, head_dim=head_dim,
+        cfg=cfg, layers=layers, embed=embed, norm=norm_weight(model.model.norm, arch, dtype), head=head,
+        rotary=model.model.rotary_emb, act=ACT2FN[act or c.hidden_act], heads=heads, kv_heads=kv, head_dim=head_dim,
         eps=c.rms_norm_eps, vocab=c.vocab_size, max_positions=c.max_position_embeddings, eos=eos,
-        ffn=c.intermediate_size,
+        ffn=c.intermediate_size, arch=arch,
+        # transformers' scaled embedding multiplies by its fp32 scale rounded to the table's dtype
+        embed_scale=None if arch.embed_scale == 1.0 else torch.tensor(arch.embed_scale).to(dtype),
     )
     fm.specs = [(ly.qkv.spec(), ly.o.spec(), ly.gate_up.spec(), ly.down.spec()) for ly in layers]
-    if (use_q4 or weights is not None) and not cfg.compile and c.hidden_act == "silu":
+    if (use_q4 or weights is not None) and not cfg.compile and fused_covers(arch):
         fm.fused = _fused_table(fm)
         head_seg = _segments(fm.head) if weights is not None and fm.fused is not None else None
         if head_seg is not None and len(head_seg) == 1:  # the q4 path keeps its head in torch (its logits unchanged)
@@ -408,6 +302,40 @@ def build(model, cfg: FastConfig = FastConfig(), weights: WeightSource | None = 
         fm.blocks["pre"] = torch.compile(_pre_attn, dynamic=False, fullgraph=True)
         fm.blocks["post"] = torch.compile(_post_attn, dynamic=False, fullgraph=True)
     return fm
+
+
+def _layer(ly, pre: str, i: int, arch: ArchSpec, dtype, one, fused) -> Layer:
+    """Layer ``i`` of a transformers decoder (module names per :class:`~slmkit.runtime.arch.ArchSpec`)."""
+    a, m = ly.self_attn, ly.mlp
+    if arch.fused_qkv:
+        qkv = one(pre + "self_attn.qkv_proj", a.qkv_proj)
+    else:
+        qkv = fused([a.q_proj, a.k_proj, a.v_proj], [pre + f"self_attn.{x}_proj" for x in "qkv"])
+    if arch.fused_gate_up:
+        gate_up = one(pre + "mlp.gate_up_proj", m.gate_up_proj)
+    else:
+        gate_up = fused([m.gate_proj, m.up_proj], [pre + "mlp.gate_proj", pre + "mlp.up_proj"])
+    nw = lambda mod: norm_weight(mod, arch, dtype)  # noqa: E731
+    sandwich = arch.sandwich_norms
+    return Layer(
+        attn_norm=nw(ly.input_layernorm), qkv=qkv, o=one(pre + "self_attn.o_proj", a.o_proj),
+        mlp_norm=nw(ly.pre_feedforward_layernorm if sandwich else ly.post_attention_layernorm),
+        gate_up=gate_up, down=one(pre + "mlp.down_proj", m.down_proj),
+        q_norm=nw(a.q_norm) if arch.qk_norm else None, k_norm=nw(a.k_norm) if arch.qk_norm else None,
+        post_attn_norm=nw(ly.post_attention_layernorm) if sandwich else None,
+        post_mlp_norm=nw(ly.post_feedforward_layernorm) if sandwich else None,
+        attn=_attn_opts(arch, i), rope_key=arch.layer_types[i] if arch.rope_per_layer_type else None,
+    )
+
+
+def fused_covers(arch: ArchSpec) -> bool:
+    """Whether the one-call fused decode step (kernels/decode.c) computes this family: SiLU, plain RMSNorm, no
+    q/k norms or sandwich norms, no soft-caps, default query scale, full RoPE from one table. Others decode per
+    op (:func:`forward`'s torch path follows every field of the spec). Sliding windows are checked per step
+    (a window no shorter than the cache changes nothing); biases exclude a matrix in :func:`_segments`."""
+    return (arch.act == "silu" and not arch.norm_offset and not arch.qk_norm and not arch.sandwich_norms
+            and arch.attn_softcap is None and arch.final_softcap is None and arch.attn_scale is None
+            and arch.rotary_fraction == 1.0 and not arch.rope_per_layer_type)
 
 
 def _segments(m) -> list[tuple] | None:
@@ -444,50 +372,49 @@ def _fused_table(fm: FastModel) -> torch.Tensor | None:
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm as transformers' LlamaRMSNorm computes it (statistics in fp32)."""
+    """RMSNorm as transformers computes it (statistics in fp32): LlamaRMSNorm rounds to ``x``'s dtype, then
+    multiplies by ``w``; an fp32 ``w`` under bf16 ``x`` (Gemma's ``1 + w``, :func:`norm_weight`) multiplies first."""
     if x.dtype == torch.float32:  # transformers' own op sequence: fp32 greedy output must match generate exactly
         return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
     # bf16: torch's fused fp32 rms_norm, then the same rounding to bf16 and weight product (fewer ops per call)
+    if w.dtype == torch.float32:
+        return (F.rms_norm(x.float(), (x.shape[-1],), None, eps) * w).to(x.dtype)
     return F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype) * w
 
 
-def apply_linear(spec: tuple, x: torch.Tensor) -> torch.Tensor:
-    """``x`` (N, K) through a weight given by its :meth:`Dense.spec`."""
-    kind, a, b, bias, group = spec
-    if kind == "concat":
-        return torch.cat([apply_linear(p, x) for p in a], dim=-1)
-    if kind == "dense":
-        return F.linear(x, a, bias)  # what nn.Linear computes: fp32 greedy output must match generate
-    if kind == "q4":
-        y = q4kernel.linear(x, a.q, a.s, a.m)
-    elif kind == "gguf":
-        y = ggmlkernel.linear(x, a.qtype, a.q, a.k)
-    elif kind == "int4":
-        y = torch._weight_int4pack_mm_for_cpu(x, a, group, b)
-    else:  # int8
-        y = torch._weight_int8pack_mm(x, a, b)
-    return y if bias is None else y + bias
+def rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """RoPE (Su et al. 2021) as transformers applies it, ``x * cos + rotate_half(x) * sin``, on the first
+    ``rd = cos.shape[-1]`` dims of each head (all of them, or Phi-3's partial rotary; the rest pass through):
+    ``rotate_half(x) * sin == roll(x, rd/2) * [-sin_1, sin_2]`` element for element (negation is exact)."""
+    rd = cos.shape[-1]
+    if rd == x.shape[-1]:
+        return x * cos + x.roll(rd // 2, -1) * sin_signed
+    r = x[..., :rd]
+    return torch.cat([r * cos + r.roll(rd // 2, -1) * sin_signed, x[..., rd:]], dim=-1)
 
 
-def _pre_attn(x, norm_w, qkv: tuple, cos, sin_signed, eps: float, H: int, Hk: int, hd: int):
-    """Norm, fused q/k/v projection and RoPE of N tokens: q (N, H, hd), k and v (N, Hk, hd).
+def _pre_attn(x, norm_w, qkv: tuple, cos, sin_signed, eps: float, H: int, Hk: int, hd: int, q_norm=None, k_norm=None):
+    """Norm, fused q/k/v projection, per-head q/k norms (when given) and RoPE of N tokens: q (N, H, hd), k and v (N, Hk, hd).
 
-    RoPE (Su et al. 2021) as transformers applies it, ``x * cos + rotate_half(x) * sin``, on q and k
-    heads together: ``rotate_half(x) * sin == roll(x, hd/2) * [-sin_1, sin_2]`` element for element
-    (negation is exact), with ``sin_signed`` built once per forward pass instead of a cat per layer.
+    RoPE runs on q and k heads together, with ``sin_signed`` built once per forward pass (:func:`rope`).
     """
     qkv = apply_linear(qkv, rms_norm(x, norm_w, eps))  # (N, (H + 2Hk) hd)
     qk, v = qkv.split([(H + Hk) * hd, Hk * hd], dim=-1)
     qk = qk.view(-1, H + Hk, hd)
-    qk = qk * cos + qk.roll(hd // 2, -1) * sin_signed
+    if q_norm is not None:  # Qwen3 / Gemma 3: RMSNorm of every head before RoPE
+        qk = torch.cat([rms_norm(qk[:, :H], q_norm, eps), rms_norm(qk[:, H:], k_norm, eps)], dim=1)
+    qk = rope(qk, cos, sin_signed)
     return qk[:, :H], qk[:, H:], v.view(-1, Hk, hd)
 
 
-def _post_attn(x, att, o: tuple, mlp_norm, gate_up: tuple, down: tuple, eps: float, act):
-    """Attention output projection, residual, then the SwiGLU MLP block with its residual."""
-    x = x + apply_linear(o, att)
+def _post_attn(x, att, o: tuple, mlp_norm, gate_up: tuple, down: tuple, eps: float, act, post_attn=None, post_mlp=None):
+    """Attention output projection, residual, then the GLU MLP block (``act(gate) * up``) with its residual;
+    Gemma 2/3 also normalise each block's output before its residual (``post_attn``, ``post_mlp``)."""
+    a = apply_linear(o, att)
+    x = x + (a if post_attn is None else rms_norm(a, post_attn, eps))
     g, u = apply_linear(gate_up, rms_norm(x, mlp_norm, eps)).chunk(2, dim=-1)
-    return x + apply_linear(down, act(g) * u)
+    m = apply_linear(down, act(g) * u)
+    return x + (m if post_mlp is None else rms_norm(m, post_mlp, eps))
 
 
 @dataclass
@@ -535,14 +462,14 @@ class HFRunner:
 
 
 def runner(model, cfg: FastConfig = FastConfig()):
-    """The fast path for llama models, else :class:`HFRunner` (same interface for :func:`forward`)."""
-    if supports(model):
+    """The fast path for the families :mod:`slmkit.runtime.arch` describes, else :class:`HFRunner` (same interface
+    for :func:`forward`; :func:`slmkit.runtime.arch.describe` says in one warning line which architecture and why)."""
+    if supports(model, warn=True):
         return build(model, cfg)
     c = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     eos = model.generation_config.eos_token_id if model.generation_config is not None else None
     eos = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
     ctx = getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None) or 2048
-    log.warning("%s is not a llama model: serving through its own forward, one sequence per step", type(model).__name__)
     return HFRunner(model.eval(), ctx, c.vocab_size, eos)
 
 
@@ -566,7 +493,7 @@ def forward(fm: FastModel, segs: Sequence[Segment]) -> list[torch.Tensor]:
     """
     if isinstance(fm, HFRunner):
         return _hf_forward(fm, segs)
-    if fm.fused is not None and all(s.ids.shape[0] == 1 and _fusable(s.cache) for s in segs):
+    if fm.fused is not None and all(s.ids.shape[0] == 1 and _fusable(s.cache, fm) for s in segs):
         return _fused_step(fm, segs)
     dt = fm.dtype
     H, Hk, hd = fm.heads, fm.kv_heads, fm.head_dim
@@ -584,27 +511,28 @@ def forward(fm: FastModel, segs: Sequence[Segment]) -> list[torch.Tensor]:
         x = fm.embed.rows(ids, dt)
     else:
         x = fm.embed[ids]
-    cos, sin = fm.rotary(x[None], pos[None])  # (1, N, hd)
-    cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # (N, 1, hd)
-    sin = torch.cat((-sin[..., : hd // 2], sin[..., hd // 2 :]), dim=-1)  # signed for the roll form of RoPE
+    if fm.embed_scale is not None:
+        x = x * fm.embed_scale  # Gemma: sqrt(hidden), at the embedding's dtype
+    ropes = {key: _rope_tables(fm, x, pos, key) for key in {ly.rope_key for ly in fm.layers}}
     one = len(segs) == 1 and lens[0] == 1  # a one-token decode step: the compiled graphs, when built
     pre = fm.blocks.get("pre", _pre_attn) if one else _pre_attn
     post = fm.blocks.get("post", _post_attn) if one else _post_attn
     for li, ly in enumerate(fm.layers):
         qkv_s, o_s, gu_s, down_s = fm.specs[li]
-        q, k, v = pre(x, ly.attn_norm, qkv_s, cos, sin, fm.eps, H, Hk, hd)  # (N, heads, hd)
+        q, k, v = pre(x, ly.attn_norm, qkv_s, *ropes[ly.rope_key], fm.eps, H, Hk, hd, ly.q_norm, ly.k_norm)  # (N, heads, hd)
+        extra = () if ly.attn is None else (ly.attn,)  # the layer's scale / soft-cap / window (AttnOpts)
         if one:  # (1, heads, hd) -> (1, heads, 1, hd): the same memory layout for one token, so views
-            att = segs[0].cache.attend(li, q.reshape(1, H, 1, hd), k.reshape(1, Hk, 1, hd), v.reshape(1, Hk, 1, hd))
+            att = segs[0].cache.attend(li, q.reshape(1, H, 1, hd), k.reshape(1, Hk, 1, hd), v.reshape(1, Hk, 1, hd), *extra)
             att = att.reshape(1, H * hd)
         else:
             outs, off = [], 0
             for s, n in zip(segs, lens):
                 sl = slice(off, off + n)
-                o = s.cache.attend(li, q[sl].transpose(0, 1)[None], k[sl].transpose(0, 1)[None], v[sl].transpose(0, 1)[None])
+                o = s.cache.attend(li, q[sl].transpose(0, 1)[None], k[sl].transpose(0, 1)[None], v[sl].transpose(0, 1)[None], *extra)
                 outs.append(o[0].transpose(0, 1).reshape(n, H * hd))  # (1, H, T, hd) -> (T, H hd)
                 off += n
             att = torch.cat(outs) if len(outs) > 1 else outs[0]
-        x = post(x, att, o_s, ly.mlp_norm, gu_s, down_s, fm.eps, fm.act)
+        x = post(x, att, o_s, ly.mlp_norm, gu_s, down_s, fm.eps, fm.act, ly.post_attn_norm, ly.post_mlp_norm)
     for s, n in zip(segs, lens):
         s.cache.advance(n)
     # only the rows whose logits are wanted go through the norm and the head
@@ -613,7 +541,7 @@ def forward(fm: FastModel, segs: Sequence[Segment]) -> list[torch.Tensor]:
         rows.append(torch.arange(off, off + n) if s.all_logits else torch.tensor([off + n - 1]))
         off += n
     idx = torch.cat(rows)
-    logits = fm.head(rms_norm(x[idx], fm.norm, fm.eps)).float()  # (R, V)
+    logits = softcap_logits(fm, fm.head(rms_norm(x[idx], fm.norm, fm.eps)).float())  # (R, V)
     out, off = [], 0
     for s, n in zip(segs, lens):
         m = n if s.all_logits else 1
@@ -622,8 +550,27 @@ def forward(fm: FastModel, segs: Sequence[Segment]) -> list[torch.Tensor]:
     return out
 
 
-def _fusable(cache) -> bool:
-    return type(cache) is FullCache and cache.k.dtype == torch.bfloat16 and cache.k.is_contiguous() and cache.v.is_contiguous()
+def _rope_tables(fm: FastModel, x: torch.Tensor, pos: torch.Tensor, key: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and signed sin (N, 1, rd) of positions ``pos`` (N,) for the rotary layer type ``key`` (see :func:`rope`)."""
+    cos, sin = fm.rope(x[None], pos[None], key)  # (1, N, rd)
+    cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # (N, 1, rd)
+    h = sin.shape[-1] // 2
+    return cos, torch.cat((-sin[..., :h], sin[..., h:]), dim=-1)  # signed for the roll form of RoPE
+
+
+def softcap_logits(fm: FastModel, logits: torch.Tensor) -> torch.Tensor:
+    """Gemma 2's final soft-cap ``c * tanh(logits / c)`` (transformers' op order), when the spec has one."""
+    cap = fm.arch.final_softcap if fm.arch is not None else None
+    return logits if cap is None else torch.tanh(logits / cap) * cap
+
+
+def _fusable(cache, fm: FastModel) -> bool:
+    """Whether the fused step can run a decode step on ``cache``: a contiguous bf16 full cache no longer than any
+    sliding window (the fused step attends to every cached position)."""
+    if type(cache) is not FullCache or cache.k.dtype != torch.bfloat16 or not (cache.k.is_contiguous() and cache.v.is_contiguous()):
+        return False
+    windows = [ly.attn.window for ly in fm.layers if ly.attn is not None and ly.attn.window is not None]
+    return not windows or cache.capacity <= min(windows)
 
 
 def _fused_step(fm: FastModel, segs: Sequence[Segment]) -> list[torch.Tensor]:
@@ -633,11 +580,12 @@ def _fused_step(fm: FastModel, segs: Sequence[Segment]) -> list[torch.Tensor]:
             raise ConfigError(f"context of {s.cache.seen + 1} tokens exceeds the KV cache capacity of {s.cache.capacity}")
     ids = torch.cat([s.ids for s in segs])
     table = fm.embed if isinstance(fm.embed, (Int8, GGUFQ)) else fm.head
-    x = (table.rows(ids, torch.float32) if hasattr(table, "rows") else fm.embed[ids].float()).contiguous()
+    x = table.rows(ids, torch.float32) if hasattr(table, "rows") else fm.embed[ids].float()
+    x = (x if fm.embed_scale is None else x * fm.embed_scale.float()).contiguous()
     pos = [s.cache.seen for s in segs]
-    rope = [fm.rope_at(p) for p in pos]
-    cos = torch.stack([c for c, _ in rope]).contiguous()
-    sin = torch.stack([s for _, s in rope]).contiguous()
+    tables = [fm.rope_at(p) for p in pos]
+    cos = torch.stack([c for c, _ in tables]).contiguous()
+    sin = torch.stack([s for _, s in tables]).contiguous()
     kp = torch.tensor([s.cache.k.data_ptr() for s in segs], dtype=torch.int64)
     vp = torch.tensor([s.cache.v.data_ptr() for s in segs], dtype=torch.int64)
     caps = torch.tensor([s.cache.capacity for s in segs], dtype=torch.int32)
@@ -657,6 +605,7 @@ def _fused_step(fm: FastModel, segs: Sequence[Segment]) -> list[torch.Tensor]:
     if logits is None:  # the head in torch; a dense (bf16) head takes bf16 inputs, as in forward's per-op path
         h = x.to(fm.dtype) if type(fm.head) is Dense else x
         logits = fm.head(rms_norm(h, fm.norm, fm.eps)).float()  # (M, V)
+    logits = softcap_logits(fm, logits)
     return [logits[i : i + 1] if s.all_logits else logits[i] for i, s in enumerate(segs)]
 
 

@@ -72,8 +72,50 @@ def _causal_mask(t_new: int, n_old: int, device) -> torch.Tensor:
     return torch.cat([old, new], dim=1)
 
 
-def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_old: int) -> torch.Tensor:
-    """Attention of q (1, H, T, D) over k, v (1, Hk, n_old + T, D); the last T keys are the new tokens."""
+@dataclass(frozen=True)
+class AttnOpts:
+    """A layer's attention beyond plain causal softmax(q k^T / sqrt(D)) v (:class:`slmkit.runtime.arch.ArchSpec`)."""
+
+    scale: float | None = None  #: query scaling (None: D ** -0.5); Gemma: query_pre_attn_scalar ** -0.5
+    softcap: float | None = None  #: scores -> c * tanh(scores / c) before the mask (Gemma 2)
+    window: int | None = None  #: a query at position p sees keys at positions > p - window (itself included)
+
+
+def attend_opts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_old: int, opts: AttnOpts) -> torch.Tensor:
+    """:func:`sdpa` with a scale, soft-cap and/or sliding window, as transformers' ``eager_attention_forward``
+    computes them (scores * scale, soft-cap, mask, fp32 softmax, weights @ v); keys at positions 0..n_old+T-1.
+
+    Only the keys some query's window reaches are read: decoding with a window costs O(window), not O(context).
+    """
+    t, d = q.shape[2], q.shape[-1]
+    first = 0 if opts.window is None else max(0, n_old - opts.window + 1)  # oldest key the first new query sees
+    k, v = k[:, :, first:], v[:, :, first:]
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:  # GQA: repeat KV heads as transformers' repeat_kv does
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    scale = d**-0.5 if opts.scale is None else opts.scale
+    w = torch.matmul(q, k.transpose(2, 3)) * scale  # (1, H, T, S)
+    if opts.softcap is not None:
+        w = torch.tanh(w / opts.softcap) * opts.softcap
+    qpos = torch.arange(n_old, n_old + t)[:, None]  # (T, 1)
+    kpos = torch.arange(first, n_old + t)[None, :]  # (1, S)
+    allowed = kpos <= qpos
+    if opts.window is not None:
+        allowed &= kpos > qpos - opts.window
+    if not bool(allowed.all()):
+        w = w.masked_fill(~allowed, float("-inf"))
+    w = torch.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(w, v)
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_old: int, opts: AttnOpts | None = None) -> torch.Tensor:
+    """Attention of q (1, H, T, D) over k, v (1, Hk, n_old + T, D); the last T keys are the new tokens.
+
+    ``opts`` (a layer's scale, soft-cap, sliding window) runs :func:`attend_opts` instead.
+    """
+    if opts is not None:
+        return attend_opts(q, k, v, n_old, opts)
     t = q.shape[2]
     hk = k.shape[1]
     groups = q.shape[1] // hk
@@ -147,15 +189,15 @@ class FullCache(_Cache):
         """Forget every token after the first ``n`` (speculative decoding's rejected drafts); their slots are overwritten next."""
         self.seen = min(self.seen, n)
 
-    def attend(self, layer: int, q, k, v):
-        """q (1, H, T, D); k, v (1, Hk, T, D) for the T new tokens; returns (1, H, T, D)."""
+    def attend(self, layer: int, q, k, v, opts: AttnOpts | None = None):
+        """q (1, H, T, D); k, v (1, Hk, T, D) for the T new tokens; returns (1, H, T, D) (``opts``: see :func:`sdpa`)."""
         t, s = q.shape[2], self.seen
         if s + t > self.capacity:
             raise ConfigError(f"context of {s + t} tokens exceeds the KV cache capacity of {self.capacity}")
         kl, vl = self._kl[layer], self._vl[layer]
         kl.narrow(2, s, t).copy_(k)
         vl.narrow(2, s, t).copy_(v)
-        return sdpa(q, kl.narrow(2, 0, s + t), vl.narrow(2, 0, s + t), s)
+        return sdpa(q, kl.narrow(2, 0, s + t), vl.narrow(2, 0, s + t), s, opts)
 
 
 KV_POLICIES.add("full", FullKV)
@@ -225,7 +267,7 @@ class QuantCache(_Cache):
     def tokens(self) -> int:
         return self.seen
 
-    def attend(self, layer: int, q, k, v):
+    def attend(self, layer: int, q, k, v, opts: AttnOpts | None = None):
         t, s = q.shape[2], self.seen
         if s + t > self.capacity:
             raise ConfigError(f"context of {s + t} tokens exceeds the KV cache capacity of {self.capacity}")
@@ -239,7 +281,7 @@ class QuantCache(_Cache):
                           self.lo[i, layer, :, :, : s + t], self.bits, q.dtype)
             for i in (0, 1)
         )
-        return sdpa(q, kk, vv, s)
+        return sdpa(q, kk, vv, s, opts)
 
 
 KV_POLICIES.add("int8", functools.partial(QuantKV, bits=8))
@@ -404,4 +446,4 @@ def kv_policy(name: str, budget: int | None = None, **knobs):
         raise ConfigError(f"bad option for kv policy {name!r}: {err}") from None
 
 
-__all__ = ["KV_POLICIES", "KVShape", "kv_policy", "quantize_kv", "dequantize_kv", "sdpa"]
+__all__ = ["KV_POLICIES", "AttnOpts", "KVShape", "kv_policy", "quantize_kv", "dequantize_kv", "sdpa"]
