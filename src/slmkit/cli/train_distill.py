@@ -91,6 +91,9 @@ def distill_cmd(
                                            min_words=1, near_dup=1.0), force=force)
         if rep.accepted == 0:
             raise DataError(f"teacher {teacher} gave no usable answer to the prompts in {data} (rejected: {rep.rejected})")
+        if rep.failed:
+            err_console.print(f"[yellow]teacher {teacher} gave no answer to {rep.failed} prompt(s) (first: {rep.failures[0]}); "
+                              f"training on the {rep.accepted} answered[/]", markup=True, highlight=False)
     elif teacher is None and lcfg.uses_teacher:
         raise ConfigError(f"--loss {loss} needs --teacher", "pass --teacher MODEL, or --loss ce for plain fine-tuning")
     cfg = DistillConfig(
