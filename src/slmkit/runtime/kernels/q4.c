@@ -111,8 +111,10 @@ void slmkit_q4_quantize(const void *x, int bf16, int M, int K, int8_t *xq, float
 #else
 /* Quantise rows of x (M x K, fp32 or bf16) to int8 per group of 32: codes, scales, exact sums,
  * and the centring correction 8 * xs * sum(xq) (the same values as the AVX-512 build but for the
- * order of the fp32 sums). */
-void slmkit_q4_quantize(const void *x, int bf16, int M, int K, int8_t *xq, float *xs, float *xsum, float *xcorr) {
+ * order of the fp32 sums). The product x * (127 / absmax) is rounded to fp32 before it is rounded to an
+ * integer, as vcvtps2dq sees it: contracting the two into one fma would round the exact product and
+ * change a code now and then (a separate statement for clang, the attribute for gcc). */
+__attribute__((optimize("fp-contract=off"))) void slmkit_q4_quantize(const void *x, int bf16, int M, int K, int8_t *xq, float *xs, float *xsum, float *xcorr) {
     const int nb = K / GROUP;
     float v[GROUP];
     for (int t = 0; t < M; t++) {
@@ -131,7 +133,8 @@ void slmkit_q4_quantize(const void *x, int bf16, int M, int K, int8_t *xq, float
             const float d = mx / 127.0f, inv = mx > 0 ? 127.0f / mx : 0.0f;
             int32_t qs = 0;
             for (int i = 0; i < GROUP; i++) {
-                float r = round_even(v[i] * inv);
+                const float y = v[i] * inv;
+                float r = round_even(y);
                 r = r > 127.0f ? 127.0f : r < -127.0f ? -127.0f : r;
                 xq[off + i] = (int8_t)r;
                 qs += (int8_t)r;

@@ -18,7 +18,7 @@
 
 /* An IEEE half to fp32. */
 static inline float slmkit_h2f(uint16_t h) {
-#if defined(__F16C__)
+#if defined(__F16C__) && (defined(SLMKIT_AVX512) || defined(SLMKIT_AVX2))
     return _cvtsh_ss(h);
 #elif defined(__aarch64__)
     __fp16 f;
