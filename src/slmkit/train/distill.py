@@ -35,6 +35,7 @@ import torch
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
 from slmkit.artefact import MANIFEST, Manifest, atomic_dir, check_output, is_slmkit_dir
+from slmkit.train.dist import on_main
 from slmkit.errors import ConfigError, UnsupportedModelError
 from slmkit.train.data import Collator, DataConfig, ExampleDataset, load_examples, pad_batch
 from slmkit.train.checkpoints import (RUN_FILE, file_sha256, is_complete, logging_steps, mean_logged_loss,
@@ -285,7 +286,6 @@ def distill(
     examples, kind = load_examples(data, tokenizer, cfg.data)
     identity = {"source": source or {}, "data": str(data.resolve()), "data_sha256": file_sha256(data),
                 "config": json.loads(json.dumps(cfg.identity()))}
-    ckpt = _prepare_run_dir(output, identity, resume, force)
     args = TrainingArguments(
         output_dir=str(output / CHECKPOINTS),
         max_steps=cfg.max_steps,
@@ -309,6 +309,8 @@ def distill(
         bf16=cfg.bf16 or next(student.parameters()).dtype == torch.bfloat16,
         use_cpu=next(student.parameters()).device.type == "cpu",  # train where the student was loaded (CPU or GPU)
     )
+    _ = args.device  # under `accelerate launch`: sets up the process group (slmkit.train.dist)
+    ckpt = on_main(lambda: _prepare_run_dir(output, identity, resume, force))  # run.json: the main process writes it
     if cfg.qat:
         from slmkit.train.qat import attach_fake_quant, qat_grids
 
@@ -339,7 +341,7 @@ def distill(
 
         codes = finish_qat(final, qat_grids(final, cfg.qat))
         codes.gguf = cfg.qat if cfg.qat in FTYPES else None
-    _finalize(final, tokenizer, output, identity, cfg, result, base_manifest, force, codes if cfg.qat else None)
+    on_main(lambda: _finalize(final, tokenizer, output, identity, cfg, result, base_manifest, force, codes if cfg.qat else None))
     return result
 
 

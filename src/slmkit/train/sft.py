@@ -352,10 +352,11 @@ def run_trainer(trainer, model, ckpt: Path, resume: bool, use_cache: bool, ident
     ``ckpt`` holds the run ``identity`` names), restore ``use_cache``; returns (trained model in
     eval mode, steps, final training loss, log history)."""
     from slmkit.train.checkpoints import mean_logged_loss, prepare_run, train_from
+    from slmkit.train.dist import on_main
 
     quiet(trainer)
     try:
-        start = prepare_run(ckpt, identity, resume, existing="replace")
+        start = on_main(lambda: prepare_run(ckpt, identity, resume, existing="replace"))  # the main process writes run.json
     except BaseException:
         model.config.use_cache = use_cache
         raise
@@ -401,8 +402,14 @@ def save_trained(model, tokenizer, dest: str | Path, manifest: Manifest, merge: 
     ``adapter_model.safetensors``, tokenizer, ``slmkit.json`` with the base
     model's fingerprint) unless ``merge``, which folds the adapters into the
     base weights and writes a plain model directory. ``force``: replace a
-    directory slmkit did not write.
+    directory slmkit did not write. Under ``accelerate launch`` the main process writes it.
     """
+    from slmkit.train.dist import on_main
+
+    return on_main(lambda: _write_trained(model, tokenizer, dest, manifest, merge, force))
+
+
+def _write_trained(model, tokenizer, dest: str | Path, manifest: Manifest, merge: bool, force: bool) -> Path:
     from slmkit.train.adapters import base_fingerprint
 
     if is_peft(model):
@@ -423,5 +430,6 @@ def save_trained(model, tokenizer, dest: str | Path, manifest: Manifest, merge: 
 def finish_checkpoints(checkpoints: str | Path) -> None:
     """Remove the checkpoint directory once the final artefact is safely written (``run.json`` last)."""
     from slmkit.train.checkpoints import finish_run
+    from slmkit.train.dist import on_main
 
-    finish_run(checkpoints)
+    on_main(lambda: finish_run(checkpoints))
