@@ -360,14 +360,26 @@ def test_fast_on_a_gguf_type_without_a_kernel_exits_2_naming_it(tiny_tok, tmp_pa
     assert main(["generate", str(path), "The cat", "--raw", "--fast", "--dtype", "fp32", "--max-new-tokens", "4"]) == 0
 
 
-def test_fast_on_an_unknown_architecture_exits_2_naming_it(tiny_tok, tmp_path, capsys):
+def test_fast_on_an_unknown_architecture_warns_and_runs_transformers(tiny_tok, tmp_path, capsys, caplog):
+    """Issue 21: an architecture the fast path does not describe gives one warning line naming it, and the
+    output is transformers' own (the same text as without --fast)."""
+    import json
+    import logging
+
+    from slmkit.cli import main
     from slmkit.export.gguf import export_gguf
     from slmkit.runtime.gguffast import file_codes
 
     q4 = export_gguf(_tiny(tiny_tok, hidden=128), tiny_tok, tmp_path / "tiny-Q4_0.gguf", "Q4_0")
     path = _with_architecture(q4, tmp_path / "tiny-mamba.gguf", "mamba")
-    err = _fails(capsys, path)
-    assert "'mamba'" in err and path.name in err
+    args = ["generate", str(path), "The cat", "--raw", "--max-new-tokens", "4", "--json"]
+    with caplog.at_level(logging.WARNING, logger="slmkit"):
+        assert main([*args, "--fast"]) == 0
+    fast = json.loads(capsys.readouterr().out)
+    warned = [r.getMessage() for r in caplog.records if r.name.startswith("slmkit") and r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "'mamba'" in warned[0] and "\n" not in warned[0], warned
+    assert main(args) == 0
+    assert fast["text"] == json.loads(capsys.readouterr().out)["text"]
     assert file_codes(str(path), None, require_fast=False) is None  # serve / --draft: transformers runs it
 
 

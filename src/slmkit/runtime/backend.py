@@ -9,14 +9,16 @@ import torch
 
 from slmkit.backends.base import Completion, GenParams, Prompt, TokenScores
 from slmkit.backends.hf import HFBackend, render_prompt
-from slmkit.runtime.generate import FastConfig, build, stream
+from slmkit.runtime.generate import FastConfig, runner, stream
 
 
 class FastBackend:
     """Generates with :func:`slmkit.runtime.generate.stream` (KV policy per backend); scores like :class:`HFBackend`.
 
     With ``gguf`` (the file ``model`` was loaded from) the fast model runs the file's own quantised
-    blocks (:func:`slmkit.runtime.gguffast.build_gguf`) instead of ``model``'s dequantised weights.
+    blocks (:func:`slmkit.runtime.gguffast.build_gguf`) instead of ``model``'s dequantised weights. A model
+    whose architecture :mod:`slmkit.runtime.arch` does not describe generates through its own forward
+    (:func:`slmkit.runtime.generate.runner`: slower, same output).
     """
 
     def __init__(self, model, tokenizer, cfg: FastConfig = FastConfig(), name: str | None = None,
@@ -27,8 +29,8 @@ class FastBackend:
             from slmkit.runtime.gguffast import build_gguf
 
             self.fm = build_gguf(gguf, cfg, model)
-        else:
-            self.fm = build(model, cfg)
+        else:  # an architecture the fast path does not describe: one warning line, then transformers' forward
+            self.fm = runner(model, cfg)
         self.name = name or str(getattr(model.config, "name_or_path", "") or "local")
         self.kv, self.kv_budget = kv, kv_budget
         self._lltok = None  # llguidance's tokenizer, built on the first constrained request (~1 s)

@@ -6,9 +6,15 @@ transformers' GGUF loader dequantises every tensor (:func:`slmkit.models.load`);
 loaded model but every quantised matrix from the file's raw blocks, which
 :mod:`slmkit.runtime.ggmlkernel` multiplies as they are (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K,
 Q6_K; llama.cpp's mixes such as Q4_K_M combine several in one file). F32/F16/BF16 tensors stay
-dense (bf16). llama.cpp stores attn_q/attn_k rows permuted for its rotary layout; whole rows of
-blocks are moved back (rows are independent, so this is lossless). A tied output head multiplies
-with the embedding table's blocks and the embedding lookup dequantises the rows it needs.
+dense (bf16). llama.cpp stores a ``llama`` file's attn_q/attn_k rows permuted for its rotary layout
+(other architectures, e.g. ``gemma3``, ``qwen2``, keep transformers' order); whole rows of blocks are
+moved back (rows are independent, so this is lossless). A tied output head multiplies with the
+embedding table's blocks and the embedding lookup dequantises the rows it needs.
+
+The files' own codes run for the GGUF architectures in :data:`OWN_CODES` (their tensors have the
+llama names :func:`slmkit.export.gguf.gguf_name` maps); another architecture the fast path describes
+(e.g. ``phi3``, whose q/k/v are one ``attn_qkv`` tensor) runs its dequantised weights, with a warning,
+and one it does not describe runs through transformers, with a warning.
 
 A slmkit packed quantised directory (GPTQ/AWQ/RTN codes, QAT codes) runs its own codes the same way
 (:mod:`slmkit.runtime.packedfast`); :func:`build_gguf` and :func:`file_codes` take either.
@@ -29,6 +35,10 @@ from slmkit.runtime.generate import SUPPORTED, Dense, FastConfig, FastModel, GGU
 log = logging.getLogger(__name__)
 
 DENSE_TYPES = {0: "F32", 1: "F16", 30: "BF16"}  #: ggml types kept as dense bf16 matrices
+#: GGUF general.architecture values whose own quantised blocks run (tensor names as gguf_name maps them)
+OWN_CODES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3")
+#: GGUF architectures whose attn_q/attn_k rows llama.cpp's converter permutes (LlamaModel.modify_tensors)
+PERMUTED_QK = ("llama",)
 
 
 def _type_name(qtype: int) -> str:
@@ -88,8 +98,10 @@ def build_gguf(path: str | Path, cfg: FastConfig = FastConfig(), model=None) -> 
         return build_packed(path, cfg, model)
     from slmkit.export.gguf import gguf_name
 
-    c = model.config
-    tensors = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+    c = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    reader = gguf.GGUFReader(str(path))
+    tensors = {t.name: t for t in reader.tensors}
+    permuted = _architecture(reader) in PERMUTED_QK
     made: dict[str, Dense] = {}
 
     def weights(hf_name: str, mod: torch.nn.Module) -> Dense:
@@ -121,9 +133,9 @@ def build_gguf(path: str | Path, cfg: FastConfig = FastConfig(), model=None) -> 
             made[name] = Dense(w.to(torch.bfloat16), bias)
         else:
             raw = torch.from_numpy(np.array(t.data, dtype=np.uint8).reshape(n, -1))  # (n, row bytes): a copy, not the mmap
-            if hf_name.endswith("q_proj"):
+            if permuted and hf_name.endswith("q_proj"):
                 raw = _unpermute_rows(raw, c.num_attention_heads)
-            elif hf_name.endswith("k_proj"):
+            elif permuted and hf_name.endswith("k_proj"):
                 raw = _unpermute_rows(raw, c.num_key_value_heads)
             made[name] = GGUFQ(raw, qtype, k, bias)
         return made[name]
@@ -147,12 +159,15 @@ def file_codes(spec: str, dtype: str | None, weights: str = "native", require_fa
 
     Checked before any weight loads, so bad input fails fast with one line: a truncated or corrupt
     GGUF file (:class:`~slmkit.errors.CorruptModelError` naming it); a GGUF file or packed directory
-    whose architecture the fast path does not run (:class:`~slmkit.errors.UnsupportedModelError`
-    naming it; with ``require_fast=False``, as ``serve`` and ``--draft`` call it, None: the model runs
-    through transformers there); a quantised GGUF tensor in a type the kernels do not read
+    whose architecture the fast path does not describe returns None (the model runs through
+    transformers; :func:`slmkit.runtime.arch.describe` names the architecture in one warning line when
+    the fast model is built); a GGUF architecture
+    the fast path describes but whose blocks it does not read (:data:`OWN_CODES`) returns None with a
+    warning (the dequantised weights run); a quantised GGUF tensor in a type the kernels do not read
     (UnsupportedModelError naming the types). A packed directory none of whose weights has a kernel
     returns None with a warning (its dequantised codes run, as before). Where the kernel library is
-    unavailable the dequantised weights run (with a warning).
+    unavailable the dequantised weights run (with a warning). ``require_fast`` is accepted for callers that
+    pass it (serve, --draft); an undescribed architecture returns None either way.
     """
     from slmkit.compress.qstore import is_quantized_dir
     from slmkit.models.load import check_gguf, resolve
@@ -167,15 +182,14 @@ def file_codes(spec: str, dtype: str | None, weights: str = "native", require_fa
     import gguf
 
     reader = gguf.GGUFReader(str(path))
-    arch = reader.fields["general.architecture"].contents() if "general.architecture" in reader.fields else None
-    if arch not in SUPPORTED:
-        if not require_fast:
-            return None
-        raise UnsupportedModelError(
-            f"{path.name}: general.architecture is {arch!r}; slmkit's fast path runs {', '.join(SUPPORTED)} models only",
-            "run without --fast (transformers' forward)",
-        )
+    arch = _architecture(reader)
+    if arch not in SUPPORTED:  # transformers runs it; building the fast model says so in one line (arch.describe)
+        return None
     if dtype is not None:
+        return None
+    if arch not in OWN_CODES:
+        log.warning("%s: the fast path does not read a %r file's own blocks (it does for %s): its dequantised weights run",
+                    path.name, arch, ", ".join(OWN_CODES))
         return None
     quantised = [t for t in reader.tensors if int(t.tensor_type) not in DENSE_TYPES]
     if not quantised:
@@ -203,6 +217,11 @@ def file_codes(spec: str, dtype: str | None, weights: str = "native", require_fa
     return path
 
 
+def _architecture(reader) -> str | None:
+    f = reader.fields.get("general.architecture")
+    return None if f is None else f.contents()
+
+
 def _packed_codes(path: Path, dtype: str | None, weights: str, require_fast: bool) -> Path | None:
     """:func:`file_codes` for a packed quantised directory."""
     import json
@@ -213,13 +232,8 @@ def _packed_codes(path: Path, dtype: str | None, weights: str, require_fast: boo
         model_type = json.loads((path / "config.json").read_text()).get("model_type")
     except (OSError, ValueError) as err:
         raise CorruptModelError(f"{path / 'config.json'} is not valid JSON ({err})") from None
-    if model_type not in SUPPORTED:
-        if not require_fast:
-            return None
-        raise UnsupportedModelError(
-            f"{path.name}: a {model_type!r} model; slmkit's fast path runs {', '.join(SUPPORTED)} models only",
-            "run without --fast (transformers' forward)",
-        )
+    if model_type not in SUPPORTED:  # transformers runs it (arch.describe warns when the fast model is built)
+        return None
     if dtype is not None:
         return None
     if weights != "native":
