@@ -71,4 +71,27 @@ def test_device_presets_and_cli(tiny_dir, capsys):
     assert out["device"] == "phone-4gb" and out["memory_bytes"] == F.DEVICES["phone-4gb"].usable_bytes
     assert out["total_bytes"] == out["weights_bytes"] + out["kv_bytes"] + out["activation_bytes"] + out["overhead_bytes"]
     assert out["fits"] is True
+    assert out["kernel"] == "neon" and "dot product" in out["kernel_cpu"]
     assert main(["fit", str(tiny_dir), "--memory", "ten", "--json"]) == 2
+
+
+def test_presets_say_which_kernel_runs(tiny_dir, capsys, monkeypatch):
+    """Each preset names its kernel variant (one slmkit builds); a custom budget reports this machine's choice."""
+    from slmkit.cli import main
+    from slmkit.runtime import q4kernel
+
+    assert {d.kernel for d in F.DEVICES.values()} <= set(q4kernel.VARIANTS)
+    assert F.DEVICES["laptop-16gb"].kernel == "avx2" and F.DEVICES["rpi5-8gb"].kernel == "neon"
+    monkeypatch.delenv("SLMKIT_KERNEL", raising=False)
+    assert main(["fit", str(tiny_dir), "--memory", "2GB", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["kernel"] == q4kernel.choose() and out["kernel_cpu"] == "this machine"
+    monkeypatch.setenv("SLMKIT_KERNEL", "portable")
+    assert main(["fit", str(tiny_dir), "--memory", "laptop-16gb"]) == 0
+    table = capsys.readouterr().out
+    assert "avx2" in table and "AVX2, FMA, F16C" in table
+    assert main(["fit", str(tiny_dir), "--memory", "2GB", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["kernel"] == "portable"
+    monkeypatch.setenv("SLMKIT_KERNEL", "sse9")
+    assert main(["fit", str(tiny_dir), "--memory", "2GB"]) == 2
+    assert "SLMKIT_KERNEL='sse9' is not a kernel variant" in capsys.readouterr().err

@@ -119,6 +119,7 @@ def fit(
         return
     rows = [
         ("device / budget", f"{res.device} / {human_bytes(res.memory_bytes)}"),
+        ("kernel", f"{res.kernel} ({res.kernel_cpu})"),
         ("weights", f"{human_bytes(res.weights_bytes)} ({res.precision})"),
         ("KV cache", f"{human_bytes(res.kv_bytes)} ({res.kv}, {res.context} tokens x {res.batch})"),
         ("activations", human_bytes(res.activation_bytes)),

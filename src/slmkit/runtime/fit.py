@@ -16,7 +16,9 @@
 
 ``bench/runtime.py`` checks the total against the resident memory of a real run
 (within 15%). Device presets give the memory one app can use, not the RAM printed
-on the box (the OS and other apps keep the rest); see :data:`DEVICES`.
+on the box (the OS and other apps keep the rest); see :data:`DEVICES`. Each preset also names the
+CPU it assumes and the variant of slmkit's kernels (:mod:`slmkit.runtime.q4kernel`) that CPU would
+run: ``avx512``, ``avx2``, ``neon`` or ``portable``; a custom budget reports this machine's.
 """
 
 from __future__ import annotations
@@ -39,17 +41,24 @@ class Device:
     ram_bytes: int  #: RAM on the box
     usable_bytes: int  #: what one app can use
     note: str
+    cpu: str  #: the CPU the preset assumes
+    kernel: str  #: the kernel variant that CPU runs (slmkit.runtime.q4kernel.VARIANTS)
 
 
 #: Common targets. Usable memory is a rule of thumb, stated per device.
 DEVICES: dict[str, Device] = {
     d.name: d
     for d in (
-        Device("phone-4gb", 4 * GB, int(1.8 * GB), "Android/iOS phone, 4 GB RAM: OS and other apps keep ~55%"),
-        Device("phone-8gb", 8 * GB, int(4.0 * GB), "phone with 8 GB RAM: about half for one foreground app"),
-        Device("rpi5-8gb", 8 * GB, int(6.5 * GB), "Raspberry Pi 5 (8 GB), headless Raspberry Pi OS: ~1.5 GB for the system"),
-        Device("rpi5-4gb", 4 * GB, int(3.0 * GB), "Raspberry Pi 5 (4 GB), headless: ~1 GB for the system"),
-        Device("laptop-16gb", 16 * GB, int(10 * GB), "16 GB laptop with a browser and editor open"),
+        Device("phone-4gb", 4 * GB, int(1.8 * GB), "Android/iOS phone, 4 GB RAM: OS and other apps keep ~55%",
+               "ARMv8.2-A with the dot product (Cortex-A55/A75 and newer; a Cortex-A53 runs the portable kernel)", "neon"),
+        Device("phone-8gb", 8 * GB, int(4.0 * GB), "phone with 8 GB RAM: about half for one foreground app",
+               "ARMv8.2-A or newer with the dot product", "neon"),
+        Device("rpi5-8gb", 8 * GB, int(6.5 * GB), "Raspberry Pi 5 (8 GB), headless Raspberry Pi OS: ~1.5 GB for the system",
+               "Cortex-A76 (ARMv8.2-A, dot product)", "neon"),
+        Device("rpi5-4gb", 4 * GB, int(3.0 * GB), "Raspberry Pi 5 (4 GB), headless: ~1 GB for the system",
+               "Cortex-A76 (ARMv8.2-A, dot product)", "neon"),
+        Device("laptop-16gb", 16 * GB, int(10 * GB), "16 GB laptop with a browser and editor open",
+               "x86-64 with AVX2, FMA, F16C and no AVX-512 (most laptop CPUs; AMD Zen 4 runs avx512)", "avx2"),
     )
 }
 
@@ -130,6 +139,8 @@ class FitResult:
     max_context: int  #: largest context (batch 1) that fits, capped at the model's trained context
     max_batch: int  #: largest batch at ``context`` that fits (0: none)
     model_context: int | None
+    kernel: str = "portable"  #: the kernel variant the device runs (avx512, avx2, neon, portable)
+    kernel_cpu: str = ""  #: the CPU that choice assumes
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -196,6 +207,16 @@ def _largest(ok, hi: int) -> int:
     return lo
 
 
+def device_kernel(device: str) -> tuple[str, str]:
+    """(kernel variant, CPU) of a preset; for a custom budget, the variant this machine would run
+    (:func:`slmkit.runtime.q4kernel.choose`: its CPU flags, or ``$SLMKIT_KERNEL``)."""
+    if device in DEVICES:
+        return DEVICES[device].kernel, DEVICES[device].cpu
+    from slmkit.runtime import q4kernel
+
+    return q4kernel.choose(), "this machine"
+
+
 def plan_sizes(s: Sizes, cfg: FitConfig, model: str = "?") -> FitResult:
     w, k, a, total = estimate(s, cfg)
     fits = total <= cfg.memory_bytes
@@ -203,7 +224,7 @@ def plan_sizes(s: Sizes, cfg: FitConfig, model: str = "?") -> FitResult:
     max_ctx = _largest(lambda c: c >= 1 and estimate(s, cfg, context=c, batch=1)[3] <= cfg.memory_bytes, cap)
     max_batch = _largest(lambda b: b >= 1 and estimate(s, cfg, batch=b)[3] <= cfg.memory_bytes, 65536)
     return FitResult(model, cfg.device, cfg.memory_bytes, cfg.precision, cfg.kv, cfg.context, cfg.batch, s.parameters,
-                     w, k, a, cfg.overhead_bytes, total, fits, max_ctx, max_batch, s.context)
+                     w, k, a, cfg.overhead_bytes, total, fits, max_ctx, max_batch, s.context, *device_kernel(cfg.device))
 
 
 def plan(model: str, cfg: FitConfig) -> FitResult:
