@@ -180,3 +180,39 @@ def test_detectors():
     assert restore("to EMAIL_2 and [EMAIL_1]", red) == "to eve@y.net and bob@x.org"
     with pytest.raises(ConfigError):
         ShieldConfig(kinds=("email", "dna"))
+
+
+def _found(text, kind):
+    return [s.text for s in detect(text, ShieldConfig(model_names=False)) if s.kind == kind]
+
+
+def test_phones_not_dates_or_invoice_numbers():
+    from slmkit.collab.privacy import phone_ok
+
+    assert _found("Call Ann on +33 1 42 68 53 00 or 1-800-779-5398.", "phone") == ["+33 1 42 68 53 00", "1-800-779-5398"]
+    assert _found("Meeting on 2001-08-04; invoice 2002-1025 covers Q4; dated 12.03.2001.", "phone") == []
+    assert phone_ok("853-1234", "call me at ") and not phone_ok("853-1234", "order ")  # a short local number needs a cue
+    assert phone_ok("07878 900754") and phone_ok("(713) 853-1234")
+
+
+def test_digits_inside_an_iban_shaped_code_are_not_a_card_or_phone():
+    valid = "DE97 6216 5837 0113 8118 19"
+    assert iban_ok(valid) and luhn_ok("621658370113811819")  # the account's digits also pass Luhn
+    spans = detect(f"Wire it to IBAN {valid}. Thanks", ShieldConfig(model_names=False))
+    assert [(s.kind, s.text) for s in spans] == [("iban", valid)]
+    bad = "GB31 GQWM 6640 4915 8046 23"  # IBAN-shaped, wrong checksum: nothing
+    assert not iban_ok(bad) and detect(f"Our internal code is {bad} (not an account).", ShieldConfig(model_names=False)) == []
+
+
+def test_gazetteer_names_and_what_it_refuses():
+    pytest.importorskip("faker")
+    from slmkit.collab.pii_names import lexicon_names
+
+    assert lexicon_names("I spoke with Connie Wester about it. Call Connie on Monday.") == ["Connie Wester", "Connie"]
+    assert lexicon_names("Colonel John G. Hill outlined the plan.") == ["John G. Hill"]
+    # places, organisations, months and everyday words that are also given names
+    assert lexicon_names("Prices at Henry Hub rose. May I ask? Will you come? The board meets in Houston.") == []
+    assert lexicon_names("They flew to St. Lucie and Madison Square Garden with Deutsche Bank.") == []
+    text = "Please forward this to Amy Ashburn before Friday.\n\n-- \nPat"
+    assert _found(text, "name") == ["Amy Ashburn", "Pat"]
+    assert [s.text for s in detect(text, ShieldConfig(model_names=False, lexicon_names=False)) if s.kind == "name"] == ["Pat"]

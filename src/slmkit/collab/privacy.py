@@ -6,14 +6,19 @@ Detectors (all local):
   Luhn checksum, ISO/IEC 7812-1 Annex B), IBANs (ISO 13616 mod-97 check), IPv4
   addresses and street addresses (house number + words + a street suffix) by pattern;
 * person names by cue patterns ("Mr./Dr. ...", "my name is ...", "Dear ...",
-  "Regards, ...") and, when a small model is given, by asking it to list the names in
-  the text; a candidate is kept only if it occurs verbatim in the text and looks like a
-  name (1-4 capitalised words), so a confused model cannot invent redactions.
+  "Regards, ...", "From:", "cc:"), by a given-name gazetteer over capitalised word runs
+  (:mod:`slmkit.collab.pii_names`) and, when a small model is given, by asking it to
+  list the names in the text; a candidate is kept only if it occurs verbatim in the text
+  and looks like a name (1-4 capitalised words), so a confused model cannot invent redactions.
 
-Why the small model and not a PII library: Presidio (the well-kept choice) needs a
-spaCy NER model that is downloaded from GitHub, not PyPI, so it cannot be installed on
-an offline machine; the small model is already on the device and is what the shield
-is for. Its recall on names is limited; the cue patterns cover the common forms.
+Phone candidates that are dates (``2001-08-04``, ``12.03.2001``) are dropped, and a
+two-group number without a ``+``/``(`` start (``2002-1025``) needs ten digits or a phone
+cue word just before it (``call``, ``tel``, ``line``, ...). Card candidates must not be
+glued to letters (the digits of an IBAN-shaped code are not a card).
+
+Why not a PII library: Presidio (the well-kept choice) needs spaCy and a spaCy NER model
+that is downloaded from GitHub, not PyPI, so it cannot be installed on an offline
+machine. ``bench/pii_eval.py`` measures the shield per kind and compares Presidio when it loads.
 
 Each distinct value gets one placeholder (``[EMAIL_1]``, ``[NAME_2]``, ...), the remote
 model sees only placeholders, and :func:`restore` puts the values back into its reply.
@@ -31,12 +36,14 @@ from slmkit.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-KINDS = ("email", "card", "iban", "phone", "ip", "address", "name")
+KINDS = ("email", "iban", "card", "phone", "ip", "address", "name")  #: also the priority when spans overlap
 
 EMAIL = re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}\b")
-CARD = re.compile(r"(?<![\d-])(?:\d[ -]?){12,18}\d(?![\d-])")
+CARD = re.compile(r"(?<![\w-])(?:\d[ -]?){12,18}\d(?![\w-])")
 IBAN = re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?\b")
-PHONE = re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\d{2,4}(?:[ .-]?\d{2,4}){1,4}(?![\w])")
+PHONE = re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\d{1,4}(?:[ .-]?\d{2,4}){1,5}(?![\w])")
+DATE_LIKE = re.compile(r"(?:19|20)\d\d[-./](?:0?[1-9]|1[0-2])[-./](?:0?[1-9]|[12]\d|3[01])|(?:0?[1-9]|[12]\d|3[01])[-./](?:0?[1-9]|1[0-2])[-./](?:19|20)\d\d")
+PHONE_CUE = re.compile(r"(?:\b(?:call|phone|tel|telephone|mobile|cell|fax|line|reach|dial|ring|text|number|no|ext)\b[.:]?\s*(?:(?:me|him|her|us|them|at|on|is|:)\s+){0,2})$", re.I)
 IPV4 = re.compile(r"\b(?:(?:25[0-5]|2[0-4]\d|1?\d?\d)\.){3}(?:25[0-5]|2[0-4]\d|1?\d?\d)\b")
 STREET_SUFFIX = r"(?:Street|St|Avenue|Ave|Road|Rd|Boulevard|Blvd|Lane|Ln|Drive|Dr|Court|Ct|Way|Place|Pl|Square|Sq|Terrace|Close|Crescent)"
 ADDRESS = re.compile(
@@ -48,7 +55,9 @@ _FULLNAME = rf"{_NAME}(?:\s+{_NAME}){{0,3}}"
 NAME_CUES = [
     re.compile(rf"\b(?:Mr|Mrs|Ms|Miss|Dr|Prof|Sir|Madam)\.?\s+(?P<name>{_FULLNAME})"),
     re.compile(rf"\b(?:[Mm]y name is|[Nn]ame:|I am|I'm|[Tt]his is|[Cc]all me|[Cc]ontact|[Ss]igned,?)\s+(?P<name>{_FULLNAME})"),
-    re.compile(rf"\b(?:Dear|Hi|Hello|Regards,|Thanks,|Sincerely,|Best,|Cheers,)\s+(?P<name>{_FULLNAME})"),
+    re.compile(rf"\b(?:Dear|Hi|Hello|Good (?:morning|afternoon|evening)|Regards,|Thanks,|Sincerely,|Best,|Cheers,)\s+(?P<name>{_FULLNAME})"),
+    re.compile(rf"(?m)^(?:From|To|Cc|cc|CC|Bcc|Attn|Attention):?[ \t]+(?P<name>{_FULLNAME})"),
+    re.compile(rf"(?m)^--[ \t]*\n(?P<name>{_FULLNAME})"),
 ]
 _NOT_NAMES = {"I", "The", "A", "An", "It", "We", "You", "He", "She", "They", "Please", "Thanks", "Hello", "Hi", "Dear",
               "Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday", "Sir", "Madam", "Team", "All"}
@@ -74,6 +83,19 @@ def iban_ok(s: str) -> bool:
     return int(num) % 97 == 1
 
 
+def phone_ok(s: str, before: str = "") -> bool:
+    """A PHONE match that is a phone number: 7-15 digits, not a date, and either written
+    internationally (``+``/``(`` first), in three or more groups, with ten or more digits, or
+    right after a phone cue word (``before`` is the text just before the match)."""
+    digits = re.sub(r"\D", "", s)
+    if not 7 <= len(digits) <= 15 or not (s.startswith(("+", "(")) or re.search(r"[ .-]", s)):
+        return False
+    if DATE_LIKE.fullmatch(s):
+        return False
+    groups = len(re.findall(r"\d+", s))
+    return s.startswith(("+", "(")) or groups >= 3 or len(digits) >= 10 or bool(PHONE_CUE.search(before))
+
+
 @dataclass(frozen=True)
 class Span:
     kind: str
@@ -86,6 +108,7 @@ class Span:
 class ShieldConfig:
     kinds: tuple[str, ...] = KINDS  #: which kinds of personal data to redact
     model_names: bool = True  #: ask the small model for person names (when one is given)
+    lexicon_names: bool = True  #: find person names with the given-name gazetteer (slmkit.collab.pii_names)
     max_new_tokens: int = 48  #: budget of the small model's name list
 
     def __post_init__(self):
@@ -152,10 +175,13 @@ def detect(text: str, cfg: ShieldConfig = ShieldConfig(), small: Backend | None 
     if "email" in kinds:
         for m in EMAIL.finditer(text):
             add("email", *m.span())
+    # digits inside an IBAN-shaped code (checksum right or not) are neither a card nor a phone
+    iban_shaped = [m.span() for m in IBAN.finditer(text)]
+    inside = lambda a, b: any(s <= a and b <= e for s, e in iban_shaped)  # noqa: E731
     if "card" in kinds:
         for m in CARD.finditer(text):
             digits = re.sub(r"\D", "", m.group())
-            if 13 <= len(digits) <= 19 and luhn_ok(digits):
+            if 13 <= len(digits) <= 19 and luhn_ok(digits) and not inside(*m.span()):
                 add("card", *m.span())
     if "iban" in kinds:
         for m in IBAN.finditer(text):
@@ -169,8 +195,7 @@ def detect(text: str, cfg: ShieldConfig = ShieldConfig(), small: Backend | None 
             add("address", *m.span())
     if "phone" in kinds:
         for m in PHONE.finditer(text):
-            digits = re.sub(r"\D", "", m.group())
-            if 7 <= len(digits) <= 15 and (m.group().startswith(("+", "(")) or re.search(r"[ .-]", m.group())):
+            if phone_ok(m.group(), text[max(0, m.start() - 24) : m.start()]) and not inside(*m.span()):
                 add("phone", *m.span())
     if "name" in kinds:
         found_names: list[str] = []
@@ -184,6 +209,10 @@ def detect(text: str, cfg: ShieldConfig = ShieldConfig(), small: Backend | None 
                 cand = " ".join(words)
                 if cand and _looks_like_name(cand):
                     found_names.append(cand)
+        if cfg.lexicon_names:
+            from slmkit.collab.pii_names import lexicon_names
+
+            found_names += lexicon_names(text)
         if names is None:
             names = _names_by_text([text], cfg, small)
         found_names += (names or {}).get(text, [])
