@@ -1,12 +1,15 @@
 """Benchmark of the small/large collaboration on the default model (CPU).
 
-1. Speculative decoding: the default model (target, 30 layers) drafted by a copy of its
-   first N layers, and by prompt lookup; against the target alone (transformers
-   ``generate``, and our own cached loop) and transformers' assisted generation
-   (``assistant_model=``, ``prompt_lookup_num_tokens=``), all in the same run; ``spec_ours_fr``
-   is the same draft scoring only the first ``--draft-vocab`` token ids (FR-Spec),
-   ``spec_ours_int4`` drafts with the target's own int4 copy on slmkit's fast path (fused q4
-   kernel; transformers has no equivalent assistant), methods interleaved per prompt. Speed is a ratio to the target alone from the same run.
+1. Speculative decoding (greedy, fp32 target), methods interleaved per prompt, every speed a ratio to
+   the target alone in the same run: transformers ``generate`` (``target_hf``) and slmkit's fast path
+   (``target_fast``, the engine that verifies). ``spec_int4``: the target's own int4 copy on the fast
+   path drafts, prompt lookup drafts when the context repeats, the draft length (0 = plain decoding)
+   chosen from measured costs (``slmkit speculate --draft int4``); ``spec_int4_only`` without lookup;
+   ``spec_ours``/``spec_ours_fr``: the first ``--draft-layers`` blocks (FR-Spec head: the first
+   ``--draft-vocab`` ids); ``assisted_hf``/``lookup_hf``: transformers' assisted generation and prompt
+   lookup; ``spec_poor_depth``: an un-healed ``--poor-layers``-of-30-block depth-pruned copy (the
+   controller must fall back to plain decoding: compare with ``target_fast``). A second table runs
+   prompts whose answer repeats text from the prompt (prompt lookup's case).
 2. Cascade on rag-qa (question + its passage; answer checked by containment): the same
    truncated copy answers first, low mean-log-prob answers escalate to the default
    model; quality kept vs share escalated, against random routing at the same rate.
@@ -17,7 +20,7 @@
    of the default model's token-probability risk.
 
 Usage: PYTHONPATH=src python bench/collab.py [--prompts 3] [--tokens 48] [--draft-layers 10] [--draft-vocab 8192]
-       [--qa 40] [--tqa 60] [--threads 1]
+       [--repeat-prompts 2] [--poor-layers 10] [--spec-methods LIST] [--qa 40] [--tqa 60] [--threads 1]
 """
 
 from __future__ import annotations
@@ -71,67 +74,126 @@ def _hf(model, ids, n, **kw):
     return out[0, ids.shape[0]:].tolist(), time.perf_counter() - t0
 
 
-def bench_speculative(model, tok, args) -> dict:
-    from slmkit.collab.drafters import ModelDrafter, frequent_vocab, quantised_draft
-    from slmkit.collab.speculative import SpecConfig, autoregressive, speculate
+REPEAT_PROMPTS = [
+    "Here is a paragraph:\n\nThe water cycle describes how water evaporates from oceans, lakes and rivers, rises into the "
+    "atmosphere, cools and condenses into clouds, and falls back to the surface as rain or snow. Some of it soaks into the "
+    "ground and some flows back to the sea, where the cycle begins again.\n\nRepeat the paragraph above word for word.",
+    "Here is a function:\n\ndef mean(values):\n    total = 0\n    for v in values:\n        total += v\n    return total / len(values)\n\n"
+    "Rewrite the function above with a docstring, keeping the code the same.",
+    "Here is a list: apples, oranges, bananas, pears, plums, cherries, grapes, lemons, limes, peaches.\n\n"
+    "Write the list above again, one item per line, in the same order.",
+]
 
-    draft = small_model(model, args.draft, args.draft_layers)
-    fr_draft = ModelDrafter(draft, frequent_vocab(tok, args.draft_vocab))
-    q_draft = quantised_draft(model, "int4")  # the target's own int4 copy on the fast path (self-speculation)
-    eos = (tok.eos_token_id,)
-    cfg = SpecConfig(max_new_tokens=args.tokens, eos_token_ids=eos)
-    stats = {m: {"tokens": 0, "seconds": 0.0, "drafted": 0, "accepted": 0, "identical": 0}
-             for m in ("target_hf", "target_ours", "assisted_hf", "spec_ours", "spec_ours_fr", "spec_ours_int4", "lookup_hf", "lookup_ours")}
-    n_prompts = 0
-    for i, p in enumerate(PROMPTS[: args.prompts]):
-        text = tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-        ids = torch.tensor(tok(text, add_special_tokens=False).input_ids)
-        if i == 0:  # warm-up, off the clock
-            _hf(model, ids, 4)
-            _hf(model, ids, 4, assistant_model=draft)
-            speculate(model, draft, ids, SpecConfig(max_new_tokens=4))
-            speculate(model, q_draft, ids, SpecConfig(max_new_tokens=4))
-        ref, dt = _hf(model, ids, args.tokens)
-        stats["target_hf"]["tokens"] += len(ref)
-        stats["target_hf"]["seconds"] += dt
-        runs = [
-            ("target_ours", lambda: autoregressive(model, ids, cfg)),
-            ("spec_ours", lambda: speculate(model, draft, ids, cfg)),
-            ("spec_ours_fr", lambda: speculate(model, fr_draft, ids, cfg)),
-            ("spec_ours_int4", lambda: speculate(model, q_draft, ids, cfg)),
-            ("lookup_ours", lambda: speculate(model, "lookup", ids, cfg)),
-        ]
-        for name, fn in runs:
-            o = fn()
+
+def depth_pruned(model, tok, keep: int):
+    """An un-healed copy of ``model`` keeping its ``keep`` most important blocks (``slmkit prune --method depth``'s
+    block-influence ranking on 8 wikitext-2 windows): the poor draft the controller must not lose time to."""
+    import copy
+
+    from slmkit.compress.calibrate import CalibConfig, calibration_ids
+    from slmkit.compress.structured import prune_depth
+    from slmkit.data import data_file
+
+    ids = calibration_ids(model, tok, CalibConfig(n_samples=8, seq_len=128, source=str(data_file("wikitext-2/test.txt"))))
+    return prune_depth(copy.deepcopy(model), ids, keep).eval()
+
+
+def _chat_ids(tok, text):
+    return torch.tensor(tok(tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True),
+                            add_special_tokens=False).input_ids)
+
+
+def _spec_table(model, prompts, runs, args) -> dict:
+    """Each of ``runs`` (name -> fn(ids) -> (tokens, seconds, SpecOutput or None)) on every prompt, interleaved per
+    prompt, after one warm-up call each; identity is against transformers ``generate`` (``target_hf``)."""
+    stats = {name: {"tokens": 0, "seconds": 0.0, "drafted": 0, "accepted": 0, "lookup": 0, "plain": 0, "steps": 0, "identical": 0}
+             for name in runs}
+    for i, ids in enumerate(prompts):
+        if i == 0:
+            for fn in runs.values():
+                fn(ids, 4)  # warm-up, off the clock
+        ref = None
+        for name, fn in runs.items():
+            toks, dt, o = fn(ids, args.tokens)
+            ref = toks if ref is None else ref  # the first run is target_hf
             s = stats[name]
-            s["tokens"] += len(o.tokens)
-            s["seconds"] += o.seconds
-            s["drafted"] += o.drafted
-            s["accepted"] += o.accepted
-            s["identical"] += int(o.tokens == ref)
-        for name, kw in (("assisted_hf", {"assistant_model": draft}), ("lookup_hf", {"prompt_lookup_num_tokens": 10})):
-            toks, dt = _hf(model, ids, args.tokens, **kw)
-            stats[name]["tokens"] += len(toks)
-            stats[name]["seconds"] += dt
-            stats[name]["identical"] += int(toks == ref)
-        stats["target_hf"]["identical"] += 1
-        n_prompts += 1
+            s["tokens"] += len(toks)
+            s["seconds"] += dt
+            s["identical"] += int(toks == ref)
+            if o is not None:
+                s["drafted"] += o.drafted
+                s["accepted"] += o.accepted
+                s["lookup"] += o.lookup_drafted
+                s["plain"] += o.draft_lengths.count(0)
+                s["steps"] += len(o.draft_lengths)
         print(f"  prompt {i}: done", file=sys.stderr, flush=True)
-    base = stats["target_hf"]["tokens"] / stats["target_hf"]["seconds"]
+    tps = {name: s["tokens"] / s["seconds"] for name, s in stats.items()}
     rows = {}
     for name, s in stats.items():
-        tps = s["tokens"] / s["seconds"]
         rows[name] = {
-            "tokens_per_s": tps,
-            "speedup_vs_target_hf": tps / base,
+            "tokens_per_s": tps[name],
+            "speedup_vs_target_hf": tps[name] / tps["target_hf"],
+            "speedup_vs_target_fast": tps[name] / tps["target_fast"] if "target_fast" in tps else None,
             "acceptance_rate": (s["accepted"] / s["drafted"]) if s["drafted"] else None,
-            "identical_to_target": f"{s['identical']}/{n_prompts}",
+            "lookup_share": (s["lookup"] / s["drafted"]) if s["drafted"] else None,
+            "plain_steps": (s["plain"] / s["steps"]) if s["steps"] else None,
+            "identical_to_target": f"{s['identical']}/{len(prompts)}",
             "tokens": s["tokens"],
         }
-    for name in ("spec_ours", "spec_ours_fr", "spec_ours_int4"):
-        rows[name]["vs_assisted_hf"] = rows[name]["tokens_per_s"] / rows["assisted_hf"]["tokens_per_s"]
-    rows["lookup_ours"]["vs_lookup_hf"] = rows["lookup_ours"]["tokens_per_s"] / rows["lookup_hf"]["tokens_per_s"]
     return rows
+
+
+def bench_speculative(model, tok, args) -> dict:
+    """Ordinary chat prompts: the target alone (transformers ``generate``, slmkit's fast path, slmkit's transformers
+    loop), the int4 self-draft with and without prompt lookup, a first-N-blocks draft (plain and FR-Spec),
+    transformers' assisted generation and prompt lookup, and a poor draft (an un-healed depth-pruned copy); then
+    prompts with text to repeat: the target alone, prompt lookup and the int4 self-draft (with lookup)."""
+    from dataclasses import replace
+
+    from slmkit.collab.drafters import ModelDrafter, frequent_vocab, quantised_draft
+    from slmkit.collab.speculative import SpecConfig, autoregressive, hf_generate, speculate
+
+    eos = (tok.eos_token_id,)
+    cfg = SpecConfig(max_new_tokens=args.tokens, eos_token_ids=eos)
+    q_draft = quantised_draft(model, "int4", lookup=True)  # the target's own int4 copy on the fast path (self-speculation)
+    q_only = quantised_draft(model, "int4")
+
+    def spec(draft):
+        def run(ids, n):
+            o = speculate(model, draft, ids, replace(cfg, max_new_tokens=n))
+            return o.tokens, o.seconds, o
+        return run
+
+    def alone(fast):
+        def run(ids, n):
+            o = autoregressive(model, ids, replace(cfg, max_new_tokens=n, fast_target=fast))
+            return o.tokens, o.seconds, None
+        return run
+
+    def hf(**kw):
+        def run(ids, n):
+            if not kw:
+                o = hf_generate(model, ids, replace(cfg, max_new_tokens=n))
+                return o.tokens, o.seconds, None
+            return _hf(model, ids, n, **kw) + (None,)
+        return run
+
+    wanted = set(args.spec_methods.split(",")) if args.spec_methods else None
+    runs = {"target_hf": hf(), "target_fast": alone(True), "target_ours": alone(False),
+            "spec_int4": spec(q_draft), "spec_int4_only": spec(q_only), "lookup_ours": spec("lookup"), "lookup_hf": hf(prompt_lookup_num_tokens=10)}
+    if wanted is None or wanted & {"spec_ours", "spec_ours_fr", "assisted_hf"}:
+        draft = small_model(model, args.draft, args.draft_layers)
+        runs.update({"spec_ours": spec(draft), "spec_ours_fr": spec(ModelDrafter(draft, frequent_vocab(tok, args.draft_vocab))),
+                     "assisted_hf": hf(assistant_model=draft)})
+    if args.poor_layers and (wanted is None or "spec_poor_depth" in wanted):
+        runs["spec_poor_depth"] = spec(depth_pruned(model, tok, args.poor_layers))
+    keep = {"target_hf", "target_fast"} | (wanted if wanted is not None else set(runs))
+    runs = {k: v for k, v in runs.items() if k in keep}
+    out = {"ordinary": _spec_table(model, [_chat_ids(tok, p) for p in PROMPTS[: args.prompts]], runs, args)}
+    if args.repeat_prompts:
+        rep = {k: runs[k] for k in ("target_hf", "target_fast", "lookup_ours", "lookup_hf", "spec_int4") if k in runs}
+        out["repeated"] = _spec_table(model, [_chat_ids(tok, p) for p in REPEAT_PROMPTS[: args.repeat_prompts]], rep, args)
+    return out
 
 
 def bench_cascade(model, tok, args) -> dict:
@@ -221,12 +283,19 @@ def bench_retrieval(model, tok, args) -> dict:
     }
 
 
+def _f2(v) -> str:
+    return "" if v is None else f"{v:.2f}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--prompts", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--draft-layers", type=int, default=10)
     ap.add_argument("--draft-vocab", type=int, default=8192, help="FR-Spec draft head: the first N token ids")
+    ap.add_argument("--repeat-prompts", type=int, default=2, help="prompts with text to repeat (prompt lookup's case), 0 = none")
+    ap.add_argument("--poor-layers", type=int, default=10, help="the poor draft: an un-healed depth-pruned copy keeping N blocks (0 = skip)")
+    ap.add_argument("--spec-methods", default="", help="comma list of speculative rows to run (target_hf and target_fast always run); empty = all")
     ap.add_argument("--small-layers", type=int, default=20)
     ap.add_argument("--draft", default=None, help="draft model directory (e.g. a distilled student); default: the first --draft-layers blocks")
     ap.add_argument("--small", default=None, help="cascade/judge small model directory; default: the first --small-layers blocks")
@@ -251,13 +320,14 @@ def main() -> None:
     print(json.dumps(info), flush=True)
     parts = args.parts.split(",")
     if "spec" in parts:
-        rows = bench_speculative(model, tok, args)
-        print("\n## speculative decoding (greedy, fp32)")
-        print(f"{'method':<14}{'tok/s':>8}{'vs target':>11}{'accept':>8}{'same':>7}")
-        for name, r in rows.items():
-            acc = "" if r["acceptance_rate"] is None else f"{r['acceptance_rate']:.2f}"
-            print(f"{name:<14}{r['tokens_per_s']:>8.2f}{r['speedup_vs_target_hf']:>10.2f}x{acc:>8}{r['identical_to_target']:>7}")
-        print(json.dumps({"speculative": rows}), flush=True)
+        tables = bench_speculative(model, tok, args)
+        for title, rows in tables.items():
+            print(f"\n## speculative decoding, {title} prompts (greedy, fp32 target)")
+            print(f"{'method':<16}{'tok/s':>8}{'vs hf':>8}{'vs fast':>9}{'accept':>8}{'lookup':>8}{'plain':>7}{'same':>7}")
+            for name, r in rows.items():
+                print(f"{name:<16}{r['tokens_per_s']:>8.2f}{r['speedup_vs_target_hf']:>7.2f}x{r['speedup_vs_target_fast']:>8.2f}x"
+                      f"{_f2(r['acceptance_rate']):>8}{_f2(r['lookup_share']):>8}{_f2(r['plain_steps']):>7}{r['identical_to_target']:>7}")
+        print(json.dumps({"speculative": tables}), flush=True)
     if "cascade" in parts:
         rep = bench_cascade(model, tok, args)
         print("\n## cascade on rag-qa (logprob signal, target escalation 0.3)")

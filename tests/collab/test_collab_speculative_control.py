@@ -187,3 +187,15 @@ def test_cli_speculate_baselines_and_lookup_flag(tiny_dir, capsys):
         assert extra != ["--no-lookup"] or res["lookup_drafted"] == 0
     assert main(args + ["--baseline", "cuda"]) == 2
     assert "--baseline" in capsys.readouterr().err
+
+
+def test_serve_speculative_with_an_int4_drafter_uses_lookup_and_stays_exact(tiny_dir):
+    from slmkit.backends import GenParams, HFBackend
+    from slmkit.collab.serving import build_backend
+
+    backend = build_backend("int4", str(tiny_dir), "speculative")
+    assert isinstance(backend.draft, FastDrafter) and backend.draft.lookup
+    prompt = "The cat. The cat. The cat."
+    want = HFBackend(backend.target, backend.tokenizer).generate([prompt], GenParams(max_new_tokens=12))[0]
+    got = backend.generate([prompt], GenParams(max_new_tokens=12))[0]
+    assert got.text == want.text and got.meta["drafted"] >= 0

@@ -271,6 +271,6 @@ def test_a_gguf_draft_runs_its_blocks_and_the_target_stays_exact(tiny_tok, tmp_p
     draft = resolve_draft(str(path), target, tiny_tok)
     assert isinstance(draft, FastDrafter) and isinstance(draft.fm.head, G.GGUFQ)
     ids = tiny_tok("The cat sees the", return_tensors="pt").input_ids[0]
-    cfg = SpecConfig(max_new_tokens=20)
+    cfg = SpecConfig(max_new_tokens=20, adaptive=False)  # draft every step (the controller may decode plainly on tiny models)
     out = speculate(target, draft, ids, cfg)
     assert out.tokens == autoregressive(target, ids, cfg).tokens and out.accepted > 0

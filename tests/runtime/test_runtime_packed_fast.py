@@ -287,7 +287,7 @@ def test_a_packed_draft_runs_its_codes_and_the_target_stays_exact(gptq_plain, ti
     draft = resolve_draft(str(gptq_plain), target, tiny_tok)
     assert isinstance(draft, FastDrafter) and isinstance(draft.fm.layers[0].o, G.GGUFQ)
     ids = tiny_tok(PROMPTS[0], return_tensors="pt").input_ids[0]
-    cfg = SpecConfig(max_new_tokens=20)
+    cfg = SpecConfig(max_new_tokens=20, adaptive=False)  # draft every step (the controller may decode plainly on tiny models)
     out = speculate(target, draft, ids, cfg)
     assert out.tokens == autoregressive(target, ids, cfg).tokens and out.accepted > 0
 
