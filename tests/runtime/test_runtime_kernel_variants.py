@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -173,3 +174,44 @@ def test_fused_greedy_generation_agrees_with_avx512(variant, use, lively, tiny_t
         assert got == want, (variant, what)
         kl = float((wl.log_softmax(-1).exp() * (wl.log_softmax(-1) - gl.log_softmax(-1))).sum())
         assert kl < 1e-3, (variant, what, kl)
+
+
+# ---------------------------------------------------------------------------- the NEON variant, off this machine
+
+CROSS = shutil.which("aarch64-linux-gnu-gcc")
+QEMU = shutil.which("qemu-aarch64")
+SYSROOT = "/usr/aarch64-linux-gnu"  #: Debian's cross libc (libc6-arm64-cross), for qemu-aarch64 -L
+HARNESS = Path(__file__).with_name("kernel_harness.c")
+
+
+def _harness(cc: str, variant: str, out: Path) -> Path:
+    """kernel_harness.c linked with the kernel sources, built with ``variant``'s own flags (an executable, not a library)."""
+    flags = [f for f in Q.recipe(variant).flags if f != "-shared"]
+    subprocess.run([cc, "-o", str(out), str(HARNESS), *map(str, Q.SOURCES), *flags], check=True, capture_output=True, timeout=600)
+    return out
+
+
+def _lines(text: str) -> tuple[list[str], np.ndarray]:
+    rows = [line.split() for line in text.splitlines()]
+    return [r[0] for r in rows], np.array([float.fromhex(r[1]) for r in rows])
+
+
+@pytest.mark.skipif(not CROSS, reason="no aarch64 cross compiler (apt-get install gcc-aarch64-linux-gnu)")
+def test_neon_variant_builds_for_aarch64_and_agrees_under_qemu(tmp_path):
+    """The NEON build compiles with its recipe's flags for AArch64 and uses sdot; where qemu-aarch64 can run it, its
+    q4 and GGUF matmuls (every block type) agree with the AVX-512 build's within 1e-5 of the largest output."""
+    neon = _harness(CROSS, "neon", tmp_path / "harness-neon")
+    objdump = shutil.which("aarch64-linux-gnu-objdump")
+    if objdump:
+        assert "sdot" in subprocess.run([objdump, "-d", str(neon)], capture_output=True, text=True, check=True).stdout
+    if not QEMU or not Path(SYSROOT).is_dir():
+        pytest.skip("built only: no qemu-aarch64 (apt-get install qemu-user) or no aarch64 libc to run it")
+    ref = subprocess.run([str(_harness(shutil.which("cc") or "gcc", "avx512", tmp_path / "harness-avx512"))],
+                         capture_output=True, text=True, check=True)
+    got = subprocess.run([QEMU, "-L", SYSROOT, str(neon)], capture_output=True, text=True, check=True, timeout=300)
+    assert got.stderr.strip() == "neon" and ref.stderr.strip() == "avx512"
+    (kr, yr), (kg, yg) = _lines(ref.stdout), _lines(got.stdout)
+    assert kr == kg and len(set(kr)) == 9  # q4 and the eight GGUF block types
+    for name in set(kr):
+        sel = np.array([k == name for k in kr])
+        assert np.abs(yg[sel] - yr[sel]).max() <= RTOL * np.abs(yr[sel]).max(), name
