@@ -43,7 +43,7 @@ def docs(tmp_path):
 
 
 def _tree(root):
-    return {p.name: p.read_bytes() for p in sorted(root.iterdir()) if p.name != LOCK}
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and p.name != LOCK}
 
 
 def test_second_run_on_a_locked_index_exits_at_once_and_touches_nothing(docs, tmp_path):

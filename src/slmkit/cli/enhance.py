@@ -1,4 +1,4 @@
-"""Enhancement verbs: sft, dpo, rag index, rag ask."""
+"""Enhancement verbs: sft (also on retrieved passages: --rag), dpo. The rag verbs are in slmkit.cli.rag."""
 
 from __future__ import annotations
 
@@ -20,10 +20,9 @@ MODEL_HELP = "default | hub id | directory | file.gguf"
 def register(app: typer.Typer) -> None:
     app.command("sft")(with_progress("sft")(sft))
     app.command("dpo")(with_progress("dpo")(dpo))
-    rag = typer.Typer(help="Retrieval-augmented generation: index documents, answer with sources.", no_args_is_help=True)
-    rag.command("index")(rag_index)
-    rag.command("ask")(rag_ask)
-    app.add_typer(rag, name="rag")
+    from slmkit.cli import rag  # the rag verbs (slmkit rag index / ask) live in their own module
+
+    rag.register(app)
 
 
 def _training_device(device: str):
@@ -58,8 +57,12 @@ def _report(title: str, result: dict, json_out: bool) -> None:
 
 def sft(
     model: str = typer.Argument(..., help=MODEL_HELP),
-    data: Path = typer.Option(..., "--data", help='jsonl of {"messages": [...]} or {"prompt", "completion"}'),
+    data: Path = typer.Option(..., "--data", help='jsonl of {"messages": [...]} or {"prompt", "completion"}; '
+                                                  'with --rag: {"question", "answer", "passage_id"?}'),
     output: Path = typer.Option(..., "--output", help="directory to write (adapter, or model with --merge / full FT)"),
+    rag: Optional[Path] = typer.Option(None, "--rag", help="an index: train on question + retrieved passages "
+                                                          "(the answer's passage among distractors) -> answer"),
+    rag_k: int = typer.Option(4, "--rag-k", min=1, help="--rag: sources per training prompt (gold + distractors)"),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     lora: bool = typer.Option(False, "--lora", help="train LoRA adapters; the base stays frozen"),
     merge: bool = typer.Option(False, "--merge", help="with --lora: fold the adapters into the weights and write a model"),
@@ -93,7 +96,11 @@ def sft(
     dev = _training_device(device)
     cfg = SFTConfig(lora=_lora(lora, lora_r, lora_alpha), max_steps=max_steps, learning_rate=lr, batch_size=batch_size,
                     grad_accum=grad_accum, max_length=max_length, packing=packing, save_steps=save_steps, seed=seed)
-    convs = read_sft(data, limit=limit)
+    rag_info = {}
+    if rag is not None:
+        convs, rag_info = _rag_conversations(rag, data, limit, rag_k, seed)
+    else:
+        convs = read_sft(data, limit=limit)
     check_training_output(output, force)
     _quiet_libraries()
     m, tok = load(model, dtype=resolve_dtype(dtype, dev), device=dev)
@@ -103,13 +110,27 @@ def sft(
     seconds = time.perf_counter() - t0
     loss = assistant_loss(res.model, tok, convs[:64], max_length=max_length)
     manifest = Manifest(source=model, metrics={"train_loss": res.train_loss, "assistant_loss_first64": loss})
-    manifest.add_stage("sft", cfg, data=str(data), examples=len(convs), steps=res.steps, merged=merge)
+    manifest.add_stage("sft", cfg, data=str(data), examples=len(convs), steps=res.steps, merged=merge, **rag_info)
     with contextlib.redirect_stdout(sys.stderr):
         save_trained(res.model, tok, output, manifest, merge=merge, force=force)
     finish_checkpoints(checkpoint_dir(output))
     kind = "adapter" if lora and not merge else "model"
     _report(f"sft {model}", {"output": str(output), "kind": kind, "examples": len(convs), "steps": res.steps,
-                             "train_loss": res.train_loss, "assistant_loss": loss, "seconds": round(seconds, 1)}, json_out)
+                             "train_loss": res.train_loss, "assistant_loss": loss, "seconds": round(seconds, 1), **rag_info},
+            json_out)
+
+
+def _rag_conversations(index: Path, data: Path, limit: int, k: int, seed: int) -> tuple[list, dict]:
+    """``sft --rag``: training conversations from a QA file and an index (slmkit.rag.train)."""
+    from slmkit.rag.embed import Embedder
+    from slmkit.rag.index import VectorIndex
+    from slmkit.rag.train import RAGTrainConfig, rag_conversations, read_qa
+
+    rows = read_qa(data, limit)
+    idx = VectorIndex.open(index)
+    emb = Embedder.load(idx.embedder_identity["spec"]) if idx.retriever.needs_embedder else None
+    built = rag_conversations(rows, idx, emb, RAGTrainConfig(k=k, search=max(20, k), seed=seed))
+    return built.conversations, {"rag_index": str(index), "rag_k": k, "rag_skipped": built.skipped}
 
 
 def dpo(
@@ -177,71 +198,3 @@ def dpo(
               "logp_accuracy_before": before["logp_accuracy"], "logp_accuracy": after["logp_accuracy"],
               "seconds": round(seconds, 1)}
     _report(f"{method} {model}", result, json_out)
-
-
-def rag_index(
-    docs: list[Path] = typer.Argument(..., help=".txt, .md, .jsonl files or directories"),
-    output: Path = typer.Option(..., "--output", help="index directory (created, or extended incrementally)"),
-    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
-    embedder: str = typer.Option("all-MiniLM-L6-v2", "--embedder", help="all-MiniLM-L6-v2 or a local encoder directory"),
-    max_words: int = typer.Option(200, "--max-words", min=8, help="words per chunk"),
-    overlap: int = typer.Option(30, "--overlap", min=0, help="words shared by consecutive windows of a long paragraph"),
-    json_out: bool = typer.Option(False, "--json"),
-) -> None:
-    """Chunk, embed and index documents (resumes an interrupted run; adds only new or changed documents)."""
-    from slmkit.rag.chunk import ChunkConfig
-    from slmkit.rag.embed import Embedder
-    from slmkit.rag.index import build_index
-
-    cfg = ChunkConfig(max_words=max_words, overlap_words=overlap)
-    t0 = time.perf_counter()
-    stats = build_index(docs, output, Embedder.load(embedder), cfg, force=force)
-    result = {"index": str(output), **stats.__dict__, "seconds": round(time.perf_counter() - t0, 2)}
-    _report(f"rag index {output}", result, json_out)
-
-
-def rag_ask(
-    index: Path = typer.Argument(..., help="an index built by `slmkit rag index`"),
-    question: Optional[str] = typer.Argument(None, help="the question (or use --questions)"),
-    questions: Optional[Path] = typer.Option(None, "--questions", help='jsonl of {"question": ...}'),
-    model: str = typer.Option(..., "--model", help=MODEL_HELP + " | http(s)://endpoint[#model]"),
-    k: int = typer.Option(4, "--k", min=0, help="sources to retrieve (0: no retrieval, the baseline)"),
-    max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1),
-    limit: int = typer.Option(0, "--limit", min=0, help="first N questions only (0 = all)"),
-    dtype: str = typer.Option("fp32", "--dtype"),
-    concurrency: int = typer.Option(1, "--concurrency", min=1, help="requests in flight at once to an http(s) --model"),
-    json_out: bool = typer.Option(False, "--json", help="a list of {question, answer, sources: [{id, text, score}]}"),
-) -> None:
-    """Answer questions with retrieved, numbered sources, and cite them."""
-    from slmkit.backends import check_concurrency, from_spec
-    from slmkit.errors import ConfigError, DataError
-    from slmkit.rag.answer import RAGConfig, answer
-    from slmkit.rag.embed import Embedder
-    from slmkit.rag.index import VectorIndex
-    from slmkit.train.records import iter_rows
-
-    check_concurrency(concurrency, model)
-    if (question is None) == (questions is None):
-        raise ConfigError("give either a QUESTION or --questions FILE.jsonl")
-    if questions is not None:
-        qs = []
-        for lineno, row in iter_rows(questions, limit):
-            if not isinstance(row.get("question"), str):
-                raise DataError(f"{questions}:{lineno}: missing field 'question' (a string)")
-            qs.append(row["question"])
-    else:
-        qs = [question]
-    cfg = RAGConfig(k=k, max_new_tokens=max_new_tokens)
-    idx = VectorIndex.open(index)  # also checks INDEX with --k 0, so a typo fails early
-    emb = Embedder.load(idx.embedder_identity["spec"]) if k > 0 else None
-    answers = answer(from_spec(model, dtype=dtype, concurrency=concurrency), idx if k > 0 else None, emb, qs, cfg,
-                     batch_size=max(8, 4 * concurrency))
-    if json_out:
-        print_json([a.to_dict() for a in answers])
-        return
-    for a in answers:
-        console.print(f"[bold]Q:[/bold] {a.question}")
-        console.print(f"[bold]A:[/bold] {a.answer}")
-        for i, h in enumerate(a.sources, 1):
-            mark = "*" if h.id in a.cited else " "
-            console.print(f"  {mark}[{i}] {h.id} ({h.score:.3f}): {h.text[:100]}")

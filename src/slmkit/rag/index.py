@@ -2,9 +2,10 @@
 
 Layout of an index directory::
 
-    index.json        format, embedder identity, chunking, vector shards, documents, removed chunks
+    index.json        format, embedder identity, chunking, retriever, vector shards, documents, removed chunks
     chunks.jsonl      one line per chunk: {"id", "doc", "text"} (append-only)
     vectors-NNNNNN.npy  float32 (rows, dim) per indexing batch (append-only)
+    bm25/             the BM25 matrix of the live chunks (retriever bm25 or hybrid; slmkit.rag.lexical)
 
 Documents are indexed in batches; each batch writes its vector shard, appends its chunks and
 then rewrites ``index.json`` atomically: that rename is the commit. A crash leaves at most one
@@ -20,6 +21,7 @@ lock: they see the last committed ``index.json`` and only the chunk lines and sh
 Search is exact: one matrix-vector product over all vectors (``scores = V q``). bench/enhance.py
 compares it with faiss (IndexFlatIP, HNSW) and usearch; for collections up to ~10^5 chunks exact
 numpy search is fast enough, needs no extra dependency, and never misses a neighbour.
+How an index is searched (dense, BM25 or both fused) is its ``retriever`` (:mod:`slmkit.rag.retrieve`).
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ from slmkit.data.readers import Lines, json_line
 from slmkit.errors import DataError, SlmkitError
 from slmkit.rag.chunk import ChunkConfig, Document, chunk_document, read_documents
 from slmkit.rag.embed import Embedder
+from slmkit.rag.lexical import BM25Index
+from slmkit.rag.retrieve import RetrieverConfig
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +100,11 @@ def read_meta(root: Path) -> dict:
         raise bad("removed", "a list of chunk numbers")
     if not isinstance(meta.setdefault("chunking", {}), dict):
         raise bad("chunking", "an object")
+    retr = meta.setdefault("retriever", {"method": "dense"})  # indexes from before retrievers were dense
+    try:
+        RetrieverConfig.from_dict(retr)
+    except (TypeError, AttributeError, SlmkitError):
+        raise bad("retriever", "an object {method: dense|bm25|hybrid, ...}") from None
     return meta
 
 
@@ -127,6 +136,7 @@ class VectorIndex:
         self.meta = meta
         self.chunks = chunks
         self.vectors = vectors  # (N, D) float32, unit rows
+        self._bm25: BM25Index | None = None
 
     # ------------------------------------------------------------------ reading
 
@@ -169,6 +179,29 @@ class VectorIndex:
     def __len__(self) -> int:
         return len(self.chunks) - len(self.meta.get("removed", []))
 
+    @property
+    def retriever(self) -> RetrieverConfig:
+        """How this index is searched (``rag index --retriever``)."""
+        return RetrieverConfig.from_dict(self.meta["retriever"])
+
+    def live_mask(self) -> np.ndarray:
+        """(N,) bool: chunks not removed by a later version of their document."""
+        live = np.ones(len(self.chunks), dtype=bool)
+        live[self.meta.get("removed", [])] = False
+        return live
+
+    def lexical(self) -> BM25Index:
+        """The BM25 index of the live chunks: the saved ``bm25/`` when current, else built in memory."""
+        if self._bm25 is None:
+            cfg = self.retriever.bm25
+            if self.meta.get("bm25_built") == _bm25_state(self.meta):
+                self._bm25 = BM25Index.load(self.root, cfg)
+            if self._bm25 is None:
+                log.warning("index %s: BM25 matrix missing or stale; building it in memory "
+                            "(rerun `slmkit rag index` on this index to save it)", self.root)
+                self._bm25 = _build_bm25(self.chunks, self.meta, cfg)
+        return self._bm25
+
     def check_embedder(self, embedder: Embedder) -> None:
         have, want = self.embedder_identity, embedder.identity()
         if have != want:
@@ -192,10 +225,11 @@ class VectorIndex:
         out = []
         for qi, idx in enumerate(top):
             idx = idx[np.argsort(-scores[qi, idx], kind="stable")]
-            out.append([self._hit(int(i), float(scores[qi, i])) for i in idx])
+            out.append([self.hit(int(i), float(scores[qi, i])) for i in idx])
         return out
 
-    def _hit(self, i: int, score: float) -> Hit:
+    def hit(self, i: int, score: float) -> Hit:
+        """Chunk number ``i`` as a search result with ``score``."""
         c = self.chunks[i]
         return Hit(f"{c['doc']}@{c['n']}", c["doc"], c["text"], score)
 
@@ -203,9 +237,20 @@ class VectorIndex:
 # ---------------------------------------------------------------------- writing
 
 
-def _new_meta(embedder: Embedder, chunking: ChunkConfig) -> dict:
+def _new_meta(embedder: Embedder, chunking: ChunkConfig, retriever: RetrieverConfig) -> dict:
     return {"format": FORMAT, "embedder": embedder.identity(), "chunking": asdict(chunking), "count": 0,
-            "shards": [], "docs": {}, "removed": []}
+            "shards": [], "docs": {}, "removed": [], "retriever": retriever.to_dict()}
+
+
+def _bm25_state(meta: dict) -> dict:
+    """What a saved BM25 matrix must have been built from to be current."""
+    return {"count": meta["count"], "removed": len(meta.get("removed", [])), "bm25": meta["retriever"].get("bm25")}
+
+
+def _build_bm25(chunks: list[dict], meta: dict, cfg) -> BM25Index:
+    removed = set(meta.get("removed", []))
+    rows = [i for i in range(len(chunks)) if i not in removed]
+    return BM25Index.build([chunks[i]["text"] for i in rows], rows, cfg)
 
 
 def _is_index(path: Path) -> bool:
@@ -250,7 +295,8 @@ def index_lock(root: Path) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
-def _open_for_write(root: Path, embedder: Embedder, chunking: ChunkConfig, force: bool = False) -> dict:
+def _open_for_write(root: Path, embedder: Embedder, chunking: ChunkConfig, retriever: RetrieverConfig | None,
+                    force: bool = False) -> dict:
     """Existing metadata (checked against embedder and chunking) with uncommitted leftovers removed.
 
     A non-empty ``root`` that is not an index is refused unless ``force``, which
@@ -259,7 +305,7 @@ def _open_for_write(root: Path, embedder: Embedder, chunking: ChunkConfig, force
     check_output(root, force, owned=_is_ours)
     if not _is_index(root):
         root.mkdir(parents=True, exist_ok=True)
-        meta = _new_meta(embedder, chunking)
+        meta = _new_meta(embedder, chunking, retriever or RetrieverConfig())
         (root / CHUNKS).write_text("")
         with atomic_file(root / META) as tmp:
             tmp.write_text(json.dumps(meta))
@@ -314,6 +360,7 @@ def build_index(
     batch_chunks: int = 256,
     progress: Callable[[int, int], None] | None = None,
     force: bool = False,
+    retriever: RetrieverConfig | None = None,
 ) -> IndexStats:
     """Index the documents in ``paths`` into ``dest`` (created, or extended incrementally).
 
@@ -321,6 +368,8 @@ def build_index(
     is re-indexed and its old chunks are marked removed. Work is committed every
     ``batch_chunks`` chunks, so an interrupted run loses at most one batch. ``dest``
     holding something else is refused unless ``force`` (see :func:`_open_for_write`).
+    ``retriever`` sets how the index is searched (None: keep an existing index's, else the
+    default :class:`RetrieverConfig`); a retriever using BM25 gets its matrix saved at the end.
     """
     root = Path(dest)
     check_output(root, force, owned=_is_ours)  # before reading any document
@@ -335,12 +384,27 @@ def build_index(
     if not docs:
         raise DataError("no document text found in " + ", ".join(map(str, paths)))
     with index_lock(root):
-        return _build_locked(root, docs, embedder, chunking, batch_chunks, progress, force)
+        stats = _build_locked(root, docs, embedder, chunking, batch_chunks, progress, force, retriever)
+        _finish_retriever(root, retriever)
+        return stats
+
+
+def _finish_retriever(root: Path, retriever: RetrieverConfig | None) -> None:
+    """Record ``retriever`` (when given) and save a current BM25 matrix when the retriever uses one."""
+    index = VectorIndex.open(root)
+    meta = index.meta
+    if retriever is not None and meta["retriever"] != retriever.to_dict():
+        meta["retriever"] = retriever.to_dict()
+    if index.retriever.needs_bm25 and meta.get("bm25_built") != _bm25_state(meta):
+        _build_bm25(index.chunks, meta, index.retriever.bm25).save(root)
+        meta["bm25_built"] = _bm25_state(meta)
+    with atomic_file(root / META) as tmp:
+        tmp.write_text(json.dumps(meta))
 
 
 def _build_locked(root: Path, docs: list[Document], embedder: Embedder, chunking: ChunkConfig, batch_chunks: int,
-                  progress: Callable[[int, int], None] | None, force: bool) -> IndexStats:
-    meta = _open_for_write(root, embedder, chunking, force)
+                  progress: Callable[[int, int], None] | None, force: bool, retriever: RetrieverConfig | None) -> IndexStats:
+    meta = _open_for_write(root, embedder, chunking, retriever, force)
     todo = [d for d in docs if meta["docs"].get(d.key, {}).get("sha256") != d.sha256]
     skipped = len(docs) - len(todo)
     added_chunks = 0

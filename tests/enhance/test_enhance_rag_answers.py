@@ -1,0 +1,145 @@
+"""RAG answers: extractive spans by the model's own scores, fallback and abstention, the filter, training rows."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from slmkit.backends import HFBackend
+from slmkit.backends.base import TokenScores
+from slmkit.collab.retrieval import FilterConfig
+from slmkit.errors import ConfigError, DataError
+from slmkit.rag.answer import RAGConfig, answer, locate
+from slmkit.rag.extract import ExtractConfig, best_span, candidates, end_marker, extract_prompt, words
+from slmkit.rag.index import Hit
+
+SOURCES = ["Zebras of the Karoo have faint stripes.", "The lamp room (built 1893) was painted orange. It faces west."]
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_tok):
+    from slmkit.models.tiny import tiny_llama_config, tiny_model
+
+    return HFBackend(tiny_model(tiny_llama_config(tiny_tok, initializer_range=0.2), seed=3), tiny_tok)
+
+
+def test_words_and_candidates_stay_in_sentences_and_close_brackets():
+    text = SOURCES[1]
+    ws = words(text)
+    assert [text[a:b] for a, b, _ in ws][:5] == ["The", "lamp", "room", "built", "1893"]
+    assert [e for _, _, e in ws][7] is True  # "orange." ends a sentence
+    starts = {(1, 2)}  # from "room"
+    spans = [text[a:b] for _, a, b in candidates(["x", text], starts, max_words=8)]
+    assert spans[:3] == ["room", "room (built", "room (built 1893)"]  # the bracket it opened is closed
+    assert spans[-1] == "room (built 1893) was painted orange" and not any("It" in s for s in spans)
+    assert len(candidates([text, text], {(0, 0), (1, 0)}, 2)) == 2  # the same text from two sources: once
+
+
+def test_best_span_is_the_models_most_likely_complete_answer(backend):
+    """The chosen span maximises log p(span + END | prompt); checked against plain ``score`` on every candidate."""
+    cfg = ExtractConfig(max_words=3, starts=50)
+    span = best_span(backend, "Which zebras have faint stripes?", SOURCES, cfg)
+    assert SOURCES[span.source][span.start: span.end] == span.text
+    prompt, chat = extract_prompt(backend.tokenizer, "Which zebras have faint stripes?", SOURCES, cfg)
+    end = end_marker(backend.tokenizer, chat)
+    assert chat and end == "<|im_end|>"
+    all_starts = {(si, wi) for si, s in enumerate(SOURCES) for wi in range(len(words(s)))}
+    texts = [SOURCES[si][a:b] for si, a, b in candidates(SOURCES, all_starts, 3)]
+    totals = [s.total for s in backend.score([t + end for t in texts], [prompt] * len(texts))]
+    assert span.text == texts[max(range(len(texts)), key=lambda i: totals[i])]
+    assert span.logprob == pytest.approx(max(totals), abs=1e-3)
+
+
+def test_extractive_answers_carry_spans_and_abstain_when_nothing_supports(backend):
+    hits = [Hit(f"s{i}@0", f"s{i}", t, 0.5) for i, t in enumerate(SOURCES)]
+
+    class Fixed:  # index stand-in: answer() only needs retrieve() to return these hits
+        pass
+
+    import slmkit.rag.answer as rag_answer
+
+    real = rag_answer.retrieve
+    rag_answer.retrieve = lambda index, emb, qs, k, *a: [list(hits) for _ in qs]
+    try:
+        cfg = RAGConfig(k=2, max_new_tokens=4, extractive=ExtractConfig(min_score=float("-inf")))
+        (a,) = answer(backend, Fixed(), None, ["Which zebras have faint stripes?"], cfg)
+        src = {h.id: h.text for h in hits}[a.span["id"]]
+        assert a.mode == "extractive" and a.answer == src[a.span["start"]: a.span["end"]]
+        assert a.candidate["text"] == a.answer and a.prompt_tokens > 0
+        d = a.to_dict()
+        assert set(d) >= {"question", "answer", "sources", "span"} and set(d["span"]) == {"id", "start", "end"}
+        strict = RAGConfig(k=2, max_new_tokens=4, extractive=ExtractConfig(min_score=float("inf")))
+        (b,) = answer(backend, Fixed(), None, ["Which zebras have faint stripes?"], strict)
+        assert b.answer is None and b.mode == "abstained" and "no retrieved passage supports an answer" in b.reason
+        assert b.to_dict()["answer"] is None and b.span is None
+    finally:
+        rag_answer.retrieve = real
+    with pytest.raises(ConfigError, match="need retrieved passages"):
+        RAGConfig(k=0, extractive=ExtractConfig())
+
+
+def test_locate_finds_a_generated_answer_in_the_sources():
+    hits = [Hit("a@0", "a", SOURCES[0], 1.0), Hit("b@0", "b", SOURCES[1], 0.9)]
+    where = locate("It was painted orange [2].", hits)
+    assert where["id"] == "b@0" and "painted orange" in SOURCES[1][where["start"]: where["end"]]
+    assert locate("purple elephants", hits) is None
+
+
+class YesNo:
+    """A small model that says Yes only to passages containing ``word``."""
+
+    name = "yes-no"
+
+    def __init__(self, word):
+        self.word = word
+
+    def score(self, texts, contexts=None):
+        return [TokenScores([t], [-0.1 if (self.word in c) == (t == "Yes") else -4.0]) for t, c in zip(texts, contexts)]
+
+
+def test_filter_drops_passages_before_the_answering_model_reads_them(backend):
+    import slmkit.rag.answer as rag_answer
+
+    hits = [Hit("a@0", "a", SOURCES[0], 1.0), Hit("b@0", "b", SOURCES[1], 0.9)]
+    real = rag_answer.retrieve
+    rag_answer.retrieve = lambda index, emb, qs, k, *a: [list(hits) for _ in qs]
+    try:
+        cfg = RAGConfig(k=2, max_new_tokens=3)
+        (plain,) = answer(backend, object(), None, ["What colour is the lamp room?"], cfg)
+        (kept,) = answer(backend, object(), None, ["What colour is the lamp room?"],
+                         RAGConfig(k=2, max_new_tokens=3, filter=FilterConfig()), small=YesNo("orange"))
+    finally:
+        rag_answer.retrieve = real
+    assert [h.id for h in kept.sources] == ["b@0"] and kept.retrieved == 2
+    assert kept.prompt_tokens < plain.prompt_tokens and kept.prompt_chars < plain.prompt_chars
+    with pytest.raises(ConfigError, match="needs a small model"):
+        answer(backend, object(), None, ["q"], RAGConfig(k=2, filter=FilterConfig()))
+
+
+def test_rag_training_rows_put_the_gold_among_distractors(tmp_path):
+    from slmkit.rag.embed import Embedder
+    from slmkit.rag.index import VectorIndex, build_index
+    from slmkit.rag.retrieve import RetrieverConfig
+    from slmkit.rag.train import RAGTrainConfig, rag_conversations, read_qa
+
+    docs = tmp_path / "p.jsonl"
+    texts = ["Zebras of the Karoo have faint stripes.", "Bees dance to show where flowers are.",
+             "The lamp room was painted orange.", "Bread needs a starter."]
+    docs.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate(texts)))
+    build_index([docs], tmp_path / "idx", Embedder.load(), retriever=RetrieverConfig(method="bm25"))
+    index = VectorIndex.open(tmp_path / "idx")
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text(json.dumps({"question": "What colour was the lamp room?", "answer": "orange", "passage_id": 2}) + "\n"
+                  + json.dumps({"question": "Which zebras?", "answer": "of the Karoo"}) + "\n"
+                  + json.dumps({"question": "Who?", "answer": "nobody at all", "passage_id": 1}) + "\n")
+    built = rag_conversations(read_qa(qa), index, None, RAGTrainConfig(k=3, search=4, seed=1))
+    assert len(built.conversations) == 2 and built.skipped == 1
+    for conv, gold in zip(built.conversations, ("The lamp room was painted orange.", "Zebras of the Karoo")):
+        user, reply = conv[-2]["content"], conv[-1]
+        n = int(reply["content"].rsplit("[", 1)[1].rstrip("]"))
+        assert reply["role"] == "assistant" and user.count("\n[") + user.startswith("[") >= 2
+        assert user.split(f"[{n}] ", 1)[1].startswith(gold)
+    qa.write_text(json.dumps({"question": "q"}) + "\n")
+    with pytest.raises(DataError, match=r"qa.jsonl:1: missing field 'answer'"):
+        read_qa(qa)
