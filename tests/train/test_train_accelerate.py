@@ -4,6 +4,8 @@ Checked: the run exits 0 and writes one artefact (one manifest, one weights file
 equals a single-process run with the same global batch (2 processes x batch 2 against 1 process x
 batch 2 x 2 accumulation steps, equal-length blocks): weights within 1e-5 absolute, training loss
 within 1e-5 relative (the two differ only in float summation order of the gradient all-reduce).
+The same for a 2-process run stopped after step 2 and resumed, and for `slmkit sft --lora` (TRL's
+trainer; adapter weights within 1e-5). All in one launch: each costs ~15 s of start-up here.
 """
 
 from __future__ import annotations
@@ -55,7 +57,12 @@ def test_two_gloo_processes_write_one_artefact_equal_to_one_process(models, tmp_
                PYTHONPATH=str(Path(__file__).resolve().parents[2] / "src"))
     two, resumed = tmp_path / "two", tmp_path / "resumed"
     script = tmp_path / "both.py"  # one launch (each costs ~15 s here): the CLI run, then a stopped and resumed library run
-    script.write_text(RESUMED.format(student=student, teacher=teacher, data=data, output=resumed))
+    sft_data = tmp_path / "sft.jsonl"
+    sft_data.write_text("".join(json.dumps({"prompt": f"Where is the cat {i}?", "completion": f"{i} steps away."}) + "\n"
+                                for i in range(8)))
+    sft_two = tmp_path / "sft-two"
+    script.write_text(RESUMED.format(student=student, teacher=teacher, data=data, output=resumed,
+                                     sft=_sft_flags(student, sft_data, sft_two, batch=1, accum=1)))
     # accelerate 1.x: `--cpu` starts N processes only through MPI (--mpirun_hostfile); its torchrun launcher
     # (--multi_gpu) starts them on one machine, and slmkit trains on the CPU (gloo) since the models load there
     cmd = [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
@@ -63,7 +70,7 @@ def test_two_gloo_processes_write_one_artefact_equal_to_one_process(models, tmp_
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     reports = [json.loads(b) for b in _json_objects(proc.stdout)]
-    assert len(reports) == 2 and all(r["steps"] == 3 for r in reports)  # each process reports
+    assert len(reports) == 4 and all(r["steps"] == (3 if "loss" in r else 2) for r in reports)  # each process reports
     assert proc.stdout.count("RESUMED 2 -> 3") == 2
 
     one = tmp_path / "one"
@@ -83,7 +90,22 @@ def test_two_gloo_processes_write_one_artefact_equal_to_one_process(models, tmp_
     la = json.loads((one / "slmkit.json").read_text())["metrics"]["train_loss"]
     lb = json.loads((two / "slmkit.json").read_text())["metrics"]["train_loss"]
     assert lb == pytest.approx(la, rel=1e-5)
+
+    sft_one = tmp_path / "sft-one"  # SFT (TRL's trainer, LoRA): one adapter, equal to one process's
+    assert main(_sft_flags(student, sft_data, sft_one, batch=1, accum=2)) == 0
+    assert sorted(p.name for p in sft_two.iterdir()) == sorted(p.name for p in sft_one.iterdir())
+    assert not (tmp_path / "sft-two.checkpoints").exists()
+    from safetensors.torch import load_file
+
+    a, b = (load_file(str(d / "adapter_model.safetensors")) for d in (sft_one, sft_two))
+    assert max(v.abs().max().item() for k, v in a.items() if "lora_B" in k) > 1e-4  # B starts at 0: it was trained
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
     shutil.rmtree(tmp_path)
+
+
+def _sft_flags(student, data, output, batch: int, accum: int) -> list[str]:
+    return ["sft", str(student), "--data", str(data), "--lora", "--max-steps", "2", "--batch-size", str(batch),
+            "--grad-accum", str(accum), "--no-packing", "--lr", "1e-2", "--output", str(output), "--json"]
 
 
 RESUMED = """
@@ -105,6 +127,7 @@ part = distill(s, tok, "{data}", "{output}", cfg, teacher=t, stop_after=2)
 (s, tok) = load("{student}")
 done = distill(s, tok, "{data}", "{output}", cfg, teacher=t, resume=True)
 print("RESUMED", part.steps, "->", done.steps, flush=True)
+sys.exit(main({sft}))
 """
 
 
