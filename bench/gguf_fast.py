@@ -8,6 +8,13 @@ other processes used meanwhile ("foreign"): both runtimes spin in barriers, so a
 2-core machine slows them by large and unequal factors; compare only rounds with a small share.
 
     PYTHONPATH=src python bench/gguf_fast.py /tmp/q/ll-Q4_0.gguf /tmp/q/ll-Q4_K_M.gguf [--threads 2] [--json out.json]
+
+``--kernel avx2`` (or portable, avx512) forces slmkit's kernel variant (SLMKIT_KERNEL) and ``--llama-bench``
+names another llama-bench binary: the AVX2 one of ``make llamacpp-avx2`` gives the AVX2-against-AVX2 row
+on an AVX-512 machine (both runtimes then use AVX2/FMA/F16C code only):
+
+    PYTHONPATH=src python bench/gguf_fast.py FILE.gguf --kernel avx2 \
+        --llama-bench ~/.cache/slmkit/llama.cpp-0.3.36/build-avx2/bin/llama-bench --json avx2.json
 """
 
 from __future__ import annotations
@@ -77,22 +84,32 @@ def main(argv=None) -> dict:
     ap.add_argument("--prompt", type=int, default=512, help="prompt tokens (llama-bench -p)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--kernel", default=None, choices=["auto", "avx512", "avx2", "neon", "portable"],
+                    help="slmkit's kernel variant (sets SLMKIT_KERNEL; default: the environment's, else the CPU's best)")
+    ap.add_argument("--llama-bench", default=None, help="the llama-bench binary to compare with (default: make llamacpp's)")
     args = ap.parse_args(argv)
+    if args.kernel:
+        os.environ["SLMKIT_KERNEL"] = args.kernel
 
     from slmkit.export import llamacpp
     from slmkit.models import load
     from slmkit.runtime import generate as G
+    from slmkit.runtime import q4kernel
     from slmkit.runtime.gguffast import build_gguf
 
     torch.set_num_threads(args.threads)
-    out = {"device": _cpu(), "threads": args.threads, "torch": torch.__version__, "files": {}}
+    kernel = q4kernel.variant()
+    assert kernel is not None, f"slmkit's kernel is unavailable: {q4kernel.why_unavailable()}"
+    out = {"device": _cpu(), "threads": args.threads, "torch": torch.__version__, "kernel": kernel,
+           "llama_bench": args.llama_bench or str(llamacpp.require("llama-bench")), "files": {}}
     for f in args.files:
         model, _ = load(f)
         fm = build_gguf(f, model=model)
         assert fm.fused is not None, "the fused decode step does not cover this model"
         slmkit_round(fm, 8, 64, 1)  # warm-up: kernel build, page-in, thread pools
         first, f1 = foreign(lambda: slmkit_round(fm, args.tokens, args.prompt, args.repeats))
-        ll, fl = foreign(lambda: llamacpp.bench(f, tg=args.tokens, pp=args.prompt, threads=args.threads, repetitions=args.repeats))
+        ll, fl = foreign(lambda: llamacpp.bench(f, tg=args.tokens, pp=args.prompt, threads=args.threads, repetitions=args.repeats,
+                                                   binary=args.llama_bench))
         second, f2 = foreign(lambda: slmkit_round(fm, args.tokens, args.prompt, args.repeats))
         tg = statistics.median(first["tg_all"] + second["tg_all"])
         pp = statistics.median(first["pp_all"] + second["pp_all"])
@@ -106,7 +123,7 @@ def main(argv=None) -> dict:
               f"[slmkit rounds tg {first['tg']:.1f}/{second['tg']:.1f}, pp {first['pp']:.0f}/{second['pp']:.0f}; "
               f"foreign CPU share {f1:.0%} / llama {fl:.0%} / {f2:.0%}]", flush=True)
         del fm, model
-    print(f"device: {out['device']}, {args.threads} threads")
+    print(f"device: {out['device']}, {args.threads} threads, slmkit kernel {kernel}, llama-bench {out['llama_bench']}")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(out, fh, indent=1)

@@ -215,3 +215,20 @@ def test_neon_variant_builds_for_aarch64_and_agrees_under_qemu(tmp_path):
     for name in set(kr):
         sel = np.array([k == name for k in kr])
         assert np.abs(yg[sel] - yr[sel]).max() <= RTOL * np.abs(yr[sel]).max(), name
+
+
+def test_llama_bench_can_be_another_binary(tmp_path):
+    """bench/gguf_fast.py --llama-bench: llamacpp.bench runs the binary it is given (the AVX2-only build) and reads its JSON;
+    a path that is not an executable is a ConfigError naming it."""
+    from slmkit.errors import ConfigError
+    from slmkit.export import llamacpp
+
+    fake = tmp_path / "llama-bench"
+    fake.write_text('#!/bin/sh\necho "$@" > "$0.args"\necho \'[{"n_prompt": 8, "n_gen": 0, "avg_ts": 100.0, "stddev_ts": 1.0},'
+                    ' {"n_prompt": 0, "n_gen": 4, "avg_ts": 50.0, "stddev_ts": 0.5}]\'\n')
+    fake.chmod(0o755)
+    assert llamacpp.bench("m.gguf", tg=4, pp=8, threads=2, repetitions=1, binary=fake) == \
+        {"pp": 100.0, "pp_std": 1.0, "tg": 50.0, "tg_std": 0.5}
+    assert (tmp_path / "llama-bench.args").read_text().split() == ["-m", "m.gguf", "-n", "4", "-p", "8", "-t", "2", "-r", "1", "-o", "json"]
+    with pytest.raises(ConfigError, match="missing/llama-bench is not an executable"):
+        llamacpp.bench("m.gguf", binary=tmp_path / "missing" / "llama-bench")

@@ -157,9 +157,13 @@ def perplexity(model: str | Path, text: str | Path | None = None, ctx: int = 512
     return parse_perplexity(_run(args), kl=kl_base is not None)
 
 
-def bench(model: str | Path, tg: int = 128, pp: int = 512, threads: int = 2, repetitions: int = 3) -> dict:
-    """``llama-bench -o json``: ``{"tg": tokens/s, "pp": tokens/s}`` (averages over repetitions)."""
-    out = _run([require("llama-bench"), "-m", model, "-n", str(tg), "-p", str(pp), "-t", str(threads),
+def bench(model: str | Path, tg: int = 128, pp: int = 512, threads: int = 2, repetitions: int = 3,
+          binary: str | Path | None = None) -> dict:
+    """``llama-bench -o json``: ``{"tg": tokens/s, "pp": tokens/s}`` (averages over repetitions). ``binary``: another
+    llama-bench than the build's (e.g. the AVX2-only one of scripts/build_llamacpp_avx2.sh)."""
+    if binary is not None and not (Path(binary).is_file() and os.access(binary, os.X_OK)):
+        raise ConfigError(f"llama-bench binary {binary} is not an executable file", "build it with make llamacpp-avx2")
+    out = _run([binary or require("llama-bench"), "-m", model, "-n", str(tg), "-p", str(pp), "-t", str(threads),
                 "-r", str(repetitions), "-o", "json"])
     start = out.find("[")
     rows = json.loads(out[start: out.rfind("]") + 1])
