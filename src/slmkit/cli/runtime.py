@@ -34,7 +34,7 @@ def serve(
     api_key: Optional[str] = typer.Option(None, "--api-key", help="require 'Authorization: Bearer KEY'"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="fp32 or bf16 (default fp32; a quantised FILE.gguf or `slmkit quantize` DIR by default runs its own codes, and an explicit --dtype its dequantised weights)"),
     int8: bool = typer.Option(False, "--int8", help="int8 weight-only matmuls (computes in bf16; a quantised FILE.gguf or DIR: only with an explicit --dtype)"),
-    int4: bool = typer.Option(False, "--int4", help="int4 weight-only matmuls, groups of 32 (slmkit's q4 kernel on AVX512-VNNI CPUs: int8 activations; else torch's kernel in bf16; a quantised FILE.gguf or DIR: only with an explicit --dtype)"),
+    int4: bool = typer.Option(False, "--int4", help="int4 weight-only matmuls, groups of 32 (slmkit's q4 kernel: int8 activations; without a C compiler torch's kernel in bf16; a quantised FILE.gguf or DIR: only with an explicit --dtype)"),
     name: Optional[str] = typer.Option(None, "--name", help="model id the API reports (default: MODEL)"),
     max_batch: int = typer.Option(16, "--max-batch", min=1, help="sequences decoded together (continuous batching)"),
     max_queue: int = typer.Option(256, "--max-queue", min=1, help="waiting requests before HTTP 429"),

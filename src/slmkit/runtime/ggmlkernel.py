@@ -4,8 +4,8 @@
 Q6_K rows (``gguf.GGUFReader(path).tensors[i].data``: one row of blocks per output) and multiplies
 them with activations rounded to int8 per group of 32 on the fly (``vpdpbusd``, as llama.cpp's
 ``ggml_vec_dot_*_q8_*``), so a GGUF model runs its own codes, not a re-quantised copy. The library
-is built and loaded by :mod:`slmkit.runtime.q4kernel` (same CPU requirements: AVX512-VNNI; same
-``SLMKIT_Q4_KERNEL=0`` switch).
+is built and loaded by :mod:`slmkit.runtime.q4kernel` (the same variants: avx512, avx2, neon or
+portable, chosen from the CPU's flags or ``SLMKIT_KERNEL``; the same ``SLMKIT_Q4_KERNEL=0`` switch).
 
 Numerics: the weights are exact (the file's codes and fp16 scales); the activations are rounded
 to int8 per 32 (absmax / 127) and the per-block centre uses their exact fp32 sums, so a product
