@@ -248,7 +248,7 @@ class Engine:
                     segs.append(Segment(chunk, r.cache, all_logits=r.echo_logprobs))
                 else:
                     segs.append(Segment(torch.tensor([r.out[-1]]), r.cache))
-            logits = forward(self.models[name], segs)
+            logits = self._forward(self.models[name], segs)
             self.stats["steps"] += 1
             for r, seg, lg in zip(reqs, segs, logits):
                 try:  # sampling or detokenising one request fails that request alone
@@ -264,6 +264,27 @@ class Engine:
                     r.cache = None
                     r.emit(Event("error", text="internal error"))
         self._active = [r for r in self._active if not r.finished]
+
+    def _forward(self, fm, segs: list[Segment]) -> list[torch.Tensor]:
+        """``forward`` over one step's segments, batch-invariant: the one-token (decode) segments go
+        through one call together, every prompt chunk through a call of its own.
+
+        A sequence's numbers then never depend on what else the server runs: the fused int4 step
+        computes each row on its own (bitwise the same alone or in a batch of 16), whereas a prompt
+        chunk in the same call would push every row past ``DEQUANT_FROM_TOKENS`` onto the bf16
+        matmul, and a matmul's rounding depends on its row count. So a seeded request gets the same
+        tokens at any concurrency (``gen-data --concurrency``), at the cost of one more call per step
+        while prompts are being read.
+        """
+        out: list[torch.Tensor | None] = [None] * len(segs)
+        one = [i for i, s in enumerate(segs) if s.ids.shape[0] == 1]
+        if one:
+            for i, lg in zip(one, forward(fm, [segs[i] for i in one])):
+                out[i] = lg
+        for i, s in enumerate(segs):
+            if out[i] is None:
+                out[i] = forward(fm, [s])[0]
+        return out
 
     def _after(self, r: Request, seg: Segment, lg: torch.Tensor) -> None:
         fm = self.models[r.model or self.default]
