@@ -84,7 +84,7 @@ class SpecConfig:
     ngram_max: int = 3  #: prompt lookup: longest n-gram matched
     ngram_min: int = 1  #: prompt lookup: shortest n-gram matched
     eos_token_ids: tuple[int, ...] = ()  #: generation stops after emitting one of these
-    probe_every: int = 4  #: plain steps before re-trying a draft that did not pay (doubles after each failed probe)
+    probe_every: int = 8  #: plain steps before re-trying a draft that did not pay (doubles after each failed probe)
     probe_max: int = 64  #: longest gap between such probes (plain steps)
     fast_target: bool | None = None  #: verify on slmkit's fast path (llama on CPU; same logits as transformers' forward in fp32); None = speculate does when it can, autoregressive does not
 
