@@ -37,9 +37,9 @@ llamacpp: setup
 	scripts/build_llamacpp.sh $(BIN)/python
 
 # optional: llama-bench again with AVX2/FMA/F16C only (no AVX-512), into build-avx2/, to time slmkit's avx2
-# kernel against llama.cpp's AVX2 code (bench/gguf_fast.py --kernel avx2 --llama-bench ...)
-llamacpp-avx2: setup
-	scripts/build_llamacpp_avx2.sh $(BIN)/python
+# kernel against llama.cpp's AVX2 code (bench/gguf_fast.py --kernel avx2 --llama-bench ...); no bindings, so no setup
+llamacpp-avx2:
+	scripts/build_llamacpp_avx2.sh $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PY))
 
 test: setup
 	$(BIN)/python -m pytest -q
