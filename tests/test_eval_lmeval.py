@@ -143,3 +143,19 @@ def test_cli_lm_eval(tiny_dir, task_dir, capsys):
     assert main(["lm-eval", str(tiny_dir), "--tasks", "tiny_mcq", "--include-path", str(task_dir)]) == 2  # ~17 s: lm-eval's index
     assert "unknown lm-eval task 'tiny_mcq' (did you mean tiny_mc" in capsys.readouterr().err
     assert main(["lm-eval", str(tiny_dir), "--tasks", "tiny_gen", "--include-path", "/nonexistent/dir"]) == 2
+
+
+def test_gguf_on_the_fast_path_scores_and_generates_like_the_directory(tiny_dir, tiny_gguf, task_dir):
+    """The same tiny model as an F32 GGUF file on the fast path (generation) and dequantised (scoring)."""
+    tasks = ("tiny_mc", "tiny_gen")
+    ref = _run(SlmkitLM(model=str(tiny_dir)), task_dir, tasks)
+    from slmkit.runtime.backend import FastBackend
+
+    lm = SlmkitLM(model=str(tiny_gguf), fast="true")
+    assert isinstance(lm.backend, FastBackend)
+    fast = _run(lm, task_dir, tasks)
+    assert any(r[0][0] for r in _resps(fast, "tiny_gen"))  # it generated text
+    for ra, rb in zip(_resps(ref, "tiny_mc"), _resps(fast, "tiny_mc")):
+        for (x,), (y,) in zip(ra, rb):
+            assert abs(float(x[0]) - float(y[0])) <= TOL and x[1] == y[1]
+    assert _resps(ref, "tiny_gen") == _resps(fast, "tiny_gen")
