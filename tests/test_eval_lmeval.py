@@ -159,3 +159,39 @@ def test_gguf_on_the_fast_path_scores_and_generates_like_the_directory(tiny_dir,
         for (x,), (y,) in zip(ra, rb):
             assert abs(float(x[0]) - float(y[0])) <= TOL and x[1] == y[1]
     assert _resps(ref, "tiny_gen") == _resps(fast, "tiny_gen")
+
+
+def test_an_endpoint_backend_is_scored_and_sampled_by_text():
+    """A backend without a local tokenizer (an OpenAI-compatible endpoint): requests go through its text API."""
+    from lm_eval.api.instance import Instance
+
+    from slmkit.backends.base import Completion, TokenScores
+
+    class Endpoint:
+        name = "stub@http"
+
+        def __init__(self):
+            self.calls = []
+
+        def score(self, texts, contexts=None):
+            self.calls.append(("score", list(texts), None if contexts is None else list(contexts)))
+            return [TokenScores(list(t), [-0.5] * len(t), [True] * len(t)) for t in texts]
+
+        def generate(self, prompts, params):
+            self.calls.append(("generate", list(prompts), params))
+            return [Completion(f"answer {p}", 2, "stop") for p in prompts]
+
+    ep = Endpoint()
+    lm = SlmkitLM(model="http://127.0.0.1:1/v1", backend=ep)
+
+    def req(kind, args):
+        return Instance(request_type=kind, doc={}, arguments=args, idx=0)
+
+    assert lm.loglikelihood([req("loglikelihood", ("Q: x\nA:", " yes"))]) == [(-2.0, True)]
+    assert ep.calls[-1] == ("score", [" yes"], ["Q: x\nA:"])
+    assert lm.loglikelihood_rolling([req("loglikelihood_rolling", ("abc",))]) == [-1.5]
+    out = lm.generate_until([req("generate_until", ("p1", {"until": ["\n"], "max_gen_toks": 5, "do_sample": False})),
+                             req("generate_until", ("p2", {"until": ["\n"], "max_gen_toks": 5, "do_sample": False}))])
+    assert out == ["answer p1", "answer p2"]
+    _, prompts, params = ep.calls[-1]
+    assert prompts == ["p1", "p2"] and params.stop == ("\n",) and params.max_new_tokens == 5 and params.temperature == 0
