@@ -72,7 +72,7 @@ class SpecConfig:
     """Knobs of speculative decoding."""
 
     max_new_tokens: int = 128  #: tokens to generate at most
-    k: int = 4  #: draft length of the first step (tokens)
+    k: int = 4  #: draft length of the first step, which measures the draft's cost (tokens); the fixed k when not adaptive
     k_max: int = 12  #: longest draft the adaptive rule may choose (tokens)
     adaptive: bool = True  #: choose source and k (0 = plain decoding) each step from measured costs and acceptance (else k stays fixed)
     temperature: float = 0.0  #: 0 = greedy; > 0 samples with the exact rejection rule
