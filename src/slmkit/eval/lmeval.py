@@ -151,9 +151,11 @@ class SlmkitLM(TemplateLM):
         for _, ctx, cont in requests:
             ids = (list(ctx) + list(cont))[-(self.max_length + 1):]  # HFLM: keep the last max_length+1 tokens
             seqs.append((ids, len(ids) - len(cont)))
+        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]))  # like lengths share a batch: less padding
+        scores = dict(zip(order, self.scorer.score_ids([seqs[i] for i in order])))
         out = []
-        for s, (_, _, cont) in zip(self.scorer.score_ids(seqs), requests):
-            res = (s.total, bool(all(s.greedy or ())))
+        for i in range(len(seqs)):
+            res = (scores[i].total, bool(all(scores[i].greedy or ())))
             out.append(res)
             self.cache_hook.add_partial("loglikelihood", None, res)
         return out
