@@ -12,7 +12,8 @@ same pairs:
 
 logprob and consistency are not trained, so every score of theirs is already held out. The
 interval is a percentile bootstrap over pairs (1000 resamples). ``--layers`` adds the probe at
-other layers as a diagnostic (chosen on the same folds, so not a held-out selection).
+other layers as a diagnostic (one extra forward pass for all of them; chosen on the same folds, so
+not a held-out selection).
 
 Usage: PYTHONPATH=src python bench/hallucination.py [--model default] [--limit 0] [--samples 4]
        [--max-new-tokens 24] [--folds 5] [--layer N] [--layers 5,10,20] [--threads 2]
@@ -65,8 +66,6 @@ def main() -> None:
             ("consistency", JudgeConfig(method="consistency", samples=args.samples, max_new_tokens=args.max_new_tokens, seed=args.seed)),
             ("probe", JudgeConfig(method="probe", probe_cfg=pcfg, seed=args.seed))]
     extra = [int(x) for x in args.layers.split(",") if x.strip()]
-    runs += [(f"probe_layer{n}", JudgeConfig(method="probe", probe_cfg=ProbeConfig(layer=n, folds=args.folds, seed=args.seed)))
-             for n in extra]
     results = {}
     for name, cfg in runs:
         if name.split("_")[0] in skip:
@@ -84,6 +83,20 @@ def main() -> None:
         lo, hi = auroc_ci(risk, labels, seed=args.seed)
         results[name] = {"auroc": a, "ci95": [lo, hi], "seconds": round(time.perf_counter() - t0, 1), **extra_info}
         print(json.dumps({name: results[name]}), flush=True)
+    if extra and "probe" not in skip:
+        from slmkit.collab.judge import question_context
+        from slmkit.collab.probe import cross_val_risk, hidden_features_at, resolve_layer
+
+        t0 = time.perf_counter()
+        idx = {n: resolve_layer(model, n) for n in extra}
+        feats = hidden_features_at(model, tok, [question_context(backend, it.question) for it in items],
+                                   [it.answer for it in items], sorted(set(idx.values())), pcfg.pool)
+        for n, layer in idx.items():
+            risk = cross_val_risk(feats[layer], labels, [it.question for it in items], pcfg, layer)
+            lo, hi = auroc_ci(risk.tolist(), labels, seed=args.seed)
+            results[f"probe_layer{layer}"] = {"auroc": auroc(risk.tolist(), labels), "ci95": [lo, hi], "layer": layer,
+                                              "seconds": round(time.perf_counter() - t0, 1), "diagnostic": True}
+            print(json.dumps({f"probe_layer{layer}": results[f"probe_layer{layer}"]}), flush=True)
     print(f"\n## hallucination detection on TruthfulQA: {len(items)} pairs ({len(items) // 2} questions), model {args.model}")
     print(f"{'signal':<16}{'AUROC':>7}  {'95% CI':<15}{'s':>7}")
     for name, r in results.items():

@@ -68,6 +68,11 @@ class QAItem:
     label: int | None = None  #: 1 = hallucinated / incorrect, 0 = correct
 
 
+def question_context(backend: Backend, question: str) -> str:
+    """The text an answer is scored after: the question in the chat template, or ``Question: ... Answer: ``."""
+    return _context(backend, question)
+
+
 def _context(backend: Backend, question: str) -> str:
     tok = getattr(backend, "tokenizer", None)
     if tok is not None and getattr(tok, "chat_template", None):

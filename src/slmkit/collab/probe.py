@@ -84,10 +84,16 @@ def resolve_layer(model, layer: int | None) -> int:
     return idx
 
 
-@torch.inference_mode()
 def hidden_features(model, tokenizer, contexts: Sequence[str], answers: Sequence[str], layer: int, pool: str = "mean",
                     batch_size: int = 8, max_tokens: int = 512) -> np.ndarray:
     """(N, H) hidden states at ``layer`` pooled over each answer's tokens, given its context."""
+    return hidden_features_at(model, tokenizer, contexts, answers, [layer], pool, batch_size, max_tokens)[layer]
+
+
+@torch.inference_mode()
+def hidden_features_at(model, tokenizer, contexts: Sequence[str], answers: Sequence[str], layers: Sequence[int],
+                       pool: str = "mean", batch_size: int = 8, max_tokens: int = 512) -> dict[int, np.ndarray]:
+    """:func:`hidden_features` at several hidden-state indices from one forward pass per batch."""
     if model is None or tokenizer is None:
         raise UnsupportedModelError("the probe reads hidden states, so it needs a local model", "use a local MODEL, not an endpoint")
     seqs = []
@@ -99,7 +105,7 @@ def hidden_features(model, tokenizer, contexts: Sequence[str], answers: Sequence
         cut = max(0, len(ids) - max_tokens)
         seqs.append((ids[cut:], max(0, start - cut)))
     device = next(model.parameters()).device
-    out = []
+    out: dict[int, list] = {layer: [] for layer in layers}
     for b in range(0, len(seqs), batch_size):
         batch = seqs[b : b + batch_size]
         T = max(len(ids) for ids, _ in batch)
@@ -109,11 +115,12 @@ def hidden_features(model, tokenizer, contexts: Sequence[str], answers: Sequence
             input_ids[i, : len(ids)] = torch.tensor(ids)
             mask[i, : len(ids)] = 1
         hs = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), output_hidden_states=True).hidden_states
-        h = hs[layer].float().cpu()  # (B, T, H)
-        for i, (ids, start) in enumerate(batch):
-            span = h[i, start : len(ids)] if pool == "mean" else h[i, len(ids) - 1 : len(ids)]
-            out.append(span.mean(0).numpy())
-    return np.stack(out).astype(np.float64)
+        for layer in layers:
+            h = hs[layer].float().cpu()  # (B, T, H)
+            for i, (ids, start) in enumerate(batch):
+                span = h[i, start : len(ids)] if pool == "mean" else h[i, len(ids) - 1 : len(ids)]
+                out[layer].append(span.mean(0).numpy())
+    return {layer: np.stack(v).astype(np.float64) for layer, v in out.items()}
 
 
 def fit_probe(feats: np.ndarray, labels: Sequence[int], cfg: ProbeConfig, layer: int, groups: Sequence | None = None) -> Probe:
