@@ -62,9 +62,9 @@ def main() -> None:
     print(json.dumps(info), flush=True)
     skip = set(filter(None, args.skip.split(",")))
     pcfg = ProbeConfig(layer=args.layer, folds=args.folds, seed=args.seed)
-    runs = [("logprob", JudgeConfig(method="logprob")),
-            ("consistency", JudgeConfig(method="consistency", samples=args.samples, max_new_tokens=args.max_new_tokens, seed=args.seed)),
-            ("probe", JudgeConfig(method="probe", probe_cfg=pcfg, seed=args.seed))]
+    runs = [("probe", JudgeConfig(method="probe", probe_cfg=pcfg, seed=args.seed)),  # cheapest first, the costly sampling last
+            ("logprob", JudgeConfig(method="logprob")),
+            ("consistency", JudgeConfig(method="consistency", samples=args.samples, max_new_tokens=args.max_new_tokens, seed=args.seed))]
     extra = [int(x) for x in args.layers.split(",") if x.strip()]
     results = {}
     for name, cfg in runs:
