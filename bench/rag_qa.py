@@ -9,7 +9,8 @@ defaults chosen before this script saw them, and the RAG-tuned adapter trains on
 Parts (``--parts``):
 
 * ``recall``: recall@1/2/4/10 of the gold passage for the dense, bm25 and hybrid retrievers, and with
-  ``--rerank`` each of them reranked by the answering model (query likelihood, UPR).
+  ``--rerank`` recall@4 of ``--retriever`` reranked by the answering model (query likelihood, UPR;
+  ``--rerank-all``: every retriever). Reranking costs about 12 passage scorings per question.
 * ``answer``: token F1 and exact match (SQuAD normalisation, ``[n]`` citations removed) of
   ``generation`` (k = 0 and k = K), ``extractive`` (k = K; also its best span when never abstaining)
   and ``adapter`` (LoRA trained with ``sft --rag`` conversations on the dev split; k = 0 and k = K).
@@ -95,7 +96,7 @@ def bench_recall(args, indexes, embedder, backend, qs, out):
         ranked = rank(index, embedder, [q["question"] for q in qs], max(ks), index.retriever)
         res[method] = {k: sum(any(passage_of(h) == q["passage_id"] for h in hs[:k]) for q, hs in zip(qs, ranked)) / len(qs)
                        for k in ks}
-        if args.rerank and backend is not None:
+        if args.rerank and backend is not None and (args.rerank_all or method == args.retriever):
             t0 = time.perf_counter()
             cfg = RerankConfig(method=args.rerank_method, depth=args.rerank_depth)
             rr = retrieve(index, embedder, [q["question"] for q in qs], 4, backend, cfg)
@@ -212,6 +213,7 @@ def main():
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--rerank", action="store_true")
     ap.add_argument("--rerank-method", default="query-likelihood")
+    ap.add_argument("--rerank-all", action="store_true", help="rerank every retriever (default: --retriever only)")
     ap.add_argument("--rerank-depth", type=int, default=12)
     ap.add_argument("--retriever", default="hybrid", choices=("dense", "bm25", "hybrid"), help="retriever for the answer parts")
     ap.add_argument("--min-span-score", type=float, default=-2.5)

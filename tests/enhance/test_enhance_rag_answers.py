@@ -66,7 +66,7 @@ def test_extractive_answers_carry_spans_and_abstain_when_nothing_supports(backen
         (a,) = answer(backend, Fixed(), None, ["Which zebras have faint stripes?"], cfg)
         src = {h.id: h.text for h in hits}[a.span["id"]]
         assert a.mode == "extractive" and a.answer == src[a.span["start"]: a.span["end"]]
-        assert a.candidate["text"] == a.answer and a.prompt_tokens > 0
+        assert a.candidate["text"] == a.answer and a.prompt_tokens > 0 and a.cited == [a.span["id"]]
         d = a.to_dict()
         assert set(d) >= {"question", "answer", "sources", "span"} and set(d["span"]) == {"id", "start", "end"}
         strict = RAGConfig(k=2, max_new_tokens=4, extractive=ExtractConfig(min_score=float("inf")))

@@ -171,6 +171,7 @@ def _extractive(backend: Backend, a: Answer, cfg: RAGConfig) -> bool:
         return False
     a.answer, a.mode = span.text, "extractive"
     a.span = {"id": a.sources[span.source].id, "start": span.start, "end": span.end}
+    a.cited = [a.span["id"]]
     return True
 
 
