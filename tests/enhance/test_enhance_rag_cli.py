@@ -59,6 +59,9 @@ def test_sft_rag_trains_an_adapter_that_rag_ask_serves(capsys, index, tiny_dir, 
     assert code == 0, err
     res = json.loads(out)
     assert res["kind"] == "adapter" and res["examples"] == 2 and res["rag_skipped"] == 0
+    code, _, err = run(capsys, "sft", tiny_dir, "--rag", index, "--data", qa, "--max-length", 32, "--lora",
+                       "--output", tmp_path / "short")
+    assert code == 2 and "longer than --max-length 32 tokens" in err
     code, out, err = run(capsys, "rag", "ask", index, "What colour is the lamp room?", "--model", tmp_path / "ad",
                          "--k", 2, "--max-new-tokens", 3, "--json")
     assert code == 0, err

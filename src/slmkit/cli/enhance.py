@@ -104,6 +104,8 @@ def sft(
     check_training_output(output, force)
     _quiet_libraries()
     m, tok = load(model, dtype=resolve_dtype(dtype, dev), device=dev)
+    if rag is not None:
+        rag_info["rag_too_long"] = _check_rag_lengths(tok, convs, max_length)
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):
         res = run(m, tok, convs, cfg, checkpoint_dir(output), resume=resume, callbacks=[trainer_callback()])
@@ -118,6 +120,20 @@ def sft(
     _report(f"sft {model}", {"output": str(output), "kind": kind, "examples": len(convs), "steps": res.steps,
                              "train_loss": res.train_loss, "assistant_loss": loss, "seconds": round(seconds, 1), **rag_info},
             json_out)
+
+
+def _check_rag_lengths(tok, convs: list, max_length: int) -> int:
+    """How many ``--rag`` conversations exceed ``--max-length`` (their reply would be cut off); all of them: exit 2."""
+    from slmkit.errors import ConfigError
+    from slmkit.train.sft import tokenize_chat
+
+    lengths = sorted(len(tokenize_chat(tok, c)["input_ids"]) for c in convs)
+    too_long = sum(n > max_length for n in lengths)
+    if too_long == len(lengths):
+        raise ConfigError(f"every --rag training conversation is longer than --max-length {max_length} tokens "
+                          f"(shortest {lengths[0]}), so no answer would be trained on",
+                          f"raise --max-length to about {lengths[len(lengths) // 2]} (the median) or lower --rag-k")
+    return too_long
 
 
 def _rag_conversations(index: Path, data: Path, limit: int, k: int, seed: int) -> tuple[list, dict]:
