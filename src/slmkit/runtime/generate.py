@@ -125,22 +125,28 @@ class FastModel:
     fused: torch.Tensor | None = None  # kernel library: per-layer descriptors (norms, matrices) for the one-call decode step
     ffn: int = 0  # intermediate size (the fused step's F)
     fused_head: torch.Tensor | None = None  # the output head's descriptor when the fused step also runs norm + head (GGUF)
-    rope_cache: tuple = ()  # (cos, sin) fp32 (P, hd) for positions 0..P-1, grown on demand (fused step)
+    rope_cache: dict = field(default_factory=dict)  # rotary key -> (cos, sin) fp32 (P, hd), positions 0..P-1, grown on demand
     arch: ArchSpec | None = None  # what the family computes (norm offset, activation, q/k norms, windows, soft-caps, ...)
     embed_scale: torch.Tensor | None = None  # Gemma: sqrt(hidden) at the embedding's dtype; None: 1
+    fused_ext: torch.Tensor | None = None  # the fused step's per-layer architecture extras (decode.c X_*), None: llama
+    fused_fp: torch.Tensor | None = None  # its model-wide extras (decode.c F_*)
+    fused_norm: torch.Tensor | None = None  # bf16 final norm for a fused head
+    fused_keep: list = field(default_factory=list)  # bf16 norm copies the descriptors point into
+    rope_keys: tuple = (None,)  # the distinct rotary keys, in the order of the fused step's tables
 
     def rope(self, x: torch.Tensor, pos: torch.Tensor, key: str | None) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin (1, N, rd) of positions ``pos`` (1, N) for rotary layer type ``key`` (Gemma 3; None: the only one)."""
         return self.rotary(x, pos) if key is None else self.rotary(x, pos, key)
 
-    def rope_at(self, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def rope_at(self, pos: int, key: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 cos and sin (hd,) of one position, from transformers' rotary module (every rope_scaling variant)."""
-        if not self.rope_cache or pos >= self.rope_cache[0].shape[0]:
+        c = self.rope_cache.get(key)
+        if c is None or pos >= c[0].shape[0]:
             n = min(self.max_positions, max(1024, 2 * (pos + 1)))
             p = torch.arange(n)[None]
-            cos, sin = self.rope(torch.zeros(1, 1, dtype=torch.float32), p, self.layers[0].rope_key)
-            self.rope_cache = (cos[0].float().contiguous(), sin[0].float().contiguous())
-        return self.rope_cache[0][pos], self.rope_cache[1][pos]
+            cos, sin = self.rope(torch.zeros(1, 1, dtype=torch.float32), p, key)
+            c = self.rope_cache[key] = (cos[0].float().contiguous(), sin[0].float().contiguous())
+        return c[0][pos], c[1][pos]
 
     @property
     def dtype(self) -> torch.dtype:
@@ -296,6 +302,7 @@ def build(model, cfg: FastConfig = FastConfig(), weights: WeightSource | None = 
         head_seg = _segments(fm.head) if weights is not None and fm.fused is not None else None
         if head_seg is not None and len(head_seg) == 1:  # the q4 path keeps its head in torch (its logits unchanged)
             fm.fused_head = torch.tensor(head_seg[0], dtype=torch.int64)
+            fm.fused_norm = fm.norm.to(torch.bfloat16).contiguous()  # the step reads bf16 (Gemma's 1 + w is fp32)
     if cfg.compile:
         # One graph each for the work before and after attention of a one-token decode step, shared by
         # every layer (weights are arguments, not constants); prefill and batches run eagerly.
@@ -329,13 +336,15 @@ def _layer(ly, pre: str, i: int, arch: ArchSpec, dtype, one, fused) -> Layer:
 
 
 def fused_covers(arch: ArchSpec) -> bool:
-    """Whether the one-call fused decode step (kernels/decode.c) computes this family: SiLU, plain RMSNorm, no
-    q/k norms or sandwich norms, no soft-caps, default query scale, full RoPE from one table. Others decode per
-    op (:func:`forward`'s torch path follows every field of the spec). Sliding windows are checked per step
-    (a window no shorter than the cache changes nothing); biases exclude a matrix in :func:`_segments`."""
-    return (arch.act == "silu" and not arch.norm_offset and not arch.qk_norm and not arch.sandwich_norms
-            and arch.attn_softcap is None and arch.final_softcap is None and arch.attn_scale is None
-            and arch.rotary_fraction == 1.0 and not arch.rope_per_layer_type)
+    """Whether the one-call fused decode step (kernels/decode.c, ``slmkit_decode_batch_arch``) computes this family.
+
+    It runs SiLU or GELU-tanh, RMSNorm scales (Gemma's ``1 + w`` passed as the effective scale, in bf16), per-head
+    q/k norms, the norms on each block's output, sliding windows, per-layer rotary tables, a query scale and an
+    attention soft-cap (the final soft-cap and the embedding scale are applied in Python). It does not run partial
+    rotary (Phi-3's ``partial_rotary_factor < 1``) or biases (Qwen2's q/k/v: :func:`_segments` has no descriptor
+    for a matrix with a bias): those models decode per op, where :func:`forward`'s torch path follows every field.
+    """
+    return arch.rotary_fraction == 1.0
 
 
 def _segments(m) -> list[tuple] | None:
@@ -364,8 +373,31 @@ def _fused_table(fm: FastModel) -> torch.Tensor | None:
             return None
         empty = (0, 0, 0, 0, 0, 0)
         slots = segs[0] + [empty] * (3 - len(segs[0])) + segs[1] + segs[2] + [empty] * (2 - len(segs[2])) + segs[3]
-        rows.append([ly.attn_norm.data_ptr(), ly.mlp_norm.data_ptr(), *(v for seg in slots for v in seg)])
+        rows.append([_bf16(fm, ly.attn_norm), _bf16(fm, ly.mlp_norm), *(v for seg in slots for v in seg)])
+    if fm.arch is not None and fm.arch.family != "llama":
+        _fused_extras(fm)
     return torch.tensor(rows, dtype=torch.int64).reshape(-1)
+
+
+def _bf16(fm: FastModel, w: torch.Tensor | None) -> int:
+    """Address of ``w`` in bf16 (a copy kept in ``fm.fused_keep`` when it is not bf16; Gemma's fp32 ``1 + w``); 0 for None."""
+    if w is None:
+        return 0
+    if w.dtype != torch.bfloat16:
+        w = w.to(torch.bfloat16).contiguous()
+        fm.fused_keep.append(w)
+    return w.data_ptr()
+
+
+def _fused_extras(fm: FastModel) -> None:
+    """The fused step's architecture extras (decode.c ``X_*`` per layer, ``F_*`` per model) from ``fm.arch``."""
+    a = fm.arch
+    fm.rope_keys = tuple(dict.fromkeys(ly.rope_key for ly in fm.layers))
+    fm.fused_ext = torch.tensor([[_bf16(fm, ly.q_norm), _bf16(fm, ly.k_norm), _bf16(fm, ly.post_attn_norm),
+                                  _bf16(fm, ly.post_mlp_norm), a.window(i) or 0, fm.rope_keys.index(ly.rope_key)]
+                                 for i, ly in enumerate(fm.layers)], dtype=torch.int64).reshape(-1)
+    fm.fused_fp = torch.tensor([a.attn_scale or 0.0, a.attn_softcap or 0.0, 1.0 if a.act == "gelu_tanh" else 0.0,
+                                float(len(fm.rope_keys))], dtype=torch.float32)
 
 
 # ---------------------------------------------------------------------------- the forward pass
@@ -565,12 +597,8 @@ def softcap_logits(fm: FastModel, logits: torch.Tensor) -> torch.Tensor:
 
 
 def _fusable(cache, fm: FastModel) -> bool:
-    """Whether the fused step can run a decode step on ``cache``: a contiguous bf16 full cache no longer than any
-    sliding window (the fused step attends to every cached position)."""
-    if type(cache) is not FullCache or cache.k.dtype != torch.bfloat16 or not (cache.k.is_contiguous() and cache.v.is_contiguous()):
-        return False
-    windows = [ly.attn.window for ly in fm.layers if ly.attn is not None and ly.attn.window is not None]
-    return not windows or cache.capacity <= min(windows)
+    """Whether the fused step can run a decode step on ``cache``: a contiguous bf16 full cache."""
+    return type(cache) is FullCache and cache.k.dtype == torch.bfloat16 and cache.k.is_contiguous() and cache.v.is_contiguous()
 
 
 def _fused_step(fm: FastModel, segs: Sequence[Segment]) -> list[torch.Tensor]:
@@ -583,7 +611,7 @@ def _fused_step(fm: FastModel, segs: Sequence[Segment]) -> list[torch.Tensor]:
     x = table.rows(ids, torch.float32) if hasattr(table, "rows") else fm.embed[ids].float()
     x = (x if fm.embed_scale is None else x * fm.embed_scale.float()).contiguous()
     pos = [s.cache.seen for s in segs]
-    tables = [fm.rope_at(p) for p in pos]
+    tables = [fm.rope_at(p, key) for p in pos for key in fm.rope_keys]  # (M x R) tables, R rotary keys per token
     cos = torch.stack([c for c, _ in tables]).contiguous()
     sin = torch.stack([s for _, s in tables]).contiguous()
     kp = torch.tensor([s.cache.k.data_ptr() for s in segs], dtype=torch.int64)
@@ -592,12 +620,17 @@ def _fused_step(fm: FastModel, segs: Sequence[Segment]) -> list[torch.Tensor]:
     posv = torch.tensor(pos, dtype=torch.int32)
     head = fm.fused_head
     logits = torch.empty(len(segs), int(head[2])) if head is not None else None  # (M, V), written by the call
-    rc = q4kernel.require().slmkit_decode_batch(
+    lib = q4kernel.require()
+    args = (
         x.data_ptr(), len(segs), len(fm.layers), x.shape[1], fm.heads, fm.kv_heads, fm.head_dim, fm.ffn, fm.eps,
         fm.fused.data_ptr(), kp.data_ptr(), vp.data_ptr(), caps.data_ptr(), posv.data_ptr(), cos.data_ptr(), sin.data_ptr(),
-        None if head is None else fm.norm.data_ptr(), None if head is None else head.data_ptr(),
+        None if head is None else fm.fused_norm.data_ptr(), None if head is None else head.data_ptr(),
         None if head is None else logits.data_ptr(),
     )
+    if fm.fused_ext is None:  # llama: the step without architecture extras
+        rc = lib.slmkit_decode_batch(*args)
+    else:
+        rc = lib.slmkit_decode_batch_arch(*args, fm.fused_ext.data_ptr(), fm.fused_fp.data_ptr())
     if rc:
         raise RuntimeError(f"fused decode step failed (code {rc})")
     for s in segs:

@@ -138,6 +138,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     for name, res, args in (("slmkit_q4_matmul", i, [p, i, i, i, p, p, p, i, p, i]),
                             ("slmkit_q4_dequant_bf16", None, [p, p, p, i, i, p]),
                             ("slmkit_decode_batch", i, [p, i, i, i, i, i, i, i, ctypes.c_float, p, p, p, p, p, p, p, p, p, p]),
+                            ("slmkit_decode_batch_arch", i, [p, i, i, i, i, i, i, i, ctypes.c_float, p, p, p, p, p, p, p, p, p, p, p, p]),
                             ("slmkit_gg_matmul", i, [p, i, i, i, i, p, i, p, i]),
                             ("slmkit_gg_dequant_bf16", i, [i, p, i, i, p]),
                             ("slmkit_gg_rows_f32", i, [i, p, i, p, i, p]),

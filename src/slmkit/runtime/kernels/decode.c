@@ -8,6 +8,9 @@
  * (slmkit_q4_quantize) and every matrix reading it multiplies with its own kernel: slmkit's q4
  * layout (q4.c) or a GGUF block format (ggml.c), so a GGUF file's mixed per-tensor types
  * (Q4_K_M: Q5_0, Q8_0, Q4_K and Q6_K in one model) run in one call.
+ * slmkit_decode_batch_arch adds what other families compute (slmkit.runtime.arch.ArchSpec): per-head q/k
+ * norms, norms on each block's output, sliding windows, per-layer rotary tables, a query scale, an
+ * attention soft-cap and GELU-tanh; norm weights come in as the effective scale (Gemma's 1 + w).
  */
 #include "common.h"
 
@@ -100,6 +103,24 @@ static int check_segs(const int64_t *sg, int n, int K, int rows, int *gg) {
     return total == rows;
 }
 
+/* Architecture extras (slmkit.runtime.arch.ArchSpec), per layer X_N int64 values: bf16 weights of the per-head
+ * q and k RMSNorms applied before RoPE (Qwen3, Gemma 3), of the norms on the attention and MLP outputs before
+ * their residuals (Gemma 2/3), the sliding window (keys at positions > pos - window; 0: full attention) and
+ * which rotary table the layer reads (Gemma 3: local and global RoPE); 0 where absent. */
+enum { X_QNORM, X_KNORM, X_PANORM, X_PMNORM, X_WINDOW, X_ROPE, X_N };
+/* Model-wide extras (floats): query scale (0: 1/sqrt(hd)), attention soft-cap c in c*tanh(s/c) (0: none, Gemma 2),
+ * GLU activation (0: SiLU, 1: GELU tanh approximation, Gemma), rotary tables per token (>= 1). */
+enum { F_SCALE, F_SOFTCAP, F_ACT, F_NROPE, F_N };
+
+static inline float gelu_tanh(float g) { /* transformers' gelu_pytorch_tanh */
+    return 0.5f * g * (1.0f + tanhf(0.7978845608028654f * (g + 0.044715f * g * g * g)));
+}
+
+/* x (M x D) = its RMSNorm with bf16 weights w, row by row, in place (rmsnorm reads a row before writing it). */
+static void norm_rows(float *x, int M, int D, const int64_t w, float eps) {
+    for (int j = 0; j < M; j++) rmsnorm(x + (size_t)j * D, (const uint16_t *)(intptr_t)w, D, eps, x + (size_t)j * D);
+}
+
 /* M sequences, one new token each (continuous batching), through every layer.
  * x (M x D fp32, in/out): the tokens' embeddings in, the last layer's outputs out.
  * layers: L * L_N values (see the enums above).
@@ -108,10 +129,13 @@ static int check_segs(const int64_t *sg, int n, int K, int rows, int *gg) {
  * head (optional, with norm and logits): one matrix descriptor (SEG_KIND .. SEG_P2) of the output head;
  * then the last layer's outputs go through the final RMSNorm (bf16 weights `norm`) and the head into
  * logits (M x rows, fp32) in the same call.
+ * ext (optional): L * X_N architecture extras, fp: F_N model-wide ones (see above); with F_NROPE = R > 1,
+ * cos and sin are M x R x hd (table r of token j at (j R + r) hd).
  * Returns 0 on success, -2 for bad sizes or positions, -3 for a malformed descriptor, -1 out of memory. */
-int slmkit_decode_batch(float *x, int M, int L, int D, int H, int Hk, int hd, int F, float eps,
-                        const int64_t *layers, const int64_t *kc, const int64_t *vc, const int *S, const int *pos,
-                        const float *cos, const float *sin, const uint16_t *norm, const int64_t *head, float *logits) {
+int slmkit_decode_batch_arch(float *x, int M, int L, int D, int H, int Hk, int hd, int F, float eps,
+                             const int64_t *layers, const int64_t *kc, const int64_t *vc, const int *S, const int *pos,
+                             const float *cos, const float *sin, const uint16_t *norm, const int64_t *head, float *logits,
+                             const int64_t *ext, const float *fp) {
     if (D % 64 || (H * hd) % 64 || F % 64 || hd % 2 || H % Hk || M < 1 || F > SLMKIT_MAX_K || D > SLMKIT_MAX_K || H * hd > SLMKIT_MAX_K) return -2;
     size_t ctx = 0; /* sum of context lengths after this step */
     for (int j = 0; j < M; j++) {
@@ -127,6 +151,13 @@ int slmkit_decode_batch(float *x, int M, int L, int D, int H, int Hk, int hd, in
             !check_segs(sg + S_GATE * SEG_N, 2, D, 2 * F, &gg_gu) || !check_segs(sg + S_DOWN * SEG_N, 1, F, D, &gg_down))
             return -3;
     }
+    const int nrope = fp && fp[F_NROPE] >= 1 ? (int)fp[F_NROPE] : 1, gelu = fp && fp[F_ACT] == 1.0f;
+    const float softcap = fp ? fp[F_SOFTCAP] : 0.0f;
+    if (ext)
+        for (int l = 0; l < L; l++)
+            if (ext[(size_t)l * X_N + X_WINDOW] < 0 || ext[(size_t)l * X_N + X_ROPE] < 0 || ext[(size_t)l * X_N + X_ROPE] >= nrope ||
+                !ext[(size_t)l * X_N + X_QNORM] != !ext[(size_t)l * X_N + X_KNORM])
+                return -3;
     int gg_head = 0;
     const int V = head ? (int)head[SEG_ROWS] : 0;
     if (head && (!norm || !logits || !check_segs(head, 1, D, V, &gg_head))) return -3;
@@ -147,7 +178,7 @@ int slmkit_decode_batch(float *x, int M, int L, int D, int H, int Hk, int hd, in
           *act = gu + (size_t)M * 2 * F, *tmp = act + (size_t)M * F, *sc = tmp + (size_t)M * D;
     size_t *sc_off = (size_t *)buf[8];
     for (size_t j = 0, o = 0; j < (size_t)M; j++) { sc_off[j] = o; o += (size_t)H * (pos[j] + 1); }
-    const float scale = 1.0f / sqrtf((float)hd);
+    const float scale = fp && fp[F_SCALE] > 0 ? fp[F_SCALE] : 1.0f / sqrtf((float)hd);
     const int head_quant = hd % GROUP == 0; /* each head's attention output quantised by the thread that computed it */
     /* One team for the whole step: serial parts run in `single` blocks, matmuls and attention are
      * worksharing loops; every construct ends in a barrier, so there is no fork/join per matmul. */
@@ -155,10 +186,15 @@ int slmkit_decode_batch(float *x, int M, int L, int D, int H, int Hk, int hd, in
     {
         for (int l = 0; l < L; l++) {
             const int64_t *p = layers + (size_t)l * L_N, *sg = p + L_SEGS;
+            static const int64_t none[X_N] = {0};
+            const int64_t *xl = ext ? ext + (size_t)l * X_N : none, *xp = ext && l > 0 ? ext + (size_t)(l - 1) * X_N : none;
+            const int win = (int)xl[X_WINDOW], rt = (int)xl[X_ROPE];
 #pragma omp single
             {
-                if (l > 0) /* the previous layer's down projection joins the residual stream */
+                if (l > 0) { /* the previous layer's down projection (normalised: Gemma) joins the residual stream */
+                    if (xp[X_PMNORM]) norm_rows(tmp, M, D, xp[X_PMNORM], eps);
                     for (size_t i = 0; i < (size_t)M * D; i++) x[i] += tmp[i];
+                }
                 for (int j = 0; j < M; j++) rmsnorm(x + (size_t)j * D, (const uint16_t *)(intptr_t)p[L_ANORM], D, eps, h + (size_t)j * D);
                 quantize_for(h, M, D, gg_attn, &a);
             }
@@ -166,8 +202,13 @@ int slmkit_decode_batch(float *x, int M, int L, int D, int H, int Hk, int hd, in
 #pragma omp single
             for (int j = 0; j < M; j++) {
                 float *q = qkv + (size_t)j * nqkv, *k = q + (size_t)H * hd, *v = k + (size_t)Hk * hd;
-                rope(q, H, hd, cos + (size_t)j * hd, sin + (size_t)j * hd);
-                rope(k, Hk, hd, cos + (size_t)j * hd, sin + (size_t)j * hd);
+                if (xl[X_QNORM]) { /* per-head RMSNorm of q and k before RoPE */
+                    norm_rows(q, H, hd, xl[X_QNORM], eps);
+                    norm_rows(k, Hk, hd, xl[X_KNORM], eps);
+                }
+                const size_t ro = ((size_t)j * nrope + rt) * hd;
+                rope(q, H, hd, cos + ro, sin + ro);
+                rope(k, Hk, hd, cos + ro, sin + ro);
                 const size_t Sj = (size_t)S[j];
                 uint16_t *kl = (uint16_t *)(intptr_t)kc[j] + (size_t)l * Hk * Sj * hd;
                 uint16_t *vl = (uint16_t *)(intptr_t)vc[j] + (size_t)l * Hk * Sj * hd;
@@ -184,16 +225,18 @@ int slmkit_decode_batch(float *x, int M, int L, int D, int H, int Hk, int hd, in
                 const uint16_t *kg = (const uint16_t *)(intptr_t)kc[j] + ((size_t)l * Hk + g) * Sj * hd;
                 const uint16_t *vg = (const uint16_t *)(intptr_t)vc[j] + ((size_t)l * Hk + g) * Sj * hd;
                 const float *qh = qkv + (size_t)j * nqkv + (size_t)hh * hd;
+                const int t0 = win > 0 && n > win ? n - win : 0, nw = n - t0; /* a sliding layer reads its window only */
                 float *s_ = sc + sc_off[j] + (size_t)hh * n, mx = -INFINITY;
-                for (int t = 0; t < n; t++) {
-                    s_[t] = dot_bf16(qh, kg + (size_t)t * hd, hd) * scale;
+                for (int t = 0; t < nw; t++) {
+                    s_[t] = dot_bf16(qh, kg + (size_t)(t0 + t) * hd, hd) * scale;
+                    if (softcap > 0) s_[t] = tanhf(s_[t] / softcap) * softcap;
                     mx = s_[t] > mx ? s_[t] : mx;
                 }
                 float sum = 0;
-                for (int t = 0; t < n; t++) { s_[t] = expf(s_[t] - mx); sum += s_[t]; }
-                for (int t = 0; t < n; t++) s_[t] = s_[t] / sum;
+                for (int t = 0; t < nw; t++) { s_[t] = expf(s_[t] - mx); sum += s_[t]; }
+                for (int t = 0; t < nw; t++) s_[t] = s_[t] / sum;
                 const size_t off = ((size_t)j * H + hh) * hd;
-                weighted_sum_bf16(att + off, s_, vg, n, hd);
+                weighted_sum_bf16(att + off, s_, vg + (size_t)t0 * hd, nw, hd);
                 if (head_quant) { /* groups of 32 never straddle heads: quantise this head's slice here */
                     const acts ah = {a.xq + off, a.xs + off / GROUP, a.xsum + off / GROUP, a.xcorr + off / GROUP,
                                      a.xc32 + off / GROUP, a.xc16 + off / 16, a.xs16 + off / 16};
@@ -207,19 +250,20 @@ int slmkit_decode_batch(float *x, int M, int L, int D, int H, int Hk, int hd, in
             mm_segs(sg + S_O * SEG_N, 1, H * hd, &a, M, tmp, D);
 #pragma omp single
             {
+                if (xl[X_PANORM]) norm_rows(tmp, M, D, xl[X_PANORM], eps);
                 for (size_t i = 0; i < (size_t)M * D; i++) x[i] += tmp[i];
                 for (int j = 0; j < M; j++) rmsnorm(x + (size_t)j * D, (const uint16_t *)(intptr_t)p[L_MNORM], D, eps, h + (size_t)j * D);
                 quantize_for(h, M, D, gg_gu, &a);
             }
             mm_segs(sg + S_GATE * SEG_N, 2, D, &a, M, gu, 2 * F);
-            /* SiLU(gate) * up and its quantisation, split across the team by groups of 32 (F % 64 == 0) */
+            /* act(gate) * up (SiLU or GELU-tanh) and its quantisation, split across the team by groups of 32 (F % 64 == 0) */
 #pragma omp for schedule(static)
             for (int jg = 0; jg < M * (F / GROUP); jg++) {
                 const int j = jg / (F / GROUP);
                 const size_t i0 = (size_t)(jg % (F / GROUP)) * GROUP, off = (size_t)j * F + i0;
                 for (size_t i = i0; i < i0 + GROUP; i++) {
                     const float g = gu[(size_t)j * 2 * F + i];
-                    act[(size_t)j * F + i] = g / (1.0f + expf(-g)) * gu[(size_t)j * 2 * F + F + i];
+                    act[(size_t)j * F + i] = (gelu ? gelu_tanh(g) : g / (1.0f + expf(-g))) * gu[(size_t)j * 2 * F + F + i];
                 }
                 const acts ag = {a.xq + off, a.xs + off / GROUP, a.xsum + off / GROUP, a.xcorr + off / GROUP,
                                  a.xc32 + off / GROUP, a.xc16 + off / 16, a.xs16 + off / 16};
@@ -229,6 +273,8 @@ int slmkit_decode_batch(float *x, int M, int L, int D, int H, int Hk, int hd, in
         }
 #pragma omp single
         {
+            const int64_t last = ext ? ext[(size_t)(L - 1) * X_N + X_PMNORM] : 0;
+            if (last) norm_rows(tmp, M, D, last, eps);
             for (size_t i = 0; i < (size_t)M * D; i++) x[i] += tmp[i]; /* the last layer's down projection */
             if (head) {
                 for (int j = 0; j < M; j++) rmsnorm(x + (size_t)j * D, norm, D, eps, h + (size_t)j * D);
@@ -238,4 +284,12 @@ int slmkit_decode_batch(float *x, int M, int L, int D, int H, int Hk, int hd, in
         if (head) mm_segs(head, 1, D, &a, M, logits, V);
     }
     return 0;
+}
+
+
+/* The llama step (no architecture extras): slmkit_decode_batch_arch with ext and fp NULL. */
+int slmkit_decode_batch(float *x, int M, int L, int D, int H, int Hk, int hd, int F, float eps,
+                        const int64_t *layers, const int64_t *kc, const int64_t *vc, const int *S, const int *pos,
+                        const float *cos, const float *sin, const uint16_t *norm, const int64_t *head, float *logits) {
+    return slmkit_decode_batch_arch(x, M, L, D, H, Hk, hd, F, eps, layers, kc, vc, S, pos, cos, sin, norm, head, logits, NULL, NULL);
 }
