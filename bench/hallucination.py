@@ -10,6 +10,10 @@ same pairs:
 * ``probe``: a linear probe on the hidden states (Azaria & Mitchell 2023), scored out of fold:
   ``--folds`` folds grouped by question, so no question is in the probe's training rows.
 
+* ``text_only`` (control, no model): logistic regression on TF-IDF word uni/bigrams of the answer
+  alone, same grouped folds. TruthfulQA's best and incorrect answers differ in wording ("Nothing
+  happens", "There is no ..."), so a probe must be read against what the words alone give.
+
 logprob and consistency are not trained, so every score of theirs is already held out. The
 interval is a percentile bootstrap over pairs (1000 resamples). ``--layers`` adds the probe at
 other layers as a diagnostic (one extra forward pass for all of them; chosen on the same folds, so
@@ -31,6 +35,23 @@ import time
 import torch
 
 
+def text_only_risk(items, folds: int) -> list[float]:
+    """Out-of-fold P(wrong) from the answer's words alone (TF-IDF uni/bigrams, logistic regression)."""
+    import numpy as np
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GroupKFold
+
+    y = np.array([it.label for it in items])
+    txt = [it.answer for it in items]
+    risk = np.zeros(len(y))
+    for tr, te in GroupKFold(folds).split(txt, y, [it.question for it in items]):
+        vec = TfidfVectorizer(ngram_range=(1, 2)).fit([txt[i] for i in tr])
+        m = LogisticRegression(max_iter=2000).fit(vec.transform([txt[i] for i in tr]), y[tr])
+        risk[te] = m.predict_proba(vec.transform([txt[i] for i in te]))[:, 1]
+    return risk.tolist()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="default")
@@ -41,7 +62,7 @@ def main() -> None:
     ap.add_argument("--layer", type=int, default=None, help="probe layer (default: the middle block)")
     ap.add_argument("--layers", default="", help="comma-separated extra probe layers (diagnostic)")
     ap.add_argument("--save-probe", default=None, help="write the probe fitted on all pairs here")
-    ap.add_argument("--skip", default="", help="comma-separated signals to skip (logprob, consistency, probe)")
+    ap.add_argument("--skip", default="", help="comma-separated signals to skip (text_only, logprob, consistency, probe)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -67,6 +88,11 @@ def main() -> None:
             ("consistency", JudgeConfig(method="consistency", samples=args.samples, max_new_tokens=args.max_new_tokens, seed=args.seed))]
     extra = [int(x) for x in args.layers.split(",") if x.strip()]
     results = {}
+    if "text_only" not in skip:
+        risk = text_only_risk(items, args.folds)
+        lo, hi = auroc_ci(risk, labels, seed=args.seed)
+        results["text_only"] = {"auroc": auroc(risk, labels), "ci95": [lo, hi], "control": True}
+        print(json.dumps({"text_only": results["text_only"]}), flush=True)
     for name, cfg in runs:
         if name.split("_")[0] in skip:
             continue
@@ -100,7 +126,7 @@ def main() -> None:
     print(f"\n## hallucination detection on TruthfulQA: {len(items)} pairs ({len(items) // 2} questions), model {args.model}")
     print(f"{'signal':<16}{'AUROC':>7}  {'95% CI':<15}{'s':>7}")
     for name, r in results.items():
-        print(f"{name:<16}{r['auroc']:>7.3f}  [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]{r['seconds']:>7.1f}")
+        print(f"{name:<16}{r['auroc']:>7.3f}  [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]{r.get('seconds', 0.0):>7.1f}")
     print(json.dumps({"hallucination": results}), flush=True)
 
 
