@@ -223,7 +223,7 @@ class LookupDrafter:
 
 
 def quantised_draft(target, weights: str = "int4", lookup: bool = False) -> FastDrafter:
-    """The target's own copy with ``weights`` ("int4" or "int8") on the fast path, as a draft (llama models).
+    """The target's own copy with ``weights`` ("int4" or "int8") on the fast path, as a draft (architectures slmkit.runtime.arch describes).
 
     ``lookup=True``: prompt lookup drafts instead whenever the context repeats (see the module docstring).
     """
@@ -233,7 +233,7 @@ def quantised_draft(target, weights: str = "int4", lookup: bool = False) -> Fast
         raise ConfigError(f"a quantised draft is int4 or int8, got {weights!r}")
     if not G.supports(target):
         raise UnsupportedModelError(
-            f"--draft {weights} drafts with the target on slmkit's fast path, which runs llama-architecture models only",
+            f"--draft {weights} drafts with the target on slmkit's fast path, which does not describe a {target.config.model_type!r} model",
             "give a draft model, 'layers:N' or 'lookup'",
         )
     return FastDrafter(G.build(target, G.FastConfig(weights=weights)), lookup=lookup)

@@ -333,7 +333,7 @@ def _target_lm(target, cfg: SpecConfig, capacity: int, default: bool):
     want = default if cfg.fast_target is None else cfg.fast_target
     can = supports(target) and model_device(target).type == "cpu"
     if cfg.fast_target and not can:
-        raise UnsupportedModelError("fast_target verifies on slmkit's fast path, which runs llama-architecture models on CPU only",
+        raise UnsupportedModelError("fast_target verifies on slmkit's fast path, which runs the architectures slmkit.runtime.arch describes, on CPU only",
                                     "leave fast_target unset")
     return FastLM(target, capacity) if want and can else CachedLM(target)
 

@@ -1,4 +1,4 @@
-"""Fast CPU generation for llama-architecture models: the gpt-fast recipe on a CPU.
+"""Fast CPU generation for the decoder families :mod:`slmkit.runtime.arch` describes: the gpt-fast recipe on a CPU.
 
 gpt-fast (PyTorch Labs, 2023) showed that a plain-PyTorch decoder with a static
 KV cache, low-precision weights and ``torch.compile`` gets close to the memory
@@ -489,7 +489,7 @@ class HFRunner:
 
     def new_cache(self, policy="full", context: int | None = None, budget: int | None = None) -> HFCache:
         if policy != "full":
-            raise ConfigError(f"KV policy {policy!r} needs the fast path (llama models); this model supports 'full' only")
+            raise ConfigError(f"KV policy {policy!r} needs the fast path; this model (an architecture it does not describe) supports 'full' only")
         return HFCache(context or self.max_positions)
 
 
