@@ -69,3 +69,20 @@ def test_file_codes_run_and_the_cli_shape(gemma, capsys):
     assert main(["generate", path, PROMPT, "--raw", "--fast", "--max-new-tokens", "16", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["text"] == tok.decode(got, skip_special_tokens=True) and out["fast"] is True
+
+
+def test_the_fused_step_runs_gemma(gemma):
+    """The file's blocks decode in the one-call fused step (GELU-tanh, q/k norms, sandwich norms, 512-token windows,
+    local/global RoPE tables) and agree with the per-op path on the same blocks."""
+    from slmkit.runtime import q4kernel
+    from slmkit.runtime.generate import FastConfig, generate
+    from slmkit.runtime.gguffast import build_gguf
+
+    path, model, _, ids, _ = gemma
+    if q4kernel.load() is None:
+        pytest.skip(f"slmkit's kernel library is unavailable: {q4kernel.why_unavailable()}")
+    fused, per_op = build_gguf(path, FastConfig(), model), build_gguf(path, FastConfig(), model)
+    assert fused.fused is not None and fused.fused_head is not None and fused.rope_keys == ("sliding_attention", "full_attention")
+    per_op.fused = None
+    a, b = generate(fused, ids, 16), generate(per_op, ids, 16)
+    assert sum(x == y for x, y in zip(a, b)) / 16 >= 0.75, (a, b)
