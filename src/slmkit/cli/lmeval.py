@@ -15,7 +15,7 @@ def register(app: typer.Typer) -> None:
 
 
 def lm_eval(
-    model: str = typer.Argument(..., help="default | hub id | directory | packed quantised DIR | file.gguf | http(s)://endpoint[#model]"),
+    model: str = typer.Argument(..., help="default | hub id | directory | packed quantised DIR | file.gguf | http(s)://endpoint (URL#model picks a model)"),
     tasks: str = typer.Option(..., "--tasks", help="comma-separated lm-eval task names (slmkit's local ones: "
                               "slmkit_truthfulqa_mc1, slmkit_wikitext2; or any under --include-path)"),
     include_path: Optional[list[Path]] = typer.Option(None, "--include-path", help="a folder of task YAML files (repeatable)"),
@@ -30,7 +30,7 @@ def lm_eval(
     api_key: Optional[str] = typer.Option(None, "--api-key", help="for http(s) endpoints"),
     json_out: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:
-    """Run lm-evaluation-harness TASKS on MODEL (offline with slmkit's local task files; needs slmkit[lmeval])."""
+    """Run lm-evaluation-harness TASKS on MODEL (offline with slmkit's local task files; needs the lmeval extra)."""
     from slmkit.errors import ConfigError
 
     try:
