@@ -199,3 +199,15 @@ def test_serve_speculative_with_an_int4_drafter_uses_lookup_and_stays_exact(tiny
     want = HFBackend(backend.target, backend.tokenizer).generate([prompt], GenParams(max_new_tokens=12))[0]
     got = backend.generate([prompt], GenParams(max_new_tokens=12))[0]
     assert got.text == want.text and got.meta["drafted"] >= 0
+
+
+def test_one_stall_does_not_lock_a_good_draft_out():
+    cfg = SpecConfig(prior_acceptance=0.9)
+    ctl = DraftController(cfg, has_model=True, lookup=False)
+    for _ in range(6):  # a draft token costs a tenth of a target step, and is accepted
+        src, k = ctl.choose(12, 0)
+        ctl.drafted(src, k, 0.001 * k)
+        ctl.verified(k + 1, 0.010 + 0.0005 * (k + 1))
+        ctl.accepted(src, k, k)
+    ctl.drafted("model", 4, 4 * 1.0)  # one draft step stalled for seconds
+    assert ctl.choose(12, 0)[1] > 0

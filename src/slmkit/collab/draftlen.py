@@ -6,7 +6,8 @@ Sec. 3.4 (Theorem 3.8) divides by the step's cost to get the speed-up. Here the 
 but measured while decoding:
 
 * a draft token of each source (the draft model; prompt lookup, nearly free) costs ``t_d`` seconds
-  (an exponential moving average);
+  (an exponential moving average; a single timing counts at most ``OUTLIER`` times the average, so a
+  stall caused by another process does not lock a good draft out);
 * a target pass over ``n`` tokens costs ``t(n) = a + b n`` seconds, fitted by least squares to the
   passes seen so far (per-``n`` moving averages); plain decoding is ``t(1)`` per token.
 
@@ -26,6 +27,9 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from slmkit.collab.speculative import SpecConfig
+
+#: a timing above this multiple of its running mean counts as this multiple (damps stalls; real changes still come through)
+OUTLIER = 3.0
 
 
 def expected_tokens_per_cost(alpha: float, k: int, cost_ratio: float, verify_cost: float) -> float:
@@ -75,6 +79,8 @@ class VerifyCost:
 
     def add(self, n: int, seconds: float) -> None:
         c = self.count.get(n, 0)
+        if c:
+            seconds = min(seconds, OUTLIER * self.mean[n])  # one stall (another process, a page fault) moves the mean a little
         self.mean[n] = seconds if c == 0 else self.decay * self.mean[n] + (1 - self.decay) * seconds
         self.count[n] = c + 1
 
@@ -171,7 +177,7 @@ class DraftController:
         if k > 0:
             per = seconds / k
             old = self.t_draft.get(source)
-            self.t_draft[source] = per if old is None else 0.7 * old + 0.3 * per
+            self.t_draft[source] = per if old is None else 0.7 * old + 0.3 * min(per, OUTLIER * old)
 
     def verified(self, n: int, seconds: float) -> None:
         self.verify.add(n, seconds)
