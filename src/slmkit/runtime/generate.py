@@ -341,20 +341,32 @@ def fused_covers(arch: ArchSpec) -> bool:
     It runs SiLU or GELU-tanh, RMSNorm scales (Gemma's ``1 + w`` passed as the effective scale, in bf16), per-head
     q/k norms, the norms on each block's output, sliding windows, per-layer rotary tables, a query scale and an
     attention soft-cap (the final soft-cap and the embedding scale are applied in Python). It does not run partial
-    rotary (Phi-3's ``partial_rotary_factor < 1``) or biases (Qwen2's q/k/v: :func:`_segments` has no descriptor
-    for a matrix with a bias): those models decode per op, where :func:`forward`'s torch path follows every field.
+    rotary (Phi-3's ``partial_rotary_factor < 1``) or biases other than q/k/v's (Qwen2's q/k/v biases it adds;
+    :func:`_segments` has no descriptor for an o/gate/up/down matrix with a bias): those models decode per op,
+    where :func:`forward`'s torch path follows every field.
     """
     return arch.rotary_fraction == 1.0
 
 
-def _segments(m) -> list[tuple] | None:
-    """The fused step's matrix descriptors of a weight (parts of a Concat side by side); None if it has no kernel there."""
+def _segments(m, bias_ok: bool = False) -> list[tuple] | None:
+    """The fused step's matrix descriptors of a weight (parts of a Concat side by side); None if it has no kernel there
+    (or has a bias, unless ``bias_ok``: the q|k|v bias goes to the step separately, :func:`_qkv_bias`)."""
     if isinstance(m, Concat):
-        parts = [_segments(p) for p in m.parts]
+        parts = [_segments(p, bias_ok) for p in m.parts]
         return None if any(p is None for p in parts) else [s for p in parts for s in p]
-    if type(m) in (Q4, GGUFQ) and m.b is None:
+    if type(m) in (Q4, GGUFQ) and (m.b is None or bias_ok):
         return m.segments()
     return None
+
+
+def _qkv_bias(fm: FastModel, m) -> int:
+    """Address of the fp32 q|k|v bias of ``m`` (zeros for parts without one; kept in ``fm.fused_keep``), 0 when none."""
+    parts = m.parts if isinstance(m, Concat) else [m]
+    if all(p.b is None for p in parts):
+        return 0
+    b = torch.cat([p.b.float() if p.b is not None else torch.zeros(p.q.shape[0]) for p in parts]).contiguous()
+    fm.fused_keep.append(b)
+    return b.data_ptr()
 
 
 def _fused_table(fm: FastModel) -> torch.Tensor | None:
@@ -368,14 +380,13 @@ def _fused_table(fm: FastModel) -> torch.Tensor | None:
         return None
     rows = []
     for ly in fm.layers:
-        segs = [_segments(m) for m in (ly.qkv, ly.o, ly.gate_up, ly.down)]
+        segs = [_segments(ly.qkv, bias_ok=True)] + [_segments(m) for m in (ly.o, ly.gate_up, ly.down)]
         if any(s is None for s in segs) or len(segs[0]) > 3 or len(segs[1]) != 1 or len(segs[2]) > 2 or len(segs[3]) != 1:
             return None
         empty = (0, 0, 0, 0, 0, 0)
         slots = segs[0] + [empty] * (3 - len(segs[0])) + segs[1] + segs[2] + [empty] * (2 - len(segs[2])) + segs[3]
         rows.append([_bf16(fm, ly.attn_norm), _bf16(fm, ly.mlp_norm), *(v for seg in slots for v in seg)])
-    if fm.arch is not None and fm.arch.family != "llama":
-        _fused_extras(fm)
+    _fused_extras(fm)
     return torch.tensor(rows, dtype=torch.int64).reshape(-1)
 
 
@@ -390,14 +401,17 @@ def _bf16(fm: FastModel, w: torch.Tensor | None) -> int:
 
 
 def _fused_extras(fm: FastModel) -> None:
-    """The fused step's architecture extras (decode.c ``X_*`` per layer, ``F_*`` per model) from ``fm.arch``."""
+    """The fused step's architecture extras (decode.c ``X_*`` per layer, ``F_*`` per model) from ``fm.arch``;
+    none (``fm.fused_ext`` None: the plain llama step) when every extra is absent."""
     a = fm.arch
     fm.rope_keys = tuple(dict.fromkeys(ly.rope_key for ly in fm.layers))
-    fm.fused_ext = torch.tensor([[_bf16(fm, ly.q_norm), _bf16(fm, ly.k_norm), _bf16(fm, ly.post_attn_norm),
-                                  _bf16(fm, ly.post_mlp_norm), a.window(i) or 0, fm.rope_keys.index(ly.rope_key)]
-                                 for i, ly in enumerate(fm.layers)], dtype=torch.int64).reshape(-1)
-    fm.fused_fp = torch.tensor([a.attn_scale or 0.0, a.attn_softcap or 0.0, 1.0 if a.act == "gelu_tanh" else 0.0,
-                                float(len(fm.rope_keys))], dtype=torch.float32)
+    ext = torch.tensor([[_bf16(fm, ly.q_norm), _bf16(fm, ly.k_norm), _bf16(fm, ly.post_attn_norm),
+                         _bf16(fm, ly.post_mlp_norm), a.window(i) or 0, fm.rope_keys.index(ly.rope_key), _qkv_bias(fm, ly.qkv)]
+                        for i, ly in enumerate(fm.layers)], dtype=torch.int64).reshape(-1)
+    fp = torch.tensor([a.attn_scale or 0.0, a.attn_softcap or 0.0, 1.0 if a.act == "gelu_tanh" else 0.0,
+                       float(len(fm.rope_keys))], dtype=torch.float32)
+    if bool(ext.any()) or not torch.equal(fp, torch.tensor([0.0, 0.0, 0.0, 1.0])):
+        fm.fused_ext, fm.fused_fp = ext, fp
 
 
 # ---------------------------------------------------------------------------- the forward pass

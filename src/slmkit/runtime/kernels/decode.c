@@ -106,8 +106,9 @@ static int check_segs(const int64_t *sg, int n, int K, int rows, int *gg) {
 /* Architecture extras (slmkit.runtime.arch.ArchSpec), per layer X_N int64 values: bf16 weights of the per-head
  * q and k RMSNorms applied before RoPE (Qwen3, Gemma 3), of the norms on the attention and MLP outputs before
  * their residuals (Gemma 2/3), the sliding window (keys at positions > pos - window; 0: full attention) and
- * which rotary table the layer reads (Gemma 3: local and global RoPE); 0 where absent. */
-enum { X_QNORM, X_KNORM, X_PANORM, X_PMNORM, X_WINDOW, X_ROPE, X_N };
+ * which rotary table the layer reads (Gemma 3: local and global RoPE), fp32 q|k|v biases ((H + 2 Hk) hd, Qwen2);
+ * 0 where absent. */
+enum { X_QNORM, X_KNORM, X_PANORM, X_PMNORM, X_WINDOW, X_ROPE, X_QKVBIAS, X_N };
 /* Model-wide extras (floats): query scale (0: 1/sqrt(hd)), attention soft-cap c in c*tanh(s/c) (0: none, Gemma 2),
  * GLU activation (0: SiLU, 1: GELU tanh approximation, Gemma), rotary tables per token (>= 1). */
 enum { F_SCALE, F_SOFTCAP, F_ACT, F_NROPE, F_N };
@@ -202,6 +203,10 @@ int slmkit_decode_batch_arch(float *x, int M, int L, int D, int H, int Hk, int h
 #pragma omp single
             for (int j = 0; j < M; j++) {
                 float *q = qkv + (size_t)j * nqkv, *k = q + (size_t)H * hd, *v = k + (size_t)Hk * hd;
+                if (xl[X_QKVBIAS]) {
+                    const float *b = (const float *)(intptr_t)xl[X_QKVBIAS];
+                    for (int i = 0; i < nqkv; i++) q[i] += b[i];
+                }
                 if (xl[X_QNORM]) { /* per-head RMSNorm of q and k before RoPE */
                     norm_rows(q, H, hd, xl[X_QNORM], eps);
                     norm_rows(k, Hk, hd, xl[X_KNORM], eps);
