@@ -143,7 +143,12 @@ def bench_answers(args, model, tok, index, embedder, qs, out, workdir):
             r["best_span_never_abstain"] = scores([a.candidate["text"] if a.candidate else a.answer for a in ans], qs)
         r["examples"] = [{"q": a.question, "gold": q["answer"], "pred": a.answer, "span": a.span} for a, q in list(zip(ans, qs))[:3]]
         res[name] = r
-        log(f"  {name}: F1 {r['f1']:.3f} EM {r['exact_match']:.3f} ({r['seconds']:.0f} s)")
+        extra = ""
+        if "best_span_never_abstain" in r:
+            extra = f"; best span, never abstaining: F1 {r['best_span_never_abstain']['f1']:.3f}"
+        log(f"  {name}: F1 {r['f1']:.3f} EM {r['exact_match']:.3f} modes {r['modes']}{extra} ({r['seconds']:.0f} s)")
+        for e in r["examples"]:
+            log(f"    gold {e['gold']!r} pred {e['pred']!r}")
 
     if "generation" in args.modes:
         run("generation k=0", base, RAGConfig(k=0, max_new_tokens=args.max_new_tokens))
