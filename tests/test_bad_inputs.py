@@ -88,7 +88,7 @@ def test_bad_recipes_exit_2(capsys, tmp_path, data, needle):
 def _index(root, meta_patch: dict | None = None, raw: bytes | None = None, chunks: bytes | None = None, shard: bytes | None = None):
     """An index directory holding one 4-d vector, then damaged as asked."""
     root.mkdir(parents=True, exist_ok=True)
-    meta = {"format": 1, "count": 1, "embedder": {"spec": "x", "dim": 4}, "chunking": {}, "docs": {},
+    meta = {"format": 2, "count": 1, "embedder": {"spec": "x", "dim": 4}, "chunking": {}, "docs": {},
             "removed": [], "shards": [{"file": "vectors-000001.npy", "rows": 1}]}
     meta.update(meta_patch or {})
     meta = {k: v for k, v in meta.items() if v is not None}

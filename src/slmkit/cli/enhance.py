@@ -11,7 +11,7 @@ from typing import Optional
 import typer
 
 from slmkit.cli._common import DEVICE_HELP, DTYPE_HELP, FORCE_HELP, console, kv_table, print_json
-from slmkit.cli.progress import with_progress
+from slmkit.cli.progress import quiet_libraries, with_progress
 from slmkit.progress import trainer_callback
 
 MODEL_HELP = "default | hub id | directory | file.gguf"
@@ -32,14 +32,6 @@ def _training_device(device: str):
     dev = resolve_device(device)
     training_device_check(dev)
     return dev
-
-
-def _quiet_libraries() -> None:
-    from datasets.utils.logging import disable_progress_bar
-    from transformers.utils import logging as hf_logging
-
-    disable_progress_bar()
-    hf_logging.disable_progress_bar()  # "Loading weights" bars on stderr would bury a two-line error
 
 
 def _lora(lora: bool, r: int, alpha: Optional[float]):
@@ -102,7 +94,7 @@ def sft(
     else:
         convs = read_sft(data, limit=limit)
     check_training_output(output, force)
-    _quiet_libraries()
+    quiet_libraries()
     m, tok = load(model, dtype=resolve_dtype(dtype, dev), device=dev)
     if rag is not None:
         rag_info["rag_too_long"] = _check_rag_lengths(tok, convs, max_length)
@@ -195,7 +187,7 @@ def dpo(
     pairs = read(data)
     held = read(eval_data) if eval_data is not None else pairs[:64]
     check_training_output(output, force)
-    _quiet_libraries()
+    quiet_libraries()
     m, tok = load(model, device=dev)  # fp32 weights: DPO's log-ratio margins are small
     ref = copy.deepcopy(m) if (method == "dpo" and not lora) else None
     before = preference_metrics(m, tok, held, cfg, reference=None)

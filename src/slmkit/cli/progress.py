@@ -69,3 +69,13 @@ def with_progress(verb: str):
         return verb_with_progress
 
     return decorate
+
+
+def quiet_libraries() -> None:
+    """Turn off the progress bars of transformers ("Loading weights") and datasets: on stderr they
+    would bury a two-line error (slmkit draws its own bars, above)."""
+    from datasets.utils.logging import disable_progress_bar
+    from transformers.utils import logging as hf_logging
+
+    disable_progress_bar()
+    hf_logging.disable_progress_bar()

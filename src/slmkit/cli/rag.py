@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from slmkit.cli._common import FORCE_HELP, console, kv_table, print_json
-from slmkit.cli.progress import with_progress
+from slmkit.cli.progress import quiet_libraries, with_progress
 
 MODEL_HELP = "default | hub id | directory | file.gguf"
 
@@ -40,6 +40,7 @@ def rag_index(
     from slmkit.rag.index import VectorIndex, build_index
     from slmkit.rag.retrieve import RetrieverConfig
 
+    quiet_libraries()
     cfg = ChunkConfig(max_words=max_words, overlap_words=overlap)
     retr = RetrieverConfig(method=retriever) if retriever is not None else None
     t0 = time.perf_counter()
@@ -103,6 +104,7 @@ def rag_ask(
 
     from slmkit.models.device import resolve_device, resolve_dtype
 
+    quiet_libraries()
     check_concurrency(concurrency, model)
     dev = resolve_device(device)
     dtype = resolve_dtype(dtype, dev)
