@@ -29,13 +29,13 @@ log = logging.getLogger(__name__)
 MANIFEST = "slmkit.json"
 
 
-def _jsonable(obj: Any) -> Any:
+def jsonable(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {k: _jsonable(v) for k, v in dataclasses.asdict(obj).items()}
+        return {k: jsonable(v) for k, v in dataclasses.asdict(obj).items()}
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if isinstance(obj, Path):
         return str(obj)
     if isinstance(obj, (str, int, float, bool)) or obj is None:
@@ -54,12 +54,12 @@ class Manifest:
     created: str = ""
 
     def add_stage(self, name: str, config: Any = None, **extra: Any) -> None:
-        self.stages.append({"stage": name, "config": _jsonable(config), **_jsonable(extra)})
+        self.stages.append({"stage": name, "config": jsonable(config), **jsonable(extra)})
 
     def to_json(self) -> str:
         from slmkit import __version__
 
-        data = _jsonable(self)
+        data = jsonable(self)
         data["slmkit_version"] = self.slmkit_version or __version__
         data["created"] = self.created or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         return json.dumps(data, indent=2, sort_keys=False)

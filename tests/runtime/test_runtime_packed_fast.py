@@ -101,7 +101,7 @@ def test_gptq_codes_of_a_packed_dir_are_the_bytes_the_kernel_reads(gptq_kquant):
     order: the file's rows un-permuted), which are qstore's codes encoded unchanged."""
     from slmkit.compress.qgrid import encode_gguf_blocks
     from slmkit.compress.qstore import PACKED, read_packed
-    from slmkit.export.gguf import _unpermute, gguf_name
+    from slmkit.export.gguf import unpermute_qk, gguf_name
 
     fm, model, _ = _fast(gptq_kquant)
     _, codes, _, method = read_packed(gptq_kquant / PACKED)
@@ -114,9 +114,9 @@ def test_gptq_codes_of_a_packed_dir_are_the_bytes_the_kernel_reads(gptq_kquant):
         assert isinstance(m, G.GGUFQ) and m.qtype == int(t.tensor_type), name
         raw = torch.from_numpy(np.array(t.data, dtype=np.uint8))
         if name.endswith("q_proj.weight"):
-            raw = _unpermute(raw, c.num_attention_heads)
+            raw = unpermute_qk(raw, c.num_attention_heads)
         elif name.endswith("k_proj.weight"):
-            raw = _unpermute(raw, c.num_key_value_heads)
+            raw = unpermute_qk(raw, c.num_key_value_heads)
         assert np.array_equal(m.q.numpy(), raw.numpy()), name
         assert np.array_equal(m.q.numpy(), encode_gguf_blocks(codes[name])), name
         kinds.add(t.tensor_type.name)

@@ -141,10 +141,10 @@ def _atomic(dest: Path, write: Callable[[Path], None]) -> Path:
 def llamacpp_baselines(reference: Path, teacher, tok, types: Sequence[str], text: HeldOutText, cfg: CompareConfig,
                        work: Path) -> list[Candidate]:
     """``llama-quantize`` of the F32 file at each type, ``--imatrix`` from ``llama-imatrix`` on the calibration text."""
-    from slmkit.eval.heldout import _threads
+    from slmkit.eval.heldout import score_threads
     from slmkit.export import llamacpp
 
-    threads = _threads(cfg.score)
+    threads = score_threads(cfg.score)
     imat = None
     if any(_imatrix_for(t, cfg, text) for t in types):
         imat = _atomic(work / f"imatrix-{cfg.calib_samples}.gguf", lambda tmp: llamacpp.imatrix(

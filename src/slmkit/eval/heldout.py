@@ -85,7 +85,7 @@ def split_lines(text: str, calib_fraction: float) -> tuple[str, str]:
     return "\n".join(lines[:cut]), "\n".join(lines[cut:])
 
 
-def _threads(cfg: ScoreConfig) -> int:
+def score_threads(cfg: ScoreConfig) -> int:
     import torch
 
     return cfg.threads or torch.get_num_threads()
@@ -115,13 +115,13 @@ def llamacpp_scores(reference: Path, files: Sequence[Path], text: Path, cfg: Sco
     base = work / f"reference-{cfg.context}x{cfg.chunks}.kld"
     try:
         ref = _llamacpp_perplexity(reference, text, ctx=cfg.context, chunks=cfg.chunks, save_base=base,
-                                  threads=_threads(cfg))
+                                  threads=score_threads(cfg))
         if ref.chunks is not None and ref.chunks < cfg.chunks:
             raise DataError(f"the evaluation text has only {ref.chunks} windows of {cfg.context} tokens; {cfg.chunks} asked",
                             "use a longer text or fewer chunks")
         out = []
         for f in files:
-            r = _llamacpp_perplexity(f, kl_base=base, ctx=cfg.context, threads=_threads(cfg))
+            r = _llamacpp_perplexity(f, kl_base=base, ctx=cfg.context, threads=score_threads(cfg))
             out.append(Quality(r.perplexity, r.perplexity_err, r.kl_divergence, r.kl_divergence_err,
                                r.top1_agreement, r.top1_agreement_err, cfg.chunks * (cfg.context // 2 - 1)))
             log.info("llama-perplexity %s: ppl %.3f, KLD %s", Path(f).name, r.perplexity, r.kl_divergence)
@@ -162,7 +162,7 @@ def slmkit_scores(reference: Path, files: Sequence[Path], text: Path, cfg: Score
     from slmkit.models import load
 
     half = cfg.context // 2
-    torch.set_num_threads(_threads(cfg))
+    torch.set_num_threads(score_threads(cfg))
 
     @torch.inference_mode()
     def logprobs(model, windows):

@@ -266,14 +266,14 @@ def read_gguf_weights(path: str | Path, model_config, reader=None) -> dict[str, 
         arr = gguf.quants.dequantize(t.data, t.tensor_type)
         w = torch.from_numpy(np.array(arr, dtype=np.float32)).reshape(list(reversed(t.shape.tolist())))
         if hf.endswith("q_proj.weight"):
-            w = _unpermute(w, heads)
+            w = unpermute_qk(w, heads)
         elif hf.endswith("k_proj.weight"):
-            w = _unpermute(w, kv_heads)
+            w = unpermute_qk(w, kv_heads)
         out[hf] = w
     return out
 
 
-def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
     out = w.shape[0]
     return w.reshape(n_head, out // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 

@@ -14,7 +14,7 @@ import math
 import time
 from pathlib import Path
 
-from slmkit.artefact import _jsonable, atomic_file
+from slmkit.artefact import jsonable, atomic_file
 from slmkit.errors import ConfigError
 from slmkit.report import charts
 from slmkit.report.page import esc, figure, page, section, table
@@ -72,7 +72,7 @@ def collect(run_dir: str | Path) -> dict:
         rec = read_record(run_dir / spec.dirname) if state == "done" else None
         entry = {"index": spec.index, "name": spec.name, "kind": spec.kind, "dir": spec.dirname, "key": key,
                  "state": "finished" if rec else ("interrupted" if state == "partial" else "not run"),
-                 "config": _jsonable(spec.config)}
+                 "config": jsonable(spec.config)}
         if rec:
             entry.update(seconds=rec.get("seconds"), cpu_seconds=rec.get("cpu_seconds"), outputs=rec.get("outputs", {}), metrics=rec.get("metrics", {}),
                          finished=rec.get("finished"), resumed=rec.get("resumed", False))
@@ -394,7 +394,7 @@ def write_report(run_dir: str | Path) -> Path:
     data = collect(run_dir)
     html = render_html(data)
     with atomic_file(run_dir / "report.json") as tmp:
-        tmp.write_text(json.dumps(_finite(_jsonable(data)), indent=2, allow_nan=False))
+        tmp.write_text(json.dumps(_finite(jsonable(data)), indent=2, allow_nan=False))
     with atomic_file(run_dir / "report.html") as tmp:
         tmp.write_text(html, encoding="utf-8")
     log.info("report written to %s", run_dir / "report.html")

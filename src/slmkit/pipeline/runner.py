@@ -34,7 +34,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from slmkit.artefact import _jsonable, atomic_file, check_output
+from slmkit.artefact import jsonable, atomic_file, check_output
 from slmkit.pipeline.stages import STAGES, Context
 from slmkit.pipeline.progress import LogView, View
 from slmkit.pipeline.recipe import Recipe, StageSpec
@@ -60,7 +60,7 @@ def recipe_yaml(recipe: Recipe) -> str:
     """YAML text of a recipe built in Python (parses back to the same recipe)."""
     import yaml
 
-    stages = [{"stage": s.kind, **({"name": s.name} if s.name != s.kind else {}), **_jsonable(dataclasses.asdict(s.config))}
+    stages = [{"stage": s.kind, **({"name": s.name} if s.name != s.kind else {}), **jsonable(dataclasses.asdict(s.config))}
               for s in recipe.stages]
     data = {"name": recipe.name, "teacher": recipe.teacher, "seed": recipe.seed, "dtype": recipe.dtype, "stages": stages}
     return yaml.safe_dump(data, sort_keys=False)
@@ -101,7 +101,7 @@ def input_files(config) -> dict[str, str]:
             except OSError:
                 pass
 
-    walk(_jsonable(dataclasses.asdict(config)))
+    walk(jsonable(dataclasses.asdict(config)))
     return found
 
 
@@ -111,7 +111,7 @@ def stage_key(spec: StageSpec, recipe: Recipe, previous: str) -> str:
     payload = {
         "format": STAGE_FORMAT,
         "kind": spec.kind,
-        "config": _jsonable(dataclasses.asdict(spec.config)),
+        "config": jsonable(dataclasses.asdict(spec.config)),
         "recipe": recipe.settings_key(),
         "input": previous,
     }
@@ -142,7 +142,7 @@ def read_record(stage_dir: Path) -> dict | None:
 
 def _write_json(path: Path, data) -> None:
     with atomic_file(path) as tmp:
-        tmp.write_text(json.dumps(_jsonable(data), indent=2))
+        tmp.write_text(json.dumps(jsonable(data), indent=2))
 
 
 @contextlib.contextmanager

@@ -59,9 +59,9 @@ def is_quantised(path: str | Path) -> bool:
 
 def _unpermute_rows(raw: torch.Tensor, n_head: int) -> torch.Tensor:
     """Undo llama.cpp's rotary row order of Q/K (whole rows of blocks; see export.gguf.permute_qk)."""
-    from slmkit.export.gguf import _unpermute
+    from slmkit.export.gguf import unpermute_qk
 
-    return _unpermute(raw, n_head).contiguous()
+    return unpermute_qk(raw, n_head).contiguous()
 
 
 def build_gguf(path: str | Path, cfg: FastConfig = FastConfig(), model=None) -> FastModel:

@@ -158,7 +158,7 @@ def chat_text(backend: Backend, messages: list[dict]) -> str:
 # ---------------------------------------------------------------- scoring
 
 
-def _is_local(backend: Backend) -> bool:
+def is_local_backend(backend: Backend) -> bool:
     return hasattr(backend, "model") and hasattr(backend, "tokenizer") and hasattr(backend, "_encode_pair")
 
 
@@ -176,7 +176,7 @@ def score(backend: Backend, texts: Sequence[str], contexts: Sequence[str] | None
     """
     if not texts:
         return []
-    if not _is_local(backend):
+    if not is_local_backend(backend):
         return backend.score(list(texts), None if contexts is None else list(contexts))
     if contexts is None:
         contexts = [None] * len(texts)
@@ -306,7 +306,7 @@ def generate(
         raise ConfigError(f"samples must be >= 1, got {samples}")
     if not prompts:
         return []
-    if not _is_local(backend):
+    if not is_local_backend(backend):
         out = [[] for _ in prompts]
         for k in range(samples):
             p = params if params.seed is None else GenParams(**{**params.__dict__, "seed": params.seed + k})

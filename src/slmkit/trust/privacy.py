@@ -37,7 +37,7 @@ import torch
 from slmkit.backends.base import Backend, GenParams
 from slmkit.errors import ConfigError
 from slmkit.trust import datasets
-from slmkit.trust.common import Example, GroupResult, _is_local, chat_text, generate, metric, require_chat, score
+from slmkit.trust.common import Example, GroupResult, is_local_backend, chat_text, generate, metric, require_chat, score
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ def memorisation(backend: Backend, cfg: PrivacyConfig, data_dir=None) -> GroupRe
     from slmkit.backends.hf import HFBackend
 
     g = GroupResult("memorisation", "wikitext-2/test.txt paragraphs + canaries (Carlini et al. 2019; Yeom et al. 2018)")
-    if not _is_local(backend):
+    if not is_local_backend(backend):
         g.notes.append("skipped: canary exposure and membership inference fine-tune the weights, which an HTTP "
                        "backend does not expose")
         return g
