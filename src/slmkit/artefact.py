@@ -75,7 +75,7 @@ class Manifest:
 
 
 GGUF_MAGIC = b"GGUF"
-_TMP, _OLD = ".tmp-", ".old-"
+TMP_MARK, _OLD = ".tmp-", ".old-"
 
 
 def is_slmkit_dir(path: Path) -> bool:
@@ -184,7 +184,7 @@ def clean_stale(dest: str | os.PathLike) -> None:
     dest = Path(dest)
     if not dest.parent.is_dir():
         return
-    stale: dict[str, list[Path]] = {_TMP: [], _OLD: []}
+    stale: dict[str, list[Path]] = {TMP_MARK: [], _OLD: []}
     for entry in dest.parent.iterdir():
         for mark, found in stale.items():
             prefix = f".{dest.name}{mark}"
@@ -196,7 +196,7 @@ def clean_stale(dest: str | os.PathLike) -> None:
     if olds and not dest.exists() and not dest.is_symlink():
         log.warning("putting back %s: a run stopped while replacing it", dest)
         os.replace(olds.pop(), dest)
-    for entry in stale[_TMP] + olds:
+    for entry in stale[TMP_MARK] + olds:
         log.info("removing %s, left by a run that was stopped", entry)
         _remove(entry)
 
@@ -225,7 +225,7 @@ def atomic_dir(dest: str | os.PathLike, force: bool = False,
         dest = Path(os.path.abspath(dest))
     _prepare(dest, force, owned, "dir")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}{_TMP}{os.getpid()}-", dir=dest.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}{TMP_MARK}{os.getpid()}-", dir=dest.parent))
     try:
         yield tmp
         check_output(dest, force, owned, "dir")  # again: something may have appeared meanwhile
@@ -261,7 +261,7 @@ def atomic_file(dest: str | os.PathLike, force: bool = False,
     else:
         clean_stale(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{dest.name}{_TMP}{os.getpid()}-", suffix=dest.suffix, dir=dest.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{dest.name}{TMP_MARK}{os.getpid()}-", suffix=dest.suffix, dir=dest.parent)
     os.close(fd)
     tmp = Path(name)
     try:

@@ -20,21 +20,6 @@ def register(app: typer.Typer) -> None:
     app.command("invert")(invert)
 
 
-def _encode(tok, prompt: str, chat: bool):
-    import torch
-
-    if chat:
-        from slmkit.backends.hf import render_prompt
-
-        ids = tok(render_prompt(tok, [{"role": "user", "content": prompt}]), add_special_tokens=False).input_ids
-    else:
-        ids = tok(prompt).input_ids
-    if not ids:
-        pid = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-        ids = [pid if pid is not None else 0]
-    return torch.tensor(ids, dtype=torch.long)
-
-
 def speculate(
     prompt: str = typer.Argument(..., help="the prompt (continued as raw text unless --chat)"),
     draft: str = typer.Option(..., "--draft", help="draft MODEL (same tokenizer as the target), 'lookup', 'layers:N' (the target's first N blocks), or 'int4'/'int8' (the target's own quantised copy on the fast path, with prompt lookup when the context repeats)"),
@@ -58,6 +43,7 @@ def speculate(
 
     from slmkit.backends.hf import token_id_list
     from slmkit.collab.drafters import resolve_draft
+    from slmkit.collab.proxy import encode_prompt
     from slmkit.collab.speculative import SpecConfig, autoregressive, hf_generate, speculate as run
     from slmkit.errors import ConfigError
     from slmkit.models import load
@@ -71,7 +57,7 @@ def speculate(
         max_new_tokens=max_new_tokens, k=min(k, k_max), k_max=k_max, adaptive=not fixed,
         temperature=temperature, top_p=top_p, eos_token_ids=tuple(sorted(eos)),
     )
-    ids = _encode(t_tok, prompt, chat)
+    ids = encode_prompt(t_tok, prompt, chat)
 
     def target_alone(c):
         if baseline == "generate":

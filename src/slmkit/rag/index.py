@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from slmkit.artefact import _TMP, atomic_file, check_output
+from slmkit.artefact import TMP_MARK, atomic_file, check_output
 from slmkit.data.readers import Lines, json_line
 from slmkit.errors import DataError, SlmkitError
 from slmkit.rag.chunk import ChunkConfig, Document, chunk_document, read_documents
@@ -262,7 +262,7 @@ def _is_ours(path: Path) -> bool:
     if _is_index(path):
         return True
     try:
-        return all(p.name in (LOCK, CHUNKS) or (p.name.startswith(".") and _TMP in p.name) for p in path.iterdir())
+        return all(p.name in (LOCK, CHUNKS) or (p.name.startswith(".") and TMP_MARK in p.name) for p in path.iterdir())
     except OSError:
         return False
 
