@@ -310,3 +310,20 @@ def test_bad_input():
         encode_gguf_blocks(QTensor(q.codes, q.scales, q.mins, q.grid))
     with pytest.raises(ConfigError, match="not d\\*sc"):
         encode_gguf_blocks(QTensor(q.codes, q.scales * 1.001, q.mins, q.grid, q.aux))
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K", "Q4_0"])
+def test_fit_under_bf16_autocast_equals_fp32_fit(qtype):
+    """QAT fits inside the trainer's bf16 autocast; a matrix split into several row chunks concatenates the
+    chunks' fp16 super-block scales, which autocast's torch.cat rejected on CPU. The fit must not notice autocast."""
+    from slmkit.compress.kquant import CHUNK, fit
+
+    torch.manual_seed(0)
+    w = torch.randn(2 * CHUNK // 256 + 3, 256)  # three row chunks
+    ref = fit(w, qtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = fit(w, qtype)
+    assert torch.equal(got.codes, ref.codes) and torch.equal(got.scales, ref.scales)
+    assert (got.aux is None) == (ref.aux is None)
+    for k in ref.aux or {}:
+        assert got.aux[k].dtype == ref.aux[k].dtype and torch.equal(got.aux[k], ref.aux[k])

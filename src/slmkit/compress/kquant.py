@@ -494,10 +494,13 @@ def fit(w: Tensor, qtype: str, importance: Tensor | None = None, sigma2: Tensor 
     with its imatrix path when ``importance (n,)`` is given. ``sigma2 (out,)`` replaces the
     rows' mean square in the legacy types' imatrix weighting (k-quants use their super-block's)."""
     w, imp = _prep(w, importance)
-    if imp is not None and qtype in _LEGACY_IMATRIX:  # sigma2 is row-wide: sum it once, not per chunk
-        s2 = row_sigma2(w) if sigma2 is None else sigma2.float()
-        return _by_rows(lambda x, s: _imatrix_blocks(x, imp, 32, *_LEGACY_IMATRIX[qtype], s), w, s2)
-    return _by_rows(lambda x, _: FITTERS[qtype](x, imp), w, None)
+    # QAT calls this inside the trainer's bf16 autocast: the fit is fp32 arithmetic (and the fp16 super-block
+    # scales cannot go through autocast's torch.cat on CPU), so autocast is off here
+    with torch.autocast(w.device.type, enabled=False):
+        if imp is not None and qtype in _LEGACY_IMATRIX:  # sigma2 is row-wide: sum it once, not per chunk
+            s2 = row_sigma2(w) if sigma2 is None else sigma2.float()
+            return _by_rows(lambda x, s: _imatrix_blocks(x, imp, 32, *_LEGACY_IMATRIX[qtype], s), w, s2)
+        return _by_rows(lambda x, _: FITTERS[qtype](x, imp), w, None)
 
 
 def fit_plain(w: Tensor, importance: Tensor, bits: int, group: int, symmetric: bool,
