@@ -143,28 +143,40 @@ def quantize_cmd(
 
 def export_cmd(
     model: str = typer.Argument(..., help="default | hub id | directory (incl. `slmkit quantize` output) | file.gguf"),
-    fmt: str = typer.Option(..., "--format", help="safetensors | gguf"),
+    fmt: str = typer.Option(..., "--format", help="safetensors | gguf | compressed-tensors (a `slmkit quantize` directory's GPTQ/AWQ codes as a pack-quantized checkpoint for vLLM and transformers)"),
     qtype: Optional[str] = typer.Option(None, "--type", help="gguf: F32 | F16 | a llama.cpp file type (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K_S, Q4_K_M, Q5_K_M, Q6_K, ...; default F16); safetensors: F32 | F16 | BF16 (default as loaded)"),
-    output: Path = typer.Option(..., "--output", help="file (gguf) or directory (safetensors) to write"),
+    output: Path = typer.Option(..., "--output", help="file (gguf) or directory (safetensors, compressed-tensors) to write"),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     embedding_type: Optional[str] = typer.Option(None, "--embedding-type", help="gguf: type of the token embedding / output head (default: --type); llama.cpp keeps it above a 4-bit body, e.g. Q8_0"),
     loader_check: bool = typer.Option(True, "--loader-check/--no-loader-check", help="also reload the export through transformers"),
     pure: bool = typer.Option(False, "--pure", help="gguf: every matrix at the type's base block type (llama-quantize --pure)"),
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Export MODEL as a safetensors directory or a GGUF file, validated by reading it back.
+    """Export MODEL as a safetensors directory, a GGUF file or a compressed-tensors directory, validated by reading it back.
 
-    A directory written by `slmkit quantize --gguf TYPE` exported with the same --type keeps its codes exactly.
+    A directory written by `slmkit quantize --gguf TYPE` exported with the same --type keeps its codes exactly;
+    --format compressed-tensors writes a `slmkit quantize` directory's codes and scales unchanged (4 or 8 bits, symmetric).
     """
     from slmkit.artefact import Manifest, check_output, is_gguf_file
-    from slmkit.compress.qstore import is_quantized_dir, load_quantized
+    from slmkit.compress.qstore import PACKED, is_quantized_dir, load_quantized
     from slmkit.errors import ConfigError
+    from slmkit.export.compressed_tensors import export_compressed_tensors
     from slmkit.export.gguf import TYPES, export_gguf_validated
     from slmkit.export.safetensors import export_safetensors
     from slmkit.models import load, load_tokenizer
 
-    if fmt not in ("safetensors", "gguf"):
-        raise ConfigError(f"unknown export format {fmt!r}", "use --format safetensors or --format gguf")
+    if fmt not in ("safetensors", "gguf", "compressed-tensors"):
+        raise ConfigError(f"unknown export format {fmt!r}", "use --format safetensors, gguf or compressed-tensors")
+    if fmt == "compressed-tensors":
+        if qtype is not None:
+            raise ConfigError(f"--type {qtype!r}: --format compressed-tensors keeps the codes' own bits and groups",
+                              "leave --type out")
+        if not (Path(model).is_dir() and is_quantized_dir(model)):
+            raise ConfigError(f"{model} is not a directory written by `slmkit quantize` (no {PACKED} with codes), "
+                              "so there are no GPTQ/AWQ codes to write as compressed-tensors",
+                              f"quantise first: slmkit quantize {model} --method gptq --bits 4 --output DIR")
+    if pure and fmt != "gguf":
+        raise ConfigError("--pure: only for --format gguf")
     if fmt == "gguf" and qtype is not None and qtype not in TYPES:
         raise ConfigError(f"unknown GGUF type {qtype!r}", f"use one of {', '.join(TYPES)}")
     if embedding_type is not None and fmt != "gguf":
@@ -188,6 +200,9 @@ def export_cmd(
         calibrated = quantized is not None and quantized.method in QUANTIZERS and QUANTIZERS.get(quantized.method).needs_calibration
         rep = export_gguf_validated(m, tok, output, qtype or "F16", quantized, check_loader=loader_check,
                                     embedding_type=embedding_type, force=force, imatrix=calibrated, pure=pure)
+    elif fmt == "compressed-tensors":
+        manifest = Manifest.read(model) or Manifest(source=model)
+        rep = export_compressed_tensors(m, tok, quantized, output, manifest, check_loader=loader_check, force=force)
     else:
         manifest = (Manifest.read(model) if Path(model).is_dir() else None) or Manifest(source=model)
         rep = export_safetensors(m, tok, output, manifest, dtype=qtype, check_loader=loader_check, force=force)
