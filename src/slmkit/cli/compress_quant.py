@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 from typing import Optional
@@ -16,18 +15,6 @@ from slmkit.cli.progress import with_progress
 def register(app: typer.Typer) -> None:
     app.command("quantize")(with_progress("quantize")(quantize_cmd))
     app.command("export")(export_cmd)
-
-
-def _method_config(method: str, grid, damp: float, act_order: bool, seed: int):
-    from slmkit.compress.quantize import QUANTIZERS
-
-    cls = QUANTIZERS.get(method).config
-    fields = {"grid": grid}
-    if "damp" in cls.__dataclass_fields__:
-        fields.update(damp=damp, act_order=act_order)
-    if "seed" in cls.__dataclass_fields__:
-        fields["seed"] = seed
-    return cls(**fields)
 
 
 def quantize_cmd(
@@ -49,72 +36,25 @@ def quantize_cmd(
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
     """Quantise MODEL's weights (RTN, GPTQ or AWQ) and store them packed; optionally export GGUF."""
-    from slmkit.artefact import Manifest, check_output
-    from slmkit.compress.calibrate import CalibConfig, calibration_ids
-    from slmkit.compress.qgrid import Grid
-    from slmkit.compress.qstore import PACKED, save_quantized
-    from slmkit.compress.quantize import QUANTIZERS, quantize
-    from slmkit.errors import ConfigError
-    from slmkit.export.gguf import export_gguf_validated
+    from slmkit.artefact import check_output
+    from slmkit.compress.calibrate import CalibConfig
+    from slmkit.compress.entry import CLI_FLAGS, quantize_config, quantize_grid, quantize_to_dir
+    from slmkit.compress.qstore import PACKED
     from slmkit.models import load
     from slmkit.models.device import resolve_device
 
     # everything a user can get wrong is checked before the model is loaded
-    q = QUANTIZERS.get(method)
-    if gguf_type is not None:
-        from slmkit.export.gguf import TYPES
-        from slmkit.export.gguf_mix import base_type
-
-        if gguf_type not in TYPES or gguf_type in ("F32", "F16"):
-            raise ConfigError(f"unknown --gguf type {gguf_type!r}",
-                              f"use a llama.cpp file type: {', '.join(t for t in TYPES if t not in ('F32', 'F16'))}")
-        grid = Grid.for_gguf(base_type(gguf_type))
-        if (bits not in (None, grid.bits) or group_size not in (None, grid.group_size)
-                or (asymmetric and grid.symmetric)):
-            raise ConfigError(
-                f"--gguf {gguf_type} means {grid.bits}-bit {base_type(gguf_type)} blocks (groups of {grid.group_size}, "
-                f"{'symmetric' if grid.symmetric else 'asymmetric'}); got --bits {bits}"
-                + (f" --group-size {group_size}" if group_size is not None else "") + (" --asymmetric" if asymmetric else ""),
-                f"use --bits {grid.bits} (or leave --bits, --group-size and --asymmetric out)",
-            )
-    else:
-        if bits is None:
-            raise ConfigError("--bits is required without --gguf", "pass --bits 4 (or 3, 5, 8), or --gguf Q4_K_M")
-        grid = Grid(bits=bits, group_size=128 if group_size is None else group_size, symmetric=not asymmetric)
-    cfg = _method_config(method, grid, damp, act_order, seed)
+    grid = quantize_grid(bits, group_size, asymmetric, gguf_type, names=CLI_FLAGS)
+    cfg = quantize_config(method, grid, damp=damp, act_order=act_order, seed=seed)
     calib_cfg = CalibConfig(n_samples=calib_samples, seq_len=calib_len, seed=seed,
-                            source=None if calib is None else str(calib)) if q.needs_calibration else None
+                            source=None if calib is None else str(calib))
     check_output(output, force)
     dev = resolve_device(device)
 
     t0 = time.perf_counter()
     m, tok = load(model, device=dev)
-    ids = calibration_ids(m, tok, calib_cfg) if calib_cfg is not None else None
-    grids = None
-    if gguf_type is not None:  # each tensor on the grid of the type llama-quantize gives it
-        from slmkit.compress.quantize import gguf_grids
-
-        grids = gguf_grids(m, gguf_type, imatrix=q.needs_calibration)
-    result = quantize(m, method, cfg, ids, embeddings=gguf_type is not None, grids=grids, gguf=gguf_type)
-    if dev.type != "cpu":  # packing and GGUF export read the codes on the CPU
-        m.cpu()
-        result.tensors = {k: dataclasses.replace(qt, codes=qt.codes.cpu(), scales=qt.scales.cpu(),
-                                                 mins=None if qt.mins is None else qt.mins.cpu())
-                          for k, qt in result.tensors.items()}
-    manifest = Manifest(source=model)
-    manifest.add_stage("quantize", cfg, method=method, calibration=calib_cfg, seconds=round(result.seconds, 2),
-                       tensors=len(result.tensors))
-    reports = {}
-
-    def write_gguf(tmp: Path) -> None:
-        rep = export_gguf_validated(m, tok, tmp / f"model-{gguf_type}.gguf", gguf_type, result,
-                                    imatrix=q.needs_calibration)
-        manifest.add_stage("export", {"format": "gguf", "type": gguf_type}, file=f"model-{gguf_type}.gguf",
-                           exact_tensors=rep.exact, tensors=rep.tensors)
-        reports["gguf"] = rep
-
-    save_quantized(m, tok, result, output, manifest, extra=write_gguf if gguf_type else None, force=force)
-    n_params = sum(qt.codes.numel() for qt in result.tensors.values())
+    res = quantize_to_dir(m, tok, method, cfg, output, source=model, calib=calib_cfg, gguf=gguf_type,
+                          export_gguf=True, force=force)
     out = {
         "model": model,
         "method": method,
@@ -122,16 +62,16 @@ def quantize_cmd(
         "group_size": grid.group_size,
         "symmetric": grid.symmetric,
         "gguf": gguf_type,
-        "quantized_tensors": len(result.tensors),
-        "quantized_parameters": n_params,
-        "calibration_tokens": 0 if ids is None else int(ids.numel()),
-        "quantize_seconds": round(result.seconds, 3),
+        "quantized_tensors": len(res.result.tensors),
+        "quantized_parameters": sum(qt.codes.numel() for qt in res.result.tensors.values()),
+        "calibration_tokens": res.calibration_tokens,
+        "quantize_seconds": round(res.result.seconds, 3),
         "total_seconds": round(time.perf_counter() - t0, 3),
         "output": str(output),
         "bytes": (output / PACKED).stat().st_size,
     }
-    if "gguf" in reports:
-        r = reports["gguf"]
+    if res.gguf_report is not None:
+        r = res.gguf_report
         out.update(gguf_file=str(output / Path(r.path).name), gguf_bytes=r.bytes,
                    gguf_exact_tensors=r.exact, gguf_tensors=r.tensors)
     if json_out:

@@ -132,65 +132,40 @@ class QuantizeConfig:
         self.method_config()
 
     def grid(self):
-        from slmkit.compress.qgrid import Grid
+        from slmkit.compress.entry import quantize_grid
 
-        if self.gguf is None:
-            return Grid(bits=4 if self.bits is None else self.bits, group_size=32 if self.group_size is None else self.group_size,
-                        symmetric=not self.asymmetric)
-        from slmkit.export.gguf import TYPES
-        from slmkit.export.gguf_mix import base_type
-
-        if self.gguf not in TYPES or self.gguf in ("F32", "F16"):
-            raise ConfigError(f"unknown gguf type {self.gguf!r}", f"use a llama.cpp file type: {', '.join(t for t in TYPES if t not in ('F32', 'F16'))}")
-        grid = Grid.for_gguf(base_type(self.gguf))
-        if (self.bits not in (None, grid.bits) or self.group_size not in (None, grid.group_size)
-                or (self.asymmetric and grid.symmetric)):
-            raise ConfigError(
-                f"gguf {self.gguf} means bits {grid.bits}, group_size {grid.group_size}, "
-                f"{'symmetric' if grid.symmetric else 'asymmetric'}; got bits {self.bits}, group_size {self.group_size}",
-                "leave bits, group_size and asymmetric out (or match them), or set gguf: null",
-            )
-        return grid
+        return quantize_grid(self.bits, self.group_size, self.asymmetric, self.gguf, default_bits=4, default_group_size=32)
 
     def method_config(self):
-        from slmkit.compress.quantize import QUANTIZERS
+        from slmkit.compress.entry import quantize_config
 
-        cls = QUANTIZERS.get(self.method).config
-        names = {f.name for f in dataclasses.fields(cls)}
-        extra = {k: v for k, v in (("damp", self.damp),) if k in names}
-        return cls(grid=self.grid(), **extra)
+        return quantize_config(self.method, self.grid(), damp=self.damp)
 
 
 @stage("quantize", QuantizeConfig, needs=("model",), makes=("model",))
 def quantize(ctx: Context, cfg: QuantizeConfig) -> StageResult:
-    """Quantise the student's weights (:func:`slmkit.compress.quantize.quantize`) and store the codes packed.
+    """Quantise the student's weights through :func:`slmkit.compress.entry.quantize_to_dir` (what `slmkit quantize` calls).
 
     With ``gguf`` set to a llama.cpp file type, each weight lies on the grid llama-quantize gives
     it in that type (with an importance matrix for the calibrated methods), the token embedding included.
     """
-    from slmkit.artefact import Manifest
-    from slmkit.compress.qstore import PACKED, save_quantized
-    from slmkit.compress.quantize import QUANTIZERS, gguf_grids
-    from slmkit.compress.quantize import quantize as run
+    from slmkit.compress.calibrate import CalibConfig
+    from slmkit.compress.entry import quantize_to_dir
+    from slmkit.compress.qstore import PACKED
 
     model, tok = ctx.load("model")
     mcfg = cfg.method_config()
-    calibrated = QUANTIZERS.get(cfg.method).needs_calibration
-    ids, ccfg = calibration(ctx, model, tok, cfg.calib, cfg.calib_samples, cfg.calib_len) if calibrated else (None, None)
-    ctx.progress(1, 2)
-    grids = gguf_grids(model, cfg.gguf, imatrix=calibrated) if cfg.gguf is not None else None
-    result = run(model, cfg.method, mcfg, ids, embeddings=cfg.gguf is not None, grids=grids, gguf=cfg.gguf)
-    ctx.progress(2, 2)
-    manifest = Manifest(source=ctx.slots["model"])
-    manifest.add_stage("quantize", mcfg, method=cfg.method, calibration=ccfg, seconds=round(result.seconds, 2))
-    dest = save_quantized(model, tok, result, ctx.work / "model", manifest)
+    calib = CalibConfig(n_samples=cfg.calib_samples, seq_len=cfg.calib_len, seed=ctx.recipe.seed,
+                        source=_calib_source(ctx, cfg.calib))
+    res = quantize_to_dir(model, tok, cfg.method, mcfg, ctx.work / "model", source=ctx.slots["model"], calib=calib,
+                          gguf=cfg.gguf, on_step=ctx.progress)
     grid = mcfg.grid
     return StageResult(
-        outputs={"model": ctx.rel(dest)},
+        outputs={"model": ctx.rel(res.path)},
         metrics={"method": cfg.method, "bits": grid.bits, "group_size": grid.group_size, "gguf_grid": cfg.gguf,
-                 "quantized_tensors": len(result.tensors), "seconds": result.seconds,
-                 "packed_bytes": (dest / PACKED).stat().st_size,
-                 "calibration": dataclasses.asdict(ccfg) if ccfg else None},
+                 "quantized_tensors": len(res.result.tensors), "seconds": res.result.seconds,
+                 "packed_bytes": (res.path / PACKED).stat().st_size,
+                 "calibration": dataclasses.asdict(res.calibration) if res.calibration else None},
     )
 
 

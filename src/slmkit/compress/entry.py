@@ -1,0 +1,122 @@
+"""The library entry point for quantisation, called by both ``slmkit quantize`` and the build's quantize stage.
+
+One call does what both need after the model is loaded: calibrate (only when the method
+needs it), place each weight on its grid (llama.cpp's per-tensor types for a GGUF file type),
+quantise, write the manifest, save the packed directory and, when asked, the GGUF file
+from the same codes. :func:`quantize_grid` is the one check of bits / group size / symmetry
+against a GGUF type, worded in the caller's names (CLI flags or recipe keys).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from slmkit.artefact import Manifest
+from slmkit.compress.calibrate import CalibConfig, calibration_ids
+from slmkit.compress.qgrid import Grid
+from slmkit.compress.qstore import save_quantized
+from slmkit.compress.quantize import QUANTIZERS, Quantized, gguf_grids, quantize
+from slmkit.errors import ConfigError
+
+#: how :func:`quantize_grid` names its inputs in messages: recipe keys (default) or CLI flags
+RECIPE_KEYS = {"gguf": "gguf", "bits": "bits", "group_size": "group_size", "asymmetric": "asymmetric"}
+CLI_FLAGS = {"gguf": "--gguf", "bits": "--bits", "group_size": "--group-size", "asymmetric": "--asymmetric"}
+
+
+def quantize_grid(bits: int | None, group_size: int | None, asymmetric: bool, gguf: str | None, *,
+                  default_bits: int | None = None, default_group_size: int = 128,
+                  names: Mapping[str, str] = RECIPE_KEYS) -> Grid:
+    """The grid of a quantisation request: a GGUF type's own (``bits`` etc. may only repeat it), else a plain one.
+
+    Without ``gguf``, ``bits`` falls back to ``default_bits`` (None: required) and ``group_size`` to
+    ``default_group_size``. Raises ConfigError naming the caller's ``names`` for a wrong value.
+    """
+    if gguf is None:
+        if bits is None and default_bits is None:
+            raise ConfigError(f"{names['bits']} is required without {names['gguf']}",
+                              f"pass {names['bits']} 4 (or 3, 5, 8), or {names['gguf']} Q4_K_M")
+        return Grid(bits=default_bits if bits is None else bits,
+                    group_size=default_group_size if group_size is None else group_size, symmetric=not asymmetric)
+    from slmkit.export.gguf import TYPES
+    from slmkit.export.gguf_mix import base_type
+
+    if gguf not in TYPES or gguf in ("F32", "F16"):
+        raise ConfigError(f"unknown {names['gguf']} type {gguf!r}",
+                          f"use a llama.cpp file type: {', '.join(t for t in TYPES if t not in ('F32', 'F16'))}")
+    grid = Grid.for_gguf(base_type(gguf))
+    if bits not in (None, grid.bits) or group_size not in (None, grid.group_size) or (asymmetric and grid.symmetric):
+        got = [f"{names['bits']} {bits}"] + ([f"{names['group_size']} {group_size}"] if group_size is not None else []) \
+            + ([names["asymmetric"]] if asymmetric else [])
+        raise ConfigError(
+            f"{names['gguf']} {gguf} means {grid.bits}-bit {base_type(gguf)} blocks (groups of {grid.group_size}, "
+            f"{'symmetric' if grid.symmetric else 'asymmetric'}); got {' '.join(got)}",
+            f"use {names['bits']} {grid.bits} (or leave {names['bits']}, {names['group_size']} and "
+            f"{names['asymmetric']} out)",
+        )
+    return grid
+
+
+def quantize_config(method: str, grid: Grid, **options):
+    """The registered config of ``method`` on ``grid``, taking those ``options`` its class has (None: its default)."""
+    cls = QUANTIZERS.get(method).config
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(grid=grid, **{k: v for k, v in options.items() if k in names and v is not None})
+
+
+@dataclass
+class QuantizeOutcome:
+    """What :func:`quantize_to_dir` wrote."""
+
+    path: Path  #: the packed directory
+    result: Quantized  #: the codes, by HF weight name
+    calibration: CalibConfig | None  #: None when the method needs no calibration
+    calibration_tokens: int
+    gguf_report: object = None  #: the GGUF export's report (``export_gguf=True``)
+
+
+def quantize_to_dir(model, tokenizer, method: str, cfg, output: str | Path, source: str, calib: CalibConfig,
+                    gguf: str | None = None, export_gguf: bool = False, force: bool = False,
+                    on_step: Callable[[int, int], None] | None = None) -> QuantizeOutcome:
+    """Quantise ``model`` in place with ``method`` / ``cfg`` and save it packed at ``output``.
+
+    ``calib`` is used only when the method needs calibration. With ``gguf`` (a llama.cpp file
+    type) every weight, the token embedding included, lies on the grid llama-quantize gives it
+    (with an importance matrix for calibrated methods), and ``export_gguf`` also writes
+    ``output/model-<gguf>.gguf`` from the same codes, validated by reading it back.
+    ``on_step(k, 2)`` is called after calibration and after quantisation.
+    """
+    q = QUANTIZERS.get(method)
+    ccfg = calib if q.needs_calibration else None
+    ids = calibration_ids(model, tokenizer, ccfg) if ccfg is not None else None
+    if on_step is not None:
+        on_step(1, 2)
+    grids = gguf_grids(model, gguf, imatrix=q.needs_calibration) if gguf is not None else None
+    result = quantize(model, method, cfg, ids, embeddings=gguf is not None, grids=grids, gguf=gguf)
+    if on_step is not None:
+        on_step(2, 2)
+    if next(model.parameters()).device.type != "cpu":  # packing and GGUF export read the codes on the CPU
+        model.cpu()
+        result.tensors = {k: dataclasses.replace(qt, codes=qt.codes.cpu(), scales=qt.scales.cpu(),
+                                                 mins=None if qt.mins is None else qt.mins.cpu())
+                          for k, qt in result.tensors.items()}
+    manifest = Manifest(source=source)
+    manifest.add_stage("quantize", cfg, method=method, calibration=ccfg, seconds=round(result.seconds, 2),
+                       tensors=len(result.tensors))
+    reports = []
+
+    def write_gguf(tmp: Path) -> None:
+        from slmkit.export.gguf import export_gguf_validated
+
+        rep = export_gguf_validated(model, tokenizer, tmp / f"model-{gguf}.gguf", gguf, result,
+                                    imatrix=q.needs_calibration)
+        manifest.add_stage("export", {"format": "gguf", "type": gguf}, file=f"model-{gguf}.gguf",
+                           exact_tensors=rep.exact, tensors=rep.tensors)
+        reports.append(rep)
+
+    extra = write_gguf if export_gguf and gguf is not None else None
+    path = save_quantized(model, tokenizer, result, output, manifest, extra=extra, force=force)
+    return QuantizeOutcome(Path(path), result, ccfg, 0 if ids is None else int(ids.numel()),
+                           reports[0] if reports else None)
