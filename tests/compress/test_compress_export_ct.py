@@ -35,7 +35,9 @@ def _quantised_dir(tok, tmp_path, method: str, cfg) -> str:
     model = tiny_model(tiny_llama_config(tok))
     ids = torch.randint(0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(1))
     res = quantize(model, method, cfg, ids)
-    return save_quantized(model, tok, res, tmp_path / f"{method}-q", Manifest(source="tiny"))
+    manifest = Manifest(source="tiny")
+    manifest.add_stage("quantize", cfg, method=method)
+    return save_quantized(model, tok, res, tmp_path / f"{method}-q", manifest)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -67,7 +69,7 @@ def test_roundtrip_transformers_and_compressed_tensors(tiny_tok, tmp_path, metho
 
     src = _quantised_dir(tiny_tok, tmp_path, method, cfg)
     model, quantized = load_quantized(src)  # slmkit's own model of these codes (fp32)
-    rep = export_compressed_tensors(model, tiny_tok, quantized, tmp_path / "ct", Manifest(source=str(src)))
+    rep = export_compressed_tensors(model, tiny_tok, quantized, tmp_path / "ct", Manifest.read(src))
     n = len(quantized.tensors)
     assert rep.exact == rep.tensors == n == 14 and rep.loader_checked and rep.max_abs_diff <= 1e-5
     out = tmp_path / "ct"
@@ -79,6 +81,8 @@ def test_roundtrip_transformers_and_compressed_tensors(tiny_tok, tmp_path, metho
     (scheme,) = qcfg.config_groups.values()
     assert scheme.weights.num_bits == cfg.grid.bits and scheme.weights.symmetric
     assert scheme.weights.group_size == (cfg.grid.group_size or None)
+    # GPTQ's act-order keeps groups contiguous: compressed-tensors' "weight" order (read from the source manifest)
+    assert scheme.weights.actorder == ("weight" if getattr(cfg, "act_order", False) else None)
     assert qcfg.ignore == ["lm_head"]
     written = load_file(str(out / WEIGHTS))
     compressor = BaseCompressor.get_value_from_registry(qcfg.format)
@@ -164,3 +168,32 @@ def test_export_bad_input_exit_2(tiny_dir, tmp_path, capsys, args, message):
     assert main(["export", str(tiny_dir), *args, "--output", str(out)]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and not out.exists()
+
+
+@pytest.mark.parametrize("family, cls, extra", [
+    ("qwen2", "Qwen2Config", {}),  # q/k/v biases stay dense beside the packed weights
+    ("phi3", "Phi3Config", {}),  # fused qkv_proj and gate_up_proj
+    ("gemma3_text", "Gemma3TextConfig", {"head_dim": 16, "sliding_window": 4,
+                                         "layer_types": ["sliding_attention", "full_attention"]}),
+])
+def test_other_families(tmp_path, family, cls, extra):
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    cfg = getattr(transformers, cls)(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                     num_key_value_heads=2, vocab_size=256, max_position_embeddings=128, pad_token_id=0,
+                                     bos_token_id=1, eos_token_id=2, **extra)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():  # transformers starts biases at 0: random ones check they are written
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_()
+    ids = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1))
+    res = quantize(model, "gptq", GPTQConfig(grid=Grid(4, 32)), ids)
+    rep = export_compressed_tensors(model, None, res, tmp_path / "ct")
+    assert rep.exact == rep.tensors == len(res.tensors) and rep.max_abs_diff <= 1e-5
+    back = AutoModelForCausalLM.from_pretrained(str(tmp_path / "ct"), dtype=torch.float32).eval()
+    x = torch.arange(12)[None, :]
+    with torch.no_grad():
+        assert (back(x).logits - model(x).logits).abs().max().item() <= 1e-5

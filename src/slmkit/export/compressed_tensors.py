@@ -128,11 +128,23 @@ def quantization_config(schemes: dict[str, Scheme], ignore: list[str]) -> dict:
             "config_groups": groups, "ignore": ignore, "kv_cache_scheme": None, "global_compression_ratio": None}
 
 
-def compressed_state(model, quantized) -> tuple[dict[str, torch.Tensor], dict[str, Scheme], list[str]]:
-    """``(tensors to write, {module: Scheme}, ignored Linears)`` for ``model`` with ``quantized``'s codes."""
+def used_act_order(quantized, manifest: Manifest | None) -> bool:
+    """Whether GPTQ chose ``quantized``'s codes in activation order: its config says, or (codes read back from
+    disk carry none) the last ``quantize`` stage of ``manifest``."""
+    if quantized.method != "gptq":
+        return False
+    if quantized.config is not None:
+        return bool(getattr(quantized.config, "act_order", False))
+    stages = [st for st in (manifest.stages if manifest else []) if st.get("stage") == "quantize"]
+    return bool(stages and (stages[-1].get("config") or {}).get("act_order", False))
+
+
+def compressed_state(model, quantized, actorder: bool = False
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, Scheme], list[str]]:
+    """``(tensors to write, {module: Scheme}, ignored Linears)`` for ``model`` with ``quantized``'s codes
+    (``actorder``: see :func:`used_act_order`)."""
     from slmkit.compress.quantize import target_names
 
-    actorder = bool(getattr(quantized.config, "act_order", False)) and quantized.method == "gptq"
     targets = set(target_names(model))
     tied = getattr(model.config, "tie_word_embeddings", False)
     tensors: dict[str, torch.Tensor] = {}
@@ -170,7 +182,7 @@ def export_compressed_tensors(model, tokenizer, quantized, dest: str | os.PathLi
     """
     from safetensors.torch import load_file, save_file
 
-    tensors, schemes, ignore = compressed_state(model, quantized)
+    tensors, schemes, ignore = compressed_state(model, quantized, used_act_order(quantized, manifest))
     manifest = manifest or Manifest(source=str(getattr(model.config, "name_or_path", "")))
     manifest.add_stage("export", {"format": "compressed-tensors", "type": FORMAT},
                        schemes=sorted({json.dumps(s.weights_args(), sort_keys=True) for s in schemes.values()}))
