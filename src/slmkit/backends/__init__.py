@@ -35,5 +35,11 @@ def from_spec(spec: str, dtype: str = "fp32", api_key: str | None = None, concur
     return HFBackend(model, tok, name=spec)
 
 
+def from_model(model, tokenizer, name: str | None = None) -> Backend:
+    """A loaded transformers model and its tokenizer as a :class:`Backend` (in-process, batched), for
+    code that should see only the Protocol (collab, trust)."""
+    return HFBackend(model, tokenizer, name=name)
+
+
 __all__ = ["Backend", "Completion", "GenParams", "HFBackend", "OpenAIBackend", "PartialFailure", "Prompt", "TokenScores",
-           "check_concurrency", "from_spec", "is_endpoint"]
+           "check_concurrency", "from_model", "from_spec", "is_endpoint"]

@@ -269,86 +269,24 @@ def invert(
 ) -> None:
     """Prompt inversion (red team): train a small model to recover prompts from outputs; measure the leak."""
     import contextlib
-    import json
-    import time
-
-    from slmkit.artefact import Manifest, atomic_file
-    from slmkit.backends import GenParams, HFBackend, from_spec
-    from slmkit.collab.inversion import InvertConfig, collect_pairs, evaluate, read_pairs, train_inverter
-    from slmkit.errors import ConfigError
-    from slmkit.models import load
-    from slmkit.train.sft import LoraSettings, SFTConfig, check_training_output, checkpoint_dir, finish_checkpoints, save_trained
-
-    if train is None and eval_data is None:
-        raise ConfigError("give --train DATA --output DIR, --eval DATA, or both")
-    if train is not None and output is None:
-        raise ConfigError("--train needs --output DIR (where the inverter is written)")
-    if adapter is not None and train is not None:
-        raise ConfigError("--adapter evaluates an existing inverter; it cannot be combined with --train")
-    if merge and full:
-        raise ConfigError("--merge folds LoRA adapters; --full already writes a model")
-    if (system_query is not None or save_pairs is not None) and target is None:
-        raise ConfigError("--system-query and --save-pairs need --target")
-    if output is not None:
-        check_training_output(output, force)
-    cfg = InvertConfig(max_new_tokens=max_new_tokens)
-    sft_cfg = SFTConfig(lora=None if full else LoraSettings(r=lora_r, alpha=2.0 * lora_r), max_steps=max_steps,
-                        learning_rate=lr, batch_size=batch_size, max_length=max_length, save_steps=0, seed=seed)
-    files = {"train": train, "eval": eval_data}
-    pairs = {k: read_pairs(p, role=role, need_output=target is None, limit=limit) for k, p in files.items() if p is not None}
-    if target is not None:
-        tb = from_spec(target, dtype=dtype)
-        gp = GenParams(max_new_tokens=target_tokens)
-        pairs = {k: collect_pairs(tb, [p.prompt for p in v], gp, user_turn=system_query) for k, v in pairs.items()}
-        if save_pairs is not None:
-            with atomic_file(save_pairs) as tmp:
-                tmp.write_text("".join(json.dumps({"prompt": p.prompt, "output": p.output, "split": k}) + "\n"
-                                       for k, v in pairs.items() for p in v))
-        del tb
 
     from datasets.utils.logging import disable_progress_bar
 
+    from slmkit.collab.inversion import InvertConfig
+    from slmkit.collab.inversion_run import InvertRun, run_inversion
+    from slmkit.train.sft import LoraSettings, SFTConfig
+
+    req = InvertRun(
+        model=model, train=train, output=output, eval_data=eval_data, adapter=adapter, zero_shot=zero_shot,
+        target=target, system_query=system_query, save_pairs=save_pairs, target_tokens=target_tokens, role=role,
+        full=full, merge=merge, limit=limit, dtype=dtype, force=force,
+        invert=InvertConfig(max_new_tokens=max_new_tokens),
+        sft=SFTConfig(lora=None if full else LoraSettings(r=lora_r, alpha=2.0 * lora_r), max_steps=max_steps,
+                      learning_rate=lr, batch_size=batch_size, max_length=max_length, save_steps=0, seed=seed),
+    )
     disable_progress_bar()
-    result: dict = {"model": model, "adapter": None if adapter is None else str(adapter), "target": target}
-    if train is None:  # evaluate an existing inverter (and, with --adapter, the bare MODEL under it zero-shot)
-        from slmkit.train.adapters import AdapterSet
-
-        aset = AdapterSet.from_spec(model, dtype=dtype)
-        methods: dict = {}
-        if adapter is not None:
-            aset.add("inverter", adapter)
-            if zero_shot:
-                with aset.use(None) as bare:
-                    methods.update(evaluate(pairs["eval"], {"zero_shot": bare}, cfg))
-            with aset.use("inverter") as inverter:
-                methods.update(evaluate(pairs["eval"], {"inverter": inverter}, cfg))
-        else:
-            methods.update(evaluate(pairs["eval"], {"inverter": HFBackend(aset.base, aset.tokenizer, name=model)}, cfg))
-        result.update(data=str(eval_data), n=len(pairs["eval"]), methods=methods)
-        return _print_inversion(result, json_out)
-
-    m, tok = load(model, dtype=dtype)
-    before = None
-    if "eval" in pairs and zero_shot:  # the untrained model, before adapters are injected or weights move
-        before = evaluate(pairs["eval"], {"zero_shot": HFBackend(m, tok, name=model)}, cfg)
-    t0 = time.perf_counter()
-    with contextlib.redirect_stdout(sys.stderr):
-        res = train_inverter(m, tok, pairs["train"], sft_cfg, checkpoint_dir(output), cfg)
-    seconds = time.perf_counter() - t0
-    result.update(output=str(output), kind="model" if (full or merge) else "adapter", train_pairs=len(pairs["train"]),
-                  steps=res.steps, train_loss=res.train_loss, seconds=round(seconds, 1))
-    metrics: dict = {"train_loss": res.train_loss}
-    if "eval" in pairs:
-        after = evaluate(pairs["eval"], {"inverter": HFBackend(res.model, tok, name=str(output))}, cfg)
-        result["methods"] = {**(before or {}), **after}  # first_sentence, zero_shot, inverter
-        result.update(data=str(eval_data), n=len(pairs["eval"]))
-        metrics["eval"] = {k: {f: v[f] for f in ("token_f1", "exact_match", "n")} for k, v in result["methods"].items()}
-    manifest = Manifest(source=model, metrics=metrics)
-    manifest.add_stage("invert-train", {"invert": cfg, "sft": sft_cfg}, data=str(train), target=target,
-                       system_query=system_query, pairs=len(pairs["train"]), steps=res.steps, merged=merge)
-    with contextlib.redirect_stdout(sys.stderr):
-        save_trained(res.model, tok, output, manifest, merge=merge, force=force)
-    finish_checkpoints(checkpoint_dir(output))
+    with contextlib.redirect_stdout(sys.stderr):  # the trainer's prints stay off stdout (--json)
+        result = run_inversion(req)
     _print_inversion(result, json_out)
 
 
