@@ -197,3 +197,20 @@ def test_other_families(tmp_path, family, cls, extra):
     x = torch.arange(12)[None, :]
     with torch.no_grad():
         assert (back(x).logits - model(x).logits).abs().max().item() <= 1e-5
+
+
+def test_foreign_output_refused_then_forced(tiny_tok, tmp_path, capsys):
+    src = _quantised_dir(tiny_tok, tmp_path, "rtn", RTNConfig(Grid(4, 32)))
+    dest = tmp_path / "mine"
+    dest.mkdir()
+    (dest / "thesis.txt").write_text("not slmkit's\n")
+    args = ["export", str(src), "--format", "compressed-tensors", "--output", str(dest), "--no-loader-check"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert str(dest) in err and "--force" in err and "Traceback" not in err
+    assert sorted(p.name for p in dest.iterdir()) == ["thesis.txt"]
+    assert main([*args, "--force", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["exact"] == 14 and rep["loader_checked"] is False
+    assert not (dest / "thesis.txt").exists() and (dest / "slmkit.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "rtn-q"]  # nothing temporary left
