@@ -50,6 +50,7 @@ def read_bandwidth(mb: int = 512, repeats: int = 3) -> float:
 
 
 def bench_decode(model, tok, args) -> dict:
+    from slmkit.runtime import decoding as D
     from slmkit.runtime import generate as G
 
     ids = tok.apply_chat_template([{"role": "user", "content": "Write a short story about a robot who learns to paint."}],
@@ -80,7 +81,7 @@ def bench_decode(model, tok, args) -> dict:
         logits = G.prefill(fm, ids[0], cache)
         out = []
         for _ in range(n):  # no EOS stop: always n tokens, like min_new_tokens above
-            out.append(G.sample(logits, 0.0, 1.0, None))  # the library's greedy pick, as users get it
+            out.append(D.sample(logits, 0.0, 1.0, None))  # the library's greedy pick, as users get it
             logits = G.decode_one_token(fm, out[-1], cache)
         return out
 
@@ -121,7 +122,7 @@ def bench_decode(model, tok, args) -> dict:
         qids = torch.tensor(tok(text[: 40 * args.quality_tokens]).input_ids[: args.quality_tokens])
         for k in ("fast fp32", "fast int4 torch", "fast int4"):
             t0 = time.perf_counter()
-            nll, scored, _ = G.policy_nll(variants[k], qids, "full", chunk=512 if k == "fast fp32" else 1)
+            nll, scored, _ = D.policy_nll(variants[k], qids, "full", chunk=512 if k == "fast fp32" else 1)
             quality.append({"variant": k, "ppl": math.exp(nll), "tokens": scored, "chunk": 512 if k == "fast fp32" else 1,
                             "seconds": time.perf_counter() - t0})
     return {"new_tokens": n, "prompt_tokens": int(ids.shape[1]), "read_bandwidth_gb_s": bandwidth / 1e9,
@@ -167,6 +168,7 @@ def bench_prefill(model, tok, args) -> dict:
 
 def bench_kv(model, tok, args) -> dict:
     from slmkit.data import data_file
+    from slmkit.runtime import decoding as D
     from slmkit.runtime import generate as G
 
     text = open(data_file("wikitext-2/test.txt"), encoding="utf-8").read()
@@ -176,7 +178,7 @@ def bench_kv(model, tok, args) -> dict:
     rows = []
     for name, b in [("full", None), ("int8", None), ("int4", None), ("streaming", budget), ("h2o", budget)]:
         t0 = time.perf_counter()
-        nll, count, peak = G.policy_nll(fm, ids, name, budget=b, chunk=args.kv_chunk)
+        nll, count, peak = D.policy_nll(fm, ids, name, budget=b, chunk=args.kv_chunk)
         rows.append({"policy": name, "budget_tokens": b, "tokens": count, "perplexity": math.exp(nll), "kv_mb": peak / 1e6,
                      "seconds": time.perf_counter() - t0})
     full = rows[0]

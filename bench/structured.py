@@ -69,7 +69,7 @@ def run_one(fb, chat, schema, constrained: bool, max_new: int) -> tuple[str, int
     """(text, tokens, decode seconds after the first token) of one greedy completion on the fast path."""
     from slmkit.backends.hf import render_prompt
     from slmkit.runtime.constrain import Constraint
-    from slmkit.runtime.generate import stream
+    from slmkit.runtime.decoding import stream
 
     ids = torch.tensor(fb.tokenizer(render_prompt(fb.tokenizer, chat), add_special_tokens=False).input_ids)
     mask = fb.token_mask(Constraint.json_schema(schema)) if constrained else None

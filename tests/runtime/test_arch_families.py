@@ -16,7 +16,8 @@ import transformers
 
 from slmkit.runtime import arch as archmod
 from slmkit.runtime import q4kernel
-from slmkit.runtime.generate import FastConfig, Segment, build, forward, generate, runner, supports
+from slmkit.runtime.decoding import generate
+from slmkit.runtime.generate import FastConfig, Segment, build, forward, runner, supports
 from slmkit.runtime.kvcache import AttnOpts, sdpa
 
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

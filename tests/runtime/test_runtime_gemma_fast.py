@@ -44,7 +44,8 @@ def test_gemma3_is_described_with_its_file_facts(gemma):
 
 
 def test_fp32_fast_path_is_greedy_exact(gemma):
-    from slmkit.runtime.generate import FastConfig, build, generate
+    from slmkit.runtime.decoding import generate
+    from slmkit.runtime.generate import FastConfig, build
 
     _, model, _, ids, ref = gemma
     assert generate(build(model, FastConfig()), ids, 16) == ref
@@ -55,7 +56,8 @@ def test_file_codes_run_and_the_cli_shape(gemma, capsys):
     measured once); the CLI prints it as JSON."""
     from slmkit.cli import main
     from slmkit.runtime import q4kernel
-    from slmkit.runtime.generate import FastConfig, GGUFQ, generate
+    from slmkit.runtime.decoding import generate
+    from slmkit.runtime.generate import FastConfig, GGUFQ
     from slmkit.runtime.gguffast import build_gguf
 
     path, model, tok, ids, ref = gemma
@@ -75,7 +77,8 @@ def test_the_fused_step_runs_gemma(gemma):
     """The file's blocks decode in the one-call fused step (GELU-tanh, q/k norms, sandwich norms, 512-token windows,
     local/global RoPE tables) and agree with the per-op path on the same blocks."""
     from slmkit.runtime import q4kernel
-    from slmkit.runtime.generate import FastConfig, generate
+    from slmkit.runtime.decoding import generate
+    from slmkit.runtime.generate import FastConfig
     from slmkit.runtime.gguffast import build_gguf
 
     path, model, _, ids, _ = gemma

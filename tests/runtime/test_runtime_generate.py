@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from slmkit.runtime import decoding as D
 from slmkit.runtime import generate as G
 from slmkit.runtime.kvcache import FullCache
 
@@ -29,7 +30,7 @@ def test_fast_greedy_equals_generate_fp32(lively, references):
     distinct = set()
     for ids, ref in references:
         for chunk in (512, 3):  # one prefill, and a chunked prefill
-            assert G.generate(fm, ids, 48, prefill_chunk=chunk) == ref
+            assert D.generate(fm, ids, 48, prefill_chunk=chunk) == ref
         distinct |= set(ref)
     assert len(distinct) > 10  # the test model really produces varied text
 
@@ -85,11 +86,11 @@ def test_int8_weights_round_trip_within_half_a_step():
 
 def test_sample_rules():
     logits = torch.tensor([0.0, 3.0, 1.0, 2.9])
-    assert G.sample(logits, 0.0, 1.0, None) == 1
-    assert G.sample(logits, 1.0, 1e-6, torch.Generator().manual_seed(0)) == 1  # nucleus of one token
-    draws = [G.sample(logits, 1.0, 0.9, torch.Generator().manual_seed(s)) for s in range(200)]
+    assert D.sample(logits, 0.0, 1.0, None) == 1
+    assert D.sample(logits, 1.0, 1e-6, torch.Generator().manual_seed(0)) == 1  # nucleus of one token
+    draws = [D.sample(logits, 1.0, 0.9, torch.Generator().manual_seed(s)) for s in range(200)]
     assert set(draws) <= {1, 3, 2} and 0 not in draws
-    again = [G.sample(logits, 1.0, 0.9, torch.Generator().manual_seed(s)) for s in range(200)]
+    again = [D.sample(logits, 1.0, 0.9, torch.Generator().manual_seed(s)) for s in range(200)]
     assert draws == again
 
 
@@ -98,7 +99,7 @@ def test_eos_stops_and_is_returned(lively, references):
     fm = G.build(model)
     ids, ref = references[0]
     fm.eos = (ref[5],)  # pretend the 6th generated token is EOS: generation stops there, EOS included
-    got = G.generate(fm, ids, 48)
+    got = D.generate(fm, ids, 48)
     assert got == ref[: ref.index(ref[5]) + 1]
 
 
@@ -132,7 +133,7 @@ def test_default_model_fast_greedy_equals_generate(default_model):
                                   return_tensors="pt", return_dict=True)["input_ids"]
     ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False,
                          pad_token_id=tok.pad_token_id, temperature=None, top_p=None, top_k=None)[0, ids.shape[1]:].tolist()
-    assert G.generate(fm, ids[0], 24) == ref
+    assert D.generate(fm, ids[0], 24) == ref
 
 
 def test_int4_reproduces_weights_on_a_4bit_grid():

@@ -27,7 +27,8 @@ PROMPTS = ["The capital of France is", "Photosynthesis is the process by which",
 
 def test_fast_gguf_greedy_matches_transformers(default_model):
     from slmkit.models.zoo import locate
-    from slmkit.runtime.generate import decode_one_token, prefill, stream
+    from slmkit.runtime.decoding import stream
+    from slmkit.runtime.generate import decode_one_token, prefill
     from slmkit.runtime.gguffast import build_gguf
 
     model, tok = default_model

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from slmkit.errors import ConfigError
+from slmkit.runtime import decoding as D
 from slmkit.runtime import generate as G
 from slmkit.runtime.kvcache import KV_POLICIES, KVShape, dequantize_kv, kv_policy, quantize_kv
 
@@ -78,8 +79,8 @@ def test_streaming_matches_a_sink_window_attention_mask(lively, fm):
 @pytest.mark.parametrize("name", ["streaming", "h2o"])
 def test_evicting_policy_with_room_equals_full(fm, long_ids, name):
     ids = long_ids[:60]
-    full, _, _ = G.policy_nll(fm, ids, "full", chunk=5)
-    roomy, _, _ = G.policy_nll(fm, ids, name, budget=64, chunk=5)
+    full, _, _ = D.policy_nll(fm, ids, "full", chunk=5)
+    roomy, _, _ = D.policy_nll(fm, ids, name, budget=64, chunk=5)
     assert roomy == pytest.approx(full, rel=1e-5)
 
 
@@ -100,11 +101,11 @@ def test_h2o_keeps_recent_and_heavy_hitters():
 
 def test_full_and_int8_keep_perplexity_on_long_text(fm, long_ids):
     """Stated tolerance: int8 KV within 1% of full-cache perplexity; full equals transformers' own loss."""
-    full, n, _ = G.policy_nll(fm, long_ids, "full", chunk=16)
-    int8, _, _ = G.policy_nll(fm, long_ids, "int8", chunk=16)
+    full, n, _ = D.policy_nll(fm, long_ids, "full", chunk=16)
+    int8, _, _ = D.policy_nll(fm, long_ids, "int8", chunk=16)
     assert n == len(long_ids) - 1
     assert abs(math.exp(int8) / math.exp(full) - 1) < 0.01
-    int4, _, _ = G.policy_nll(fm, long_ids, "int4", chunk=16)
+    int4, _, _ = D.policy_nll(fm, long_ids, "int4", chunk=16)
     assert math.exp(int4) / math.exp(full) < 1.25
 
 
@@ -113,7 +114,7 @@ def test_full_policy_nll_equals_transformers_loss(lively, fm, long_ids):
     ids = long_ids[:100]
     with torch.no_grad():
         ref = float(model(input_ids=ids[None], labels=ids[None]).loss)
-    got, _, _ = G.policy_nll(fm, ids, "full", chunk=1)
+    got, _, _ = D.policy_nll(fm, ids, "full", chunk=1)
     assert got == pytest.approx(ref, rel=1e-5)
 
 

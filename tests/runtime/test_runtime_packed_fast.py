@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from slmkit.runtime import decoding as D
 from slmkit.runtime import generate as G
 from slmkit.runtime import q4kernel
 
@@ -90,7 +91,7 @@ def _held(fm) -> dict[str, G.Dense]:
 
 
 def _greedy(fm, ids: torch.Tensor, n: int) -> list[int]:
-    return [s.token for s in G.stream(fm, ids, n, temperature=0.0)]
+    return [s.token for s in D.stream(fm, ids, n, temperature=0.0)]
 
 
 # ---------------------------------------------------------------------------- codes reach the kernel

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from slmkit.errors import ConfigError
+from slmkit.runtime import decoding as D
 from slmkit.runtime import generate as G
 from slmkit.runtime import q4kernel as Q
 
@@ -137,8 +138,8 @@ def test_token_by_token_scoring_goes_through_the_fused_step(lively):
     model, tok = lively
     fm = G.build(model, G.FastConfig(weights="int4"))
     ids = tok("The cat sees the dog. A dog likes green apples. It is red and the cat is not.", return_tensors="pt").input_ids[0]
-    one, n1, _ = G.policy_nll(fm, ids, "full", chunk=1)
-    many, n8, _ = G.policy_nll(fm, ids, "full", chunk=8)
+    one, n1, _ = D.policy_nll(fm, ids, "full", chunk=1)
+    many, n8, _ = D.policy_nll(fm, ids, "full", chunk=8)
     assert n1 == n8 == len(ids) - 1
     assert abs(one - many) < 0.02 * abs(many), (one, many)
 

@@ -8,6 +8,7 @@ import httpx
 import pytest
 import torch
 
+from slmkit.runtime import decoding as D
 from slmkit.runtime import generate as G
 
 openai = pytest.importorskip("openai")
@@ -208,7 +209,7 @@ def test_models_by_name_each_answer_with_their_own_weights(lively):
         assert [m["id"] for m in tc.get("/v1/models").json()["data"]] == ["tiny", "alice"]
         for name, m in (("tiny", model), ("alice", other)):
             r = tc.post("/v1/completions", json={"model": name, "prompt": "The cat sees", "max_tokens": 8, "temperature": 0})
-            want = [t for t in G.generate(G.build(m), ids, 8) if t != tok.eos_token_id]
+            want = [t for t in D.generate(G.build(m), ids, 8) if t != tok.eos_token_id]
             assert r.json()["choices"][0]["text"] == tok.decode(want, skip_special_tokens=True)
 
 

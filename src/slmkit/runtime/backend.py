@@ -9,11 +9,12 @@ import torch
 
 from slmkit.backends.base import Completion, GenParams, Prompt, TokenScores
 from slmkit.backends.hf import HFBackend, render_prompt
-from slmkit.runtime.generate import FastConfig, runner, stream
+from slmkit.runtime.decoding import stream
+from slmkit.runtime.generate import FastConfig, runner
 
 
 class FastBackend:
-    """Generates with :func:`slmkit.runtime.generate.stream` (KV policy per backend); scores like :class:`HFBackend`.
+    """Generates with :func:`slmkit.runtime.decoding.stream` (KV policy per backend); scores like :class:`HFBackend`.
 
     With ``gguf`` (the file ``model`` was loaded from) the fast model runs the file's own quantised
     blocks (:func:`slmkit.runtime.gguffast.build_gguf`) instead of ``model``'s dequantised weights. A model

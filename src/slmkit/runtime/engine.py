@@ -28,7 +28,8 @@ import torch
 
 from slmkit.backends.stream import releasable
 from slmkit.errors import ConfigError
-from slmkit.runtime.generate import FastModel, Segment, forward, sample
+from slmkit.runtime.decoding import sample
+from slmkit.runtime.generate import FastModel, Segment, forward
 from slmkit.runtime.omp import release_pool
 
 log = logging.getLogger(__name__)

@@ -32,7 +32,7 @@ from slmkit.runtime.kvcache import KVShape, kv_policy
 GB = 1_000_000_000
 BITS = {"fp32": 32.0, "bf16": 16.0, "fp16": 16.0, "int8": 8.5, "int4": 4.5}
 RUNTIME_OVERHEAD = 450_000_000  #: bytes; PyTorch runtime RSS before weights, measured here (see module docstring)
-PREFILL_CHUNK = 512  #: tokens per prefill step in the fast path (generate.stream's default)
+PREFILL_CHUNK = 512  #: tokens per prefill step in the fast path (decoding.stream's default)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ bandwidth bound. Here the same ideas run on CPU:
   ``weights="int4"`` packs groups of 32 at 4 bits; on CPUs with AVX512-VNNI the matmuls run in
   slmkit's own kernel (:mod:`slmkit.runtime.q4kernel`: 4-bit weights, activations rounded to int8
   per 32) and a decode step (one new token for each of one or more sequences with the full
-  cache) runs through every layer in one C call (no per-op dispatch); elsewhere
+  cache) runs through every layer in one C call (no per-op dispatch, :mod:`slmkit.runtime.fusedstep`); elsewhere
   ``torch._weight_int4pack_mm_for_cpu``;
 * a GGUF file's own quantised blocks (Q4_0 ... Q6_K, :mod:`slmkit.runtime.ggmlkernel`) run as
   :class:`GGUFQ` weights, built by :func:`slmkit.runtime.gguffast.build_gguf`, through the same
@@ -29,7 +29,8 @@ Decoding is a set of plain functions over the model: :func:`forward` takes a lis
 segments (token ids + that sequence's cache), so one call serves a single prompt
 (:func:`prefill`, :func:`decode_one_token`) or a continuous batch of several
 sequences at different positions (the server). The matmuls run over all tokens
-of all segments at once; attention runs per segment against its own cache.
+of all segments at once; attention runs per segment against its own cache. Sampling, the
+token loop and scoring through a KV policy are in :mod:`slmkit.runtime.decoding`.
 
 In fp32 with the full cache, greedy output equals ``model.generate`` token for token.
 """
@@ -37,20 +38,19 @@ In fp32 with the full cache, greedy output equals ``model.generate`` token for t
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from slmkit.errors import ConfigError, UnsupportedModelError
-from slmkit.runtime import q4kernel
-from slmkit.runtime.arch import ArchSpec, describe, families
-from slmkit.runtime.kvcache import AttnOpts, FullCache, KVShape, QuantKV, FullKV, kv_policy
+from slmkit.runtime import fusedstep, q4kernel
+from slmkit.runtime.arch import ArchSpec, describe, families, text_config
+from slmkit.runtime.kvcache import AttnOpts, KVShape, QuantKV, FullKV, kv_policy
 from slmkit.runtime.weights import GGUFQ, Q4, Concat, Dense, Int4, Int8, apply_linear
 
-__all__ = ["FastConfig", "FastModel", "Layer", "Segment", "build", "forward", "stream", "generate", "supports", "runner",
+__all__ = ["FastConfig", "FastModel", "Layer", "Segment", "build", "forward", "prefill", "decode_one_token", "supports", "runner",
            "Dense", "Concat", "Int8", "Int4", "Q4", "GGUFQ", "apply_linear", "SUPPORTED"]
 
 log = logging.getLogger(__name__)
@@ -213,10 +213,44 @@ def build(model, cfg: FastConfig = FastConfig(), weights: WeightSource | None = 
     output head and the embedding table instead (the model still gives config, norms and rotary);
     q/k/v and gate/up then run as :class:`Concat` of the parts it returns.
 
-    The one-call fused decode step (:func:`_fused_step`) runs only what :func:`fused_covers` accepts;
-    a model with anything else (biases, q/k norms, GELU, sandwich norms, soft-caps, partial or per-layer
-    RoPE, a sliding window shorter than the cache) decodes per op, which follows the whole spec.
+    The one-call fused decode step (:func:`slmkit.runtime.fusedstep.run`) runs only what
+    :func:`slmkit.runtime.fusedstep.covers` accepts; a model with anything else (partial rotary, biases on
+    o/gate/up/down) decodes per op, which follows the whole spec.
     """
+    arch = _arch_of(model, cfg, weights)
+    from transformers.activations import ACT2FN
+
+    c = text_config(model.config)
+    dtype = cfg.torch_dtype
+    heads, kv = c.num_attention_heads, c.num_key_value_heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+    mk = _Linears(model, cfg, weights)
+    with torch.no_grad():
+        layers = [_layer(ly, f"model.layers.{i}.", i, arch, dtype, mk.one, mk.fused) for i, ly in enumerate(model.model.layers)]
+        head, embed = mk.head_and_embed(model)
+    act = getattr(c, "hidden_activation", None) if arch.act == "gelu_tanh" else None
+    fm = FastModel(
+        cfg=cfg, layers=layers, embed=embed, norm=norm_weight(model.model.norm, arch, dtype), head=head,
+        rotary=model.model.rotary_emb, act=ACT2FN[act or c.hidden_act], heads=heads, kv_heads=kv, head_dim=head_dim,
+        eps=c.rms_norm_eps, vocab=c.vocab_size, max_positions=c.max_position_embeddings, eos=_eos_of(model),
+        ffn=c.intermediate_size, arch=arch,
+        # transformers' scaled embedding multiplies by its fp32 scale rounded to the table's dtype
+        embed_scale=None if arch.embed_scale == 1.0 else torch.tensor(arch.embed_scale).to(dtype),
+    )
+    fm.specs = [(ly.qkv.spec(), ly.o.spec(), ly.gate_up.spec(), ly.down.spec()) for ly in layers]
+    if (mk.use_q4 or weights is not None) and not cfg.compile and fusedstep.covers(arch):
+        fusedstep.attach(fm, with_head=weights is not None)
+    if cfg.compile:
+        # One graph each for the work before and after attention of a one-token decode step, shared by
+        # every layer (weights are arguments, not constants); prefill and batches run eagerly.
+        fm.blocks["pre"] = torch.compile(_pre_attn, dynamic=False, fullgraph=True)
+        fm.blocks["post"] = torch.compile(_post_attn, dynamic=False, fullgraph=True)
+    return fm
+
+
+def _arch_of(model, cfg: FastConfig, weights: WeightSource | None) -> ArchSpec:
+    """The model's :class:`~slmkit.runtime.arch.ArchSpec`; refuses a family the fast path does not describe, and
+    ``weights="gguf"`` without a weight source (or a source without it)."""
     if (cfg.weights == "gguf") != (weights is not None):
         raise ConfigError("weights='gguf' runs a GGUF file's own blocks: build it with slmkit.runtime.gguffast.build_gguf(path)")
     arch = describe(model.config, warn=False)
@@ -226,21 +260,34 @@ def build(model, cfg: FastConfig = FastConfig(), weights: WeightSource | None = 
             f"the fast path has no description of a {mt!r} model (it runs {', '.join(SUPPORTED)})",
             "run without --fast (model.generate works for every architecture)",
         )
-    from transformers.activations import ACT2FN
+    return arch
 
-    c = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    dtype = cfg.torch_dtype
-    heads, kv = c.num_attention_heads, c.num_key_value_heads
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
 
-    # slmkit's q4 kernel is a ctypes call, which torch.compile cannot trace: compile=True keeps torch's kernel
-    use_q4 = cfg.weights == "int4" and cfg.kernel != "torch" and not cfg.compile and q4kernel.load() is not None
-    if cfg.weights == "int4" and cfg.kernel == "slmkit" and not use_q4:
-        why = "compile=True needs torch's kernel" if cfg.compile else q4kernel.why_unavailable()
-        raise ConfigError(f"slmkit's q4 kernel is unavailable: {why}", "use kernel='auto' or 'torch'")
+def _eos_of(model) -> tuple[int, ...]:
+    """The end-of-sequence ids of ``model``'s generation config (none when it has none)."""
+    eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+    return tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
 
-    def lin(w, b=None):
-        if use_q4 and w.shape[1] % 64 == 0:
+
+class _Linears:
+    """How :func:`build` makes the fast path's linears: at the compute dtype or quantised per ``cfg.weights``
+    (shared with the transformers model when nothing changes), or taken from a :data:`WeightSource` (GGUF)."""
+
+    def __init__(self, model, cfg: FastConfig, weights: WeightSource | None):
+        self.cfg, self.dtype, self.weights = cfg, cfg.torch_dtype, weights
+        # slmkit's q4 kernel is a ctypes call, which torch.compile cannot trace: compile=True keeps torch's kernel
+        self.use_q4 = cfg.weights == "int4" and cfg.kernel != "torch" and not cfg.compile and q4kernel.load() is not None
+        if cfg.weights == "int4" and cfg.kernel == "slmkit" and not self.use_q4:
+            why = "compile=True needs torch's kernel" if cfg.compile else q4kernel.why_unavailable()
+            raise ConfigError(f"slmkit's q4 kernel is unavailable: {why}", "use kernel='auto' or 'torch'")
+        # Fuse q/k/v and gate/up into one matmul each when new tensors are made anyway (dtype change or
+        # quantisation); when the weights can be shared with the transformers model, share them instead
+        # (no second copy of the model in memory) and run the parts one after the other.
+        self.share = cfg.weights == "native" and model.model.layers[0].mlp.down_proj.weight.dtype == self.dtype
+
+    def lin(self, w, b=None) -> Dense:
+        cfg, dtype = self.cfg, self.dtype
+        if self.use_q4 and w.shape[1] % 64 == 0:
             return Q4(w.detach(), None if b is None else b.detach(), dtype)
         if cfg.weights == "int4" and w.shape[0] % 16 == 0 and w.shape[1] % 32 == 0:  # the packing kernel's constraints
             return Int4(w.detach(), None if b is None else b.detach(), dtype)
@@ -248,67 +295,39 @@ def build(model, cfg: FastConfig = FastConfig(), weights: WeightSource | None = 
             return Int8(w.detach(), None if b is None else b.detach(), dtype)
         return Dense(w.detach().to(dtype), None if b is None else b.detach().to(dtype))
 
-    def cat_bias(*mods):
-        if all(m.bias is None for m in mods):
-            return None
-        return torch.cat([m.bias if m.bias is not None else torch.zeros(m.out_features) for m in mods])
+    def one(self, name: str, mod) -> Dense:
+        return self.weights(name, mod) if self.weights is not None else self.lin(mod.weight, mod.bias)
 
-    # Fuse q/k/v and gate/up into one matmul each when new tensors are made anyway (dtype change or
-    # quantisation); when the weights can be shared with the transformers model, share them instead
-    # (no second copy of the model in memory) and run the parts one after the other.
-    share = cfg.weights == "native" and model.model.layers[0].mlp.down_proj.weight.dtype == dtype
+    def fused(self, mods, names=()) -> Dense:
+        if self.weights is not None:
+            return Concat([self.weights(n, m) for n, m in zip(names, mods)])
+        if self.share:
+            return Concat([self.lin(m.weight, m.bias) for m in mods])
+        bias = None
+        if any(m.bias is not None for m in mods):
+            bias = torch.cat([m.bias if m.bias is not None else torch.zeros(m.out_features) for m in mods])
+        return self.lin(torch.cat([m.weight for m in mods]), bias)
 
-    def one(name, mod):
-        return weights(name, mod) if weights is not None else lin(mod.weight, mod.bias)
-
-    def fused(mods, names=()):
-        if weights is not None:
-            return Concat([weights(n, m) for n, m in zip(names, mods)])
-        if share:
-            return Concat([lin(m.weight, m.bias) for m in mods])
-        return lin(torch.cat([m.weight for m in mods]), cat_bias(*mods))
-
-    with torch.no_grad():
-        layers = [_layer(ly, f"model.layers.{i}.", i, arch, dtype, one, fused) for i, ly in enumerate(model.model.layers)]
+    def head_and_embed(self, model) -> tuple[Dense, object]:
+        """The output head, and the embedding table: a tensor, an int8 or GGUF table with ``rows``, or None to
+        look rows up in the int8 head."""
+        cfg, weights = self.cfg, self.weights
         emb_w = model.get_input_embeddings().weight.detach()
         head_w = model.get_output_embeddings().weight.detach()
         tied = emb_w.data_ptr() == head_w.data_ptr()
-        head = lin(head_w) if weights is None else weights("lm_head", model.get_output_embeddings())
+        head = self.lin(head_w) if weights is None else weights("lm_head", model.get_output_embeddings())
         if weights is not None:
             embed = weights("model.embed_tokens", model.get_input_embeddings())
             embed = embed.w if type(embed) is Dense else embed  # a dense table is indexed directly
         elif cfg.weights == "int8" and tied:
             embed = None  # look rows up in the int8 head
         elif cfg.weights == "int4":
-            embed = Int8(emb_w, None, dtype)  # rows are looked up from an int8 copy (int4 packing is for matmuls)
+            embed = Int8(emb_w, None, self.dtype)  # rows are looked up from an int8 copy (int4 packing is for matmuls)
         elif tied and cfg.weights == "native":
             embed = head.w
         else:
-            embed = emb_w.to(dtype)
-    eos = model.generation_config.eos_token_id if model.generation_config is not None else None
-    eos = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
-    act = getattr(c, "hidden_activation", None) if arch.act == "gelu_tanh" else None
-    fm = FastModel(
-        cfg=cfg, layers=layers, embed=embed, norm=norm_weight(model.model.norm, arch, dtype), head=head,
-        rotary=model.model.rotary_emb, act=ACT2FN[act or c.hidden_act], heads=heads, kv_heads=kv, head_dim=head_dim,
-        eps=c.rms_norm_eps, vocab=c.vocab_size, max_positions=c.max_position_embeddings, eos=eos,
-        ffn=c.intermediate_size, arch=arch,
-        # transformers' scaled embedding multiplies by its fp32 scale rounded to the table's dtype
-        embed_scale=None if arch.embed_scale == 1.0 else torch.tensor(arch.embed_scale).to(dtype),
-    )
-    fm.specs = [(ly.qkv.spec(), ly.o.spec(), ly.gate_up.spec(), ly.down.spec()) for ly in layers]
-    if (use_q4 or weights is not None) and not cfg.compile and fused_covers(arch):
-        fm.fused = _fused_table(fm)
-        head_seg = _segments(fm.head) if weights is not None and fm.fused is not None else None
-        if head_seg is not None and len(head_seg) == 1:  # the q4 path keeps its head in torch (its logits unchanged)
-            fm.fused_head = torch.tensor(head_seg[0], dtype=torch.int64)
-            fm.fused_norm = fm.norm.to(torch.bfloat16).contiguous()  # the step reads bf16 (Gemma's 1 + w is fp32)
-    if cfg.compile:
-        # One graph each for the work before and after attention of a one-token decode step, shared by
-        # every layer (weights are arguments, not constants); prefill and batches run eagerly.
-        fm.blocks["pre"] = torch.compile(_pre_attn, dynamic=False, fullgraph=True)
-        fm.blocks["post"] = torch.compile(_post_attn, dynamic=False, fullgraph=True)
-    return fm
+            embed = emb_w.to(self.dtype)
+        return head, embed
 
 
 def _layer(ly, pre: str, i: int, arch: ArchSpec, dtype, one, fused) -> Layer:
@@ -333,85 +352,6 @@ def _layer(ly, pre: str, i: int, arch: ArchSpec, dtype, one, fused) -> Layer:
         post_mlp_norm=nw(ly.post_feedforward_layernorm) if sandwich else None,
         attn=_attn_opts(arch, i), rope_key=arch.layer_types[i] if arch.rope_per_layer_type else None,
     )
-
-
-def fused_covers(arch: ArchSpec) -> bool:
-    """Whether the one-call fused decode step (kernels/decode.c, ``slmkit_decode_batch_arch``) computes this family.
-
-    It runs SiLU or GELU-tanh, RMSNorm scales (Gemma's ``1 + w`` passed as the effective scale, in bf16), per-head
-    q/k norms, the norms on each block's output, sliding windows, per-layer rotary tables, a query scale and an
-    attention soft-cap (the final soft-cap and the embedding scale are applied in Python). It does not run partial
-    rotary (Phi-3's ``partial_rotary_factor < 1``) or biases other than q/k/v's (Qwen2's q/k/v biases it adds;
-    :func:`_segments` has no descriptor for an o/gate/up/down matrix with a bias): those models decode per op,
-    where :func:`forward`'s torch path follows every field.
-    """
-    return arch.rotary_fraction == 1.0
-
-
-def _segments(m, bias_ok: bool = False) -> list[tuple] | None:
-    """The fused step's matrix descriptors of a weight (parts of a Concat side by side); None if it has no kernel there
-    (or has a bias, unless ``bias_ok``: the q|k|v bias goes to the step separately, :func:`_qkv_bias`)."""
-    if isinstance(m, Concat):
-        parts = [_segments(p, bias_ok) for p in m.parts]
-        return None if any(p is None for p in parts) else [s for p in parts for s in p]
-    if type(m) in (Q4, GGUFQ) and (m.b is None or bias_ok):
-        return m.segments()
-    return None
-
-
-def _qkv_bias(fm: FastModel, m) -> int:
-    """Address of the fp32 q|k|v bias of ``m`` (zeros for parts without one; kept in ``fm.fused_keep``), 0 when none."""
-    parts = m.parts if isinstance(m, Concat) else [m]
-    if all(p.b is None for p in parts):
-        return 0
-    b = torch.cat([p.b.float() if p.b is not None else torch.zeros(p.q.shape[0]) for p in parts]).contiguous()
-    fm.fused_keep.append(b)
-    return b.data_ptr()
-
-
-def _fused_table(fm: FastModel) -> torch.Tensor | None:
-    """Per layer: the two norm weights, then q|k|v (3 slots), o, gate|up (2 slots), down, 6 values each.
-
-    ``None`` when a matrix has no kernel in the fused step (dense or int8 weights, biases), the
-    library is unavailable, or a size does not suit it (multiples of 64); forward then runs per op.
-    """
-    D, hd, F = fm.layers[0].attn_norm.shape[0], fm.head_dim, fm.ffn
-    if q4kernel.load() is None or D % 64 or (fm.heads * hd) % 64 or F % 64 or hd % 2 or fm.dtype != torch.bfloat16:
-        return None
-    rows = []
-    for ly in fm.layers:
-        segs = [_segments(ly.qkv, bias_ok=True)] + [_segments(m) for m in (ly.o, ly.gate_up, ly.down)]
-        if any(s is None for s in segs) or len(segs[0]) > 3 or len(segs[1]) != 1 or len(segs[2]) > 2 or len(segs[3]) != 1:
-            return None
-        empty = (0, 0, 0, 0, 0, 0)
-        slots = segs[0] + [empty] * (3 - len(segs[0])) + segs[1] + segs[2] + [empty] * (2 - len(segs[2])) + segs[3]
-        rows.append([_bf16(fm, ly.attn_norm), _bf16(fm, ly.mlp_norm), *(v for seg in slots for v in seg)])
-    _fused_extras(fm)
-    return torch.tensor(rows, dtype=torch.int64).reshape(-1)
-
-
-def _bf16(fm: FastModel, w: torch.Tensor | None) -> int:
-    """Address of ``w`` in bf16 (a copy kept in ``fm.fused_keep`` when it is not bf16; Gemma's fp32 ``1 + w``); 0 for None."""
-    if w is None:
-        return 0
-    if w.dtype != torch.bfloat16:
-        w = w.to(torch.bfloat16).contiguous()
-        fm.fused_keep.append(w)
-    return w.data_ptr()
-
-
-def _fused_extras(fm: FastModel) -> None:
-    """The fused step's architecture extras (decode.c ``X_*`` per layer, ``F_*`` per model) from ``fm.arch``;
-    none (``fm.fused_ext`` None: the plain llama step) when every extra is absent."""
-    a = fm.arch
-    fm.rope_keys = tuple(dict.fromkeys(ly.rope_key for ly in fm.layers))
-    ext = torch.tensor([[_bf16(fm, ly.q_norm), _bf16(fm, ly.k_norm), _bf16(fm, ly.post_attn_norm),
-                         _bf16(fm, ly.post_mlp_norm), a.window(i) or 0, fm.rope_keys.index(ly.rope_key), _qkv_bias(fm, ly.qkv)]
-                        for i, ly in enumerate(fm.layers)], dtype=torch.int64).reshape(-1)
-    fp = torch.tensor([a.attn_scale or 0.0, a.attn_softcap or 0.0, 1.0 if a.act == "gelu_tanh" else 0.0,
-                       float(len(fm.rope_keys))], dtype=torch.float32)
-    if bool(ext.any()) or not torch.equal(fp, torch.tensor([0.0, 0.0, 0.0, 1.0])):
-        fm.fused_ext, fm.fused_fp = ext, fp
 
 
 # ---------------------------------------------------------------------------- the forward pass
@@ -512,11 +452,9 @@ def runner(model, cfg: FastConfig = FastConfig()):
     for :func:`forward`; :func:`slmkit.runtime.arch.describe` says in one warning line which architecture and why)."""
     if supports(model, warn=True):
         return build(model, cfg)
-    c = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    eos = model.generation_config.eos_token_id if model.generation_config is not None else None
-    eos = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
+    c = text_config(model.config)
     ctx = getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None) or 2048
-    return HFRunner(model.eval(), ctx, c.vocab_size, eos)
+    return HFRunner(model.eval(), ctx, c.vocab_size, _eos_of(model))
 
 
 def _hf_forward(fm: HFRunner, segs: Sequence[Segment]) -> list[torch.Tensor]:
@@ -539,8 +477,8 @@ def forward(fm: FastModel, segs: Sequence[Segment]) -> list[torch.Tensor]:
     """
     if isinstance(fm, HFRunner):
         return _hf_forward(fm, segs)
-    if fm.fused is not None and all(s.ids.shape[0] == 1 and _fusable(s.cache, fm) for s in segs):
-        return _fused_step(fm, segs)
+    if fm.fused is not None and all(s.ids.shape[0] == 1 and fusedstep.fusable(s.cache) for s in segs):
+        return _fused_forward(fm, segs)
     dt = fm.dtype
     H, Hk, hd = fm.heads, fm.kv_heads, fm.head_dim
     lens = [int(s.ids.shape[0]) for s in segs]
@@ -610,45 +548,9 @@ def softcap_logits(fm: FastModel, logits: torch.Tensor) -> torch.Tensor:
     return logits if cap is None else torch.tanh(logits / cap) * cap
 
 
-def _fusable(cache, fm: FastModel) -> bool:
-    """Whether the fused step can run a decode step on ``cache``: a contiguous bf16 full cache."""
-    return type(cache) is FullCache and cache.k.dtype == torch.bfloat16 and cache.k.is_contiguous() and cache.v.is_contiguous()
-
-
-def _fused_step(fm: FastModel, segs: Sequence[Segment]) -> list[torch.Tensor]:
-    """One new token of each sequence through every layer in one call of slmkit's kernel library."""
-    for s in segs:
-        if s.cache.seen + 1 > min(fm.max_positions, s.cache.capacity):
-            raise ConfigError(f"context of {s.cache.seen + 1} tokens exceeds the KV cache capacity of {s.cache.capacity}")
-    ids = torch.cat([s.ids for s in segs])
-    table = fm.embed if isinstance(fm.embed, (Int8, GGUFQ)) else fm.head
-    x = table.rows(ids, torch.float32) if hasattr(table, "rows") else fm.embed[ids].float()
-    x = (x if fm.embed_scale is None else x * fm.embed_scale.float()).contiguous()
-    pos = [s.cache.seen for s in segs]
-    tables = [fm.rope_at(p, key) for p in pos for key in fm.rope_keys]  # (M x R) tables, R rotary keys per token
-    cos = torch.stack([c for c, _ in tables]).contiguous()
-    sin = torch.stack([s for _, s in tables]).contiguous()
-    kp = torch.tensor([s.cache.k.data_ptr() for s in segs], dtype=torch.int64)
-    vp = torch.tensor([s.cache.v.data_ptr() for s in segs], dtype=torch.int64)
-    caps = torch.tensor([s.cache.capacity for s in segs], dtype=torch.int32)
-    posv = torch.tensor(pos, dtype=torch.int32)
-    head = fm.fused_head
-    logits = torch.empty(len(segs), int(head[2])) if head is not None else None  # (M, V), written by the call
-    lib = q4kernel.require()
-    args = (
-        x.data_ptr(), len(segs), len(fm.layers), x.shape[1], fm.heads, fm.kv_heads, fm.head_dim, fm.ffn, fm.eps,
-        fm.fused.data_ptr(), kp.data_ptr(), vp.data_ptr(), caps.data_ptr(), posv.data_ptr(), cos.data_ptr(), sin.data_ptr(),
-        None if head is None else fm.fused_norm.data_ptr(), None if head is None else head.data_ptr(),
-        None if head is None else logits.data_ptr(),
-    )
-    if fm.fused_ext is None:  # llama: the step without architecture extras
-        rc = lib.slmkit_decode_batch(*args)
-    else:
-        rc = lib.slmkit_decode_batch_arch(*args, fm.fused_ext.data_ptr(), fm.fused_fp.data_ptr())
-    if rc:
-        raise RuntimeError(f"fused decode step failed (code {rc})")
-    for s in segs:
-        s.cache.advance(1)
+def _fused_forward(fm: FastModel, segs: Sequence[Segment]) -> list[torch.Tensor]:
+    """A decode step through :func:`slmkit.runtime.fusedstep.run`; the final norm and head in torch unless it ran them."""
+    x, logits = fusedstep.run(fm, segs)
     if logits is None:  # the head in torch; a dense (bf16) head takes bf16 inputs, as in forward's per-op path
         h = x.to(fm.dtype) if type(fm.head) is Dense else x
         logits = fm.head(rms_norm(h, fm.norm, fm.eps)).float()  # (M, V)
@@ -664,104 +566,3 @@ def prefill(fm: FastModel, ids: torch.Tensor, cache) -> torch.Tensor:
 def decode_one_token(fm: FastModel, token: int, cache) -> torch.Tensor:
     """One decoding step; logits (V,) of the next token."""
     return forward(fm, [Segment(torch.tensor([token]), cache)])[0]
-
-
-# ---------------------------------------------------------------------------- sampling and the loop
-
-
-def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> int:
-    """Greedy when temperature is 0; else softmax(logits / T) restricted to the top-p nucleus (Holtzman et al. 2020)."""
-    if temperature <= 0:
-        return int(logits.max(-1).indices)  # = argmax (first maximum), about 3x faster on CPU
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1.0:
-        sp, si = probs.sort(descending=True)
-        keep = sp.cumsum(-1) - sp < top_p  # smallest prefix whose mass reaches top_p (first token always kept)
-        probs = torch.zeros_like(probs).scatter(0, si[keep], sp[keep])
-    return int(torch.multinomial(probs, 1, generator=gen))
-
-
-@dataclass
-class Step:
-    token: int
-    logprob: float  # log-probability of ``token`` under the model (temperature 1)
-
-
-def stream(
-    fm: FastModel,
-    ids: torch.Tensor,
-    max_new_tokens: int,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    seed: int | None = None,
-    cache=None,
-    prefill_chunk: int = 512,
-    mask=None,
-) -> Iterator[Step]:
-    """Yield generated tokens one by one; stops after EOS (which is yielded) or ``max_new_tokens``.
-
-    ``mask`` (a :class:`slmkit.runtime.constrain.TokenMask`) constrains every token to its grammar; the
-    stream also ends once the grammar is complete (nothing but EOS may follow: ``mask.done``). The mask of
-    the next token is computed while the model runs the current one (when the mask has a worker pool).
-    """
-    if cache is None:
-        cache = fm.new_cache("full", context=min(fm.max_positions, ids.shape[0] + max_new_tokens))
-    gen = torch.Generator().manual_seed(seed) if seed is not None else None
-    if max_new_tokens <= 0:
-        return
-    logits = None
-    for b in range(0, ids.shape[0], prefill_chunk):
-        logits = prefill(fm, ids[b : b + prefill_chunk], cache)
-    for i in range(max_new_tokens):
-        if mask is not None:
-            mask.apply(logits, max_new_tokens - i)
-        tok = sample(logits, temperature, top_p, gen)
-        if mask is not None:
-            tok = mask.vet(tok, max_new_tokens - i)
-        yield Step(tok, float(torch.log_softmax(logits, -1)[tok]))
-        if tok in fm.eos or i == max_new_tokens - 1:
-            return
-        if mask is not None:
-            mask.accept(tok)  # starts the next mask on the pool: it overlaps the forward pass below
-            if mask.done:
-                return
-        logits = decode_one_token(fm, tok, cache)
-
-
-def generate(fm: FastModel, ids: torch.Tensor, max_new_tokens: int, **kw) -> list[int]:
-    """Generated token ids (EOS included when hit), like ``model.generate(...)[prompt_len:]``."""
-    return [s.token for s in stream(fm, ids, max_new_tokens, **kw)]
-
-
-def log_softmax_at(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log p(target) per row of logits (T, V)."""
-    return torch.log_softmax(logits.float(), -1).gather(-1, targets[:, None])[:, 0]
-
-
-@torch.inference_mode()
-def policy_nll(fm: FastModel, ids: torch.Tensor, policy="full", budget: int | None = None, chunk: int = 1) -> tuple[float, int, int]:
-    """Mean negative log-likelihood of ``ids`` (T,) read through a KV policy, ``chunk`` tokens per step.
-
-    Returns (nll, tokens scored, peak cache bytes). ``chunk=1`` is exact token-by-token decoding.
-    """
-    cache = fm.new_cache(policy, context=ids.shape[0], budget=budget)
-    total, n, peak = 0.0, 0, 0
-    for b in range(0, ids.shape[0] - 1, chunk):
-        x = ids[b : min(b + chunk, ids.shape[0] - 1)]
-        tgt = ids[b + 1 : b + 1 + x.shape[0]]
-        logits = forward(fm, [Segment(x, cache, all_logits=True)])[0]
-        total -= float(log_softmax_at(logits, tgt).sum())
-        n += x.shape[0]
-        peak = max(peak, cache.nbytes())
-    return total / max(n, 1), n, peak
-
-
-def set_threads(n: int | None) -> int:
-    """Use ``n`` intra-op threads (None: leave as is); returns the count in use."""
-    if n is not None:
-        torch.set_num_threads(max(1, n))
-    return torch.get_num_threads()
-
-
-def perplexity_of(nll: float) -> float:
-    return math.exp(nll)
