@@ -35,7 +35,6 @@ head) are written as their dequantised values, dense, as slmkit's own model hold
 from __future__ import annotations
 
 import json
-import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,8 +46,6 @@ from slmkit.artefact import MANIFEST, Manifest, atomic_dir
 from slmkit.compress.qgrid import Grid, QTensor
 from slmkit.errors import ConfigError
 from slmkit.export.safetensors import ExportReport, dir_bytes
-
-log = logging.getLogger(__name__)
 
 FORMAT = "pack-quantized"
 WEIGHTS = "model.safetensors"
