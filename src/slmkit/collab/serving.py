@@ -27,13 +27,16 @@ import math
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
+from fastapi import Request
 
 from slmkit.backends.base import Backend, Completion, GenParams, Prompt, TokenScores
 from slmkit.backends.stream import OnText, TokenText, generate_streaming
 from slmkit.errors import BackendError, SlmkitError
+from slmkit.runtime import servecore as core
+from slmkit.runtime import sse
 
 log = logging.getLogger(__name__)
 
@@ -206,58 +209,50 @@ def create_app(backend: Backend, name: str | None = None, api_key: str | None = 
 
     Validation, body limits (chunked bodies too), the bounded queue (``cfg.max_queue``, 429
     when full), the request timeout, cancellation and OpenAI-shaped errors come from
-    :mod:`slmkit.runtime.servecore` (``cfg`` is its :class:`~slmkit.runtime.servecore.ServerConfig`).
+    :mod:`slmkit.runtime.servecore` (``cfg`` is its :class:`~slmkit.runtime.servecore.ServerConfig`),
+    and so do ``/health``, ``/metrics`` and ``/v1/models`` (:func:`~slmkit.runtime.servecore.base_app`).
     Requests run one at a time on one worker thread (the backends share their models), each
     through :func:`~slmkit.backends.stream.generate_streaming`, so a request that is cancelled
     (client gone) or past its deadline stops at the backend's next piece of text. ``stream:
     true`` answers with server-sent events in OpenAI's chunk format; the final chunk (or the
-    response) carries ``finish_reason`` and the request's ``slmkit`` metadata.
+    response) carries ``finish_reason`` and the request's ``slmkit`` metadata (:class:`CollabRoutes`).
     """
-    import contextlib
-    import queue
-    from dataclasses import replace as dc_replace
-
-    from fastapi import FastAPI, Request
-    from fastapi.responses import PlainTextResponse
-
-    from slmkit.backends.hf import render_prompt
-    from slmkit.runtime import servecore as core
-    from slmkit.runtime import sse
     from slmkit.runtime.omp import release_pool
 
     cfg = cfg or core.ServerConfig(api_key=api_key)
     if api_key and not cfg.api_key:
-        cfg = dc_replace(cfg, api_key=api_key)
+        cfg = replace(cfg, api_key=api_key)
     name = name or backend.name
     release_pool()  # the models were loaded on this thread; its idle OpenMP pool would slow the worker thread
     ctx, tok = model_limits(backend)
     stats = core.Stats()
     worker = core.SerialWorker(cfg.max_queue, name="slmkit-collab")
-
-    @contextlib.asynccontextmanager
-    async def lifespan(_app):
-        yield
-        worker.close()
-
-    app = FastAPI(title="slmkit collab", version="1", lifespan=lifespan)
+    app = core.base_app("slmkit collab", worker, cfg, stats, lambda: [name], lambda: name, "slmkit_worker_")
     app.state.worker = worker
-    core.install(app, cfg, stats)
+    routes = CollabRoutes(backend, name, cfg, stats, worker, ctx, tok)
+    app.post("/v1/completions")(core.handler(stats)(routes.completions))
+    app.post("/v1/chat/completions")(core.handler(stats)(routes.chat))
+    return app
 
-    @app.get("/health")
-    def health() -> dict:
-        return {"status": "ok", "model": name, "active": worker.active, "queued": worker.queued}
 
-    @app.get("/metrics")
-    def metrics() -> PlainTextResponse:
-        gauges = {"slmkit_requests_active": worker.active, "slmkit_requests_queued": worker.queued,
-                  **{f"slmkit_worker_{k}": v for k, v in worker.stats.items()}}
-        return PlainTextResponse(stats.metrics(gauges))
+@dataclass
+class CollabRoutes:
+    """The completions endpoints of :func:`create_app`: each request becomes a job on the one worker thread
+    (:class:`~slmkit.runtime.servecore.SerialWorker`); every response carries the request's ``slmkit`` metadata."""
 
-    @app.get("/v1/models")
-    def models() -> dict:
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "slmkit"}]}
+    backend: Backend
+    name: str  #: the served model name
+    cfg: core.ServerConfig
+    stats: core.Stats
+    worker: core.SerialWorker
+    ctx: int | None  #: context length of the model that reads the prompts (None: unknown, not checked here)
+    tok: object  #: that model's tokenizer (None: unknown)
 
-    def _params(s, prompt: Prompt, param: str) -> GenParams:
+    def params(self, s: core.Sampling, prompt: Prompt, param: str) -> GenParams:
+        """The backend's GenParams: the token budget checked against the context (400 naming ``param`` when full)."""
+        from slmkit.backends.hf import render_prompt
+
+        tok, ctx = self.tok, self.ctx
         n = 0
         if tok is not None and ctx is not None:
             try:
@@ -267,61 +262,55 @@ def create_app(backend: Backend, name: str | None = None, api_key: str | None = 
             except Exception:  # a chat template that rejects these roles or their order
                 raise core.ApiError(400, "the chat template rejected these messages", param) from None
             n = len(tok(rendered, add_special_tokens=isinstance(prompt, str)).input_ids)
-        mt = core.budget(s, n, ctx, cfg, param)
+        mt = core.budget(s, n, ctx, self.cfg, param)
         if mt < 1:
             raise core.bad(f"the prompt fills this model's context of {ctx} tokens; shorten it", param, "context_length_exceeded")
         return GenParams(max_new_tokens=mt, temperature=s.temperature, top_p=s.top_p, seed=s.seed, stop=s.stop)
 
-    def _submit(params: GenParams, prompt: Prompt):
+    def submit(self, params: GenParams, prompt: Prompt):
+        """Queue the request on the worker: its channel, job, and the time the HTTP side waits for it at most."""
+        backend = self.backend
         ch = core.Channel()
         job = core.Job(run=lambda on_text: generate_streaming(backend, prompt, params, on_text), emit=ch.emit,
-                       deadline=time.monotonic() + cfg.request_timeout_s)
-        try:
-            worker.submit(job)
-        except queue.Full:
-            raise core.ApiError(429, "the server's queue is full; retry later") from None
-        return ch, job, job.deadline + cfg.grace_s
+                       deadline=time.monotonic() + self.cfg.request_timeout_s)
+        return ch, job, core.submit(self.worker, job, self.cfg)
 
-    def _stream(s, ch, job, until, chunk):
+    def stream(self, s: core.Sampling, ch, job, until: float, chunk):
         """The SSE response; ``chunk(text, first, finish)`` shapes each event, the last one carries the metadata."""
         def finish(ev, first: bool) -> list[dict]:
             last = {**chunk("", first, ev.finish_reason), "slmkit": ev.meta}
             usage = [sse.usage_chunk(chunk("", False, None), None, ev.count or 0)] if s.include_usage else []
             return [last, *usage]
 
-        return core.stream_response(ch, job, until, stats, lambda ev, first: chunk(ev.text, first, None) if ev.text else None, finish)
+        return core.stream_response(ch, job, until, self.stats, lambda ev, first: chunk(ev.text, first, None) if ev.text else None, finish)
 
-    @app.post("/v1/completions")
-    @core.handler(stats)
-    async def completions(request: Request):
-        body = await core.read_json(request, cfg)
-        s = core.sampling(body, cfg, None, ("max_tokens",), min_tokens=1)
+    async def completions(self, request: Request):
+        """``POST /v1/completions``."""
+        body = await core.read_json(request, self.cfg)
+        s = core.sampling(body, self.cfg, None, ("max_tokens",), min_tokens=1)
         prompt = core.prompt_of(body)
-        ch, job, until = _submit(_params(s, prompt, "prompt"), prompt)
-        cid, created = f"cmpl-{uuid.uuid4().hex[:12]}", int(time.time())
+        ch, job, until = self.submit(self.params(s, prompt, "prompt"), prompt)
+        cid, created, name = f"cmpl-{uuid.uuid4().hex[:12]}", int(time.time()), self.name
         if s.stream:
-            return _stream(s, ch, job, until, lambda text, first, finish: sse.text_chunk(cid, created, name, text, finish))
+            return self.stream(s, ch, job, until, lambda text, first, finish: sse.text_chunk(cid, created, name, text, finish))
         end = core.finished(await core.collect(request, ch, job, until))
         return {"id": cid, "object": "text_completion", "created": created, "model": name,
                 "choices": [{"index": 0, "text": end.text, "finish_reason": end.finish_reason, "logprobs": None}],
                 "usage": {"completion_tokens": end.count or 0}, "slmkit": end.meta}
 
-    @app.post("/v1/chat/completions")
-    @core.handler(stats)
-    async def chat(request: Request):
-        body = await core.read_json(request, cfg)
-        s = core.sampling(body, cfg, None, ("max_completion_tokens", "max_tokens"), min_tokens=1)
+    async def chat(self, request: Request):
+        """``POST /v1/chat/completions``."""
+        body = await core.read_json(request, self.cfg)
+        s = core.sampling(body, self.cfg, None, ("max_completion_tokens", "max_tokens"), min_tokens=1)
         prompt = core.messages_of(body)
-        ch, job, until = _submit(_params(s, prompt, "messages"), prompt)
-        cid, created = f"chatcmpl-{uuid.uuid4().hex[:12]}", int(time.time())
+        ch, job, until = self.submit(self.params(s, prompt, "messages"), prompt)
+        cid, created, name = f"chatcmpl-{uuid.uuid4().hex[:12]}", int(time.time()), self.name
         if s.stream:
-            return _stream(s, ch, job, until, lambda text, first, finish: sse.chat_chunk(cid, created, name, text, first, finish))
+            return self.stream(s, ch, job, until, lambda text, first, finish: sse.chat_chunk(cid, created, name, text, first, finish))
         end = core.finished(await core.collect(request, ch, job, until))
         return {"id": cid, "object": "chat.completion", "created": created, "model": name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": end.text}, "finish_reason": end.finish_reason}],
                 "usage": {"completion_tokens": end.count or 0}, "slmkit": end.meta}
-
-    return app
 
 
 def build_backend(small_spec: str, large_spec: str, mode: str, dtype: str = "fp32", threshold: float = -1.0,

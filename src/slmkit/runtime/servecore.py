@@ -6,6 +6,8 @@ Both servers (:mod:`slmkit.runtime.server` over the continuous-batching engine,
 * **errors** in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``
   (:class:`ApiError`), for every status, 404/405 of unknown routes included; a 500 says
   "internal error" and never echoes exception text (the server log has the traceback);
+* **the app** (:func:`base_app`): the guard, OpenAI-shaped framework errors, ``/health``, ``/metrics`` and
+  ``/v1/models`` over the server's runner (engine or :class:`SerialWorker`); :func:`submit` queues a job (429 when full);
 * **the guard** (:class:`Guard`, plain ASGI): the API key on ``/v1`` and ``/metrics``,
   compared in constant time (``hmac.compare_digest``); a declared ``Content-Length`` over
   the limit refused before anything is read; responses counted by status;
@@ -42,35 +44,15 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from slmkit.errors import BackendError, SlmkitError
+from slmkit.errors import BackendError, ConfigError, SlmkitError
 from slmkit.runtime import sse as _sse
 from slmkit.runtime.engine import Event
 from slmkit.runtime.servecheck import (  # noqa: F401  (re-exported: the core's request checks)
-    ERROR_STATUS,
-    ERROR_TYPE,
-    GREEDY_BELOW,
-    JSON_MAX_DEPTH,
-    MAX_TOKENS_MAX,
-    ROLES,
-    SEED_MAX,
-    ApiError,
-    Sampling,
-    brief,
-    bad,
-    budget,
-    error_body,
-    flag,
-    integer,
-    messages_of,
-    number,
-    parse_json,
-    prompt_of,
-    sampling,
-    template_error,
-    text,
+    ERROR_STATUS, ERROR_TYPE, GREEDY_BELOW, JSON_MAX_DEPTH, MAX_TOKENS_MAX, ROLES, SEED_MAX, ApiError, Sampling, brief, bad,
+    budget, error_body, flag, integer, messages_of, number, parse_json, prompt_of, sampling, template_error, text,
 )
 
 log = logging.getLogger(__name__)
@@ -94,13 +76,9 @@ class ServerConfig:
     def __post_init__(self):
         for k in ("max_body_bytes", "max_stop", "max_queue"):
             if getattr(self, k) < 1:
-                from slmkit.errors import ConfigError
-
                 raise ConfigError(f"{k} must be >= 1, got {getattr(self, k)}")
         for k in ("request_timeout_s", "idle_timeout_s"):
             if not getattr(self, k) > 0 or not math.isfinite(getattr(self, k)):
-                from slmkit.errors import ConfigError
-
                 raise ConfigError(f"{k} must be a positive number of seconds, got {getattr(self, k)}")
 
 
@@ -238,6 +216,57 @@ def handler(stats: Stats):
         return wrapper
 
     return deco
+
+
+# --------------------------------------------------------------------------- the app both servers start from
+
+
+def base_app(title: str, runner, cfg: ServerConfig, stats: Stats, names: Callable[[], Iterable[str]],
+             default: Callable[[], str], counters: str):
+    """A FastAPI app with :func:`install`'s guard and errors and the routes both servers share: ``/health``,
+    ``/metrics`` (Prometheus text) and ``/v1/models``.
+
+    ``runner`` (the engine or a :class:`SerialWorker`) gives ``active``, ``queued``, ``stats`` (its counters,
+    named ``counters + key`` in /metrics) and ``close()``, called when the app shuts down; ``names()`` lists
+    the served model names and ``default()`` the one ``/health`` reports.
+    """
+    import contextlib
+
+    from fastapi import FastAPI
+    from fastapi.responses import PlainTextResponse
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        yield
+        runner.close()
+
+    app = FastAPI(title=title, version="1", lifespan=lifespan)
+    install(app, cfg, stats)
+
+    @app.get("/health")
+    def health() -> dict:
+        return {"status": "ok", "model": default(), "active": runner.active, "queued": runner.queued}
+
+    @app.get("/metrics")
+    def metrics() -> PlainTextResponse:
+        gauges = {"slmkit_requests_active": runner.active, "slmkit_requests_queued": runner.queued,
+                  **{f"{counters}{k}": v for k, v in runner.stats.items()}}
+        return PlainTextResponse(stats.metrics(gauges))
+
+    @app.get("/v1/models")
+    def models() -> dict:
+        return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "slmkit"} for n in names()]}
+
+    return app
+
+
+def submit(runner, job, cfg: ServerConfig) -> float:
+    """Queue ``job`` on ``runner`` (429 when its queue is full); the time the HTTP side waits for it at most."""
+    try:
+        runner.submit(job)
+    except queue.Full:
+        raise ApiError(429, "the server's queue is full; retry later") from None
+    return job.deadline + cfg.grace_s
 
 
 # --------------------------------------------------------------------------- the body

@@ -33,15 +33,13 @@ per model within each step.
 
 from __future__ import annotations
 
-import contextlib
-import queue
 import time
 import uuid
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi import Request
+from fastapi.responses import JSONResponse
 
 from slmkit.errors import ConfigError, SlmkitError
 from slmkit.runtime import servecore as core
@@ -51,15 +49,31 @@ from slmkit.runtime.engine import Request as Job
 from slmkit.runtime.kvcache import KV_POLICIES
 from slmkit.runtime.servecore import ApiError, ServerConfig
 
-BadRequest = ApiError  # the name this module used before the shared core
-__all__ = ["ServerConfig", "create_app", "serve", "adapter_models"]
+__all__ = ["ServerConfig", "EngineRoutes", "create_app", "serve", "adapter_models"]
 
 
 def create_app(backend_or_engine, model_name: str | None = None, api_key: str | None = None, cfg: ServerConfig | None = None):
-    """The FastAPI app. Pass an :class:`Engine`, or an :class:`~slmkit.backends.HFBackend` over a llama model."""
+    """The FastAPI app. Pass an :class:`Engine`, or an :class:`~slmkit.backends.HFBackend` over a llama model.
+
+    ``/health``, ``/metrics`` and ``/v1/models`` come from the shared core (:func:`slmkit.runtime.servecore.base_app`);
+    the completions endpoints are :class:`EngineRoutes`' methods.
+    """
     cfg = cfg or ServerConfig(api_key=api_key)
     if api_key and not cfg.api_key:
         cfg = replace(cfg, api_key=api_key)
+    engine = _engine_of(backend_or_engine, model_name)
+    stats = core.Stats()
+    app = core.base_app("slmkit", engine, cfg, stats, lambda: engine.models, lambda: engine.default, "slmkit_engine_")
+    app.state.engine = engine
+    routes = EngineRoutes(engine, cfg, stats)
+    app.post("/v1/completions")(core.handler(stats)(routes.completions))
+    app.post("/v1/chat/completions")(core.handler(stats)(routes.chat))
+    return app
+
+
+def _engine_of(backend_or_engine, model_name: str | None) -> Engine:
+    """The engine to serve: the one given (its default model renamed to ``model_name`` when given), or a new one
+    over a backend's model (:func:`slmkit.runtime.generate.runner`)."""
     engine = backend_or_engine
     if not isinstance(engine, Engine):
         from slmkit.runtime.generate import runner
@@ -69,33 +83,21 @@ def create_app(backend_or_engine, model_name: str | None = None, api_key: str | 
     elif model_name:
         engine.models = {model_name if k == engine.default else k: v for k, v in engine.models.items()}
         engine.default = model_name
-    tok = engine.tok
-    stats = core.Stats()
+    return engine
 
-    @contextlib.asynccontextmanager
-    async def lifespan(_app):
-        yield
-        engine.close()
 
-    app = FastAPI(title="slmkit", version="1", lifespan=lifespan)
-    app.state.engine = engine
-    core.install(app, cfg, stats)
+@dataclass
+class EngineRoutes:
+    """The OpenAI endpoints over one :class:`Engine`: each request's checks become an engine job, and its
+    events an OpenAI response (or a stream of chunks)."""
 
-    @app.get("/health")
-    def health() -> dict:
-        return {"status": "ok", "model": engine.default, "active": engine.active, "queued": engine.queued}
+    engine: Engine
+    cfg: ServerConfig
+    stats: core.Stats
 
-    @app.get("/metrics")
-    def metrics() -> PlainTextResponse:
-        gauges = {"slmkit_requests_active": engine.active, "slmkit_requests_queued": engine.queued,
-                  **{f"slmkit_engine_{k}": v for k, v in engine.stats.items()}}
-        return PlainTextResponse(stats.metrics(gauges))
-
-    @app.get("/v1/models")
-    def models() -> dict:
-        return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "slmkit"} for n in engine.models]}
-
-    def _job(body: dict, s: core.Sampling, ids: list[int], emit, echo: bool = False, top: int = 0, mask=None) -> Job:
+    def job(self, body: dict, s: core.Sampling, ids: list[int], emit, echo: bool = False, top: int = 0, mask=None) -> Job:
+        """The engine job of a checked request: token budget, KV policy and budget (400 naming the field when wrong)."""
+        engine, cfg = self.engine, self.cfg
         model = s.model or engine.default
         ctx = engine.context_of(model)
         mt = core.budget(s, len(ids), ctx, cfg, "messages" if "messages" in body else "prompt")
@@ -119,32 +121,20 @@ def create_app(backend_or_engine, model_name: str | None = None, api_key: str | 
             deadline=time.monotonic() + cfg.request_timeout_s, mask=mask,
         )
 
-    def _mask(st: tools.Structured, model: str | None):
+    def mask(self, st: tools.Structured, model: str | None):
         """The request's token mask (None: free text); an unusable schema or grammar is a 400 naming its field."""
         if st.constraint is None:
             return None
         try:
-            return engine.token_mask(st.constraint, model or engine.default)
+            return self.engine.token_mask(st.constraint, model or self.engine.default)
         except SlmkitError as err:
             raise ApiError(400, str(err).splitlines()[0], st.param) from None
 
-    def _submit(job: Job) -> float:
-        """Queue ``job``; the time the HTTP side waits for it at most."""
-        try:
-            engine.submit(job)
-        except queue.Full:
-            raise ApiError(429, "the server's queue is full; retry later") from None
-        return job.deadline + cfg.grace_s
-
-    def _merged(deltas: list[Event]) -> Event:
-        return Event("delta", tokens=[t for e in deltas for t in e.tokens], logprobs=[x for e in deltas for x in e.logprobs],
-                     top=[x for e in deltas for x in e.top])
-
-    @app.post("/v1/completions")
-    @core.handler(stats)
-    async def completions(request: Request):
+    async def completions(self, request: Request):
+        """``POST /v1/completions``: text or token-id prompts, echo, log-probs (echo + ``max_tokens: 0`` scores a prompt)."""
+        tok, cfg = self.engine.tok, self.cfg
         body = await core.read_json(request, cfg)
-        s = core.sampling(body, cfg, engine.models)
+        s = core.sampling(body, cfg, self.engine.models)
         prompt = core.prompt_of(body, len(tok))
         if isinstance(prompt, list):
             ids, prompt = prompt, tok.decode(prompt)
@@ -159,70 +149,18 @@ def create_app(backend_or_engine, model_name: str | None = None, api_key: str | 
             ids = [pid if pid is not None else 0]
         ch = core.Channel()
         rf, param = tools.response_format_of(body)
-        job = _job(body, s, ids, ch.emit, echo=echo and want_lp, top=top, mask=_mask(tools.Structured(rf, param), s.model))
-        wait_until = _submit(job)
-        cid, created = f"cmpl-{uuid.uuid4().hex[:12]}", int(time.time())
-
-        def lp_block(ev: Event, offset: int) -> dict | None:
-            if not want_lp or not ev.tokens:
-                return None
-            toks = [tok.decode([t]) for t in ev.tokens]
-            offs, pos = [], offset
-            for t in toks:
-                offs.append(pos)
-                pos += len(t)
-            return {"tokens": toks, "token_logprobs": ev.logprobs, "text_offset": offs, "top_logprobs": ev.top or None}
-
+        job = self.job(body, s, ids, ch.emit, echo=echo and want_lp, top=top, mask=self.mask(tools.Structured(rf, param), s.model))
+        wait_until = core.submit(self.engine, job, cfg)
+        answer = _TextAnswer(tok, f"cmpl-{uuid.uuid4().hex[:12]}", int(time.time()), job.model, prompt, ids, echo, want_lp)
         if s.stream:
-            sent = {"n": len(prompt) if echo else 0, "echoed": False}
+            return core.stream_response(ch, job, wait_until, self.stats, *answer.stream(s.include_usage))
+        return answer.response(await core.collect(request, ch, job, wait_until))
 
-            def chunk(ev: Event, first: bool, finish=None) -> dict:
-                piece = ev.text
-                if echo and not sent["echoed"]:
-                    piece, sent["echoed"] = prompt + piece, True
-                block = lp_block(ev, sent["n"])
-                sent["n"] += len(ev.text)
-                return sse.text_chunk(cid, created, job.model, piece, finish, block)
-
-            def finish(ev: Event, first: bool) -> list[dict]:
-                last = chunk(Event("delta"), first, ev.finish_reason)
-                extra = [sse.usage_chunk(chunk(Event("delta")), len(ids), len(ev.tokens))] if s.include_usage else []
-                return [last, *extra]
-
-            return core.stream_response(ch, job, wait_until, stats, chunk, finish)
-
-        events = await core.collect(request, ch, job, wait_until)
-        end = core.finished(events)
-        deltas = [e for e in events if e.kind == "delta"]
-        text = "".join(e.text for e in deltas)
-        logprobs = None
-        if want_lp:
-            gen_block = lp_block(_merged(deltas), len(prompt) if echo else 0) or {
-                "tokens": [], "token_logprobs": [], "text_offset": [], "top_logprobs": None}
-            if echo:
-                ptoks = tok.convert_ids_to_tokens(ids)
-                offs, pos = [], 0
-                for t in ptoks:
-                    offs.append(pos)
-                    pos += len(tok.convert_tokens_to_string([t]))
-                # the first token has no history: OpenAI/vLLM report None for it
-                logprobs = {"tokens": ptoks + gen_block["tokens"],
-                            "token_logprobs": (end.prompt_logprobs or [None] * len(ids)) + gen_block["token_logprobs"],
-                            "text_offset": offs + gen_block["text_offset"], "top_logprobs": None}
-            else:
-                logprobs = gen_block
-        n = len(end.tokens)
-        return JSONResponse({
-            "id": cid, "object": "text_completion", "created": created, "model": job.model,
-            "choices": [{"index": 0, "text": (prompt if echo else "") + text, "finish_reason": end.finish_reason, "logprobs": logprobs}],
-            "usage": {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n},
-        })
-
-    @app.post("/v1/chat/completions")
-    @core.handler(stats)
-    async def chat(request: Request):
+    async def chat(self, request: Request):
+        """``POST /v1/chat/completions``: the model's chat template, log-probs, structured output and tool calls."""
+        tok, cfg = self.engine.tok, self.cfg
         body = await core.read_json(request, cfg)
-        s = core.sampling(body, cfg, engine.models, ("max_completion_tokens", "max_tokens"))
+        s = core.sampling(body, cfg, self.engine.models, ("max_completion_tokens", "max_tokens"))
         st = tools.structured_of(body)
         messages = tools.chat_messages(body)
         try:
@@ -236,90 +174,199 @@ def create_app(backend_or_engine, model_name: str | None = None, api_key: str | 
         want_lp = core.flag(body, "logprobs")
         top = core.integer(body, "top_logprobs", 0, 0, 20) if want_lp else 0
         ch = core.Channel()
-        job = _job(body, s, ids, ch.emit, top=top, mask=_mask(st, s.model))
-        wait_until = _submit(job)
+        job = self.job(body, s, ids, ch.emit, top=top, mask=self.mask(st, s.model))
+        wait_until = core.submit(self.engine, job, cfg)
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:12]}", int(time.time())
-        if st.calls:
-            return await _tool_answer(request, s, st, ch, job, wait_until, cid, created, len(ids))
-
-        def content_lp(ev: Event) -> dict | None:
-            if not want_lp or not ev.tokens:
-                return None
-            items = []
-            for i, (t, lp) in enumerate(zip(ev.tokens, ev.logprobs)):
-                piece = tok.decode([t])
-                alts = [{"token": k, "logprob": v, "bytes": list(k.encode())} for k, v in (ev.top[i].items() if ev.top else [])]
-                items.append({"token": piece, "logprob": lp, "bytes": list(piece.encode()), "top_logprobs": alts})
-            return {"content": items}
-
+        answer = (_ToolAnswer(cid, created, job.model, len(ids)) if st.calls
+                  else _ChatAnswer(tok, cid, created, job.model, len(ids), want_lp))
         if s.stream:
-            def chunk(ev: Event, first: bool) -> dict:
-                return sse.chat_chunk(cid, created, job.model, ev.text, first, None, content_lp(ev))
+            return core.stream_response(ch, job, wait_until, self.stats, *answer.stream(s.include_usage))
+        return answer.response(await core.collect(request, ch, job, wait_until))
 
-            def finish(ev: Event, first: bool) -> list[dict]:
-                last = sse.chat_chunk(cid, created, job.model, "", first, ev.finish_reason)
-                extra = [sse.usage_chunk(sse.chat_chunk(cid, created, job.model, "", False), len(ids), len(ev.tokens))] if s.include_usage else []
-                return [last, *extra]
 
-            return core.stream_response(ch, job, wait_until, stats, chunk, finish)
+def _merged(deltas: list[Event]) -> Event:
+    return Event("delta", tokens=[t for e in deltas for t in e.tokens], logprobs=[x for e in deltas for x in e.logprobs],
+                 top=[x for e in deltas for x in e.top])
 
-        events = await core.collect(request, ch, job, wait_until)
+
+def _usage(n_prompt: int, end: Event) -> dict:
+    n = len(end.tokens)
+    return {"prompt_tokens": n_prompt, "completion_tokens": n, "total_tokens": n_prompt + n}
+
+
+@dataclass
+class _TextAnswer:
+    """A ``/v1/completions`` answer: chunks while streaming, or one response with the echoed prompt and log-probs."""
+
+    tok: object
+    cid: str
+    created: int
+    model: str
+    prompt: str
+    ids: list[int]
+    echo: bool
+    want_lp: bool
+
+    def lp_block(self, ev: Event, offset: int) -> dict | None:
+        if not self.want_lp or not ev.tokens:
+            return None
+        toks = [self.tok.decode([t]) for t in ev.tokens]
+        offs, pos = [], offset
+        for t in toks:
+            offs.append(pos)
+            pos += len(t)
+        return {"tokens": toks, "token_logprobs": ev.logprobs, "text_offset": offs, "top_logprobs": ev.top or None}
+
+    def stream(self, include_usage: bool):
+        """``chunk`` and ``finish`` for :func:`slmkit.runtime.servecore.stream_response`."""
+        sent = {"n": len(self.prompt) if self.echo else 0, "echoed": False}
+
+        def chunk(ev: Event, first: bool, finish=None) -> dict:
+            piece = ev.text
+            if self.echo and not sent["echoed"]:
+                piece, sent["echoed"] = self.prompt + piece, True
+            block = self.lp_block(ev, sent["n"])
+            sent["n"] += len(ev.text)
+            return sse.text_chunk(self.cid, self.created, self.model, piece, finish, block)
+
+        def finish(ev: Event, first: bool) -> list[dict]:
+            last = chunk(Event("delta"), first, ev.finish_reason)
+            extra = [sse.usage_chunk(chunk(Event("delta")), len(self.ids), len(ev.tokens))] if include_usage else []
+            return [last, *extra]
+
+        return chunk, finish
+
+    def logprobs(self, deltas: list[Event], end: Event) -> dict | None:
+        """The response's ``logprobs``: the generated tokens', after the prompt's when echoed (as vLLM scores a prompt)."""
+        if not self.want_lp:
+            return None
+        tok = self.tok
+        gen_block = self.lp_block(_merged(deltas), len(self.prompt) if self.echo else 0) or {
+            "tokens": [], "token_logprobs": [], "text_offset": [], "top_logprobs": None}
+        if not self.echo:
+            return gen_block
+        ptoks = tok.convert_ids_to_tokens(self.ids)
+        offs, pos = [], 0
+        for t in ptoks:
+            offs.append(pos)
+            pos += len(tok.convert_tokens_to_string([t]))
+        # the first token has no history: OpenAI/vLLM report None for it
+        return {"tokens": ptoks + gen_block["tokens"],
+                "token_logprobs": (end.prompt_logprobs or [None] * len(self.ids)) + gen_block["token_logprobs"],
+                "text_offset": offs + gen_block["text_offset"], "top_logprobs": None}
+
+    def response(self, events: list[Event]) -> JSONResponse:
         end = core.finished(events)
         deltas = [e for e in events if e.kind == "delta"]
-        n = len(end.tokens)
+        text = "".join(e.text for e in deltas)
         return JSONResponse({
-            "id": cid, "object": "chat.completion", "created": created, "model": job.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(e.text for e in deltas)},
-                         "finish_reason": end.finish_reason, "logprobs": content_lp(_merged(deltas))}],
-            "usage": {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n},
+            "id": self.cid, "object": "text_completion", "created": self.created, "model": self.model,
+            "choices": [{"index": 0, "text": (self.prompt if self.echo else "") + text, "finish_reason": end.finish_reason,
+                         "logprobs": self.logprobs(deltas, end)}],
+            "usage": _usage(len(self.ids), end),
         })
 
-    async def _tool_answer(request, s, st, ch, job, wait_until, cid: str, created: int, n_prompt: int):
-        """A chat answer that may hold tool calls: OpenAI's ``tool_calls`` (streamed as deltas), finish ``tool_calls``."""
-        calls = tools.CallStream()
-        if s.stream:
-            state = {"first": True}
 
-            def chunk(ev: Event, first: bool) -> dict | None:
-                deltas = calls.feed(ev.text)
-                if not deltas:
-                    return None
-                merged: dict = {}
-                for d in deltas:  # one chunk per engine event: content pieces joined, call deltas listed
-                    if "content" in d:
-                        merged["content"] = merged.get("content", "") + d["content"]
-                    else:
-                        merged.setdefault("tool_calls", []).extend(d["tool_calls"])
-                c = tools.delta_chunk(cid, created, job.model, merged, state["first"])
-                state["first"] = False
-                return c
+@dataclass
+class _ChatAnswer:
+    """A ``/v1/chat/completions`` answer in plain text, with per-token log-probs when asked."""
 
-            def finish(ev: Event, first: bool) -> list[dict]:
-                out = [tools.delta_chunk(cid, created, job.model, d, state["first"]) for d in calls.finish()]
-                msg = calls.message()
-                reason = "tool_calls" if msg.get("tool_calls") and ev.finish_reason == "stop" else ev.finish_reason
-                out.append(tools.delta_chunk(cid, created, job.model, {}, state["first"] and not out, reason))
-                if s.include_usage:
-                    out.append(sse.usage_chunk(tools.delta_chunk(cid, created, job.model, {}, False), n_prompt, len(ev.tokens)))
-                return out
+    tok: object
+    cid: str
+    created: int
+    model: str
+    n_prompt: int
+    want_lp: bool
 
-            return core.stream_response(ch, job, wait_until, stats, chunk, finish)
-        events = await core.collect(request, ch, job, wait_until)
+    def content_lp(self, ev: Event) -> dict | None:
+        if not self.want_lp or not ev.tokens:
+            return None
+        items = []
+        for i, (t, lp) in enumerate(zip(ev.tokens, ev.logprobs)):
+            piece = self.tok.decode([t])
+            alts = [{"token": k, "logprob": v, "bytes": list(k.encode())} for k, v in (ev.top[i].items() if ev.top else [])]
+            items.append({"token": piece, "logprob": lp, "bytes": list(piece.encode()), "top_logprobs": alts})
+        return {"content": items}
+
+    def stream(self, include_usage: bool):
+        """``chunk`` and ``finish`` for :func:`slmkit.runtime.servecore.stream_response`."""
+        cid, created, model = self.cid, self.created, self.model
+
+        def chunk(ev: Event, first: bool) -> dict:
+            return sse.chat_chunk(cid, created, model, ev.text, first, None, self.content_lp(ev))
+
+        def finish(ev: Event, first: bool) -> list[dict]:
+            last = sse.chat_chunk(cid, created, model, "", first, ev.finish_reason)
+            extra = [sse.usage_chunk(sse.chat_chunk(cid, created, model, "", False), self.n_prompt, len(ev.tokens))] if include_usage else []
+            return [last, *extra]
+
+        return chunk, finish
+
+    def response(self, events: list[Event]) -> JSONResponse:
         end = core.finished(events)
+        deltas = [e for e in events if e.kind == "delta"]
+        return JSONResponse({
+            "id": self.cid, "object": "chat.completion", "created": self.created, "model": self.model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(e.text for e in deltas)},
+                         "finish_reason": end.finish_reason, "logprobs": self.content_lp(_merged(deltas))}],
+            "usage": _usage(self.n_prompt, end),
+        })
+
+
+@dataclass
+class _ToolAnswer:
+    """A chat answer that may hold tool calls: OpenAI's ``tool_calls`` (streamed as deltas), finish ``tool_calls``."""
+
+    cid: str
+    created: int
+    model: str
+    n_prompt: int
+
+    def stream(self, include_usage: bool):
+        """``chunk`` and ``finish`` for :func:`slmkit.runtime.servecore.stream_response`."""
+        cid, created, model = self.cid, self.created, self.model
+        calls = tools.CallStream()
+        state = {"first": True}
+
+        def chunk(ev: Event, first: bool) -> dict | None:
+            deltas = calls.feed(ev.text)
+            if not deltas:
+                return None
+            merged: dict = {}
+            for d in deltas:  # one chunk per engine event: content pieces joined, call deltas listed
+                if "content" in d:
+                    merged["content"] = merged.get("content", "") + d["content"]
+                else:
+                    merged.setdefault("tool_calls", []).extend(d["tool_calls"])
+            c = tools.delta_chunk(cid, created, model, merged, state["first"])
+            state["first"] = False
+            return c
+
+        def finish(ev: Event, first: bool) -> list[dict]:
+            out = [tools.delta_chunk(cid, created, model, d, state["first"]) for d in calls.finish()]
+            msg = calls.message()
+            reason = "tool_calls" if msg.get("tool_calls") and ev.finish_reason == "stop" else ev.finish_reason
+            out.append(tools.delta_chunk(cid, created, model, {}, state["first"] and not out, reason))
+            if include_usage:
+                out.append(sse.usage_chunk(tools.delta_chunk(cid, created, model, {}, False), self.n_prompt, len(ev.tokens)))
+            return out
+
+        return chunk, finish
+
+    def response(self, events: list[Event]) -> JSONResponse:
+        end = core.finished(events)
+        calls = tools.CallStream()
         for e in events:
             if e.kind == "delta":
                 calls.feed(e.text)
         calls.finish()
         msg = calls.message()
         reason = "tool_calls" if msg.get("tool_calls") and end.finish_reason == "stop" else end.finish_reason
-        n = len(end.tokens)
         return JSONResponse({
-            "id": cid, "object": "chat.completion", "created": created, "model": job.model,
+            "id": self.cid, "object": "chat.completion", "created": self.created, "model": self.model,
             "choices": [{"index": 0, "message": msg, "finish_reason": reason, "logprobs": None}],
-            "usage": {"prompt_tokens": n_prompt, "completion_tokens": n, "total_tokens": n_prompt + n},
+            "usage": _usage(self.n_prompt, end),
         })
-
-    return app
 
 
 def adapter_models(base_model, tokenizer, adapters: dict[str, str], fast_cfg=None, base_name: str = "base") -> dict:
