@@ -154,9 +154,9 @@ def qat_row(qtype: str = "Q4_0", embedding: str | None = "Q8_0"):
 
 def prune_row(method: str, **fields):
     def run(model, tok, ids, tmp):
-        from slmkit.compress.prune import PRUNER_CONFIGS, needs_calibration, prune
+        from slmkit.compress.prune import PRUNERS, needs_calibration, prune
 
-        cfg = PRUNER_CONFIGS[method](**fields)
+        cfg = PRUNERS.get(method).config(**fields)
         t0 = time.perf_counter()
         model = prune(model, ids if needs_calibration(method) else None, method, cfg)
         wall = time.perf_counter() - t0

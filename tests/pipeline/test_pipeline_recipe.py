@@ -123,3 +123,24 @@ def test_packaged_recipes_are_valid_and_use_only_registered_stages():
     assert d.teacher == "default" and d.stages[-1].kind in ("eval", "audit", "speculative")
     with pytest.raises(RecipeError, match="unknown target"):
         packaged_recipe("no-such-target")
+
+
+def test_compress_stage_options_become_the_method_config():
+    """A prune / quantize stage is ``method`` + shared keys + ``options:`` turned into the registered config."""
+    from slmkit.compress.prune import SparseGPTConfig
+    from slmkit.pipeline.recipe import build_config
+    from slmkit.pipeline.stages.compress import PruneConfig, QuantizeConfig
+
+    cfg = build_config(PruneConfig, {"method": "sparsegpt", "sparsity": 0.4, "options": {"blocksize": 64}}, "stage 1 (prune)")
+    assert cfg.method_config() == SparseGPTConfig(sparsity=0.4, blocksize=64)
+    q = build_config(QuantizeConfig, {"method": "gptq", "options": {"act_order": False}}, "stage 2 (quantize)")
+    assert q.method_config().act_order is False and q.method_config().damp == 0.01
+    bad = [
+        (PruneConfig, {"method": "magnitude", "options": {"blocksize": 64}}, "options key 'blocksize' does not apply"),
+        (PruneConfig, {"method": "depth", "options": {"keep_layers": 1}}, "set them as the stage's own keys"),
+        (PruneConfig, {"method": "wandaa"}, "did you mean wanda"),
+        (QuantizeConfig, {"method": "rtn", "options": {"act_order": True}}, "act_order does not apply to quantizer rtn"),
+    ]
+    for cls, settings, message in bad:
+        with pytest.raises(RecipeError, match=message):
+            build_config(cls, settings, "stage 1")

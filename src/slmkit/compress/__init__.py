@@ -16,19 +16,19 @@ from slmkit.compress.calibrate import (
 )
 from slmkit.compress.lowrank import LowRankConfig, LowRankLinear, lowrank
 from slmkit.compress.prune import (
-    PRUNER_CONFIGS,
     PRUNERS,
     MagnitudeConfig,
     SparseGPTConfig,
     WandaConfig,
     prune,
+    pruner,
+    pruner_config,
     weight_sparsity,
 )
 from slmkit.compress.structured import DepthConfig, WidthConfig, prune_depth, prune_width
 
 __all__ = [
     "PRUNERS",
-    "PRUNER_CONFIGS",
     "CalibConfig",
     "DepthConfig",
     "LinearStats",
@@ -45,6 +45,8 @@ __all__ = [
     "linears",
     "lowrank",
     "prune",
+    "pruner",
+    "pruner_config",
     "prune_depth",
     "prune_width",
     "sequential",

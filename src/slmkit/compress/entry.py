@@ -59,11 +59,22 @@ def quantize_grid(bits: int | None, group_size: int | None, asymmetric: bool, gg
     return grid
 
 
-def quantize_config(method: str, grid: Grid, **options):
-    """The registered config of ``method`` on ``grid``, taking those ``options`` its class has (None: its default)."""
+def quantize_config(method: str, grid: Grid, options: Mapping | None = None, *, damp: float | None = None,
+                    act_order: bool | None = None, seed: int | None = None):
+    """The registered config of ``method`` on ``grid``.
+
+    ``damp``, ``act_order`` and ``seed`` (shared settings of the CLI and the stage) are taken when
+    the method's class has them; every key of ``options`` must be one of its fields.
+    """
+    options = dict(options or {})
     cls = QUANTIZERS.get(method).config
     names = {f.name for f in dataclasses.fields(cls)}
-    return cls(grid=grid, **{k: v for k, v in options.items() if k in names and v is not None})
+    stray = sorted(set(options) - names)
+    if stray:
+        raise ConfigError(f"{', '.join(stray)} does not apply to quantizer {method}",
+                          f"{method} takes: {', '.join(sorted(names - {'grid'}))}")
+    shared = {"damp": damp, "act_order": act_order, "seed": seed}
+    return cls(grid=grid, **{k: v for k, v in {**shared, **options}.items() if k in names and v is not None})
 
 
 @dataclass

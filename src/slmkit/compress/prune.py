@@ -33,10 +33,32 @@ from slmkit.registry import Registry
 
 log = logging.getLogger(__name__)
 
-Pruner = Callable[..., nn.Module]
-PRUNERS: Registry[Pruner] = Registry("pruning method")
-#: the config dataclass of each registered pruner (the CLI builds one from its flags)
-PRUNER_CONFIGS: dict[str, type] = {}
+
+
+@dataclass(frozen=True)
+class PruneMethod:
+    """A registered pruner: ``run(model, calib_ids, cfg) -> model`` (in place), its config class, whether it
+    needs calibration ids, and a one-line help."""
+
+    run: Callable[..., nn.Module]
+    config: type
+    needs_calibration: bool
+    help: str = ""
+
+
+PRUNERS: Registry[PruneMethod] = Registry("pruning method")
+
+
+def pruner(name: str, config: type, *, calibration: bool, help: str = ""):
+    """Register the decorated ``fn(model, calib_ids, cfg)`` as pruning method ``name`` with its ``config`` class.
+
+    The CLI verb, the build stage and :func:`prune` find it by name; nothing else is edited.
+    """
+    def deco(fn):
+        PRUNERS.add(name, PruneMethod(fn, config, calibration, help))
+        return fn
+
+    return deco
 
 
 def parse_pattern(pattern: str | None) -> tuple[int, int] | None:
@@ -248,7 +270,7 @@ def _check_model_nm(model, pattern: str | None) -> tuple[int, int] | None:
     return nm
 
 
-@PRUNERS.register("magnitude")
+@pruner("magnitude", MagnitudeConfig, calibration=False, help="drop the smallest |W| per output row")
 def magnitude(model, calib_ids: torch.Tensor | None = None, cfg: MagnitudeConfig = MagnitudeConfig()):
     """Magnitude pruning of every decoder Linear, per output row (no calibration). In place."""
     nm = _check_model_nm(model, cfg.pattern)
@@ -258,7 +280,7 @@ def magnitude(model, calib_ids: torch.Tensor | None = None, cfg: MagnitudeConfig
     return model
 
 
-@PRUNERS.register("wanda")
+@pruner("wanda", WandaConfig, calibration=True, help="Wanda: |W| * ||X|| per output row (Sun et al. 2023)")
 def wanda(model, calib_ids: torch.Tensor, cfg: WandaConfig = WandaConfig()):
     """Wanda, block by block on the already-pruned model's activations. In place."""
     nm = _check_model_nm(model, cfg.pattern)
@@ -271,7 +293,7 @@ def wanda(model, calib_ids: torch.Tensor, cfg: WandaConfig = WandaConfig()):
     return model
 
 
-@PRUNERS.register("sparsegpt")
+@pruner("sparsegpt", SparseGPTConfig, calibration=True, help="SparseGPT: OBS reconstruction (Frantar & Alistarh 2023)")
 def sparsegpt(model, calib_ids: torch.Tensor, cfg: SparseGPTConfig = SparseGPTConfig()):
     """SparseGPT, block by block (each block calibrated on the pruned blocks' outputs). In place."""
     nm = _check_model_nm(model, cfg.pattern)
@@ -285,11 +307,31 @@ def sparsegpt(model, calib_ids: torch.Tensor, cfg: SparseGPTConfig = SparseGPTCo
     return model
 
 
-PRUNER_CONFIGS.update(magnitude=MagnitudeConfig, wanda=WandaConfig, sparsegpt=SparseGPTConfig)
-
-
 def needs_calibration(method: str) -> bool:
-    return method != "magnitude"
+    """Whether the registered pruning method ``method`` needs calibration ids."""
+    return PRUNERS.get(method).needs_calibration
+
+
+def pruner_config(method: str, given: dict, labels: dict | None = None, ignore: frozenset = frozenset()):
+    """The config of pruning method ``method`` from ``given`` field values (None: not given, the default).
+
+    A given field the config does not have is an error naming its ``labels`` entry (a CLI flag or
+    recipe key), unless it is in ``ignore``; a required field left out is an error too.
+    """
+    import dataclasses
+
+    cls = PRUNERS.get(method).config
+    labels = labels or {}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    given = {k: v for k, v in given.items() if v is not None and (k in fields or k not in ignore)}
+    stray = [labels.get(k, k) for k in given if k not in fields]
+    if stray:
+        raise ConfigError(f"{', '.join(stray)} does not apply to method {method}")
+    missing = [labels.get(n, n) for n, f in fields.items() if n not in given
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"method {method} needs {', '.join(missing)}")
+    return cls(**given)
 
 
 def weight_sparsity(model) -> float:
@@ -303,12 +345,9 @@ def weight_sparsity(model) -> float:
 
 def prune(model, calib_ids: torch.Tensor | None, method: str, cfg) -> nn.Module:
     """Run the registered pruner ``method`` with its config ``cfg`` (in place; returns the model)."""
-    import slmkit.compress.structured  # noqa: F401  (registers depth and width)
-
-    fn = PRUNERS.get(method)
-    expected = PRUNER_CONFIGS.get(method)
-    if expected is not None and not isinstance(cfg, expected):
-        raise ConfigError(f"{method} takes a {expected.__name__}, got {type(cfg).__name__}")
-    if calib_ids is None and needs_calibration(method):
+    p = PRUNERS.get(method)
+    if not isinstance(cfg, p.config):
+        raise ConfigError(f"{method} takes a {p.config.__name__}, got {type(cfg).__name__}")
+    if calib_ids is None and p.needs_calibration:
         raise ConfigError(f"{method} needs calibration ids (see slmkit.compress.calibration_ids)")
-    return fn(model, calib_ids, cfg)
+    return p.run(model, calib_ids, cfg)

@@ -40,7 +40,7 @@ from torch import nn
 
 from slmkit import progress
 from slmkit.compress.calibrate import LinearStats, decoder_layers, sequential
-from slmkit.compress.prune import PRUNER_CONFIGS, PRUNERS
+from slmkit.compress.prune import pruner
 from slmkit.errors import ConfigError, UnsupportedModelError
 from slmkit.registry import Registry
 
@@ -166,7 +166,7 @@ def prune_depth(model, calib_ids: torch.Tensor, keep_layers: int, method: str = 
     return depth(model, calib_ids, DepthConfig(keep_layers, method, batch_size))
 
 
-@PRUNERS.register("depth")
+@pruner("depth", DepthConfig, calibration=True, help="remove whole decoder blocks (ShortGPT block influence)")
 def depth(model, calib_ids: torch.Tensor, cfg: DepthConfig):
     """Depth pruning with a :class:`DepthConfig` (the registered pruner)."""
     L = len(decoder_layers(model))
@@ -312,7 +312,7 @@ def prune_width(model, calib_ids: torch.Tensor, ratio: float, batch_size: int = 
     return width(model, calib_ids, WidthConfig(ratio=ratio, batch_size=batch_size, refit=refit))
 
 
-@PRUNERS.register("width")
+@pruner("width", WidthConfig, calibration=True, help="remove KV groups and FFN channels (Minitron)")
 def width(model, calib_ids: torch.Tensor, cfg: WidthConfig):
     """Width pruning with a :class:`WidthConfig` (the registered pruner)."""
     for block in decoder_layers(model):
@@ -335,5 +335,3 @@ def width(model, calib_ids: torch.Tensor, cfg: WidthConfig):
     c.intermediate_size = plan.intermediate
     return model
 
-
-PRUNER_CONFIGS.update(depth=DepthConfig, width=WidthConfig)

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 from slmkit.errors import ConfigError
 from slmkit.pipeline.base import Context, StageResult, stage
@@ -60,14 +59,20 @@ def _params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+#: recipe keys of the prune stage that set a field of the method's config (``rank_by`` sets DepthConfig.method)
+_PRUNE_KEYS = {"keep_layers": "keep_layers", "ratio": "ratio", "sparsity": "sparsity", "pattern": "pattern",
+               "rank_by": "method"}
+
+
 @dataclass(frozen=True)
 class PruneConfig:
-    method: Literal["depth", "width", "magnitude", "wanda", "sparsegpt"]  #: pruning method (required)
+    method: str  #: a registered pruning method (slmkit.compress.prune.PRUNERS): depth, width, magnitude, wanda, sparsegpt
     keep_layers: int | None = None  #: depth: decoder blocks kept
     ratio: float | None = None  #: width: fraction of parameters kept, in (0, 1)
     sparsity: float | None = None  #: magnitude/wanda/sparsegpt: fraction of weights removed per row
     pattern: str | None = None  #: magnitude/wanda/sparsegpt: "N:M" semi-structured pattern
     rank_by: str = "block_influence"  #: depth: block ranking (block_influence | perplexity)
+    options: dict = field(default_factory=dict)  #: more fields of the method's config (e.g. batch_size, blocksize, heads)
     calib: str = "auto"  #: calibration text: auto | self | a text/jsonl file
     calib_samples: int = 32  #: calibration sequences
     calib_len: int = 128  #: tokens per calibration sequence
@@ -77,52 +82,50 @@ class PruneConfig:
         self.method_config()
 
     def method_config(self):
-        """The :mod:`slmkit.compress` config of ``method`` (validated there)."""
-        from slmkit.compress.prune import PRUNER_CONFIGS
-        from slmkit.compress.structured import DepthConfig, WidthConfig
+        """The :mod:`slmkit.compress` config of ``method`` (validated there); the shared keys a method's
+        config does not have are ignored, ``options`` must all apply."""
+        from slmkit.compress.prune import pruner_config
 
-        needs = {"depth": "keep_layers", "width": "ratio"}.get(self.method)
-        if needs is not None and getattr(self, needs) is None:
-            raise ConfigError(f"method {self.method} needs key {needs!r}")
-        if self.method == "depth":
-            return DepthConfig(keep_layers=self.keep_layers, method=self.rank_by)
-        if self.method == "width":
-            return WidthConfig(ratio=self.ratio)
-        return PRUNER_CONFIGS[self.method](sparsity=self.sparsity, pattern=self.pattern)
+        shared = {_PRUNE_KEYS[k]: getattr(self, k) for k in _PRUNE_KEYS}
+        overlap = set(shared) & set(self.options)
+        if overlap:
+            raise ConfigError(f"options {', '.join(sorted(overlap))}: set them as the stage's own keys")
+        labels = {**{v: f"key {k!r}" for k, v in _PRUNE_KEYS.items()}, **{k: f"options key {k!r}" for k in self.options}}
+        return pruner_config(self.method, {**shared, **self.options}, labels=labels, ignore=frozenset(shared))
 
 
 @stage("prune", PruneConfig, needs=("model",), makes=("model",))
 def prune(ctx: Context, cfg: PruneConfig) -> StageResult:
-    """Prune the student with :func:`slmkit.compress.prune.prune` (depth/width/unstructured)."""
-    from slmkit.compress.prune import PRUNERS, needs_calibration, weight_sparsity
-
-    import slmkit.compress.structured  # noqa: F401  (registers depth and width)
+    """Prune the student with :func:`slmkit.compress.prune.prune` (any registered method)."""
+    from slmkit.compress.prune import needs_calibration, weight_sparsity
+    from slmkit.compress.prune import prune as run
 
     model, tok = ctx.load("model")
     before = _params(model)
+    mcfg = cfg.method_config()
     ids, ccfg = (calibration(ctx, model, tok, cfg.calib, cfg.calib_samples, cfg.calib_len)
-                 if cfg.method in ("depth", "width") or needs_calibration(cfg.method) else (None, None))
+                 if needs_calibration(cfg.method) else (None, None))
     ctx.progress(1, 2)
-    model = PRUNERS.get(cfg.method)(model, ids, cfg.method_config())
+    model = run(model, ids, cfg.method, mcfg)
     ctx.progress(2, 2)
     after = _params(model)
-    out = _save(ctx, model, tok, "prune", cfg.method_config(), method=cfg.method, calibration=ccfg)
+    out = _save(ctx, model, tok, "prune", mcfg, method=cfg.method, calibration=ccfg)
     metrics = {"method": cfg.method, "parameters_before": before, "parameters": after, "parameter_ratio": after / before,
-               "layers": model.config.num_hidden_layers, "calibration": dataclasses.asdict(ccfg) if ccfg else None}
-    if cfg.method not in ("depth", "width"):
-        metrics["weight_sparsity"] = weight_sparsity(model)
+               "layers": model.config.num_hidden_layers, "calibration": dataclasses.asdict(ccfg) if ccfg else None,
+               "weight_sparsity": weight_sparsity(model)}
     return StageResult(outputs={"model": out}, metrics=metrics)
 
 
 @dataclass(frozen=True)
 class QuantizeConfig:
-    method: Literal["rtn", "imatrix", "gptq", "awq"]  #: quantizer (required)
+    method: str  #: a registered quantizer (slmkit.compress.quantize.QUANTIZERS): rtn, imatrix, gptq, awq
     bits: int | None = None  #: code width: 3, 4, 5 or 8 (default: the gguf type's, else 4)
     group_size: int | None = None  #: input columns per scale, 0 = per-channel (default: the gguf type's, else 32)
     asymmetric: bool = False  #: w = d*q + m instead of w = d*q
     gguf: str | None = "Q4_0"  #: a llama.cpp file type (Q4_0, Q4_K_M, Q8_0, ...): every tensor on the block grid
     #: llama-quantize gives it, so `export` with the same type keeps the codes exactly (null = one plain grid)
     damp: float = 0.01  #: gptq: dampening (fraction of the mean Hessian diagonal)
+    options: dict = field(default_factory=dict)  #: more fields of the method's config (e.g. act_order, seed)
     calib: str = "auto"  #: calibration text: auto | self | a text/jsonl file
     calib_samples: int = 32  #: calibration sequences
     calib_len: int = 128  #: tokens per calibration sequence
@@ -139,7 +142,7 @@ class QuantizeConfig:
     def method_config(self):
         from slmkit.compress.entry import quantize_config
 
-        return quantize_config(self.method, self.grid(), damp=self.damp)
+        return quantize_config(self.method, self.grid(), self.options, damp=self.damp)
 
 
 @stage("quantize", QuantizeConfig, needs=("model",), makes=("model",))
