@@ -53,12 +53,9 @@ PENDING_LAYERING = {
     "slmkit.models.load imports slmkit.compress.lowrank (slmkit.models must not depend on slmkit.compress)",
 }
 PENDING_BACKENDS = {
-    # collab/serving.py: being split with the server core by another helper today
-    "slmkit.collab.serving imports slmkit.backends.hf.HFBackend",
+    # collab/serving.py: prompt rendering and stop-string truncation live in the HF backend (as for cascade below)
     "slmkit.collab.serving imports slmkit.backends.hf.truncate_at_stop",
     "slmkit.collab.serving imports slmkit.backends.hf.render_prompt",
-    "slmkit.collab.serving imports slmkit.backends.HFBackend",
-    "slmkit.collab.serving imports slmkit.backends.openai.OpenAIBackend",
     # prompt rendering lives in the HF backend; batched HF decoding in trust/common.py
     "slmkit.collab.cascade imports slmkit.backends.hf.render_prompt",
     "slmkit.collab.cascade imports slmkit.backends.openai.OpenAIBackend",

@@ -60,6 +60,14 @@ def test_speculative_mode_rejects_an_endpoint(tiny_dir):
         build_backend(str(tiny_dir), str(tiny_dir), "telepathy")
 
 
+def test_cascade_pairs_a_local_model_with_an_endpoint(tiny_dir):
+    """The endpoint gets the pairing's retries (serve's default is 2, the client's 3) and the model after '#'."""
+    b = build_backend(str(tiny_dir), "http://127.0.0.1:9#big", "cascade", retries=1)
+    assert isinstance(b, CascadeBackend) and b.small.name == str(tiny_dir)
+    assert (b.large.model, b.large.retries, b.large.base_url) == ("big", 1, "http://127.0.0.1:9/v1")
+    assert build_backend(str(tiny_dir), "http://127.0.0.1:9#big", "cascade").large.retries == 2
+
+
 # --------------------------------------------------------------------------- streaming (stream: true)
 
 import contextlib  # noqa: E402

@@ -22,13 +22,13 @@ def check_concurrency(concurrency: int, *specs: str | None) -> None:
 
 
 def from_spec(spec: str, dtype: str = "fp32", api_key: str | None = None, concurrency: int = 1,
-              device: str = "cpu") -> Backend:
+              device: str = "cpu", timeout: float = 60.0, retries: int = 3) -> Backend:
     """``http(s)://...`` → :class:`OpenAIBackend` (``URL#model`` picks a model; ``concurrency`` requests in
-    flight at once); anything else → :class:`HFBackend` on ``device`` (cpu | cuda | cuda:N | auto; it
-    batches in-process, ``concurrency`` is unused)."""
+    flight at once, each with ``timeout`` seconds and ``retries`` retries); anything else → :class:`HFBackend`
+    on ``device`` (cpu | cuda | cuda:N | auto; it batches in-process, ``concurrency`` is unused)."""
     if is_endpoint(spec):
         url, _, model = spec.partition("#")
-        return OpenAIBackend(url, model=model or None, api_key=api_key, concurrency=concurrency)
+        return OpenAIBackend(url, model=model or None, api_key=api_key, concurrency=concurrency, timeout=timeout, retries=retries)
     from slmkit.models import load
 
     model, tok = load(spec, dtype=dtype, device=device)

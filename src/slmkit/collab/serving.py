@@ -26,15 +26,17 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
 from fastapi import Request
 
+from slmkit.backends import from_model, from_spec, is_endpoint
 from slmkit.backends.base import Backend, Completion, GenParams, Prompt, TokenScores
 from slmkit.backends.stream import OnText, TokenText, generate_streaming
-from slmkit.errors import BackendError, SlmkitError
+from slmkit.errors import BackendError, ConfigError, SlmkitError
+from slmkit.registry import Registry
 from slmkit.runtime import servecore as core
 from slmkit.runtime import sse
 
@@ -49,13 +51,12 @@ class SpeculativeBackend:
     """
 
     def __init__(self, target, tokenizer, draft, name: str | None = None, k_max: int = 12):
-        from slmkit.backends.hf import HFBackend
         from slmkit.collab.speculative import check_same_vocab
 
         if isinstance(draft, torch.nn.Module):  # speculate() checks a drafter's vocabulary
             check_same_vocab(target, draft)
         self.target, self.tokenizer, self.draft, self.k_max = target, tokenizer, draft, k_max
-        self._hf = HFBackend(target, tokenizer)
+        self._hf = from_model(target, tokenizer)  # scores (the target's log-probs)
         self.name = name or f"speculative({self._hf.name})"
 
     def generate(self, prompts: Sequence[Prompt], params: GenParams) -> list[Completion]:
@@ -313,40 +314,65 @@ class CollabRoutes:
                 "usage": {"completion_tokens": end.count or 0}, "slmkit": end.meta}
 
 
+@dataclass(frozen=True)
+class Pairing:
+    """What ``slmkit serve SMALL --large LARGE --mode MODE`` names: the two models and the options the modes use."""
+
+    small: str  #: SMALL: a model spec (speculative mode: a drafter too, e.g. ``lookup``, ``int4``)
+    large: str  #: LARGE: a model spec, or an OpenAI-compatible endpoint ``http(s)://...[#model]``
+    dtype: str = "fp32"  #: dtype of the local models
+    threshold: float = -1.0  #: cascade: answers whose confidence is below this escalate
+    timeout: float = 60.0  #: endpoint: seconds per request
+    retries: int = 2  #: endpoint: retries per request
+    cascade: object = None  #: cascade: a :class:`~slmkit.collab.cascade.CascadeConfig` (None: its defaults)
+
+    def backend(self, spec: str) -> Backend:
+        """``spec`` as a Backend: a local model at ``dtype``, or an endpoint with this timeout and retries."""
+        return from_spec(spec, dtype=self.dtype, timeout=self.timeout, retries=self.retries)
+
+
+#: ``--mode``: how each collaboration mode builds its Backend from a :class:`Pairing`
+MODES: Registry[Callable[[Pairing], Backend]] = Registry("--mode")
+
+
+@MODES.register("speculative")
+def speculative_pair(p: Pairing) -> Backend:
+    """The large model decodes, drafted by the small one (both local: the target's logits are needed)."""
+    if is_endpoint(p.large):
+        raise ConfigError("speculative mode needs the large model's logits locally; --large must be a model, not a URL",
+                          "use --mode cascade or shield with an endpoint")
+    from slmkit.collab.drafters import resolve_draft
+    from slmkit.models import load
+
+    target, t_tok = load(p.large, dtype=p.dtype)
+    draft = resolve_draft(p.small, target, t_tok, p.dtype, "the draft (SMALL)")
+    name = f"speculative({p.large})" if p.small == "lookup" else f"speculative({p.small}->{p.large})"
+    return SpeculativeBackend(target, t_tok, draft, name=name)
+
+
+@MODES.register("cascade")
+def cascade_pair(p: Pairing) -> Backend:
+    """The small model answers; low-confidence answers escalate (the small one answers alone when the large is down)."""
+    small = p.backend(p.small)
+    try:
+        large = p.backend(p.large)
+    except BackendError as err:
+        log.warning("large model unreachable (%s); the cascade answers from the small model", err)
+        large = None
+    return CascadeBackend(small, large, p.threshold, cfg=p.cascade)
+
+
+@MODES.register("shield")
+def shield_pair(p: Pairing) -> Backend:
+    """Personal data replaced by placeholders on the device (the small model helps find it) before the large one sees it."""
+    from slmkit.collab.privacy import ShieldedBackend
+
+    small = p.backend(p.small)
+    return ShieldedBackend(p.backend(p.large), small=small)
+
+
 def build_backend(small_spec: str, large_spec: str, mode: str, dtype: str = "fp32", threshold: float = -1.0,
                   timeout: float = 60.0, retries: int = 2, cascade=None) -> Backend:
     """The Backend behind ``slmkit serve SMALL --large ... --mode ...`` (``cascade``: a
-    :class:`~slmkit.collab.cascade.CascadeConfig` naming the confidence signal)."""
-    from slmkit.backends import HFBackend
-    from slmkit.backends.openai import OpenAIBackend
-    from slmkit.errors import ConfigError
-
-    def remote(spec):
-        url, _, model = spec.partition("#")
-        return OpenAIBackend(url, model=model or None, timeout=timeout, retries=retries)
-
-    is_url = large_spec.startswith(("http://", "https://"))
-    if mode == "speculative":
-        if is_url:
-            raise ConfigError("speculative mode needs the large model's logits locally; --large must be a model, not a URL",
-                              "use --mode cascade or shield with an endpoint")
-        from slmkit.collab.drafters import resolve_draft
-        from slmkit.models import load
-
-        target, t_tok = load(large_spec, dtype=dtype)
-        draft = resolve_draft(small_spec, target, t_tok, dtype, "the draft (SMALL)")
-        name = f"speculative({large_spec})" if small_spec == "lookup" else f"speculative({small_spec}->{large_spec})"
-        return SpeculativeBackend(target, t_tok, draft, name=name)
-    small = HFBackend.from_spec(small_spec, dtype=dtype)
-    if mode == "cascade":
-        try:
-            large = remote(large_spec) if is_url else HFBackend.from_spec(large_spec, dtype=dtype)
-        except BackendError as err:
-            log.warning("large model unreachable (%s); the cascade answers from the small model", err)
-            large = None
-        return CascadeBackend(small, large, threshold, cfg=cascade)
-    if mode == "shield":
-        from slmkit.collab.privacy import ShieldedBackend
-
-        return ShieldedBackend(remote(large_spec) if is_url else HFBackend.from_spec(large_spec, dtype=dtype), small=small)
-    raise ConfigError(f"unknown --mode {mode!r}; use speculative, cascade or shield")
+    :class:`~slmkit.collab.cascade.CascadeConfig` naming the confidence signal); ``mode`` names one of :data:`MODES`."""
+    return MODES.get(mode)(Pairing(small_spec, large_spec, dtype, threshold, timeout, retries, cascade))
