@@ -14,6 +14,8 @@ from slmkit.compress.calibrate import (
     linears,
     sequential,
 )
+from slmkit.compress.awq import AWQConfig
+from slmkit.compress.gptq import GPTQConfig
 from slmkit.compress.lowrank import LowRankConfig, LowRankLinear, lowrank
 from slmkit.compress.prune import (
     PRUNERS,
@@ -25,10 +27,17 @@ from slmkit.compress.prune import (
     pruner_config,
     weight_sparsity,
 )
+from slmkit.compress.qmethods import QUANTIZERS, quantizer
+from slmkit.compress.quantize import IMatrixConfig, RTNConfig
 from slmkit.compress.structured import DepthConfig, WidthConfig, prune_depth, prune_width
 
 __all__ = [
+    "AWQConfig",
+    "GPTQConfig",
+    "IMatrixConfig",
     "PRUNERS",
+    "QUANTIZERS",
+    "RTNConfig",
     "CalibConfig",
     "DepthConfig",
     "LinearStats",
@@ -49,6 +58,7 @@ __all__ = [
     "pruner_config",
     "prune_depth",
     "prune_width",
+    "quantizer",
     "sequential",
     "weight_sparsity",
 ]

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from slmkit.compress.qgrid import Grid, QTensor, quantize_rtn
+from slmkit.compress.qmethods import quantizer
 from slmkit.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -163,6 +164,7 @@ def awq_block(block: nn.Module, stats: dict, cfg: AWQConfig, names: dict[str, st
     return out
 
 
+@quantizer("awq", AWQConfig, calibration=True, help="AWQ: activation-aware scaling (Lin et al. 2023)")
 def awq_model(model, ids: torch.Tensor, cfg: AWQConfig, names: list[str], grid_of=None) -> dict[str, QTensor]:
     """AWQ-quantise the Linears ``names`` (HF weight names) of ``model`` in place, block by block."""
     from slmkit.compress.calibrate import sequential

@@ -35,6 +35,7 @@ import torch
 
 from slmkit.compress.kquant import row_sigma2
 from slmkit.compress.qgrid import Grid, QTensor, codes_for, fit_params
+from slmkit.compress.qmethods import quantizer
 from slmkit.errors import ConfigError
 
 
@@ -147,6 +148,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: GPTQConfig, grid: Grid 
     return QTensor(Q[:, inv].contiguous(), scales.to(dt), None if mins is None else mins.to(dt), grid, aux=aux)
 
 
+@quantizer("gptq", GPTQConfig, calibration=True, help="GPTQ: Hessian-aware rounding (Frantar et al. 2022)")
 def gptq_model(model, ids: torch.Tensor, cfg: GPTQConfig, names: list[str], grid_of=None) -> dict[str, QTensor]:
     """Quantise the Linears ``names`` (HF weight names) of ``model`` in place with GPTQ, block by block.
 

@@ -23,18 +23,15 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from slmkit import progress
-from slmkit.compress.awq import AWQConfig, awq_model
-from slmkit.compress.gptq import GPTQConfig, gptq_model
 from slmkit.compress.qgrid import GGUF_TYPES, Grid, QTensor, quantize_rtn
+from slmkit.compress.qmethods import QUANTIZERS, Quantizer, quantizer  # noqa: F401 (QUANTIZERS, Quantizer re-exported)
 from slmkit.errors import ConfigError, UnsupportedModelError
-from slmkit.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -62,19 +59,6 @@ class IMatrixConfig:
     def __post_init__(self):
         if not isinstance(self.grid, Grid):
             raise ConfigError(f"IMatrixConfig.grid must be a Grid, got {type(self.grid).__name__}")
-
-
-@dataclass(frozen=True)
-class Quantizer:
-    """A registered method: ``run(model, ids, cfg, names, grid_of) -> {hf weight name: QTensor}`` and its
-    config class; ``grid_of(name)`` is each weight's grid."""
-
-    run: Callable
-    config: type
-    needs_calibration: bool
-
-
-QUANTIZERS: Registry[Quantizer] = Registry("quantizer")
 
 
 @dataclass
@@ -110,6 +94,7 @@ def gguf_grids(model, ftype: str, imatrix: bool = False, **overrides) -> dict[st
     return out
 
 
+@quantizer("rtn", RTNConfig, calibration=False, help="round to nearest (llama-quantize without an imatrix)")
 def rtn_model(model, ids, cfg: RTNConfig, names: list[str], grid_of=None) -> dict[str, QTensor]:
     """Round every weight in ``names`` to the nearest point of its grid, in place."""
     params = dict(model.named_parameters())
@@ -124,6 +109,7 @@ def rtn_model(model, ids, cfg: RTNConfig, names: list[str], grid_of=None) -> dic
     return out
 
 
+@quantizer("imatrix", IMatrixConfig, calibration=True, help="importance-weighted rounding (llama.cpp imatrix)")
 def imatrix_model(model, ids, cfg: IMatrixConfig, names: list[str], grid_of=None) -> dict[str, QTensor]:
     """Round every Linear in ``names`` with scales weighted by its inputs' mean squared activation, in place.
 
@@ -137,12 +123,6 @@ def imatrix_model(model, ids, cfg: IMatrixConfig, names: list[str], grid_of=None
                             importance=st.sq_norm / max(st.n, 1))
 
     return round_sequentially(model, ids, names, codes, seed=cfg.seed, hessian=False, label="imatrix")
-
-
-QUANTIZERS.add("rtn", Quantizer(rtn_model, RTNConfig, False))
-QUANTIZERS.add("imatrix", Quantizer(imatrix_model, IMatrixConfig, True))
-QUANTIZERS.add("gptq", Quantizer(gptq_model, GPTQConfig, True))
-QUANTIZERS.add("awq", Quantizer(awq_model, AWQConfig, True))
 
 
 def target_names(model) -> list[str]:
