@@ -144,3 +144,35 @@ def test_compress_stage_options_become_the_method_config():
     for cls, settings, message in bad:
         with pytest.raises(RecipeError, match=message):
             build_config(cls, settings, "stage 1")
+
+
+def test_distill_stage_loss_options_reach_the_loss_config(tiny_dir):
+    """beta / alpha (and any new loss knob) reach LossConfig through ``loss_options:``; the key is unchanged without them."""
+    from slmkit.pipeline.recipe import build_config
+    from slmkit.pipeline.runner import stage_key
+    from slmkit.pipeline.stages.train import DistillStageConfig
+
+    data = tiny_dir / "config.json"  # any existing file
+    cfg = build_config(DistillStageConfig, {"loss": "jsd", "data": str(data), "loss_options": {"beta": 0.9}}, "stage 1")
+    assert cfg.distill_config(0).loss.beta == 0.9
+    for settings, message in [({"loss_options": {"betta": 0.9}}, "unknown key 'betta'"),
+                              ({"loss_options": {"temperature": 2.0}}, "set them as the stage's own keys"),
+                              ({"loss": "jsd", "loss_options": {"beta": 1.0}}, "beta must be in")]:
+        with pytest.raises(RecipeError, match=message):
+            build_config(DistillStageConfig, {"data": str(data), **settings}, "stage 1")
+
+    # an empty options mapping leaves a stage's cache key what it was before the setting existed
+    import hashlib
+    import json
+
+    from slmkit.artefact import jsonable
+    from slmkit.pipeline.runner import STAGE_FORMAT
+    from slmkit.pipeline.stages.compress import PruneConfig
+
+    recipe = parse(OK.format(teacher=tiny_dir))
+    spec = dataclasses.replace(recipe.stages[0], kind="prune", config=PruneConfig(method="wanda", calib="self"))
+    old = {k: v for k, v in jsonable(dataclasses.asdict(spec.config)).items() if k != "options"}
+    payload = {"format": STAGE_FORMAT, "kind": "prune", "config": old, "recipe": recipe.settings_key(), "input": ""}
+    assert stage_key(spec, recipe, "") == hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    with_options = dataclasses.replace(spec, config=PruneConfig(method="wanda", calib="self", options={"batch_size": 4}))
+    assert stage_key(with_options, recipe, "") != stage_key(spec, recipe, "")

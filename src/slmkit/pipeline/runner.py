@@ -108,10 +108,14 @@ def input_files(config) -> dict[str, str]:
 def stage_key(spec: StageSpec, recipe: Recipe, previous: str) -> str:
     """Hash of (stage kind, its config, recipe settings, the previous stage's key, the contents
     of input files its config names)."""
+    config = jsonable(dataclasses.asdict(spec.config))
+    # an empty ``options`` / ``loss_options`` mapping is left out, so the keys of stages written before
+    # those settings existed are what they always were
+    config = {k: v for k, v in config.items() if not (k.endswith("options") and v == {})}
     payload = {
         "format": STAGE_FORMAT,
         "kind": spec.kind,
-        "config": jsonable(dataclasses.asdict(spec.config)),
+        "config": config,
         "recipe": recipe.settings_key(),
         "input": previous,
     }

@@ -104,8 +104,11 @@ def _kl(lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
     return term.sum(-1)
 
 
-def _divergence(name: str, *aliases: str, summary: str) -> Callable[[DivergenceFn], DivergenceFn]:
-    """Register a per-token divergence function under ``name`` as a :class:`Divergence`."""
+def divergence(name: str, *aliases: str, summary: str) -> Callable[[DivergenceFn], DivergenceFn]:
+    """Register a per-token divergence ``fn(lp, lq, cfg) -> (N,)`` under ``name`` as a :class:`Divergence`.
+
+    A new loss is one such function here (its knobs, if any, are fields of :class:`LossConfig`) and a
+    test; ``--loss NAME`` and the distill stage's ``loss: NAME`` find it by name."""
 
     def deco(fn: DivergenceFn) -> DivergenceFn:
         LOSSES.register(name, *aliases)(Divergence(fn, True, summary))
@@ -119,33 +122,33 @@ def _log_mix(lp: torch.Tensor, lq: torch.Tensor, w: float) -> torch.Tensor:
     return torch.logaddexp(lp + math.log(w), lq + math.log1p(-w))
 
 
-@_divergence("fkl", "forward_kl", summary="forward KL(P || Q), mode covering")
+@divergence("fkl", "forward_kl", summary="forward KL(P || Q), mode covering")
 def forward_kl(lp: torch.Tensor, lq: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
     return _kl(lp, lq)  # KL(P || Q)
 
 
-@_divergence("rkl", "reverse_kl", summary="reverse KL(Q || P), mode seeking")
+@divergence("rkl", "reverse_kl", summary="reverse KL(Q || P), mode seeking")
 def reverse_kl(lp: torch.Tensor, lq: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
     return _kl(lq, lp)  # KL(Q || P)
 
 
-@_divergence("jsd", summary="generalised JSD(beta) (GKD)")
+@divergence("jsd", summary="generalised JSD(beta) (GKD)")
 def generalized_jsd(lp: torch.Tensor, lq: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
     lm = _log_mix(lp, lq, cfg.beta)  # M = beta P + (1 - beta) Q
     return cfg.beta * _kl(lp, lm) + (1 - cfg.beta) * _kl(lq, lm)  # GKD Eq. (1)
 
 
-@_divergence("skl", "skew_kl", summary="skew KL(P || aP + (1-a)Q) (DistiLLM)")
+@divergence("skl", "skew_kl", summary="skew KL(P || aP + (1-a)Q) (DistiLLM)")
 def skew_kl(lp: torch.Tensor, lq: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
     return _kl(lp, _log_mix(lp, lq, cfg.alpha))  # KL(P || aP + (1-a)Q) (DistiLLM skew KL)
 
 
-@_divergence("srkl", "skew_reverse_kl", summary="skew reverse KL(Q || aQ + (1-a)P) (DistiLLM)")
+@divergence("srkl", "skew_reverse_kl", summary="skew reverse KL(Q || aQ + (1-a)P) (DistiLLM)")
 def skew_reverse_kl(lp: torch.Tensor, lq: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
     return _kl(lq, _log_mix(lq, lp, cfg.alpha))  # KL(Q || aQ + (1-a)P) (DistiLLM skew reverse KL)
 
 
-@_divergence("tvd", "total_variation", summary="total variation distance")
+@divergence("tvd", "total_variation", summary="total variation distance")
 def total_variation(lp: torch.Tensor, lq: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
     return 0.5 * (lp.exp() - lq.exp()).abs().sum(-1)
 

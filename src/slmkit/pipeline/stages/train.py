@@ -7,7 +7,7 @@ checkpoint when an interrupted build runs again.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from slmkit.errors import ConfigError
@@ -45,7 +45,8 @@ def _needs_data(cfg) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class DistillStageConfig:
-    loss: str = "fkl"  #: fkl | rkl | jsd | skl | srkl | tvd | ce
+    loss: str = "fkl"  #: a registered loss (slmkit.train.losses.LOSSES): fkl | rkl | jsd | skl | srkl | tvd | ce
+    loss_options: dict = field(default_factory=dict)  #: more fields of the loss config (e.g. beta for jsd, alpha for skl)
     data: str = "generated"  #: "generated" (the gen-data stage's chats) or a text / messages jsonl file
     max_steps: int = 100  #: optimizer steps
     batch_size: int = 4  #: examples per micro-batch
@@ -65,10 +66,15 @@ class DistillStageConfig:
     def distill_config(self, seed: int):
         from slmkit.train.data import DataConfig
         from slmkit.train.distill import DistillConfig
+        from slmkit.pipeline.recipe import build_config
         from slmkit.train.losses import LossConfig
 
+        overlap = sorted({"loss", "temperature", "ce_weight", "top_k"} & set(self.loss_options))
+        if overlap:
+            raise ConfigError(f"loss_options {', '.join(overlap)}: set them as the stage's own keys")
         return DistillConfig(
-            loss=LossConfig(loss=self.loss, temperature=self.temperature, ce_weight=self.ce_weight, top_k=self.top_k),
+            loss=build_config(LossConfig, {"loss": self.loss, "temperature": self.temperature, "ce_weight": self.ce_weight,
+                                           "top_k": self.top_k, **self.loss_options}, "loss_options"),
             data=DataConfig(block_size=self.block_size), lmbda=self.lmbda, max_steps=self.max_steps,
             batch_size=self.batch_size, grad_accum=self.grad_accum, learning_rate=self.learning_rate,
             save_steps=self.save_steps, save_total_limit=1, logging_steps=min(10, self.max_steps), seed=seed,
