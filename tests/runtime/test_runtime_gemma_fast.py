@@ -57,7 +57,8 @@ def test_file_codes_run_and_the_cli_shape(gemma, capsys):
     from slmkit.cli import main
     from slmkit.runtime import q4kernel
     from slmkit.runtime.decoding import generate
-    from slmkit.runtime.generate import FastConfig, GGUFQ
+    from slmkit.runtime.generate import FastConfig
+    from slmkit.runtime.weights import GGUFQ
     from slmkit.runtime.gguffast import build_gguf
 
     path, model, tok, ids, ref = gemma

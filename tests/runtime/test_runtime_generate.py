@@ -5,6 +5,7 @@ import torch
 
 from slmkit.runtime import decoding as D
 from slmkit.runtime import generate as G
+from slmkit.runtime import weights as W
 from slmkit.runtime.kvcache import FullCache
 
 PROMPTS = ["The cat sees the", "A dog likes green apples. It is", "<|im_start|>user\nWhere is paris?<|im_end|>\n"]
@@ -76,11 +77,11 @@ def test_low_precision_paths_stay_close(lively, cfg):
 
 def test_int8_weights_round_trip_within_half_a_step():
     w = torch.randn(48, 64)
-    q = G.Int8(w, None, torch.float32)
+    q = W.Int8(w, None, torch.float32)
     deq = q.q.float() * q.s[:, None]
     assert ((deq - w).abs() <= q.s[:, None] / 2 + 1e-6).all()
     x = torch.randn(3, 64).bfloat16()
-    q16 = G.Int8(w, None, torch.bfloat16)
+    q16 = W.Int8(w, None, torch.bfloat16)
     assert torch.allclose(q16(x).float(), x.float() @ (q16.q.float() * q16.s.float()[:, None]).T, rtol=0.02, atol=0.05)
 
 
@@ -145,7 +146,7 @@ def test_int4_reproduces_weights_on_a_4bit_grid():
     scale = torch.rand(64, 3, 1, generator=g) * 0.05 + 0.01
     lo = torch.randn(64, 3, 1, generator=g) * 0.1
     w = (codes.view(64, 3, 32) * scale + lo).view(64, 96)
-    lin = G.Int4(w, None, torch.bfloat16)
+    lin = W.Int4(w, None, torch.bfloat16)
     x = torch.randn(5, 96, generator=g).bfloat16()
     ref = x.float() @ w.T
     assert (lin(x).float() - ref).abs().max() <= 0.02 * ref.abs().max()

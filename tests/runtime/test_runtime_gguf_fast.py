@@ -19,6 +19,7 @@ import torch
 
 from slmkit.errors import ConfigError, UnsupportedModelError
 from slmkit.runtime import generate as G
+from slmkit.runtime import weights as W
 from slmkit.runtime import ggmlkernel as K
 from slmkit.runtime import q4kernel
 
@@ -111,7 +112,7 @@ def test_formats_without_a_kernel_are_named():
     assert K.row_bytes(2, 96) is None  # Q4_0 rows must hold a multiple of 64 inputs
     assert K.row_bytes(12, 320) is None and K.row_bytes(12, 512) == 288
     with pytest.raises(ValueError, match="Q4_0"):
-        G.GGUFQ(torch.zeros(4, 10, dtype=torch.uint8), 2, 64)
+        W.GGUFQ(torch.zeros(4, 10, dtype=torch.uint8), 2, 64)
 
 
 # ---------------------------------------------------------------------------- whole models
@@ -164,7 +165,7 @@ def test_the_kernel_holds_the_files_bytes(gguf_file):
                          [*ly.qkv.parts, ly.o, *ly.gate_up.parts, ly.down]))
         for short, m in parts.items():
             t = tensors[f"blk.{i}.{short}.weight"]
-            assert isinstance(m, G.GGUFQ) and m.qtype == int(t.tensor_type)
+            assert isinstance(m, W.GGUFQ) and m.qtype == int(t.tensor_type)
             held = m.q
             if short == "attn_q":
                 held = permute_qk(held, c.num_attention_heads)
@@ -254,7 +255,7 @@ def test_generate_fast_on_a_gguf_file_runs_its_blocks(tiny_tok, tmp_path_factory
 
     model, tok = load(str(path))
     fb = FastBackend(model, tok, gguf=path)
-    assert fb.fm.cfg.weights == "gguf" and isinstance(fb.fm.head, G.GGUFQ)
+    assert fb.fm.cfg.weights == "gguf" and isinstance(fb.fm.head, W.GGUFQ)
     from slmkit.backends import GenParams
 
     assert out["text"] == fb.generate(["The cat sees"], GenParams(max_new_tokens=8))[0].text
@@ -269,7 +270,7 @@ def test_a_gguf_draft_runs_its_blocks_and_the_target_stays_exact(tiny_tok, tmp_p
     path = _export(tiny_tok, tmp_path_factory, "Q4_0", 128)
     target = _tiny(tiny_tok, 128, seed=128)  # the model the file was exported from
     draft = resolve_draft(str(path), target, tiny_tok)
-    assert isinstance(draft, FastDrafter) and isinstance(draft.fm.head, G.GGUFQ)
+    assert isinstance(draft, FastDrafter) and isinstance(draft.fm.head, W.GGUFQ)
     ids = tiny_tok("The cat sees the", return_tensors="pt").input_ids[0]
     cfg = SpecConfig(max_new_tokens=20, adaptive=False)  # draft every step (the controller may decode plainly on tiny models)
     out = speculate(target, draft, ids, cfg)

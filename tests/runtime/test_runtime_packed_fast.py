@@ -19,6 +19,7 @@ import torch
 
 from slmkit.runtime import decoding as D
 from slmkit.runtime import generate as G
+from slmkit.runtime import weights as W
 from slmkit.runtime import q4kernel
 
 gguf = pytest.importorskip("gguf")
@@ -82,7 +83,7 @@ def _fast(path: Path):
     return build_gguf(path, model=model), model, tok
 
 
-def _held(fm) -> dict[str, G.Dense]:
+def _held(fm) -> dict[str, W.Dense]:
     out = {}
     for i, ly in enumerate(fm.layers):
         for name, m in zip(SHORT, [*ly.qkv.parts, ly.o, *ly.gate_up.parts, ly.down]):
@@ -112,7 +113,7 @@ def test_gptq_codes_of_a_packed_dir_are_the_bytes_the_kernel_reads(gptq_kquant):
     kinds = set()
     for name, m in _held(fm).items():
         t = file[gguf_name(name)]
-        assert isinstance(m, G.GGUFQ) and m.qtype == int(t.tensor_type), name
+        assert isinstance(m, W.GGUFQ) and m.qtype == int(t.tensor_type), name
         raw = torch.from_numpy(np.array(t.data, dtype=np.uint8))
         if name.endswith("q_proj.weight"):
             raw = unpermute_qk(raw, c.num_attention_heads)
@@ -176,7 +177,7 @@ def test_qat_codes_saved_beside_the_weights_run_as_they_are(tiny_tok, tmp_path, 
     fm, _, _ = _fast(tmp_path / "qat")
     _, codes, _, _ = read_packed(tmp_path / "qat" / PACKED)
     for name, m in _held(fm).items():
-        assert isinstance(m, G.GGUFQ) and np.array_equal(m.q.numpy(), encode_gguf_blocks(codes[name])), name
+        assert isinstance(m, W.GGUFQ) and np.array_equal(m.q.numpy(), encode_gguf_blocks(codes[name])), name
     assert main(["generate", str(tmp_path / "qat"), "The cat", "--fast", "--raw", "--max-new-tokens", "4", "--json"]) == 0
     assert 1 <= json.loads(capsys.readouterr().out)["tokens"] <= 4
 
@@ -200,10 +201,10 @@ def test_a_plain_gptq_grid_runs_as_32_blocks_holding_the_same_values(gptq_plain)
     fm, _, _ = _fast(gptq_plain)
     _, codes, _, _ = read_packed(gptq_plain / PACKED)
     for name, m in _held(fm).items():
-        assert isinstance(m, G.GGUFQ) and m.qtype == int(gguf.GGMLQuantizationType.Q4_0), name
+        assert isinstance(m, W.GGUFQ) and m.qtype == int(gguf.GGMLQuantizationType.Q4_0), name
         back = gguf.quants.dequantize(m.q.numpy(), gguf.GGMLQuantizationType.Q4_0)
         assert torch.equal(torch.from_numpy(np.asarray(back, dtype=np.float32)), codes[name].dequantize()), name
-    assert type(fm.head) is G.Dense and fm.fused is not None and fm.fused_head is None
+    assert type(fm.head) is W.Dense and fm.fused is not None and fm.fused_head is None
 
 
 def test_plain_grids_map_to_the_block_type_holding_them():
@@ -236,8 +237,8 @@ def test_grids_without_a_kernel_run_dequantised_and_say_so(tiny_tok, tmp_path, c
     lines = [r.getMessage() for r in caplog.records if r.name == "slmkit.runtime.packedfast"]
     assert any("Q2_K" in m for m in lines) and all("\n" not in m and "model.layers." in m for m in lines)
     held = _held(fm)
-    dense = [n for n, m in held.items() if type(m) is G.Dense]
-    assert dense and isinstance(fm.head, G.GGUFQ) and fm.head.qtype == int(gguf.GGMLQuantizationType.Q6_K)
+    dense = [n for n, m in held.items() if type(m) is W.Dense]
+    assert dense and isinstance(fm.head, W.GGUFQ) and fm.head.qtype == int(gguf.GGMLQuantizationType.Q6_K)
     for n in dense:  # the dequantised codes, not re-rounded
         assert torch.equal(held[n].w, dict(model.named_parameters())[n].detach().to(torch.bfloat16)), n
     _follows_transformers(fm, model, tok)
@@ -250,7 +251,7 @@ def test_an_awq_dir_runs_its_codes_and_follows_transformers(tiny_tok, tmp_path):
 
     path = _write(_tiny(tiny_tok, hidden=128), tiny_tok, tmp_path / "awq", "awq", Grid(4, 64, False))
     fm, model, tok = _fast(path)
-    assert all(isinstance(m, G.GGUFQ) and m.qtype == int(gguf.GGMLQuantizationType.Q4_1) for m in _held(fm).values())
+    assert all(isinstance(m, W.GGUFQ) and m.qtype == int(gguf.GGMLQuantizationType.Q4_1) for m in _held(fm).values())
     assert fm.fused is not None
     _follows_transformers(fm, model, tok)
 
@@ -286,7 +287,7 @@ def test_a_packed_draft_runs_its_codes_and_the_target_stays_exact(gptq_plain, ti
 
     target = _tiny(tiny_tok)  # the model the directory was quantised from
     draft = resolve_draft(str(gptq_plain), target, tiny_tok)
-    assert isinstance(draft, FastDrafter) and isinstance(draft.fm.layers[0].o, G.GGUFQ)
+    assert isinstance(draft, FastDrafter) and isinstance(draft.fm.layers[0].o, W.GGUFQ)
     ids = tiny_tok(PROMPTS[0], return_tensors="pt").input_ids[0]
     cfg = SpecConfig(max_new_tokens=20, adaptive=False)  # draft every step (the controller may decode plainly on tiny models)
     out = speculate(target, draft, ids, cfg)
@@ -302,7 +303,7 @@ def test_a_dense_head_after_the_fused_step(tiny_tok, tmp_path):
 
     path = export_gguf(_tiny(tiny_tok, hidden=128), tiny_tok, tmp_path / "q4-f16emb.gguf", "Q4_0", embedding_type="F16")
     fm, _, tok = _fast(path)
-    assert type(fm.head) is G.Dense and fm.fused is not None
+    assert type(fm.head) is W.Dense and fm.fused is not None
     per_op = dataclasses.replace(fm, fused=None)
     ids = tok(PROMPTS[0], return_tensors="pt").input_ids[0]
     a, b = fm.new_cache(context=32), per_op.new_cache(context=32)

@@ -9,6 +9,7 @@ import torch
 from slmkit.errors import ConfigError
 from slmkit.runtime import decoding as D
 from slmkit.runtime import generate as G
+from slmkit.runtime import weights as W
 from slmkit.runtime import q4kernel as Q
 
 CAN_BUILD = Q.cpu_supported()[0] and any(shutil.which(c) for c in ("cc", "gcc", "g++"))
@@ -46,7 +47,7 @@ def test_disabled_kernel_falls_back_to_torch(lively, monkeypatch):
     assert Q.load() is None and "SLMKIT_Q4_KERNEL" in Q.why_unavailable()
     model, _ = lively
     fm = G.build(model, G.FastConfig(weights="int4"))
-    assert isinstance(fm.layers[0].qkv, G.Int4) and fm.fused is None
+    assert isinstance(fm.layers[0].qkv, W.Int4) and fm.fused is None
     with pytest.raises(ConfigError, match="unavailable"):
         G.build(model, G.FastConfig(weights="int4", kernel="slmkit"))
     with pytest.raises(ConfigError, match="kernel"):
@@ -102,7 +103,7 @@ def test_fused_decode_step_matches_the_dequantised_model(lively):
     """One C call per token: the same logits as transformers' forward on the q4-dequantised weights, up to int8 activations and a bf16 cache."""
     model, tok = lively
     fm = G.build(model, G.FastConfig(weights="int4"))
-    assert fm.fused is not None and isinstance(fm.layers[0].qkv, G.Q4)
+    assert fm.fused is not None and isinstance(fm.layers[0].qkv, W.Q4)
     ref_model = _dequantised_copy(model)
     ids = tok("A dog likes green apples. It is", return_tensors="pt").input_ids[0]
     cache = fm.new_cache(context=64)

@@ -51,7 +51,7 @@ from slmkit.runtime.kvcache import AttnOpts, KVShape, QuantKV, FullKV, kv_policy
 from slmkit.runtime.weights import GGUFQ, Q4, Concat, Dense, Int4, Int8, apply_linear
 
 __all__ = ["FastConfig", "FastModel", "Layer", "Segment", "build", "forward", "prefill", "decode_one_token", "supports", "runner",
-           "Dense", "Concat", "Int8", "Int4", "Q4", "GGUFQ", "apply_linear", "SUPPORTED"]
+           "SUPPORTED"]
 
 log = logging.getLogger(__name__)
 

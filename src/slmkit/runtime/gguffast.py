@@ -30,7 +30,8 @@ import torch
 
 from slmkit.errors import ConfigError, CorruptModelError, UnsupportedModelError
 from slmkit.runtime import ggmlkernel, q4kernel
-from slmkit.runtime.generate import SUPPORTED, Dense, FastConfig, FastModel, GGUFQ, build
+from slmkit.runtime.generate import SUPPORTED, FastConfig, FastModel, build
+from slmkit.runtime.weights import Dense, GGUFQ
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 ``slmkit quantize MODEL --method rtn|imatrix|gptq|awq --output DIR`` and ``slmkit distill --qat``
 store every quantised weight as integer codes plus scales in ``DIR/quantized.safetensors``
 (:mod:`slmkit.compress.qstore`). :func:`build_packed` runs those codes in the same GGUF kernels as a
-GGUF file's blocks (:mod:`slmkit.runtime.ggmlkernel`, :class:`~slmkit.runtime.generate.GGUFQ`):
+GGUF file's blocks (:mod:`slmkit.runtime.ggmlkernel`, :class:`~slmkit.runtime.weights.GGUFQ`):
 each :class:`~slmkit.compress.qgrid.QTensor` is written into llama.cpp blocks by
 :func:`~slmkit.compress.qgrid.encode_gguf_blocks`, the function ``slmkit export`` writes a GGUF
 file with, so the kernel reads the bytes that file would hold (q/k rows in transformers' order).
@@ -32,7 +32,8 @@ from slmkit.compress.qgrid import GGUF_BLOCK, Grid, QTensor, encode_gguf_blocks
 from slmkit.compress.qstore import PACKED, read_packed
 from slmkit.errors import CorruptModelError
 from slmkit.runtime import ggmlkernel
-from slmkit.runtime.generate import Dense, FastConfig, FastModel, GGUFQ, build
+from slmkit.runtime.generate import FastConfig, FastModel, build
+from slmkit.runtime.weights import Dense, GGUFQ
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 Every kind exposes :meth:`Dense.spec` (plain values, so torch.compile can trace :func:`apply_linear`) and
 :meth:`Dense.nbytes`; the kinds with a kernel in the fused decode step (:class:`Q4`, :class:`GGUFQ`) also
-give their matrix descriptors (``segments``). Moved out of :mod:`slmkit.runtime.generate`, which re-exports them.
+give their matrix descriptors (``segments``). Moved out of :mod:`slmkit.runtime.generate`.
 """
 
 from __future__ import annotations
