@@ -46,13 +46,14 @@ def test_generate_fast_flag_equals_default_path(lively_dir, capsys):
 
 
 def test_lora_adapter_served_by_name_equals_peft(lively, tmp_path):
-    """An adapter merged into a fast model gives the logits of the PEFT model with that adapter active."""
+    """An adapter merged into a copy of the base (what serve --adapter serves on the fast path) gives the logits of
+    the PEFT model with that adapter active."""
     import copy
 
     from peft import LoraConfig, get_peft_model
 
     from slmkit.runtime import generate as G
-    from slmkit.runtime.server import adapter_models
+    from slmkit.train.adapters import merged_models
 
     model, tok = lively
     peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
@@ -64,7 +65,7 @@ def test_lora_adapter_served_by_name_equals_peft(lively, tmp_path):
     ids = tok("The cat sees the", return_tensors="pt").input_ids
     with torch.no_grad():
         ref = peft_model(input_ids=ids).logits[0, -1]
-    fms = adapter_models(model, tok, {"alice": str(tmp_path / "ad")})
+    fms = {k: G.build(m) for k, m in merged_models(model, tok, {"alice": str(tmp_path / "ad")}).items()}
     got = G.prefill(fms["alice"], ids[0], fms["alice"].new_cache(context=32))
     assert torch.allclose(got, ref, atol=1e-4)
     base = G.prefill(G.build(model), ids[0], G.build(model).new_cache(context=32))
@@ -74,4 +75,35 @@ def test_lora_adapter_served_by_name_equals_peft(lively, tmp_path):
     from slmkit.errors import ConfigError
 
     with pytest.raises(ConfigError, match="not valid"):
-        adapter_models(model, tok, {"bad name!": str(tmp_path / "ad")})
+        merged_models(model, tok, {"bad name!": str(tmp_path / "ad")})
+
+
+def test_serve_cli_serves_each_adapter_by_name(lively, lively_dir, tmp_path, monkeypatch):
+    """`slmkit serve MODEL --adapter alice=DIR`: the base and the merged adapter, each picked by the request's model;
+    alice answers as the PEFT model with her adapter active."""
+    import copy
+
+    from fastapi.testclient import TestClient
+    from peft import LoraConfig, get_peft_model
+
+    from slmkit.cli import main
+    from slmkit.runtime import servecore
+
+    model, tok = lively
+    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    torch.manual_seed(0)
+    for n, p in peft_model.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_(0, 0.2)
+    peft_model.save_pretrained(tmp_path / "ad")
+    seen = {}
+    monkeypatch.setattr(servecore, "run", lambda app, host, port, cfg: seen.setdefault("app", app))
+    assert main(["serve", str(lively_dir), "--adapter", f"alice={tmp_path / 'ad'}", "--port", "1"]) == 0
+    body = {"prompt": "The cat sees", "max_tokens": 8, "temperature": 0}
+    with TestClient(seen["app"]) as client:
+        assert [m["id"] for m in client.get("/v1/models").json()["data"]] == [str(lively_dir), "alice"]
+        base = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+        alice = client.post("/v1/completions", json={**body, "model": "alice"}).json()["choices"][0]["text"]
+    params = GenParams(max_new_tokens=8)
+    assert base == HFBackend(model, tok).generate(["The cat sees"], params)[0].text
+    assert alice == HFBackend(peft_model, tok).generate(["The cat sees"], params)[0].text != base

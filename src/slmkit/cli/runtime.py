@@ -94,8 +94,13 @@ def serve(
     backend = HFBackend.from_spec(model, dtype=dtype or "fp32")
     if name:
         backend.name = name
+    merged = None
+    if adapters:
+        from slmkit.train.adapters import merged_models
+
+        merged = merged_models(backend.model, backend.tokenizer, adapters, base_name=backend.name)
     run(backend, host=host, port=port,
-        cfg=cfg, engine_cfg=EngineConfig(max_batch=max_batch, max_queue=max_queue), fast_cfg=fast, adapters=adapters, gguf=gguf)
+        cfg=cfg, engine_cfg=EngineConfig(max_batch=max_batch, max_queue=max_queue), fast_cfg=fast, extra_models=merged, gguf=gguf)
 
 
 def fit(

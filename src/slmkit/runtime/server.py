@@ -25,8 +25,8 @@ never carries exception text; an optional API key (compared in constant time) is
 checked on ``/v1`` and ``/metrics``. Binds to 127.0.0.1 unless told otherwise.
 
 Several models by name: ``models`` maps each served name to a fast model
-(LoRA adapters loaded through issue 5's ``AdapterSet`` and merged into copies of
-the base, see :func:`adapter_models`; ``slmkit serve MODEL --adapter NAME=DIR``);
+(LoRA adapters merged into copies of the base by :func:`slmkit.train.adapters.merged_models`,
+passed to :func:`serve` as ``extra_models``; ``slmkit serve MODEL --adapter NAME=DIR``);
 the request's ``model`` picks one. Requests for different models are batched
 per model within each step.
 """
@@ -49,7 +49,7 @@ from slmkit.runtime.engine import Request as Job
 from slmkit.runtime.kvcache import KV_POLICIES
 from slmkit.runtime.servecore import ApiError, ServerConfig
 
-__all__ = ["ServerConfig", "EngineRoutes", "create_app", "serve", "adapter_models"]
+__all__ = ["ServerConfig", "EngineRoutes", "create_app", "serve"]
 
 
 def create_app(backend_or_engine, model_name: str | None = None, api_key: str | None = None, cfg: ServerConfig | None = None):
@@ -369,40 +369,17 @@ class _ToolAnswer:
         })
 
 
-def adapter_models(base_model, tokenizer, adapters: dict[str, str], fast_cfg=None, base_name: str = "base") -> dict:
-    """Fast models for LoRA adapters by name, each adapter merged into its own copy of ``base_model``.
-
-    Loading and checking go through :class:`slmkit.train.adapters.AdapterSet` (it
-    validates names and refuses an adapter trained on another base model); each
-    adapter is then merged (W + s B A, Hu et al. 2021) so it decodes at the speed
-    of the base. Memory grows by one set of weights per adapter. ``base_model`` is
-    not modified.
-    """
-    import copy
-
-    from slmkit.runtime.generate import FastConfig, build
-    from slmkit.train.adapters import AdapterSet
-
-    aset = AdapterSet(copy.deepcopy(base_model), tokenizer, name=base_name)
-    for name, path in adapters.items():
-        aset.add(name, path)
-    out = {}
-    for name in adapters:
-        with aset.use(name) as backend:  # the PEFT model with this adapter active
-            merged = copy.deepcopy(backend.model).merge_and_unload(adapter_names=[name])
-        out[name] = build(merged.eval(), fast_cfg or FastConfig())
-    return out
-
-
 def serve(backend, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           cfg: ServerConfig | None = None, engine_cfg: EngineConfig | None = None, fast_cfg=None,
-          adapters: dict[str, str] | None = None, gguf=None) -> None:
+          extra_models: dict | None = None, gguf=None) -> None:
     """Serve ``backend``'s model (an :class:`~slmkit.backends.HFBackend`) on host:port until interrupted.
 
-    With ``gguf`` (the file the model was loaded from) the base model runs the file's own quantised
-    blocks (:func:`slmkit.runtime.gguffast.build_gguf`); adapters merge into the dequantised weights.
+    ``extra_models`` (transformers models by name, e.g. LoRA adapters merged into copies of the base:
+    :func:`slmkit.train.adapters.merged_models`) are served beside it on the fast path, picked by the
+    request's ``model``. With ``gguf`` (the file the model was loaded from) the base model runs the file's
+    own quantised blocks (:func:`slmkit.runtime.gguffast.build_gguf`); adapters merge into the dequantised weights.
     """
-    from slmkit.runtime.generate import FastConfig, runner, supports
+    from slmkit.runtime.generate import FastConfig, build, runner, supports
 
     fast_cfg = fast_cfg or FastConfig()
     if gguf is not None and supports(backend.model):  # other architectures serve through their own forward
@@ -411,8 +388,8 @@ def serve(backend, host: str = "127.0.0.1", port: int = 8000, api_key: str | Non
         models = {backend.name: build_gguf(gguf, fast_cfg, backend.model)}
     else:
         models = {backend.name: runner(backend.model, fast_cfg)}
-    if adapters:
-        models.update(adapter_models(backend.model, backend.tokenizer, adapters, fast_cfg, base_name=backend.name))
+    for name, model in (extra_models or {}).items():
+        models[name] = build(model, fast_cfg)
     engine = Engine(models, backend.tokenizer, engine_cfg or EngineConfig(), default=backend.name)
     cfg = cfg or ServerConfig(api_key=api_key)
     core.run(create_app(engine, cfg=cfg), host, port, cfg)

@@ -188,3 +188,23 @@ class AdapterSet:
         """``backend.generate(prompts, params)`` with ``adapter`` active."""
         with self.use(adapter) as backend:
             return backend.generate(prompts, params)
+
+
+def merged_models(base_model, tokenizer, adapters: dict[str, str], base_name: str = "base") -> dict:
+    """LoRA adapters by name, each merged into its own copy of ``base_model`` (``W + s B A``, Hu et al. 2021):
+    plain transformers models that run at the speed of the base (``slmkit serve MODEL --adapter NAME=DIR``
+    serves each on the fast path).
+
+    Loading and checking go through :class:`AdapterSet` (it validates names and refuses an adapter trained on
+    another base model). Memory grows by one set of weights per adapter; ``base_model`` is not modified.
+    """
+    import copy
+
+    aset = AdapterSet(copy.deepcopy(base_model), tokenizer, name=base_name)
+    for name, path in adapters.items():
+        aset.add(name, path)
+    out = {}
+    for name in adapters:
+        with aset.use(name) as backend:  # the PEFT model with this adapter active
+            out[name] = copy.deepcopy(backend.model).merge_and_unload(adapter_names=[name]).eval()
+    return out
