@@ -47,11 +47,7 @@ BACKEND_PACKAGE_OK = {"Backend", "Completion", "GenParams", "PartialFailure", "P
 #: Today's known breaks, by exact finding (line numbers left out), each allowed only until its fix
 #: lands (issue 18). A new finding fails, and so does an entry that is no longer found (delete it
 #: then), so these lists can only shrink.
-PENDING_LAYERING = {
-    # models/load.py's switch over compressed formats (-> a reader registry in models/)
-    "slmkit.models.load imports slmkit.compress.qstore (slmkit.models must not depend on slmkit.compress)",
-    "slmkit.models.load imports slmkit.compress.lowrank (slmkit.models must not depend on slmkit.compress)",
-}
+PENDING_LAYERING: set[str] = set()
 PENDING_BACKENDS = {
     # collab/serving.py: prompt rendering and stop-string truncation live in the HF backend (as for cascade below)
     "slmkit.collab.serving imports slmkit.backends.hf.truncate_at_stop",

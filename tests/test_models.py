@@ -130,3 +130,17 @@ def test_moe_model_info_and_generate(tiny_tok, tmp_path):
 
     out = HFBackend(loaded, tok).generate(["The cat"], GenParams(max_new_tokens=5))[0]
     assert out.tokens == 5 or out.finish_reason == "stop"
+
+
+def test_model_readers_are_found_by_name(tiny_dir, tmp_path):
+    """models.load reads compressed formats through the readers slmkit.plugins names, none for a plain directory."""
+    from slmkit.models.readers import Reader, find_reader, readers
+    from slmkit.plugins import MODEL_READERS
+
+    found = readers()
+    assert set(found) == set(MODEL_READERS) and all(isinstance(r, Reader) for r in found.values())
+    assert find_reader(tiny_dir) is None
+    (tmp_path / "config.json").write_text('{"slmkit_lowrank": {}}')
+    assert find_reader(tmp_path) is found["lowrank"]
+    (tmp_path / "quantized.safetensors").write_bytes(b"")
+    assert find_reader(tmp_path) is found["packed-quantized"]  # tried first

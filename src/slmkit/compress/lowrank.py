@@ -43,6 +43,7 @@ from torch import nn
 from slmkit import progress
 from slmkit.compress.calibrate import LinearStats, decoder_layers, linears, sequential
 from slmkit.errors import ConfigError, CorruptModelError
+from slmkit.models.readers import Reader
 from slmkit.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -269,3 +270,16 @@ def load_lowrank(path: str | Path, config, dtype: torch.dtype = torch.float32):
     if tied:
         model.tie_weights()
     return model.to(dtype).eval()
+
+
+def is_lowrank_dir(path: str | Path) -> bool:
+    """Whether ``path``'s config.json describes factorised Linears (written by :func:`lowrank`)."""
+    try:
+        cfg = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(cfg, dict) and isinstance(cfg.get(CONFIG_KEY), dict)
+
+
+#: how :func:`slmkit.models.load` reads a factorised directory (named in :data:`slmkit.plugins.MODEL_READERS`)
+READER = Reader(recognise=is_lowrank_dir, read=load_lowrank, help="factorised Linears written by `slmkit lowrank`")

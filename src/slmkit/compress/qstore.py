@@ -29,6 +29,7 @@ import torch
 from slmkit.artefact import MANIFEST, Manifest, atomic_dir
 from slmkit.compress.qgrid import Grid, QTensor, pack_codes, unpack_codes
 from slmkit.errors import CorruptModelError
+from slmkit.models.readers import Reader
 
 PACKED = "quantized.safetensors"
 FORMAT = "slmkit-quantized-1"
@@ -155,3 +156,8 @@ def load_quantized(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
     with safe_open(str(path / PACKED), framework="pt") as fh:
         mix = (fh.metadata() or {}).get("gguf")
     return model.eval(), Quantized(method, grid, q, gguf=mix)
+
+
+#: how :func:`slmkit.models.load` reads a packed directory (named in :data:`slmkit.plugins.MODEL_READERS`)
+READER = Reader(recognise=is_quantized_dir, read=lambda path, config, dtype: load_quantized(path, dtype)[0],
+                help="packed integer codes + fp16 scales written by `slmkit quantize`")

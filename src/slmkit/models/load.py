@@ -220,9 +220,9 @@ def _check_weights_fit_config(src: "ModelSource") -> None:
     files = sorted(Path(src.path).glob("*.safetensors"))
     if not files:
         return
-    from slmkit.compress.qstore import is_quantized_dir
+    from slmkit.models.readers import find_reader
 
-    if is_quantized_dir(src.path):
+    if find_reader(src.path) is not None:  # packed codes, factorised Linears: their readers check them
         return
     stored = 0
     for f in files:
@@ -233,11 +233,10 @@ def _check_weights_fit_config(src: "ModelSource") -> None:
                     n *= d
                 stored += n
     cfg = json.loads((Path(src.path) / "config.json").read_text())
-    from slmkit.compress.lowrank import CONFIG_KEY as LOWRANK_KEY
     from slmkit.models.student import SHARE_KEY
 
-    if not isinstance(cfg, dict) or any(k in cfg for k in (LOWRANK_KEY, SHARE_KEY, "quantization_config")):
-        return  # factorised, block-shared or quantised weights hold fewer elements than the config's dense model
+    if not isinstance(cfg, dict) or any(k in cfg for k in (SHARE_KEY, "quantization_config")):
+        return  # block-shared or quantised weights hold fewer elements than the config's dense model
     c = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else cfg
     h, v, layers, inter = (c.get(k) for k in ("hidden_size", "vocab_size", "num_hidden_layers", "intermediate_size"))
     if not all(isinstance(x, int) for x in (h, v, layers)):
@@ -437,17 +436,11 @@ def load(
     if getattr(config, "is_encoder_decoder", False):
         raise UnsupportedModelError(f"{spec}: encoder-decoder models are not supported; slmkit needs a decoder-only LM")
     if src.kind == "dir":
-        from slmkit.compress.qstore import is_quantized_dir, load_quantized
+        from slmkit.models.readers import find_reader
 
-        if is_quantized_dir(src.path):  # packed codes + scales written by `slmkit quantize`
-            model, _ = load_quantized(src.path, torch_dtype)
-            model.to(device).eval()
-            model.config.name_or_path = spec
-            return model, load_tokenizer(src, trust_remote_code)
-        from slmkit.compress.lowrank import is_lowrank_config, load_lowrank
-
-        if is_lowrank_config(config):  # factorised Linears written by `slmkit lowrank`
-            model = load_lowrank(src.path, config, torch_dtype)
+        reader = find_reader(src.path)  # a format transformers cannot read by itself (slmkit.plugins.MODEL_READERS)
+        if reader is not None:
+            model = reader.read(Path(src.path), config, torch_dtype)
             model.to(device).eval()
             model.config.name_or_path = spec
             return model, load_tokenizer(src, trust_remote_code)
