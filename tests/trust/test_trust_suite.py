@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from slmkit.backends import GenParams, HFBackend
+from slmkit.backends import GenParams, HFBackend, hf_batch
 from slmkit.errors import ConfigError, DataError, UnsupportedModelError
 from slmkit.trust import AuditConfig, audit, compare, parse_dimensions
 from slmkit.trust import common
@@ -28,12 +28,12 @@ def test_shared_context_scoring_equals_backend_score(tiny_llama):
     ctxs2 = ctxs + [long] * 6
     texts2 = texts + [" one", " two words", " a longer answer here", "!", " 42", " the end."]
     calls = []
-    orig = common._score_shared_context
-    common._score_shared_context = lambda be, groups: calls.append(len(groups)) or orig(be, groups)
+    orig = hf_batch.score_shared_context
+    hf_batch.score_shared_context = lambda be, groups: calls.append(len(groups)) or orig(be, groups)
     try:
         fast = common.score(b, texts2, ctxs2)
     finally:
-        common._score_shared_context = orig
+        hf_batch.score_shared_context = orig
     assert calls == [1]  # exactly the long context was cached
     for f, s in zip(fast, b.score(texts2, ctxs2)):
         assert f.tokens == s.tokens

@@ -22,23 +22,25 @@ def check_concurrency(concurrency: int, *specs: str | None) -> None:
 
 
 def from_spec(spec: str, dtype: str = "fp32", api_key: str | None = None, concurrency: int = 1,
-              device: str = "cpu", timeout: float = 60.0, retries: int = 3) -> Backend:
+              device: str = "cpu", timeout: float = 60.0, retries: int = 3, backoff: float = 0.5) -> Backend:
     """``http(s)://...`` → :class:`OpenAIBackend` (``URL#model`` picks a model; ``concurrency`` requests in
-    flight at once, each with ``timeout`` seconds and ``retries`` retries); anything else → :class:`HFBackend`
+    flight at once, each with ``timeout`` seconds and ``retries`` retries ``backoff`` seconds apart, doubling);
+    anything else → :class:`HFBackend`
     on ``device`` (cpu | cuda | cuda:N | auto; it batches in-process, ``concurrency`` is unused)."""
     if is_endpoint(spec):
         url, _, model = spec.partition("#")
-        return OpenAIBackend(url, model=model or None, api_key=api_key, concurrency=concurrency, timeout=timeout, retries=retries)
+        return OpenAIBackend(url, model=model or None, api_key=api_key, concurrency=concurrency, timeout=timeout,
+                             retries=retries, backoff=backoff)
     from slmkit.models import load
 
     model, tok = load(spec, dtype=dtype, device=device)
     return HFBackend(model, tok, name=spec)
 
 
-def from_model(model, tokenizer, name: str | None = None) -> Backend:
-    """A loaded transformers model and its tokenizer as a :class:`Backend` (in-process, batched), for
-    code that should see only the Protocol (collab, trust)."""
-    return HFBackend(model, tokenizer, name=name)
+def from_model(model, tokenizer, name: str | None = None, batch_size: int = 8) -> Backend:
+    """A loaded transformers model and its tokenizer as a :class:`Backend` (in-process, ``batch_size`` rows
+    per scoring pass), for code that should see only the Protocol (collab, trust)."""
+    return HFBackend(model, tokenizer, name=name, batch_size=batch_size)
 
 
 __all__ = ["Backend", "Completion", "GenParams", "HFBackend", "OpenAIBackend", "PartialFailure", "Prompt", "TokenScores",

@@ -12,24 +12,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from slmkit.backends.base import Completion, GenParams, Prompt, TokenScores
 from slmkit.backends.stream import OnText, TokenText, stop_index
-from slmkit.errors import UnsupportedModelError
-
-
-def render_prompt(tokenizer, prompt: Prompt) -> str:
-    """Raw text stays as is; a chat is rendered with the tokenizer's chat template."""
-    if isinstance(prompt, str):
-        return prompt
-    if not getattr(tokenizer, "chat_template", None):
-        raise UnsupportedModelError(
-            "this model's tokenizer has no chat template, so chat messages cannot be formatted",
-            "pass raw text prompts, or use an instruction-tuned model",
-        )
-    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-
-
-def truncate_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
-    cut = stop_index(text, stops)
-    return (text[:cut], True) if cut >= 0 else (text, False)
+from slmkit.backends.text import render_prompt, token_id_list, truncate_at_stop  # noqa: F401 (re-exported)
 
 
 class HFBackend:
@@ -52,7 +35,8 @@ class HFBackend:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def _prefix_id(self) -> int | None:
+    def prefix_id(self) -> int | None:
+        """The token put before a text scored without context (BOS, else EOS)."""
         tok = self.tokenizer
         return tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
 
@@ -97,7 +81,7 @@ class HFBackend:
         # chat templates already contain the special tokens they need
         ids = tok(render_prompt(tok, prompt), add_special_tokens=isinstance(prompt, str)).input_ids
         if not ids:
-            pid = self._prefix_id()
+            pid = self.prefix_id()
             ids = [pid if pid is not None else 0]
         return ids
 
@@ -170,7 +154,7 @@ class HFBackend:
         """
         if contexts is not None and len(contexts) != len(texts):
             raise ValueError("texts and contexts differ in length")
-        seqs = [self._encode_pair(None if contexts is None else contexts[i], t) for i, t in enumerate(texts)]
+        seqs = [self.encode_pair(None if contexts is None else contexts[i], t) for i, t in enumerate(texts)]
         out: list[TokenScores] = []
         for b in range(0, len(seqs), self.batch_size):
             out.extend(self._score_batch(seqs[b : b + self.batch_size]))
@@ -212,7 +196,7 @@ class HFBackend:
                 base = model(input_ids=torch.tensor([base_ids], device=self.device), cache=base, use_cache=True).cache
         groups: dict[int, list[tuple[int, list[int], list[list[int]]]]] = {0: [], len(base_ids): []}
         for i, (ctx, chs) in enumerate(zip(contexts, choices)):
-            pairs = [self._encode_pair(ctx, c) for c in chs]
+            pairs = [self.encode_pair(ctx, c) for c in chs]
             start = pairs[0][1]
             ctx_ids = pairs[0][0][:start]
             if any(s != start or ids[:start] != ctx_ids for ids, s in pairs):
@@ -296,11 +280,27 @@ class HFBackend:
         s = self._score_batch([(ids, 1)])[0]
         return first + s.tokens, [None, *s.logprobs]
 
-    def _encode_pair(self, context: str | None, text: str) -> tuple[list[int], int]:
+    def score_many(self, texts: Sequence[str], contexts: Sequence[str | None] | None = None) -> list[TokenScores]:
+        """:meth:`score`'s numbers (up to rounding), faster for many texts: shared contexts are read once
+        into a KV cache, short pairs packed into batches (:func:`slmkit.backends.hf_batch.score_many`)."""
+        from slmkit.backends.hf_batch import score_many
+
+        return score_many(self, texts, contexts)
+
+    def sample(self, prompts: Sequence[Prompt], params: GenParams, samples: int = 1,
+               batch_size: int = 32) -> list[list[Completion]]:
+        """``samples`` completions of every prompt (a list per prompt), decoded in left-padded batches
+        of ``batch_size`` rows (:func:`slmkit.backends.hf_batch.sample_batched`)."""
+        from slmkit.backends.hf_batch import sample_batched
+
+        return sample_batched(self, prompts, params, samples, batch_size)
+
+    def encode_pair(self, context: str | None, text: str) -> tuple[list[int], int]:
+        """``(ids, start)``: ``context + text`` encoded as :meth:`score` does, ``ids[start:]`` being the text's."""
         tok = self.tokenizer
         if context is None or context == "":
             ids = tok(text, add_special_tokens=False).input_ids
-            pid = self._prefix_id()
+            pid = self.prefix_id()
             if pid is None:
                 return ids, 1
             return [pid, *ids], 1
@@ -341,12 +341,6 @@ def _fits(items: list, max_tokens: int) -> bool:
     ctx = len(items) * max(len(r) for _, r, _ in items)
     conts = sum(len(c) for _, _, c in items) * max(len(x) for _, _, c in items for x in c)
     return len(items) == 1 or max(ctx, conts) <= max_tokens
-
-
-def token_id_list(x) -> list[int]:
-    if x is None:
-        return []
-    return list(x) if isinstance(x, (list, tuple)) else [int(x)]
 
 
 class _TextStops(StoppingCriteria):

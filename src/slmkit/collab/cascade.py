@@ -256,7 +256,7 @@ def probe_signal(small: Backend, prompts, questions, comps: Sequence[Completion]
     With ``cfg.probe``: that probe file. Otherwise ``train`` (``(train_idx, small_ok)``) trains
     one on the calibration rows (a wrong answer is label 1), as the router does.
     """
-    from slmkit.backends.hf import render_prompt
+    from slmkit.backends.text import render_prompt
     from slmkit.collab.probe import ProbeConfig, fit_probe, hidden_features, load_probe, resolve_layer
 
     model, tok = getattr(small, "model", None), getattr(small, "tokenizer", None)
@@ -313,16 +313,10 @@ def wants_chat(backend) -> bool:
 
 def large_backend(spec: str, cfg: CascadeConfig, dtype: str = "fp32", device: str = "cpu") -> Backend:
     """The large model: an HTTP endpoint (with the config's timeout and retries) or a local model."""
-    if spec.startswith(("http://", "https://")):
-        from slmkit.backends.openai import OpenAIBackend
+    from slmkit.backends import from_spec
 
-        url, _, model = spec.partition("#")
-        return OpenAIBackend(url, model=model or None, timeout=cfg.timeout, retries=cfg.retries, backoff=0.2,
-                             concurrency=cfg.concurrency)
-    from slmkit.backends import HFBackend
-    from slmkit.models import load
-
-    return HFBackend(*load(spec, dtype=dtype, device=device), name=spec)
+    return from_spec(spec, dtype=dtype, device=device, concurrency=cfg.concurrency, timeout=cfg.timeout,
+                     retries=cfg.retries, backoff=0.2)
 
 
 def _gold(row: dict) -> list[str] | None:
@@ -430,12 +424,11 @@ def run_cascade(small: Backend, large: Backend | None, rows: Sequence[dict], cfg
 def run_route(small_spec: str, large_spec: str, data: str | Path, cfg: CascadeConfig, limit: int = 0, dtype: str = "fp32",
               device: str = "cpu") -> dict:
     """The ``slmkit route`` verb: load both ends (local ones on ``device``), read ``data`` (jsonl), run the cascade."""
-    from slmkit.backends import HFBackend
+    from slmkit.backends import from_spec
     from slmkit.data import read_jsonl
-    from slmkit.models import load
 
     rows = read_jsonl(data, required=("question",), limit=limit)
-    small = HFBackend(*load(small_spec, dtype=dtype, device=device), name=small_spec)
+    small = from_spec(small_spec, dtype=dtype, device=device)
     large_error = None
     try:
         large = large_backend(large_spec, cfg, dtype, device)

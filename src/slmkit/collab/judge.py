@@ -76,7 +76,7 @@ def question_context(backend: Backend, question: str) -> str:
 def _context(backend: Backend, question: str) -> str:
     tok = getattr(backend, "tokenizer", None)
     if tok is not None and getattr(tok, "chat_template", None):
-        from slmkit.backends.hf import render_prompt
+        from slmkit.backends.text import render_prompt
 
         return render_prompt(tok, [{"role": "user", "content": question}])
     return f"Question: {question}\nAnswer: "

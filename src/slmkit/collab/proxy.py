@@ -127,7 +127,7 @@ SYSTEMS = ("base", "tuned", "untuned", "proxy")
 
 def encode_prompt(tok, prompt, chat: bool) -> torch.Tensor:
     """Token ids of ``prompt``: through the chat template when ``chat``, else raw text."""
-    from slmkit.backends.hf import render_prompt
+    from slmkit.backends.text import render_prompt
 
     if chat:
         msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt

@@ -33,7 +33,7 @@ def relevance_prompt(backend: Backend, question: str, passage: str) -> str:
     ask = f"Passage: {passage}\n\nQuestion: {question}\nDoes the passage contain the answer to the question? Answer Yes or No."
     tok = getattr(backend, "tokenizer", None)
     if tok is not None and getattr(tok, "chat_template", None):
-        from slmkit.backends.hf import render_prompt
+        from slmkit.backends.text import render_prompt
 
         return render_prompt(tok, [{"role": "user", "content": ask}])
     return ask + "\nAnswer:"

@@ -179,7 +179,7 @@ def finetune(model, tok, texts: list[str], cfg: PrivacyConfig):
 
 
 def memorisation(backend: Backend, cfg: PrivacyConfig, data_dir=None) -> GroupResult:
-    from slmkit.backends.hf import HFBackend
+    from slmkit.backends import from_model
 
     g = GroupResult("memorisation", "wikitext-2/test.txt paragraphs + canaries (Carlini et al. 2019; Yeom et al. 2018)")
     if not is_local_backend(backend):
@@ -226,7 +226,7 @@ def memorisation(backend: Backend, cfg: PrivacyConfig, data_dir=None) -> GroupRe
 
     measure(backend, "before")
     ft = finetune(backend.model, tok, train, cfg)
-    measure(HFBackend(ft, tok, name=f"{backend.name}+canaries", batch_size=backend.batch_size), "after")
+    measure(from_model(ft, tok, name=f"{backend.name}+canaries", batch_size=backend.batch_size), "after")
     g.notes.append(f"fine-tuned a copy for {cfg.epochs} epochs on {len(members)} paragraphs + "
                    f"{sum(cfg.canary_repeats)} canary lines (lr {cfg.lr}); {n} held-out paragraphs")
     del ft
