@@ -19,7 +19,7 @@ from typer._click import exceptions as click_exc  # typer 0.29 vendors click
 
 from slmkit.errors import SlmkitError
 
-AREAS = ["core", "runtime", "compress_prune", "compress_quant", "train_distill", "enhance", "collab", "trust", "pipeline", "lmeval"]
+AREAS = ["core", "runtime", "compress_prune", "compress_quant", "train_distill", "pretrain", "enhance", "collab", "trust", "pipeline", "lmeval"]
 
 app = typer.Typer(
     name="slmkit",

@@ -137,6 +137,23 @@ def unique_parameters(model) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
+def untied_state_dict(model) -> dict[str, torch.Tensor]:
+    """``model``'s state dict with each follower block's tensors copied apart from its leader's.
+
+    What transformers can save (``save_pretrained`` refuses tensors shared outside its own declared
+    ties, such as the output head) and load with plain ``AutoModelForCausalLM.from_pretrained``:
+    every block is stored (the file holds each shared group ``share`` times); slmkit's own
+    loader re-ties the groups (:func:`restore_sharing`). The Trainer's checkpoints and
+    ``slmkit pretrain``'s artefact are written from it.
+    """
+    group = int(getattr(model.config, SHARE_KEY, 1) or 1)
+    state = model.state_dict()
+    if group < 2:
+        return state
+    return {k: v.detach().clone() if k.startswith("model.layers.") and int(k.split(".")[2]) % group else v
+            for k, v in state.items()}
+
+
 def save_student(model, tokenizer, dest: str | os.PathLike, manifest: Manifest | None = None) -> Path:
     """Save atomically: ``config.json`` + ``model.safetensors`` holding each shared tensor once, tokenizer, manifest.
 

@@ -209,6 +209,20 @@ def train_from(trainer, start: Path | None) -> None:
     trainer.train(resume_from_checkpoint=str(start) if start is not None else None)
 
 
+def stop_at(step: int):
+    """A Trainer callback that stops training after ``step`` without finishing the run (tests use it to
+    simulate a killed run: the checkpoints stay, the final model is not written)."""
+    from transformers import TrainerCallback
+
+    class StopAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step >= step:
+                control.should_training_stop = True
+            return control
+
+    return StopAt()
+
+
 def mean_logged_loss(log_history: list[dict]) -> float:
     """Mean training loss over all steps of a run, from the Trainer's ``log_history`` (each logged
     loss weighted by the steps it covers). Unlike the Trainer's ``training_loss`` (the steps run in
