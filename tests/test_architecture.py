@@ -24,9 +24,9 @@ shrink, and the suite stays green while issue 18 lands step by step).
 from __future__ import annotations
 
 import ast
+import dataclasses
 import re
 import textwrap
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -48,6 +48,14 @@ BACKEND_PACKAGE_OK = {"Backend", "Completion", "GenParams", "PartialFailure", "P
 #: Today's known breaks, by exact finding (line numbers left out), each allowed only until its fix
 #: lands (issue 18). A new finding fails, and so does an entry that is no longer found (delete it
 #: then), so these lists can only shrink.
+#: Circles closed only through function-local imports (no import-time failure, but still modules that
+#: need each other; the pipeline runner <-> report one is cut): listed exactly, as above, except that a
+#: listed circle may shrink while it is being cut. ``if TYPE_CHECKING:`` imports are no circle.
+PENDING_LAZY_CYCLES = {
+    ("slmkit.collab.drafters", "slmkit.collab.draftlen", "slmkit.collab.speculative"),  # being reshaped today
+    ("slmkit.export.gguf", "slmkit.export.gguf_mix"),
+    ("slmkit.runtime.servecheck", "slmkit.runtime.servecore"),  # runtime/: being split today
+}
 PENDING_LAYERING: set[str] = set()
 PENDING_BACKENDS = {
     # collab/serving.py (being split by another helper today): backends.text has both now
@@ -72,7 +80,7 @@ def assert_only_pending(findings: list[str], pending: set[str]) -> None:
     assert sorted(pending - found) == [], "fixed: delete these from the PENDING list"
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Import:
     """One imported slmkit module (``target``) and, for ``from X import a``, the name ``a``."""
 
@@ -335,6 +343,17 @@ def test_no_import_cycles(src):
     assert import_cycles(imps) == []
 
 
+def test_lazy_import_cycles_only_pending(src):
+    """The same check counting function-local imports too: a circle that only a late import keeps working."""
+    _, imps = src
+    lazy = [dataclasses.replace(i, top_level=True) for i in imps]
+    found = [set(c) for c in import_cycles(lazy)]
+    # a listed circle may shrink while it is being cut (a found one inside it is fine)
+    assert [sorted(f) for f in found if not any(f <= set(p) for p in PENDING_LAZY_CYCLES)] == [], "new circles"
+    assert sorted(p for p in PENDING_LAZY_CYCLES if not any(f <= set(p) for f in found)) == [], \
+        "cut: delete these from PENDING_LAZY_CYCLES"
+
+
 def test_models_is_a_floor(src):
     _, imps = src
     assert_only_pending(layering_breaks(imps), PENDING_LAYERING)
@@ -411,6 +430,9 @@ def test_checks_fail_on_a_bad_tree(bad_tree):
     # compress.packed -> models.load is module level; trust.late -> collab.late is module
     # level but collab.late -> trust.common is function-local: no cycle.
     assert import_cycles(imps) == [["slmkit.compress.prune", "slmkit.compress.structured"]]
+    lazy = [dataclasses.replace(i, top_level=True) for i in imps]
+    assert import_cycles(lazy) == [["slmkit.compress.packed", "slmkit.models.load"],
+                                   ["slmkit.compress.prune", "slmkit.compress.structured"]]
     assert layering_breaks(imps) == [
         "slmkit.models.load:2 imports slmkit.compress.packed (slmkit.models must not depend on slmkit.compress)"]
     assert concrete_backend_uses(imps, {"slmkit.backends.hf"}, BACKEND_PACKAGE_OK) == [

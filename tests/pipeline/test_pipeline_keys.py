@@ -8,7 +8,7 @@ import os
 from pipeline_helpers import EXPORT, GEN, STUDENT, tiny_recipe
 
 from slmkit.pipeline import build, parse_text, plan
-from slmkit.pipeline.runner import input_files
+from slmkit.pipeline.state import input_files
 from slmkit.pipeline.stages.data import GenDataConfig
 
 

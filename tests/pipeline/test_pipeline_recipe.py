@@ -149,13 +149,13 @@ def test_compress_stage_options_become_the_method_config():
 def test_distill_stage_loss_options_reach_the_loss_config(tiny_dir):
     """beta / alpha (and any new loss knob) reach LossConfig through ``loss_options:``; the key is unchanged without them."""
     from slmkit.pipeline.recipe import build_config
-    from slmkit.pipeline.runner import stage_key
+    from slmkit.pipeline.state import stage_key
     from slmkit.pipeline.stages.train import DistillStageConfig
 
     data = tiny_dir / "config.json"  # any existing file
     cfg = build_config(DistillStageConfig, {"loss": "jsd", "data": str(data), "loss_options": {"beta": 0.9}}, "stage 1")
     assert cfg.distill_config(0).loss.beta == 0.9
-    for settings, message in [({"loss_options": {"betta": 0.9}}, "unknown key 'betta'"),
+    for settings, message in [({"loss_options": {"betta": 0.9}}, "betta: not a setting of the loss"),
                               ({"loss_options": {"temperature": 2.0}}, "set them as the stage's own keys"),
                               ({"loss": "jsd", "loss_options": {"beta": 1.0}}, "beta must be in")]:
         with pytest.raises(RecipeError, match=message):
@@ -166,7 +166,7 @@ def test_distill_stage_loss_options_reach_the_loss_config(tiny_dir):
     import json
 
     from slmkit.artefact import jsonable
-    from slmkit.pipeline.runner import STAGE_FORMAT
+    from slmkit.pipeline.state import STAGE_FORMAT
     from slmkit.pipeline.stages.compress import PruneConfig
 
     recipe = parse(OK.format(teacher=tiny_dir))

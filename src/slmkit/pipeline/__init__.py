@@ -10,7 +10,8 @@ area's library function, registered in :data:`STAGES`.
 
 from slmkit.pipeline.recipe import Recipe, RecipeError, StageSpec, load_recipe, packaged_recipe, packaged_recipes, parse_text
 from slmkit.pipeline.stages import STAGES, Context, StageKind, StageResult, stage
-from slmkit.pipeline.runner import BuildResult, build, plan, stage_key
+from slmkit.pipeline.runner import BuildResult, build
+from slmkit.pipeline.state import plan, stage_key
 from slmkit.pipeline.report import collect, write_report
 
 __all__ = [

@@ -58,7 +58,7 @@ def _finite(obj):
 def collect(run_dir: str | Path) -> dict:
     """The report's data, read from ``run_dir`` (``recipe.yaml`` and every ``stage.json``)."""
     from slmkit.pipeline.recipe import parse_text
-    from slmkit.pipeline.runner import plan, read_record
+    from slmkit.pipeline.state import plan, read_record
 
     run_dir = Path(run_dir)
     rpath = run_dir / "recipe.yaml"
