@@ -38,8 +38,8 @@ from slmkit.artefact import MANIFEST, Manifest, atomic_dir, check_output, is_slm
 from slmkit.train.dist import on_main
 from slmkit.errors import ConfigError, UnsupportedModelError
 from slmkit.train.data import Collator, DataConfig, ExampleDataset, load_examples, pad_batch
-from slmkit.train.checkpoints import (RUN_FILE, file_sha256, is_complete, logging_steps, mean_logged_loss,
-                                      prepare_run, train_from)
+from slmkit.train.args import trainer_arguments
+from slmkit.train.checkpoints import RUN_FILE, file_sha256, is_complete, mean_logged_loss, prepare_run, stop_at, train_from
 from slmkit.train.checkpoints import last_complete_checkpoint  # noqa: F401 (re-exported)
 from slmkit.train.losses import IGNORE_INDEX, LossConfig, distill_loss
 
@@ -243,18 +243,6 @@ class _LogCallback(TrainerCallback):
         log.info("step %d: %s", state.global_step, logs)
 
 
-class _StopAt(TrainerCallback):
-    """Stops training after step N (tests use it to simulate a killed run)."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kw):
-        if state.global_step >= self.step:
-            control.should_training_stop = True
-        return control
-
-
 # ------------------------------------------------------------------ entry point
 
 
@@ -287,27 +275,14 @@ def distill(
     identity = {"source": source or {}, "data": str(data.resolve()), "data_sha256": file_sha256(data),
                 "config": json.loads(json.dumps(cfg.identity()))}
     args = TrainingArguments(
-        output_dir=str(output / CHECKPOINTS),
-        max_steps=cfg.max_steps,
-        per_device_train_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum,
-        learning_rate=cfg.learning_rate,
-        lr_scheduler_type=cfg.lr_scheduler,
-        warmup_steps=cfg.warmup_steps,
-        weight_decay=cfg.weight_decay,
-        save_strategy="steps",
-        save_steps=cfg.save_steps,
-        save_total_limit=cfg.save_total_limit,
-        logging_steps=logging_steps(cfg.logging_steps, cfg.save_steps, cfg.max_steps),  # a resumed run logs the same
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        report_to="none",
+        **trainer_arguments(output / CHECKPOINTS, student, max_steps=cfg.max_steps, batch_size=cfg.batch_size,
+                            grad_accum=cfg.grad_accum, learning_rate=cfg.learning_rate, save_steps=cfg.save_steps,
+                            logging=cfg.logging_steps, seed=cfg.seed, lr_scheduler=cfg.lr_scheduler,
+                            warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay,
+                            save_total_limit=cfg.save_total_limit,
+                            bf16=cfg.bf16 or next(student.parameters()).dtype == torch.bfloat16),
         remove_unused_columns=False,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
         dataloader_pin_memory=False,
-        bf16=cfg.bf16 or next(student.parameters()).dtype == torch.bfloat16,
-        use_cpu=next(student.parameters()).device.type == "cpu",  # train where the student was loaded (CPU or GPU)
     )
     _ = args.device  # under `accelerate launch`: sets up the process group (slmkit.train.dist)
     ckpt = on_main(lambda: _prepare_run_dir(output, identity, resume, force))  # run.json: the main process writes it
@@ -316,7 +291,7 @@ def distill(
 
         attach_fake_quant(student, qat_grids(student, cfg.qat))  # LLM-QAT: train through fake-quantised weights
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    cbs = list(callbacks or []) + ([_StopAt(stop_after)] if stop_after else [])
+    cbs = list(callbacks or []) + ([stop_at(stop_after)] if stop_after else [])
     trainer = DistillTrainer(
         model=student, args=args, train_dataset=ExampleDataset(examples), data_collator=Collator(pad),
         processing_class=tokenizer, teacher=teacher, distill_config=cfg, callbacks=cbs,

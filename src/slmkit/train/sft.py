@@ -269,31 +269,15 @@ def run_identity(kind: str, model, rows, cfg) -> dict:
 
 
 def trainer_args(cfg, ckpt: Path, model) -> dict:
-    """Training arguments common to SFT and preference trainers (no reporting). Training stays on
-    ``model``'s device: the CPU, or a GPU (the Trainer's first visible one) when it was loaded there."""
-    from slmkit.train.checkpoints import logging_steps
+    """Training arguments common to SFT and preference trainers (:func:`slmkit.train.args.trainer_arguments`:
+    no reporting; training stays on ``model``'s device, the CPU or the first visible GPU)."""
+    from slmkit.train.args import trainer_arguments
 
-    save_steps = cfg.save_steps or cfg.max_steps
     return dict(
-        output_dir=str(ckpt),
-        max_steps=cfg.max_steps,
-        per_device_train_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum,
-        learning_rate=cfg.lr,
-        warmup_steps=cfg.warmup_steps,
-        weight_decay=cfg.weight_decay,
-        lr_scheduler_type="linear",
-        logging_steps=logging_steps(cfg.logging_steps, save_steps, cfg.max_steps),  # a resumed run logs the same
-        save_strategy="steps" if cfg.save_steps else "no",
-        save_steps=save_steps,
-        save_total_limit=2,
-        report_to="none",
-        use_cpu=next(model.parameters()).device.type == "cpu",
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        bf16=False,  # TRL defaults to bf16 autocast, which also patches the returned model's forward
+        trainer_arguments(ckpt, model, max_steps=cfg.max_steps, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
+                          learning_rate=cfg.lr, save_steps=cfg.save_steps, logging=cfg.logging_steps, seed=cfg.seed,
+                          warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay,
+                          bf16=False),  # TRL defaults to bf16 autocast, which also patches the returned model's forward
         gradient_checkpointing=False,
     )
 
