@@ -39,6 +39,7 @@ from slmkit.errors import BackendError, ConfigError, SlmkitError
 from slmkit.registry import Registry
 from slmkit.runtime import servecore as core
 from slmkit.runtime import sse
+from slmkit.runtime.arch import text_config
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +201,7 @@ def model_limits(backend) -> tuple[int | None, object | None]:
     cfg = getattr(model, "config", None)
     if cfg is None:
         return None, None
-    c = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    c = text_config(cfg)
     ctx = getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None)
     return (ctx if isinstance(ctx, int) and ctx > 0 else None), getattr(backend, "tokenizer", None)
 

@@ -30,6 +30,7 @@ import torch
 
 from slmkit.errors import ConfigError, CorruptModelError, UnsupportedModelError
 from slmkit.runtime import ggmlkernel, q4kernel
+from slmkit.runtime.arch import text_config
 from slmkit.runtime.generate import SUPPORTED, FastConfig, FastModel, build
 from slmkit.runtime.weights import Dense, GGUFQ
 
@@ -99,7 +100,7 @@ def build_gguf(path: str | Path, cfg: FastConfig = FastConfig(), model=None) -> 
         return build_packed(path, cfg, model)
     from slmkit.export.gguf import gguf_name
 
-    c = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    c = text_config(model.config)
     reader = gguf.GGUFReader(str(path))
     tensors = {t.name: t for t in reader.tensors}
     permuted = _architecture(reader) in PERMUTED_QK
