@@ -140,3 +140,17 @@ def test_sigkill_mid_distillation_then_rerun_resumes(tiny_dir, tmp_path):
     assert dist["metrics"]["steps"] == steps
     assert (run / "04-export" / "model.gguf").is_file() and (run / "report.html").is_file()
     assert "resuming" in (run / "build.log").read_text()
+
+
+def test_lowrank_stage_goes_through_the_library_entry_point(tiny_dir, tmp_path):
+    """The lowrank stage saves what `slmkit lowrank` saves (compress.entry.lowrank_to_dir): factorised, smaller."""
+    from slmkit.artefact import Manifest
+    from slmkit.models import load
+
+    text = tiny_recipe(tiny_dir, STUDENT, "  - stage: lowrank\n    ratio: 0.6\n    method: plain\n")
+    res = build(parse_text(text, "r.yaml"), tmp_path / "run", report=False)
+    rec = res.stages[-1]
+    assert rec["metrics"]["parameters"] < rec["metrics"]["parameters_before"]
+    path = tmp_path / "run" / rec["outputs"]["model"]
+    model, _ = load(str(path))
+    assert model.config.slmkit_lowrank and Manifest.read(path).stages[-1]["stage"] == "lowrank"

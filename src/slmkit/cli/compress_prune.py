@@ -41,10 +41,6 @@ def _bytes(directory: Path) -> int:
     return sum(f.stat().st_size for f in directory.glob("*.safetensors"))
 
 
-def _params(model) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def _report(title: str, out: dict, json_out: bool) -> None:
     if json_out:
         print_json(out)
@@ -80,9 +76,9 @@ def prune_cmd(
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
     """Prune MODEL: unstructured / N:M sparsity, or remove blocks (depth) or heads and channels (width)."""
-    from slmkit.artefact import check_output, save_model
-    from slmkit.compress.calibrate import calibration_ids
-    from slmkit.compress.prune import needs_calibration, prune, pruner_config, weight_sparsity
+    from slmkit.artefact import check_output
+    from slmkit.compress.entry import prune_to_dir
+    from slmkit.compress.prune import pruner_config
     from slmkit.models import load
     from slmkit.models.device import resolve_device
 
@@ -90,40 +86,29 @@ def prune_cmd(
     given = {"sparsity": sparsity, "pattern": pattern, "keep_layers": keep_layers, "method": rank_by, "ratio": ratio,
              "heads": heads}
     cfg = pruner_config(method, given, labels=PRUNE_FLAGS)
-    calib_cfg = _calib_config(calib, calib_samples, calib_len, seed) if needs_calibration(method) else None
+    calib_cfg = _calib_config(calib, calib_samples, calib_len, seed)
     check_output(output, force)
     dev = resolve_device(device)
 
     t0 = time.perf_counter()
     m, tok = load(model, device=dev)
-    before = _params(m)
     layers_before = m.config.num_hidden_layers
-    ids = calibration_ids(m, tok, calib_cfg) if calib_cfg is not None else None
-    t1 = time.perf_counter()
-    prune(m, ids, method, cfg)
-    m.cpu()
-    seconds = time.perf_counter() - t1
-    after = _params(m)
-    sparsity_now = weight_sparsity(m)
-    manifest = _manifest(model)
-    manifest.add_stage("prune", cfg, method=method, calibration=calib_cfg, seconds=round(seconds, 2),
-                       parameters_before=before, parameters=after, weight_sparsity=round(sparsity_now, 6))
-    save_model(m, tok, output, manifest, force=force)
-    c = m.config
+    res = prune_to_dir(m, tok, method, cfg, output, _manifest(model), calib_cfg, force=force)
+    c = res.model.config
     out = {
         "model": model,
         "method": method,
-        "parameters_before": before,
-        "parameters": after,
-        "parameter_ratio": round(after / before, 6),
-        "sparsity": round(sparsity_now, 6),
+        "parameters_before": res.parameters_before,
+        "parameters": res.parameters,
+        "parameter_ratio": round(res.parameters / res.parameters_before, 6),
+        "sparsity": res.weight_sparsity,
         "layers_before": layers_before,
         "layers": c.num_hidden_layers,
         "attention_heads": c.num_attention_heads,
         "kv_heads": c.num_key_value_heads,
         "intermediate_size": c.intermediate_size,
-        "calibration_tokens": 0 if ids is None else int(ids.numel()),
-        "prune_seconds": round(seconds, 3),
+        "calibration_tokens": res.calibration_tokens,
+        "prune_seconds": round(res.seconds, 3),
         "total_seconds": round(time.perf_counter() - t0, 3),
         "output": str(output),
         "bytes": _bytes(output),
@@ -145,39 +130,29 @@ def lowrank_cmd(
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
     """Factorise MODEL's Linear layers by (activation-aware) SVD to keep RATIO of its parameters."""
-    from slmkit.artefact import check_output, save_model
-    from slmkit.compress.calibrate import calibration_ids
-    from slmkit.compress.lowrank import LowRankConfig, lowrank
+    from slmkit.artefact import check_output
+    from slmkit.compress.entry import lowrank_to_dir
+    from slmkit.compress.lowrank import LowRankConfig
     from slmkit.models import load
     from slmkit.models.device import resolve_device
 
     cfg = LowRankConfig(ratio=ratio, method=method)
-    calib_cfg = _calib_config(calib, calib_samples, calib_len, seed) if cfg.needs_calibration else None
+    calib_cfg = _calib_config(calib, calib_samples, calib_len, seed)
     check_output(output, force)
     dev = resolve_device(device)
 
     t0 = time.perf_counter()
     m, tok = load(model, device=dev)
-    before = _params(m)
-    ids = calibration_ids(m, tok, calib_cfg) if calib_cfg is not None else None
-    t1 = time.perf_counter()
-    lowrank(m, ids, cfg)
-    m.cpu()
-    seconds = time.perf_counter() - t1
-    after = _params(m)
-    manifest = _manifest(model)
-    manifest.add_stage("lowrank", cfg, calibration=calib_cfg, seconds=round(seconds, 2),
-                       parameters_before=before, parameters=after)
-    save_model(m, tok, output, manifest, force=force)
+    res = lowrank_to_dir(m, tok, cfg, output, _manifest(model), calib_cfg, force=force)
     out = {
         "model": model,
         "method": method,
-        "parameters_before": before,
-        "parameters": after,
-        "parameter_ratio": round(after / before, 6),
-        "factorised_layers": len(m.config.slmkit_lowrank),
-        "calibration_tokens": 0 if ids is None else int(ids.numel()),
-        "lowrank_seconds": round(seconds, 3),
+        "parameters_before": res.parameters_before,
+        "parameters": res.parameters,
+        "parameter_ratio": round(res.parameters / res.parameters_before, 6),
+        "factorised_layers": len(res.model.config.slmkit_lowrank),
+        "calibration_tokens": res.calibration_tokens,
+        "lowrank_seconds": round(res.seconds, 3),
         "total_seconds": round(time.perf_counter() - t0, 3),
         "output": str(output),
         "bytes": _bytes(output),

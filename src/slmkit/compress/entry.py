@@ -1,25 +1,31 @@
-"""The library entry point for quantisation, called by both ``slmkit quantize`` and the build's quantize stage.
+"""The library entry points of compression, each called by both its CLI verb and its build stage.
 
-One call does what both need after the model is loaded: calibrate (only when the method
-needs it), place each weight on its grid (llama.cpp's per-tensor types for a GGUF file type),
-quantise, write the manifest, save the packed directory and, when asked, the GGUF file
-from the same codes. :func:`quantize_grid` is the one check of bits / group size / symmetry
-against a GGUF type, worded in the caller's names (CLI flags or recipe keys).
+One call does what both need after the model is loaded: calibrate (only when the method needs
+it), apply the technique, write the manifest and save the artefact directory:
+
+* :func:`quantize_to_dir` (``slmkit quantize``, the quantize stage) also places each weight on
+  its grid (llama.cpp's per-tensor types for a GGUF file type) and, when asked, writes the GGUF
+  file from the same codes; :func:`quantize_grid` is the one check of bits / group size /
+  symmetry against a GGUF type, worded in the caller's names (CLI flags or recipe keys);
+* :func:`prune_to_dir` (``slmkit prune``, the prune stage): any registered pruning method;
+* :func:`lowrank_to_dir` (``slmkit lowrank``, the lowrank stage).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from slmkit.artefact import Manifest
+from slmkit.artefact import Manifest, save_model
 from slmkit.compress.calibrate import CalibConfig, calibration_ids
 from slmkit.compress.qgrid import Grid
 from slmkit.compress.qstore import save_quantized
 from slmkit.compress.quantize import QUANTIZERS, Quantized, gguf_grids, quantize
 from slmkit.errors import ConfigError
+from slmkit.models.student import unique_parameters
 
 #: how :func:`quantize_grid` names its inputs in messages: recipe keys (default) or CLI flags
 RECIPE_KEYS = {"gguf": "gguf", "bits": "bits", "group_size": "group_size", "asymmetric": "asymmetric"}
@@ -131,3 +137,65 @@ def quantize_to_dir(model, tokenizer, method: str, cfg, output: str | Path, sour
     path = save_quantized(model, tokenizer, result, output, manifest, extra=extra, force=force)
     return QuantizeOutcome(Path(path), result, ccfg, 0 if ids is None else int(ids.numel()),
                            reports[0] if reports else None)
+
+
+@dataclass
+class CompressOutcome:
+    """What :func:`prune_to_dir` / :func:`lowrank_to_dir` wrote."""
+
+    model: object  #: the compressed model (on the CPU), as saved
+    path: Path
+    parameters_before: int
+    parameters: int
+    calibration: CalibConfig | None  #: None when the method needs no calibration
+    calibration_tokens: int
+    seconds: float  #: the technique alone (no loading, calibration or saving)
+    weight_sparsity: float | None = None  #: prune: fraction of exact zeros in the decoder Linears
+
+
+def _apply_and_save(kind: str, run: Callable, needs_calibration: bool, model, tokenizer, cfg, output, manifest: Manifest,
+                    calib: CalibConfig, force: bool, on_step, extra: Callable[[object], dict]) -> CompressOutcome:
+    ccfg = calib if needs_calibration else None
+    ids = calibration_ids(model, tokenizer, ccfg) if ccfg is not None else None
+    if on_step is not None:
+        on_step(1, 2)
+    before = unique_parameters(model)
+    t0 = time.perf_counter()
+    model = run(model, ids, cfg)
+    seconds = time.perf_counter() - t0
+    if on_step is not None:
+        on_step(2, 2)
+    model.cpu()  # saved from the CPU, wherever it ran
+    after = unique_parameters(model)
+    more = extra(model)
+    manifest.add_stage(kind, cfg, calibration=ccfg, seconds=round(seconds, 2), parameters_before=before,
+                       parameters=after, **more)
+    path = save_model(model, tokenizer, output, manifest, force=force)
+    return CompressOutcome(model, Path(path), before, after, ccfg, 0 if ids is None else int(ids.numel()), seconds,
+                           more.get("weight_sparsity"))
+
+
+def prune_to_dir(model, tokenizer, method: str, cfg, output: str | Path, manifest: Manifest, calib: CalibConfig,
+                 force: bool = False, on_step: Callable[[int, int], None] | None = None) -> CompressOutcome:
+    """Prune ``model`` with the registered method ``method`` / ``cfg`` and save it at ``output``.
+
+    ``calib`` is used only when the method needs calibration; ``manifest`` (the source and any stages
+    before) gains this stage. ``on_step(k, 2)`` is called after calibration and after pruning.
+    """
+    from slmkit.compress.prune import PRUNERS, prune, weight_sparsity
+
+    def run(m, ids, c):
+        return prune(m, ids, method, c)
+
+    return _apply_and_save("prune", run, PRUNERS.get(method).needs_calibration, model, tokenizer, cfg, output, manifest,
+                           calib, force, on_step,
+                           lambda m: {"method": method, "weight_sparsity": round(weight_sparsity(m), 6)})
+
+
+def lowrank_to_dir(model, tokenizer, cfg, output: str | Path, manifest: Manifest, calib: CalibConfig,
+                   force: bool = False, on_step: Callable[[int, int], None] | None = None) -> CompressOutcome:
+    """Factorise ``model``'s Linears with ``cfg`` (:func:`slmkit.compress.lowrank.lowrank`) and save it at ``output``."""
+    from slmkit.compress.lowrank import lowrank
+
+    return _apply_and_save("lowrank", lowrank, cfg.needs_calibration, model, tokenizer, cfg, output, manifest, calib,
+                           force, on_step, lambda m: {})

@@ -33,11 +33,11 @@ def _calib_source(ctx: Context, calib: str) -> str | None:
     return None if calib == "self" else calib
 
 
-def calibration(ctx: Context, model, tok, calib: str, samples: int, length: int):
-    from slmkit.compress.calibrate import CalibConfig, calibration_ids
+def _calib_config(ctx: Context, calib: str, samples: int, length: int):
+    """The calibration settings of a stage (used only when its method needs calibration)."""
+    from slmkit.compress.calibrate import CalibConfig
 
-    cfg = CalibConfig(n_samples=samples, seq_len=length, seed=ctx.recipe.seed, source=_calib_source(ctx, calib))
-    return calibration_ids(model, tok, cfg), cfg
+    return CalibConfig(n_samples=samples, seq_len=length, seed=ctx.recipe.seed, source=_calib_source(ctx, calib))
 
 
 def _check_calib(calib: str, samples: int, length: int) -> None:
@@ -47,16 +47,10 @@ def _check_calib(calib: str, samples: int, length: int) -> None:
         raise ConfigError(f"calib_samples must be >= 1 and calib_len >= 2, got {samples}, {length}")
 
 
-def _save(ctx: Context, model, tok, kind: str, cfg, **extra) -> str:
-    from slmkit.artefact import Manifest, save_model
+def _manifest(ctx: Context):
+    from slmkit.artefact import Manifest
 
-    manifest = Manifest(source=ctx.slots["model"])
-    manifest.add_stage(kind, cfg, **extra)
-    return ctx.rel(save_model(model, tok, ctx.work / "model", manifest))
-
-
-def _params(model) -> int:
-    return sum(p.numel() for p in model.parameters())
+    return Manifest(source=ctx.slots["model"])
 
 
 #: recipe keys of the prune stage that set a field of the method's config (``rank_by`` sets DepthConfig.method)
@@ -96,24 +90,17 @@ class PruneConfig:
 
 @stage("prune", PruneConfig, needs=("model",), makes=("model",))
 def prune(ctx: Context, cfg: PruneConfig) -> StageResult:
-    """Prune the student with :func:`slmkit.compress.prune.prune` (any registered method)."""
-    from slmkit.compress.prune import needs_calibration, weight_sparsity
-    from slmkit.compress.prune import prune as run
+    """Prune the student through :func:`slmkit.compress.entry.prune_to_dir` (what `slmkit prune` calls)."""
+    from slmkit.compress.entry import prune_to_dir
 
     model, tok = ctx.load("model")
-    before = _params(model)
-    mcfg = cfg.method_config()
-    ids, ccfg = (calibration(ctx, model, tok, cfg.calib, cfg.calib_samples, cfg.calib_len)
-                 if needs_calibration(cfg.method) else (None, None))
-    ctx.progress(1, 2)
-    model = run(model, ids, cfg.method, mcfg)
-    ctx.progress(2, 2)
-    after = _params(model)
-    out = _save(ctx, model, tok, "prune", mcfg, method=cfg.method, calibration=ccfg)
-    metrics = {"method": cfg.method, "parameters_before": before, "parameters": after, "parameter_ratio": after / before,
-               "layers": model.config.num_hidden_layers, "calibration": dataclasses.asdict(ccfg) if ccfg else None,
-               "weight_sparsity": weight_sparsity(model)}
-    return StageResult(outputs={"model": out}, metrics=metrics)
+    res = prune_to_dir(model, tok, cfg.method, cfg.method_config(), ctx.work / "model", _manifest(ctx),
+                       _calib_config(ctx, cfg.calib, cfg.calib_samples, cfg.calib_len), on_step=ctx.progress)
+    metrics = {"method": cfg.method, "parameters_before": res.parameters_before, "parameters": res.parameters,
+               "parameter_ratio": res.parameters / res.parameters_before, "layers": res.model.config.num_hidden_layers,
+               "calibration": dataclasses.asdict(res.calibration) if res.calibration else None,
+               "weight_sparsity": res.weight_sparsity}
+    return StageResult(outputs={"model": ctx.rel(res.path)}, metrics=metrics)
 
 
 @dataclass(frozen=True)
@@ -152,15 +139,13 @@ def quantize(ctx: Context, cfg: QuantizeConfig) -> StageResult:
     With ``gguf`` set to a llama.cpp file type, each weight lies on the grid llama-quantize gives
     it in that type (with an importance matrix for the calibrated methods), the token embedding included.
     """
-    from slmkit.compress.calibrate import CalibConfig
     from slmkit.compress.entry import quantize_to_dir
     from slmkit.compress.qstore import PACKED
 
     model, tok = ctx.load("model")
     mcfg = cfg.method_config()
-    calib = CalibConfig(n_samples=cfg.calib_samples, seq_len=cfg.calib_len, seed=ctx.recipe.seed,
-                        source=_calib_source(ctx, cfg.calib))
-    res = quantize_to_dir(model, tok, cfg.method, mcfg, ctx.work / "model", source=ctx.slots["model"], calib=calib,
+    res = quantize_to_dir(model, tok, cfg.method, mcfg, ctx.work / "model", source=ctx.slots["model"],
+                          calib=_calib_config(ctx, cfg.calib, cfg.calib_samples, cfg.calib_len),
                           gguf=cfg.gguf, on_step=ctx.progress)
     grid = mcfg.grid
     return StageResult(
@@ -192,17 +177,12 @@ class LowRankStageConfig:
 
 @stage("lowrank", LowRankStageConfig, needs=("model",), makes=("model",))
 def lowrank(ctx: Context, cfg: LowRankStageConfig) -> StageResult:
-    """Factorise the student's Linears to keep ~ratio of the parameters (:func:`slmkit.compress.lowrank.lowrank`)."""
-    from slmkit.compress.lowrank import lowrank as run
+    """Factorise the student's Linears through :func:`slmkit.compress.entry.lowrank_to_dir` (what `slmkit lowrank` calls)."""
+    from slmkit.compress.entry import lowrank_to_dir
 
     model, tok = ctx.load("model")
-    before = _params(model)
-    mcfg = cfg.method_config()
-    ids, ccfg = calibration(ctx, model, tok, cfg.calib, cfg.calib_samples, cfg.calib_len) if mcfg.needs_calibration else (None, None)
-    ctx.progress(1, 2)
-    model = run(model, ids, mcfg)
-    ctx.progress(2, 2)
-    out = _save(ctx, model, tok, "lowrank", mcfg, calibration=ccfg)
-    after = _params(model)
-    return StageResult(outputs={"model": out}, metrics={"method": cfg.method, "parameters_before": before, "parameters": after,
-                                                        "parameter_ratio": after / before})
+    res = lowrank_to_dir(model, tok, cfg.method_config(), ctx.work / "model", _manifest(ctx),
+                         _calib_config(ctx, cfg.calib, cfg.calib_samples, cfg.calib_len), on_step=ctx.progress)
+    return StageResult(outputs={"model": ctx.rel(res.path)},
+                       metrics={"method": cfg.method, "parameters_before": res.parameters_before,
+                                "parameters": res.parameters, "parameter_ratio": res.parameters / res.parameters_before})
