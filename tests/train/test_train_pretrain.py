@@ -69,6 +69,7 @@ def test_train_pretrain_learns_and_writes_a_loadable_model(tiny_tok, corpus, tmp
     man = Manifest.read(out)
     assert man.stages[0]["stage"] == "pretrain" and man.stages[0]["sharing"]["share"] == 2
     assert man.metrics["heldout_perplexity_after"] == res.heldout["after"]["perplexity"]
+    assert not (out / "chat_template.jinja").exists() and tiny_tok.chat_template  # the caller's tokenizer keeps its own
     ids = torch.tensor([tiny_tok("the cat sees a dog").input_ids])
     plain = AutoModelForCausalLM.from_pretrained(out).eval()  # every block stored: plain transformers loads it
     ours, _ = load(str(out))
@@ -171,3 +172,34 @@ def test_train_pretrain_streams_real_text(shared_file, tiny_tok):
     it = iter(PackedTextStream(files, tiny_tok, 64))
     blocks = [next(it) for _ in range(4)]
     assert all(b["input_ids"].shape == (64,) for b in blocks)
+
+
+def test_train_pretrain_two_gloo_processes_equal_one(tiny_dir, corpus, tmp_path):
+    """``accelerate launch --num_processes 2 -m slmkit pretrain`` (DDP over gloo, shared blocks): one artefact, equal
+    to one process with the same global batch (2 x batch 2 against batch 2 x 2 accumulation steps): the main
+    process reads the stream and hands each process its batch, so both runs see the same blocks in the same
+    order; weights within 1e-5 (they differ only in the float order of the gradient all-reduce)."""
+    import os
+    import subprocess
+    import sys
+
+    from slmkit.cli import main
+
+    launcher = Path(sys.executable).with_name("accelerate")
+    if not launcher.exists():
+        pytest.skip("accelerate's launcher not installed")
+    flags = ["pretrain", "--data", str(corpus / "a.txt"), "--tokenizer", str(tiny_dir), "--layers", "4", "--hidden", "32",
+             "--heads", "4", "--kv-heads", "2", "--intermediate", "64", "--share-blocks", "2", "--block-size", "16",
+             "--max-steps", "3", "--save-steps", "2", "--lr", "5e-3", "--device", "cpu", "--json", "--batch-size", "2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", SLMKIT_PROGRESS="0",
+               PYTHONPATH=str(Path(__file__).resolve().parents[2] / "src"))
+    cmd = [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "-m", "slmkit", *flags, "--output", str(tmp_path / "two")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert main(flags + ["--grad-accum", "2", "--output", str(tmp_path / "one")]) == 0
+    names = sorted(p.name for p in (tmp_path / "two").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert names.count("model.safetensors") == 1 and not (tmp_path / "two.checkpoints").exists()
+    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5

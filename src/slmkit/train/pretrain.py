@@ -16,10 +16,13 @@ in ``OUTPUT.checkpoints/run.json`` (a resume into another run's checkpoints is r
 main process alone writes the final model atomically with its manifest, then removes the
 checkpoints. Every block is stored in the artefact (:func:`~slmkit.models.student.untied_state_dict`),
 so plain ``AutoModelForCausalLM.from_pretrained`` loads it; slmkit's loader re-ties shared blocks.
+The tokenizer is saved without a chat template: the model is a base model that continues text
+(``slmkit generate DIR PROMPT`` runs raw); give it one before ``slmkit sft``.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -207,7 +210,7 @@ def pretrain(
 
 def _finalize(model, tokenizer, output: Path, identity: dict, cfg: PretrainConfig, result: PretrainResult,
               force: bool) -> None:
-    """Write the model atomically (config, every block's weights, tokenizer, manifest)."""
+    """Write the model atomically (config, every block's weights, tokenizer without a chat template, manifest)."""
     manifest = Manifest(source=f"slmkit pretrain ({identity['tokenizer'] or 'tokenizer'})")
     manifest.add_stage("pretrain", cfg, tokenizer=identity["tokenizer"], data=[d["path"] for d in identity["data"]],
                        steps=result.steps, tokens=result.tokens, sharing=describe_sharing(model))
@@ -216,7 +219,9 @@ def _finalize(model, tokenizer, output: Path, identity: dict, cfg: PretrainConfi
                             parameters=result.parameters, seconds=round(result.seconds, 2))
     for when, m in result.heldout.items():
         manifest.metrics[f"heldout_perplexity_{when}"] = m["perplexity"]
+    base_tok = copy.deepcopy(tokenizer)
+    base_tok.chat_template = None  # a base model continues text: no chat format it never saw (sft adds one)
     with atomic_dir(output, force=force) as tmp:
         model.save_pretrained(tmp, state_dict=untied_state_dict(model), safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        base_tok.save_pretrained(tmp)
         (tmp / MANIFEST).write_text(manifest.to_json())
