@@ -108,7 +108,7 @@ def test_format_call_is_what_the_call_grammar_admits(tiny_tok):
 
     from slmkit.runtime.constrain import compile_grammar, llg_tokenizer
 
-    tools = tl._tools({"tools": [WEATHER, TIMER]})
+    tools = tl.tools_of({"tools": [WEATHER, TIMER]})
     lltok = llg_tokenizer(tiny_tok, len(tiny_tok), [tiny_tok.eos_token_id])
     for choice in ("required", "get_weather"):
         m = llg.LLMatcher(lltok, compile_grammar(tl.call_grammar(tools, choice, False)), log_level=0)

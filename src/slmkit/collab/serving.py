@@ -68,7 +68,7 @@ class SpeculativeBackend:
         return self._one(prompt, params, 0, on_text)
 
     def _one(self, prompt: Prompt, params: GenParams, i: int, on_text: OnText | None) -> Completion:
-        from slmkit.backends.hf import truncate_at_stop, render_prompt
+        from slmkit.backends.text import render_prompt, truncate_at_stop
         from slmkit.collab.speculative import SpecConfig, speculate
 
         if params.max_new_tokens == 0:
@@ -252,7 +252,7 @@ class CollabRoutes:
 
     def params(self, s: core.Sampling, prompt: Prompt, param: str) -> GenParams:
         """The backend's GenParams: the token budget checked against the context (400 naming ``param`` when full)."""
-        from slmkit.backends.hf import render_prompt
+        from slmkit.backends.text import render_prompt
 
         tok, ctx = self.tok, self.ctx
         n = 0

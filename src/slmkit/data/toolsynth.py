@@ -65,7 +65,7 @@ def check_tools(value, what: str) -> list[dict]:
     wrapped = [{"type": "function", "function": t} if isinstance(t, dict) and "function" not in t and "name" in t else t
                for t in value]
     try:
-        return tl._tools({"tools": wrapped})
+        return tl.tools_of({"tools": wrapped})
     except ApiError as err:
         raise DataError(f"{what}: {err.message}") from None
 

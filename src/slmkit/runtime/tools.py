@@ -101,7 +101,10 @@ def response_format_of(body: dict) -> tuple[Constraint | None, str | None]:
         raise bad(str(err).splitlines()[0], "response_format") from None
 
 
-def _tools(body: dict) -> list[dict]:
+def tools_of(body: dict) -> list[dict]:
+    """A request's (or a training row's) ``tools``, checked: OpenAI function tools (``{type: function, function:
+    {name, description, parameters}}``) with unique names and valid parameter schemas, else a 400 naming the
+    field; [] when there are none."""
     tools = body.get("tools")
     if tools is None:
         return []
@@ -166,7 +169,7 @@ def call_grammar(tools: list[dict], choice: str, parallel: bool) -> Constraint:
 def structured_of(body: dict) -> Structured:
     """``response_format`` / ``tools`` / ``tool_choice`` of a chat request, validated (ApiError 400 naming the field)."""
     constraint, param = response_format_of(body)
-    tools = _tools(body)
+    tools = tools_of(body)
     choice = _choice(body, tools)
     parallel = flag(body, "parallel_tool_calls", True)
     if not tools or choice == "none":

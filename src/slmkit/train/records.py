@@ -62,7 +62,7 @@ def check_tool_conversation(row: dict, where: str) -> dict:
             if isinstance(m, dict) and isinstance(m.get("role"), str) and m["role"] not in ROLES:
                 raise DataError(f"{where}: messages[{i}].role is {m['role']!r}; expected one of {', '.join(ROLES)}")
     try:
-        offered = tl._tools(row)
+        offered = tl.tools_of(row)
         msgs = tl.chat_messages(row)
     except ApiError as err:
         raise DataError(f"{where}: {err.message}") from None
