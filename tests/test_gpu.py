@@ -91,3 +91,17 @@ def test_gpu_distill_trains_on_cuda(tiny_dir, tmp_path, capsys):
                  "--output", str(tmp_path / "d"), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["steps"] == 3
+
+
+def test_gpu_pretrain_bf16_on_cuda(tiny_dir, tmp_path, capsys):
+    from slmkit.models.tiny import tiny_corpus
+
+    data = tmp_path / "corpus.txt"
+    data.write_text("\n".join(tiny_corpus(200)) + "\n")
+    assert main(["pretrain", "--data", str(data), "--tokenizer", str(tiny_dir), "--layers", "4", "--hidden", "64",
+                 "--heads", "4", "--kv-heads", "2", "--share-blocks", "2", "--block-size", "32", "--max-steps", "20",
+                 "--batch-size", "4", "--save-steps", "10", "--device", "cuda", "--output", str(tmp_path / "p"), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["device"].startswith("cuda") and out["bf16"] is torch.cuda.is_bf16_supported()  # auto: bf16 autocast
+    assert out["steps"] == 20 and out["last_logged_loss"] < out["first_logged_loss"]
+    assert main(["generate", str(tmp_path / "p"), "the cat", "--max-new-tokens", "4", "--device", "cuda"]) == 0
