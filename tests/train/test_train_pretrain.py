@@ -203,3 +203,19 @@ def test_train_pretrain_two_gloo_processes_equal_one(tiny_dir, corpus, tmp_path)
     assert names.count("model.safetensors") == 1 and not (tmp_path / "two.checkpoints").exists()
     a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+
+
+def test_train_pretrain_cli_progress_and_foreign_output(tiny_dir, corpus, tmp_path, capsys, monkeypatch):
+    flags = ["pretrain", "--data", str(corpus / "a.txt"), "--tokenizer", str(tiny_dir), "--layers", "2", "--hidden", "32",
+             "--heads", "4", "--kv-heads", "2", "--intermediate", "64", "--block-size", "16", "--max-steps", "2",
+             "--batch-size", "2", "--device", "cpu"]
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine\n")
+    code, _, err = _cli(flags + ["--output", str(foreign)], capsys)
+    assert code == 2 and "--force" in err and "Traceback" not in err
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"] and not (tmp_path / "foreign.checkpoints").exists()
+    monkeypatch.setenv("SLMKIT_PROGRESS", "1")
+    code, _, err = _cli(flags + ["--output", str(tmp_path / "p")], capsys)
+    assert code == 0, err
+    assert "pretrain: training steps" in err and "2/2" in err
