@@ -152,6 +152,7 @@ def test_train_pretrain_cli_runs_and_generates(tiny_dir, corpus, tmp_path, capsy
     (["--data", "OK", "--device", "tpu"], "--device tpu"),
     (["--data", "OK", "--block-size", "100000"], "fewer than one block of 100000"),
     (["--data", "OK", "--tokenizer", "NOWHERE"], "--tokenizer NOWHERE: "),
+    (["--data", "OK", "--eval-data", "OK", "--eval-tokens", "1"], "--eval-tokens"),
 ])
 def test_train_pretrain_cli_bad_input_exits_2(tiny_dir, corpus, tmp_path, capsys, extra, needle):
     (tmp_path / "empty.txt").write_text("")

@@ -167,6 +167,8 @@ def pretrain(
     """
     output = Path(output)
     t0 = time.perf_counter()
+    if eval_tokens < 0 or eval_tokens == 1:
+        raise ConfigError(f"eval_tokens (--eval-tokens) must be 0 (all) or >= 2, got {eval_tokens}")
     files = corpus_files(data)
     check_corpus(files, tokenizer, cfg.block_size)
     check_training_output(output, force)
