@@ -142,3 +142,18 @@ def test_bad_input_exit_2_and_no_artefact(capsys, tmp_path, tiny_dir, calib_file
     assert len(lines) <= 2 and lines[0].startswith("error:")
     assert not out_dir.exists()
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_prune_option_sets_any_config_field(capsys, tiny_dir, calib_file, tmp_path):
+    """--option KEY=VALUE reaches a field of the method's config that has no flag (SparseGPT's blocksize)."""
+    dest = tmp_path / "sg"
+    code, out, err = run(capsys, "prune", tiny_dir, "--method", "sparsegpt", "--sparsity", "0.5", "--option", "blocksize=16",
+                         "--option", "damp=0.02", *_calib(calib_file), "--output", dest, "--json")
+    assert code == 0, err
+    cfg = Manifest.read(dest).stages[-1]["config"]
+    assert cfg["blocksize"] == 16 and cfg["damp"] == 0.02
+    for opt, message in [("blocksize=16", "--option blocksize does not apply to method magnitude"),
+                         ("sparsity=0.3", "--option sparsity: use --sparsity")]:
+        code, _, err = run(capsys, "prune", tiny_dir, "--method", "magnitude", "--option", opt, "--output", tmp_path / "bad")
+        assert code == 2 and message in err
+    assert not (tmp_path / "bad").exists()

@@ -123,3 +123,23 @@ def test_quantize_kquant_mix_writes_its_codes(wide_dir, calib_file, tmp_path, ca
     a = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(str(ggufs[0])).tensors}
     b = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(str(tmp_path / "again.gguf")).tensors}
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_quantize_option_sets_any_config_field(tiny_dir, tmp_path, capsys):
+    """--option KEY=VALUE reaches a field of the method's config that has no flag of its own; a wrong key is exit 2."""
+    from slmkit.artefact import Manifest
+
+    out = tmp_path / "q"
+    assert main(["quantize", str(tiny_dir), "--method", "gptq", "--bits", "4", "--group-size", "32", "--calib-samples", "2",
+                 "--calib-len", "16", "--option", "block_size=32", "--option", "importance=false", "--output", str(out),
+                 "--json"]) == 0
+    capsys.readouterr()
+    cfg = Manifest.read(out).stages[-1]["config"]
+    assert cfg["block_size"] == 32 and cfg["importance"] is False
+    for method, opt, message in [("rtn", "blocksize=4", "blocksize does not apply to quantizer rtn"),
+                                 ("gptq", "grid=1", "set by the shared"), ("gptq", "seed=3", "set by the shared"),
+                                 ("rtn", "seed", "takes KEY=VALUE")]:
+        assert main(["quantize", str(tiny_dir), "--method", method, "--bits", "4", "--option", opt,
+                     "--output", str(tmp_path / "bad")]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

@@ -59,3 +59,28 @@ def human_count(n: float) -> str:
         if abs(n) >= div:
             return f"{n / div:.2f}{unit}"
     return str(int(n))
+
+
+OPTION_HELP = ("KEY=VALUE: set another field of the method's config (repeatable; VALUE read as YAML: 64, 0.5, "
+               "true, text), e.g. --option batch_size=4")
+
+
+def parse_options(values: list[str], flag: str = "--option") -> dict[str, Any]:
+    """``["k=v", ...]`` from a repeatable flag as ``{k: v}``, each value read as a YAML scalar (as a recipe's would be)."""
+    import yaml
+
+    from slmkit.errors import ConfigError
+
+    out: dict[str, Any] = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise ConfigError(f"{flag} takes KEY=VALUE (KEY a config field name), got {item!r}", f"e.g. {flag} batch_size=4")
+        if key in out:
+            raise ConfigError(f"{flag} {key} given twice")
+        try:
+            out[key] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            raise ConfigError(f"{flag} {key}: cannot read {raw!r} as a value") from None
+    return out

@@ -8,7 +8,8 @@ from typing import Optional
 
 import typer
 
-from slmkit.cli._common import DEVICE_HELP, FORCE_HELP, console, human_bytes, kv_table, print_json
+from slmkit.cli._common import (DEVICE_HELP, FORCE_HELP, OPTION_HELP, console, human_bytes, kv_table, parse_options,
+                                print_json)
 from slmkit.cli.progress import with_progress
 
 
@@ -32,6 +33,7 @@ def quantize_cmd(
     output: Path = typer.Option(..., "--output", help="directory to write (packed codes + config + tokenizer)"),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     gguf_type: Optional[str] = typer.Option(None, "--gguf", help="a llama.cpp file type (Q4_0, Q4_K_M, Q4_K_S, Q5_K_M, Q6_K, Q8_0, ...): quantise every tensor on the block grid llama-quantize would give it, and also write DIR/model-TYPE.gguf from these codes"),
+    option: list[str] = typer.Option([], "--option", help=OPTION_HELP),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP + " (compression runs there; the result is saved from the CPU)"),
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
@@ -45,7 +47,7 @@ def quantize_cmd(
 
     # everything a user can get wrong is checked before the model is loaded
     grid = quantize_grid(bits, group_size, asymmetric, gguf_type, names=CLI_FLAGS)
-    cfg = quantize_config(method, grid, damp=damp, act_order=act_order, seed=seed)
+    cfg = quantize_config(method, grid, parse_options(option), damp=damp, act_order=act_order, seed=seed)
     calib_cfg = CalibConfig(n_samples=calib_samples, seq_len=calib_len, seed=seed,
                             source=None if calib is None else str(calib))
     check_output(output, force)

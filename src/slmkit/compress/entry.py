@@ -77,9 +77,13 @@ def quantize_config(method: str, grid: Grid, options: Mapping | None = None, *, 
     names = {f.name for f in dataclasses.fields(cls)}
     stray = sorted(set(options) - names)
     if stray:
+        own = sorted(names - {"grid"})
         raise ConfigError(f"{', '.join(stray)} does not apply to quantizer {method}",
-                          f"{method} takes: {', '.join(sorted(names - {'grid'}))}")
+                          f"{method} takes: {', '.join(own)}" if own else f"{method} has no settings besides its grid")
     shared = {"damp": damp, "act_order": act_order, "seed": seed}
+    clash = sorted(k for k in options if k == "grid" or shared.get(k) is not None)
+    if clash:
+        raise ConfigError(f"{', '.join(clash)}: set by the shared settings (bits, group size, gguf, damp, ...), not as options")
     return cls(grid=grid, **{k: v for k, v in {**shared, **options}.items() if k in names and v is not None})
 
 
