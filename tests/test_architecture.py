@@ -54,7 +54,6 @@ BACKEND_PACKAGE_OK = {"Backend", "Completion", "GenParams", "PartialFailure", "P
 PENDING_LAZY_CYCLES = {
     ("slmkit.collab.drafters", "slmkit.collab.draftlen", "slmkit.collab.speculative"),  # being reshaped today
     ("slmkit.export.gguf", "slmkit.export.gguf_mix"),
-    ("slmkit.runtime.servecheck", "slmkit.runtime.servecore"),  # runtime/: being split today
 }
 PENDING_LAYERING: set[str] = set()
 PENDING_BACKENDS: set[str] = set()

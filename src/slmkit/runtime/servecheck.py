@@ -41,13 +41,19 @@ class ApiError(Exception):
         self.kind = kind or ERROR_TYPE.get(status, "server_error" if status >= 500 else "invalid_request_error")
 
     def response(self):
-        from slmkit.runtime.servecore import error_response
-
         return error_response(self.status, self.message, self.param, self.kind, self.code)
 
 
 def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None, code: str | None = None) -> dict:
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def error_response(status: int, message: str, param: str | None = None, kind: str | None = None, code: str | None = None):
+    """A JSON response in OpenAI's error shape (:func:`error_body`); ``kind`` defaults from the status."""
+    from fastapi.responses import JSONResponse
+
+    kind = kind or ERROR_TYPE.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return JSONResponse(status_code=status, content=error_body(message, kind, param, code))
 
 
 def brief(v, n: int = 60) -> str:

@@ -52,7 +52,8 @@ from slmkit.runtime import sse as _sse
 from slmkit.runtime.engine import Event
 from slmkit.runtime.servecheck import (  # noqa: F401  (re-exported: the core's request checks)
     ERROR_STATUS, ERROR_TYPE, GREEDY_BELOW, JSON_MAX_DEPTH, MAX_TOKENS_MAX, ROLES, SEED_MAX, ApiError, Sampling, brief, bad,
-    budget, error_body, flag, integer, messages_of, number, parse_json, prompt_of, sampling, template_error, text,
+    budget, error_body, error_response, flag, integer, messages_of, number, parse_json, prompt_of, sampling, template_error,
+    text,
 )
 
 log = logging.getLogger(__name__)
@@ -83,13 +84,6 @@ class ServerConfig:
 
 
 # --------------------------------------------------------------------------- errors
-
-
-def error_response(status: int, message: str, param: str | None = None, kind: str | None = None, code: str | None = None):
-    from fastapi.responses import JSONResponse
-
-    kind = kind or ERROR_TYPE.get(status, "server_error" if status >= 500 else "invalid_request_error")
-    return JSONResponse(status_code=status, content=error_body(message, kind, param, code))
 
 
 def error_of(ev: Event) -> ApiError:
