@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from slmkit.cli._common import DEVICE_HELP, DTYPE_HELP, FORCE_HELP, console, err_console, kv_table, print_json
+from slmkit.cli._common import (DEVICE_HELP, DTYPE_HELP, FORCE_HELP, console, err_console, kv_table, parse_options,
+                                print_json)
 from slmkit.cli.progress import with_progress
 
 log = logging.getLogger(__name__)
@@ -37,6 +39,7 @@ def distill_cmd(
     alpha: float = typer.Option(0.1, "--alpha", help="skew KL alpha in (0, 1)"),
     ce_weight: float = typer.Option(0.0, "--ce-weight", help="mix in cross-entropy on the data: (1-w) div + w ce"),
     top_k: int = typer.Option(0, "--top-k", help="keep only the teacher's top-k tokens (0 = all)"),
+    loss_option: list[str] = typer.Option([], "--loss-option", help="KEY=VALUE: another field of the loss config (a new loss's own knob; repeatable, YAML values)"),
     lmbda: float = typer.Option(0.0, "--lmbda", help="on-policy fraction: batches whose completions the student samples"),
     seq_kd: bool = typer.Option(False, "--seq-kd", help="train on teacher-generated completions"),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="length of on-policy / seq-KD / black-box samples"),
@@ -71,7 +74,15 @@ def distill_cmd(
     dev = resolve_device(device)
     training_device_check(dev)
     dtype = resolve_dtype(dtype, dev)
-    lcfg = LossConfig(loss=loss, temperature=temperature, beta=beta, alpha=alpha, ce_weight=ce_weight, top_k=top_k)
+    flags = {"loss": loss, "temperature": temperature, "beta": beta, "alpha": alpha, "ce_weight": ce_weight, "top_k": top_k}
+    extra = parse_options(loss_option, "--loss-option")
+    twice = sorted(set(extra) & set(flags))
+    if twice:
+        raise ConfigError(f"--loss-option {', '.join(twice)}: use --{twice[0].replace('_', '-')}")
+    stray = sorted(set(extra) - {f.name for f in dataclasses.fields(LossConfig)})
+    if stray:
+        raise ConfigError(f"--loss-option {', '.join(stray)}: not a setting of the loss")
+    lcfg = LossConfig(**flags, **extra)
     check_output(output, force, owned=is_run_output)
     data_path = data
     black_box = teacher is not None and _is_url(teacher)
