@@ -156,7 +156,7 @@ def test_distill_stage_loss_options_reach_the_loss_config(tiny_dir):
     cfg = build_config(DistillStageConfig, {"loss": "jsd", "data": str(data), "loss_options": {"beta": 0.9}}, "stage 1")
     assert cfg.distill_config(0).loss.beta == 0.9
     for settings, message in [({"loss_options": {"betta": 0.9}}, "betta: not a setting of the loss"),
-                              ({"loss_options": {"temperature": 2.0}}, "set them as the stage's own keys"),
+                              ({"loss_options": {"temperature": 2.0}}, "temperature: has its own key"),
                               ({"loss": "jsd", "loss_options": {"beta": 1.0}}, "beta must be in")]:
         with pytest.raises(RecipeError, match=message):
             build_config(DistillStageConfig, {"data": str(data), **settings}, "stage 1")

@@ -66,7 +66,7 @@ def test_train_cli_distill_loss_option(dirs, tmp_path, capsys):
     """--loss-option KEY=VALUE sets a loss-config field (a new loss's own knob) without a flag; bad keys exit 2."""
     base = ["distill", "--student", str(dirs / "student"), "--data", str(dirs / "train.txt"), "--max-steps", "1",
             "--teacher", str(dirs / "teacher"), "--loss", "jsd", "--output", str(tmp_path / "a")]
-    for opt, message in [("betta=0.9", "betta: not a setting of the loss"), ("beta=0.9", "use --beta")]:
+    for opt, message in [("betta=0.9", "betta: not a setting of the loss"), ("beta=0.9", "beta: has its own flag")]:
         assert main([*base, "--loss-option", opt]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "a").exists()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 from typing import Optional
@@ -66,7 +65,7 @@ def distill_cmd(
     from slmkit.progress import trainer_callback
     from slmkit.train.data import DataConfig
     from slmkit.train.distill import TEACHER_DATA, DistillConfig, check_same_tokenizer, distill, is_run_output
-    from slmkit.train.losses import LossConfig
+    from slmkit.train.losses import LossConfig, loss_config
 
     from transformers.utils import logging as hf_logging
 
@@ -74,15 +73,8 @@ def distill_cmd(
     dev = resolve_device(device)
     training_device_check(dev)
     dtype = resolve_dtype(dtype, dev)
-    flags = {"loss": loss, "temperature": temperature, "beta": beta, "alpha": alpha, "ce_weight": ce_weight, "top_k": top_k}
-    extra = parse_options(loss_option, "--loss-option")
-    twice = sorted(set(extra) & set(flags))
-    if twice:
-        raise ConfigError(f"--loss-option {', '.join(twice)}: use --{twice[0].replace('_', '-')}")
-    stray = sorted(set(extra) - {f.name for f in dataclasses.fields(LossConfig)})
-    if stray:
-        raise ConfigError(f"--loss-option {', '.join(stray)}: not a setting of the loss")
-    lcfg = LossConfig(**flags, **extra)
+    lcfg = loss_config({"loss": loss, "temperature": temperature, "beta": beta, "alpha": alpha, "ce_weight": ce_weight,
+                        "top_k": top_k}, parse_options(loss_option, "--loss-option"), "--loss-option", own="flag")
     check_output(output, force, owned=is_run_output)
     data_path = data
     black_box = teacher is not None and _is_url(teacher)

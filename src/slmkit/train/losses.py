@@ -33,6 +33,7 @@ full-vocabulary divergence).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -92,6 +93,22 @@ class LossConfig:
     @property
     def uses_teacher(self) -> bool:
         return self.divergence.uses_teacher and self.ce_weight < 1
+
+
+def loss_config(settings: dict, options: dict | None = None, label: str = "options", own: str = "setting") -> LossConfig:
+    """A :class:`LossConfig` from the shared ``settings`` (CLI flags or stage keys) and ``options``: any other
+    field (e.g. a new loss's own knob), named ``label`` in errors; an option that is one of ``settings`` has
+    its ``own`` flag or key."""
+    options = dict(options or {})
+    twice = sorted(set(options) & set(settings))
+    if twice:
+        raise ConfigError(f"{label} {', '.join(twice)}: has its own {own}")
+    fields = {f.name for f in dataclasses.fields(LossConfig)}
+    stray = sorted(set(options) - fields)
+    if stray:
+        raise ConfigError(f"{label} {', '.join(stray)}: not a setting of the loss",
+                          f"the loss takes: {', '.join(sorted(fields - set(settings)))}")
+    return LossConfig(**settings, **options)
 
 
 # ---------------------------------------------------------------- divergences (pure)

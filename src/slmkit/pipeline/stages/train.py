@@ -6,7 +6,6 @@ checkpoint when an interrupted build runs again.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,19 +66,11 @@ class DistillStageConfig:
     def distill_config(self, seed: int):
         from slmkit.train.data import DataConfig
         from slmkit.train.distill import DistillConfig
-        from slmkit.train.losses import LossConfig
+        from slmkit.train.losses import loss_config
 
         shared = {"loss": self.loss, "temperature": self.temperature, "ce_weight": self.ce_weight, "top_k": self.top_k}
-        overlap = sorted(set(shared) & set(self.loss_options))
-        if overlap:
-            raise ConfigError(f"loss_options {', '.join(overlap)}: set them as the stage's own keys")
-        fields = {f.name for f in dataclasses.fields(LossConfig)}
-        stray = sorted(set(self.loss_options) - fields)
-        if stray:
-            raise ConfigError(f"loss_options {', '.join(stray)}: not a setting of the loss",
-                              f"the loss takes: {', '.join(sorted(fields - set(shared)))}")
         return DistillConfig(
-            loss=LossConfig(**shared, **self.loss_options),
+            loss=loss_config(shared, self.loss_options, "loss_options", own="key"),
             data=DataConfig(block_size=self.block_size), lmbda=self.lmbda, max_steps=self.max_steps,
             batch_size=self.batch_size, grad_accum=self.grad_accum, learning_rate=self.learning_rate,
             save_steps=self.save_steps, save_total_limit=1, logging_steps=min(10, self.max_steps), seed=seed,
