@@ -53,7 +53,6 @@ BACKEND_PACKAGE_OK = {"Backend", "Completion", "GenParams", "PartialFailure", "P
 #: listed circle may shrink while it is being cut. ``if TYPE_CHECKING:`` imports are no circle.
 PENDING_LAZY_CYCLES = {
     ("slmkit.collab.drafters", "slmkit.collab.draftlen", "slmkit.collab.speculative"),  # being reshaped today
-    ("slmkit.export.gguf", "slmkit.export.gguf_mix"),
 }
 PENDING_LAYERING: set[str] = set()
 PENDING_BACKENDS: set[str] = set()

@@ -27,6 +27,7 @@ import torch
 
 from slmkit.artefact import atomic_file, is_gguf_file
 from slmkit.errors import ConfigError, UnsupportedModelError
+from slmkit.export.gguf_names import LAYER_NAMES, gguf_name  # noqa: F401 (gguf_name re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -35,17 +36,6 @@ TYPES = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K_S",
          "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "Q3_K", "Q4_K", "Q5_K")
 #: the tensors ``embedding_type`` applies to (token embedding, untied output head)
 EMBEDDING_NAMES = ("model.embed_tokens.weight", "lm_head.weight")
-_LAYER_NAMES = {
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-    "input_layernorm": "attn_norm",
-    "post_attention_layernorm": "ffn_norm",
-}
 #: ``encoder(hf_name, weight (out, in) fp32, qtype) -> raw bytes`` for a pre-quantised tensor.
 Encoder = Callable[[str, torch.Tensor, "object"], np.ndarray]
 
@@ -54,21 +44,6 @@ def permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """llama.cpp's rotary permutation of Q/K rows: (H, 2, D/2, in) -> (H, D/2, 2, in)."""
     out = w.shape[0]
     return w.reshape(n_head, 2, out // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def gguf_name(hf_name: str) -> str | None:
-    if hf_name == "model.embed_tokens.weight":
-        return "token_embd.weight"
-    if hf_name == "model.norm.weight":
-        return "output_norm.weight"
-    if hf_name == "lm_head.weight":
-        return "output.weight"
-    parts = hf_name.split(".")
-    if parts[:2] == ["model", "layers"] and parts[-1] == "weight":
-        key = ".".join(parts[3:-1])
-        if key in _LAYER_NAMES:
-            return f"blk.{parts[2]}.{_LAYER_NAMES[key]}.weight"
-    return None
 
 
 def _tokenizer_fields(writer, tokenizer) -> None:
@@ -281,7 +256,7 @@ def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
 def model_config_names(cfg) -> list[str]:
     names = ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"]
     for i in range(cfg.num_hidden_layers):
-        names += [f"model.layers.{i}.{k}.weight" for k in _LAYER_NAMES]
+        names += [f"model.layers.{i}.{k}.weight" for k in LAYER_NAMES]
     return names
 
 

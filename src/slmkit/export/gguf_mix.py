@@ -402,7 +402,7 @@ def _hf_names(s: _Shape) -> list[str]:
 
 def hf_tensor_types(model_config, ftype: str, imatrix: bool = False, **kwargs) -> dict[str, str]:
     """:func:`tensor_types` keyed by transformers parameter names (``model.layers.0.mlp.down_proj.weight``)."""
-    from slmkit.export.gguf import gguf_name
+    from slmkit.export.gguf_names import gguf_name
 
     types = tensor_types(model_config, ftype, imatrix, **kwargs)
     out = {hf: types[gguf_name(hf)] for hf in _hf_names(_shape(model_config))}
@@ -432,7 +432,7 @@ def bits_per_weight(model_config, types: Mapping[str, str]) -> float:
     """
     import gguf
 
-    from slmkit.export.gguf import gguf_name
+    from slmkit.export.gguf_names import gguf_name
 
     s = _shape(model_config)
     given = {}
