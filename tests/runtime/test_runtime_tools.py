@@ -111,7 +111,7 @@ def test_tool_calls_required_and_named(client, choice):
 def test_streamed_tool_call_deltas_assemble_into_valid_arguments(client):
     for seed in range(3):
         stream = client.chat.completions.create(model="tiny", messages=MSGS, tools=[WEATHER, SEARCH], tool_choice="required",
-                                                max_tokens=160, temperature=1.0, seed=seed, stream=True)
+                                                max_tokens=400, temperature=1.0, seed=seed, stream=True)
         calls: dict[int, dict] = {}
         pieces, finish = 0, None
         for chunk in stream:

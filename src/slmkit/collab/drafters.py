@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from slmkit.collab.speculative import CachedLM, check_same_tokenizer, check_same_vocab, model_device, token_probs
 from slmkit.errors import ConfigError, UnsupportedModelError
+from slmkit.runtime.decoding import draw
 
 if TYPE_CHECKING:
     from slmkit.collab.speculative import SpecConfig
@@ -62,7 +63,7 @@ def draft_tokens(next_logits: Callable[[torch.Tensor], torch.Tensor], unseen: to
             t = int(logits.max(-1).indices)  # = argmax (first maximum), faster on CPU
         else:
             q = token_probs(logits, cfg.temperature, cfg.top_p).cpu()
-            t = int(torch.multinomial(q, 1, generator=gen))
+            t = draw(q, gen)
             if vocab is not None:
                 q = torch.zeros(n_full).index_copy_(0, vocab, q)
             qs.append(q)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from slmkit.collab.speculative import SpecOutput, as_ids, CachedLM, model_device, finish_output, check_same_vocab, token_probs
 from slmkit.errors import ConfigError
+from slmkit.runtime.decoding import draw
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,7 @@ def combined_decode(
         if temperature == 0:
             tok = int(scores.argmax(-1))
         else:
-            tok = int(torch.multinomial(token_probs(scores, temperature, top_p), 1, generator=gen))
+            tok = draw(token_probs(scores, temperature, top_p), gen)
         out.tokens.append(tok)
         if tok in eos:
             break

@@ -63,6 +63,7 @@ import torch.nn.functional as F
 
 from slmkit.collab.draftlen import DraftController
 from slmkit.errors import ConfigError, UnsupportedModelError
+from slmkit.runtime.decoding import draw
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +188,7 @@ def rejection_accept(
     else:
         n = 0
     if n == k:
-        return n, int(torch.multinomial(p[k], 1, generator=gen))
+        return n, draw(p[k], gen)
     x = int(draft[n])
     if q is None:
         residual = p[n].clone()
@@ -197,7 +198,7 @@ def rejection_accept(
     total = residual.sum()
     if not total > 0:  # p == q on the support: a rejection had probability 0 (round-off); fall back to p
         residual, total = p[n], p[n].sum()
-    return n, int(torch.multinomial(residual / total, 1, generator=gen))
+    return n, draw(residual / total, gen)
 
 
 # --------------------------------------------------------------------------- cached models
@@ -311,7 +312,7 @@ def as_ids(ids) -> torch.Tensor:
 def _pick(logits: torch.Tensor, cfg: SpecConfig, gen: torch.Generator | None) -> int:
     if cfg.temperature == 0:
         return int(logits.argmax(-1))
-    return int(torch.multinomial(token_probs(logits, cfg.temperature, cfg.top_p), 1, generator=gen))
+    return draw(token_probs(logits, cfg.temperature, cfg.top_p), gen)
 
 
 def finish_output(out: SpecOutput, cfg: SpecConfig) -> SpecOutput:

@@ -17,7 +17,23 @@ import torch
 
 from slmkit.runtime.generate import FastModel, Segment, decode_one_token, forward, prefill
 
-__all__ = ["sample", "Step", "stream", "generate", "log_softmax_at", "policy_nll"]
+__all__ = ["draw", "sample", "Step", "stream", "generate", "log_softmax_at", "policy_nll"]
+
+
+def draw(probs: torch.Tensor, gen: torch.Generator | None) -> int:
+    """One index drawn from the distribution ``probs`` (1-D, non-negative, any positive total) by inverting
+    its cumulative sum with one uniform number: the same law as ``torch.multinomial(probs, 1)``, about 30x
+    faster on a 49k vocabulary (multinomial took ~1 ms a token here, a fifth of a server's decode step).
+    A zero-probability index is never drawn: its cumulative sum equals its predecessor's."""
+    dev = gen.device if gen is not None else probs.device  # the draw lives where its generator does
+    c = probs.to(dev, torch.float64).cumsum(0)
+    u = torch.rand((), generator=gen, dtype=torch.float64, device=dev) * c[-1]
+    return min(int(torch.searchsorted(c, u, right=True)), probs.numel() - 1)
+
+
+#: top-p looks for its nucleus among this many most likely tokens first (exact when they hold the mass:
+#: a partial top-k is ~10x cheaper than sorting the vocabulary); otherwise the whole vocabulary is sorted
+NUCLEUS_CANDIDATES = 1024
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> int:
@@ -25,11 +41,13 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Ge
     if temperature <= 0:
         return int(logits.max(-1).indices)  # = argmax (first maximum), about 3x faster on CPU
     probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1.0:
+    if top_p >= 1.0:
+        return draw(probs, gen)
+    sp, si = probs.topk(min(NUCLEUS_CANDIDATES, probs.numel()))  # descending
+    if float(sp.sum()) < top_p and sp.numel() < probs.numel():
         sp, si = probs.sort(descending=True)
-        keep = sp.cumsum(-1) - sp < top_p  # smallest prefix whose mass reaches top_p (first token always kept)
-        probs = torch.zeros_like(probs).scatter(0, si[keep], sp[keep])
-    return int(torch.multinomial(probs, 1, generator=gen))
+    keep = sp.cumsum(-1) - sp < top_p  # smallest prefix whose mass reaches top_p (first token always kept)
+    return int(si[draw(sp[keep], gen)])
 
 
 @dataclass
