@@ -30,7 +30,30 @@ from slmkit.train.sft import LoraSettings, require_chat_template, run_identity, 
 
 log = logging.getLogger(__name__)
 
-PREFERENCE_METHODS: Registry[Callable] = Registry("preference method")
+
+
+@dataclass(frozen=True)
+class PreferenceMethod:
+    """A registered preference method: its TRL trainer, its implicit reward and its defaults."""
+
+    trainer: Callable  #: (model, tokenizer, pairs, cfg, checkpoint dir, callbacks) -> a transformers Trainer
+    reward: Callable[[float, int, float, float], float]  #: (log pi(y|x), |y|, log pi_ref(y|x), beta) -> reward
+    default_beta: float  #: beta when the config leaves it out
+    uses_reference: bool = True  #: False: reference-free (the reward ignores log pi_ref)
+    margin_field: str | None = None  #: the config field holding the target margin gamma (None: 0)
+
+
+PREFERENCE_METHODS: Registry[PreferenceMethod] = Registry("preference method")
+
+
+def preference_method(name: str, *, reward, default_beta: float, uses_reference: bool = True,
+                      margin_field: str | None = None):
+    """Register the decorated trainer builder as preference method ``name``."""
+    def deco(fn):
+        PREFERENCE_METHODS.add(name, PreferenceMethod(fn, reward, default_beta, uses_reference, margin_field))
+        return fn
+
+    return deco
 
 
 @dataclass(frozen=True)
@@ -70,7 +93,7 @@ class PreferenceConfig:
 
     @property
     def effective_beta(self) -> float:
-        return self.beta if self.beta is not None else (2.0 if self.method == "simpo" else 0.1)
+        return self.beta if self.beta is not None else PREFERENCE_METHODS.get(self.method).default_beta
 
 
 @dataclass
@@ -177,8 +200,9 @@ def preference_metrics(model, tokenizer, pairs: list[dict], cfg: PreferenceConfi
     log-likelihood; ties count as wrong. ``policy_logps`` reuses :func:`pair_logps` of ``model``.
     """
     beta = cfg.effective_beta
+    method = PREFERENCE_METHODS.get(cfg.method)
     policy = policy_logps if policy_logps is not None else pair_logps(model, tokenizer, pairs, cfg.max_length)
-    if cfg.method == "simpo" or reference is None:
+    if not method.uses_reference or reference is None:
         ref = None
     elif isinstance(reference, list):
         ref = reference
@@ -189,15 +213,14 @@ def preference_metrics(model, tokenizer, pairs: list[dict], cfg: PreferenceConfi
         ref = pair_logps(reference, tokenizer, pairs, cfg.max_length)
     margins = []
     for i, (lc, nc, lr, nr) in enumerate(policy):
-        if cfg.method == "simpo":
-            rc, rr = beta * lc / max(nc, 1), beta * lr / max(nr, 1)
-        elif ref is None:
+        if method.uses_reference and ref is None:
             rc = rr = 0.0
         else:
-            rc, rr = beta * (lc - ref[i][0]), beta * (lr - ref[i][2])
+            rc = method.reward(lc, nc, ref[i][0] if ref else 0.0, beta)
+            rr = method.reward(lr, nr, ref[i][2] if ref else 0.0, beta)
         margins.append(rc - rr)
     n = max(len(policy), 1)
-    gamma = cfg.simpo_gamma if cfg.method == "simpo" else 0.0
+    gamma = getattr(cfg, method.margin_field) if method.margin_field else 0.0
     return {
         "pairs": len(policy),
         "reward_accuracy": sum(m > 0 for m in margins) / n,
@@ -218,7 +241,17 @@ def _dataset(pairs: list[dict]):
     return Dataset.from_list([{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]} for p in pairs])
 
 
-@PREFERENCE_METHODS.register("dpo")
+def dpo_reward(logp: float, tokens: int, ref_logp: float, beta: float) -> float:
+    """beta * (log pi(y|x) - log pi_ref(y|x)) (Rafailov et al. 2023, Eq. 5)."""
+    return beta * (logp - ref_logp)
+
+
+def simpo_reward(logp: float, tokens: int, ref_logp: float, beta: float) -> float:
+    """beta / |y| * log pi(y|x), reference-free (Meng et al. 2024, Eq. 4)."""
+    return beta * logp / max(tokens, 1)
+
+
+@preference_method("dpo", reward=dpo_reward, default_beta=0.1)
 def _dpo_trainer(model, tokenizer, pairs, cfg: PreferenceConfig, ckpt: Path, callbacks):
     from trl import DPOConfig, DPOTrainer
 
@@ -235,7 +268,7 @@ def _dpo_trainer(model, tokenizer, pairs, cfg: PreferenceConfig, ckpt: Path, cal
     )
 
 
-@PREFERENCE_METHODS.register("simpo")
+@preference_method("simpo", reward=simpo_reward, default_beta=2.0, uses_reference=False, margin_field="simpo_gamma")
 def _simpo_trainer(model, tokenizer, pairs, cfg: PreferenceConfig, ckpt: Path, callbacks):
     from trl.experimental.cpo import CPOConfig, CPOTrainer
 
@@ -275,5 +308,5 @@ def preference_train(
     model.train()
     trainable_marker(model)
     use_cache = model.config.use_cache
-    trainer = PREFERENCE_METHODS.get(cfg.method)(model, tokenizer, pairs, cfg, ckpt, callbacks)
+    trainer = PREFERENCE_METHODS.get(cfg.method).trainer(model, tokenizer, pairs, cfg, ckpt, callbacks)
     return PreferenceResult(*run_trainer(trainer, model, ckpt, resume, use_cache, identity))
