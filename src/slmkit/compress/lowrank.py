@@ -51,7 +51,26 @@ log = logging.getLogger(__name__)
 CONFIG_KEY = "slmkit_lowrank"
 
 Factoriser = Callable[[torch.Tensor, LinearStats | None, int, "LowRankConfig"], tuple[torch.Tensor, torch.Tensor]]
-FACTORISERS: Registry[Factoriser] = Registry("low-rank method")
+
+
+@dataclass(frozen=True)
+class LowRankMethod:
+    """A registered factorisation ``run(W, stats, rank, cfg) -> (up, down)`` and whether it needs calibration stats."""
+
+    run: Factoriser
+    needs_calibration: bool
+
+
+FACTORISERS: Registry[LowRankMethod] = Registry("low-rank method")
+
+
+def factoriser(name: str, *, calibration: bool):
+    """Register the decorated factorisation as low-rank method ``name``."""
+    def deco(fn: Factoriser) -> Factoriser:
+        FACTORISERS.add(name, LowRankMethod(fn, calibration))
+        return fn
+
+    return deco
 
 
 class LowRankLinear(nn.Module):
@@ -65,10 +84,6 @@ class LowRankLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.up(self.down(x))
-
-    def dense_weight(self) -> torch.Tensor:
-        """The dense ``(out, in)`` product ``up @ down``."""
-        return self.up.weight @ self.down.weight
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
@@ -96,7 +111,7 @@ class LowRankConfig:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.method != "plain"
+        return FACTORISERS.get(self.method).needs_calibration
 
 
 # --------------------------------------------------------------------------------------
@@ -108,14 +123,14 @@ def _split(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, rank: int) -> tup
     return U[:, :rank] * root[None, :], root[:, None] * Vh[:rank]
 
 
-@FACTORISERS.register("plain")
+@factoriser("plain", calibration=False)
 def svd_factors(W: torch.Tensor, stats: LinearStats | None, rank: int, cfg: LowRankConfig | None = None):
     """Truncated SVD ``W ~ U_r Sigma_r V_r^T``, split as ``(U sqrt(S), sqrt(S) V^T)``."""
     U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)
     return _split(U, S, Vh, rank)
 
 
-@FACTORISERS.register("asvd")
+@factoriser("asvd", calibration=True)
 def asvd_factors(W: torch.Tensor, stats: LinearStats, rank: int, cfg: LowRankConfig):
     """ASVD: SVD of ``W diag(s)``, ``s_j = mean|x_j|^alpha``, then undo the scaling (Sec. 3.2)."""
     s = stats.abs_mean.double().clamp_min(1e-6).pow(cfg.alpha)  # (in,)
@@ -125,7 +140,7 @@ def asvd_factors(W: torch.Tensor, stats: LinearStats, rank: int, cfg: LowRankCon
     return up, down / s[None, :]
 
 
-@FACTORISERS.register("whiten")
+@factoriser("whiten", calibration=True)
 def whitened_factors(W: torch.Tensor, stats: LinearStats, rank: int, cfg: LowRankConfig):
     """SVD-LLM: ``W ~ U_r Sigma_r V_r^T L^{-1}`` with ``L L^T = H`` (truncation-aware whitening, Sec. 3.1)."""
     H = stats.H.double()
@@ -195,7 +210,7 @@ def lowrank(model, calib_ids: torch.Tensor | None, cfg: LowRankConfig):
     Records ``{layer: rank}`` in ``model.config.slmkit_lowrank`` (see the module docstring).
     """
     ranks = plan_ranks(model, cfg.ratio)
-    factorise = FACTORISERS.get(cfg.method)
+    factorise = FACTORISERS.get(cfg.method).run
     if cfg.needs_calibration and calib_ids is None:
         raise ConfigError(f"low-rank method {cfg.method} needs calibration ids", "or use method='plain'")
 
