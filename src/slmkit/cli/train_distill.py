@@ -20,10 +20,6 @@ def register(app: typer.Typer) -> None:
     app.command("gen-data")(with_progress("gen-data")(gen_data_cmd))
 
 
-def _is_url(spec: str) -> bool:
-    return spec.startswith(("http://", "https://"))
-
-
 def distill_cmd(
     teacher: Optional[str] = typer.Option(None, "--teacher", help="default | hub id | dir | file.gguf | http(s) endpoint (black-box: sequence-level KD)"),
     student: str = typer.Option(..., "--student", help="the model to train: default | hub id | dir | file.gguf"),
@@ -59,6 +55,7 @@ def distill_cmd(
 ) -> None:
     """Distil TEACHER into STUDENT on DATA (or fine-tune with --loss ce); write the model to OUTPUT."""
     from slmkit.artefact import Manifest, check_output
+    from slmkit.backends import from_spec, is_endpoint
     from slmkit.errors import ConfigError, DataError
     from slmkit.models import load
     from slmkit.models.device import resolve_device, resolve_dtype, training_device_check
@@ -77,10 +74,9 @@ def distill_cmd(
                         "top_k": top_k}, parse_options(loss_option, "--loss-option"), "--loss-option", own="flag")
     check_output(output, force, owned=is_run_output)
     data_path = data
-    black_box = teacher is not None and _is_url(teacher)
+    black_box = teacher is not None and is_endpoint(teacher)
     if black_box:
         # a text-only API: sequence-level KD on its answers to the data's prompts
-        from slmkit.backends import from_spec
         from slmkit.data.synth import SynthConfig, generate_dataset, read_prompts
 
         if lcfg.loss != "ce" or lmbda > 0 or seq_kd:
@@ -208,14 +204,14 @@ def _gen_tool_data(model: str, prompts: Path, output: Path, force: bool, tools: 
                    n: int, self_instruct: int, max_new_tokens: int, temperature: float, seed: int, batch_size: int,
                    dtype: str, device, json_out: bool, text_filters: bool) -> None:
     """gen-data --tools: a constrained call per prompt (:func:`slmkit.data.toolsynth.generate_tool_dataset`)."""
-    from slmkit.backends import from_spec
+    from slmkit.backends import from_spec, is_endpoint
     from slmkit.data.synth import check_synth_output, read_prompts, self_instruct_prompts
     from slmkit.data.toolsynth import ToolSynthConfig, check_choice, generate_tool_dataset, read_tools
     from slmkit.errors import ConfigError
 
     if text_filters:
         raise ConfigError("--judge and --max-perplexity filter text answers; they do not apply with --tools")
-    if _is_url(model):
+    if is_endpoint(model):
         raise ConfigError("gen-data --tools needs a local teacher (constrained decoding runs in slmkit), not an endpoint",
                           "pass a model directory, hub id, file.gguf or 'default'")
     offered = read_tools(tools)

@@ -105,9 +105,9 @@ class SlmkitLM(TemplateLM):
 
     @staticmethod
     def _backend(spec: str, dtype: str | None, fast: bool, weights: str, api_key: str | None):
-        if spec.startswith(("http://", "https://")):
-            from slmkit.backends import from_spec
+        from slmkit.backends import from_spec, is_endpoint
 
+        if is_endpoint(spec):
             return from_spec(spec, api_key=api_key)
         if fast:
             from slmkit.runtime.backend import FastBackend

@@ -78,10 +78,10 @@ def read_documents(path: str | Path) -> list[Document]:
             raise DataError(f"{path} is not UTF-8 text") from None
         return [Document(str(path), text, str(path), markdown=suffix != ".txt")] if text.strip() else []
     if suffix in JSONL_SUFFIXES:
-        from slmkit.train.records import iter_rows
+        from slmkit.data.readers import iter_jsonl
 
         docs = []
-        for lineno, row in iter_rows(path):
+        for lineno, row in iter_jsonl(path):
             if not isinstance(row.get("text"), str):
                 raise DataError(f"{path}:{lineno}: missing field 'text' (a string)", 'each line must be {"text": ..., "id": optional}')
             key = f"{path}#{row.get('id', lineno)}"
