@@ -44,6 +44,7 @@ from slmkit import progress
 from slmkit.compress.calibrate import LinearStats, decoder_layers, linears, sequential
 from slmkit.errors import ConfigError, CorruptModelError
 from slmkit.models.readers import Reader
+from slmkit.models.student import unique_parameters
 from slmkit.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -175,7 +176,7 @@ def plan_ranks(model, ratio: float) -> dict[str, int]:
         for i, block in enumerate(decoder_layers(model))
         for name, lin in linears(block).items()
     }
-    total = sum(p.numel() for p in model.parameters())
+    total = unique_parameters(model)
     factorable = sum(lin.weight.numel() for lin in lins.values())
     keep = (ratio * total - (total - factorable)) / factorable  # fraction of each Linear kept
     if keep <= 0:

@@ -42,6 +42,7 @@ from slmkit import progress
 from slmkit.compress.calibrate import LinearStats, decoder_layers, sequential
 from slmkit.compress.prune import pruner
 from slmkit.errors import ConfigError, UnsupportedModelError
+from slmkit.models.student import unique_parameters
 from slmkit.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -182,10 +183,6 @@ def depth(model, calib_ids: torch.Tensor, cfg: DepthConfig):
 # width
 
 
-def _param_count(model) -> int:
-    return sum(p.numel() for p in model.parameters())  # parameters() yields tied tensors once
-
-
 def _block_parts(block: nn.Module):
     attn, mlp = getattr(block, "self_attn", None), getattr(block, "mlp", None)
     names = ("q_proj", "k_proj", "v_proj", "o_proj"), ("gate_proj", "up_proj", "down_proj")
@@ -218,7 +215,7 @@ def width_plan(model, cfg: WidthConfig) -> WidthPlan:
     attn_bias = sum(getattr(attn, n).bias is not None for n in ("q_proj", "k_proj", "v_proj"))
     per_group = d * hd * (2 * rep + 2) + (hd * rep + 2 * hd if attn_bias else 0)  # q,o + k,v (+ biases)
     per_channel = 3 * d + (2 if mlp.gate_proj.bias is not None else 0)
-    total = _param_count(model)
+    total = unique_parameters(model)
     fixed = total - L * (n_kv * per_group + inter * per_channel)
     target = cfg.ratio * total
     budget = (target - fixed) / L  # prunable parameters per block
