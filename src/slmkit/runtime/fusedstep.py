@@ -2,7 +2,8 @@
 sequences through every layer of a :class:`~slmkit.runtime.generate.FastModel` in a single C call (no per-op dispatch).
 
 :func:`covers` says which architectures the step computes, :func:`attach` builds its per-layer descriptor table
-(norm and matrix addresses, ``slmkit_decode_batch``) and the architecture extras (``slmkit_decode_batch_arch``),
+(norm and matrix addresses, ``slmkit_decode_batch``) and the architecture extras (``slmkit_decode_batch_arch``), each
+value at the position :mod:`slmkit.runtime.decodelayout` names (decode.c's enums, checked when the library loads),
 :func:`fusable` says whether a cache suits it, and :func:`run` makes the call. Split out of
 :mod:`slmkit.runtime.generate`, whose :func:`~slmkit.runtime.generate.forward` takes this path for decode steps
 when the model has a table.
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from slmkit.errors import ConfigError
+from slmkit.runtime import decodelayout as DL
 from slmkit.runtime import q4kernel
 from slmkit.runtime.arch import ArchSpec
 from slmkit.runtime.kvcache import FullCache
@@ -62,7 +64,8 @@ def _qkv_bias(fm: FastModel, m) -> int:
 
 
 def _table(fm: FastModel) -> torch.Tensor | None:
-    """Per layer: the two norm weights, then q|k|v (3 slots), o, gate|up (2 slots), down, 6 values each.
+    """decode.c's ``layers`` table (:mod:`slmkit.runtime.decodelayout`): per layer the two norm weights, then the
+    matrix slots q, k, v (a fused q|k|v fills ``S_Q``), o, gate, up (a fused gate|up fills ``S_GATE``), down.
 
     ``None`` when a matrix has no kernel in the fused step (dense or int8 weights, biases), the
     library is unavailable, or a size does not suit it (multiples of 64); the forward pass then runs per op.
@@ -72,12 +75,17 @@ def _table(fm: FastModel) -> torch.Tensor | None:
         return None
     rows = []
     for ly in fm.layers:
-        segs = [_segments(ly.qkv, bias_ok=True)] + [_segments(m) for m in (ly.o, ly.gate_up, ly.down)]
-        if any(s is None for s in segs) or len(segs[0]) > 3 or len(segs[1]) != 1 or len(segs[2]) > 2 or len(segs[3]) != 1:
+        groups = [(DL.S_Q, 3, _segments(ly.qkv, bias_ok=True)), (DL.S_O, 1, _segments(ly.o)),
+                  (DL.S_GATE, 2, _segments(ly.gate_up)), (DL.S_DOWN, 1, _segments(ly.down))]
+        if any(segs is None or len(segs) > n or (n == 1 and len(segs) != 1) for _, n, segs in groups):
             return None
-        empty = (0, 0, 0, 0, 0, 0)
-        slots = segs[0] + [empty] * (3 - len(segs[0])) + segs[1] + segs[2] + [empty] * (2 - len(segs[2])) + segs[3]
-        rows.append([_bf16(fm, ly.attn_norm), _bf16(fm, ly.mlp_norm), *(v for seg in slots for v in seg)])
+        row = [0] * DL.L_N  # empty slots stay KIND_EMPTY with every value 0
+        row[DL.L_ANORM], row[DL.L_MNORM] = _bf16(fm, ly.attn_norm), _bf16(fm, ly.mlp_norm)
+        for first, _, segs in groups:
+            for i, seg in enumerate(segs):
+                at = DL.L_SEGS + (first + i) * DL.SEG_N
+                row[at:at + DL.SEG_N] = seg
+        rows.append(row)
     _fused_extras(fm)
     return torch.tensor(rows, dtype=torch.int64).reshape(-1)
 
@@ -97,13 +105,19 @@ def _fused_extras(fm: FastModel) -> None:
     none (``fm.fused_ext`` None: the plain llama step) when every extra is absent."""
     a = fm.arch
     fm.rope_keys = tuple(dict.fromkeys(ly.rope_key for ly in fm.layers))
-    ext = torch.tensor([[_bf16(fm, ly.q_norm), _bf16(fm, ly.k_norm), _bf16(fm, ly.post_attn_norm),
-                         _bf16(fm, ly.post_mlp_norm), a.window(i) or 0, fm.rope_keys.index(ly.rope_key), _qkv_bias(fm, ly.qkv)]
-                        for i, ly in enumerate(fm.layers)], dtype=torch.int64).reshape(-1)
-    fp = torch.tensor([a.attn_scale or 0.0, a.attn_softcap or 0.0, 1.0 if a.act == "gelu_tanh" else 0.0,
-                       float(len(fm.rope_keys))], dtype=torch.float32)
-    if bool(ext.any()) or not torch.equal(fp, torch.tensor([0.0, 0.0, 0.0, 1.0])):
-        fm.fused_ext, fm.fused_fp = ext, fp
+    ext = torch.zeros(len(fm.layers), DL.X_N, dtype=torch.int64)
+    for i, ly in enumerate(fm.layers):
+        x = ext[i]
+        x[DL.X_QNORM], x[DL.X_KNORM] = _bf16(fm, ly.q_norm), _bf16(fm, ly.k_norm)
+        x[DL.X_PANORM], x[DL.X_PMNORM] = _bf16(fm, ly.post_attn_norm), _bf16(fm, ly.post_mlp_norm)
+        x[DL.X_WINDOW], x[DL.X_ROPE] = a.window(i) or 0, fm.rope_keys.index(ly.rope_key)
+        x[DL.X_QKVBIAS] = _qkv_bias(fm, ly.qkv)
+    fp, plain = torch.zeros(DL.F_N, dtype=torch.float32), torch.zeros(DL.F_N, dtype=torch.float32)
+    fp[DL.F_SCALE], fp[DL.F_SOFTCAP] = a.attn_scale or 0.0, a.attn_softcap or 0.0
+    fp[DL.F_ACT], fp[DL.F_NROPE] = 1.0 if a.act == "gelu_tanh" else 0.0, float(len(fm.rope_keys))
+    plain[DL.F_NROPE] = 1.0  # the llama step: SiLU, 1/sqrt(hd), no soft-cap, one rotary table
+    if bool(ext.any()) or not torch.equal(fp, plain):
+        fm.fused_ext, fm.fused_fp = ext.reshape(-1), fp
 
 
 def attach(fm: FastModel, with_head: bool) -> None:
@@ -146,7 +160,7 @@ def run(fm: FastModel, segs: Sequence) -> tuple[torch.Tensor, torch.Tensor | Non
     caps = torch.tensor([s.cache.capacity for s in segs], dtype=torch.int32)
     posv = torch.tensor(pos, dtype=torch.int32)
     head = fm.fused_head
-    logits = torch.empty(len(segs), int(head[2])) if head is not None else None  # (M, V), written by the call
+    logits = torch.empty(len(segs), int(head[DL.SEG_ROWS])) if head is not None else None  # (M, V), written by the call
     lib = q4kernel.require()
     args = (
         x.data_ptr(), len(segs), len(fm.layers), x.shape[1], fm.heads, fm.kv_heads, fm.head_dim, fm.ffn, fm.eps,

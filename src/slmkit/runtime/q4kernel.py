@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 
 from slmkit.errors import ConfigError
-from slmkit.runtime import kernelcache
+from slmkit.runtime import decodelayout, kernelcache
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +160,7 @@ def load_variant(variant: str) -> ctypes.CDLL:
         isa = lib.slmkit_kernel_isa().decode()
         if isa != variant:
             raise RuntimeError(f"the {variant} kernel library says it was built for {isa}")
+        decodelayout.check(decodelayout.from_library(lib))  # the fused step's tables as Python fills them
         _libs[key] = lib
     return _libs[key]
 
@@ -179,7 +180,9 @@ def load() -> ctypes.CDLL | None:
     """The compiled kernel of the chosen variant (:func:`choose`), or ``None`` when it cannot be used here
     (:func:`why_unavailable` says why). Raises ConfigError when ``$SLMKIT_KERNEL`` names an unknown variant
     or one this CPU lacks (nothing is compiled or loaded then); the cache is checked as
-    :mod:`slmkit.runtime.kernelcache` describes (an unsafe cache directory is refused, with a warning).
+    :mod:`slmkit.runtime.kernelcache` describes (an unsafe cache directory is refused, with a warning). Raises
+    :class:`~slmkit.runtime.decodelayout.LayoutMismatch` when the library's fused-step table layout differs from
+    Python's.
     """
     global _lib, _why, _tried, _variant
     if _tried:
@@ -193,6 +196,8 @@ def load() -> ctypes.CDLL | None:
             _lib, _variant = load_variant(name), name
         except kernelcache.UnsafeCacheError as e:
             _why, level = str(e), logging.WARNING
+        except decodelayout.LayoutMismatch:
+            raise  # a source bug, not a missing compiler: never hidden behind torch's kernel
         except (OSError, RuntimeError, AttributeError) as e:
             _why = f"could not build or load {', '.join(f.name for f in SOURCES)} ({name}): {e}"
     _tried = True

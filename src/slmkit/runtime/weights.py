@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from slmkit.errors import ConfigError
-from slmkit.runtime import ggmlkernel, q4kernel
+from slmkit.runtime import decodelayout, ggmlkernel, q4kernel
 
 
 class Dense:
@@ -115,9 +115,9 @@ class Q4(Dense):
     def spec(self) -> tuple:
         return ("q4", self, None, self.b, 0)
 
-    def segments(self) -> list[tuple]:
-        """(kind, type, rows, p0, p1, p2) for the fused decode step (kind 1: slmkit's q4 layout)."""
-        return [(1, 0, self.q.shape[0], self.q.data_ptr(), self.s.data_ptr(), self.m.data_ptr())]
+    def segments(self) -> list[list[int]]:
+        """The matrix descriptor for the fused decode step (:mod:`slmkit.runtime.decodelayout`'s ``SEG_*``)."""
+        return [decodelayout.segment(decodelayout.KIND_Q4, 0, self.q.shape[0], self.q.data_ptr(), self.s.data_ptr(), self.m.data_ptr())]
 
     def nbytes(self) -> int:
         extra = 0 if self.b is None else self.b.numel() * self.b.element_size()
@@ -144,9 +144,9 @@ class GGUFQ(Dense):
     def rows(self, ids: torch.Tensor, dtype) -> torch.Tensor:
         return ggmlkernel.rows_f32(self.qtype, self.q, self.k, ids).to(dtype)
 
-    def segments(self) -> list[tuple]:
-        """(kind, type, rows, p0, p1, p2) for the fused decode step (kind 2: GGUF blocks)."""
-        return [(2, self.qtype, self.q.shape[0], self.q.data_ptr(), 0, 0)]
+    def segments(self) -> list[list[int]]:
+        """The matrix descriptor for the fused decode step (:mod:`slmkit.runtime.decodelayout`'s ``SEG_*``)."""
+        return [decodelayout.segment(decodelayout.KIND_GGUF, self.qtype, self.q.shape[0], self.q.data_ptr())]
 
     def nbytes(self) -> int:
         return self.q.numel() + (0 if self.b is None else self.b.numel() * self.b.element_size())

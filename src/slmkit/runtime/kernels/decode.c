@@ -33,13 +33,29 @@ static void rope(float *v, int heads, int hd, const float *cos, const float *sin
     }
 }
 
-/* A layer's descriptor (int64): the two norm weights (bf16), then 7 matrices of 6 values each,
- * SEG_KIND .. SEG_P2. Matrices 0-2 read the attention input and write q|k|v side by side (slmkit's
- * q4 path has one fused q/k/v matrix in slot 0 and empty slots 1-2), 3 is the output projection,
- * 4-5 gate|up, 6 down. kind 0: empty; 1: q4 (p0 codes, p1 scales, p2 centres); 2: GGUF (type, p0 bytes). */
+/* The table layout: the source of truth for slmkit/runtime/decodelayout.py, which mirrors every name below;
+ * slmkit_decode_layout lists them and the loader compares (tests/runtime/test_decode_layout.py parses this file).
+ * Python (slmkit.runtime.fusedstep) fills the tables; change both sides together.
+ *
+ * layers: int64, L * L_N values, one row per layer:
+ *   L_ANORM, L_MNORM        addresses of the attention-input and MLP-input RMSNorm weights (bf16, D values, the
+ *                           effective scale: Gemma's 1 + w); never 0.
+ *   L_SEGS + s * SEG_N      matrix slot s (S_Q .. S_DOWN), SEG_N values each. S_Q, S_K, S_V read the attention
+ *                           input and write q|k|v side by side (slmkit's q4 path has one fused q|k|v matrix in S_Q
+ *                           and empty S_K, S_V); S_O the output projection; S_GATE, S_UP gate|up (one fused
+ *                           matrix may fill S_GATE); S_DOWN the down projection.
+ * A matrix descriptor (also `head`, the optional output head), SEG_N int64 values:
+ *   SEG_KIND   KIND_EMPTY (slot unused, every other value 0), KIND_Q4 (slmkit's 4-bit layout, q4.c) or
+ *              KIND_GGUF (llama.cpp blocks, ggml.c).
+ *   SEG_TYPE   GGUF: the ggml type id of the blocks; q4: 0.
+ *   SEG_ROWS   output rows (the slots reading one input add up to its output width).
+ *   SEG_P0     address of the codes (q4: uint8 rows x K/2; GGUF: the rows' block bytes).
+ *   SEG_P1     q4: address of the fp16 scales (rows x K/32); GGUF: 0.
+ *   SEG_P2     q4: address of the fp16 centres (rows x K/32); GGUF: 0. */
 enum { L_ANORM, L_MNORM, L_SEGS };
 enum { SEG_KIND, SEG_TYPE, SEG_ROWS, SEG_P0, SEG_P1, SEG_P2, SEG_N };
 enum { S_Q, S_K, S_V, S_O, S_GATE, S_UP, S_DOWN, S_N };
+enum { KIND_EMPTY, KIND_Q4, KIND_GGUF };
 #define L_N (L_SEGS + S_N * SEG_N)
 
 typedef struct {
@@ -71,7 +87,7 @@ static void mm_segs(const int64_t *sg, int n, int K, const acts *a, int M, float
         while (it >= first[s + 1]) s++;
         const int64_t *d = sg + s * SEG_N;
         const int rows = (int)d[SEG_ROWS], r0 = (it - first[s]) * tile, r1 = r0 + tile < rows ? r0 + tile : rows;
-        if (d[SEG_KIND] == 1)
+        if (d[SEG_KIND] == KIND_Q4)
             slmkit_q4_rows((const uint8_t *)(intptr_t)d[SEG_P0], (const uint16_t *)(intptr_t)d[SEG_P1],
                            (const uint16_t *)(intptr_t)d[SEG_P2], K, a->xq, a->xs, a->xsum, a->xcorr, M, r0, r1,
                            y + col[s], ldy, 0);
@@ -85,14 +101,14 @@ static int check_segs(const int64_t *sg, int n, int K, int rows, int *gg) {
     int total = 0;
     for (int s = 0; s < n; s++) {
         const int64_t *d = sg + s * SEG_N;
-        if (d[SEG_KIND] == 0) {
+        if (d[SEG_KIND] == KIND_EMPTY) {
             if (d[SEG_ROWS]) return 0;
             continue;
         }
         if (d[SEG_ROWS] <= 0 || !d[SEG_P0]) return 0;
-        if (d[SEG_KIND] == 1) {
+        if (d[SEG_KIND] == KIND_Q4) {
             if (K % 64 || !d[SEG_P1] || !d[SEG_P2]) return 0;
-        } else if (d[SEG_KIND] == 2) {
+        } else if (d[SEG_KIND] == KIND_GGUF) {
             if (slmkit_gg_row_bytes((int)d[SEG_TYPE], K) < 0) return 0;
             *gg = 1;
         } else {
@@ -103,15 +119,40 @@ static int check_segs(const int64_t *sg, int n, int K, int rows, int *gg) {
     return total == rows;
 }
 
-/* Architecture extras (slmkit.runtime.arch.ArchSpec), per layer X_N int64 values: bf16 weights of the per-head
- * q and k RMSNorms applied before RoPE (Qwen3, Gemma 3), of the norms on the attention and MLP outputs before
- * their residuals (Gemma 2/3), the sliding window (keys at positions > pos - window; 0: full attention) and
- * which rotary table the layer reads (Gemma 3: local and global RoPE), fp32 q|k|v biases ((H + 2 Hk) hd, Qwen2);
- * 0 where absent. */
+/* Architecture extras (slmkit.runtime.arch.ArchSpec), 0 where absent.
+ * ext: int64, L * X_N values, one row per layer:
+ *   X_QNORM, X_KNORM     addresses of the per-head q and k RMSNorm weights applied before RoPE (bf16, hd values;
+ *                        both or neither: Qwen3, Gemma 3).
+ *   X_PANORM, X_PMNORM   addresses of the norms on the attention and MLP outputs before their residuals (bf16, D
+ *                        values: Gemma 2/3).
+ *   X_WINDOW             sliding window in tokens (keys at positions > pos - window); 0: full attention.
+ *   X_ROPE               which rotary table the layer reads, 0 <= X_ROPE < fp[F_NROPE] (Gemma 3: local and global).
+ *   X_QKVBIAS            address of the fp32 q|k|v bias ((H + 2 Hk) hd values, Qwen2).
+ * fp: float32, F_N model-wide values:
+ *   F_SCALE     query scale (0: 1/sqrt(hd)).
+ *   F_SOFTCAP   attention soft-cap c in c*tanh(s/c) (0: none, Gemma 2).
+ *   F_ACT       GLU activation: 0 SiLU, 1 GELU tanh approximation (Gemma).
+ *   F_NROPE     rotary tables per token (>= 1). */
 enum { X_QNORM, X_KNORM, X_PANORM, X_PMNORM, X_WINDOW, X_ROPE, X_QKVBIAS, X_N };
-/* Model-wide extras (floats): query scale (0: 1/sqrt(hd)), attention soft-cap c in c*tanh(s/c) (0: none, Gemma 2),
- * GLU activation (0: SiLU, 1: GELU tanh approximation, Gemma), rotary tables per token (>= 1). */
 enum { F_SCALE, F_SOFTCAP, F_ACT, F_NROPE, F_N };
+
+/* Entry i of the layout above: its name and value; 0 past the last (slmkit.runtime.decodelayout.from_library). */
+int slmkit_decode_layout(int i, const char **name, int64_t *value) {
+#define E(n) {#n, n}
+    static const struct { const char *name; int64_t value; } t[] = {
+        E(L_ANORM), E(L_MNORM), E(L_SEGS), E(L_N),
+        E(SEG_KIND), E(SEG_TYPE), E(SEG_ROWS), E(SEG_P0), E(SEG_P1), E(SEG_P2), E(SEG_N),
+        E(S_Q), E(S_K), E(S_V), E(S_O), E(S_GATE), E(S_UP), E(S_DOWN), E(S_N),
+        E(KIND_EMPTY), E(KIND_Q4), E(KIND_GGUF),
+        E(X_QNORM), E(X_KNORM), E(X_PANORM), E(X_PMNORM), E(X_WINDOW), E(X_ROPE), E(X_QKVBIAS), E(X_N),
+        E(F_SCALE), E(F_SOFTCAP), E(F_ACT), E(F_NROPE), E(F_N),
+    };
+#undef E
+    if (i < 0 || i >= (int)(sizeof t / sizeof t[0])) return 0;
+    *name = t[i].name;
+    *value = t[i].value;
+    return 1;
+}
 
 static inline float gelu_tanh(float g) { /* transformers' gelu_pytorch_tanh */
     return 0.5f * g * (1.0f + tanhf(0.7978845608028654f * (g + 0.044715f * g * g * g)));
