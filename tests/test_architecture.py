@@ -14,7 +14,9 @@ Facts:
   ``backends.base``, the streaming helpers and the ``backends.from_spec`` factory);
 - no module imports a ``_private`` name (or a ``_private`` module) of another module, nor uses a
   private method or attribute that only classes of other modules define (``backend._encode_pair()``);
-- no module over 600 lines, no function over 100 lines.
+- no module over 600 lines, no function over 100 lines;
+- ``tests/`` mirrors ``src/slmkit``: every folder of tests is named after a package of ``src/slmkit``
+  (cross-cutting tests sit at the top of ``tests/``).
 
 Today's known breaks are listed exactly in the ``PENDING_*`` and ``*_ALLOWED`` sets below, each
 with its reason: a new break fails, and so does a listed one that was fixed (so the lists only
@@ -379,7 +381,26 @@ def test_no_long_functions(src):
     assert LONG_FUNCTIONS_ALLOWED - set(long) == set(), "no longer long: remove from LONG_FUNCTIONS_ALLOWED"
 
 
+def unmirrored_test_dirs(tests: Path, src: Path) -> list[str]:
+    """Folders under ``tests`` holding test modules that are not named after a package of ``src/slmkit``."""
+    packages = {p.parent.name for p in (src / "slmkit").glob("*/__init__.py")}
+    dirs = {p.parent.relative_to(tests).parts[0] for p in tests.glob("*/**/test_*.py")}
+    return sorted(d for d in dirs if d not in packages)
+
+
+def test_tests_mirror_src():
+    assert unmirrored_test_dirs(Path(__file__).resolve().parent, SRC) == []
+
+
 # --------------------------------------------------------------------------- the checks can fail
+
+def test_unmirrored_test_dirs_are_named(tmp_path):
+    _write(tmp_path / "src", {"__init__.py": "", "rag/__init__.py": "", "train/__init__.py": ""})
+    for rel in ("test_cli.py", "rag/test_rag.py", "enhance/test_enhance_sft.py", "enhance/deep/test_x.py"):
+        (tmp_path / "tests" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "tests" / rel).write_text("")
+    assert unmirrored_test_dirs(tmp_path / "tests", tmp_path / "src") == ["enhance"]
+
 
 def _write(root: Path, files: dict[str, str]) -> Path:
     for rel, text in files.items():
