@@ -15,6 +15,7 @@ Facts:
 - no module imports a ``_private`` name (or a ``_private`` module) of another module, nor uses a
   private method or attribute that only classes of other modules define (``backend._encode_pair()``);
 - no module over 600 lines, no function over 100 lines;
+- only :mod:`slmkit.settings` (and the CLI, for its own variables) reads ``os.environ``;
 - ``tests/`` mirrors ``src/slmkit``: every folder of tests is named after a package of ``src/slmkit``
   (cross-cutting tests sit at the top of ``tests/``).
 
@@ -381,6 +382,33 @@ def test_no_long_functions(src):
     assert LONG_FUNCTIONS_ALLOWED - set(long) == set(), "no longer long: remove from LONG_FUNCTIONS_ALLOWED"
 
 
+#: Modules that may touch ``os.environ`` besides slmkit.settings: the CLI (SLMKIT_LOG, SLMKIT_DEBUG, SLMKIT_PROGRESS and
+#: TOKENIZERS_PARALLELISM at the edge) and a copy of the whole environment for a benchmark subprocess.
+ENVIRON_ALLOWED = {"slmkit.settings", "slmkit.cli", "slmkit.cli.progress", "slmkit.eval.gguf_speed"}
+
+
+def environment_reads(tree: dict) -> list[str]:
+    """``module:line`` for each ``os.environ`` / ``os.getenv`` use (``os.environ.setdefault``, a write, excepted) and each
+    ``from os import environ/getenv`` outside :data:`ENVIRON_ALLOWED`."""
+    out = []
+    for name, (_, t, _) in tree.items():
+        if name in ENVIRON_ALLOWED:
+            continue
+        writes = {id(n.value) for n in ast.walk(t) if isinstance(n, ast.Attribute) and n.attr == "setdefault"}
+        for n in ast.walk(t):
+            if (isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == "os"
+                    and n.attr in ("environ", "getenv", "environb") and id(n) not in writes):
+                out.append(f"{name}:{n.lineno} reads os.{n.attr}")
+            elif isinstance(n, ast.ImportFrom) and n.module == "os" and {a.name for a in n.names} & {"environ", "getenv"}:
+                out.append(f"{name}:{n.lineno} imports os.environ/getenv")
+    return sorted(out)
+
+
+def test_environment_read_only_in_settings(src):
+    tree, _ = src
+    assert environment_reads(tree) == [], "read environment variables through slmkit.settings"
+
+
 def unmirrored_test_dirs(tests: Path, src: Path) -> list[str]:
     """Folders under ``tests`` holding test modules that are not named after a package of ``src/slmkit``."""
     packages = {p.parent.name for p in (src / "slmkit").glob("*/__init__.py")}
@@ -393,6 +421,16 @@ def test_tests_mirror_src():
 
 
 # --------------------------------------------------------------------------- the checks can fail
+
+def test_environment_reads_are_found(tmp_path):
+    root = _write(tmp_path, {"__init__.py": "", "settings.py": "import os\nX = os.environ.get('A')\n",
+                             "models/__init__.py": "", "models/zoo.py": "import os\n\ndef f():\n    return os.getenv('B')\n",
+                             "export/x.py": "import os\nos.environ.setdefault('LIB', 'x')\nY = os.environ['C']\n",
+                             "data/p.py": "from os import environ\n"})
+    tree, _ = all_imports(root)
+    assert environment_reads(tree) == ["slmkit.data.p:1 imports os.environ/getenv", "slmkit.export.x:3 reads os.environ",
+                                       "slmkit.models.zoo:4 reads os.getenv"]
+
 
 def test_unmirrored_test_dirs_are_named(tmp_path):
     _write(tmp_path / "src", {"__init__.py": "", "rag/__init__.py": "", "train/__init__.py": ""})

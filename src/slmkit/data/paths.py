@@ -6,19 +6,19 @@ to the current directory and then to the repository checkout.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+from slmkit import settings
 from slmkit.errors import DataError
 
-ENV = "SLMKIT_DATA"
+ENV = settings.DATA
 
 
 def data_dir() -> Path | None:
     """The shared data directory, or None if it cannot be found."""
-    env = os.environ.get(ENV)
+    env = settings.data_dir()
     if env:
-        return Path(env)
+        return env
     here = Path(__file__).resolve()
     for cand in (Path.cwd() / ".." / "shared" / "data", *(p / ".." / "shared" / "data" for p in here.parents)):
         if cand.is_dir():

@@ -23,6 +23,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from slmkit import settings
 from slmkit.errors import ConfigError, SlmkitError
 
 VERSION = "0.3.36"  #: llama-cpp-python release whose vendored llama.cpp we build
@@ -32,10 +33,10 @@ HOW = "build it with scripts/build_llamacpp.sh (about 10 minutes on 2 cores) or 
 
 def bin_dir() -> Path:
     """Where the tools and ``libllama.so`` are looked for (``$SLMKIT_LLAMA_CPP`` overrides)."""
-    env = os.environ.get("SLMKIT_LLAMA_CPP")
+    env = settings.llama_cpp_bin()
     if env:
-        return Path(env)
-    home = os.environ.get("SLMKIT_LLAMA_CPP_HOME") or Path.home() / ".cache" / "slmkit" / f"llama.cpp-{VERSION}"
+        return env
+    home = settings.llama_cpp_home() or Path.home() / ".cache" / "slmkit" / f"llama.cpp-{VERSION}"
     return Path(home) / "build" / "bin"
 
 

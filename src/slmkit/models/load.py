@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from slmkit import settings
 from slmkit.errors import CorruptModelError, ModelNotFoundError, UnsupportedModelError
 from slmkit.models import zoo
 
@@ -304,7 +304,7 @@ def resolve(spec: str) -> ModelSource:
 
 
 def _hub_error(spec: str, err: Exception) -> ModelNotFoundError:
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+    offline = settings.hf_offline()
     why = "the hub is offline (HF_HUB_OFFLINE is set)" if offline else "it could not be downloaded"
     return ModelNotFoundError(
         f"model {spec!r} is not in the local Hugging Face cache and {why}",

@@ -19,6 +19,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from slmkit import settings
 from slmkit.errors import ModelNotFoundError
 
 log = logging.getLogger(__name__)
@@ -57,11 +58,8 @@ ZOO: dict[str, PackagedModel] = {
 
 
 def cache_dir() -> Path:
-    """slmkit's cache (``$SLMKIT_CACHE``, else ``~/.cache/slmkit``)."""
-    root = os.environ.get("SLMKIT_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "slmkit"
-    )
-    return Path(root)
+    """slmkit's cache (:func:`slmkit.settings.cache_root`)."""
+    return settings.cache_root()
 
 
 def _installed_file(model: PackagedModel) -> Path | None:

@@ -37,6 +37,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from slmkit import settings
+
 log = logging.getLogger(__name__)
 
 #: seconds a compiler may run before the build is abandoned
@@ -59,8 +61,7 @@ class Recipe:
 
 def default_dir() -> Path:
     """``$SLMKIT_CACHE/kernels``, else ``$XDG_CACHE_HOME/slmkit/kernels``, else ``~/.cache/slmkit/kernels``."""
-    root = os.environ.get("SLMKIT_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "slmkit")
-    return Path(root) / "kernels"
+    return settings.cache_root() / "kernels"
 
 
 def private_dir(path: Path) -> Path:
@@ -84,7 +85,7 @@ def private_dir(path: Path) -> Path:
 
 def compiler() -> str:
     """``$CC``, else cc, gcc or g++ on PATH; RuntimeError when there is none."""
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("g++")
+    cc = settings.c_compiler() or shutil.which("cc") or shutil.which("gcc") or shutil.which("g++")
     if not cc:
         raise RuntimeError("no C compiler (cc, gcc or g++) on PATH")
     return cc

@@ -38,12 +38,12 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
 import platform
 from pathlib import Path
 
 import torch
 
+from slmkit import settings
 from slmkit.errors import ConfigError
 from slmkit.runtime import decodelayout, kernelcache
 
@@ -64,7 +64,7 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
     "portable": ("", (), ()),
 }
 ORDER = ("avx512", "avx2", "neon", "portable")  #: best first
-ENV = "SLMKIT_KERNEL"  #: forces a variant
+ENV = settings.KERNEL  #: forces a variant
 CPUINFO = Path("/proc/cpuinfo")  #: where :func:`cpu_flags` reads the CPU's flags
 GROUP = 32
 
@@ -112,7 +112,7 @@ def variant_supported(variant: str, flags: set[str] | None = None, machine: str 
 def choose(flags: set[str] | None = None, machine: str | None = None) -> str:
     """The variant to use: ``$SLMKIT_KERNEL`` when set (ConfigError when unknown or unsupported here), else
     the first of :data:`ORDER` the CPU supports (``portable`` always runs)."""
-    forced = os.environ.get(ENV, "").strip().lower()
+    forced = settings.kernel_variant()
     if forced and forced != "auto":
         if forced not in VARIANTS:
             raise ConfigError(f"{ENV}={forced!r} is not a kernel variant", f"use one of {', '.join(ORDER)}, or auto")
@@ -188,7 +188,7 @@ def load() -> ctypes.CDLL | None:
     if _tried:
         return _lib
     _lib, _variant, level = None, None, logging.INFO
-    if os.environ.get("SLMKIT_Q4_KERNEL", "1") == "0":
+    if not settings.q4_kernel_enabled():
         _why = "disabled by SLMKIT_Q4_KERNEL=0"
     else:
         name = choose()
