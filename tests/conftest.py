@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from slmkit.data.paths import data_dir
-from slmkit.models.tiny import save_tiny, tiny_llama_config, tiny_model, tiny_tokenizer
+from slmkit.models.tiny import save_tiny, tiny_corpus, tiny_llama_config, tiny_model, tiny_tokenizer
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
@@ -36,6 +36,14 @@ def tiny_gguf(tiny_llama, tmp_path_factory):
 
     model, tok = tiny_llama
     return export_gguf(model, tok, tmp_path_factory.mktemp("tinygguf") / "tiny.gguf", "F32")
+
+
+@pytest.fixture(scope="session")
+def calib_file(tmp_path_factory):
+    """600 lines of the tiny corpus: calibration text for quantisers on the tiny models."""
+    p = tmp_path_factory.mktemp("calib") / "calib.txt"
+    p.write_text("\n".join(tiny_corpus(600)))
+    return p
 
 
 @pytest.fixture(scope="session")

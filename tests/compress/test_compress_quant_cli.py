@@ -12,17 +12,9 @@ import torch
 from slmkit.cli import main
 from slmkit.compress.qstore import load_quantized
 from slmkit.export.gguf import read_gguf_weights
-from slmkit.models.tiny import tiny_corpus
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small ops: one thread is much faster
-
-
-@pytest.fixture(scope="module")
-def calib_file(tmp_path_factory):
-    p = tmp_path_factory.mktemp("calib") / "calib.txt"
-    p.write_text("\n".join(tiny_corpus(600)))
-    return p
 
 
 def test_quantize_gguf_and_export(tiny_dir, calib_file, tmp_path, capsys):

@@ -16,18 +16,11 @@ from slmkit.compress.qstore import load_quantized, save_quantized
 from slmkit.compress.quantize import RTNConfig, quantize
 from slmkit.errors import ConfigError
 from slmkit.export.compressed_tensors import WEIGHTS, export_compressed_tensors, pack_int32, unpack_int32
-from slmkit.models.tiny import tiny_corpus, tiny_llama_config, tiny_model
+from slmkit.models.tiny import tiny_llama_config, tiny_model
 
 ct = pytest.importorskip("compressed_tensors", reason="pip install 'slmkit[compressed-tensors]'")
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small ops: one thread is much faster
-
-
-@pytest.fixture(scope="module")
-def calib_file(tmp_path_factory):
-    p = tmp_path_factory.mktemp("calib") / "calib.txt"
-    p.write_text("\n".join(tiny_corpus(600)))
-    return p
 
 
 def _quantised_dir(tok, tmp_path, method: str, cfg) -> str:

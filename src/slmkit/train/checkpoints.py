@@ -31,6 +31,7 @@ import logging
 import math
 import shutil
 import struct
+from dataclasses import asdict
 from pathlib import Path
 
 from slmkit.artefact import atomic_file
@@ -177,6 +178,15 @@ def weights_sha256(model) -> str:
         if t.numel():
             h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+#: config fields that set how long a run trains and how often it saves or logs: a resume may change them
+CADENCE_FIELDS = ("max_steps", "save_steps", "save_total_limit", "logging_steps")
+
+
+def settings_identity(cfg) -> dict:
+    """A training config's fields that must match for a resume to continue the run (all but :data:`CADENCE_FIELDS`)."""
+    return {k: v for k, v in asdict(cfg).items() if k not in CADENCE_FIELDS}
 
 
 def logging_steps(logging: int, save: int, max_steps: int) -> int:

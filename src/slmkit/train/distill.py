@@ -28,7 +28,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -39,7 +39,7 @@ from slmkit.train.dist import on_main
 from slmkit.errors import ConfigError, UnsupportedModelError
 from slmkit.train.data import Collator, DataConfig, ExampleDataset, load_examples, pad_batch
 from slmkit.train.args import trainer_arguments
-from slmkit.train.checkpoints import RUN_FILE, file_sha256, is_complete, mean_logged_loss, prepare_run, stop_at, train_from
+from slmkit.train.checkpoints import RUN_FILE, file_sha256, is_complete, mean_logged_loss, prepare_run, settings_identity, stop_at, train_from
 from slmkit.train.checkpoints import last_complete_checkpoint  # noqa: F401 (re-exported)
 from slmkit.train.losses import IGNORE_INDEX, LossConfig, distill_loss
 
@@ -96,10 +96,7 @@ class DistillConfig:
 
     def identity(self) -> dict:
         """What must match for a resume to continue this run (not the step budget or save cadence)."""
-        d = asdict(self)
-        for k in ("max_steps", "save_steps", "save_total_limit", "logging_steps"):
-            d.pop(k)
-        return d
+        return settings_identity(self)
 
 
 @dataclass

@@ -28,7 +28,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
@@ -37,7 +37,7 @@ from slmkit.artefact import MANIFEST, Manifest, atomic_dir
 from slmkit.errors import ConfigError
 from slmkit.models.student import StudentConfig, describe_sharing, make_student, untied_state_dict
 from slmkit.train.args import trainer_arguments
-from slmkit.train.checkpoints import finish_run, mean_logged_loss, prepare_run, stop_at, train_from
+from slmkit.train.checkpoints import finish_run, mean_logged_loss, prepare_run, settings_identity, stop_at, train_from
 from slmkit.train.dist import on_main
 from slmkit.train.sft import check_training_output, checkpoint_dir, quiet
 from slmkit.train.stream import PackedTextStream, check_corpus, corpus_files, corpus_fingerprint
@@ -86,10 +86,7 @@ class PretrainConfig:
 
     def identity(self) -> dict:
         """What must match for a resume to continue this run (not the step budget or save/log cadence)."""
-        d = asdict(self)
-        for k in ("max_steps", "save_steps", "save_total_limit", "logging_steps"):
-            d.pop(k)
-        return d
+        return settings_identity(self)
 
 
 @dataclass
