@@ -71,7 +71,7 @@ def test_two_gloo_processes_write_one_artefact_equal_to_one_process(models, tmp_
     assert proc.returncode == 0, proc.stderr[-3000:]
     reports = [json.loads(b) for b in _json_objects(proc.stdout)]
     assert len(reports) == 4 and all(r["steps"] == (3 if "loss" in r else 2) for r in reports)  # each process reports
-    assert proc.stdout.count("RESUMED 2 -> 3") == 2
+    assert proc.stdout.count("RESUMED 2 -> 3") == 2, proc.stdout + proc.stderr[-6000:]
 
     one = tmp_path / "one"
     assert main(_flags(student, teacher, data, one, batch=2, accum=2)) == 0
@@ -126,7 +126,8 @@ cfg = DistillConfig(loss=LossConfig(loss="fkl"), data=DataConfig(block_size=16, 
 part = distill(s, tok, "{data}", "{output}", cfg, teacher=t, stop_after=2)
 (s, tok) = load("{student}")
 done = distill(s, tok, "{data}", "{output}", cfg, teacher=t, resume=True)
-print("RESUMED", part.steps, "->", done.steps, flush=True)
+sys.stdout.write(f"RESUMED {{part.steps}} -> {{done.steps}}\\n")  # one write: the launcher runs both processes unbuffered
+sys.stdout.flush()
 sys.exit(main({sft}))
 """
 
