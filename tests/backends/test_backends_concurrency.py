@@ -32,16 +32,12 @@ def test_concurrent_generate_same_texts_in_order():
     assert [c.text for c in four] == [reply_for(p[-1]["content"], 7 + i, 0.9) for i, p in enumerate(prompts)]
 
 
-def test_concurrent_is_faster_than_serial():
+def test_all_requests_in_flight_at_once_at_full_concurrency():
+    """Concurrency shown by the server's own count, not by wall time (timing asserts flake under load)."""
     prompts = _chats(8)
     with FakeOpenAI(delay=0.1) as fake:
-        t0 = time.perf_counter()
-        OpenAIBackend(fake.url, concurrency=1).generate(prompts, GenParams(max_new_tokens=4))
-        serial = time.perf_counter() - t0
-        t0 = time.perf_counter()
         OpenAIBackend(fake.url, concurrency=8).generate(prompts, GenParams(max_new_tokens=4))
-        parallel = time.perf_counter() - t0
-    assert serial >= 0.8 and parallel < serial / 3
+        assert fake.max_in_flight == 8
 
 
 def test_concurrent_score_in_order():
