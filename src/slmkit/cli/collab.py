@@ -105,7 +105,7 @@ def route(
     data: Path = typer.Option(..., "--data", help="jsonl with 'question' (and 'answer' to measure quality)"),
     escalate: Optional[float] = typer.Option(None, "--escalate", help="target escalation rate in [0, 1]"),
     quality: Optional[float] = typer.Option(None, "--quality", help="instead: target fraction of large-model quality in [0, 1]"),
-    signal: str = typer.Option("logprob", "--signal", help="confidence signal: logprob | consistency | router | probe (router, and probe without --probe, train on the calibration split)"),
+    signal: str = typer.Option("logprob", "--signal", help="confidence signal: logprob | consistency | margin | router | probe (router, and probe without --probe, train on the calibration split)"),
     probe: Optional[Path] = typer.Option(None, "--probe", help="--signal probe: a probe file from `slmkit judge --signal probe --save-probe FILE`"),
     calib_fraction: float = typer.Option(0.5, "--calib-fraction", help="share of labelled rows used to calibrate"),
     limit: int = typer.Option(0, "--limit", min=0, help="first N rows (0 = all)"),

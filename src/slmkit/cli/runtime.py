@@ -45,7 +45,7 @@ def serve(
     large: Optional[str] = typer.Option(None, "--large", help="pair MODEL (the small one) with this large MODEL or http(s):// URL"),
     mode: Optional[str] = typer.Option(None, "--mode", help="with --large: speculative | cascade | shield"),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="cascade: escalate when the small answer's confidence is below this (default -1.0 for --signal logprob, a mean token log-prob; 0.5 otherwise)"),
-    signal: str = typer.Option("logprob", "--signal", help="cascade: confidence signal, logprob | consistency | probe (probe needs --probe FILE)"),
+    signal: str = typer.Option("logprob", "--signal", help="cascade: confidence signal, logprob | consistency | margin | probe (probe needs --probe FILE)"),
     probe: Optional[Path] = typer.Option(None, "--probe", help="cascade --signal probe: a probe file from `slmkit judge --signal probe --save-probe FILE`"),
     samples: int = typer.Option(4, "--samples", min=2, help="cascade --signal consistency: sampled answers per request"),
 ) -> None:

@@ -7,6 +7,9 @@ The confidence signals follow the routing literature:
 * ``consistency``: agreement (token F1) between the greedy answer and ``samples``
   sampled answers (self-consistency as a confidence proxy, Wang et al. 2023;
   used for cascades by Yue et al. 2024, "LLM cascades with mixture of thought").
+* ``margin``: top-1 minus top-2 token probability, averaged over the greedy answer's tokens
+  (CoT-decoding's answer confidence, Wang & Zhou 2024, arXiv:2402.10200); on a one-token answer
+  it is a multiple-choice option margin (see also :mod:`slmkit.collab.cascade_curve`).
 * ``router``: a logistic regression on features of the query (its length, the small
   model's log-likelihood of the query, the share of digits) trained on a labelled
   calibration split to predict whether the small model answers correctly
@@ -52,7 +55,7 @@ SIGNALS: Registry[Callable] = Registry("confidence signal")
 class CascadeConfig:
     """Knobs of a small→large cascade."""
 
-    signal: str = "logprob"  #: confidence signal: logprob | consistency | router | probe
+    signal: str = "logprob"  #: confidence signal: logprob | consistency | margin | router | probe
     escalate: float | None = None  #: target escalation rate in [0, 1] (default 0.25 when quality is None)
     quality: float | None = None  #: target fraction of the large model's quality in [0, 1] (needs labels)
     calib_fraction: float = 0.5  #: share of labelled rows used to calibrate, in (0, 1)
@@ -280,6 +283,40 @@ def probe_signal(small: Backend, prompts, questions, comps: Sequence[Completion]
         return [1.0 - wrong[0]] * len(prompts)
     probe = fit_probe(feats[train_idx], wrong, pcfg, layer)
     return (1.0 - probe.risk(feats)).tolist()
+
+
+@torch.inference_mode()
+def answer_margins(model, tokenizer, contexts: Sequence[str], answers: Sequence[str]) -> list[float]:
+    """Mean over each answer's tokens of ``p(top-1) - p(top-2)`` of the model's next-token distribution.
+
+    CoT-decoding's answer confidence (Wang & Zhou 2024, arXiv:2402.10200, Sec. 2.2:
+    ``Delta = mean_t p(x_t^1 | x_<t) - p(x_t^2 | x_<t)``); for a one-token answer (a choice letter)
+    it is the option margin of a multiple-choice pick. An empty answer scores the next token after
+    its context.
+    """
+    device = next(model.parameters()).device
+    out = []
+    for ctx, ans in zip(contexts, answers):
+        start = len(tokenizer(ctx, add_special_tokens=False).input_ids)
+        ids = tokenizer(ctx + ans, add_special_tokens=False).input_ids
+        start = min(max(1, start), len(ids))  # positions start-1 .. len-2 predict the answer's tokens
+        logits = model(input_ids=torch.tensor([ids], device=device)).logits[0].float()  # (T, V)
+        probs = torch.softmax(logits[start - 1 : max(start, len(ids) - 1)], dim=-1)  # (A, V)
+        top2 = probs.topk(2, dim=-1).values  # (A, 2)
+        out.append(float((top2[:, 0] - top2[:, 1]).mean()))
+    return out
+
+
+@SIGNALS.register("margin")
+def margin_signal(small: Backend, prompts, questions, comps: Sequence[Completion], cfg: CascadeConfig, train=None):
+    """Top-1 minus top-2 token probability, averaged over the small model's greedy answer (:func:`answer_margins`)."""
+    from slmkit.backends.text import render_prompt
+
+    model, tok = getattr(small, "model", None), getattr(small, "tokenizer", None)
+    if model is None or tok is None:
+        raise ConfigError("the margin signal reads the small model's next-token distributions; the small model must be local",
+                          "use --signal logprob with a small model behind an endpoint")
+    return answer_margins(model, tok, [render_prompt(tok, p) for p in prompts], [c.text for c in comps])
 
 
 #: signals that learn from labelled rows (the calibration split's correctness of the small model)
