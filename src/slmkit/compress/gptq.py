@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
+from slmkit.compress.hessian import inverse_hessian_factor, mask_dead_inputs
 from slmkit.compress.kquant import row_sigma2
 from slmkit.compress.qgrid import Grid, QTensor, codes_for, fit_params
 from slmkit.compress.qmethods import quantizer
@@ -60,23 +61,6 @@ class GPTQConfig:
             raise ConfigError(f"GPTQ block_size must be >= 1, got {self.block_size}")
 
 
-def inverse_hessian_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of ``(H + damp*mean(diag H)*I)^-1`` (fp64 for stability), as fp32."""
-    H = H.double().clone()
-    n = H.shape[0]
-    H.diagonal().add_(damp * H.diagonal().mean().clamp_min(1e-12))
-    for attempt in range(4):
-        L, info = torch.linalg.cholesky_ex(H)
-        if int(info) == 0:
-            break
-        H.diagonal().add_(damp * H.diagonal().mean() * (10**attempt))  # more dampening if still not PD
-    else:
-        raise ConfigError("GPTQ: the calibration Hessian is not positive definite even after dampening",
-                          "use more calibration tokens or a larger --damp")
-    Hinv = torch.cholesky_inverse(L)
-    return torch.linalg.cholesky(Hinv, upper=True).float()  # (n, n)
-
-
 @torch.no_grad()
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: GPTQConfig, grid: Grid | None = None) -> QTensor:
     """GPTQ codes for ``W`` (out, in) given ``H`` (in, in) ~ X^T X on ``grid`` (default ``cfg.grid``);
@@ -87,9 +71,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: GPTQConfig, grid: Grid 
     g = grid.width(cols)
     W = W.detach().float().clone()
     H = H.detach().float().clone()
-    dead = H.diagonal() == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
+    mask_dead_inputs(H, W)
     importance = H.diagonal().clone() if cfg.importance and grid.gguf is not None else None
 
     static = cfg.act_order or grid.group_size == 0
@@ -108,7 +90,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: GPTQConfig, grid: Grid 
     perm = torch.argsort(H.diagonal(), descending=True) if cfg.act_order else torch.arange(cols)
     W = W[:, perm]
     H = H[perm][:, perm]
-    U = inverse_hessian_factor(H, cfg.damp)  # (in, in) upper: row i holds H^-1 updates for column i
+    # (in, in) upper: row i holds H^-1 updates for column i
+    U = inverse_hessian_factor(H, cfg.damp, "GPTQ: the calibration Hessian").float()
     Q = torch.zeros(out, cols, dtype=torch.int8)
     group_of = perm // g  # (in,) original group of each permuted column
 

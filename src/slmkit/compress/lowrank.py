@@ -42,6 +42,7 @@ from torch import nn
 
 from slmkit import progress
 from slmkit.compress.calibrate import LinearStats, decoder_layers, linears, sequential
+from slmkit.compress.hessian import damped_cholesky
 from slmkit.errors import ConfigError, CorruptModelError
 from slmkit.models.readers import Reader
 from slmkit.models.student import unique_parameters
@@ -144,16 +145,7 @@ def asvd_factors(W: torch.Tensor, stats: LinearStats, rank: int, cfg: LowRankCon
 @factoriser("whiten", calibration=True)
 def whitened_factors(W: torch.Tensor, stats: LinearStats, rank: int, cfg: LowRankConfig):
     """SVD-LLM: ``W ~ U_r Sigma_r V_r^T L^{-1}`` with ``L L^T = H`` (truncation-aware whitening, Sec. 3.1)."""
-    H = stats.H.double()
-    lam = cfg.damp * H.diagonal().mean().clamp_min(1e-12)
-    eye = torch.eye(H.shape[0], dtype=H.dtype)
-    for _ in range(6):
-        L, info = torch.linalg.cholesky_ex(H + lam * eye)  # (in, in) lower
-        if int(info) == 0:
-            break
-        lam = lam * 10
-    else:
-        raise ConfigError("calibration statistics are singular even after damping", "use more calibration data")
+    L = damped_cholesky(stats.H, cfg.damp, "SVD-LLM whitening: the calibration statistics")  # (in, in) lower
     U, S, Vh = torch.linalg.svd(W.double() @ L, full_matrices=False)
     up, down = _split(U, S, Vh, rank)
     down = torch.linalg.solve_triangular(L, down, upper=False, left=False)  # down L^{-1}

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from slmkit.compress.calibrate import LinearStats, decoder_layers, linears, sequential
+from slmkit.compress.hessian import inverse_hessian_factor, mask_dead_inputs
 from slmkit.errors import ConfigError
 from slmkit.registry import Registry
 
@@ -179,21 +180,6 @@ def wanda_prune(
     return weight.masked_fill(mask, 0)
 
 
-def _inverse_hessian_chol(H: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of ``(H + lambda I)^{-1}`` (SparseGPT Alg. 1, line 1)."""
-    H = H.double().clone()
-    lam = damp * H.diagonal().mean().clamp_min(1e-8)
-    for attempt in range(6):
-        try:
-            L = torch.linalg.cholesky(H + lam * torch.eye(H.shape[0], dtype=H.dtype))
-            Hinv = torch.cholesky_inverse(L)
-            return torch.linalg.cholesky(Hinv, upper=True)
-        except torch.linalg.LinAlgError:
-            lam = lam * 10 if lam > 0 else torch.tensor(1e-6, dtype=H.dtype)
-            log.debug("Hessian not positive definite; damping raised to %g (attempt %d)", float(lam), attempt + 1)
-    raise ConfigError("the calibration Hessian is singular even after damping", "use more calibration data")
-
-
 def sparsegpt_prune(
     weight: torch.Tensor,
     H: torch.Tensor,
@@ -213,10 +199,8 @@ def sparsegpt_prune(
     if nm is not None:
         _check_nm(W, nm)
     H = H.double().clone()
-    dead = H.diagonal() == 0  # inputs that never fire: prune them for free
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
-    Hinv = _inverse_hessian_chol(H, damp)  # (in, in) upper
+    mask_dead_inputs(H, W)  # inputs that never fire: prune them for free
+    Hinv = inverse_hessian_factor(H, damp, "SparseGPT: the calibration Hessian")  # (in, in) upper
     k_total = int(round(sparsity * in_f))
     pruned_so_far = 0
     for i1 in range(0, in_f, blocksize):

@@ -40,6 +40,7 @@ from torch import nn
 
 from slmkit import progress
 from slmkit.compress.calibrate import LinearStats, decoder_layers, sequential
+from slmkit.compress.hessian import damped
 from slmkit.compress.prune import pruner
 from slmkit.errors import ConfigError, UnsupportedModelError
 from slmkit.models.student import unique_parameters
@@ -269,9 +270,8 @@ def refit_columns(weight: torch.Tensor, H: torch.Tensor, keep: torch.Tensor, dam
     """
     H = H.double()
     Hss = H[keep][:, keep]
-    lam = damp * Hss.diagonal().mean().clamp_min(1e-12)
     rhs = (weight.double() @ H[:, keep]).T  # (|S|, out)
-    sol = torch.linalg.solve(Hss + lam * torch.eye(len(keep), dtype=H.dtype), rhs)  # (|S|, out)
+    sol = torch.linalg.solve(damped(Hss, damp), rhs)  # (|S|, out)
     return sol.T.to(weight.dtype)
 
 
