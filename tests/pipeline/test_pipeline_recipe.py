@@ -176,3 +176,42 @@ def test_distill_stage_loss_options_reach_the_loss_config(tiny_dir):
     assert stage_key(spec, recipe, "") == hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
     with_options = dataclasses.replace(spec, config=PruneConfig(method="wanda", calib="self", options={"batch_size": 4}))
     assert stage_key(with_options, recipe, "") != stage_key(spec, recipe, "")
+
+
+def test_train_audit_speculative_stages_take_any_library_field_through_options(tiny_dir):
+    """gen-data, distill, sft, audit and speculative stages set only their own keys; ``options:`` reaches every other field
+    of the library config (a new field needs no stage edit), typed and named in errors; the keys stay as they were."""
+    text = (f"teacher: {tiny_dir}\nstages:\n  - stage: gen-data\n    n: 8\n    options: {{near_dup: 0.9}}\n  - stage: student\n"
+            "  - stage: distill\n    max_steps: 7\n    options: {warmup_steps: 3, lr_scheduler: cosine, data: {prompt_tokens: 8}}\n"
+            "  - stage: sft\n    lora: {r: 4, alpha: 8}\n    options: {packing: false, grad_accum: 2}\n"
+            "  - stage: audit\n    options: {toxicity_samples: 1}\n"
+            "  - stage: speculative\n    options: {k_max: 6, ngram_max: 2}\n")
+    stages = parse(text).stages
+    assert stages[0].config.synth_config(0).near_dup == 0.9 and stages[0].config.synth_config(0).min_words == 1
+    distill, sft, audit, spec = (s.config for s in stages[2:])
+    d = distill.distill_config(3)
+    assert (d.max_steps, d.warmup_steps, d.lr_scheduler, d.seed) == (7, 3, "cosine", 3)
+    assert (d.data.block_size, d.data.prompt_tokens, d.save_total_limit) == (256, 8, 1)
+    s = sft.sft_config(0)
+    assert (s.lora.r, s.lora.alpha, s.packing, s.grad_accum) == (4, 8.0, False, 2)
+    assert audit.audit_config(0).toxicity_samples == 1 and audit.audit_config(0).limit == 16
+    sc = spec.spec_config((2,))
+    assert (sc.k_max, sc.ngram_max, sc.eos_token_ids, sc.max_new_tokens) == (6, 2, (2,), 48)
+
+    bad = [
+        ("distill", "options: {warmup_stepz: 3}", ["stage 3 (distill)", "options: unknown key 'warmup_stepz'", "warmup_steps"]),
+        ("distill", "options: {max_steps: 3}", ["options key 'max_steps': set by the stage itself"]),
+        ("distill", "options: {data: {block_size: 3}}", ["options key 'data': block_size set by the stage"]),
+        ("sft", "lora: {r: 0}", ["stage 3 (sft)", "key 'lora': LoRA rank r must be >= 1"]),
+        ("audit", "options: {seed: 1}", ["options key 'seed': set by the stage itself"]),
+        ("speculative", "options: {k_max: many}", ["options: key 'k_max' must be int, got str 'many'"]),
+    ]
+    for kind, line, needles in bad:
+        with pytest.raises(RecipeError) as exc:
+            parse(f"teacher: {tiny_dir}\nstages:\n  - stage: gen-data\n  - stage: student\n  - stage: {kind}\n    {line}\n")
+        for needle in needles:
+            assert needle in str(exc.value), (needle, str(exc.value))
+    # lora: true / false as before
+    plain = parse(f"teacher: {tiny_dir}\nstages:\n  - stage: gen-data\n  - stage: student\n  - stage: sft\n    lora: true\n"
+                  "  - stage: sft\n    name: full\n").stages
+    assert plain[2].config.sft_config(0).lora.r == 8 and plain[3].config.sft_config(0).lora is None

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from slmkit.errors import ConfigError
@@ -33,6 +33,7 @@ class SpeculativeStageConfig:
     k: int = 4  #: first draft length
     adaptive: bool = True  #: choose the draft length from the running acceptance rate
     draft: str = "student"  #: student (the run's model) | int4 | int8 (the teacher's own copy, fast path) | lookup | recommended
+    options: dict = field(default_factory=dict)  #: any other field of SpecConfig (e.g. k_max, ngram_max, cost_ratio)
 
     def __post_init__(self):
         if self.prompts < 1 or self.max_new_tokens < 1:
@@ -43,8 +44,10 @@ class SpeculativeStageConfig:
 
     def spec_config(self, eos: tuple[int, ...]):
         from slmkit.collab.speculative import SpecConfig
+        from slmkit.pipeline.recipe import library_config
 
-        return SpecConfig(max_new_tokens=self.max_new_tokens, k=self.k, adaptive=self.adaptive, eos_token_ids=eos)
+        given = {"max_new_tokens": self.max_new_tokens, "k": self.k, "adaptive": self.adaptive, "eos_token_ids": eos}
+        return library_config(SpecConfig, given, self.options)
 
 
 def _prompts(ctx: Context, n: int) -> list[str]:

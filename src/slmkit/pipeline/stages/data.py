@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from slmkit.errors import ConfigError, DataError
@@ -22,6 +22,7 @@ class GenDataConfig:
     max_new_tokens: int = 96  #: tokens per completion at most
     temperature: float = 0.0  #: 0 = greedy; > 0 samples (seeded by the recipe's seed)
     holdout: float = 0.125  #: fraction of rows kept out of training and used as evaluation text
+    options: dict = field(default_factory=dict)  #: any other field of SynthConfig (e.g. near_dup, batch_size)
 
     def __post_init__(self):
         if self.n < 2:
@@ -34,6 +35,15 @@ class GenDataConfig:
             raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
         if self.prompts != "packaged" and not Path(self.prompts).is_file():
             raise ConfigError(f"prompts file {self.prompts} does not exist", "use `prompts: packaged` or an existing file")
+        self.synth_config(0)
+
+    def synth_config(self, seed: int):
+        from slmkit.data.synth import SynthConfig
+        from slmkit.pipeline.recipe import library_config
+
+        given = {"n": self.n, "max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "seed": seed,
+                 "min_words": 1}
+        return library_config(SynthConfig, given, self.options)
 
 
 def _read_partial(path: Path) -> list[dict]:
@@ -81,7 +91,7 @@ def gen_data(ctx: Context, cfg: GenDataConfig) -> StageResult:
     """
     from slmkit.artefact import atomic_file
     from slmkit.backends import HFBackend
-    from slmkit.data.synth import SynthConfig, generate_dataset, read_prompts
+    from slmkit.data.synth import generate_dataset, read_prompts
 
     prompts = read_prompts(PACKAGED_PROMPTS if cfg.prompts == "packaged" else cfg.prompts)
     if cfg.n > len(prompts):
@@ -91,8 +101,7 @@ def gen_data(ctx: Context, cfg: GenDataConfig) -> StageResult:
     if resumed:
         log.info("gen-data: resuming after %d of %d rows", resumed, cfg.n)
     ctx.progress(resumed, cfg.n)
-    scfg = SynthConfig(n=cfg.n, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=ctx.recipe.seed,
-                       min_words=1)
+    scfg = cfg.synth_config(ctx.recipe.seed)
     model, tok = ctx.teacher()
     report = generate_dataset(_Counting(HFBackend(model, tok, name=ctx.recipe.teacher), ctx.progress, resumed, cfg.n),
                               prompts, out, scfg)

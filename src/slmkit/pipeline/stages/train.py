@@ -58,23 +58,25 @@ class DistillStageConfig:
     top_k: int = 0  #: keep only the teacher's top-k tokens (0 = full vocabulary)
     lmbda: float = 0.0  #: on-policy fraction (GKD's lambda)
     save_steps: int = 20  #: checkpoint every N steps (what an interrupted build resumes from)
+    options: dict = field(default_factory=dict)  #: any other field of DistillConfig (e.g. warmup_steps, lr_scheduler,
+    #: qat, seq_kd, data: {prompt_tokens: 16})
 
     def __post_init__(self):
         _check_data(self.data)
         self.distill_config(0)
 
     def distill_config(self, seed: int):
-        from slmkit.train.data import DataConfig
+        from slmkit.pipeline.recipe import library_config
         from slmkit.train.distill import DistillConfig
         from slmkit.train.losses import loss_config
 
         shared = {"loss": self.loss, "temperature": self.temperature, "ce_weight": self.ce_weight, "top_k": self.top_k}
-        return DistillConfig(
-            loss=loss_config(shared, self.loss_options, "loss_options", own="key"),
-            data=DataConfig(block_size=self.block_size), lmbda=self.lmbda, max_steps=self.max_steps,
-            batch_size=self.batch_size, grad_accum=self.grad_accum, learning_rate=self.learning_rate,
-            save_steps=self.save_steps, save_total_limit=1, logging_steps=min(10, self.max_steps), seed=seed,
-        )
+        given = {"loss": loss_config(shared, self.loss_options, "loss_options", own="key"),
+                 "data": {"block_size": self.block_size}, "lmbda": self.lmbda, "max_steps": self.max_steps,
+                 "batch_size": self.batch_size, "grad_accum": self.grad_accum, "learning_rate": self.learning_rate,
+                 "save_steps": self.save_steps, "save_total_limit": 1, "logging_steps": min(10, self.max_steps),
+                 "seed": seed}
+        return library_config(DistillConfig, given, self.options)
 
 
 @stage("distill", DistillStageConfig, needs=lambda cfg: ("teacher", *_needs_data(cfg)), makes=("model",))
@@ -101,23 +103,28 @@ def distill(ctx: Context, cfg: DistillStageConfig) -> StageResult:
 @dataclass(frozen=True)
 class SFTStageConfig:
     data: str = "generated"  #: "generated" (the gen-data stage's chats) or a messages jsonl file
-    lora: bool = False  #: train a LoRA adapter (merged into the saved model) instead of all weights
+    lora: bool | dict = False  #: train a LoRA adapter (merged into the saved model) instead of all weights;
+    #: a mapping sets its LoraSettings fields (e.g. {r: 16, alpha: 32})
     max_steps: int = 100
     batch_size: int = 4
     learning_rate: float | None = None  #: default 2e-4 with LoRA, 2e-5 otherwise
     max_length: int = 512  #: tokens per packed row
     save_steps: int = 20  #: checkpoint every N steps
+    options: dict = field(default_factory=dict)  #: any other field of SFTConfig (e.g. grad_accum, packing, warmup_steps)
 
     def __post_init__(self):
         _check_data(self.data)
         self.sft_config(0)
 
     def sft_config(self, seed: int):
-        from slmkit.train.sft import LoraSettings, SFTConfig
+        from slmkit.pipeline.recipe import library_config
+        from slmkit.train.sft import SFTConfig
 
-        return SFTConfig(lora=LoraSettings() if self.lora else None, max_steps=self.max_steps, batch_size=self.batch_size,
-                         learning_rate=self.learning_rate, max_length=self.max_length, save_steps=self.save_steps,
-                         logging_steps=min(10, self.max_steps), seed=seed)
+        lora = None if self.lora is False else {} if self.lora is True else self.lora  # {}: LoraSettings' defaults
+        given = {"lora": lora, "max_steps": self.max_steps, "batch_size": self.batch_size,
+                 "learning_rate": self.learning_rate, "max_length": self.max_length, "save_steps": self.save_steps,
+                 "logging_steps": min(10, self.max_steps), "seed": seed}
+        return library_config(SFTConfig, given, self.options)
 
 
 @stage("sft", SFTStageConfig, needs=_needs_data, makes=("model",))
@@ -135,7 +142,7 @@ def sft(ctx: Context, cfg: SFTStageConfig) -> StageResult:
     res = run(model, tok, chats, scfg, ckpts, resume=ckpts.is_dir(), callbacks=[_progress_callback(ctx)])
     manifest = Manifest(source=ctx.slots["model"])
     manifest.add_stage("sft", scfg, examples=len(chats))
-    dest = save_trained(res.model, tok, ctx.work / "model", manifest, merge=cfg.lora)
+    dest = save_trained(res.model, tok, ctx.work / "model", manifest, merge=scfg.lora is not None)
     finish_checkpoints(ckpts)
-    return StageResult(outputs={"model": ctx.rel(dest)},
-                       metrics={"examples": len(chats), "steps": res.steps, "train_loss": res.train_loss, "lora": cfg.lora})
+    return StageResult(outputs={"model": ctx.rel(dest)}, metrics={"examples": len(chats), "steps": res.steps,
+                                                                  "train_loss": res.train_loss, "lora": scfg.lora is not None})

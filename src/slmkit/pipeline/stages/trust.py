@@ -8,7 +8,7 @@ recipe still builds without ``../shared/data`` (the report then has no trust sec
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from slmkit.errors import ConfigError, DataError
 from slmkit.pipeline.base import Context, StageResult, stage
@@ -24,6 +24,7 @@ class AuditStageConfig:
     memorisation: bool = False  #: privacy: fine-tune a copy with canaries (slow)
     sycophancy: bool = False  #: reliability: sycophancy probe (doubles the generations)
     data_dir: str | None = None  #: folder holding truthfulqa/, bbq/, ... (default: $SLMKIT_DATA or ../shared/data)
+    options: dict = field(default_factory=dict)  #: any other field of AuditConfig (e.g. toxicity_samples, advglue_shots)
 
     def __post_init__(self):
         if self.limit < 0:
@@ -31,10 +32,12 @@ class AuditStageConfig:
         self.audit_config(0)
 
     def audit_config(self, seed: int):
+        from slmkit.pipeline.recipe import library_config
         from slmkit.trust import AuditConfig
 
-        return AuditConfig(dimensions=self.dimensions, limit=self.limit, seed=seed, data_dir=self.data_dir,
-                           memorisation=self.memorisation, sycophancy=self.sycophancy)
+        given = {"dimensions": self.dimensions, "limit": self.limit, "seed": seed, "data_dir": self.data_dir,
+                 "memorisation": self.memorisation, "sycophancy": self.sycophancy}
+        return library_config(AuditConfig, given, self.options)
 
 
 def _flat(dim_json: dict) -> dict:
