@@ -53,6 +53,14 @@ class Registry(Generic[T]):
     def names(self) -> list[str]:
         return sorted(self._items)
 
+    def groups(self) -> list[list[str]]:
+        """Each registered object's names, the name it was registered under first and then its aliases,
+        ordered by that first name."""
+        by_object: dict[int, list[str]] = {}
+        for key, obj in self._items.items():
+            by_object.setdefault(id(obj), []).append(key)
+        return sorted(by_object.values())
+
     def __contains__(self, name: object) -> bool:
         return name in self._items
 

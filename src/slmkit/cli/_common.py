@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import sys
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperCommand
 
 #: every verb with --output takes --force (the CLI contract)
 FORCE_HELP = "replace an existing --output that slmkit did not write (without it: refused, exit 2)"
@@ -59,6 +61,35 @@ def human_count(n: float) -> str:
         if abs(n) >= div:
             return f"{n / div:.2f}{unit}"
     return str(int(n))
+
+
+_REGISTRY_REF = re.compile(r"\{registry:([\w.]+):(\w+)\}")
+
+
+def registry_names(module: str, attr: str) -> str:
+    """A place in a help string for the names in the registry ``module.attr`` (a :class:`~slmkit.registry.Registry`
+    or a dict), filled in by :class:`RegistryHelpCommand` when the help is shown: the CLI imports no technique
+    module until then, and a method registered beside its function is listed with no edit here."""
+    return f"{{registry:{module}:{attr}}}"
+
+
+def _listing(module: str, attr: str) -> str:
+    """``a | b (alias) | c``: the names of a registry (each object once, aliases in brackets) or a dict's keys."""
+    import importlib
+
+    reg = getattr(importlib.import_module(module), attr)
+    groups = reg.groups() if hasattr(reg, "groups") else [[k] for k in sorted(reg)]
+    return " | ".join(g[0] + (f" ({', '.join(g[1:])})" if len(g) > 1 else "") for g in groups)
+
+
+class RegistryHelpCommand(TyperCommand):
+    """A verb whose option help names registries (:func:`registry_names`): they are listed when its help is shown."""
+
+    def format_help(self, ctx, formatter):
+        for param in self.params:
+            if isinstance(param.help, str):
+                param.help = _REGISTRY_REF.sub(lambda m: _listing(m[1], m[2]), param.help)
+        return super().format_help(ctx, formatter)
 
 
 OPTION_HELP = ("KEY=VALUE: set another field of the method's config (repeatable; VALUE read as YAML: 64, 0.5, "

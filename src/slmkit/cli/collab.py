@@ -9,13 +9,14 @@ from typing import Optional
 
 import typer
 
-from slmkit.cli._common import DEVICE_HELP, DTYPE_HELP, FORCE_HELP, console, kv_table, print_json
+from slmkit.cli._common import (DEVICE_HELP, DTYPE_HELP, FORCE_HELP, RegistryHelpCommand, console, kv_table,
+                                print_json, registry_names)
 
 
 def register(app: typer.Typer) -> None:
     app.command("speculate")(speculate)
-    app.command("route")(route)
-    app.command("judge")(judge)
+    app.command("route", cls=RegistryHelpCommand)(route)
+    app.command("judge", cls=RegistryHelpCommand)(judge)
     app.command("proxy")(proxy)
     app.command("invert")(invert)
 
@@ -105,7 +106,7 @@ def route(
     data: Path = typer.Option(..., "--data", help="jsonl with 'question' (and 'answer' to measure quality)"),
     escalate: Optional[float] = typer.Option(None, "--escalate", help="target escalation rate in [0, 1]"),
     quality: Optional[float] = typer.Option(None, "--quality", help="instead: target fraction of large-model quality in [0, 1]"),
-    signal: str = typer.Option("logprob", "--signal", help="confidence signal: logprob | consistency | margin | router | probe (router, and probe without --probe, train on the calibration split)"),
+    signal: str = typer.Option("logprob", "--signal", help="confidence signal: " + registry_names("slmkit.collab.cascade", "SIGNALS") + " (router, and probe without --probe, train on the calibration split)"),
     probe: Optional[Path] = typer.Option(None, "--probe", help="--signal probe: a probe file from `slmkit judge --signal probe --save-probe FILE`"),
     calib_fraction: float = typer.Option(0.5, "--calib-fraction", help="share of labelled rows used to calibrate"),
     limit: int = typer.Option(0, "--limit", min=0, help="first N rows (0 = all)"),
@@ -142,7 +143,7 @@ def route(
 def judge(
     data: Path = typer.Option(..., "--data", help="jsonl with 'question', 'answer' and optional 'label' (1 = hallucinated)"),
     model: str = typer.Option("default", "--model", help="the judging (small) MODEL"),
-    signal: str = typer.Option("logprob", "--signal", "--method", help="risk signal: logprob | consistency | probe"),
+    signal: str = typer.Option("logprob", "--signal", "--method", help="risk signal: " + registry_names("slmkit.collab.judge", "JUDGES")),
     samples: int = typer.Option(4, "--samples", min=2, help="--signal consistency: sampled answers per question"),
     probe: Optional[Path] = typer.Option(None, "--probe", help="--signal probe: a trained probe file (without it: probes cross-validated on the labelled rows, grouped by question)"),
     save_probe: Optional[Path] = typer.Option(None, "--save-probe", help="--signal probe: write the probe fitted on all rows here (safetensors)"),

@@ -8,19 +8,19 @@ from typing import Optional
 
 import typer
 
-from slmkit.cli._common import (DEVICE_HELP, FORCE_HELP, OPTION_HELP, console, human_bytes, kv_table, parse_options,
-                                print_json)
+from slmkit.cli._common import (DEVICE_HELP, FORCE_HELP, OPTION_HELP, RegistryHelpCommand, console, human_bytes,
+                                kv_table, parse_options, print_json, registry_names)
 from slmkit.cli.progress import with_progress
 
 
 def register(app: typer.Typer) -> None:
-    app.command("quantize")(with_progress("quantize")(quantize_cmd))
+    app.command("quantize", cls=RegistryHelpCommand)(with_progress("quantize")(quantize_cmd))
     app.command("export")(export_cmd)
 
 
 def quantize_cmd(
     model: str = typer.Argument(..., help="default | hub id | directory | file.gguf"),
-    method: str = typer.Option(..., "--method", help="rtn | imatrix | gptq | awq"),
+    method: str = typer.Option(..., "--method", help="quantizer: " + registry_names("slmkit.compress.qmethods", "QUANTIZERS")),
     bits: Optional[int] = typer.Option(None, "--bits", help="3, 4, 5 or 8 (with --gguf: the type's own, e.g. 4 for Q4_K_M)"),
     group_size: Optional[int] = typer.Option(None, "--group-size", help="input columns per scale; 0 = per-channel (default 128; 32 with --gguf)"),
     asymmetric: bool = typer.Option(False, "--asymmetric", help="w = d*q + m instead of w = d*q"),

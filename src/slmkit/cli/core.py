@@ -9,7 +9,8 @@ from typing import Optional
 
 import typer
 
-from slmkit.cli._common import DEVICE_HELP, console, human_bytes, human_count, kv_table, print_json
+from slmkit.cli._common import (DEVICE_HELP, RegistryHelpCommand, console, human_bytes, human_count, kv_table,
+                                print_json, registry_names)
 
 DTYPE_HELP = "weights dtype: fp32 or bf16 (default fp32)"
 FAST_DTYPE_HELP = ("weights dtype: fp32 or bf16 (default fp32; with --fast on a quantised FILE.gguf or a `slmkit quantize` "
@@ -18,8 +19,8 @@ FAST_DTYPE_HELP = ("weights dtype: fp32 or bf16 (default fp32; with --fast on a 
 
 def register(app: typer.Typer) -> None:
     app.command("info")(info)
-    app.command("generate")(generate)
-    app.command("chat")(chat)
+    app.command("generate", cls=RegistryHelpCommand)(generate)
+    app.command("chat", cls=RegistryHelpCommand)(chat)
     app.command("eval")(evaluate)
 
 
@@ -118,7 +119,7 @@ def generate(
     fast: bool = typer.Option(False, "--fast", help="the fast CPU path (static KV cache; llama, Mistral, Qwen2/3, Gemma 2/3, Phi-3; other architectures: transformers, with a warning)"),
     int8: bool = typer.Option(False, "--int8", help="with --fast: int8 weight-only matmuls (a quantised FILE.gguf or DIR: only with an explicit --dtype)"),
     int4: bool = typer.Option(False, "--int4", help="with --fast: int4 weight-only matmuls (groups of 32; slmkit's q4 kernel and fused decode step, else torch's kernel; a quantised FILE.gguf: only with an explicit --dtype)"),
-    kv: str = typer.Option("full", "--kv", help="with --fast: KV policy full|int8|int4|streaming|h2o"),
+    kv: str = typer.Option("full", "--kv", help="with --fast: KV policy " + registry_names("slmkit.runtime.kvcache", "KV_POLICIES")),
     kv_budget: Optional[int] = typer.Option(None, "--kv-budget", help="with --fast: tokens kept by streaming/h2o"),
     json_schema: Optional[Path] = typer.Option(None, "--json-schema", help="constrain the output to JSON valid against this JSON Schema file"),
     regex: Optional[str] = typer.Option(None, "--regex", help="constrain the output to match this regular expression (Rust regex syntax)"),
@@ -161,7 +162,7 @@ def chat(
     fast: bool = typer.Option(False, "--fast", help="the fast CPU path (static KV cache; llama, Mistral, Qwen2/3, Gemma 2/3, Phi-3; other architectures: transformers, with a warning)"),
     int8: bool = typer.Option(False, "--int8", help="with --fast: int8 weight-only matmuls (a quantised FILE.gguf or DIR: only with an explicit --dtype)"),
     int4: bool = typer.Option(False, "--int4", help="with --fast: int4 weight-only matmuls (groups of 32; slmkit's q4 kernel and fused decode step, else torch's kernel; a quantised FILE.gguf: only with an explicit --dtype)"),
-    kv: str = typer.Option("full", "--kv", help="with --fast: KV policy full|int8|int4|streaming|h2o"),
+    kv: str = typer.Option("full", "--kv", help="with --fast: KV policy " + registry_names("slmkit.runtime.kvcache", "KV_POLICIES")),
     kv_budget: Optional[int] = typer.Option(None, "--kv-budget", help="with --fast: tokens kept by streaming/h2o"),
     device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP + " (unset: auto; --fast: the CPU; on a GPU the dtype defaults to bf16)"),
 ) -> None:

@@ -10,7 +10,8 @@ from typing import Optional
 
 import typer
 
-from slmkit.cli._common import DEVICE_HELP, DTYPE_HELP, FORCE_HELP, console, kv_table, print_json
+from slmkit.cli._common import (DEVICE_HELP, DTYPE_HELP, FORCE_HELP, RegistryHelpCommand, console, kv_table,
+                                print_json, registry_names)
 from slmkit.cli.progress import quiet_libraries, with_progress
 from slmkit.progress import trainer_callback
 
@@ -19,7 +20,7 @@ MODEL_HELP = "default | hub id | directory | file.gguf"
 
 def register(app: typer.Typer) -> None:
     app.command("sft")(with_progress("sft")(sft))
-    app.command("dpo")(with_progress("dpo")(dpo))
+    app.command("dpo", cls=RegistryHelpCommand)(with_progress("dpo")(dpo))
     from slmkit.cli import rag  # the rag verbs (slmkit rag index / ask) live in their own module
 
     rag.register(app)
@@ -146,7 +147,7 @@ def dpo(
     data: Path = typer.Option(..., "--data", help='jsonl of {"prompt", "chosen", "rejected"} (or hh-rlhf with --hh)'),
     output: Path = typer.Option(..., "--output"),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
-    method: str = typer.Option("dpo", "--method", help="dpo, or simpo (reference-free)"),
+    method: str = typer.Option("dpo", "--method", help=registry_names("slmkit.train.dpo", "PREFERENCE_METHODS") + " (simpo is reference-free)"),
     hh: bool = typer.Option(False, "--hh", help="data is hh-rlhf style {chosen, rejected} dialogues"),
     lora: bool = typer.Option(False, "--lora", help="train LoRA adapters (DPO's reference = adapters off)"),
     merge: bool = typer.Option(False, "--merge", help="with --lora: write a merged model instead of an adapter"),

@@ -7,7 +7,8 @@ from typing import Optional
 
 import typer
 
-from slmkit.cli._common import DEVICE_HELP, FORCE_HELP, console, kv_table, print_json
+from slmkit.cli._common import (DEVICE_HELP, FORCE_HELP, RegistryHelpCommand, console, kv_table, print_json,
+                                registry_names)
 from slmkit.cli.progress import quiet_libraries, with_progress
 
 #: --flag -> StudentConfig field
@@ -16,7 +17,7 @@ ARCH_FLAGS = {"--layers": "layers", "--hidden": "hidden", "--heads": "heads", "-
 
 
 def register(app: typer.Typer) -> None:
-    app.command("pretrain")(with_progress("pretrain")(pretrain_cmd))
+    app.command("pretrain", cls=RegistryHelpCommand)(with_progress("pretrain")(pretrain_cmd))
 
 
 def student_from_flags(preset: str, block_size: int, **sizes: Optional[int]):
@@ -43,8 +44,7 @@ def pretrain_cmd(
                                     "of them (repeat the flag); streamed, never loaded whole"),
     output: Path = typer.Option(..., "--output", help="directory to write the model to (checkpoints: OUTPUT.checkpoints)"),
     tokenizer: str = typer.Option("default", "--tokenizer", help="the tokenizer of this model spec: default | hub id | dir | file.gguf"),
-    preset: str = typer.Option("mobilellm-125m", "--preset", help="student shape: mobilellm-125m | mobilellm-125m-ls | "
-                               "mobilellm-350m | tiny-deep (the size flags below override it)"),
+    preset: str = typer.Option("mobilellm-125m", "--preset", help="student shape: " + registry_names("slmkit.models.student", "PRESETS") + " (the size flags below override it)"),
     layers: Optional[int] = typer.Option(None, "--layers", help="transformer blocks run (depth)"),
     hidden: Optional[int] = typer.Option(None, "--hidden", help="model width"),
     heads: Optional[int] = typer.Option(None, "--heads", help="query heads (must divide --hidden)"),

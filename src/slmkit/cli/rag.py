@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from slmkit.cli._common import FORCE_HELP, console, kv_table, print_json
+from slmkit.cli._common import FORCE_HELP, RegistryHelpCommand, console, kv_table, print_json, registry_names
 from slmkit.cli.progress import quiet_libraries, with_progress
 
 MODEL_HELP = "default | hub id | directory | file.gguf"
@@ -17,7 +17,7 @@ MODEL_HELP = "default | hub id | directory | file.gguf"
 def register(app: typer.Typer) -> None:
     rag = typer.Typer(help="Retrieval-augmented generation: index documents, answer with sources.", no_args_is_help=True)
     rag.command("index")(with_progress("rag index")(rag_index))
-    rag.command("ask")(rag_ask)
+    rag.command("ask", cls=RegistryHelpCommand)(rag_ask)
     app.add_typer(rag, name="rag")
 
 
@@ -77,7 +77,7 @@ def rag_ask(
     embedder: Optional[str] = typer.Option(None, "--embedder", help="the embedder to query with (default: the index's own; "
                                                                       "another one is refused)"),
     rerank: bool = typer.Option(False, "--rerank", help="rescore the retriever's top --rerank-depth with the model"),
-    rerank_method: str = typer.Option("query-likelihood", "--rerank-method", help="query-likelihood | relevance"),
+    rerank_method: str = typer.Option("query-likelihood", "--rerank-method", help=registry_names("slmkit.rag.retrieve", "RERANKERS")),
     rerank_depth: int = typer.Option(12, "--rerank-depth", min=1),
     extractive: bool = typer.Option(False, "--extractive", help="answer with the source span the model scores highest"),
     min_span_score: float = typer.Option(-2.5, "--min-span-score",

@@ -7,12 +7,12 @@ from typing import Optional
 
 import typer
 
-from slmkit.cli._common import console, human_bytes, kv_table, print_json
+from slmkit.cli._common import RegistryHelpCommand, console, human_bytes, kv_table, print_json, registry_names
 
 
 def register(app: typer.Typer) -> None:
-    app.command("serve")(serve)
-    app.command("fit")(fit)
+    app.command("serve", cls=RegistryHelpCommand)(serve)
+    app.command("fit", cls=RegistryHelpCommand)(fit)
 
 
 def _adapters(specs: list[str]) -> dict[str, str]:
@@ -43,9 +43,9 @@ def serve(
     idle_timeout: float = typer.Option(30.0, "--idle-timeout", min=0.01, help="close a connection that sends no complete request (headers) within this many seconds of opening or of its last response"),
     adapter: list[str] = typer.Option([], "--adapter", help="NAME=DIR: serve a LoRA adapter as model NAME (repeatable)"),
     large: Optional[str] = typer.Option(None, "--large", help="pair MODEL (the small one) with this large MODEL or http(s):// URL"),
-    mode: Optional[str] = typer.Option(None, "--mode", help="with --large: speculative | cascade | shield"),
+    mode: Optional[str] = typer.Option(None, "--mode", help="with --large: " + registry_names("slmkit.collab.serving", "MODES")),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="cascade: escalate when the small answer's confidence is below this (default -1.0 for --signal logprob, a mean token log-prob; 0.5 otherwise)"),
-    signal: str = typer.Option("logprob", "--signal", help="cascade: confidence signal, logprob | consistency | margin | probe (probe needs --probe FILE)"),
+    signal: str = typer.Option("logprob", "--signal", help="cascade: confidence signal, " + registry_names("slmkit.collab.cascade", "SIGNALS") + " (probe needs --probe FILE; router is refused here: it trains on labelled rows, see `slmkit route`)"),
     probe: Optional[Path] = typer.Option(None, "--probe", help="cascade --signal probe: a probe file from `slmkit judge --signal probe --save-probe FILE`"),
     samples: int = typer.Option(4, "--samples", min=2, help="cascade --signal consistency: sampled answers per request"),
 ) -> None:
@@ -108,7 +108,7 @@ def fit(
     memory: str = typer.Option(..., "--memory", help="budget (4GB, 512MB, 6GiB) or a preset: phone-4gb, phone-8gb, rpi5-4gb, rpi5-8gb, laptop-16gb"),
     context: str = typer.Option("4k", "--context", help="context length in tokens (e.g. 8k, 2048)"),
     precision: str = typer.Option("bf16", "--precision", help="weights: fp32, bf16, int8 or int4"),
-    kv: str = typer.Option("full", "--kv", help="KV policy: full, int8, int4, streaming, h2o"),
+    kv: str = typer.Option("full", "--kv", help="KV policy: " + registry_names("slmkit.runtime.kvcache", "KV_POLICIES")),
     kv_budget: Optional[int] = typer.Option(None, "--kv-budget", help="tokens kept by streaming/h2o (default 1024)"),
     batch: int = typer.Option(1, "--batch", min=1, help="concurrent sequences"),
     overhead: Optional[str] = typer.Option(None, "--overhead", help="runtime overhead (default: measured PyTorch runtime)"),

@@ -8,15 +8,15 @@ from typing import Optional
 
 import typer
 
-from slmkit.cli._common import (DEVICE_HELP, DTYPE_HELP, FORCE_HELP, console, err_console, kv_table, parse_options,
-                                print_json)
+from slmkit.cli._common import (DEVICE_HELP, DTYPE_HELP, FORCE_HELP, RegistryHelpCommand, console, err_console,
+                                kv_table, parse_options, print_json, registry_names)
 from slmkit.cli.progress import with_progress
 
 log = logging.getLogger(__name__)
 
 
 def register(app: typer.Typer) -> None:
-    app.command("distill")(with_progress("distill")(distill_cmd))
+    app.command("distill", cls=RegistryHelpCommand)(with_progress("distill")(distill_cmd))
     app.command("gen-data")(with_progress("gen-data")(gen_data_cmd))
 
 
@@ -24,7 +24,7 @@ def distill_cmd(
     teacher: Optional[str] = typer.Option(None, "--teacher", help="default | hub id | dir | file.gguf | http(s) endpoint (black-box: sequence-level KD)"),
     student: str = typer.Option(..., "--student", help="the model to train: default | hub id | dir | file.gguf"),
     data: Path = typer.Option(..., "--data", help="plain-text file (language modelling) or messages jsonl (chat)"),
-    loss: str = typer.Option("fkl", "--loss", help="fkl | rkl | jsd | skl | srkl | tvd | ce (ce = plain fine-tuning)"),
+    loss: str = typer.Option("fkl", "--loss", help=registry_names("slmkit.train.losses", "LOSSES") + " (ce = plain fine-tuning)"),
     output: Path = typer.Option(..., "--output", help="directory for checkpoints and the final model"),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     max_steps: int = typer.Option(100, "--max-steps", min=1, help="optimizer steps"),

@@ -8,20 +8,19 @@ from typing import Optional
 
 import typer
 
-from slmkit.cli._common import DEVICE_HELP, FORCE_HELP, console, print_json
+from slmkit.cli._common import DEVICE_HELP, FORCE_HELP, RegistryHelpCommand, console, print_json, registry_names
 from slmkit.cli.progress import with_progress
 from slmkit.progress import step
 
 
 def register(app: typer.Typer) -> None:
-    app.command("audit")(with_progress("audit")(audit))
+    app.command("audit", cls=RegistryHelpCommand)(with_progress("audit")(audit))
 
 
 def audit(
     model: str = typer.Argument(..., help="default | hub id | directory | file.gguf | http(s)://endpoint[#model]"),
     compare_with: Optional[str] = typer.Option(None, "--compare", help="a second model, audited on the same examples"),
-    dimensions: Optional[str] = typer.Option(None, "--dimensions", help="comma-separated: robustness,privacy,"
-                                             "reliability,safety,fairness (default: all)"),
+    dimensions: Optional[str] = typer.Option(None, "--dimensions", help="comma-separated, of: " + registry_names("slmkit.trust.suite", "DIMENSIONS") + " (default: all)"),
     limit: int = typer.Option(0, "--limit", min=0, help="first N examples of each data set (0 = all)"),
     output: Optional[Path] = typer.Option(None, "--output", help="directory for report.json and report.html"),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
