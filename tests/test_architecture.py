@@ -54,9 +54,7 @@ BACKEND_PACKAGE_OK = {"Backend", "Completion", "GenParams", "PartialFailure", "P
 #: Circles closed only through function-local imports (no import-time failure, but still modules that
 #: need each other; the pipeline runner <-> report one is cut): listed exactly, as above, except that a
 #: listed circle may shrink while it is being cut. ``if TYPE_CHECKING:`` imports are no circle.
-PENDING_LAZY_CYCLES = {
-    ("slmkit.collab.drafters", "slmkit.collab.draftlen", "slmkit.collab.speculative"),  # being reshaped today
-}
+PENDING_LAZY_CYCLES: set[tuple[str, ...]] = set()
 PENDING_LAYERING: set[str] = set()
 PENDING_BACKENDS: set[str] = set()
 PENDING_PRIVATE: set[str] = set()

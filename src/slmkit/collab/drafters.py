@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 import torch.nn.functional as F
 
-from slmkit.collab.speculative import CachedLM, check_same_tokenizer, check_same_vocab, model_device, token_probs
+from slmkit.collab.lm import CachedLM, check_same_tokenizer, check_same_vocab, model_device, token_probs
 from slmkit.errors import ConfigError, UnsupportedModelError
 from slmkit.runtime.decoding import draw
 

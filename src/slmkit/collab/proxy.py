@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from slmkit.collab.speculative import SpecOutput, as_ids, CachedLM, model_device, finish_output, check_same_vocab, token_probs
+from slmkit.collab.lm import CachedLM, check_same_vocab, model_device, token_probs
+from slmkit.collab.speculative import SpecOutput, as_ids, finish_output
 from slmkit.errors import ConfigError
 from slmkit.runtime.decoding import draw
 
