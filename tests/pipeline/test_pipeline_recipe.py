@@ -215,3 +215,16 @@ def test_train_audit_speculative_stages_take_any_library_field_through_options(t
     plain = parse(f"teacher: {tiny_dir}\nstages:\n  - stage: gen-data\n  - stage: student\n  - stage: sft\n    lora: true\n"
                   "  - stage: sft\n    name: full\n").stages
     assert plain[2].config.sft_config(0).lora.r == 8 and plain[3].config.sft_config(0).lora is None
+
+
+def test_candidates_maker_and_scorer_are_checked_against_their_registries(monkeypatch):
+    """The candidates stage's ``maker`` / ``scorer`` take ``auto`` or any registered name; an error lists the registry."""
+    from slmkit.eval.heldout import SCORERS
+    from slmkit.pipeline.recipe import build_config
+    from slmkit.pipeline.stages.candidates import CandidatesStageConfig
+
+    with pytest.raises(RecipeError, match=r"stage 3 \(candidates\): scorer must be auto or one of llama.cpp, slmkit, got 'zz'"):
+        build_config(CandidatesStageConfig, {"scorer": "zz"}, "stage 3 (candidates)")
+    monkeypatch.setattr(SCORERS, "_items", dict(SCORERS._items))
+    SCORERS.add("zz", object())
+    assert build_config(CandidatesStageConfig, {"scorer": "zz"}, "stage 3 (candidates)").compare_config(0).scorer == "zz"

@@ -81,8 +81,8 @@ class CompareConfig:
     imatrix: bool = True  #: baselines with an importance matrix from the calibration text (llama-quantize --imatrix)
     calib_samples: int = 32  #: calibration windows for the importance matrix
     calib_len: int = 512  #: tokens per calibration window (llama-imatrix -c)
-    maker: str = "auto"  #: who makes the baselines: auto (llama.cpp where installed) | llama.cpp | slmkit
-    scorer: str = "auto"  #: who scores quality: auto (llama.cpp where installed) | llama.cpp | slmkit
+    maker: str = "auto"  #: who makes the baselines: auto (llama.cpp where installed) or a name in BASELINES
+    scorer: str = "auto"  #: who scores quality: auto (llama.cpp where installed) or a name in heldout.SCORERS
     score: ScoreConfig = ScoreConfig()
     speed: SpeedConfig | None = SpeedConfig()  #: None: no speed or memory measurement
     tasks: TaskConfig | None = None  #: downstream multiple-choice tasks (None: none)
@@ -94,8 +94,11 @@ class CompareConfig:
             raise ConfigError(f"unknown baseline type {bad[0]!r}", f"use llama.cpp file types: {', '.join(BASELINE_TYPES)}")
         if self.calib_samples < 1 or self.calib_len < 8:
             raise ConfigError(f"calib_samples must be >= 1 and calib_len >= 8, got {self.calib_samples}, {self.calib_len}")
-        if self.maker not in ("auto", "llama.cpp", "slmkit"):
-            raise ConfigError(f"maker must be auto, llama.cpp or slmkit, got {self.maker!r}")
+        from slmkit.eval.heldout import SCORERS
+
+        for key, name, registry in (("maker", self.maker, BASELINES), ("scorer", self.scorer, SCORERS)):
+            if name != "auto" and name not in registry:
+                raise ConfigError(f"{key} must be auto or one of {', '.join(registry.names())}, got {name!r}")
 
 
 @dataclass

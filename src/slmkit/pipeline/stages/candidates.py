@@ -71,8 +71,8 @@ class CandidatesStageConfig:
     imatrix: bool = True  #: baselines with an importance matrix from the calibration split (llama-quantize --imatrix)
     calib_samples: int = 32  #: calibration windows for that importance matrix
     calib_len: int = 512  #: tokens per calibration window
-    maker: Literal["auto", "llama.cpp", "slmkit"] = "auto"  #: who makes the baselines (auto: llama.cpp where installed)
-    scorer: Literal["auto", "llama.cpp", "slmkit"] = "auto"  #: who scores quality, for every candidate alike
+    maker: str = "auto"  #: who makes the baselines: auto (llama.cpp where installed) or a registered maker (BASELINES)
+    scorer: str = "auto"  #: who scores quality, for every candidate alike: auto or a registered scorer (SCORERS)
     context: int = 512  #: scoring window (tokens); its second half is scored
     chunks: int = 20  #: scoring windows (chunks * context / 2 tokens per candidate)
     speed: bool = True  #: decode/prefill tokens/s and peak memory on slmkit's fast path
