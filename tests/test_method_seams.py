@@ -16,6 +16,7 @@ import torch
 
 from slmkit.artefact import Manifest
 from slmkit.cli import main
+from slmkit.errors import ConfigError
 from slmkit.compress.prune import PRUNERS, mask_from_scores, pruner
 from slmkit.compress.qgrid import Grid, quantize_rtn
 from slmkit.compress.qmethods import QUANTIZERS, quantizer
@@ -86,22 +87,35 @@ def test_a_new_quantizer_needs_no_other_edit(tiny_dir, tmp_path, capsys):
 
 def test_a_new_loss_needs_no_other_edit(tiny_tok, tmp_path, capsys):
     from slmkit.pipeline.stages.train import DistillStageConfig
+    from slmkit.train.losses import loss_config
 
-    @divergence("seam-hellinger", summary="squared Hellinger distance")
-    def hellinger(lp, lq, cfg: LossConfig):
-        return 1 - torch.exp((lp + lq) / 2).sum(-1)  # H^2(P, Q) = 1 - sum_v sqrt(p_v q_v)
+    @dataclass(frozen=True)
+    class AlphaConfig(LossConfig):
+        a: float = 0.5  #: Amari's alpha in (0, 1); 0.5 is four times the squared Hellinger distance
+
+    @divergence("seam-alpha", summary="Amari alpha-divergence", config=AlphaConfig)
+    def alpha_divergence(lp, lq, cfg: AlphaConfig):
+        # D_a(P || Q) = (1 - sum_v p_v^a q_v^(1-a)) / (a (1 - a))  (Amari 2009)
+        return (1 - torch.exp(cfg.a * lp + (1 - cfg.a) * lq).sum(-1)) / (cfg.a * (1 - cfg.a))
 
     logits = torch.randn(5, 11)
-    assert token_divergence(logits, logits, LossConfig(loss="seam-hellinger")).abs().max() < 1e-6
+    cfg = loss_config({"loss": "seam-alpha"}, {"a": 0.3})
+    assert cfg == AlphaConfig(loss="seam-alpha", a=0.3)
+    assert token_divergence(logits, logits, cfg).abs().max() < 1e-6
+    assert (token_divergence(logits, torch.randn(5, 11), cfg) > 0).all()
+    with pytest.raises(ConfigError, match="takes a AlphaConfig"):
+        LossConfig(loss="seam-alpha")
     save_tiny(tiny_model(tiny_llama_config(tiny_tok, layers=2), seed=1), tiny_tok, tmp_path / "t")
     save_tiny(tiny_model(tiny_llama_config(tiny_tok, layers=1), seed=2), tiny_tok, tmp_path / "s")
     (tmp_path / "d.txt").write_text("\n".join(tiny_corpus(40)))
     assert main(["distill", "--teacher", str(tmp_path / "t"), "--student", str(tmp_path / "s"), "--data", str(tmp_path / "d.txt"),
-                 "--max-steps", "2", "--block-size", "32", "--loss", "seam-hellinger", "--output", str(tmp_path / "o"),
-                 "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["loss"] == "seam-hellinger"
-    stage = build_config(DistillStageConfig, {"loss": "seam-hellinger", "data": str(tmp_path / "d.txt")}, "stage 1")
-    assert stage.distill_config(0).loss.loss == "seam-hellinger"
+                 "--max-steps", "2", "--block-size", "32", "--loss", "seam-alpha", "--loss-option", "a=0.25",
+                 "--output", str(tmp_path / "o"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["loss"] == "seam-alpha"
+    assert Manifest.read(tmp_path / "o").stages[-1]["config"]["loss"]["a"] == 0.25
+    stage = build_config(DistillStageConfig, {"loss": "seam-alpha", "loss_options": {"a": 0.7},
+                                              "data": str(tmp_path / "d.txt")}, "stage 1")
+    assert stage.distill_config(0).loss == AlphaConfig(loss="seam-alpha", a=0.7)
 
 
 def test_registrations_do_not_leak():

@@ -52,11 +52,12 @@ DivergenceFn = Callable[[torch.Tensor, torch.Tensor, "LossConfig"], torch.Tensor
 
 @dataclass(frozen=True)
 class Divergence:
-    """A registered loss: its per-token function, and whether it needs the teacher at all."""
+    """A registered loss: its per-token function, whether it needs the teacher at all, and its config class."""
 
     fn: DivergenceFn | None  #: None for pure cross-entropy
     uses_teacher: bool = True
     summary: str = ""
+    config: type | None = None  #: a frozen subclass of LossConfig holding the loss's own knobs (None: LossConfig)
 
 
 LOSSES: Registry[Divergence] = Registry("loss")
@@ -74,7 +75,10 @@ class LossConfig:
     top_k: int = 0  #: keep only the teacher's top-k tokens (+ a tail bucket); 0 = full vocabulary
 
     def __post_init__(self):
-        LOSSES.get(self.loss)  # unknown name -> ConfigError listing the known ones
+        own = LOSSES.get(self.loss).config  # unknown name -> ConfigError listing the known ones
+        if own is not None and not isinstance(self, own):
+            raise ConfigError(f"loss {self.loss!r} takes a {own.__name__} (its own knobs), got {type(self).__name__}",
+                              "build it with slmkit.train.losses.loss_config")
         if not self.temperature > 0:
             raise ConfigError(f"temperature must be > 0, got {self.temperature}")
         if not 0 < self.beta < 1:
@@ -103,12 +107,13 @@ def loss_config(settings: dict, options: dict | None = None, label: str = "optio
     twice = sorted(set(options) & set(settings))
     if twice:
         raise ConfigError(f"{label} {', '.join(twice)}: has its own {own}")
-    fields = {f.name for f in dataclasses.fields(LossConfig)}
+    cls = LOSSES.get(settings.get("loss", "fkl")).config or LossConfig  # a loss's own config class, if it has one
+    fields = {f.name for f in dataclasses.fields(cls)}
     stray = sorted(set(options) - fields)
     if stray:
         raise ConfigError(f"{label} {', '.join(stray)}: not a setting of the loss",
                           f"the loss takes: {', '.join(sorted(fields - set(settings)))}")
-    return LossConfig(**settings, **options)
+    return cls(**settings, **options)
 
 
 # ---------------------------------------------------------------- divergences (pure)
@@ -121,14 +126,19 @@ def _kl(lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
     return term.sum(-1)
 
 
-def divergence(name: str, *aliases: str, summary: str) -> Callable[[DivergenceFn], DivergenceFn]:
+def divergence(name: str, *aliases: str, summary: str,
+               config: type | None = None) -> Callable[[DivergenceFn], DivergenceFn]:
     """Register a per-token divergence ``fn(lp, lq, cfg) -> (N,)`` under ``name`` as a :class:`Divergence`.
 
-    A new loss is one such function here (its knobs, if any, are fields of :class:`LossConfig`) and a
-    test; ``--loss NAME`` and the distill stage's ``loss: NAME`` find it by name."""
+    A new loss is one such function, anywhere, and a test; its own knobs, if any, are the fields of
+    ``config``, a frozen dataclass subclassing :class:`LossConfig` (``cfg`` is then one of those), set
+    with ``--loss-option KEY=VALUE`` or the distill stage's ``loss_options:``. ``--loss NAME`` and the
+    stage's ``loss: NAME`` find it by name."""
+    if config is not None and not (isinstance(config, type) and issubclass(config, LossConfig)):
+        raise TypeError(f"loss {name!r}: config must be a dataclass subclassing LossConfig, got {config!r}")
 
     def deco(fn: DivergenceFn) -> DivergenceFn:
-        LOSSES.register(name, *aliases)(Divergence(fn, True, summary))
+        LOSSES.register(name, *aliases)(Divergence(fn, True, summary, config))
         return fn
 
     return deco
