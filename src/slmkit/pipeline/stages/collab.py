@@ -44,7 +44,7 @@ class SpeculativeStageConfig:
 
     def spec_config(self, eos: tuple[int, ...]):
         from slmkit.collab.speculative import SpecConfig
-        from slmkit.pipeline.recipe import library_config
+        from slmkit.pipeline.typed import library_config
 
         given = {"max_new_tokens": self.max_new_tokens, "k": self.k, "adaptive": self.adaptive, "eos_token_ids": eos}
         return library_config(SpecConfig, given, self.options)

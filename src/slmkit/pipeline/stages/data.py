@@ -39,7 +39,7 @@ class GenDataConfig:
 
     def synth_config(self, seed: int):
         from slmkit.data.synth import SynthConfig
-        from slmkit.pipeline.recipe import library_config
+        from slmkit.pipeline.typed import library_config
 
         given = {"n": self.n, "max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "seed": seed,
                  "min_words": 1}

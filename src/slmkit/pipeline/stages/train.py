@@ -66,7 +66,7 @@ class DistillStageConfig:
         self.distill_config(0)
 
     def distill_config(self, seed: int):
-        from slmkit.pipeline.recipe import library_config
+        from slmkit.pipeline.typed import library_config
         from slmkit.train.distill import DistillConfig
         from slmkit.train.losses import loss_config
 
@@ -117,7 +117,7 @@ class SFTStageConfig:
         self.sft_config(0)
 
     def sft_config(self, seed: int):
-        from slmkit.pipeline.recipe import library_config
+        from slmkit.pipeline.typed import library_config
         from slmkit.train.sft import SFTConfig
 
         lora = None if self.lora is False else {} if self.lora is True else self.lora  # {}: LoraSettings' defaults

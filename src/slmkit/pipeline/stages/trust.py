@@ -32,7 +32,7 @@ class AuditStageConfig:
         self.audit_config(0)
 
     def audit_config(self, seed: int):
-        from slmkit.pipeline.recipe import library_config
+        from slmkit.pipeline.typed import library_config
         from slmkit.trust import AuditConfig
 
         given = {"dimensions": self.dimensions, "limit": self.limit, "seed": seed, "data_dir": self.data_dir,
