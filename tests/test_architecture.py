@@ -16,6 +16,7 @@ Facts:
   private method or attribute that only classes of other modules define (``backend._encode_pair()``);
 - no module over 600 lines, no function over 100 lines;
 - only :mod:`slmkit.settings` (and the CLI, for its own variables) reads ``os.environ``;
+- no block of six or more statements of the same shape in two places (:func:`repeated_blocks`);
 - ``tests/`` mirrors ``src/slmkit``: every folder of tests is named after a package of ``src/slmkit``
   (cross-cutting tests sit at the top of ``tests/``).
 
@@ -27,6 +28,8 @@ shrink, and the suite stays green while issue 18 lands step by step).
 from __future__ import annotations
 
 import ast
+import collections
+import copy
 import dataclasses
 import re
 import textwrap
@@ -58,6 +61,18 @@ PENDING_LAZY_CYCLES: set[tuple[str, ...]] = set()
 PENDING_LAYERING: set[str] = set()
 PENDING_BACKENDS: set[str] = set()
 PENDING_PRIVATE: set[str] = set()
+#: Blocks of six statements or more of the same shape in two places (:func:`repeated_blocks`), same rule.
+PENDING_REPEATS = {
+    # ports of llama.cpp's make_qp_quants and make_q3_quants (ggml-quants.c), kept line for line comparable to it
+    "slmkit.compress.kquant.make_qp_quants ~ slmkit.compress.kquant.make_q3_quants (7 statements)",
+    # eval's own score record and the parse of llama-perplexity's output: one record would tie eval to export.llamacpp
+    "slmkit.eval.heldout.Quality ~ slmkit.export.llamacpp.PerplexityResult (7 statements)",
+    # the candidates stage copies CompareConfig's fields (issue 18 item 2, stages through the typed builder: in progress)
+    "slmkit.eval.candidates.CompareConfig ~ slmkit.pipeline.stages.candidates.CandidatesStageConfig (6 statements)",
+    # the Trainer settings both configs declare (their defaults differ); one shared settings dataclass changes
+    # both configs' fields and the recipes' options: a step of its own
+    "slmkit.train.distill.DistillConfig ~ slmkit.train.pretrain.PretrainConfig (11 statements)",
+}
 #: Functions over 100 lines, same rule: exact names (runtime/ entries only while it is being split).
 LONG_FUNCTIONS_ALLOWED: set[tuple[str, str]] = set()
 #: Modules over 600 lines, same rule.
@@ -322,6 +337,105 @@ def long_functions(tree: dict, limit: int = MAX_FUNCTION_LINES) -> dict[tuple[st
     return out
 
 
+MIN_REPEAT = 6  #: statements in a row that make a repeated block (issue 18: "six or more lines of the same shape")
+
+
+class _Shape(ast.NodeTransformer):
+    """A statement's shape: variable and argument names become ``_``, literals their type, annotations go;
+    attribute names and the names of called functions stay (``torch.linalg.cholesky(_)`` is not ``f(_)``)."""
+
+    def visit_Name(self, node):
+        return ast.Name(id="_", ctx=node.ctx)
+
+    def visit_Call(self, node):
+        func = node.func
+        self.generic_visit(node)
+        if isinstance(func, ast.Name):
+            node.func = ast.Name(id=func.id, ctx=ast.Load())
+        return node
+
+    def visit_arg(self, node):
+        return ast.arg(arg="_")
+
+    def visit_Constant(self, node):
+        return ast.Constant(value=f"<{type(node.value).__name__}>")
+
+    def visit_JoinedStr(self, node):
+        return ast.Constant(value="<f-string>")
+
+
+_BODIES = ("body", "handlers", "orelse", "finalbody", "cases")
+
+
+def statement_shapes(tree: ast.Module, module: str) -> list[list[tuple[str, int, str]]]:
+    """Sequences of ``(shape, line, where)``: one for the module's own statements and one per class or def body,
+    nested blocks flattened in source order (a nested def or class is a sequence of its own). Imports and
+    docstrings are left out. A field of a class body (``x: int = 0``) keeps its names, so that two dataclasses
+    match only when they declare the same fields, not merely as many of them."""
+    seqs: list[list[tuple[str, int, str]]] = []
+
+    def add(stmts, seq, where: str, in_class: bool) -> None:
+        for s in stmts:
+            if isinstance(s, (ast.Import, ast.ImportFrom)) or (
+                    isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant) and isinstance(s.value.value, str)):
+                continue
+            if isinstance(s, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                seqs.append(inner := [])
+                add(s.body, inner, f"{where}.{s.name}", isinstance(s, ast.ClassDef))
+                continue
+            if in_class and isinstance(s, (ast.Assign, ast.AnnAssign)):
+                field = copy.deepcopy(s)
+                for c in ast.walk(field):
+                    if isinstance(c, ast.Constant):
+                        c.value = f"<{type(c.value).__name__}>"
+                seq.append((ast.dump(field, annotate_fields=False), s.lineno, where))
+                continue
+            head = copy.copy(s)  # the statement without its nested blocks
+            for f in _BODIES:
+                if hasattr(head, f):
+                    setattr(head, f, [])
+            seq.append((ast.dump(_Shape().visit(copy.deepcopy(head)), annotate_fields=False), s.lineno, where))
+            for f in _BODIES:
+                for sub in getattr(s, f, None) or []:
+                    if isinstance(sub, (ast.ExceptHandler, ast.match_case)):
+                        seq.append((f"{type(sub).__name__}", getattr(sub, "lineno", s.lineno), where))
+                        add(sub.body, seq, where, False)
+                    else:
+                        add([sub], seq, where, False)
+
+    seqs.append(top := [])
+    add(tree.body, top, module, False)
+    return seqs
+
+
+def repeated_blocks(tree: dict, min_len: int = MIN_REPEAT) -> list[str]:
+    """``"a.f:12 ~ b.g:40 (7 statements)"`` for each maximal run of ``min_len`` or more statements of the same shape
+    (:func:`statement_shapes`) found in two places: two modules, two functions, or two non-overlapping places in one."""
+    seqs = [seq for name, (_, t, _) in tree.items() for seq in statement_shapes(t, name)]
+    where: dict[tuple[str, ...], list[tuple[int, int]]] = collections.defaultdict(list)
+    for k, seq in enumerate(seqs):
+        for i in range(len(seq) - min_len + 1):
+            where[tuple(shape for shape, _, _ in seq[i:i + min_len])].append((k, i))
+    runs: dict[tuple[int, int, int], list[int]] = collections.defaultdict(list)  # (seq a, seq b, offset) -> starts in a
+    for places in where.values():
+        for x, (ka, ia) in enumerate(places):
+            for kb, ib in places[x + 1:]:
+                if ka != kb or abs(ia - ib) >= min_len:
+                    runs[(ka, kb, ia - ib)].append(ia)
+    out = set()
+    for (ka, kb, off), starts in runs.items():
+        starts.sort()
+        first = 0
+        for n, i in enumerate(starts):
+            if n + 1 < len(starts) and starts[n + 1] == i + 1:
+                continue  # the run goes on
+            i0 = starts[first]
+            first = n + 1
+            (_, la, a), (_, lb, b) = seqs[ka][i0], seqs[kb][i0 - off]
+            out.add(f"{a}:{la} ~ {b}:{lb} ({i - i0 + min_len} statements)")
+    return sorted(out)
+
+
 # --------------------------------------------------------------------------- the facts on src/
 
 @pytest.fixture(scope="module")
@@ -364,6 +478,11 @@ def test_trust_and_collab_see_only_the_backend_protocol(src):
 def test_no_private_names_across_modules(src):
     tree, imps = src
     assert_only_pending(private_imports(tree, imps) + private_members(tree), PENDING_PRIVATE)
+
+
+def test_repeated_blocks_only_pending(src):
+    tree, _ = src
+    assert_only_pending(repeated_blocks(tree), PENDING_REPEATS)
 
 
 def test_no_long_modules(src):
@@ -492,6 +611,37 @@ def test_checks_fail_on_a_bad_tree(bad_tree):
     assert private_members(tree) == ["slmkit.trust.common:5 uses slmkit.backends.hf private member _encode_pair"]
     assert long_modules(tree) == {"slmkit.big": MAX_FUNCTION_LINES + 1 + MAX_MODULE_LINES}
     assert long_functions(tree) == {("slmkit.big", "long"): MAX_FUNCTION_LINES + 1}
+
+
+def test_repeated_blocks_are_found(tmp_path):
+    body = """
+        def {name}(path, what):
+            {p} = Path(path)
+            if not {p}.is_file():
+                raise DataError(f"{{what}} {{{p}}} does not exist")
+            try:
+                text = {p}.read_text(encoding="utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{{{p}}} is not UTF-8 ({{err.reason}})") from None
+            if not text.strip():
+                raise DataError("{msg}")
+            return text
+    """
+    body = textwrap.dedent(body)
+    five = "\n\ndef short(a):\n    b = a + 1\n    c = b * 2\n    d = c - 3\n    e = d / 4\n    return e\n"
+    fields = "\n\nclass {cls}:\n" + "".join(f"    {{f}}{i}: int = {i}\n" for i in range(8))
+    root = _write(tmp_path, {
+        "__init__.py": "",
+        "a.py": body.format(name="read_a", p="p", msg="empty") + five + fields.format(cls="ConfA", f="x"),
+        "b.py": "X = 1\n" + body.format(name="read_b", p="path", msg="no text") + five.replace("short", "brief")
+                + fields.format(cls="ConfB", f="y") + fields.format(cls="ConfC", f="x"),
+    })
+    tree, _ = all_imports(root)
+    # same shape with other names and messages; a 5-statement copy is too short; dataclasses match by their fields
+    assert repeated_blocks(tree) == ["slmkit.a.ConfA:24 ~ slmkit.b.ConfC:36 (8 statements)",
+                                     "slmkit.a.read_a:3 ~ slmkit.b.read_b:4 (10 statements)"]
+    assert_only_pending(repeated_blocks(tree), {"slmkit.a.ConfA ~ slmkit.b.ConfC (8 statements)",
+                                                "slmkit.a.read_a ~ slmkit.b.read_b (10 statements)"})
 
 
 def test_private_module_inside_its_package_is_fine(tmp_path):

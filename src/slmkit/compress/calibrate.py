@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from slmkit import progress
-from slmkit.data.readers import json_line
+from slmkit.data.readers import json_line, read_utf8
 from slmkit.errors import ConfigError, DataError, UnsupportedModelError
 
 log = logging.getLogger(__name__)
@@ -60,12 +60,7 @@ class CalibConfig:
 def read_calibration_text(path: str | Path) -> str:
     """The text of a calibration file: plain text, or jsonl whose rows have a ``text`` field."""
     p = Path(path)
-    if not p.is_file():
-        raise DataError(f"calibration file {p} does not exist")
-    try:
-        raw = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise DataError(f"{p} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    raw = read_utf8(p, "calibration file", "pass a file with some text")
     if p.suffix == ".jsonl":
         texts = []
         for lineno, line in enumerate(raw.splitlines(), 1):

@@ -78,12 +78,14 @@ def open_lines(path: Path) -> Lines:
     return Lines(path)
 
 
-def json_line(line: str | bytes, where: str):
-    """One JSON value of a jsonl file; ``where`` (``file:line``) names it in the DataError."""
+def json_line(line: str | bytes, where: str, whole_file: bool = False):
+    """One JSON value of a jsonl file; ``where`` (``file:line``) names it in the DataError.
+
+    ``whole_file``: ``line`` is the text of a whole JSON file named ``where``; a syntax error names its line."""
     try:
         return json.loads(line)
     except json.JSONDecodeError as err:
-        raise DataError(f"{where}: not valid JSON ({err.msg})") from None
+        raise DataError(f"{where}{f':{err.lineno}' if whole_file else ''}: not valid JSON ({err.msg})") from None
     except RecursionError:
         raise DataError(f"{where}: JSON nested too deeply") from None
     except (ValueError, UnicodeDecodeError) as err:  # e.g. an integer of more than 4,300 digits
@@ -97,6 +99,24 @@ def read_text(path: str | Path, what: str = "data file") -> str:
         raise DataError(f"{what} {path} does not exist")
     with Lines(path) as fh:
         return "".join(fh)
+
+
+def read_utf8(path: str | Path, what: str, empty_hint: str) -> str:
+    """A whole UTF-8 file that must exist and hold some text, as is (no ``.gz``, no line-length limit).
+
+    Each DataError names the file as ``what`` ("perplexity file", ...); a decoding error names its line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{what} {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[: err.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text ({err.reason})") from None
+    if not text.strip():
+        raise DataError(f"{what} {path} is empty", empty_hint)
+    return text
 
 
 def iter_jsonl(path: str | Path, limit: int = 0) -> Iterator[tuple[int, dict]]:

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from slmkit.data.readers import read_utf8
 from slmkit.errors import ConfigError, DataError
 
 
@@ -51,16 +52,8 @@ class PerplexityResult:
 
 
 def read_text(path: str | Path) -> str:
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"perplexity file {p} does not exist")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise DataError(f"{p} is not UTF-8 text ({err.reason} at byte {err.start})") from None
-    if not text.strip():
-        raise DataError(f"perplexity file {p} is empty", "pass a text file with some content")
-    return text
+    """The text of a perplexity file (UTF-8, not empty)."""
+    return read_utf8(path, "perplexity file", "pass a text file with some content")
 
 
 @torch.inference_mode()

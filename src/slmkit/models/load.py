@@ -312,6 +312,13 @@ def _hub_error(spec: str, err: Exception) -> ModelNotFoundError:
     )
 
 
+def _read_error(src: ModelSource, what: str, err: OSError) -> ModelNotFoundError | CorruptModelError:
+    """The error for transformers' OSError reading ``what`` of ``src``: a hub model not downloadable, or an unreadable file."""
+    if src.kind == "hub":
+        return _hub_error(src.spec, err)
+    return CorruptModelError(f"cannot read the {what} of {src.spec}: {err}".splitlines()[0])
+
+
 def _check_files(src: ModelSource) -> None:
     if src.kind in ("zoo", "gguf"):
         check_gguf(Path(src.path) / src.gguf_file)
@@ -349,9 +356,7 @@ def load_config(spec: str | ModelSource, trust_remote_code: bool = False):
     try:
         config = AutoConfig.from_pretrained(src.path, **_kwargs(src, trust_remote_code))
     except OSError as err:
-        if src.kind == "hub":
-            raise _hub_error(src.spec, err) from None
-        raise CorruptModelError(f"cannot read the config of {src.spec}: {err}".splitlines()[0]) from None
+        raise _read_error(src, "config", err) from None
     except (ValueError, KeyError) as err:
         raise UnsupportedModelError(
             f"{src.spec}: transformers does not know this architecture ({str(err).splitlines()[0]})",
@@ -389,9 +394,7 @@ def load_tokenizer(spec: str | ModelSource, trust_remote_code: bool = False):
     try:
         tok = AutoTokenizer.from_pretrained(src.path, **_kwargs(src, trust_remote_code))
     except OSError as err:
-        if src.kind == "hub":
-            raise _hub_error(src.spec, err) from None
-        raise CorruptModelError(f"cannot read the tokenizer of {src.spec}: {err}".splitlines()[0]) from None
+        raise _read_error(src, "tokenizer", err) from None
     except (ValueError, KeyError, TypeError) as err:
         raise UnsupportedModelError(f"{src.spec}: cannot build its tokenizer ({str(err).splitlines()[0]})") from None
     if tok.pad_token is None and tok.eos_token is not None:

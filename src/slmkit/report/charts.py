@@ -36,6 +36,16 @@ def _rc():
     return matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "slmkit", "font.size": 9})
 
 
+def _label(ax, xlabel: str, ylabel: str, title: str, logx: bool) -> None:
+    """Axis labels, title, light grid, and a log x axis when ``logx``."""
+    if logx:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+
+
 def scatter(points: Sequence[tuple[str, float, float]], xlabel: str, ylabel: str, title: str,
             logx: bool = False, connect: bool = True) -> str:
     """Labelled points ``(label, x, y)``, joined in order when ``connect`` (e.g. stages of a build)."""
@@ -49,12 +59,7 @@ def scatter(points: Sequence[tuple[str, float, float]], xlabel: str, ylabel: str
         ax.scatter(xs, ys, s=36, color="#2a6fdb", zorder=2)
         for label, x, y in points:
             ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 5))
-        if logx:
-            ax.set_xscale("log")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
+        _label(ax, xlabel, ylabel, title, logx)
         return _svg(fig)
 
 
@@ -197,12 +202,7 @@ def pareto(points: Sequence[Mapping], xlabel: str, ylabel: str, title: str, logx
         if rec:
             ax.scatter([rec[0]["x"]], [rec[0]["y"]], marker="*", s=260, color="#d62728", edgecolor="black", linewidth=0.6,
                        zorder=3, label="recommended")
-        if logx:
-            ax.set_xscale("log")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
+        _label(ax, xlabel, ylabel, title, logx)
         ax.margins(x=0.25, y=0.2)
         tops = [p["y"] + (p.get("yerr") or 0) for p in points]
         if tops and max(tops) > 0:  # zero at the bottom, half a decade of headroom above for labels

@@ -196,13 +196,8 @@ def file_codes(spec: str, dtype: str | None, weights: str = "native", require_fa
     quantised = [t for t in reader.tensors if int(t.tensor_type) not in DENSE_TYPES]
     if not quantised:
         return None
-    if weights != "native":
-        raise ConfigError(
-            f"--{weights} would re-quantise the dequantised weights of {path.name}; --fast runs the file's own quantised blocks without it",
-            f"drop --{weights}, or add --dtype fp32 to re-quantise the dequantised weights on purpose",
-        )
-    if q4kernel.load() is None:
-        log.warning("slmkit's kernel library is unavailable (%s): %s runs dequantised", q4kernel.why_unavailable(), path.name)
+    if not _kernels_for_own_codes(path, weights, f"re-quantise the dequantised weights of {path.name}",
+                                  "the file's own quantised blocks", "re-quantise the dequantised weights", "dequantised"):
         return None
     missing: dict[str, str] = {}  # type -> first tensor
     for t in quantised:
@@ -217,6 +212,19 @@ def file_codes(spec: str, dtype: str | None, weights: str = "native", require_fa
             "run with --dtype fp32 (or bf16) to use the dequantised weights",
         )
     return path
+
+
+def _kernels_for_own_codes(path: Path, weights: str, again: str, own: str, redo: str, fallback: str) -> bool:
+    """Whether the fast path can run ``path``'s own codes (``own``): a ConfigError when ``weights`` (``int4``/``int8``)
+    would round them again (``again`` says how, ``redo`` how to do it on purpose); False, with a warning that
+    ``path`` runs ``fallback``, without the kernel library."""
+    if weights != "native":
+        raise ConfigError(f"--{weights} would {again}; --fast runs {own} without it",
+                          f"drop --{weights}, or add --dtype fp32 to {redo} on purpose")
+    if q4kernel.load() is None:
+        log.warning("slmkit's kernel library is unavailable (%s): %s runs %s", q4kernel.why_unavailable(), path.name, fallback)
+        return False
+    return True
 
 
 def _architecture(reader) -> str | None:
@@ -238,13 +246,8 @@ def _packed_codes(path: Path, dtype: str | None, weights: str, require_fast: boo
         return None
     if dtype is not None:
         return None
-    if weights != "native":
-        raise ConfigError(
-            f"--{weights} would round {path.name}'s quantised codes a second time; --fast runs the directory's own codes without it",
-            f"drop --{weights}, or add --dtype fp32 to re-round the dequantised codes on purpose",
-        )
-    if q4kernel.load() is None:
-        log.warning("slmkit's kernel library is unavailable (%s): %s runs its dequantised codes", q4kernel.why_unavailable(), path.name)
+    if not _kernels_for_own_codes(path, weights, f"round {path.name}'s quantised codes a second time",
+                                  "the directory's own codes", "re-round the dequantised codes", "its dequantised codes"):
         return None
     kinds = plan(path)
     if kinds and all(t is None for t, _ in kinds.values()):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from slmkit.data.readers import open_lines, json_line
+from slmkit.data.readers import json_line, open_lines, read_utf8
 from slmkit.errors import ConfigError, DataError, UnsupportedModelError
 from slmkit.train.losses import IGNORE_INDEX
 
@@ -45,17 +45,6 @@ class DataConfig:
 
 def is_jsonl(path: str | Path) -> bool:
     return str(path).endswith(JSONL_SUFFIXES)
-
-
-def _read_text(path: Path) -> str:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        line = path.read_bytes()[: err.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not UTF-8 text ({err.reason})") from None
-    if not text.strip():
-        raise DataError(f"data file {path} is empty", "pass a text file or a messages jsonl with some content")
-    return text
 
 
 def _chunks(ids: list[int], cfg: DataConfig, start_idx: int) -> list[dict]:
@@ -112,7 +101,7 @@ def load_examples(path: str | Path, tokenizer, cfg: DataConfig = DataConfig()) -
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
     if not is_jsonl(path):
-        ids = tokenizer(_read_text(path), add_special_tokens=False).input_ids
+        ids = tokenizer(read_utf8(path, "data file", "pass a text file or a messages jsonl with some content"), add_special_tokens=False).input_ids
         examples, kind = _chunks(ids, cfg, 0), "text"
     else:
         examples, kinds = [], set()

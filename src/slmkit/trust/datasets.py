@@ -11,13 +11,12 @@ from __future__ import annotations
 import csv
 import gzip
 import io
-import json
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 from slmkit.data.paths import ENV, data_dir
-from slmkit.data.readers import read_jsonl
+from slmkit.data.readers import json_line, read_jsonl
 from slmkit.errors import DataError
 
 #: relative path -> where the file comes from (shown when it is missing)
@@ -71,6 +70,12 @@ def _text(path: Path) -> io.TextIOBase:
     except UnicodeDecodeError as err:
         raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     return io.StringIO(text, newline="")
+
+
+def _json_file(path: Path):
+    """The JSON value of a whole (possibly gzipped) file; a DataError names the file (and line) of bad JSON."""
+    with _text(path) as fh:
+        return json_line(fh.read(), str(path), whole_file=True)
 
 
 def read_csv(path: Path, required: tuple[str, ...]) -> list[tuple[int, dict]]:
@@ -172,15 +177,7 @@ def advglue(root=None, limit: int = 0) -> dict[str, list[dict]]:
     from slmkit.trust.common import take_split
 
     path = locate("advglue/dev.json", root)
-    with _text(path) as fh:
-        try:
-            data = json.load(fh)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
-        except RecursionError:
-            raise DataError(f"{path}: JSON nested too deeply") from None
-        except ValueError as err:
-            raise DataError(f"{path}: not valid JSON ({str(err)[:200]})") from None
+    data = _json_file(path)
     if not isinstance(data, dict):
         raise DataError(f"{path}: expected an object of tasks ({', '.join(ADVGLUE_FIELDS)})")
     parts = {}
@@ -201,13 +198,7 @@ def ood_knowledge(root=None, limit: int = 0) -> dict[str, list[dict]]:
     from slmkit.trust.common import take_split
 
     path = locate("decodingtrust/ood_knowledge.json.gz", root)
-    with _text(path) as fh:
-        try:
-            data = json.load(fh)
-        except RecursionError:
-            raise DataError(f"{path}: JSON nested too deeply") from None
-        except ValueError as err:
-            raise DataError(f"{path}: cannot read JSON ({str(err)[:200]})") from None
+    data = _json_file(path)
     test = data.get("test") if isinstance(data, dict) else None
     if not isinstance(test, dict) or not test:
         raise DataError(f"{path}: expected a 'test' object of question lists")

@@ -135,6 +135,16 @@ def mcnemar(a: Sequence[int], b: Sequence[int]) -> float:
     return float(min(1.0, 2 * tail))
 
 
+def _bootstrap_p(diff: Callable[[], float], n_boot: int) -> float:
+    """Two-sided p-value ``2 min(P(d <= 0), P(d >= 0))`` (at least ``1/n``, at most 1) over ``n_boot`` draws of
+    ``diff()``, a resampled difference of the statistic; NaN draws are dropped (NaN if all are)."""
+    diffs = [d for d in (diff() for _ in range(n_boot)) if not math.isnan(d)]
+    if not diffs:
+        return float("nan")
+    d = np.array(diffs)
+    return float(min(1.0, max(2 * min((d <= 0).mean(), (d >= 0).mean()), 1.0 / len(d))))
+
+
 def paired_bootstrap_p(a: Sequence, b: Sequence, stat: Callable[[Sequence], float], n_boot: int = 1000,
                        seed: int = 0) -> float:
     """Two-sided p-value that ``stat(b) - stat(a)`` differs from 0, resampling paired examples."""
@@ -143,17 +153,12 @@ def paired_bootstrap_p(a: Sequence, b: Sequence, stat: Callable[[Sequence], floa
         return float("nan")
     rng = np.random.default_rng(seed)
     a, b = list(a), list(b)
-    diffs = []
-    for _ in range(n_boot):
+
+    def diff() -> float:
         idx = rng.integers(0, n, n)
-        d = stat([b[i] for i in idx]) - stat([a[i] for i in idx])
-        if not math.isnan(d):
-            diffs.append(d)
-    if not diffs:
-        return float("nan")
-    d = np.array(diffs)
-    p = 2 * min((d <= 0).mean(), (d >= 0).mean())
-    return float(min(1.0, max(p, 1.0 / len(d))))
+        return stat([b[i] for i in idx]) - stat([a[i] for i in idx])
+
+    return _bootstrap_p(diff, n_boot)
 
 
 def unpaired_bootstrap_p(a: Sequence, b: Sequence, stat: Callable[[Sequence], float], n_boot: int = 1000,
@@ -163,13 +168,9 @@ def unpaired_bootstrap_p(a: Sequence, b: Sequence, stat: Callable[[Sequence], fl
         return float("nan")
     rng = np.random.default_rng(seed)
     a, b = list(a), list(b)
-    diffs = []
-    for _ in range(n_boot):
+
+    def diff() -> float:
         ia, ib = rng.integers(0, len(a), len(a)), rng.integers(0, len(b), len(b))
-        d = stat([b[i] for i in ib]) - stat([a[i] for i in ia])
-        if not math.isnan(d):
-            diffs.append(d)
-    if not diffs:
-        return float("nan")
-    d = np.array(diffs)
-    return float(min(1.0, max(2 * min((d <= 0).mean(), (d >= 0).mean()), 1.0 / len(d))))
+        return stat([b[i] for i in ib]) - stat([a[i] for i in ia])
+
+    return _bootstrap_p(diff, n_boot)
