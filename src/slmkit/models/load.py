@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from slmkit import settings
+from slmkit.artefact import is_gguf_file
 from slmkit.errors import CorruptModelError, ModelNotFoundError, UnsupportedModelError
 from slmkit.models import zoo
 
@@ -35,7 +36,6 @@ DTYPES: dict[str, torch.dtype] = {
     "fp16": torch.float16,
     "float16": torch.float16,
 }
-GGUF_MAGIC = b"GGUF"
 
 
 @dataclass(frozen=True)
@@ -79,19 +79,11 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
         ) from None
 
 
-def _is_gguf(path: Path) -> bool:
-    try:
-        with open(path, "rb") as fh:
-            return fh.read(4) == GGUF_MAGIC
-    except OSError:
-        return False
-
-
 def check_gguf(path: Path) -> None:
     """Raise :class:`CorruptModelError` unless ``path`` is a complete GGUF file."""
     import gguf
 
-    if not _is_gguf(path):
+    if not is_gguf_file(path):
         raise CorruptModelError(f"{path} is not a GGUF file (its first bytes are not 'GGUF')")
     try:
         reader = gguf.GGUFReader(str(path))
@@ -282,7 +274,7 @@ def resolve(spec: str) -> ModelSource:
         return ModelSource(spec, "zoo", str(path.parent), path.name)
     p = Path(spec).expanduser()
     if p.is_file():
-        if p.suffix == ".gguf" or _is_gguf(p):
+        if p.suffix == ".gguf" or is_gguf_file(p):
             return ModelSource(spec, "gguf", str(p.parent), p.name)
         raise UnsupportedModelError(
             f"{spec} is a file but not a model",
