@@ -121,3 +121,29 @@ def test_a_new_loss_needs_no_other_edit(tiny_tok, tmp_path, capsys):
 def test_registrations_do_not_leak():
     """The registries each test starts from hold none of the methods registered above."""
     assert not any(n.startswith("seam-") for r in (PRUNERS, QUANTIZERS, LOSSES) for n in r.names())
+
+
+def test_a_method_in_a_new_module_registers_itself(tmp_path, monkeypatch):
+    """A family's package imports all its modules (registry.import_package_modules), so a method in a new module of
+    slmkit.compress or slmkit.train.losses needs no import line: shown on a throwaway package laid out the same way,
+    and checked on the two real packages (every module of each is imported once the package is; slmkit.compress
+    has modules nothing else imports, entry and qstore)."""
+    import importlib
+    import subprocess
+    import sys
+
+    pkg = tmp_path / "seampkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("from slmkit.registry import Registry, import_package_modules\n"
+                                     "THINGS = Registry('thing')\nimport_package_modules(__name__, __path__)\n")
+    (pkg / "newmethod.py").write_text("from seampkg import THINGS\nTHINGS.add('new', object())\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert importlib.import_module("seampkg").THINGS.names() == ["new"]
+    monkeypatch.delitem(sys.modules, "seampkg")
+    monkeypatch.delitem(sys.modules, "seampkg.newmethod")
+
+    for package in ("slmkit.compress", "slmkit.train.losses"):
+        code = (f"import sys, pkgutil, {package} as p; "
+                "print(sorted(m.name for m in pkgutil.iter_modules(p.__path__) if f'{p.__name__}.{m.name}' not in sys.modules))")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        assert out.strip() == "[]", (package, out)

@@ -7,7 +7,7 @@ unknown name raises a :class:`~slmkit.errors.ConfigError` listing near matches.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Generic, TypeVar
 
 from slmkit.errors import ConfigError
@@ -69,3 +69,17 @@ class Registry(Generic[T]):
 
     def __len__(self) -> int:
         return len(self._items)
+
+
+def import_package_modules(package: str, path: Iterable[str], skip: Iterable[str] = ()) -> None:
+    """Import every module of the package ``package`` (its ``__path__``) but those in ``skip``.
+
+    A family's package calls this last, so a method registered beside its function in a new module
+    of the package is found by name (CLI, recipes, entry point) with no import line anywhere else."""
+    import importlib
+    import pkgutil
+
+    skip = set(skip)
+    for info in pkgutil.iter_modules(list(path)):
+        if info.name not in skip and not info.name.startswith("_"):
+            importlib.import_module(f"{package}.{info.name}")

@@ -62,3 +62,9 @@ __all__ = [
     "sequential",
     "weight_sparsity",
 ]
+
+# the package's other modules too: a pruner, quantiser or factoriser registered beside its function in a new
+# module here is found by name with no import line anywhere else (slmkit.registry.import_package_modules)
+from slmkit.registry import import_package_modules  # noqa: E402
+
+import_package_modules(__name__, __path__)

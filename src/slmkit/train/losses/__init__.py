@@ -130,7 +130,7 @@ def divergence(name: str, *aliases: str, summary: str,
                config: type | None = None) -> Callable[[DivergenceFn], DivergenceFn]:
     """Register a per-token divergence ``fn(lp, lq, cfg) -> (N,)`` under ``name`` as a :class:`Divergence`.
 
-    A new loss is one such function, anywhere, and a test; its own knobs, if any, are the fields of
+    A new loss is one such function (here or in a new module of this package) and a test; its own knobs, if any, are the fields of
     ``config``, a frozen dataclass subclassing :class:`LossConfig` (``cfg`` is then one of those), set
     with ``--loss-option KEY=VALUE`` or the distill stage's ``loss_options:``. ``--loss NAME`` and the
     stage's ``loss: NAME`` find it by name."""
@@ -249,3 +249,10 @@ def distill_loss(
         parts[cfg.loss] = float(div.detach())
         total = total + (1 - w) * div
     return total, parts
+
+
+# the package's modules: a loss registered with @divergence in a new module here is found by name
+# (--loss NAME, a distill stage's loss: NAME) with no import line anywhere else
+from slmkit.registry import import_package_modules  # noqa: E402
+
+import_package_modules(__name__, __path__)
