@@ -232,3 +232,15 @@ def test_llama_bench_can_be_another_binary(tmp_path):
     assert (tmp_path / "llama-bench.args").read_text().split() == ["-m", "m.gguf", "-n", "4", "-p", "8", "-t", "2", "-r", "1", "-o", "json"]
     with pytest.raises(ConfigError, match="missing/llama-bench is not an executable"):
         llamacpp.bench("m.gguf", binary=tmp_path / "missing" / "llama-bench")
+
+
+@pytest.mark.parametrize("variant", OTHERS)
+def test_f32_matmul_agrees_with_avx512(variant, use):
+    """kernels/f32.c: the same lane order in every variant (GCC's generic vectors), so fp32 rounding apart at most."""
+    g = torch.Generator().manual_seed(3)
+    cases = [(torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)) for m, k, n in ((2, 16, 5), (7, 576, 37))]
+    use("avx512")
+    want = [Q.f32_linear(x, w) for x, w in cases]
+    use(variant)
+    for (x, w), y in zip(cases, want):
+        assert _close(Q.f32_linear(x, w), y, 1e-6), (variant, x.shape)

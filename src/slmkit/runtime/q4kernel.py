@@ -1,8 +1,9 @@
 """slmkit's CPU kernel library (4-bit and GGUF-format weights x 8-bit activations), built on first use.
 
 The library is :file:`kernels/q4.c`, :file:`kernels/ggml.c` (matmuls over llama.cpp's GGUF block
-formats, wrapped by :mod:`slmkit.runtime.ggmlkernel`) and :file:`kernels/decode.c` (the fused decode
-step over either), compiled together. :file:`kernels/q4.c` follows llama.cpp's Q4_1 x Q8 scheme
+formats, wrapped by :mod:`slmkit.runtime.ggmlkernel`), :file:`kernels/decode.c` (the fused decode
+step over either) and :file:`kernels/f32.c` (fp32 weights times a few activation rows, for speculative
+verification and small batches of full-precision models: :func:`f32_linear`), compiled together. :file:`kernels/q4.c` follows llama.cpp's Q4_1 x Q8 scheme
 (4-bit codes with an fp16 scale per 32 inputs; activations quantised to int8 per 32 on the fly;
 ``vpdpbusd`` dot products), written for AVX512-VNNI, with the codes centred (``w = (q - 8) s + m``)
 so that the activation rounding error scales with the weight. Besides the matmul the library holds a whole llama decode step for one token
@@ -50,7 +51,7 @@ from slmkit.runtime import decodelayout, kernelcache
 log = logging.getLogger(__name__)
 
 KERNELS = Path(__file__).with_name("kernels")
-SOURCES = tuple(KERNELS / f for f in ("q4.c", "ggml.c", "decode.c"))  #: compiled together into one library
+SOURCES = tuple(KERNELS / f for f in ("q4.c", "ggml.c", "decode.c", "f32.c"))  #: compiled together into one library
 HEADERS = (KERNELS / "common.h", KERNELS / "simd.h")
 #: -Werror=vla: no stack array sized by an input may come back (a batch-sized one overflowed the stack);
 #: -Werror=frame-larger-than: every fixed one stays small beside a thread's 8 MB stack
@@ -140,6 +141,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
                             ("slmkit_decode_batch", i, [p, i, i, i, i, i, i, i, ctypes.c_float, p, p, p, p, p, p, p, p, p, p]),
                             ("slmkit_decode_batch_arch", i, [p, i, i, i, i, i, i, i, ctypes.c_float, p, p, p, p, p, p, p, p, p, p, p, p]),
                             ("slmkit_gg_matmul", i, [p, i, i, i, i, p, i, p, i]),
+                            ("slmkit_f32_matmul", i, [p, i, i, p, i, p]),
                             ("slmkit_gg_dequant_bf16", i, [i, p, i, i, p]),
                             ("slmkit_gg_rows_f32", i, [i, p, i, p, i, p]),
                             ("slmkit_gg_row_bytes", i, [i, i]),
@@ -265,6 +267,28 @@ def matmul(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, m: torch.Tensor) -
     rc = lib.slmkit_q4_matmul(x.data_ptr(), bf, x.shape[0], kk, q.data_ptr(), s.data_ptr(), m.data_ptr(), n, y.data_ptr(), bf)
     if rc:
         raise RuntimeError(f"q4 matmul failed (code {rc})")
+    return y
+
+
+#: :func:`f32_linear` takes passes of 2 to this many tokens (one token: torch's gemv, already bandwidth-bound,
+#: and the same bits as transformers' forward; more: torch's sgemm, compute-bound by then)
+F32_MAX_TOKENS = 16
+
+
+def f32_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
+    """``x`` (M, K) fp32 times the fp32 weight ``w`` (N, K) transposed with :file:`kernels/f32.c`, which reads
+    the weight once for all M rows; None when it does not apply (kernel unavailable, M outside
+    2..:data:`F32_MAX_TOKENS`, K not a multiple of 16, other dtypes), and the caller uses ``F.linear``."""
+    m, k = x.shape
+    if not 2 <= m <= F32_MAX_TOKENS or k % 16 or x.dtype != torch.float32 or w.dtype != torch.float32:
+        return None
+    lib = load()
+    if lib is None:
+        return None
+    x, w = x.contiguous(), w.contiguous()
+    y = torch.empty(m, w.shape[0], dtype=torch.float32)
+    if lib.slmkit_f32_matmul(x.data_ptr(), m, k, w.data_ptr(), w.shape[0], y.data_ptr()):
+        raise RuntimeError(f"f32 matmul failed for x {tuple(x.shape)}, w {tuple(w.shape)}")
     return y
 
 

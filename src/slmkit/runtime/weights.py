@@ -158,7 +158,10 @@ def apply_linear(spec: tuple, x: torch.Tensor) -> torch.Tensor:
     if kind == "concat":
         return torch.cat([apply_linear(p, x) for p in a], dim=-1)
     if kind == "dense":
-        return F.linear(x, a, bias)  # what nn.Linear computes: fp32 greedy output must match generate
+        y = q4kernel.f32_linear(x, a) if x.dim() == 2 else None  # 2..16 tokens: the weight read once
+        if y is None:
+            return F.linear(x, a, bias)  # what nn.Linear computes: one-token fp32 steps give transformers' bits
+        return y if bias is None else y + bias
     if kind == "q4":
         y = q4kernel.linear(x, a.q, a.s, a.m)
     elif kind == "gguf":

@@ -1,0 +1,95 @@
+/* slmkit: fp32 matmul for a few activation rows, y (M x N) = x (M x K) W^T, W an fp32 (N x K) row-major matrix.
+ *
+ * Why: decode-time passes over a handful of tokens (speculative verification of k drafts, a batch of a
+ * few sequences) are bandwidth-bound, so the weight should be read from memory once whatever M is.
+ * torch's CPU sgemm reads it once for M = 1 and 2 but for M = 3..12 runs at about half that speed
+ * on this 2-core AVX-512 machine (a pass over 4 tokens cost 1.7x one token); see docs/benchmarks.md,
+ * "Exact self-speculation on the fast path". Here each tile of NB weight rows is loaded once per
+ * 16 inputs and multiplied into the MB activation rows it meets (register blocking, as in any
+ * GEMM micro-kernel; Goto and van de Geijn 2008, "Anatomy of high-performance matrix multiplication",
+ * specialised to tiny M), so the weight streams once and the arithmetic hides behind the load.
+ *
+ * Numerics: every product y[m][n] is computed the same way whatever M is and whichever variant runs:
+ * 16 fp32 multiply-add chains, lane j summing the inputs k = j (mod 16) in order, then a fixed pairwise
+ * sum of the 16 lanes. The code is written with GCC's generic vectors (vector_size 64), which the compiler
+ * lowers to one zmm register (AVX-512), two ymm (AVX2), four q registers (NEON) or SSE2/scalar code
+ * (portable); whether a multiply-add is fused is the compiler's choice (-ffp-contract), so the variants
+ * agree to fp32 rounding. Against torch's sgemm the order of additions differs: about 1e-7 relative.
+ *
+ * Threads: OpenMP over blocks of output rows (the libgomp torch loaded, same thread count).
+ */
+#include "common.h"
+
+typedef float v16 __attribute__((vector_size(64)));
+
+#define F32_NB 4 /* weight rows per tile */
+#define F32_MB 4 /* activation rows per tile */
+#define F32_ROWS_PER_ITEM 16 /* output columns (weight rows) per OpenMP work item */
+
+static inline v16 v16_load(const float *p) {
+    v16 v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+/* The 16 lanes summed pairwise in a fixed order (8 + 4 + 2 + 1 halvings). */
+static inline float v16_sum(v16 v) {
+    float a[16];
+    memcpy(a, &v, sizeof a);
+    for (int w = 8; w >= 1; w /= 2)
+        for (int i = 0; i < w; i++) a[i] += a[i + w];
+    return a[0];
+}
+
+/* One tile: rows n0..n0+nb of W against rows m0..m0+mb of x (nb, mb constant after inlining). */
+static inline __attribute__((always_inline)) void f32_tile(const float *x, int m0, int mb, int K, const float *w, int n0,
+                                                          int nb, float *y, int N) {
+    v16 acc[F32_NB][F32_MB];
+    for (int r = 0; r < nb; r++)
+        for (int m = 0; m < mb; m++) acc[r][m] = (v16){0};
+    for (int k = 0; k < K; k += 16) {
+        v16 wv[F32_NB];
+        for (int r = 0; r < nb; r++) wv[r] = v16_load(w + (size_t)(n0 + r) * K + k);
+        for (int m = 0; m < mb; m++) {
+            const v16 xv = v16_load(x + (size_t)(m0 + m) * K + k);
+            for (int r = 0; r < nb; r++) acc[r][m] += wv[r] * xv;
+        }
+    }
+    for (int r = 0; r < nb; r++)
+        for (int m = 0; m < mb; m++) y[(size_t)(m0 + m) * N + n0 + r] = v16_sum(acc[r][m]);
+}
+
+#define F32_TILE_MB(NBV)                                                                                               \
+    switch (mb) {                                                                                                      \
+    case 1: f32_tile(x, m0, 1, K, w, n0, NBV, y, N); break;                                                            \
+    case 2: f32_tile(x, m0, 2, K, w, n0, NBV, y, N); break;                                                            \
+    case 3: f32_tile(x, m0, 3, K, w, n0, NBV, y, N); break;                                                            \
+    default: f32_tile(x, m0, 4, K, w, n0, NBV, y, N); break;                                                           \
+    }
+
+static void f32_rows(const float *x, int M, int K, const float *w, int r0, int r1, float *y, int N) {
+    for (int n0 = r0; n0 < r1; n0 += F32_NB) {
+        const int nb = r1 - n0 < F32_NB ? r1 - n0 : F32_NB;
+        for (int m0 = 0; m0 < M; m0 += F32_MB) { /* the nb weight rows stay in L1 across the activation tiles */
+            const int mb = M - m0 < F32_MB ? M - m0 : F32_MB;
+            switch (nb) {
+            case 1: F32_TILE_MB(1) break;
+            case 2: F32_TILE_MB(2) break;
+            case 3: F32_TILE_MB(3) break;
+            default: F32_TILE_MB(4) break;
+            }
+        }
+    }
+}
+
+/* y (M x N) = x (M x K) @ W^T, all fp32 and row-major. Returns 0, or -2 for a shape it does not take (K % 16). */
+int slmkit_f32_matmul(const float *x, int M, int K, const float *w, int N, float *y) {
+    if (K % 16 || K <= 0 || M < 0 || N < 0) return -2;
+    const int items = (N + F32_ROWS_PER_ITEM - 1) / F32_ROWS_PER_ITEM;
+#pragma omp parallel for schedule(static)
+    for (int it = 0; it < items; it++) {
+        const int r0 = it * F32_ROWS_PER_ITEM, r1 = r0 + F32_ROWS_PER_ITEM < N ? r0 + F32_ROWS_PER_ITEM : N;
+        f32_rows(x, M, K, w, r0, r1, y, N);
+    }
+    return 0;
+}
