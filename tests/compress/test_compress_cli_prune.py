@@ -86,7 +86,8 @@ def test_lowrank_verb(capsys, tiny_dir, calib_file, tmp_path):
     from slmkit.models import load
 
     dest = tmp_path / "lr"
-    code, out, err = run(capsys, "lowrank", tiny_dir, "--ratio", "0.8", *_calib(calib_file), "--output", dest, "--json")
+    code, out, err = run(capsys, "lowrank", tiny_dir, "--ratio", "0.8", "--option", "batch_size=4", *_calib(calib_file),
+                         "--output", dest, "--json")
     assert code == 0, err
     data = json.loads(out)
     assert data["method"] == "whiten" and 0.75 < data["parameter_ratio"] <= 0.8 and data["factorised_layers"] == 14
@@ -95,6 +96,7 @@ def test_lowrank_verb(capsys, tiny_dir, calib_file, tmp_path):
     m, tok = load(str(dest))
     assert isinstance(m.model.layers[0].mlp.up_proj, LowRankLinear)
     assert Manifest.read(dest).stages[-1]["stage"] == "lowrank"
+    assert Manifest.read(dest).stages[-1]["config"]["batch_size"] == 4  # --option reaches LowRankConfig
     ids = tok("The cat sees the house", return_tensors="pt").input_ids
     assert torch.isfinite(m(ids).logits).all()
 
@@ -118,6 +120,8 @@ def test_lowrank_verb(capsys, tiny_dir, calib_file, tmp_path):
         (["prune", "TINY", "--method", "sparse-gpt"], "did you mean"),
         (["lowrank", "TINY", "--ratio", "0.1", "--method", "plain"], "below the parameters outside"),
         (["lowrank", "TINY", "--ratio", "0.8", "--method", "svd"], "unknown low-rank method"),
+        (["lowrank", "TINY", "--ratio", "0.8", "--option", "dampp=0.1"], "--option: unknown key 'dampp'; LowRankConfig takes"),
+        (["lowrank", "TINY", "--ratio", "0.8", "--option", "ratio=0.5"], "--option ratio: use --ratio"),
     ],
 )
 def test_bad_input_exit_2_and_no_artefact(capsys, tmp_path, tiny_dir, calib_file, args, needle):

@@ -228,3 +228,14 @@ def test_candidates_maker_and_scorer_are_checked_against_their_registries(monkey
     monkeypatch.setattr(SCORERS, "_items", dict(SCORERS._items))
     SCORERS.add("zz", object())
     assert build_config(CandidatesStageConfig, {"scorer": "zz"}, "stage 3 (candidates)").compare_config(0).scorer == "zz"
+
+
+def test_lowrank_stage_options_reach_lowrank_config(tiny_dir):
+    """The lowrank stage is ``method`` + shared keys + ``options:`` (any other field of LowRankConfig), like prune."""
+    from slmkit.pipeline.recipe import build_config
+    from slmkit.pipeline.stages.compress import LowRankStageConfig
+
+    cfg = build_config(LowRankStageConfig, {"ratio": 0.8, "method": "asvd", "options": {"alpha": 1.0}}, "stage 1")
+    assert (cfg.method_config().alpha, cfg.method_config().method) == (1.0, "asvd")
+    with pytest.raises(RecipeError, match="options: unknown key 'alfa'; LowRankConfig takes"):
+        build_config(LowRankStageConfig, {"ratio": 0.8, "options": {"alfa": 1.0}}, "stage 1")

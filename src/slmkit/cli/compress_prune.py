@@ -127,6 +127,7 @@ def lowrank_cmd(
     model: str = typer.Argument(..., help="default | hub id | directory | file.gguf"),
     ratio: float = typer.Option(..., "--ratio", help="fraction of parameters kept, in (0, 1)"),
     method: str = typer.Option("whiten", "--method", help="factorisation: " + registry_names("slmkit.compress.lowrank", "FACTORISERS") + " (default whiten, SVD-LLM)"),
+    option: list[str] = typer.Option([], "--option", help=OPTION_HELP),
     calib: Optional[Path] = typer.Option(None, "--calib", help=CALIB_HELP),
     calib_samples: int = typer.Option(64, "--calib-samples", help="calibration sequences"),
     calib_len: int = typer.Option(256, "--calib-len", help="tokens per calibration sequence"),
@@ -140,10 +141,16 @@ def lowrank_cmd(
     from slmkit.artefact import check_output
     from slmkit.compress.entry import lowrank_to_dir
     from slmkit.compress.lowrank import LowRankConfig
+    from slmkit.errors import ConfigError
     from slmkit.models import load
     from slmkit.models.device import resolve_device
+    from slmkit.pipeline.typed import library_config
 
-    cfg = LowRankConfig(ratio=ratio, method=method)
+    extra = parse_options(option)
+    twice = sorted(k for k in extra if k in ("ratio", "method"))
+    if twice:
+        raise ConfigError(f"--option {', '.join(twice)}: use {', '.join('--' + k for k in twice)}")
+    cfg = library_config(LowRankConfig, {"ratio": ratio, "method": method}, extra, where="--option")
     calib_cfg = _calib_config(calib, calib_samples, calib_len, seed)
     check_output(output, force)
     dev = resolve_device(device)

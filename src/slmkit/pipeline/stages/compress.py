@@ -160,7 +160,8 @@ def quantize(ctx: Context, cfg: QuantizeConfig) -> StageResult:
 @dataclass(frozen=True)
 class LowRankStageConfig:
     ratio: float  #: fraction of parameters kept, in (0, 1) (required)
-    method: str = "whiten"  #: plain | asvd | whiten
+    method: str = "whiten"  #: a registered factorisation (slmkit.compress.lowrank.FACTORISERS): plain | asvd | whiten
+    options: dict = field(default_factory=dict)  #: any other field of LowRankConfig (e.g. alpha, damp, batch_size)
     calib: str = "auto"  #: calibration text: auto | self | a text/jsonl file
     calib_samples: int = 32
     calib_len: int = 128
@@ -171,8 +172,9 @@ class LowRankStageConfig:
 
     def method_config(self):
         from slmkit.compress.lowrank import LowRankConfig
+        from slmkit.pipeline.typed import library_config
 
-        return LowRankConfig(ratio=self.ratio, method=self.method)
+        return library_config(LowRankConfig, {"ratio": self.ratio, "method": self.method}, self.options)
 
 
 @stage("lowrank", LowRankStageConfig, needs=("model",), makes=("model",))
