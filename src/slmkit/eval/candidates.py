@@ -31,7 +31,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 
@@ -76,17 +76,16 @@ class HeldOutText:
 
 
 @dataclass(frozen=True)
-class CompareConfig:
+class BaselineSettings:
+    """How the baselines are made and who scores quality: part of :class:`CompareConfig`, and keys of the
+    build's candidates stage (which subclasses it rather than copy the fields)."""
+
     baselines: tuple[str, ...] = ("Q8_0", "Q4_0", "Q4_K_M")  #: llama.cpp file types of the teacher to compare with
     imatrix: bool = True  #: baselines with an importance matrix from the calibration text (llama-quantize --imatrix)
     calib_samples: int = 32  #: calibration windows for the importance matrix
     calib_len: int = 512  #: tokens per calibration window (llama-imatrix -c)
     maker: str = "auto"  #: who makes the baselines: auto (llama.cpp where installed) or a name in BASELINES
     scorer: str = "auto"  #: who scores quality: auto (llama.cpp where installed) or a name in heldout.SCORERS
-    score: ScoreConfig = ScoreConfig()
-    speed: SpeedConfig | None = SpeedConfig()  #: None: no speed or memory measurement
-    tasks: TaskConfig | None = None  #: downstream multiple-choice tasks (None: none)
-    seed: int = 0
 
     def __post_init__(self):
         bad = [t for t in self.baselines if t not in BASELINE_TYPES]
@@ -99,6 +98,18 @@ class CompareConfig:
         for key, name, registry in (("maker", self.maker, BASELINES), ("scorer", self.scorer, SCORERS)):
             if name != "auto" and name not in registry:
                 raise ConfigError(f"{key} must be auto or one of {', '.join(registry.names())}, got {name!r}")
+
+    def baseline_settings(self) -> dict:
+        """These fields' values (what a subclass passes on to a :class:`CompareConfig`)."""
+        return {f.name: getattr(self, f.name) for f in fields(BaselineSettings)}
+
+
+@dataclass(frozen=True)
+class CompareConfig(BaselineSettings):
+    score: ScoreConfig = ScoreConfig()
+    speed: SpeedConfig | None = SpeedConfig()  #: None: no speed or memory measurement
+    tasks: TaskConfig | None = None  #: downstream multiple-choice tasks (None: none)
+    seed: int = 0
 
 
 @dataclass

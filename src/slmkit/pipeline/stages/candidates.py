@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Literal
 
 from slmkit.errors import ConfigError
+from slmkit.eval.candidates import BaselineSettings
 from slmkit.pipeline.base import Context, StageResult, stage
 
 log = logging.getLogger(__name__)
@@ -65,14 +66,11 @@ def heldout(ctx: Context, cfg: HeldOutConfig) -> StageResult:
 
 
 @dataclass(frozen=True)
-class CandidatesStageConfig:
+class CandidatesStageConfig(BaselineSettings):
+    """The baselines' keys (baselines, imatrix, calib_samples, calib_len, maker, scorer) are
+    :class:`~slmkit.eval.candidates.BaselineSettings`' fields; the rest below."""
+
     text: str = "heldout"  #: evaluation text: heldout (the heldout stage's split) | generated (gen-data's held-out answers) | a file
-    baselines: tuple[str, ...] = ("Q8_0", "Q4_0", "Q4_K_M")  #: llama.cpp file types of the teacher to measure
-    imatrix: bool = True  #: baselines with an importance matrix from the calibration split (llama-quantize --imatrix)
-    calib_samples: int = 32  #: calibration windows for that importance matrix
-    calib_len: int = 512  #: tokens per calibration window
-    maker: str = "auto"  #: who makes the baselines: auto (llama.cpp where installed) or a registered maker (BASELINES)
-    scorer: str = "auto"  #: who scores quality, for every candidate alike: auto or a registered scorer (SCORERS)
     context: int = 512  #: scoring window (tokens); its second half is scored
     chunks: int = 20  #: scoring windows (chunks * context / 2 tokens per candidate)
     speed: bool = True  #: decode/prefill tokens/s and peak memory on slmkit's fast path
@@ -111,10 +109,8 @@ class CandidatesStageConfig:
 
         speed = SpeedConfig(self.prompt_tokens, self.new_tokens, self.repeats, threads, seed) if self.speed else None
         tasks = TaskConfig(tuple(self.tasks), self.task_items) if self.tasks else None
-        return CompareConfig(baselines=self.baselines, imatrix=self.imatrix, calib_samples=self.calib_samples,
-                             calib_len=self.calib_len, maker=self.maker,
-                             scorer=self.scorer, score=ScoreConfig(self.context, self.chunks, threads), speed=speed,
-                             tasks=tasks, seed=seed)
+        return CompareConfig(**self.baseline_settings(), score=ScoreConfig(self.context, self.chunks, threads),
+                             speed=speed, tasks=tasks, seed=seed)
 
     def target_config(self):
         from slmkit.eval.recommend import Target
