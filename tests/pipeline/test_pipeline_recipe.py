@@ -239,3 +239,42 @@ def test_lowrank_stage_options_reach_lowrank_config(tiny_dir):
     assert (cfg.method_config().alpha, cfg.method_config().method) == (1.0, "asvd")
     with pytest.raises(RecipeError, match="options: unknown key 'alfa'; LowRankConfig takes"):
         build_config(LowRankStageConfig, {"ratio": 0.8, "options": {"alfa": 1.0}}, "stage 1")
+
+
+def test_eval_stage_options_reach_perplexity_and_efficiency_configs(tiny_dir):
+    """The eval stage sets context / max_tokens / prompt_tokens / new_tokens / seed itself; ``options:`` reaches every
+    other field of PerplexityConfig and EfficiencyConfig (add_bos, repeats: fixed by the stage before)."""
+    import hashlib
+    import json
+
+    from slmkit.artefact import jsonable
+    from slmkit.pipeline.state import STAGE_FORMAT, stage_key
+
+    base = f"teacher: {tiny_dir}\nstages:\n  - stage: student\n  - stage: eval\n    text: wikitext\n    context: 32\n"
+    plain = parse(base).stages[1]
+    m = plain.config.measures(5)
+    assert (m.perplexity.context, m.perplexity.stride, m.perplexity.max_tokens, m.perplexity.add_bos) == (32, 32, 2048, False)
+    assert (m.efficiency.prompt_tokens, m.efficiency.new_tokens, m.efficiency.repeats, m.efficiency.seed) == (64, 32, 3, 5)
+    tuned = parse(base + "    options: {perplexity: {add_bos: true}, efficiency: {repeats: 5}}\n").stages[1]
+    m = tuned.config.measures(0)
+    assert (m.perplexity.add_bos, m.perplexity.context, m.efficiency.repeats, m.efficiency.new_tokens) == (True, 32, 5, 32)
+
+    bad = [
+        ("options: {perplexity: {add_boss: true}}", ["stage 2 (eval)", "unknown key 'add_boss'", "add_bos"]),
+        ("options: {perplexity: {context: 64}}", ["options key 'perplexity': context set by the stage itself"]),
+        ("options: {efficiency: {seed: 1}}", ["options key 'efficiency': seed set by the stage itself"]),
+        ("options: {efficiency: {repeats: 0}}", ["repeats must all be >= 1"]),
+        ("options: {repeats: 5}", ["options: unknown key 'repeats'; EvalMeasures takes: perplexity, efficiency"]),
+    ]
+    for line, needles in bad:
+        with pytest.raises(RecipeError) as exc:
+            parse(f"{base}    {line}\n")
+        for needle in needles:
+            assert needle in str(exc.value), (needle, str(exc.value))
+
+    # without options the cache key is what it was before the setting existed; with them it differs
+    recipe = parse(base)
+    old = {k: v for k, v in jsonable(dataclasses.asdict(plain.config)).items() if k != "options"}
+    payload = {"format": STAGE_FORMAT, "kind": "eval", "config": old, "recipe": recipe.settings_key(), "input": ""}
+    assert stage_key(plain, recipe, "") == hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    assert stage_key(tuned, recipe, "") != stage_key(plain, recipe, "")

@@ -3,18 +3,28 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from slmkit.errors import ConfigError
+from slmkit.eval.efficiency import EfficiencyConfig
+from slmkit.eval.perplexity import PerplexityConfig
 from slmkit.pipeline.base import Context, StageResult, stage
 from slmkit.pipeline.stages.model import dir_bytes
 
 log = logging.getLogger(__name__)
 
 TEXT_KEYWORDS = ("generated", "wikitext")
+
+
+@dataclass(frozen=True)
+class EvalMeasures:
+    """The library configs the eval stage runs: perplexity scoring and the speed measurement."""
+
+    perplexity: PerplexityConfig
+    efficiency: EfficiencyConfig
 
 
 @dataclass(frozen=True)
@@ -28,6 +38,8 @@ class EvalConfig:
     new_tokens: int = 32  #: efficiency decode length
     fit_context: int = 2048  #: context length assumed for memory (weights + KV cache) and device fit
     presets: tuple[str, ...] = ("phone-4gb", "rpi5-4gb", "laptop-16gb")  #: devices of slmkit.runtime.fit to check
+    options: dict = field(default_factory=dict)  #: any other field of PerplexityConfig / EfficiencyConfig, e.g.
+    #: {perplexity: {add_bos: true}, efficiency: {repeats: 5}}
 
     def __post_init__(self):
         from slmkit.runtime.fit import DEVICES
@@ -41,6 +53,15 @@ class EvalConfig:
             raise ConfigError("max_tokens must be >= 16 and context >= 8")
         if self.prompt_tokens < 1 or self.new_tokens < 1 or self.fit_context < 1:
             raise ConfigError("prompt_tokens, new_tokens and fit_context must be >= 1")
+        self.measures(0)
+
+    def measures(self, seed: int) -> EvalMeasures:
+        """The stage's keys plus ``options:`` as :class:`EvalMeasures` (through the typed builder)."""
+        from slmkit.pipeline.typed import library_config
+
+        given = {"perplexity": {"context": self.context, "stride": self.context, "max_tokens": self.max_tokens},
+                 "efficiency": {"prompt_tokens": self.prompt_tokens, "new_tokens": self.new_tokens, "seed": seed}}
+        return library_config(EvalMeasures, given, self.options)
 
 
 def _needs_eval(cfg: EvalConfig) -> tuple[str, ...]:
@@ -149,16 +170,16 @@ def device_fit(facts, label: str, precision: str, cfg: EvalConfig) -> dict:
 @stage("eval", EvalConfig, needs=_needs_eval)
 def evaluate(ctx: Context, cfg: EvalConfig) -> StageResult:
     """Perplexity, agreement with the teacher, size, memory, speed and device fit of the teacher and each stage's model."""
-    from slmkit.eval import EfficiencyConfig, PerplexityConfig, measure, perplexity
+    from slmkit.eval import measure, perplexity
     from slmkit.models import describe_model
 
     text, source = eval_text(ctx, cfg.text)
-    pcfg = PerplexityConfig(context=cfg.context, stride=cfg.context, max_tokens=cfg.max_tokens)
+    measures = cfg.measures(ctx.recipe.seed)
+    pcfg, ecfg = measures.perplexity, measures.efficiency
     teacher, ttok = ctx.teacher()
     ids = ttok(text, add_special_tokens=False, return_tensors="pt").input_ids[0][: cfg.max_tokens]
     teacher_pred = next_token_argmax(teacher, ids, cfg.context)
     rows = _model_rows(ctx, cfg)
-    ecfg = EfficiencyConfig(prompt_tokens=cfg.prompt_tokens, new_tokens=cfg.new_tokens, repeats=3, seed=ctx.recipe.seed)
     total = len(rows)
     for i, row in enumerate(rows):
         ctx.progress(i, total)
