@@ -140,7 +140,7 @@ def lowrank_cmd(
     """Factorise MODEL's Linear layers by (activation-aware) SVD to keep RATIO of its parameters."""
     from slmkit.artefact import check_output
     from slmkit.compress.entry import lowrank_to_dir
-    from slmkit.compress.lowrank import LowRankConfig
+    from slmkit.compress.lowrank import config_class
     from slmkit.errors import ConfigError
     from slmkit.models import load
     from slmkit.models.device import resolve_device
@@ -150,7 +150,7 @@ def lowrank_cmd(
     twice = sorted(k for k in extra if k in ("ratio", "method"))
     if twice:
         raise ConfigError(f"--option {', '.join(twice)}: use {', '.join('--' + k for k in twice)}")
-    cfg = library_config(LowRankConfig, {"ratio": ratio, "method": method}, extra, where="--option")
+    cfg = library_config(config_class(method), {"ratio": ratio, "method": method}, extra, where="--option")
     calib_cfg = _calib_config(calib, calib_samples, calib_len, seed)
     check_output(output, force)
     dev = resolve_device(device)

@@ -57,19 +57,32 @@ Factoriser = Callable[[torch.Tensor, LinearStats | None, int, "LowRankConfig"], 
 
 @dataclass(frozen=True)
 class LowRankMethod:
-    """A registered factorisation ``run(W, stats, rank, cfg) -> (up, down)`` and whether it needs calibration stats."""
+    """A registered factorisation ``run(W, stats, rank, cfg) -> (up, down)``, the calibration statistics it
+    needs and its config class."""
 
     run: Factoriser
     needs_calibration: bool
+    config: type | None = None  #: a frozen subclass of LowRankConfig holding the method's own knobs (None: LowRankConfig)
+    hessian: bool = False  #: needs the layer input's ``H = X X^T / n`` (LinearStats.H), not only the activation means
 
 
 FACTORISERS: Registry[LowRankMethod] = Registry("low-rank method")
 
 
-def factoriser(name: str, *, calibration: bool):
-    """Register the decorated factorisation as low-rank method ``name``."""
+def factoriser(name: str, *, calibration: bool, hessian: bool = False, config: type | None = None):
+    """Register the decorated factorisation ``fn(W, stats, rank, cfg) -> (up, down)`` as low-rank method ``name``.
+
+    A new method is one such function, anywhere in :mod:`slmkit.compress`, and a test; its own knobs, if any,
+    are the fields of ``config``, a frozen dataclass subclassing :class:`LowRankConfig` (``cfg`` is then one of
+    those), set with ``slmkit lowrank --option KEY=VALUE`` or the lowrank stage's ``options:``.
+    ``calibration``: it needs calibration statistics; ``hessian``: they include ``H`` (costly)."""
+    if config is not None and not (isinstance(config, type) and issubclass(config, LowRankConfig)):
+        raise TypeError(f"low-rank method {name!r}: config must be a dataclass subclassing LowRankConfig, got {config!r}")
+    if hessian and not calibration:
+        raise TypeError(f"low-rank method {name!r}: hessian=True needs calibration=True")
+
     def deco(fn: Factoriser) -> Factoriser:
-        FACTORISERS.add(name, LowRankMethod(fn, calibration))
+        FACTORISERS.add(name, LowRankMethod(fn, calibration, config, hessian))
         return fn
 
     return deco
@@ -94,7 +107,7 @@ class LowRankLinear(nn.Module):
 @dataclass(frozen=True)
 class LowRankConfig:
     ratio: float  #: fraction of the model's parameters kept, in (0, 1)
-    method: str = "whiten"  #: plain | asvd | whiten
+    method: str = "whiten"  #: a registered factorisation (FACTORISERS): plain | asvd | whiten
     alpha: float = 0.5  #: ASVD's exponent on the activation scale
     damp: float = 1e-3  #: whiten: lambda = damp * mean(diag(H)) added to H before Cholesky
     batch_size: int = 8  #: calibration sequences per forward pass
@@ -102,8 +115,10 @@ class LowRankConfig:
     def __post_init__(self):
         if not isinstance(self.ratio, (int, float)) or not 0.0 < float(self.ratio) < 1.0:
             raise ConfigError(f"low-rank ratio (fraction of parameters kept) must be in (0, 1), got {self.ratio!r}")
-        if self.method not in FACTORISERS:
-            FACTORISERS.get(self.method)  # raises with the known names
+        own = FACTORISERS.get(self.method).config  # unknown name -> ConfigError listing the known ones
+        if own is not None and not isinstance(self, own):
+            raise ConfigError(f"low-rank method {self.method!r} takes a {own.__name__} (its own knobs), got {type(self).__name__}",
+                              "build it with slmkit.compress.lowrank.config_class(method)")
         if not 0.0 < self.alpha <= 2.0:
             raise ConfigError(f"alpha must be in (0, 2], got {self.alpha}")
         if not 0.0 <= self.damp < 1.0:
@@ -114,6 +129,11 @@ class LowRankConfig:
     @property
     def needs_calibration(self) -> bool:
         return FACTORISERS.get(self.method).needs_calibration
+
+
+def config_class(method: str) -> type:
+    """The config class of low-rank method ``method``: its own (``@factoriser(config=...)``) or :class:`LowRankConfig`."""
+    return FACTORISERS.get(method).config or LowRankConfig
 
 
 # --------------------------------------------------------------------------------------
@@ -142,7 +162,7 @@ def asvd_factors(W: torch.Tensor, stats: LinearStats, rank: int, cfg: LowRankCon
     return up, down / s[None, :]
 
 
-@factoriser("whiten", calibration=True)
+@factoriser("whiten", calibration=True, hessian=True)
 def whitened_factors(W: torch.Tensor, stats: LinearStats, rank: int, cfg: LowRankConfig):
     """SVD-LLM: ``W ~ U_r Sigma_r V_r^T L^{-1}`` with ``L L^T = H`` (truncation-aware whitening, Sec. 3.1)."""
     L = damped_cholesky(stats.H, cfg.damp, "SVD-LLM whitening: the calibration statistics")  # (in, in) lower
@@ -203,7 +223,8 @@ def lowrank(model, calib_ids: torch.Tensor | None, cfg: LowRankConfig):
     Records ``{layer: rank}`` in ``model.config.slmkit_lowrank`` (see the module docstring).
     """
     ranks = plan_ranks(model, cfg.ratio)
-    factorise = FACTORISERS.get(cfg.method).run
+    method = FACTORISERS.get(cfg.method)
+    factorise = method.run
     if cfg.needs_calibration and calib_ids is None:
         raise ConfigError(f"low-rank method {cfg.method} needs calibration ids", "or use method='plain'")
 
@@ -216,7 +237,7 @@ def lowrank(model, calib_ids: torch.Tensor | None, cfg: LowRankConfig):
             _replace(block, name, factorise_linear(lin, up, down))
 
     if cfg.needs_calibration:
-        sequential(model, calib_ids, fn, batch_size=cfg.batch_size, hessian=cfg.method == "whiten")
+        sequential(model, calib_ids, fn, batch_size=cfg.batch_size, hessian=method.hessian)
     else:
         with torch.no_grad():
             layers = decoder_layers(model)

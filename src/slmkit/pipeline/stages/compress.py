@@ -161,7 +161,8 @@ def quantize(ctx: Context, cfg: QuantizeConfig) -> StageResult:
 class LowRankStageConfig:
     ratio: float  #: fraction of parameters kept, in (0, 1) (required)
     method: str = "whiten"  #: a registered factorisation (slmkit.compress.lowrank.FACTORISERS): plain | asvd | whiten
-    options: dict = field(default_factory=dict)  #: any other field of LowRankConfig (e.g. alpha, damp, batch_size)
+    options: dict = field(default_factory=dict)  #: any other field of the method's config (LowRankConfig or its own
+    #: subclass, @factoriser(config=...)), e.g. alpha, damp, batch_size
     calib: str = "auto"  #: calibration text: auto | self | a text/jsonl file
     calib_samples: int = 32
     calib_len: int = 128
@@ -171,10 +172,10 @@ class LowRankStageConfig:
         self.method_config()
 
     def method_config(self):
-        from slmkit.compress.lowrank import LowRankConfig
+        from slmkit.compress.lowrank import config_class
         from slmkit.pipeline.typed import library_config
 
-        return library_config(LowRankConfig, {"ratio": self.ratio, "method": self.method}, self.options)
+        return library_config(config_class(self.method), {"ratio": self.ratio, "method": self.method}, self.options)
 
 
 @stage("lowrank", LowRankStageConfig, needs=("model",), makes=("model",))
