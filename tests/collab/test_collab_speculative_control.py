@@ -211,3 +211,48 @@ def test_one_stall_does_not_lock_a_good_draft_out():
         ctl.accepted(src, k, k)
     ctl.drafted("model", 4, 4 * 1.0)  # one draft step stalled for seconds
     assert ctl.choose(12, 0)[1] > 0
+
+
+def test_a_new_draft_kind_is_one_registered_function(target, tiny_tok, tiny_dir, capsys, monkeypatch):
+    """A draft made from the target, registered beside its maker with @draft_kind, is found by name by speculate,
+    slmkit speculate --draft and the speculative stage's draft:, with no other edit (issue 18)."""
+    from slmkit.cli import main
+    from slmkit.collab.drafters import DRAFT_KINDS, ModelDrafter, draft_kind, find_draft_kind, layer_draft, resolve_draft
+    from slmkit.errors import ConfigError
+    from slmkit.pipeline.stages.collab import SpeculativeStageConfig
+    from slmkit.pipeline.typed import RecipeError, build_config
+
+    monkeypatch.setattr(DRAFT_KINDS, "_items", dict(DRAFT_KINDS._items))
+    made = []
+
+    @draft_kind("seam-half", summary="the {target}'s first half of its blocks")
+    def half_kind(tgt, arg, lookup):
+        model = layer_draft(tgt, len(tgt.model.layers) // 2)
+        made.append(lookup)
+        return ModelDrafter(model, lookup=True) if lookup else model
+
+    ids = torch.tensor(tiny_tok(REPEATED).input_ids)
+    assert speculate(target, "seam-half", ids, SpecConfig(max_new_tokens=16)).tokens == _hf_greedy(target, ids, 16)
+    assert made == [True]  # speculate's string drafts draft with prompt lookup too, as int4/int8
+    draft = resolve_draft("seam-half", target, tiny_tok)
+    assert len(draft.model.layers) == 1 and made[-1] is None
+    assert main(["speculate", "--draft", "seam-half", "--target", str(tiny_dir), "The cat", "--max-new-tokens", "6",
+                 "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["identical_to_target"] is True and res["draft"] == "seam-half"
+    assert build_config(SpeculativeStageConfig, {"draft": "seam-half"}, "stage 2").draft == "seam-half"
+    assert build_config(SpeculativeStageConfig, {"draft": "layers:2"}, "stage 2").draft == "layers:2"
+
+    # kinds with an argument take a positive integer; a MODEL spec with a colon is not a kind
+    assert find_draft_kind("layers:2")[1] == "2" and find_draft_kind("C:/models/small") is None
+    with pytest.raises(ConfigError, match="layers:N needs a positive integer N, got 'layers:x'"):
+        find_draft_kind("layers:x")
+    with pytest.raises(ConfigError, match=r"the draft \(--draft\): layers:N needs a positive integer N, got 'layers:0'"):
+        resolve_draft("layers:0", target, tiny_tok, what="the draft (--draft)")
+    with pytest.raises(RecipeError, match="stage 2: draft must be one of student, recommended, int4, int8, layers:N, "
+                                          "lookup, seam-half, got 'int2'"):
+        build_config(SpeculativeStageConfig, {"draft": "int2"}, "stage 2")
+    with pytest.raises(ConfigError, match="draft must be a model or a draft kind"):
+        speculate(target, "int2", ids, SpecConfig(max_new_tokens=4))
+    monkeypatch.undo()
+    assert "seam-half" not in DRAFT_KINDS

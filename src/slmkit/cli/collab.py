@@ -14,7 +14,7 @@ from slmkit.cli._common import (DEVICE_HELP, DTYPE_HELP, FORCE_HELP, RegistryHel
 
 
 def register(app: typer.Typer) -> None:
-    app.command("speculate")(speculate)
+    app.command("speculate", cls=RegistryHelpCommand)(speculate)
     app.command("route", cls=RegistryHelpCommand)(route)
     app.command("judge", cls=RegistryHelpCommand)(judge)
     app.command("proxy")(proxy)
@@ -23,7 +23,7 @@ def register(app: typer.Typer) -> None:
 
 def speculate(
     prompt: str = typer.Argument(..., help="the prompt (continued as raw text unless --chat)"),
-    draft: str = typer.Option(..., "--draft", help="draft MODEL (same tokenizer as the target), 'lookup', 'layers:N' (the target's first N blocks), or 'int4'/'int8' (the target's own quantised copy on the fast path, with prompt lookup when the context repeats)"),
+    draft: str = typer.Option(..., "--draft", help="a draft made from the target: " + registry_names("slmkit.collab.drafters", "DRAFT_KINDS") + " (lookup: prompt lookup alone; int4/int8: the target's own quantised copy on the fast path, with prompt lookup when the context repeats; layers:N: its first N blocks), or a draft MODEL (same tokenizer as the target)"),
     target: str = typer.Option(..., "--target", help="target MODEL: default | hub id | directory | file.gguf"),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32 (greedy output identical to the target) or bf16"),

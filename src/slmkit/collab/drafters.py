@@ -11,20 +11,24 @@
 
 A model drafter built with ``lookup=True`` drafts from prompt lookup whenever the controller
 (:mod:`slmkit.collab.draftlen`) expects that to pay (the context repeats) and from the model otherwise.
-:func:`resolve_draft` turns a command-line ``--draft`` value into one of these.
+:func:`resolve_draft` turns a command-line ``--draft`` value into one of these: a draft kind of
+:data:`DRAFT_KINDS` (a draft made from the target itself: ``lookup``, ``int4``, ``int8``, ``layers:N``,
+registered beside its maker with :func:`draft_kind`) or a MODEL spec.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.nn.functional as F
 
 from slmkit.collab.lm import CachedLM, check_same_tokenizer, check_same_vocab, model_device, token_probs
 from slmkit.errors import ConfigError, UnsupportedModelError
+from slmkit.registry import Registry
 from slmkit.runtime.decoding import draw
 
 if TYPE_CHECKING:
@@ -269,26 +273,78 @@ def layer_draft(model, n_layers: int):
     return draft
 
 
+@dataclass(frozen=True)
+class DraftKind:
+    """A draft made from the target itself, named on the command line (``--draft``) or in a recipe (``draft:``)."""
+
+    make: Callable[[Any, str, bool | None], Any]  #: (target, the argument after ``NAME:``, lookup) -> a draft speculate takes
+    summary: str  #: what the draft is; ``{target}``: the target's role ("target", "teacher"), ``{arg}``: the argument
+
+
+#: draft kinds by name; ``NAME:N`` is a kind written with an argument (``layers:3``)
+DRAFT_KINDS: Registry[DraftKind] = Registry("draft kind")
+
+
+def draft_kind(name: str, *, summary: str):
+    """Register ``make(target, arg, lookup)`` as draft kind ``name`` (``"NAME:N"``: written ``NAME:<arg>``).
+
+    ``lookup``: also draft by prompt lookup when the context repeats (None: the kind's default)."""
+    def deco(make: Callable[[Any, str, bool | None], Any]):
+        DRAFT_KINDS.add(name, DraftKind(make, summary))
+        return make
+
+    return deco
+
+
+def find_draft_kind(spec: str) -> tuple[DraftKind, str] | None:
+    """(the draft kind ``spec`` names, its argument) or None when ``spec`` names no kind (a MODEL spec).
+
+    A kind ``NAME:N`` takes a positive integer: ``NAME:x`` is an error naming it."""
+    head, sep, arg = spec.partition(":")
+    key = f"{head}:N" if sep else spec
+    if key not in DRAFT_KINDS:
+        return None
+    if sep and not (arg.isdigit() and int(arg) > 0):
+        raise ConfigError(f"{key} needs a positive integer N, got {spec!r}")
+    return DRAFT_KINDS.get(key), arg
+
+
+@draft_kind("lookup", summary="prompt lookup (n-grams of the prompt; no draft model)")
+def lookup_kind(target, arg: str, lookup: bool | None):
+    return "lookup"
+
+
+@draft_kind("int4", summary="the {target}'s own int4 copy on slmkit's fast path")
+def int4_kind(target, arg: str, lookup: bool | None):
+    return quantised_draft(target, "int4", lookup=lookup is not False)
+
+
+@draft_kind("int8", summary="the {target}'s own int8 copy on slmkit's fast path")
+def int8_kind(target, arg: str, lookup: bool | None):
+    return quantised_draft(target, "int8", lookup=lookup is not False)
+
+
+@draft_kind("layers:N", summary="the {target}'s first {arg} decoder blocks")
+def layers_kind(target, arg: str, lookup: bool | None):
+    model = layer_draft(target, int(arg))
+    return ModelDrafter(model, lookup=True) if lookup else model
+
+
 def resolve_draft(spec: str, target, target_tok, dtype: str = "fp32", what: str = "the draft", lookup: bool | None = None):
     """A draft named on the command line (``slmkit speculate --draft``, ``slmkit serve SMALL --mode speculative``).
 
-    ``"lookup"``, ``"int4"``/``"int8"`` (the target's own quantised copy), ``"layers:N"`` (its first N
-    blocks), or a MODEL spec, whose tokenizer is compared with the target's before its weights load.
-    A quantised llama FILE.gguf or packed quantised DIR drafts on the fast path with its own codes
-    (:func:`slmkit.runtime.gguffast.build_gguf`) where slmkit's kernel library runs.
+    A draft kind of :data:`DRAFT_KINDS`: ``"lookup"``, ``"int4"``/``"int8"`` (the target's own quantised copy),
+    ``"layers:N"`` (its first N blocks); or a MODEL spec, whose tokenizer is compared with the target's before
+    its weights load. A quantised llama FILE.gguf or packed quantised DIR drafts on the fast path with its own
+    codes (:func:`slmkit.runtime.gguffast.build_gguf`) where slmkit's kernel library runs.
     ``lookup``: also draft by prompt lookup when the context repeats; None = on for int4/int8, off otherwise.
     """
-    if spec == "lookup":
-        return "lookup"
-    if spec in ("int4", "int8"):
-        return quantised_draft(target, spec, lookup=lookup is not False)
-    if spec.startswith("layers:"):
-        n = spec.split(":", 1)[1]
-        try:
-            model = layer_draft(target, int(n))
-        except ValueError:
-            raise ConfigError(f"{what} layers:N needs an integer N, got {spec!r}") from None
-        return ModelDrafter(model, lookup=True) if lookup else model
+    try:
+        found = find_draft_kind(spec)
+        if found is not None:
+            return found[0].make(target, found[1], lookup)
+    except ConfigError as err:
+        raise ConfigError(f"{what}: {err.problem}", err.hint) from None
     from slmkit.models import load
     from slmkit.models.load import load_tokenizer
 
@@ -306,15 +362,17 @@ def resolve_draft(spec: str, target, target_tok, dtype: str = "fp32", what: str 
 def as_drafter(draft, target) -> Drafter:
     """A fresh :class:`Drafter` for one sequence from what :func:`~slmkit.collab.speculative.speculate` accepts.
 
-    ``draft``: a causal LM sharing the target's vocabulary, a drafter object, ``"int4"``/``"int8"`` (the target's
-    own quantised copy, with prompt lookup), or ``"lookup"``/None (prompt lookup alone).
+    ``draft``: a causal LM sharing the target's vocabulary, a drafter object, a draft kind of :data:`DRAFT_KINDS`
+    (``"int4"``/``"int8"``: the target's own quantised copy, ``"layers:N"``: its first N blocks, each with prompt
+    lookup), or ``"lookup"``/None (prompt lookup alone).
     """
     if draft is None or (isinstance(draft, str) and draft == "lookup"):
         return LookupDrafter()
-    if isinstance(draft, str) and draft in ("int4", "int8"):
-        return quantised_draft(target, draft, lookup=True)
     if isinstance(draft, str):
-        raise ConfigError(f"draft must be a model, 'lookup', 'int4' or 'int8', got {draft!r}")
+        found = find_draft_kind(draft)
+        if found is None:
+            raise ConfigError(f"draft must be a model or a draft kind ({' | '.join(DRAFT_KINDS.names())}), got {draft!r}")
+        return as_drafter(found[0].make(target, found[1], True), target)
     if isinstance(draft, FastDrafter):
         vt = int(target.get_output_embeddings().weight.shape[0])
         if draft.fm.vocab != vt:

@@ -1,7 +1,8 @@
 """The speculative-decoding check: a draft proposes tokens for the teacher (:mod:`slmkit.collab.speculative`).
 
-The draft is the run's student, the teacher's own int4/int8 copy on the fast path (self-speculation),
-prompt lookup, or the GGUF file the candidates stage recommended (``draft:``).
+The draft is the run's student, the GGUF file the candidates stage recommended, or a draft kind of
+:data:`slmkit.collab.drafters.DRAFT_KINDS` made from the teacher itself: its own int4/int8 copy on the fast
+path (self-speculation), its first N blocks, prompt lookup (``draft:``).
 
 Greedy speculative decoding must emit exactly the teacher's own greedy tokens;
 the stage checks that on a few prompts and measures the speed-up over the
@@ -21,9 +22,9 @@ from slmkit.pipeline.base import Context, StageResult, stage
 log = logging.getLogger(__name__)
 
 
-#: drafts the stage can use besides the student: the teacher's own quantised copy on the fast path,
-#: prompt lookup (no model), or the GGUF file the candidates stage recommended (its own blocks)
-DRAFTS = ("student", "int4", "int8", "lookup", "recommended")
+#: drafts of the stage's own, besides the draft kinds (slmkit.collab.drafters.DRAFT_KINDS: int4, int8, lookup,
+#: layers:N): the run's student, or the GGUF file the candidates stage recommended (its own blocks)
+DRAFTS = ("student", "recommended")
 
 
 @dataclass(frozen=True)
@@ -32,14 +33,17 @@ class SpeculativeStageConfig:
     max_new_tokens: int = 48  #: tokens per prompt
     k: int = 4  #: first draft length
     adaptive: bool = True  #: choose the draft length from the running acceptance rate
-    draft: str = "student"  #: student (the run's model) | int4 | int8 (the teacher's own copy, fast path) | lookup | recommended
+    draft: str = "student"  #: student (the run's model) | recommended | a draft kind: int4 | int8 (the teacher's own
+    #: copy, fast path) | layers:N | lookup (slmkit.collab.drafters.DRAFT_KINDS)
     options: dict = field(default_factory=dict)  #: any other field of SpecConfig (e.g. k_max, ngram_max, cost_ratio)
 
     def __post_init__(self):
         if self.prompts < 1 or self.max_new_tokens < 1:
             raise ConfigError("prompts and max_new_tokens must be >= 1")
-        if self.draft not in DRAFTS:
-            raise ConfigError(f"draft must be one of {', '.join(DRAFTS)}, got {self.draft!r}")
+        from slmkit.collab.drafters import DRAFT_KINDS, find_draft_kind
+
+        if self.draft not in DRAFTS and find_draft_kind(self.draft) is None:
+            raise ConfigError(f"draft must be one of {', '.join((*DRAFTS, *DRAFT_KINDS.names()))}, got {self.draft!r}")
         self.spec_config(())
 
     def spec_config(self, eos: tuple[int, ...]):
@@ -64,13 +68,13 @@ def _prompts(ctx: Context, n: int) -> list[str]:
 
 def _draft(ctx: Context, cfg: SpeculativeStageConfig, teacher, ttok):
     """(the draft ``speculate`` takes, its description)."""
-    from slmkit.collab.drafters import quantised_draft, resolve_draft
+    from slmkit.collab.drafters import find_draft_kind, resolve_draft
     from slmkit.collab.speculative import check_same_tokenizer
 
-    if cfg.draft in ("int4", "int8"):
-        return quantised_draft(teacher, cfg.draft), f"the teacher's own {cfg.draft} copy on slmkit's fast path"
-    if cfg.draft == "lookup":
-        return "lookup", "prompt lookup (n-grams of the prompt; no draft model)"
+    found = find_draft_kind(cfg.draft)
+    if found is not None:  # made from the teacher itself, without prompt lookup
+        kind, arg = found
+        return kind.make(teacher, arg, False), kind.summary.format(target="teacher", arg=arg)
     if cfg.draft == "recommended":
         rec = next((r for r in reversed(ctx.history) if r["kind"] == "candidates"), None)
         name = rec and rec["metrics"].get("recommended")
