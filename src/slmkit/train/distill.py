@@ -38,7 +38,7 @@ from slmkit.artefact import MANIFEST, Manifest, atomic_dir, check_output, is_slm
 from slmkit.train.dist import on_main
 from slmkit.errors import ConfigError, UnsupportedModelError
 from slmkit.train.data import Collator, DataConfig, ExampleDataset, load_examples, pad_batch
-from slmkit.train.args import trainer_arguments
+from slmkit.train.args import TrainerSettings
 from slmkit.train.checkpoints import RUN_FILE, file_sha256, is_complete, mean_logged_loss, prepare_run, settings_identity, stop_at, train_from
 from slmkit.train.checkpoints import last_complete_checkpoint  # noqa: F401 (re-exported)
 from slmkit.train.losses import IGNORE_INDEX, LossConfig, distill_loss
@@ -55,8 +55,9 @@ def is_run_output(path: Path) -> bool:
 
 
 @dataclass(frozen=True)
-class DistillConfig:
-    """Knobs of a distillation (or, with ``loss.loss == "ce"``, plain fine-tuning) run."""
+class DistillConfig(TrainerSettings):
+    """Knobs of a distillation (or, with ``loss.loss == "ce"``, plain fine-tuning) run; the Trainer's
+    (max_steps, batch_size, learning_rate, save_steps, seed, bf16, ...) are :class:`TrainerSettings`' fields."""
 
     loss: LossConfig = field(default_factory=LossConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -64,19 +65,7 @@ class DistillConfig:
     seq_kd: bool = False  #: otherwise use teacher-generated completions (sequence-level KD)
     max_new_tokens: int = 64  #: length of on-policy / seq-KD samples
     gen_temperature: float = 1.0  #: sampling temperature of on-policy / seq-KD samples
-    max_steps: int = 100  #: optimizer steps
-    batch_size: int = 4  #: examples per device per micro-batch
-    grad_accum: int = 1  #: micro-batches per optimizer step
-    learning_rate: float = 5e-5
-    lr_scheduler: str = "constant"  #: any transformers scheduler name (constant, linear, cosine, ...)
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    save_steps: int = 50  #: checkpoint every N steps (and at the end)
-    save_total_limit: int = 2  #: keep the newest N checkpoints
-    logging_steps: int = 10
-    seed: int = 0  #: model init / sampling / data order
     qat: str = ""  #: quantisation-aware training on a GGUF block type (Q4_0, Q4_K, ...) or llama.cpp file type (Q4_K_M, ...); "" = off
-    bf16: bool = False  #: mixed precision: bf16 autocast over fp32 weights (the Trainer's bf16; AMX/AVX512-BF16 CPUs, CUDA)
 
     def __post_init__(self):
         if not 0 <= self.lmbda <= 1:
@@ -272,12 +261,7 @@ def distill(
     identity = {"source": source or {}, "data": str(data.resolve()), "data_sha256": file_sha256(data),
                 "config": json.loads(json.dumps(cfg.identity()))}
     args = TrainingArguments(
-        **trainer_arguments(output / CHECKPOINTS, student, max_steps=cfg.max_steps, batch_size=cfg.batch_size,
-                            grad_accum=cfg.grad_accum, learning_rate=cfg.learning_rate, save_steps=cfg.save_steps,
-                            logging=cfg.logging_steps, seed=cfg.seed, lr_scheduler=cfg.lr_scheduler,
-                            warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay,
-                            save_total_limit=cfg.save_total_limit,
-                            bf16=cfg.bf16 or next(student.parameters()).dtype == torch.bfloat16),
+        **cfg.arguments(output / CHECKPOINTS, student, bf16=cfg.bf16 or next(student.parameters()).dtype == torch.bfloat16),
         remove_unused_columns=False,
         dataloader_pin_memory=False,
     )

@@ -36,7 +36,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, default_da
 from slmkit.artefact import MANIFEST, Manifest, atomic_dir
 from slmkit.errors import ConfigError
 from slmkit.models.student import StudentConfig, describe_sharing, make_student, untied_state_dict
-from slmkit.train.args import trainer_arguments
+from slmkit.train.args import TrainerSettings
 from slmkit.train.checkpoints import finish_run, mean_logged_loss, prepare_run, settings_identity, stop_at, train_from
 from slmkit.train.dist import on_main
 from slmkit.train.sft import check_training_output, checkpoint_dir, quiet
@@ -52,24 +52,19 @@ def _schedulers() -> tuple[str, ...]:
 
 
 @dataclass(frozen=True)
-class PretrainConfig:
+class PretrainConfig(TrainerSettings):
     """Knobs of :func:`pretrain` (defaults: MobileLLM's recipe, Liu et al. 2024: AdamW at lr 2e-3,
-    cosine decay, weight decay 0.1; their 2048-token context is shortened to 512)."""
+    cosine decay, weight decay 0.1; their 2048-token context is shortened to 512). The Trainer's settings
+    are :class:`TrainerSettings`' fields; the defaults that differ from a fine-tuning run's are set here."""
 
-    student: StudentConfig = field(default_factory=StudentConfig)  #: the architecture (default MobileLLM-125M)
-    block_size: int = 512  #: tokens per training sequence (<= student.max_positions)
     max_steps: int = 1000  #: optimizer steps
     batch_size: int = 8  #: blocks per device per micro-batch
-    grad_accum: int = 1  #: micro-batches per optimizer step
     learning_rate: float = 2e-3
-    lr_scheduler: str = "cosine"  #: any transformers scheduler name (constant, linear, cosine, ...)
-    warmup_steps: int = 0
+    lr_scheduler: str = "cosine"
     weight_decay: float = 0.1
     save_steps: int = 200  #: checkpoint every N steps (0: only the final model)
-    save_total_limit: int = 2  #: keep the newest N checkpoints
-    logging_steps: int = 10
-    seed: int = 0  #: weight initialisation and the Trainer's RNG
-    bf16: bool = False  #: mixed precision: bf16 autocast over fp32 weights (the Trainer's bf16; GPUs, bf16 CPUs)
+    student: StudentConfig = field(default_factory=StudentConfig)  #: the architecture (default MobileLLM-125M)
+    block_size: int = 512  #: tokens per training sequence (<= student.max_positions)
 
     def __post_init__(self):
         for name in ("max_steps", "batch_size", "grad_accum", "logging_steps", "save_total_limit"):
@@ -173,11 +168,7 @@ def pretrain(
     identity = json.loads(json.dumps({"kind": "pretrain", "tokenizer": tokenizer_spec, "vocab": len(tokenizer),
                                       "data": corpus_fingerprint(files), "config": cfg.identity()}))
     model = make_student(cfg.student, tokenizer, seed=cfg.seed).to(device)
-    args = TrainingArguments(**trainer_arguments(
-        ckpts, model, max_steps=cfg.max_steps, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
-        learning_rate=cfg.learning_rate, save_steps=cfg.save_steps, logging=cfg.logging_steps, seed=cfg.seed,
-        lr_scheduler=cfg.lr_scheduler, warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay,
-        save_total_limit=cfg.save_total_limit, bf16=cfg.bf16), remove_unused_columns=False, dataloader_pin_memory=False)
+    args = TrainingArguments(**cfg.arguments(ckpts, model), remove_unused_columns=False, dataloader_pin_memory=False)
     _ = args.device  # under `accelerate launch`: sets up the process group (slmkit.train.dist)
     start = on_main(lambda: prepare_run(ckpts, identity, resume, existing="refuse"))  # the main process writes run.json
     measure = (lambda: on_main(lambda: heldout_perplexity(model, tokenizer, eval_text, cfg.block_size, eval_tokens))
