@@ -4,7 +4,8 @@ Task: each rag-qa question (``SLMKIT_DATA/rag-qa``) with its gold passage in the
 ``"{passage}\\n\\nQuestion: {question}\\nAnswer:"``, and four options: the gold answer and three
 distractors, first the other answers of questions on the same passage (spans of that same passage,
 so the passage alone does not give the answer away), then, when the passage has too few, answers of
-questions on other passages drawn at random (``--seed``). A distractor whose normalised words
+questions on other passages drawn at random (``--seed``); ``--distractors other``: all three from other
+passages (an easier task: the gold answer is the one option in the passage). A distractor whose normalised words
 equal, contain or are contained in the gold answer's is skipped; the option order is shuffled with
 the same seeded generator. Scored by log-likelihood, no generation (:func:`slmkit.eval.tasks.loglikelihoods`,
 lm-eval's delimiter " "); a model picks the option with the best ``--norm`` score (``chars``: log-likelihood
@@ -52,8 +53,9 @@ def _distinct(a: str, b: str) -> bool:
     return bool(x.strip()) and bool(y.strip()) and x not in y and y not in x
 
 
-def mc_items(passages: dict, questions: list[dict], n_options: int, seed: int) -> tuple[list, list[int], dict]:
-    """``(items, passage ids, counts)``: one :class:`~slmkit.eval.tasks.MCItem` per question (see the module docstring)."""
+def mc_items(passages: dict, questions: list[dict], n_options: int, seed: int, same_passage: bool = True) -> tuple[list, list[int], dict]:
+    """``(items, passage ids, counts)``: one :class:`~slmkit.eval.tasks.MCItem` per question (see the module docstring);
+    ``same_passage=False`` draws every distractor from other passages."""
     from slmkit.eval.tasks import MCItem
 
     rng = random.Random(seed)
@@ -64,7 +66,7 @@ def mc_items(passages: dict, questions: list[dict], n_options: int, seed: int) -
     for q in questions:
         gold = q["answer"]
         options = [gold]
-        for cand in [*by_passage[q["passage_id"]], None]:
+        for cand in [*(by_passage[q["passage_id"]] if same_passage else []), None]:
             if cand is None or len(options) == n_options:
                 break
             if all(_distinct(cand, o) for o in options):
@@ -153,6 +155,8 @@ def main() -> None:
                     help="comma list of small models, closest first: first:N | depth:N | DIR")
     ap.add_argument("--limit", type=int, default=0, help="first N rag-qa questions (0 = all 400)")
     ap.add_argument("--options", type=int, default=4)
+    ap.add_argument("--distractors", default="passage", choices=["passage", "other"],
+                    help="passage: other answers on the same passage first; other: answers of other passages only")
     ap.add_argument("--norm", default="chars", choices=["chars", "none"])
     ap.add_argument("--signals", default="margin,maxprob,probe")
     ap.add_argument("--folds", type=int, default=5, help="probe: out-of-fold folds, grouped by passage")
@@ -174,7 +178,7 @@ def main() -> None:
         sys.exit(0)
     passages = {r["id"]: r["text"] for r in read_jsonl(root / "rag-qa" / "passages.jsonl")}
     questions = read_jsonl(root / "rag-qa" / "questions.jsonl", limit=args.limit)
-    items, groups, counts = mc_items(passages, questions, args.options, args.seed)
+    items, groups, counts = mc_items(passages, questions, args.options, args.seed, args.distractors == "passage")
     info = {"command": "PYTHONPATH=src python " + " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "device": f"CPU ({platform.processor() or platform.machine()}), {args.threads} torch thread(s), {os.cpu_count()} cores",
             "torch": torch.__version__, "questions": len(items), "distractors": counts, "args": vars(args)}
