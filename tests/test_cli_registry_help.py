@@ -25,6 +25,8 @@ REGISTRY_OPTIONS = [
     (["route"], "slmkit.collab.cascade", "SIGNALS"),
     (["judge"], "slmkit.collab.judge", "JUDGES"),
     (["rag", "ask"], "slmkit.rag.retrieve", "RERANKERS"),
+    (["rag", "index"], "slmkit.rag.retrieve", "RETRIEVERS"),
+    (["speculate"], "slmkit.collab.drafters", "DRAFT_KINDS"),
     (["audit"], "slmkit.trust.suite", "DIMENSIONS"),
     (["pretrain"], "slmkit.models.student", "PRESETS"),
 ]

@@ -11,7 +11,7 @@ from slmkit.backends.base import TokenScores
 from slmkit.errors import ConfigError, DataError
 from slmkit.rag.embed import Embedder
 from slmkit.rag.index import Hit, VectorIndex, build_index
-from slmkit.rag.retrieve import RerankConfig, RetrieverConfig, rank, rerank, rrf
+from slmkit.rag.retrieve import RETRIEVERS, RerankConfig, RetrieverConfig, rank, rerank, retriever, rrf
 
 NOTES = {
     "n0": "Zebras of the Karoo have faint stripes and graze at dawn.",
@@ -122,3 +122,38 @@ def test_rerank_by_query_likelihood_moves_the_relevant_passage_up():
     assert [h.id for h in fused][:2] == ["d0@0", "d3@0"]
     with pytest.raises(ConfigError, match="unknown reranker"):
         RerankConfig(method="cross")
+
+
+def test_a_new_retriever_is_one_registered_function(embedder, corpus, tmp_path, monkeypatch):
+    """A retriever registered beside its ranking function is found by name (RetrieverConfig, an index's retriever,
+    rank) and gets only the scores it asks for. Here CombSUM of min-max normalised dense and BM25 scores
+    (Fox & Shaw 1994), and a BM25-only one that records what it was given."""
+    monkeypatch.setattr(RETRIEVERS, "_items", dict(RETRIEVERS._items))
+
+    def unit(s):
+        return (s - s.min()) / max(float(s.max() - s.min()), 1e-12)
+
+    @retriever("seam-combsum", embedder=True, bm25=True, summary="CombSUM of min-max normalised scores")
+    def combsum(dense, bm25, n, live, cfg):
+        s = np.where(live, unit(dense) + unit(bm25), -np.inf)
+        return [(int(i), float(s[i])) for i in np.argsort(-s, kind="stable")[: min(n, int(live.sum()))]]
+
+    given = []
+
+    @retriever("seam-bm25-only", embedder=False, bm25=True, summary="BM25's best chunk")
+    def bm25_only(dense, bm25, n, live, cfg):
+        given.append(dense)
+        return [(int(np.argmax(bm25)), float(bm25.max()))]
+
+    build_index([corpus], tmp_path / "idx", embedder, retriever=RetrieverConfig(method="seam-combsum"))
+    index = VectorIndex.open(tmp_path / "idx")
+    assert index.retriever.method == "seam-combsum" and (tmp_path / "idx" / "bm25" / "rows.npy").is_file()
+    hits = rank(index, embedder, ["Who painted the lamp room orange?"], 3, index.retriever)[0]
+    assert hits[0].doc.endswith("#n1") and 2.0 >= hits[0].score >= hits[1].score >= hits[2].score >= 0.0
+    with pytest.raises(ConfigError, match="retriever 'seam-combsum' needs the index's embedder"):
+        rank(index, None, ["q"], 1, index.retriever)
+    only = rank(index, None, ["bees dance flowers"], 1, RetrieverConfig(method="seam-bm25-only"))[0]
+    assert only[0].doc.endswith("#n4") and given == [None]
+    monkeypatch.undo()
+    with pytest.raises(ConfigError, match="unknown retriever 'seam-combsum'; known: bm25, dense, hybrid"):
+        RetrieverConfig(method="seam-combsum")

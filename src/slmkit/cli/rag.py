@@ -16,7 +16,7 @@ MODEL_HELP = "default | hub id | directory | file.gguf"
 
 def register(app: typer.Typer) -> None:
     rag = typer.Typer(help="Retrieval-augmented generation: index documents, answer with sources.", no_args_is_help=True)
-    rag.command("index")(with_progress("rag index")(rag_index))
+    rag.command("index", cls=RegistryHelpCommand)(with_progress("rag index")(rag_index))
     rag.command("ask", cls=RegistryHelpCommand)(rag_ask)
     app.add_typer(rag, name="rag")
 
@@ -27,8 +27,9 @@ def rag_index(
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     embedder: str = typer.Option("all-MiniLM-L6-v2", "--embedder", help="all-MiniLM-L6-v2 or a local encoder directory"),
     retriever: Optional[str] = typer.Option(None, "--retriever",
-                                            help="dense | bm25 | hybrid (dense + BM25, reciprocal rank fusion); "
-                                                 "default: hybrid for a new index, an existing index keeps its own"),
+                                            help=registry_names("slmkit.rag.retrieve", "RETRIEVERS") + " (hybrid: "
+                                                 "dense + BM25, reciprocal rank fusion); default: hybrid for a new "
+                                                 "index, an existing index keeps its own"),
     max_words: int = typer.Option(200, "--max-words", min=8, help="words per chunk"),
     overlap: int = typer.Option(30, "--overlap", min=0, help="words shared by consecutive windows of a long paragraph"),
     json_out: bool = typer.Option(False, "--json"),

@@ -1,5 +1,7 @@
 """Retrievers over an index: dense, BM25 and their fusion, plus optional reranking by a language model.
 
+The retrievers are registered in :data:`RETRIEVERS` (:func:`retriever`, beside each ranking function):
+
 * ``dense``: cosine similarity of sentence embeddings (:meth:`VectorIndex.search`).
 * ``bm25``: Okapi BM25 over the chunks' words (:mod:`slmkit.rag.lexical`).
 * ``hybrid``: both ranked lists fused by reciprocal rank fusion, ``score(d) = sum_r 1 / (k + rank_r(d))``
@@ -42,7 +44,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-METHODS = ("dense", "bm25", "hybrid")
 RRF_K = 60  # Cormack et al. 2009: k = 60 "was fixed during a pilot investigation and not altered"
 
 
@@ -50,24 +51,23 @@ RRF_K = 60  # Cormack et al. 2009: k = 60 "was fixed during a pilot investigatio
 class RetrieverConfig:
     """How an index is searched; stored in its ``index.json`` under ``retriever``."""
 
-    method: str = "hybrid"  #: dense | bm25 | hybrid
+    method: str = "hybrid"  #: a retriever of RETRIEVERS: dense | bm25 | hybrid
     rrf_k: int = RRF_K  #: reciprocal-rank-fusion constant
     depth: int = 50  #: hybrid: chunks each ranked list contributes to the fusion
     bm25: BM25Config = BM25Config()
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ConfigError(f"unknown retriever {self.method!r}; known: {', '.join(METHODS)}")
+        RETRIEVERS.get(self.method)  # unknown name -> ConfigError listing the known ones
         if self.rrf_k < 1 or self.depth < 1:
             raise ConfigError(f"rrf_k and depth must be >= 1, got {self.rrf_k}, {self.depth}")
 
     @property
     def needs_embedder(self) -> bool:
-        return self.method != "bm25"
+        return RETRIEVERS.get(self.method).needs_embedder
 
     @property
     def needs_bm25(self) -> bool:
-        return self.method != "dense"
+        return RETRIEVERS.get(self.method).needs_bm25
 
     def to_dict(self) -> dict:
         from dataclasses import asdict
@@ -110,6 +110,50 @@ def _top(scores: np.ndarray, n: int, live: np.ndarray) -> list[int]:
     return [int(i) for i in idx[np.lexsort((idx, -s[idx]))]][:n]
 
 
+#: (cosine similarities (N,) or None, BM25 scores (N,) or None, n, live mask (N,), cfg) -> [(chunk, score)], best first
+RankFn = Callable[[np.ndarray | None, np.ndarray | None, int, np.ndarray, "RetrieverConfig"], list[tuple[int, float]]]
+
+
+@dataclass(frozen=True)
+class Retriever:
+    """A registered retriever: its ranking of one question's scores and which scores it needs."""
+
+    run: RankFn
+    needs_embedder: bool  #: needs the dense cosine similarities (the index's embedder)
+    needs_bm25: bool  #: needs the BM25 scores
+    summary: str = ""
+
+
+RETRIEVERS: Registry[Retriever] = Registry("retriever")
+
+
+def retriever(name: str, *, embedder: bool, bm25: bool, summary: str):
+    """Register the decorated ranking ``fn(dense, bm25, n, live, cfg) -> [(chunk, score)]`` as retriever ``name``
+    (``rag index --retriever NAME``); ``embedder`` / ``bm25``: the scores it needs (the others are None)."""
+    def deco(fn: RankFn) -> RankFn:
+        RETRIEVERS.add(name, Retriever(fn, embedder, bm25, summary))
+        return fn
+
+    return deco
+
+
+@retriever("dense", embedder=True, bm25=False, summary="cosine similarity of sentence embeddings")
+def dense_ranking(dense, bm25, n: int, live: np.ndarray, cfg: RetrieverConfig) -> list[tuple[int, float]]:
+    return [(i, float(dense[i])) for i in _top(dense, n, live)]
+
+
+@retriever("bm25", embedder=False, bm25=True, summary="Okapi BM25 over the chunks' words")
+def bm25_ranking(dense, bm25, n: int, live: np.ndarray, cfg: RetrieverConfig) -> list[tuple[int, float]]:
+    return [(i, float(bm25[i])) for i in _top(bm25, n, live)]
+
+
+@retriever("hybrid", embedder=True, bm25=True, summary="dense + BM25, reciprocal rank fusion")
+def hybrid_ranking(dense, bm25, n: int, live: np.ndarray, cfg: RetrieverConfig) -> list[tuple[int, float]]:
+    """Each list's top ``max(depth, n)`` fused by RRF (Cormack et al. 2009, Eq. 1)."""
+    fused = rrf([_top(dense, max(cfg.depth, n), live), _top(bm25, max(cfg.depth, n), live)], cfg.rrf_k)
+    return sorted(fused.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
+
+
 def rank(index: VectorIndex, embedder: Embedder | None, questions: list[str], n: int,
          cfg: RetrieverConfig) -> list[list[Hit]]:
     """The best ``n`` chunks for each question by ``cfg.method``, best first; ``Hit.score`` is the
@@ -123,18 +167,11 @@ def rank(index: VectorIndex, embedder: Embedder | None, questions: list[str], n:
     live = index.live_mask()
     dense = index.vectors @ embedder.embed_queries(questions).T if cfg.needs_embedder else None  # (N, Q) cosine, query prompt
     lexical = index.lexical() if cfg.needs_bm25 else None
+    run = RETRIEVERS.get(cfg.method).run
     out = []
     for qi, q in enumerate(questions):
-        if cfg.method == "dense":
-            ranked = [(i, float(dense[i, qi])) for i in _top(dense[:, qi], n, live)]
-        elif cfg.method == "bm25":
-            s = lexical.scores(q, len(index.chunks))
-            ranked = [(i, float(s[i])) for i in _top(s, n, live)]
-        else:
-            s = lexical.scores(q, len(index.chunks))
-            lists = [_top(dense[:, qi], max(cfg.depth, n), live), _top(s, max(cfg.depth, n), live)]
-            fused = rrf(lists, cfg.rrf_k)
-            ranked = sorted(fused.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
+        bm25 = lexical.scores(q, len(index.chunks)) if lexical is not None else None  # (N,)
+        ranked = run(dense[:, qi] if dense is not None else None, bm25, n, live, cfg)
         out.append([index.hit(i, score) for i, score in ranked])
     return out
 
