@@ -169,6 +169,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from slmkit.collab.cascade_curve import CurveConfig, option_confidence, routing_curve
+    from slmkit.collab.judge import auroc, auroc_ci
     from slmkit.data import data_dir, read_jsonl
     from slmkit.models import load
 
@@ -198,17 +199,23 @@ def main() -> None:
         if "probe" in signals:
             conf["probe"] = probe_conf(small, tok, items, sm["picks"], sm["ok"], groups, args.folds, args.seed)
         curves = {s: routing_curve(conf[s], sm["ok"], large["ok"], ccfg) for s in signals}
+        wrong = [1 - int(o) for o in sm["ok"]]
+        detect = {s: {"auroc": auroc([-c for c in conf[s]], wrong), "ci95": list(auroc_ci([-c for c in conf[s]], wrong, seed=args.seed))}
+                  for s in signals}  # how well each signal tells the small model's wrong picks from its right ones
         gap = (sum(large["ok"]) - sum(sm["ok"])) / len(items)
         pairs[spec] = {"acc_small": sum(sm["ok"]) / len(items), "gap": gap, "seconds": sm["seconds"],
-                       "probe_seconds": round(time.perf_counter() - t0, 1), "curves": curves}
+                       "probe_seconds": round(time.perf_counter() - t0, 1), "auroc_small_wrong": detect, "curves": curves,
+                       "per_question": {"small_ok": sm["ok"], **{s: conf[s] for s in signals}}}
         if primary is None and gap >= args.min_gap:
             primary = spec
-        print(json.dumps({"small": spec, "acc": pairs[spec]["acc_small"], "gap": gap, "seconds": sm["seconds"]}), flush=True)
+        print(json.dumps({"small": spec, "acc": pairs[spec]["acc_small"], "gap": gap, "seconds": sm["seconds"], "auroc_small_wrong": detect}),
+              flush=True)
     for spec, p in pairs.items():
         for s in signals:
             mark = " (primary pair)" if spec == primary else ""
             print_curve(f"small {spec} -> large {args.model}, signal {s}{mark}", p["curves"][s])
-    out = {**info, "acc_large": sum(large["ok"]) / len(items), "large_seconds": large["seconds"], "primary": primary, "pairs": pairs}
+    out = {**info, "acc_large": sum(large["ok"]) / len(items), "large_seconds": large["seconds"], "primary": primary, "pairs": pairs,
+           "large_ok": large["ok"]}
     print(f"\nprimary pair (first small with a gap >= {args.min_gap:.2f}): {primary}")
     if args.json:
         with open(args.json, "w") as f:
