@@ -20,6 +20,10 @@
  */
 #include "common.h"
 
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi" /* 64-byte vectors in static inline helpers only: no ABI crosses a call */
+#endif
+
 typedef float v16 __attribute__((vector_size(64)));
 
 #define F32_NB 4 /* weight rows per tile */
@@ -32,14 +36,19 @@ static inline v16 v16_load(const float *p) {
     return v;
 }
 
-/* The 16 lanes summed pairwise in a fixed order (8 + 4 + 2 + 1 halvings). */
+/* The 16 lanes summed pairwise in a fixed order: lanes i and i + 8, then i + 4, i + 2, i + 1 (the order of
+ * _mm512_reduce_add_ps, which the AVX-512 build uses; the others halve the vector the same way). */
+#if defined(SLMKIT_AVX512)
+static inline float v16_sum(v16 v) { return _mm512_reduce_add_ps((__m512)v); }
+#else
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v4 __attribute__((vector_size(16)));
 static inline float v16_sum(v16 v) {
-    float a[16];
-    memcpy(a, &v, sizeof a);
-    for (int w = 8; w >= 1; w /= 2)
-        for (int i = 0; i < w; i++) a[i] += a[i + w];
-    return a[0];
+    const v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+    const v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+    return (b[0] + b[2]) + (b[1] + b[3]);
 }
+#endif
 
 /* One tile: rows n0..n0+nb of W against rows m0..m0+mb of x (nb, mb constant after inlining). */
 static inline __attribute__((always_inline)) void f32_tile(const float *x, int m0, int mb, int K, const float *w, int n0,
