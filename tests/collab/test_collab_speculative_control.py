@@ -245,8 +245,9 @@ def test_a_new_draft_kind_is_one_registered_function(target, tiny_tok, tiny_dir,
 
     # kinds with an argument take a positive integer; a MODEL spec with a colon is not a kind
     assert find_draft_kind("layers:2")[1] == "2" and find_draft_kind("C:/models/small") is None
-    with pytest.raises(ConfigError, match="layers:N needs a positive integer N, got 'layers:x'"):
-        find_draft_kind("layers:x")
+    for bad in ("layers:x", "layers:\u00b2"):  # a superscript digit is a digit to str.isdigit, not to int()
+        with pytest.raises(ConfigError, match="layers:N needs a positive integer N"):
+            find_draft_kind(bad)
     with pytest.raises(ConfigError, match=r"the draft \(--draft\): layers:N needs a positive integer N, got 'layers:0'"):
         resolve_draft("layers:0", target, tiny_tok, what="the draft (--draft)")
     with pytest.raises(RecipeError, match="stage 2: draft must be one of student, recommended, int4, int8, layers:N, "

@@ -146,6 +146,17 @@ def test_compress_stage_options_become_the_method_config():
             build_config(cls, settings, "stage 1")
 
 
+def test_yaml_exponent_floats_are_floats():
+    """YAML 1.1 reads ``1e-4`` (no dot) as a string; a float field takes it (and --option damp=1e-4), other text is refused."""
+    from slmkit.pipeline.recipe import build_config
+    from slmkit.pipeline.stages.compress import QuantizeConfig
+
+    q = build_config(QuantizeConfig, {"method": "gptq", "damp": "1e-4"}, "stage 2 (quantize)")
+    assert q.method_config().damp == 1e-4
+    with pytest.raises(RecipeError, match="damp"):
+        build_config(QuantizeConfig, {"method": "gptq", "damp": "small"}, "stage 2 (quantize)")
+
+
 def test_distill_stage_loss_options_reach_the_loss_config(tiny_dir):
     """beta / alpha (and any new loss knob) reach LossConfig through ``loss_options:``; the key is unchanged without them."""
     from slmkit.pipeline.recipe import build_config

@@ -286,19 +286,23 @@ def probe_signal(small: Backend, prompts, questions, comps: Sequence[Completion]
 
 
 @torch.inference_mode()
-def answer_margins(model, tokenizer, contexts: Sequence[str], answers: Sequence[str]) -> list[float]:
+def answer_margins(model, tokenizer, contexts: Sequence[str], answers: Sequence[str], encode=None) -> list[float]:
     """Mean over each answer's tokens of ``p(top-1) - p(top-2)`` of the model's next-token distribution.
 
     CoT-decoding's answer confidence (Wang & Zhou 2024, arXiv:2402.10200, Sec. 2.2:
     ``Delta = mean_t p(x_t^1 | x_<t) - p(x_t^2 | x_<t)``); for a one-token answer (a choice letter)
     it is the option margin of a multiple-choice pick. An empty answer scores the next token after
-    its context.
+    its context. ``encode(context, answer) -> (ids, start)`` (a backend's ``encode_pair``: its BOS rule and a
+    context whose last token merges with the answer's first) replaces the plain tokenisation when given.
     """
     device = next(model.parameters()).device
     out = []
     for ctx, ans in zip(contexts, answers):
-        start = len(tokenizer(ctx, add_special_tokens=False).input_ids)
-        ids = tokenizer(ctx + ans, add_special_tokens=False).input_ids
+        if encode is not None:
+            ids, start = encode(ctx, ans)
+        else:
+            start = len(tokenizer(ctx, add_special_tokens=False).input_ids)
+            ids = tokenizer(ctx + ans, add_special_tokens=False).input_ids
         start = min(max(1, start), len(ids))  # positions start-1 .. len-2 predict the answer's tokens
         logits = model(input_ids=torch.tensor([ids], device=device)).logits[0].float()  # (T, V)
         probs = torch.softmax(logits[start - 1 : max(start, len(ids) - 1)], dim=-1)  # (A, V)
@@ -316,7 +320,8 @@ def margin_signal(small: Backend, prompts, questions, comps: Sequence[Completion
     if model is None or tok is None:
         raise ConfigError("the margin signal reads the small model's next-token distributions; the small model must be local",
                           "use --signal logprob with a small model behind an endpoint")
-    return answer_margins(model, tok, [render_prompt(tok, p) for p in prompts], [c.text for c in comps])
+    return answer_margins(model, tok, [render_prompt(tok, p) for p in prompts], [c.text for c in comps],
+                          encode=getattr(small, "encode_pair", None))
 
 
 #: signals that learn from labelled rows (the calibration split's correctness of the small model)

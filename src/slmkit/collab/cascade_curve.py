@@ -129,11 +129,15 @@ def routing_curve(conf: Sequence[float], small_ok: Sequence[float], large_ok: Se
         for name, fn in (("cascade", lambda d: d["cascade"]), ("random", lambda d: d["random"]), ("oracle", lambda d: d["oracle"]),
                          ("diff", lambda d: d["cascade"] - d["random"]), ("kept", kept)):
             row[name] = float(fn(point)[0, j])
+            if name == "kept" and not np.isfinite(row[name]):
+                row[name] = None  # the large model got nothing right: no share to keep (and NaN is not JSON)
+                continue
             if boot is not None:
                 row[f"{name}_ci"] = ci(fn(boot)[:, j])
         row["separated"] = None if boot is None else row["cascade_ci"][0] > row["random_ci"][1]
         rows.append(row)
     low = [row for row in rows if row["rate"] <= cfg.keep_rate + 1e-12]
+    low = [row for row in low if row["kept"] is not None]
     best = max(low, key=lambda row: row["kept"]) if low else None
     inner = [row for row in rows if 0 < row["escalated"] < n]  # at 0 and n escalations every router is the same
     return {

@@ -304,7 +304,7 @@ def find_draft_kind(spec: str) -> tuple[DraftKind, str] | None:
     key = f"{head}:N" if sep else spec
     if key not in DRAFT_KINDS:
         return None
-    if sep and not (arg.isdigit() and int(arg) > 0):
+    if sep and not (arg.isdecimal() and arg.isascii() and int(arg) > 0):
         raise ConfigError(f"{key} needs a positive integer N, got {spec!r}")
     return DRAFT_KINDS.get(key), arg
 

@@ -95,7 +95,7 @@ class SpecConfig:
     eos_token_ids: tuple[int, ...] = ()  #: generation stops after emitting one of these
     probe_every: int = 8  #: plain steps before re-trying a draft that did not pay (doubles after each failed probe)
     probe_max: int = 64  #: longest gap between such probes (plain steps)
-    fast_target: bool | None = None  #: verify on slmkit's fast path (llama on CPU; same logits as transformers' forward in fp32); None = speculate does when it can, autoregressive does not
+    fast_target: bool | None = None  #: verify on slmkit's fast path (llama on CPU; transformers' fp32 logits up to fp32 rounding: multi-token passes use kernels/f32.c); None = speculate does when it can, autoregressive does not
 
     def __post_init__(self):
         if self.max_new_tokens < 0:

@@ -53,16 +53,16 @@ def _damped(H: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
     return A
 
 
-def damped_cholesky(H: torch.Tensor, damp: float, who: str = "the calibration Hessian") -> torch.Tensor:
-    """Lower ``L`` (float64) with ``L L^T = H + lambda I``, ``lambda`` by the module's damping rule.
-
-    ``who`` names the caller in the error raised when every damping fails.
-    """
+def _factors(H: torch.Tensor, damp: float, who: str, inverse: bool) -> torch.Tensor:
+    """The module's damping rule around one factorisation: of ``H + lambda I`` (lower), or with ``inverse`` of its
+    inverse (upper); a try whose factorisation fails, either one, moves to the next damping."""
     H = H.double()
     scale = H.diagonal().mean().clamp_min(DAMP_FLOOR)
     for k in range(DAMP_TRIES):
         d = damp * 10**k if damp > 0 or k == 0 else ZERO_DAMP_RETRY * 10 ** (k - 1)
         L, info = torch.linalg.cholesky_ex(_damped(H, d * scale))  # (n, n) lower
+        if int(info) == 0 and inverse:
+            L, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
         if int(info) == 0:
             return L
         log.debug("%s: not positive definite with damp %g; trying more", who, d)
@@ -70,7 +70,14 @@ def damped_cholesky(H: torch.Tensor, damp: float, who: str = "the calibration He
                       "use more calibration data or a larger damp")
 
 
+def damped_cholesky(H: torch.Tensor, damp: float, who: str = "the calibration Hessian") -> torch.Tensor:
+    """Lower ``L`` (float64) with ``L L^T = H + lambda I``, ``lambda`` by the module's damping rule.
+
+    ``who`` names the caller in the error raised when every damping fails.
+    """
+    return _factors(H, damp, who, inverse=False)
+
+
 def inverse_hessian_factor(H: torch.Tensor, damp: float, who: str = "the calibration Hessian") -> torch.Tensor:
     """Upper ``U`` (float64) with ``U^T U = (H + lambda I)^-1`` (GPTQ Sec. 4; SparseGPT Alg. 1, line 1)."""
-    Hinv = torch.cholesky_inverse(damped_cholesky(H, damp, who))
-    return torch.linalg.cholesky(Hinv, upper=True)  # (n, n)
+    return _factors(H, damp, who, inverse=True)  # (n, n)

@@ -35,7 +35,7 @@ def _type_name(tp: Any) -> str:
 
 
 def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
-    """(ok, value converted to ``tp``). Ints are accepted for floats; nothing else is cast."""
+    """(ok, value converted to ``tp``). Ints and numeric strings (YAML's ``1e-4``) are accepted for floats; nothing else is cast."""
     origin = typing.get_origin(tp)
     if tp is Any:
         return True, value
@@ -65,6 +65,11 @@ def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
     if tp is int:
         return isinstance(value, int) and not isinstance(value, bool), value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string: a float the user meant
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, value
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         return ok, float(value) if ok else value
     if tp is str:

@@ -128,8 +128,7 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_old: int, opts: At
         # GQA over a cache (speculative verification, prompt chunks after the first): the same trick for T new
         # tokens, rows g*T + i of the stacked queries; the causal mask repeats per group. Repeating the KV heads
         # instead copied the whole cache per layer (the largest cost of a 5-token pass here).
-        qpos = torch.arange(n_old, n_old + t, device=q.device)[:, None]
-        mask = (torch.arange(n_old + t, device=q.device)[None, :] <= qpos).repeat(groups, 1)  # (groups*T, S)
+        mask = _causal_mask(t, n_old, q.device).repeat(groups, 1)  # (groups*T, S)
         o = F.scaled_dot_product_attention(q.reshape(1, hk, groups * t, q.shape[-1]), k, v, attn_mask=mask)
         return o.reshape(1, hk * groups, t, q.shape[-1])
     if groups > 1:  # GQA: repeat KV heads as transformers' repeat_kv does

@@ -158,10 +158,10 @@ def apply_linear(spec: tuple, x: torch.Tensor) -> torch.Tensor:
     if kind == "concat":
         return torch.cat([apply_linear(p, x) for p in a], dim=-1)
     if kind == "dense":
-        y = q4kernel.f32_linear(x, a) if x.dim() == 2 else None  # 2..16 tokens: the weight read once
+        y = q4kernel.f32_linear(x, a)  # 2..16 tokens: the weight read once (fp32 rounding apart from torch's sgemm)
         if y is None:
             return F.linear(x, a, bias)  # what nn.Linear computes: one-token fp32 steps give transformers' bits
-        return y if bias is None else y + bias
+        return y if bias is None else y.add_(bias)
     if kind == "q4":
         y = q4kernel.linear(x, a.q, a.s, a.m)
     elif kind == "gguf":

@@ -41,12 +41,12 @@ static inline v16 v16_load(const float *p) {
 #if defined(SLMKIT_AVX512)
 static inline float v16_sum(v16 v) { return _mm512_reduce_add_ps((__m512)v); }
 #else
-typedef float v8 __attribute__((vector_size(32)));
-typedef float v4 __attribute__((vector_size(16)));
-static inline float v16_sum(v16 v) {
-    const v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-    const v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-    return (b[0] + b[2]) + (b[1] + b[3]);
+static inline float v16_sum(v16 v) { /* plain C (GCC < 12 has no __builtin_shufflevector); the same order */
+    float t[16];
+    memcpy(t, &v, sizeof t);
+    for (int i = 0; i < 8; i++) t[i] += t[i + 8];
+    for (int i = 0; i < 4; i++) t[i] += t[i + 4];
+    return (t[0] + t[2]) + (t[1] + t[3]);
 }
 #endif
 
