@@ -186,7 +186,8 @@ def evaluate_proxy(large, tuned, untuned, tok, rows: Sequence[dict], cfg: ProxyC
         base, proxy = scores["base"][metric], scores["proxy"][metric]
         gaps = {"tuned": scores["tuned"][metric]} | ({"reference": scores["reference"][metric]} if reference is not None else {})
         for name, top in gaps.items():
-            report[f"gap_closed_vs_{name}_{metric}"] = (proxy - base) / (top - base) if top != base else None
+            # a fraction of a gap only where there is one (top above base); else None, not a ratio of two losses
+            report[f"gap_closed_vs_{name}_{metric}"] = (proxy - base) / (top - base) if top > base else None
         report[f"small_tuning_gain_{metric}"] = scores["tuned"][metric] - scores["untuned"][metric]
         report[f"proxy_gain_{metric}"] = proxy - base
     report["examples"] = examples
