@@ -22,12 +22,12 @@ def register(app: typer.Typer) -> None:
 
 
 def speculate(
-    prompt: str = typer.Argument(..., help="the prompt (continued as raw text unless --chat)"),
+    prompt: str = typer.Argument(..., help="the prompt (wrapped in the target's chat template unless --raw)"),
     draft: str = typer.Option(..., "--draft", help="a draft made from the target: " + registry_names("slmkit.collab.drafters", "DRAFT_KINDS") + " (lookup: prompt lookup alone; int4/int8: the target's own quantised copy on the fast path, with prompt lookup when the context repeats; layers:N: its first N blocks), or a draft MODEL (same tokenizer as the target)"),
     target: str = typer.Option(..., "--target", help="target MODEL: default | hub id | directory | file.gguf"),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32 (greedy output identical to the target) or bf16"),
-    chat: bool = typer.Option(False, "--chat", help="wrap PROMPT in the target's chat template"),
+    chat: Optional[bool] = typer.Option(None, "--chat/--raw", help="wrap PROMPT in the target's chat template (default: when the target has one, as generate does; an instruct model given a raw prompt often stops at once)"),
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy"),
     top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0),
     seed: int = typer.Option(0, "--seed"),
@@ -58,7 +58,7 @@ def speculate(
         max_new_tokens=max_new_tokens, k=min(k, k_max), k_max=k_max, adaptive=not fixed,
         temperature=temperature, top_p=top_p, eos_token_ids=tuple(sorted(eos)),
     )
-    ids = encode_prompt(t_tok, prompt, chat)
+    ids = encode_prompt(t_tok, prompt, bool(getattr(t_tok, "chat_template", None)) if chat is None else chat)
 
     def target_alone(c):
         if baseline == "generate":
