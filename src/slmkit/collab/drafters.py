@@ -198,6 +198,14 @@ class FastDrafter:
         self.calls += 1
         return G.forward(self.fm, [G.Segment(feed, self.cache)])[0]
 
+    def catch_up(self, ctx: torch.Tensor) -> None:
+        """Feed the context the draft has not seen, all but its last token (the prompt; the tokens of plain steps),
+        so that :meth:`propose` times only the drafting: the loop charges this to skipped steps, not to draft tokens."""
+        self._ensure(ctx.shape[0] + 1)
+        tail = ctx[self.cache.seen : -1]
+        if tail.shape[0]:
+            self._next_logits(tail)
+
     def propose(self, ctx: torch.Tensor, k: int, cfg: SpecConfig, gen):
         self._ensure(ctx.shape[0] + k)
         return draft_tokens(self._next_logits, ctx[self.cache.seen :], k, cfg, gen)
