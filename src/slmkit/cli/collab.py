@@ -58,7 +58,7 @@ def speculate(
         max_new_tokens=max_new_tokens, k=min(k, k_max), k_max=k_max, adaptive=not fixed,
         temperature=temperature, top_p=top_p, eos_token_ids=tuple(sorted(eos)),
     )
-    ids = encode_prompt(t_tok, prompt, bool(getattr(t_tok, "chat_template", None)) if chat is None else chat)
+    ids = encode_prompt(t_tok, prompt, chat)
 
     def target_alone(c):
         if baseline == "generate":

@@ -88,6 +88,12 @@ class Drafter(Protocol):
     has_model: bool
     lookup: bool
 
+    def catch_up(self, ctx: torch.Tensor) -> None:
+        """Feed the context not seen yet, all but its last token (the prompt; plain steps' tokens), so that the
+        loop times :meth:`propose` as drafting alone (a no-op for drafts without a model; optional: the loop
+        skips it for a drafter that lacks it)."""
+        ...
+
     def propose(self, ctx: torch.Tensor, k: int, cfg: SpecConfig, gen) -> tuple[torch.Tensor, torch.Tensor | None]: ...
 
     def keep(self, n: int) -> None:
@@ -128,6 +134,11 @@ class ModelDrafter:
     @property
     def calls(self) -> int:
         return self.lm.calls
+
+    def catch_up(self, ctx: torch.Tensor) -> None:
+        tail = ctx[self.lm.n : -1]
+        if tail.shape[0]:
+            self.lm.feed(tail.to(self.dev), 1)
 
     def propose(self, ctx: torch.Tensor, k: int, cfg: SpecConfig, gen):
         n_full = self.n_full if self.vocab is not None else None
@@ -199,8 +210,6 @@ class FastDrafter:
         return G.forward(self.fm, [G.Segment(feed, self.cache)])[0]
 
     def catch_up(self, ctx: torch.Tensor) -> None:
-        """Feed the context the draft has not seen, all but its last token (the prompt; the tokens of plain steps),
-        so that :meth:`propose` times only the drafting: the loop charges this to skipped steps, not to draft tokens."""
         self._ensure(ctx.shape[0] + 1)
         tail = ctx[self.cache.seen : -1]
         if tail.shape[0]:
@@ -224,6 +233,9 @@ class LookupDrafter:
     calls = 0
     has_model = False
     lookup = True
+
+    def catch_up(self, ctx: torch.Tensor) -> None:
+        pass
 
     def propose(self, ctx: torch.Tensor, k: int, cfg: SpecConfig, gen):
         return lookup_draft(ctx, k, cfg.ngram_max, cfg.ngram_min), None

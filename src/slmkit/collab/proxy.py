@@ -127,10 +127,12 @@ def contrastive(expert, amateur, ids, cfg: ContrastiveConfig) -> SpecOutput:
 SYSTEMS = ("base", "tuned", "untuned", "proxy")
 
 
-def encode_prompt(tok, prompt, chat: bool) -> torch.Tensor:
-    """Token ids of ``prompt``: through the chat template when ``chat``, else raw text."""
+def encode_prompt(tok, prompt, chat: bool | None = None) -> torch.Tensor:
+    """Token ids of ``prompt``: through the chat template when ``chat`` (None: when the tokenizer has one), else raw text."""
     from slmkit.backends.text import render_prompt
 
+    if chat is None:
+        chat = bool(getattr(tok, "chat_template", None))
     if chat:
         msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         ids = tok(render_prompt(tok, msgs), add_special_tokens=False).input_ids

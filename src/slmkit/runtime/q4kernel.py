@@ -279,10 +279,12 @@ def f32_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
     """``x`` (M, K) fp32 times the fp32 weight ``w`` (N, K) transposed with :file:`kernels/f32.c`, which reads
     the weight once for all M rows; None when it does not apply (kernel unavailable, M outside
     2..:data:`F32_MAX_TOKENS`, K not a multiple of 16, other dtypes), and the caller uses ``F.linear``."""
-    if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1] or x.device.type != "cpu" or w.device.type != "cpu":
+    if x.dim() != 2 or not 2 <= x.shape[0] <= F32_MAX_TOKENS:  # first: the one-token step (the hot path) leaves here
+        return None
+    if w.dim() != 2 or x.shape[1] != w.shape[1] or x.device.type != "cpu" or w.device.type != "cpu":
         return None
     m, k = x.shape
-    if not 2 <= m <= F32_MAX_TOKENS or k % 16 or x.dtype != torch.float32 or w.dtype != torch.float32:
+    if k % 16 or x.dtype != torch.float32 or w.dtype != torch.float32:
         return None
     lib = load()
     if lib is None:
