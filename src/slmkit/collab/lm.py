@@ -67,14 +67,21 @@ class CachedLM:
 
 
 class FastLM:
-    """The target on slmkit's fast path (weights shared with the transformers model): same interface as :class:`CachedLM`."""
+    """The target on slmkit's fast path: same interface as :class:`CachedLM`.
+
+    An fp32 model loaded from a GGUF file runs that file's own blocks in full precision
+    (:func:`slmkit.runtime.gguffast.exact_model`: the same weights bit for bit, read at the file's 4-8 bits a weight
+    instead of 32); any other model shares its weights with the transformers model."""
 
     def __init__(self, model, capacity: int):
         from slmkit.runtime import generate as G
+        from slmkit.runtime.gguffast import exact_model
 
         dt = next(model.parameters()).dtype
         self.G = G
-        self.fm = G.build(model, G.FastConfig(dtype="bf16" if dt == torch.bfloat16 else "fp32"))
+        self.fm = exact_model(model) if dt == torch.float32 else None
+        if self.fm is None:
+            self.fm = G.build(model, G.FastConfig(dtype="bf16" if dt == torch.bfloat16 else "fp32"))
         self.cache = self.fm.new_cache("full", context=min(self.fm.max_positions, capacity))
         self.n = 0
         self.calls = 0

@@ -63,21 +63,24 @@ class FastConfig:
     """Knobs of the fast path."""
 
     dtype: str = "fp32"  #: compute dtype: "fp32" or "bf16"
-    weights: str = "native"  #: "native" (the compute dtype), "int8" (per-channel), "int4" (groups of 32), or "gguf" (a GGUF file's own blocks: build_gguf); all but native compute in bf16
+    weights: str = "native"  #: "native" (the compute dtype), "int8" (per-channel), "int4" (groups of 32), "gguf" (a GGUF file's own blocks: build_gguf; these compute in bf16), or "gguf-f32" (the file's own blocks in full precision: fp32, the dequantised model's numbers)
     compile: bool = False  #: torch.compile the decode step's per-layer work (slow to start; see bench/runtime.py)
     kernel: str = "auto"  #: int4 matmuls: "auto" (slmkit's q4 kernel where it builds and compile is off, else torch's), "slmkit" or "torch"
 
     def __post_init__(self):
         if self.dtype not in ("fp32", "bf16"):
             raise ConfigError(f"fast path dtype must be fp32 or bf16, got {self.dtype!r}")
-        if self.weights not in ("native", "int8", "int4", "gguf"):
-            raise ConfigError(f"fast path weights must be native, int8, int4 or gguf, got {self.weights!r}")
+        if self.weights not in ("native", "int8", "int4", "gguf", "gguf-f32"):
+            raise ConfigError(f"fast path weights must be native, int8, int4, gguf or gguf-f32, got {self.weights!r}")
+        if self.weights == "gguf-f32" and self.dtype != "fp32":
+            raise ConfigError("weights='gguf-f32' computes in fp32 (dtype='fp32'); weights='gguf' runs the blocks in bf16")
         if self.kernel not in ("auto", "slmkit", "torch"):
             raise ConfigError(f"fast path kernel must be auto, slmkit or torch, got {self.kernel!r}")
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return torch.bfloat16 if (self.dtype == "bf16" or self.weights != "native") else torch.float32
+        full = self.weights in ("native", "gguf-f32")
+        return torch.bfloat16 if (self.dtype == "bf16" or not full) else torch.float32
 
 
 @dataclass
@@ -238,8 +241,8 @@ def build(model, cfg: FastConfig = FastConfig(), weights: WeightSource | None = 
         embed_scale=None if arch.embed_scale == 1.0 else torch.tensor(arch.embed_scale).to(dtype),
     )
     fm.specs = [(ly.qkv.spec(), ly.o.spec(), ly.gate_up.spec(), ly.down.spec()) for ly in layers]
-    if (mk.use_q4 or weights is not None) and not cfg.compile and fusedstep.covers(arch):
-        fusedstep.attach(fm, with_head=weights is not None)
+    if (mk.use_q4 or cfg.weights == "gguf") and not cfg.compile and fusedstep.covers(arch):  # not gguf-f32: int8 activations
+        fusedstep.attach(fm, with_head=cfg.weights == "gguf")
     if cfg.compile:
         # One graph each for the work before and after attention of a one-token decode step, shared by
         # every layer (weights are arguments, not constants); prefill and batches run eagerly.
@@ -251,7 +254,7 @@ def build(model, cfg: FastConfig = FastConfig(), weights: WeightSource | None = 
 def _arch_of(model, cfg: FastConfig, weights: WeightSource | None) -> ArchSpec:
     """The model's :class:`~slmkit.runtime.arch.ArchSpec`; refuses a family the fast path does not describe, and
     ``weights="gguf"`` without a weight source (or a source without it)."""
-    if (cfg.weights == "gguf") != (weights is not None):
+    if (cfg.weights in ("gguf", "gguf-f32")) != (weights is not None):
         raise ConfigError("weights='gguf' runs a GGUF file's own blocks: build it with slmkit.runtime.gguffast.build_gguf(path)")
     arch = describe(model.config, warn=False)
     if arch is None:

@@ -105,3 +105,38 @@ def linear(x: torch.Tensor, qtype: int, w: torch.Tensor, k: int) -> torch.Tensor
     if x.shape[0] >= DEQUANT_FROM_TOKENS:
         return torch.nn.functional.linear(x.to(torch.bfloat16), dequant_bf16(qtype, w, k)).to(x.dtype)
     return matmul(x, qtype, w, k)
+
+
+def exact_f32(qtype: int, w: torch.Tensor, k: int, ids: torch.Tensor | None = None) -> torch.Tensor:
+    """The fp32 weight (rows ``ids``, or all N) exactly as gguf-py's ``dequantize`` computes it, bit for bit: what
+    transformers holds after loading the file (``kernels/ggml.c``, ``slmkit_gg_row_exact``)."""
+    _check(w, qtype, k)
+    n = w.shape[0]
+    ptr = None
+    if ids is not None:
+        ids = ids.to(torch.int64).contiguous()
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= n):
+            raise IndexError(f"row ids out of range for a table of {n} rows")
+        n, ptr = ids.numel(), ids.data_ptr()
+    out = torch.empty(n, k, dtype=torch.float32)
+    if q4kernel.require().slmkit_gg_rows_exact(qtype, w.data_ptr(), k, ptr, n, out.data_ptr()):
+        raise RuntimeError("GGUF exact dequantisation failed")
+    return out
+
+
+def f32_matmul(x: torch.Tensor, qtype: int, w: torch.Tensor, k: int) -> torch.Tensor:
+    """``x`` (M, k) fp32 times the weight in full precision: each tile of rows dequantised as :func:`exact_f32` does,
+    then multiplied as :func:`slmkit.runtime.q4kernel.f32_linear` multiplies a dense fp32 weight (the same products in
+    the same order), so for M >= 2 the result equals ``f32_linear(x, exact_f32(w))`` bit for bit while the weight
+    streams at its file size. Any M; M = 1 sums in the same order (torch's gemv differs by fp32 rounding)."""
+    _check(w, qtype, k)
+    if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != k:
+        raise ValueError(f"exact GGUF matmul takes fp32 activations (M, {k}), got {tuple(x.shape)} {x.dtype}")
+    if k % 16:
+        raise ValueError(f"exact GGUF matmul needs k % 16 == 0, got {k}")
+    x = x.contiguous()
+    y = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32)
+    rc = q4kernel.require().slmkit_gg_f32_matmul(qtype, w.data_ptr(), w.shape[0], k, x.data_ptr(), x.shape[0], y.data_ptr())
+    if rc:
+        raise RuntimeError(f"exact GGUF matmul failed (code {rc})")
+    return y

@@ -23,6 +23,7 @@ A slmkit packed quantised directory (GPTQ/AWQ/RTN codes, QAT codes) runs its own
 from __future__ import annotations
 
 import logging
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,7 @@ from slmkit.errors import ConfigError, CorruptModelError, UnsupportedModelError
 from slmkit.runtime import ggmlkernel, q4kernel
 from slmkit.runtime.arch import text_config
 from slmkit.runtime.generate import SUPPORTED, FastConfig, FastModel, build
-from slmkit.runtime.weights import Dense, GGUFQ
+from slmkit.runtime.weights import Dense, GGUFExact, GGUFQ
 
 log = logging.getLogger(__name__)
 
@@ -66,12 +67,21 @@ def _unpermute_rows(raw: torch.Tensor, n_head: int) -> torch.Tensor:
     return unpermute_qk(raw, n_head).contiguous()
 
 
+class CodesMismatchError(ConfigError):
+    """``weights="gguf-f32"`` was asked of a model whose weights are not the file's dequantised codes."""
+
+
 def build_gguf(path: str | Path, cfg: FastConfig = FastConfig(), model=None) -> FastModel:
     """The fast model of GGUF file ``path`` running the file's own quantised blocks.
 
+    ``cfg.weights="gguf-f32"``: the blocks in full precision (fp32 activations; every weight dequantised on the fly
+    exactly as gguf-py does), so the numbers are those of ``model`` loaded from the file at a seventh of the
+    bytes; each matrix is checked bit for bit against ``model``'s (:class:`CodesMismatchError` when one differs, e.g.
+    a model changed after loading).
+
     ``model`` is the file loaded by :func:`slmkit.models.load` (loaded here when omitted); it
     supplies config, norms and rotary, and the values of dense tensors. ``cfg.kernel`` is kept;
-    the compute dtype is bf16 (the fused decode step's cache). Raises
+    the compute dtype is bf16 (the fused decode step's cache), fp32 with ``gguf-f32``. Raises
     :class:`~slmkit.errors.UnsupportedModelError` naming the tensor when one is quantised in a
     format the kernels do not read, and :class:`~slmkit.errors.ConfigError` when the kernel
     library is unavailable or ``cfg`` asks for re-quantisation or torch.compile.
@@ -83,6 +93,7 @@ def build_gguf(path: str | Path, cfg: FastConfig = FastConfig(), model=None) -> 
     import gguf
 
     path = Path(path)
+    exact = cfg.weights == "gguf-f32"
     if cfg.weights in ("int4", "int8"):
         raise ConfigError(f"weights={cfg.weights!r} re-quantises; a quantised file's own codes run as they are (weights='gguf')")
     if cfg.compile:
@@ -94,6 +105,8 @@ def build_gguf(path: str | Path, cfg: FastConfig = FastConfig(), model=None) -> 
         from slmkit.models import load
 
         model, _ = load(str(path))
+    if path.is_dir() and exact:
+        raise ConfigError("weights='gguf-f32' runs a GGUF file's blocks; a packed directory runs with weights='gguf'")
     if path.is_dir():
         from slmkit.runtime.packedfast import build_packed
 
@@ -123,7 +136,7 @@ def build_gguf(path: str | Path, cfg: FastConfig = FastConfig(), model=None) -> 
         bias = getattr(mod, "bias", None)
         bias = None if bias is None else bias.detach().to(torch.bfloat16)
         if qtype in DENSE_TYPES:
-            made[name] = Dense(w.to(torch.bfloat16), bias)
+            made[name] = Dense(w.to(torch.float32 if exact else torch.bfloat16), bias)
         elif qtype not in ggmlkernel.TYPES:
             supported = ", ".join(v[0] for v in ggmlkernel.TYPES.values())
             raise UnsupportedModelError(
@@ -132,20 +145,83 @@ def build_gguf(path: str | Path, cfg: FastConfig = FastConfig(), model=None) -> 
             )
         elif ggmlkernel.row_bytes(qtype, k) is None:
             log.warning("%s: %s (%s) has %d inputs, not a multiple of 64: it runs dequantised", path.name, name, _type_name(qtype), k)
-            made[name] = Dense(w.to(torch.bfloat16), bias)
+            made[name] = Dense(w.to(torch.float32 if exact else torch.bfloat16), bias)
         else:
             raw = torch.from_numpy(np.array(t.data, dtype=np.uint8).reshape(n, -1))  # (n, row bytes): a copy, not the mmap
             if permuted and hf_name.endswith("q_proj"):
                 raw = _unpermute_rows(raw, c.num_attention_heads)
             elif permuted and hf_name.endswith("k_proj"):
                 raw = _unpermute_rows(raw, c.num_key_value_heads)
-            made[name] = GGUFQ(raw, qtype, k, bias)
+            if exact:
+                made[name] = GGUFExact(raw, qtype, k, None if bias is None else mod.bias.detach().float())
+                if not torch.equal(made[name].dequantised(), w.float()):
+                    raise CodesMismatchError(f"{path.name}: {hf_name} of the model is not the dequantised {name} of the file")
+            else:
+                made[name] = GGUFQ(raw, qtype, k, bias)
         return made[name]
 
-    fm = build(model, FastConfig(dtype="bf16", weights="gguf", kernel=cfg.kernel), weights)
+    fcfg = FastConfig(dtype="fp32", weights="gguf-f32") if exact else FastConfig(dtype="bf16", weights="gguf", kernel=cfg.kernel)
+    fm = build(model, fcfg, weights)
     kinds = sorted({_type_name(m.qtype) for m in made.values() if isinstance(m, GGUFQ)})
     log.info("%s on the fast path with the file's own %s blocks%s", path.name, "/".join(kinds) or "(no quantised)",
              "" if fm.fused is not None else " (per-op: the fused step does not cover this model)")
+    return fm
+
+
+def source_file(model) -> Path | None:
+    """The GGUF file ``model`` was loaded from by :func:`slmkit.models.load` (a packaged model, a ``.gguf`` spec, or the
+    cached conversion of one), or None. A guess from ``config.name_or_path``: :func:`build_gguf` with ``gguf-f32``
+    checks the weights bit for bit before it uses the file."""
+    from slmkit.artefact import Manifest
+    from slmkit.errors import SlmkitError
+    from slmkit.models import zoo
+    from slmkit.models.load import resolve
+
+    spec = str(getattr(model.config, "name_or_path", "") or "")
+    if not spec:
+        return None
+    if spec in zoo.ZOO:
+        return Path(zoo.locate(spec))
+    try:
+        src = resolve(spec)
+    except (SlmkitError, OSError):
+        return None
+    if src.kind == "gguf":
+        return Path(src.path) / src.gguf_file
+    if src.kind == "dir":
+        try:
+            man = Manifest.read(src.path)
+        except (OSError, ValueError, TypeError):
+            return None
+        if man is not None and [st.get("stage") for st in man.stages] == ["gguf-dequantise"] and Path(man.source).is_file():
+            return Path(man.source)
+    return None
+
+
+#: model -> (its parameters' storage and version counters, the exact fast model or None): built once per model
+_exact_built: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def exact_model(model) -> FastModel | None:
+    """``model`` (fp32, loaded from a GGUF file) on the fast path with the file's own blocks in full precision
+    (``weights="gguf-f32"``: its numbers, the file's bytes), or None when it has no such file, the file's
+    tensors have no kernel, or its weights are not the file's (changed after loading).
+
+    Built once per model (a few seconds: the file's metadata and the bit-for-bit check) and reused until a
+    parameter is replaced or changed in place (torch's version counters)."""
+    if next(model.parameters()).dtype != torch.float32 or q4kernel.load() is None:
+        return None
+    stamp = tuple((p.data_ptr(), p._version) for p in model.parameters())
+    hit = _exact_built.get(model)
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
+    fm, path = None, source_file(model)
+    if path is not None:
+        try:
+            fm = build_gguf(path, FastConfig(dtype="fp32", weights="gguf-f32"), model)
+        except (ConfigError, UnsupportedModelError, CorruptModelError) as e:
+            log.info("%s: the full-precision path over its blocks does not apply (%s); dense fp32 weights run", path.name, e)
+    _exact_built[model] = (stamp, fm)
     return fm
 
 

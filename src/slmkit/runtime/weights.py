@@ -152,6 +152,25 @@ class GGUFQ(Dense):
         return self.q.numel() + (0 if self.b is None else self.b.numel() * self.b.element_size())
 
 
+class GGUFExact(GGUFQ):
+    """A GGUF tensor's own blocks multiplied in full precision: fp32 activations times the weights exactly as gguf-py
+    dequantises them (:func:`slmkit.runtime.ggmlkernel.f32_matmul`), so the numbers are the dequantised fp32 model's
+    (what transformers loads from the file) while the weight streams at its file size. No fused-step segment."""
+
+    def spec(self) -> tuple:
+        return ("gguf-f32", self, None, self.b, 0)
+
+    def rows(self, ids: torch.Tensor, dtype) -> torch.Tensor:
+        return ggmlkernel.exact_f32(self.qtype, self.q, self.k, ids).to(dtype)
+
+    def dequantised(self) -> torch.Tensor:
+        """The fp32 weight (N, K) these blocks stand for, bit for bit gguf-py's."""
+        return ggmlkernel.exact_f32(self.qtype, self.q, self.k)
+
+    def segments(self) -> list[list[int]]:
+        raise TypeError("an exact (fp32) GGUF weight has no fused-step descriptor: the fused step rounds activations to int8")
+
+
 def apply_linear(spec: tuple, x: torch.Tensor) -> torch.Tensor:
     """``x`` (N, K) through a weight given by its :meth:`Dense.spec`."""
     kind, a, b, bias, group = spec
@@ -166,6 +185,8 @@ def apply_linear(spec: tuple, x: torch.Tensor) -> torch.Tensor:
         y = q4kernel.linear(x, a.q, a.s, a.m)
     elif kind == "gguf":
         y = ggmlkernel.linear(x, a.qtype, a.q, a.k)
+    elif kind == "gguf-f32":
+        y = ggmlkernel.f32_matmul(x, a.qtype, a.q, a.k)
     elif kind == "int4":
         y = torch._weight_int4pack_mm_for_cpu(x, a, group, b)
     else:  # int8

@@ -103,7 +103,7 @@ static inline void store_bf16x16(uint16_t *out, __m512 w) {
 /* Per-thread scratch (q4.c): slot `slot` of the calling thread grown to at least `bytes` (64-byte
  * aligned; NULL when out of memory). Each thread's buffers are freed when it exits (a pthread key
  * destructor) or by slmkit_scratch_release(); slots are owned by one entry point each. */
-enum { SCR_Q4 = 0, SCR_GG = 4, SCR_DEC = 11, SCR_N = 20 };
+enum { SCR_Q4 = 0, SCR_GG = 4, SCR_DEC = 11, SCR_GF = 20, SCR_N = 21 };
 void *slmkit_scratch(int slot, size_t bytes);
 size_t slmkit_scratch_live_bytes(void);
 void slmkit_scratch_release(void);
@@ -131,5 +131,7 @@ typedef struct {
 int slmkit_gg_row_bytes(int type, int K);
 void slmkit_gg_prepare(const int8_t *xq, const float *xs, int M, int K, float *xc32, float *xc16, float *xs16);
 void slmkit_gg_rows(int type, const uint8_t *w, int K, const slmkit_gg_act *a, int M, int r0, int r1, void *y, int ldy, int y_bf16);
+/* One row dequantised to fp32 exactly as gguf-py does (what transformers holds after loading the file). */
+int slmkit_gg_row_exact(int type, const uint8_t *row, int K, float *out);
 
 #endif

@@ -50,15 +50,16 @@ static inline float v16_sum(v16 v) { /* plain C (GCC < 12 has no __builtin_shuff
 }
 #endif
 
-/* One tile: rows n0..n0+nb of W against rows m0..m0+mb of x (nb, mb constant after inlining). */
-static inline __attribute__((always_inline)) void f32_tile(const float *x, int m0, int mb, int K, const float *w, int n0,
+/* One tile: the nb weight rows at wt (row stride K; output columns n0..n0+nb) against rows m0..m0+mb of x
+ * (nb, mb constant after inlining). */
+static inline __attribute__((always_inline)) void f32_tile(const float *x, int m0, int mb, int K, const float *wt, int n0,
                                                           int nb, float *y, int N) {
     v16 acc[F32_NB][F32_MB];
     for (int r = 0; r < nb; r++)
         for (int m = 0; m < mb; m++) acc[r][m] = (v16){0};
     for (int k = 0; k < K; k += 16) {
         v16 wv[F32_NB];
-        for (int r = 0; r < nb; r++) wv[r] = v16_load(w + (size_t)(n0 + r) * K + k);
+        for (int r = 0; r < nb; r++) wv[r] = v16_load(wt + (size_t)r * K + k);
         for (int m = 0; m < mb; m++) {
             const v16 xv = v16_load(x + (size_t)(m0 + m) * K + k);
             for (int r = 0; r < nb; r++) acc[r][m] += wv[r] * xv;
@@ -70,24 +71,30 @@ static inline __attribute__((always_inline)) void f32_tile(const float *x, int m
 
 #define F32_TILE_MB(NBV)                                                                                               \
     switch (mb) {                                                                                                      \
-    case 1: f32_tile(x, m0, 1, K, w, n0, NBV, y, N); break;                                                            \
-    case 2: f32_tile(x, m0, 2, K, w, n0, NBV, y, N); break;                                                            \
-    case 3: f32_tile(x, m0, 3, K, w, n0, NBV, y, N); break;                                                            \
-    default: f32_tile(x, m0, 4, K, w, n0, NBV, y, N); break;                                                           \
+    case 1: f32_tile(x, m0, 1, K, wt, n0, NBV, y, N); break;                                                            \
+    case 2: f32_tile(x, m0, 2, K, wt, n0, NBV, y, N); break;                                                            \
+    case 3: f32_tile(x, m0, 3, K, wt, n0, NBV, y, N); break;                                                            \
+    default: f32_tile(x, m0, 4, K, wt, n0, NBV, y, N); break;                                                           \
     }
+
+/* Output columns n0..n0+nb (nb <= F32_NB) from their weight rows at wt, against every row of x: the nb rows stay in
+ * L1 across the activation tiles. */
+static void f32_block(const float *x, int M, int K, const float *wt, int n0, int nb, float *y, int N) {
+    for (int m0 = 0; m0 < M; m0 += F32_MB) {
+        const int mb = M - m0 < F32_MB ? M - m0 : F32_MB;
+        switch (nb) {
+        case 1: F32_TILE_MB(1) break;
+        case 2: F32_TILE_MB(2) break;
+        case 3: F32_TILE_MB(3) break;
+        default: F32_TILE_MB(4) break;
+        }
+    }
+}
 
 static void f32_rows(const float *x, int M, int K, const float *w, int r0, int r1, float *y, int N) {
     for (int n0 = r0; n0 < r1; n0 += F32_NB) {
         const int nb = r1 - n0 < F32_NB ? r1 - n0 : F32_NB;
-        for (int m0 = 0; m0 < M; m0 += F32_MB) { /* the nb weight rows stay in L1 across the activation tiles */
-            const int mb = M - m0 < F32_MB ? M - m0 : F32_MB;
-            switch (nb) {
-            case 1: F32_TILE_MB(1) break;
-            case 2: F32_TILE_MB(2) break;
-            case 3: F32_TILE_MB(3) break;
-            default: F32_TILE_MB(4) break;
-            }
-        }
+        f32_block(x, M, K, w + (size_t)n0 * K, n0, nb, y, N);
     }
 }
 
@@ -101,4 +108,32 @@ int slmkit_f32_matmul(const float *x, int M, int K, const float *w, int N, float
         f32_rows(x, M, K, w, r0, r1, y, N);
     }
     return 0;
+}
+
+/* y (M x N) = x (M x K) @ W^T for W given as a GGUF tensor's raw blocks (N rows of slmkit_gg_row_bytes(type, K)):
+ * each tile of F32_NB rows is first dequantised exactly as gguf-py does (slmkit_gg_row_exact, into per-thread
+ * scratch), then multiplied as above. So y is, bit for bit, slmkit_f32_matmul of the dequantised weight (the
+ * same products in the same order) while the weight streams from memory at 4-8 bits a weight instead of 32:
+ * the fp32 model transformers loads from the file, computed from the file's own codes. Returns 0, -2 for a
+ * type or shape without a kernel, -1 out of memory. */
+int slmkit_gg_f32_matmul(int type, const uint8_t *w, int N, int K, const float *x, int M, float *y) {
+    const int rb = slmkit_gg_row_bytes(type, K);
+    if (rb < 0 || K % 16 || M < 0 || N < 0) return -2;
+    const int items = (N + F32_ROWS_PER_ITEM - 1) / F32_ROWS_PER_ITEM;
+    int fail = 0;
+#pragma omp parallel for schedule(static) reduction(| : fail)
+    for (int it = 0; it < items; it++) {
+        float *buf = (float *)slmkit_scratch(SCR_GF, sizeof(float) * F32_NB * (size_t)K);
+        if (!buf) {
+            fail |= 1;
+            continue;
+        }
+        const int r0 = it * F32_ROWS_PER_ITEM, r1 = r0 + F32_ROWS_PER_ITEM < N ? r0 + F32_ROWS_PER_ITEM : N;
+        for (int n0 = r0; n0 < r1; n0 += F32_NB) {
+            const int nb = r1 - n0 < F32_NB ? r1 - n0 : F32_NB;
+            for (int r = 0; r < nb; r++) slmkit_gg_row_exact(type, w + (size_t)(n0 + r) * rb, K, buf + (size_t)r * K);
+            f32_block(x, M, K, buf, n0, nb, y, N);
+        }
+    }
+    return fail ? -1 : 0;
 }

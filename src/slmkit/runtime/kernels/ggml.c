@@ -547,3 +547,136 @@ int slmkit_gg_rows_f32(int type, const uint8_t *w, int K, const int64_t *ids, in
     for (int i = 0; i < n; i++) gg_dequant_one(type, w + (size_t)ids[i] * rb, K, out + (size_t)i * K, NULL);
     return 0;
 }
+
+/* ------------------------------------------------------------------ exact fp32 dequantisation
+ *
+ * The fp32 weights gguf-py's quants.py (dequantize_blocks) computes, bit for bit: what transformers holds
+ * after loading a GGUF file. Every weight is w = (q - o) s + a with small integer codes q - o, a scale s
+ * that is an fp16 value or an exact product of two (d sc_j, dmin m_j fit fp32's 24 bits), and an additive
+ * term a: none for Q4_0/Q5_0/Q8_0/Q6_K, whose products (q - o) s are exact (signed zeros included); m for Q4_1/Q5_1 (gguf-py: d q + m)
+ * and -dmin m_j for Q4_K/Q5_K (d sc q - dmin m), whose one rounding is the sum's: q s is exact, so fused or
+ * not the result is gguf-py's. For kernels/f32.c's slmkit_gg_f32_matmul (fp32 activations on the file's codes:
+ * the dequantised model's numbers at a seventh of its bytes) and exact embedding rows. */
+
+typedef float gg_v16 __attribute__((vector_size(64)));
+typedef uint8_t gg_u8x16 __attribute__((vector_size(16)));
+
+/* The code offset o of the unsigned codes gg_exact_row converts (Q8_0's int8 codes taken as q + 128). */
+static inline float gg_exact_offset(int type) {
+    switch (type) {
+    case GG_Q4_0: return 8.0f;
+    case GG_Q5_0: return 16.0f;
+    case GG_Q8_0: return 128.0f;
+    case GG_Q6_K: return 32.0f;
+    default: return 0.0f;
+    }
+}
+
+/* Scale s and additive term a of every group (gg_group inputs) of a row, as gguf-py computes them. */
+static void gg_exact_terms(int type, const uint8_t *row, int K, float *s, float *a) {
+    switch (type) {
+    case GG_Q4_0: case GG_Q4_1: case GG_Q5_0: case GG_Q5_1: case GG_Q8_0: {
+        const int bs = gg_block_bytes(type);
+        for (int b = 0; b < K / 32; b++) {
+            s[b] = h2f(row + (size_t)b * bs);
+            a[b] = gg_has_centre(type) ? h2f(row + (size_t)b * bs + 2) : 0.0f;
+        }
+        return;
+    }
+    case GG_Q4_K: case GG_Q5_K: {
+        const int bs = gg_block_bytes(type);
+        for (int i = 0; i < K / 256; i++) {
+            const uint8_t *sb = row + (size_t)i * bs;
+            uint8_t sm[16];
+            scales_mins_k4(sb + 4, sm);
+            const float d = h2f(sb), dmin = h2f(sb + 2);
+            for (int j = 0; j < 8; j++) {
+                s[8 * i + j] = d * (float)sm[j];
+                a[8 * i + j] = -(dmin * (float)sm[8 + j]);
+            }
+        }
+        return;
+    }
+    default: /* GG_Q6_K */
+        for (int i = 0; i < K / 256; i++) {
+            const uint8_t *sb = row + (size_t)i * 210;
+            const float d = h2f(sb + 208);
+            for (int j = 0; j < 16; j++) {
+                s[16 * i + j] = d * (float)(int8_t)sb[192 + j];
+                a[16 * i + j] = 0.0f;
+            }
+        }
+        return;
+    }
+}
+
+static inline __attribute__((always_inline)) void gg_exact_row(const int type, const uint8_t *row, int K, float *out) {
+    float s[SLMKIT_MAX_K / 16], a[SLMKIT_MAX_K / 16]; /* K / gg_group(type) groups <= SLMKIT_MAX_K / 16 */
+    gg_exact_terms(type, row, K, s, a);
+    const int G = gg_group(type);
+    const float o = gg_exact_offset(type);
+#if defined(SLMKIT_AVX512)
+    const __m512 ov = _mm512_set1_ps(o);
+    for (int c = 0; c < K / 64; c++) {
+        const __m512i u = gg_codes(type, row, c);
+        for (int p = 0; p < 4; p++) { /* inputs 64c + 16p .. +15 share group (64c + 16p) / G */
+            __m128i part;
+            switch (p) {
+            case 0: part = _mm512_extracti32x4_epi32(u, 0); break;
+            case 1: part = _mm512_extracti32x4_epi32(u, 1); break;
+            case 2: part = _mm512_extracti32x4_epi32(u, 2); break;
+            default: part = _mm512_extracti32x4_epi32(u, 3); break;
+            }
+            const int g = (64 * c + 16 * p) / G;
+            const __m512 q = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(part)), ov); /* small integers: exact */
+            const __m512 w = gg_has_centre(type) ? _mm512_fmadd_ps(q, _mm512_set1_ps(s[g]), _mm512_set1_ps(a[g]))
+                                                 : _mm512_mul_ps(q, _mm512_set1_ps(s[g])); /* no + 0: keeps gguf-py's -0 */
+            _mm512_storeu_ps(out + 64 * c + 16 * p, w);
+        }
+    }
+#else
+    for (int c = 0; c < K / 64; c++) {
+        vb u[2]; /* the 64 codes in input order, two halves (Q8_0's signed) */
+        gg_codes2(type, row, c, &u[0], &u[1]);
+        for (int p = 0; p < 4; p++) {
+            gg_u8x16 b;
+            memcpy(&b, (const uint8_t *)&u[p >> 1] + 16 * (p & 1), 16); /* a lane extract, not a store and reload */
+            if (type == GG_Q8_0) b ^= (uint8_t)0x80; /* int8 q -> q + 128 */
+            const int g = (64 * c + 16 * p) / G;
+            const gg_v16 q = __builtin_convertvector(b, gg_v16) - o; /* small integers: exact */
+            const gg_v16 w = gg_has_centre(type) ? q * s[g] + a[g] : q * s[g];
+            memcpy(out + 64 * c + 16 * p, &w, sizeof w);
+        }
+    }
+#endif
+}
+
+#define GG_EX(type) case type: gg_exact_row(type, row, K, out); return 0;
+
+/* One row of K weights of a GGUF tensor in format `type`, dequantised exactly as gguf-py does, into out (K floats).
+ * Returns 0, or -2 for a type or shape without a kernel. */
+int slmkit_gg_row_exact(int type, const uint8_t *row, int K, float *out) {
+    if (slmkit_gg_row_bytes(type, K) < 0) return -2;
+    switch (type) {
+        GG_EX(GG_Q4_0)
+        GG_EX(GG_Q4_1)
+        GG_EX(GG_Q5_0)
+        GG_EX(GG_Q5_1)
+        GG_EX(GG_Q8_0)
+        GG_EX(GG_Q4_K)
+        GG_EX(GG_Q5_K)
+        GG_EX(GG_Q6_K)
+    default: return -2;
+    }
+}
+
+/* Rows ids[0..n) (all N rows in order when ids is NULL) of a GGUF tensor with K columns, exact fp32, into out (n x K). */
+int slmkit_gg_rows_exact(int type, const uint8_t *w, int K, const int64_t *ids, int n, float *out) {
+    const int rb = slmkit_gg_row_bytes(type, K);
+    if (rb < 0 || n < 0) return -2;
+    int bad = 0;
+#pragma omp parallel for schedule(static) reduction(| : bad) if (n > 64)
+    for (int i = 0; i < n; i++)
+        bad |= slmkit_gg_row_exact(type, w + (size_t)(ids ? ids[i] : i) * rb, K, out + (size_t)i * K) != 0;
+    return bad ? -2 : 0;
+}
