@@ -31,7 +31,8 @@ def speculate(
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy"),
     top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0),
     seed: int = typer.Option(0, "--seed"),
-    k: int = typer.Option(4, "--k", min=0, help="draft length of the first step"),
+    k: int = typer.Option(4, "--k", min=0, help="draft length with --fixed-k"),
+    first_k: int = typer.Option(1, "--first-k", min=1, help="adaptive: draft length of the first step, which measures the draft (short, so a poor draft costs little)"),
     k_max: int = typer.Option(12, "--k-max", min=1, max=64, help="longest draft the adaptive rule may choose"),
     fixed: bool = typer.Option(False, "--fixed-k", help="keep k fixed instead of choosing it from measured costs and acceptance"),
     lookup: Optional[bool] = typer.Option(None, "--lookup/--no-lookup", help="also draft by prompt lookup when the context repeats (default: on for int4/int8)"),
@@ -55,7 +56,7 @@ def speculate(
     d_model = resolve_draft(draft, t_model, t_tok, dtype, "the draft (--draft)", lookup=lookup)
     eos = {t for t in (t_tok.eos_token_id, *token_id_list(t_model.generation_config.eos_token_id)) if t is not None}
     cfg = SpecConfig(
-        max_new_tokens=max_new_tokens, k=min(k, k_max), k_max=k_max, adaptive=not fixed,
+        max_new_tokens=max_new_tokens, k=min(k, k_max), first_k=min(first_k, k_max), k_max=k_max, adaptive=not fixed,
         temperature=temperature, top_p=top_p, eos_token_ids=tuple(sorted(eos)),
     )
     ids = encode_prompt(t_tok, prompt, chat)

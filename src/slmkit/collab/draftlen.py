@@ -153,8 +153,8 @@ class DraftController:
         if not cfg.adaptive:
             return ("model", min(cfg.k, room)) if self.has_model else ("lookup", min(cfg.k, lookup_len))
         k_model = min(cfg.k_max, room)
-        if self.has_model and self._costs("model") is None:  # nothing measured yet: draft cfg.k (at least 1) to measure
-            return "model", max(1, min(cfg.k, k_model))
+        if self.has_model and self._costs("model") is None:  # nothing measured yet: draft cfg.first_k to measure
+            return "model", min(cfg.first_k, k_model)
         options = [("plain", 0, 1.0)]
         if lookup_len:
             options.append(("lookup", *self._best("lookup", min(lookup_len, room))))

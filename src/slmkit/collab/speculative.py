@@ -81,7 +81,8 @@ class SpecConfig:
     """Knobs of speculative decoding."""
 
     max_new_tokens: int = 128  #: tokens to generate at most
-    k: int = 4  #: draft length of the first step, which measures the draft's cost (tokens); the fixed k when not adaptive
+    k: int = 4  #: draft length when not adaptive (tokens)
+    first_k: int = 1  #: adaptive: draft length of the first step, which measures the draft's cost and acceptance (short: a poor draft's first try costs little)
     k_max: int = 12  #: longest draft the adaptive rule may choose (tokens)
     adaptive: bool = True  #: choose source and k (0 = plain decoding) each step from measured costs and acceptance (else k stays fixed)
     temperature: float = 0.0  #: 0 = greedy; > 0 samples with the exact rejection rule
@@ -93,8 +94,8 @@ class SpecConfig:
     ngram_max: int = 3  #: prompt lookup: longest n-gram matched
     ngram_min: int = 1  #: prompt lookup: shortest n-gram matched
     eos_token_ids: tuple[int, ...] = ()  #: generation stops after emitting one of these
-    probe_every: int = 8  #: plain steps before re-trying a draft that did not pay (doubles after each failed probe)
-    probe_max: int = 64  #: longest gap between such probes (plain steps)
+    probe_every: int = 32  #: plain steps before re-trying a draft that did not pay (doubles after each failed probe)
+    probe_max: int = 128  #: longest gap between such probes (plain steps)
     fast_target: bool | None = None  #: verify on slmkit's fast path (llama on CPU; transformers' fp32 logits up to fp32 rounding: multi-token passes use kernels/f32.c); None = speculate does when it can, autoregressive does not
 
     def __post_init__(self):
@@ -102,6 +103,8 @@ class SpecConfig:
             raise ConfigError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
         if not 0 <= self.k <= self.k_max:
             raise ConfigError(f"k must be in [0, k_max={self.k_max}], got {self.k}")
+        if not 1 <= self.first_k <= self.k_max:
+            raise ConfigError(f"first_k must be in [1, k_max={self.k_max}], got {self.first_k}")
         if self.k_max < 1 or self.k_max > 64:
             raise ConfigError(f"k_max must be in [1, 64], got {self.k_max}")
         if self.temperature < 0:
