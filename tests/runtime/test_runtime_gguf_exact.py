@@ -1,5 +1,5 @@
 """A GGUF file's own blocks in full precision (``weights="gguf-f32"``: kernels/ggml.c ``slmkit_gg_row_exact`` and
-kernels/f32.c ``slmkit_gg_f32_matmul``): weights dequantised on the fly exactly as gguf-py does, times fp32
+kernels/f32.c ``slmkit_gg_f32_matmul_parts``): weights dequantised on the fly exactly as gguf-py does, times fp32
 activations, so the numbers are those of the fp32 model transformers loads from the file.
 
 Exactness, not tolerance: the dequantised weights equal gguf-py's bit for bit on every variant; for 2..16 rows a
@@ -42,7 +42,8 @@ def test_every_variant_dequantises_exactly(variant):
         assert torch.equal(out.view(torch.int32), ref.view(torch.int32)), (variant, name)
         x = torch.randn(5, 256, generator=torch.Generator().manual_seed(7))
         y = torch.empty(5, 8)
-        assert lib.slmkit_gg_f32_matmul(qt, w.data_ptr(), 8, 256, x.data_ptr(), 5, y.data_ptr()) == 0
+        types, ptrs, rows = (ctypes.c_int * 1)(qt), (ctypes.c_void_p * 1)(w.data_ptr()), (ctypes.c_int * 1)(8)
+        assert lib.slmkit_gg_f32_matmul_parts(1, types, ptrs, rows, 256, x.data_ptr(), 5, y.data_ptr()) == 0
         want = x.double() @ ref.double().T
         assert float((y.double() - want).abs().max()) <= 1e-6 * float((x.abs().double() @ ref.abs().double().T).max()), (variant, name)
 
@@ -62,6 +63,18 @@ def test_products_are_the_dense_fp32_kernels(name):
     full = K.f32_matmul(x, qt, w, 256)
     for rows in ([0], [3, 4, 5], list(range(1, 9))):  # a row's bits do not depend on the rows beside it
         assert torch.equal(K.f32_matmul(x[rows], qt, w, 256), full[rows])
+
+
+def test_a_fused_projection_is_its_parts_side_by_side():
+    """q/k/v (gate/up) as one kernel call over parts of different formats: each part's columns are the part alone, bit for bit."""
+    parts = [_weight(name, n, 256, seed=i) for i, (name, n) in enumerate((("Q4_1", 40), ("Q8_0", 16), ("Q6_K", 16)))]
+    bias = [torch.randn(n) for n in (40, 16, 16)]
+    fused = W.Concat([W.GGUFExact(w, qt, 256, b) for (qt, w, _), b in zip(parts, bias)])
+    x = torch.randn(5, 256, generator=torch.Generator().manual_seed(10))
+    kind, *_ = fused.spec()
+    assert kind == "gguf-f32"
+    want = torch.cat([K.f32_matmul(x, qt, w, 256) + b for (qt, w, _), b in zip(parts, bias)], dim=1)
+    assert torch.equal(fused(x), want)
 
 
 def test_bad_activations_are_refused():

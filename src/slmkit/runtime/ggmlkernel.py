@@ -16,6 +16,8 @@ and runs a bf16 matmul instead (long prompts are compute-bound).
 
 from __future__ import annotations
 
+import ctypes
+
 import torch
 
 from slmkit.runtime import q4kernel
@@ -124,19 +126,43 @@ def exact_f32(qtype: int, w: torch.Tensor, k: int, ids: torch.Tensor | None = No
     return out
 
 
+class ExactParts:
+    """GGUF weights multiplied in full precision side by side (a fused q/k/v or gate/up projection): each part
+    ``(qtype, blocks (N_p, row bytes), k)`` dequantised exactly as :func:`exact_f32` does and multiplied as
+    :func:`slmkit.runtime.q4kernel.f32_linear` multiplies a dense fp32 weight (the same products in the same order),
+    in one call of ``kernels/f32.c``'s ``slmkit_gg_f32_matmul_parts``; checked once here, so a call costs little."""
+
+    def __init__(self, parts: list[tuple[int, torch.Tensor, int]]):
+        if not 1 <= len(parts) <= 8 or len({k for _, _, k in parts}) != 1:
+            raise ValueError("exact GGUF parts: 1 to 8 weights with the same number of inputs")
+        self.k = parts[0][2]
+        if self.k % 16:
+            raise ValueError(f"exact GGUF matmul needs k % 16 == 0, got {self.k}")
+        for qtype, w, k in parts:
+            _check(w, qtype, k)
+        self.blocks = [w for _, w, _ in parts]  # kept alive: the pointers below point into them
+        self.n = sum(w.shape[0] for w in self.blocks)
+        n = len(parts)
+        self._types = (ctypes.c_int * n)(*[q for q, _, _ in parts])
+        self._ptrs = (ctypes.c_void_p * n)(*[w.data_ptr() for w in self.blocks])
+        self._rows = (ctypes.c_int * n)(*[w.shape[0] for w in self.blocks])
+        self._nparts = n
+        self._fn = q4kernel.require().slmkit_gg_f32_matmul_parts
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (M, k) fp32 times the weights: (M, sum of N) fp32."""
+        if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != self.k:
+            raise ValueError(f"exact GGUF matmul takes fp32 activations (M, {self.k}), got {tuple(x.shape)} {x.dtype}")
+        x = x.contiguous()
+        y = torch.empty(x.shape[0], self.n, dtype=torch.float32)
+        rc = self._fn(self._nparts, self._types, self._ptrs, self._rows, self.k, x.data_ptr(), x.shape[0], y.data_ptr())
+        if rc:
+            raise RuntimeError(f"exact GGUF matmul failed (code {rc})")
+        return y
+
+
 def f32_matmul(x: torch.Tensor, qtype: int, w: torch.Tensor, k: int) -> torch.Tensor:
-    """``x`` (M, k) fp32 times the weight in full precision: each tile of rows dequantised as :func:`exact_f32` does,
-    then multiplied as :func:`slmkit.runtime.q4kernel.f32_linear` multiplies a dense fp32 weight (the same products in
-    the same order), so for M >= 2 the result equals ``f32_linear(x, exact_f32(w))`` bit for bit while the weight
-    streams at its file size. Any M; M = 1 sums in the same order (torch's gemv differs by fp32 rounding)."""
-    _check(w, qtype, k)
-    if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != k:
-        raise ValueError(f"exact GGUF matmul takes fp32 activations (M, {k}), got {tuple(x.shape)} {x.dtype}")
-    if k % 16:
-        raise ValueError(f"exact GGUF matmul needs k % 16 == 0, got {k}")
-    x = x.contiguous()
-    y = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32)
-    rc = q4kernel.require().slmkit_gg_f32_matmul(qtype, w.data_ptr(), w.shape[0], k, x.data_ptr(), x.shape[0], y.data_ptr())
-    if rc:
-        raise RuntimeError(f"exact GGUF matmul failed (code {rc})")
-    return y
+    """``x`` (M, k) fp32 times the weight in full precision (:class:`ExactParts` of one part): for M >= 2 the result
+    equals ``f32_linear(x, exact_f32(w))`` bit for bit while the weight streams at its file size. Any M; M = 1 sums
+    in the same order (torch's gemv differs by fp32 rounding)."""
+    return ExactParts([(qtype, w, k)])(x)

@@ -134,7 +134,7 @@ def build_gguf(path: str | Path, cfg: FastConfig = FastConfig(), model=None) -> 
             raise UnsupportedModelError(f"{path.name}: tensor {name} has shape {t.shape.tolist()[::-1]}, the model expects {[n, k]}")
         qtype = int(t.tensor_type)
         bias = getattr(mod, "bias", None)
-        bias = None if bias is None else bias.detach().to(torch.bfloat16)
+        bias = None if bias is None else bias.detach().to(torch.float32 if exact else torch.bfloat16)
         if qtype in DENSE_TYPES:
             made[name] = Dense(w.to(torch.float32 if exact else torch.bfloat16), bias)
         elif qtype not in ggmlkernel.TYPES:
@@ -153,7 +153,7 @@ def build_gguf(path: str | Path, cfg: FastConfig = FastConfig(), model=None) -> 
             elif permuted and hf_name.endswith("k_proj"):
                 raw = _unpermute_rows(raw, c.num_key_value_heads)
             if exact:
-                made[name] = GGUFExact(raw, qtype, k, None if bias is None else mod.bias.detach().float())
+                made[name] = GGUFExact(raw, qtype, k, bias)
                 if not torch.equal(made[name].dequantised(), w.float()):
                     raise CodesMismatchError(f"{path.name}: {hf_name} of the model is not the dequantised {name} of the file")
             else:

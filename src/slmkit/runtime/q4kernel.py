@@ -145,7 +145,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
                             ("slmkit_gg_dequant_bf16", i, [i, p, i, i, p]),
                             ("slmkit_gg_rows_f32", i, [i, p, i, p, i, p]),
                             ("slmkit_gg_rows_exact", i, [i, p, i, p, i, p]),
-                            ("slmkit_gg_f32_matmul", i, [i, p, i, i, p, i, p]),
+                            ("slmkit_gg_f32_matmul_parts", i, [i, p, p, p, i, p, i, p]),
                             ("slmkit_gg_row_bytes", i, [i, i]),
                             ("slmkit_scratch_live_bytes", ctypes.c_size_t, []),
                             ("slmkit_scratch_release", None, []),

@@ -37,11 +37,19 @@ class Concat:
 
     def __init__(self, parts: list[Dense]):
         self.parts = parts
+        self.exact = None  # the parts as one exact GGUF call, when they all are GGUFExact (see spec)
 
     def __call__(self, x):
         return apply_linear(self.spec(), x)
 
     def spec(self) -> tuple:
+        if all(type(p) is GGUFExact for p in self.parts) and len({p.k for p in self.parts}) == 1 and len(self.parts) <= 8:
+            if self.exact is None:  # one kernel call for q/k/v (gate/up): the same products, fewer calls and no cat
+                self.exact = ggmlkernel.ExactParts([(p.qtype, p.q, p.k) for p in self.parts])
+            bias = None
+            if any(p.b is not None for p in self.parts):
+                bias = torch.cat([p.b if p.b is not None else torch.zeros(p.q.shape[0]) for p in self.parts])
+            return ("gguf-f32", self.exact, None, bias, 0)
         return ("concat", tuple(p.spec() for p in self.parts), None, None, 0)
 
     def nbytes(self) -> int:
@@ -157,8 +165,12 @@ class GGUFExact(GGUFQ):
     dequantises them (:func:`slmkit.runtime.ggmlkernel.f32_matmul`), so the numbers are the dequantised fp32 model's
     (what transformers loads from the file) while the weight streams at its file size. No fused-step segment."""
 
+    def __init__(self, raw: torch.Tensor, qtype: int, k: int, b: torch.Tensor | None = None):
+        super().__init__(raw, qtype, k, b)
+        self.exact = ggmlkernel.ExactParts([(qtype, self.q, k)])
+
     def spec(self) -> tuple:
-        return ("gguf-f32", self, None, self.b, 0)
+        return ("gguf-f32", self.exact, None, self.b, 0)
 
     def rows(self, ids: torch.Tensor, dtype) -> torch.Tensor:
         return ggmlkernel.exact_f32(self.qtype, self.q, self.k, ids).to(dtype)
@@ -186,7 +198,7 @@ def apply_linear(spec: tuple, x: torch.Tensor) -> torch.Tensor:
     elif kind == "gguf":
         y = ggmlkernel.linear(x, a.qtype, a.q, a.k)
     elif kind == "gguf-f32":
-        y = ggmlkernel.f32_matmul(x, a.qtype, a.q, a.k)
+        y = a(x)  # ggmlkernel.ExactParts
     elif kind == "int4":
         y = torch._weight_int4pack_mm_for_cpu(x, a, group, b)
     else:  # int8

@@ -133,5 +133,7 @@ void slmkit_gg_prepare(const int8_t *xq, const float *xs, int M, int K, float *x
 void slmkit_gg_rows(int type, const uint8_t *w, int K, const slmkit_gg_act *a, int M, int r0, int r1, void *y, int ldy, int y_bf16);
 /* One row dequantised to fp32 exactly as gguf-py does (what transformers holds after loading the file). */
 int slmkit_gg_row_exact(int type, const uint8_t *row, int K, float *out);
+/* Columns r0..r1 of x @ W^T straight from the blocks (AVX-512; -2 elsewhere); terms: scratch of 8 K / 16 floats. */
+int slmkit_gg_f32_rows(int type, const uint8_t *w, int rb, int K, const float *x, int M, int r0, int r1, float *y, int N, float *terms);
 
 #endif

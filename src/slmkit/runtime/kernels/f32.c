@@ -110,29 +110,47 @@ int slmkit_f32_matmul(const float *x, int M, int K, const float *w, int N, float
     return 0;
 }
 
-/* y (M x N) = x (M x K) @ W^T for W given as a GGUF tensor's raw blocks (N rows of slmkit_gg_row_bytes(type, K)):
- * each tile of F32_NB rows is first dequantised exactly as gguf-py does (slmkit_gg_row_exact, into per-thread
- * scratch), then multiplied as above. So y is, bit for bit, slmkit_f32_matmul of the dequantised weight (the
- * same products in the same order) while the weight streams from memory at 4-8 bits a weight instead of 32:
- * the fp32 model transformers loads from the file, computed from the file's own codes. Returns 0, -2 for a
- * type or shape without a kernel, -1 out of memory. */
-int slmkit_gg_f32_matmul(int type, const uint8_t *w, int N, int K, const float *x, int M, float *y) {
-    const int rb = slmkit_gg_row_bytes(type, K);
-    if (rb < 0 || K % 16 || M < 0 || N < 0) return -2;
-    const int items = (N + F32_ROWS_PER_ITEM - 1) / F32_ROWS_PER_ITEM;
+/* y (M x Ntot) = x (M x K) @ [W_0; W_1; ...]^T for nparts (<= 8) GGUF tensors given as raw blocks (part p: Ns[p] rows
+ * of slmkit_gg_row_bytes(types[p], K)), side by side in y's columns (a fused q/k/v or gate/up projection in one
+ * call). Each tile of F32_NB rows is dequantised exactly as gguf-py does (slmkit_gg_row_exact, into per-thread
+ * scratch) and multiplied as above, so y is, bit for bit, slmkit_f32_matmul of the dequantised weights (the same
+ * products in the same order) while the weights stream from memory at 4-8 bits a weight instead of 32: the fp32
+ * model transformers loads from the file, computed from the file's own codes. On AVX-512, up to 4 activation rows
+ * are multiplied straight from the blocks (slmkit_gg_f32_rows: the same products, no copy of the weights). Returns
+ * 0, -2 for a type or shape without a kernel, -1 out of memory. */
+int slmkit_gg_f32_matmul_parts(int nparts, const int *types, const uint8_t *const *ws, const int *Ns, int K, const float *x, int M,
+                               float *y) {
+    if (nparts < 1 || nparts > 8 || K % 16 || M < 0) return -2;
+    int first[9], rbs[8], col[8], Ntot = 0;
+    first[0] = 0;
+    for (int p = 0; p < nparts; p++) {
+        rbs[p] = slmkit_gg_row_bytes(types[p], K);
+        if (rbs[p] < 0 || Ns[p] < 0) return -2;
+        col[p] = Ntot;
+        Ntot += Ns[p];
+        first[p + 1] = first[p] + (Ns[p] + F32_ROWS_PER_ITEM - 1) / F32_ROWS_PER_ITEM;
+    }
+    const int items = first[nparts];
     int fail = 0;
 #pragma omp parallel for schedule(static) reduction(| : fail)
     for (int it = 0; it < items; it++) {
-        float *buf = (float *)slmkit_scratch(SCR_GF, sizeof(float) * F32_NB * (size_t)K);
+        int p = 0;
+        while (it >= first[p + 1]) p++;
+        const int type = types[p], rb = rbs[p], N = Ns[p];
+        const uint8_t *w = ws[p];
+        float *yp = y + col[p];
+        /* the rows' group terms (8 K / 16 floats), then room for F32_NB dequantised rows */
+        float *buf = (float *)slmkit_scratch(SCR_GF, sizeof(float) * ((size_t)F32_NB * K + (size_t)K / 2));
         if (!buf) {
             fail |= 1;
             continue;
         }
-        const int r0 = it * F32_ROWS_PER_ITEM, r1 = r0 + F32_ROWS_PER_ITEM < N ? r0 + F32_ROWS_PER_ITEM : N;
+        const int r0 = (it - first[p]) * F32_ROWS_PER_ITEM, r1 = r0 + F32_ROWS_PER_ITEM < N ? r0 + F32_ROWS_PER_ITEM : N;
+        if (M <= F32_MB && slmkit_gg_f32_rows(type, w, rb, K, x, M, r0, r1, yp, Ntot, buf) == 0) continue;
         for (int n0 = r0; n0 < r1; n0 += F32_NB) {
             const int nb = r1 - n0 < F32_NB ? r1 - n0 : F32_NB;
             for (int r = 0; r < nb; r++) slmkit_gg_row_exact(type, w + (size_t)(n0 + r) * rb, K, buf + (size_t)r * K);
-            f32_block(x, M, K, buf, n0, nb, y, N);
+            f32_block(x, M, K, buf, n0, nb, yp, Ntot);
         }
     }
     return fail ? -1 : 0;

@@ -680,3 +680,137 @@ int slmkit_gg_rows_exact(int type, const uint8_t *w, int K, const int64_t *ids, 
         bad |= slmkit_gg_row_exact(type, w + (size_t)(ids ? ids[i] : i) * rb, K, out + (size_t)i * K) != 0;
     return bad ? -2 : 0;
 }
+
+#if defined(SLMKIT_AVX512)
+/* ------------------------------------------------------------------ full precision straight from the blocks (AVX-512)
+ *
+ * slmkit_gg_f32_matmul's tile without the dequantised copy: 16 weights at a time are decoded into a register
+ * (the same value slmkit_gg_row_exact writes) and multiplied into the activation rows at once, in the order of
+ * kernels/f32.c's f32_tile (lane j sums inputs k = j mod 16 in order with fused multiply-adds, then
+ * _mm512_reduce_add_ps), so the products are bit for bit those of the buffered path and of the dense fp32
+ * kernel, and a one-token step does not write and re-read every weight. */
+
+/* Weights k .. k+15 of a row (w = (q - o) s + a as gg_exact_row computes them); s, a: the row's group terms. */
+static inline __attribute__((always_inline)) __m512 gg_w16(const int type, const uint8_t *row, int k, const float *s, const float *a) {
+    const __m512i m4 = _mm512_set1_epi32(0x0F);
+    __m512i v;
+    switch (type) {
+    case GG_Q4_0: case GG_Q4_1: case GG_Q5_0: case GG_Q5_1: {
+        const int bs = gg_block_bytes(type), b = k >> 5, half = (k >> 4) & 1;
+        const int qs = type == GG_Q4_0 ? 2 : type == GG_Q4_1 ? 4 : type == GG_Q5_0 ? 6 : 8;
+        const uint8_t *blk = row + (size_t)b * bs;
+        v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(blk + qs)));
+        v = half ? _mm512_srli_epi32(v, 4) : _mm512_and_si512(v, m4);
+        if (type == GG_Q5_0 || type == GG_Q5_1) { /* bit i of the block's 32 high bits is input i's fifth bit */
+            uint32_t h;
+            memcpy(&h, blk + (type == GG_Q5_0 ? 2 : 4), 4);
+            v = _mm512_mask_or_epi32(v, (__mmask16)(h >> (16 * half)), v, _mm512_set1_epi32(16));
+        }
+        break;
+    }
+    case GG_Q8_0: {
+        const int b = k >> 5, half = (k >> 4) & 1;
+        const __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(row + (size_t)b * 34 + 2 + 16 * half))));
+        return _mm512_mul_ps(q, _mm512_set1_ps(s[b]));
+    }
+    case GG_Q4_K: case GG_Q5_K: {
+        const int bs = gg_block_bytes(type), t = k & 255, j = t >> 6, part = (t >> 5) & 1, l = t & 31;
+        const uint8_t *sb = row + (size_t)(k >> 8) * bs;
+        v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(sb + (type == GG_Q4_K ? 16 : 48) + 32 * j + l)));
+        v = part ? _mm512_srli_epi32(v, 4) : _mm512_and_si512(v, m4);
+        if (type == GG_Q5_K) { /* bit 2j of qh[l] is input 64j + l's fifth bit, bit 2j + 1 input 64j + 32 + l's */
+            const __m512i h = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(sb + 16 + l)));
+            v = _mm512_or_si512(v, _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(h, 2 * j + part), _mm512_set1_epi32(1)), 4));
+        }
+        break;
+    }
+    default: { /* GG_Q6_K: 64-input chunk c = j of the super-block is half n = j / 2, low (j even) or high nibbles */
+        const int t = k & 255, j = t >> 6, n = j >> 1, part = j & 1, u = t & 63;
+        const uint8_t *sb = row + (size_t)(k >> 8) * 210;
+        __m512i lo = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(sb + 64 * n + u)));
+        lo = part ? _mm512_srli_epi32(lo, 4) : _mm512_and_si512(lo, m4);
+        const __m512i h = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(sb + 128 + 32 * n + (u & 31))));
+        const int shift = 4 * part + 2 * (u >> 5);
+        v = _mm512_or_si512(lo, _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(h, shift), _mm512_set1_epi32(3)), 4));
+        break;
+    }
+    }
+    const int g = k / gg_group(type);
+    const __m512 q = _mm512_sub_ps(_mm512_cvtepi32_ps(v), _mm512_set1_ps(gg_exact_offset(type)));
+    return gg_has_centre(type) ? _mm512_fmadd_ps(q, _mm512_set1_ps(s[g]), _mm512_set1_ps(a[g])) : _mm512_mul_ps(q, _mm512_set1_ps(s[g]));
+}
+
+#define GGF_NB 4
+#define GGF_MB 4
+
+static inline __attribute__((always_inline)) void gg_f32_tile(const int type, const uint8_t *const *rows, const float *terms, int G,
+                                                             const float *x, int m0, int mb, int K, int n0, int nb, float *y, int N) {
+    __m512 acc[GGF_NB][GGF_MB];
+    for (int r = 0; r < nb; r++)
+        for (int m = 0; m < mb; m++) acc[r][m] = _mm512_setzero_ps();
+    for (int k = 0; k < K; k += 16) {
+        __m512 wv[GGF_NB];
+        for (int r = 0; r < nb; r++) wv[r] = gg_w16(type, rows[r], k, terms + (size_t)2 * r * G, terms + (size_t)(2 * r + 1) * G);
+        for (int m = 0; m < mb; m++) {
+            const __m512 xv = _mm512_loadu_ps(x + (size_t)(m0 + m) * K + k);
+            for (int r = 0; r < nb; r++) acc[r][m] = _mm512_fmadd_ps(wv[r], xv, acc[r][m]);
+        }
+    }
+    for (int r = 0; r < nb; r++)
+        for (int m = 0; m < mb; m++) y[(size_t)(m0 + m) * N + n0 + r] = _mm512_reduce_add_ps(acc[r][m]);
+}
+
+#define GGF_TILE_MB(NBV)                                                                                               \
+    switch (mb) {                                                                                                      \
+    case 1: gg_f32_tile(type, rows, terms, G, x, m0, 1, K, n0, NBV, y, N); break;                                      \
+    case 2: gg_f32_tile(type, rows, terms, G, x, m0, 2, K, n0, NBV, y, N); break;                                      \
+    case 3: gg_f32_tile(type, rows, terms, G, x, m0, 3, K, n0, NBV, y, N); break;                                      \
+    default: gg_f32_tile(type, rows, terms, G, x, m0, 4, K, n0, NBV, y, N); break;                                     \
+    }
+
+static inline __attribute__((always_inline)) void gg_f32_range(const int type, const uint8_t *w, int rb, int K, const float *x, int M,
+                                                              int r0, int r1, float *y, int N, float *terms) {
+    const int G = K / gg_group(type);
+    for (int n0 = r0; n0 < r1; n0 += GGF_NB) {
+        const int nb = r1 - n0 < GGF_NB ? r1 - n0 : GGF_NB;
+        const uint8_t *rows[GGF_NB];
+        for (int r = 0; r < nb; r++) {
+            rows[r] = w + (size_t)(n0 + r) * rb;
+            gg_exact_terms(type, rows[r], K, terms + (size_t)2 * r * G, terms + (size_t)(2 * r + 1) * G);
+        }
+        for (int m0 = 0; m0 < M; m0 += GGF_MB) { /* the nb rows stay in L1 across the activation tiles */
+            const int mb = M - m0 < GGF_MB ? M - m0 : GGF_MB;
+            switch (nb) {
+            case 1: GGF_TILE_MB(1) break;
+            case 2: GGF_TILE_MB(2) break;
+            case 3: GGF_TILE_MB(3) break;
+            default: GGF_TILE_MB(4) break;
+            }
+        }
+    }
+}
+
+#define GGF_T(type) case type: gg_f32_range(type, w, rb, K, x, M, r0, r1, y, N, terms); return 0;
+
+/* Output columns r0..r1 of y (M x N) = x (M x K) @ W^T, W a GGUF tensor in format `type` (rows of rb bytes);
+ * terms: scratch for 8 K / 16 floats. Returns 0, or -2 where this build has no such kernel (then the caller
+ * dequantises rows into a buffer). */
+int slmkit_gg_f32_rows(int type, const uint8_t *w, int rb, int K, const float *x, int M, int r0, int r1, float *y, int N, float *terms) {
+    switch (type) {
+        GGF_T(GG_Q4_0)
+        GGF_T(GG_Q4_1)
+        GGF_T(GG_Q5_0)
+        GGF_T(GG_Q5_1)
+        GGF_T(GG_Q8_0)
+        GGF_T(GG_Q4_K)
+        GGF_T(GG_Q5_K)
+        GGF_T(GG_Q6_K)
+    default: return -2;
+    }
+}
+#else
+int slmkit_gg_f32_rows(int type, const uint8_t *w, int rb, int K, const float *x, int M, int r0, int r1, float *y, int N, float *terms) {
+    (void)type, (void)w, (void)rb, (void)K, (void)x, (void)M, (void)r0, (void)r1, (void)y, (void)N, (void)terms;
+    return -2;
+}
+#endif
