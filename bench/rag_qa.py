@@ -13,7 +13,8 @@ Parts (``--parts``):
   ``--rerank-all``: every retriever). Reranking costs about 12 passage scorings per question.
 * ``answer``: token F1 and exact match (SQuAD normalisation, ``[n]`` citations removed) of
   ``generation`` (k = 0 and k = K), ``extractive`` (k = K; also its best span when never abstaining)
-  and ``adapter`` (LoRA trained with ``sft --rag`` conversations on the dev split; k = 0 and k = K).
+  and ``adapter`` (LoRA trained with ``sft --rag`` conversations on the dev split; k = 0 and k = K; its extractive
+  mode too when ``extractive`` is among ``--modes``).
 * ``filter``: generation at k = K with all top-K passages vs with the small model's retrieval filter
   (``rag ask --filter``): F1, passages kept, prompt tokens.
 
@@ -163,8 +164,9 @@ def bench_answers(args, model, tok, index, embedder, qs, out, workdir):
         ad = HFBackend(tuned, tok)
         run("adapter k=0", ad, RAGConfig(k=0, max_new_tokens=args.max_new_tokens))
         run(f"adapter k={args.k}", ad, RAGConfig(k=args.k, max_new_tokens=args.max_new_tokens))
-        run(f"adapter extractive k={args.k}", ad, RAGConfig(k=args.k, max_new_tokens=args.max_new_tokens,
-                                                             extractive=ExtractConfig(min_score=args.min_span_score)))
+        if "extractive" in args.modes:  # slow (about a hundred span scorings per question)
+            run(f"adapter extractive k={args.k}", ad, RAGConfig(k=args.k, max_new_tokens=args.max_new_tokens,
+                                                                 extractive=ExtractConfig(min_score=args.min_span_score)))
         with contextlib.suppress(AttributeError):
             tuned.unload()  # back to the base weights for later parts
     out["answers"] = res
