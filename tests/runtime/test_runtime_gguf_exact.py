@@ -156,3 +156,20 @@ def test_speculation_verifies_on_the_files_blocks_and_stays_exact(loaded):
     want = model.generate(ids[None], max_new_tokens=20, do_sample=False)[0, len(ids):].tolist()
     out = speculate(model, quantised_draft(model, "int4"), ids, SpecConfig(max_new_tokens=20, adaptive=False))
     assert out.tokens == want[: len(out.tokens)] and len(out.tokens) == 20
+
+
+def test_fp32_serving_and_generation_run_the_files_blocks(loaded):
+    """FastBackend (generate/chat --fast) and the server's engine over an fp32 model loaded from a GGUF file use its blocks
+    in full precision; greedy text equals transformers' on the dequantised file."""
+    from slmkit.backends import GenParams
+    from slmkit.runtime.backend import FastBackend
+    from slmkit.runtime.gguffast import fast_runner
+
+    _, model, tok = loaded
+    fb = FastBackend(model, tok, G.FastConfig())
+    assert isinstance(fb.fm.head, W.GGUFExact) and fast_runner(model) is fb.fm
+    assert not isinstance(fast_runner(model, G.FastConfig(dtype="bf16")).head, W.GGUFExact)
+    ids = tok("The cat sees", return_tensors="pt").input_ids
+    want = model.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1]:]
+    got = fb.generate(["The cat sees"], GenParams(max_new_tokens=8))[0].text
+    assert got == tok.decode(want, skip_special_tokens=True)

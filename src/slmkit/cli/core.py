@@ -267,13 +267,15 @@ def evaluate(
     fm = path_name = None
     if fast:
         from slmkit.runtime.generate import FastConfig, build
-        from slmkit.runtime.gguffast import build_gguf, file_codes
+        from slmkit.runtime.gguffast import build_gguf, exact_model, file_codes
 
         weights = "int4" if int4 else "int8" if int8 else "native"
         gguf = file_codes(model, dtype, weights)  # a quantised FILE.gguf or packed DIR runs its own codes unless --dtype is given
         fcfg = FastConfig(dtype=dtype if dtype in ("fp32", "bf16") else "fp32", weights=weights)
-        fm = build_gguf(gguf, fcfg, m) if gguf is not None else build(m, fcfg)
-        path_name = f"fast ({'file codes' if gguf is not None else weights if weights != 'native' else dtype or 'fp32'})"
+        exact = exact_model(m) if gguf is None and weights == "native" and fcfg.dtype == "fp32" else None
+        fm = build_gguf(gguf, fcfg, m) if gguf is not None else exact or build(m, fcfg)
+        path_name = f"fast ({'file codes' if gguf is not None else weights if weights != 'native' else dtype or 'fp32'}"
+        path_name += ", the file's blocks in full precision)" if exact is not None else ")"
     load_s = time.perf_counter() - t0
     result: dict = {"model": model, "dtype": dtype or "fp32", "device": str(dev), "path": path_name or "transformers",
                     "load_time_s": round(load_s, 3)}

@@ -10,7 +10,7 @@ import torch
 from slmkit.backends.base import Completion, GenParams, Prompt, TokenScores
 from slmkit.backends.hf import HFBackend, render_prompt
 from slmkit.runtime.decoding import stream
-from slmkit.runtime.generate import FastConfig, runner
+from slmkit.runtime.generate import FastConfig
 
 
 class FastBackend:
@@ -31,7 +31,9 @@ class FastBackend:
 
             self.fm = build_gguf(gguf, cfg, model)
         else:  # an architecture the fast path does not describe: one warning line, then transformers' forward
-            self.fm = runner(model, cfg)
+            from slmkit.runtime.gguffast import fast_runner
+
+            self.fm = fast_runner(model, cfg)  # an fp32 model loaded from a GGUF file: that file's blocks in full precision
         self.name = name or str(getattr(model.config, "name_or_path", "") or "local")
         self.kv, self.kv_budget = kv, kv_budget
         self._lltok = None  # llguidance's tokenizer, built on the first constrained request (~1 s)

@@ -32,7 +32,7 @@ import torch
 from slmkit.errors import ConfigError, CorruptModelError, UnsupportedModelError
 from slmkit.runtime import ggmlkernel, q4kernel
 from slmkit.runtime.arch import text_config
-from slmkit.runtime.generate import SUPPORTED, FastConfig, FastModel, build
+from slmkit.runtime.generate import SUPPORTED, FastConfig, FastModel, build, runner
 from slmkit.runtime.weights import Dense, GGUFExact, GGUFQ
 
 log = logging.getLogger(__name__)
@@ -223,6 +223,17 @@ def exact_model(model) -> FastModel | None:
             log.info("%s: the full-precision path over its blocks does not apply (%s); dense fp32 weights run", path.name, e)
     _exact_built[model] = (stamp, fm)
     return fm
+
+
+def fast_runner(model, cfg: FastConfig = FastConfig()):
+    """:func:`slmkit.runtime.generate.runner` (the fast path, or transformers' forward for an architecture it does not
+    describe), except that an fp32 model loaded from a GGUF file runs that file's own blocks in full precision
+    (:func:`exact_model`: the same numbers, the weights read at the file's 4.5-8.5 bits instead of 32)."""
+    if cfg.dtype == "fp32" and cfg.weights == "native" and not cfg.compile:
+        fm = exact_model(model)
+        if fm is not None:
+            return fm
+    return runner(model, cfg)
 
 
 def file_codes(spec: str, dtype: str | None, weights: str = "native", require_fast: bool = True) -> Path | None:

@@ -73,10 +73,10 @@ def create_app(backend_or_engine, model_name: str | None = None, api_key: str | 
 
 def _engine_of(backend_or_engine, model_name: str | None) -> Engine:
     """The engine to serve: the one given (its default model renamed to ``model_name`` when given), or a new one
-    over a backend's model (:func:`slmkit.runtime.generate.runner`)."""
+    over a backend's model (:func:`slmkit.runtime.gguffast.fast_runner`)."""
     engine = backend_or_engine
     if not isinstance(engine, Engine):
-        from slmkit.runtime.generate import runner
+        from slmkit.runtime.gguffast import fast_runner as runner  # an fp32 model from a GGUF file: its blocks in full precision
 
         name = model_name or backend_or_engine.name
         engine = Engine({name: runner(backend_or_engine.model)}, backend_or_engine.tokenizer)
@@ -379,15 +379,17 @@ def serve(backend, host: str = "127.0.0.1", port: int = 8000, api_key: str | Non
     request's ``model``. With ``gguf`` (the file the model was loaded from) the base model runs the file's
     own quantised blocks (:func:`slmkit.runtime.gguffast.build_gguf`); adapters merge into the dequantised weights.
     """
-    from slmkit.runtime.generate import FastConfig, build, runner, supports
+    from slmkit.runtime.generate import FastConfig, build, supports
 
     fast_cfg = fast_cfg or FastConfig()
     if gguf is not None and supports(backend.model):  # other architectures serve through their own forward
         from slmkit.runtime.gguffast import build_gguf
 
         models = {backend.name: build_gguf(gguf, fast_cfg, backend.model)}
-    else:
-        models = {backend.name: runner(backend.model, fast_cfg)}
+    else:  # an fp32 model loaded from a GGUF file: that file's blocks in full precision (gguffast.exact_model)
+        from slmkit.runtime.gguffast import fast_runner
+
+        models = {backend.name: fast_runner(backend.model, fast_cfg)}
     for name, model in (extra_models or {}).items():
         models[name] = build(model, fast_cfg)
     engine = Engine(models, backend.tokenizer, engine_cfg or EngineConfig(), default=backend.name)
