@@ -173,3 +173,24 @@ def test_fp32_serving_and_generation_run_the_files_blocks(loaded):
     want = model.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1]:]
     got = fb.generate(["The cat sees"], GenParams(max_new_tokens=8))[0].text
     assert got == tok.decode(want, skip_special_tokens=True)
+
+
+def test_a_sequences_logits_do_not_depend_on_its_batch(loaded):
+    """Every row of the exact matmuls is summed in one order whatever the rows beside it, so a sequence decoded in a
+    batch (the server) gets the bits it gets alone."""
+    from slmkit.runtime.gguffast import exact_model
+
+    _, model, tok = loaded
+    fm = exact_model(model)
+    a = tok("A dog likes green apples. It is", return_tensors="pt").input_ids[0]
+    b = tok("The cat sees the", return_tensors="pt").input_ids[0]
+    alone = []
+    for ids in (a, b):
+        c = fm.new_cache(context=64)
+        G.forward(fm, [G.Segment(ids, c)])
+        alone.append(G.forward(fm, [G.Segment(ids[-1:], c)])[0])
+    ca, cb = fm.new_cache(context=64), fm.new_cache(context=64)
+    G.forward(fm, [G.Segment(a, ca)])
+    G.forward(fm, [G.Segment(b, cb)])
+    together = G.forward(fm, [G.Segment(a[-1:], ca), G.Segment(b[-1:], cb)])
+    assert torch.equal(together[0], alone[0]) and torch.equal(together[1], alone[1])
