@@ -740,6 +740,41 @@ static inline __attribute__((always_inline)) __m512 gg_w16(const int type, const
     return gg_has_centre(type) ? _mm512_fmadd_ps(q, _mm512_set1_ps(s[g]), _mm512_set1_ps(a[g])) : _mm512_mul_ps(q, _mm512_set1_ps(s[g]));
 }
 
+/* Weights k .. k+31 of a row in a 32-input block format (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0; k % 32 == 0) as two vectors:
+ * the block's bytes are read and its scale and term broadcast once for both halves (the same values as gg_w16). */
+static inline __attribute__((always_inline)) void gg_w32(const int type, const uint8_t *row, int k, const float *s, const float *a,
+                                                        __m512 *w0, __m512 *w1) {
+    const int b = k >> 5;
+    const __m512 sv = _mm512_set1_ps(s[b]);
+    if (type == GG_Q8_0) {
+        const uint8_t *q = row + (size_t)b * 34 + 2;
+        *w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)q))), sv);
+        *w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + 16)))), sv);
+        return;
+    }
+    const int bs = gg_block_bytes(type);
+    const int qs = type == GG_Q4_0 ? 2 : type == GG_Q4_1 ? 4 : type == GG_Q5_0 ? 6 : 8;
+    const uint8_t *blk = row + (size_t)b * bs;
+    const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(blk + qs)));
+    __m512i lo = _mm512_and_si512(v, _mm512_set1_epi32(0x0F)), hi = _mm512_srli_epi32(v, 4);
+    if (type == GG_Q5_0 || type == GG_Q5_1) { /* bit i of the block's 32 high bits is input i's fifth bit */
+        uint32_t h;
+        memcpy(&h, blk + (type == GG_Q5_0 ? 2 : 4), 4);
+        lo = _mm512_mask_or_epi32(lo, (__mmask16)h, lo, _mm512_set1_epi32(16));
+        hi = _mm512_mask_or_epi32(hi, (__mmask16)(h >> 16), hi, _mm512_set1_epi32(16));
+    }
+    const __m512 o = _mm512_set1_ps(gg_exact_offset(type));
+    const __m512 q0 = _mm512_sub_ps(_mm512_cvtepi32_ps(lo), o), q1 = _mm512_sub_ps(_mm512_cvtepi32_ps(hi), o);
+    if (gg_has_centre(type)) {
+        const __m512 av = _mm512_set1_ps(a[b]);
+        *w0 = _mm512_fmadd_ps(q0, sv, av);
+        *w1 = _mm512_fmadd_ps(q1, sv, av);
+    } else {
+        *w0 = _mm512_mul_ps(q0, sv);
+        *w1 = _mm512_mul_ps(q1, sv);
+    }
+}
+
 #define GGF_NB 4
 #define GGF_MB 4
 
@@ -748,6 +783,20 @@ static inline __attribute__((always_inline)) void gg_f32_tile(const int type, co
     __m512 acc[GGF_NB][GGF_MB];
     for (int r = 0; r < nb; r++)
         for (int m = 0; m < mb; m++) acc[r][m] = _mm512_setzero_ps();
+    if (gg_block(type) == 32) { /* a block per step; each accumulator still adds inputs k..k+15, then k+16..k+31 */
+        for (int k = 0; k < K; k += 32) {
+            __m512 w0[GGF_NB], w1[GGF_NB];
+            for (int r = 0; r < nb; r++)
+                gg_w32(type, rows[r], k, terms + (size_t)2 * r * G, terms + (size_t)(2 * r + 1) * G, &w0[r], &w1[r]);
+            for (int m = 0; m < mb; m++) {
+                const __m512 x0 = _mm512_loadu_ps(x + (size_t)(m0 + m) * K + k), x1 = _mm512_loadu_ps(x + (size_t)(m0 + m) * K + k + 16);
+                for (int r = 0; r < nb; r++) acc[r][m] = _mm512_fmadd_ps(w1[r], x1, _mm512_fmadd_ps(w0[r], x0, acc[r][m]));
+            }
+        }
+        for (int r = 0; r < nb; r++)
+            for (int m = 0; m < mb; m++) y[(size_t)(m0 + m) * N + n0 + r] = _mm512_reduce_add_ps(acc[r][m]);
+        return;
+    }
     for (int k = 0; k < K; k += 16) {
         __m512 wv[GGF_NB];
         for (int r = 0; r < nb; r++) wv[r] = gg_w16(type, rows[r], k, terms + (size_t)2 * r * G, terms + (size_t)(2 * r + 1) * G);
@@ -774,6 +823,10 @@ static inline __attribute__((always_inline)) void gg_f32_range(const int type, c
     for (int n0 = r0; n0 < r1; n0 += GGF_NB) {
         const int nb = r1 - n0 < GGF_NB ? r1 - n0 : GGF_NB;
         const uint8_t *rows[GGF_NB];
+        { /* the rows PREFETCH_BYTES ahead (a thread's rows are contiguous; a prefetch past the tensor never faults) */
+            const uint8_t *ahead = w + (size_t)n0 * rb + PREFETCH_BYTES;
+            for (size_t off = 0; off < (size_t)GGF_NB * rb; off += 64) SLMKIT_PREFETCH(ahead + off);
+        }
         for (int r = 0; r < nb; r++) {
             rows[r] = w + (size_t)(n0 + r) * rb;
             gg_exact_terms(type, rows[r], K, terms + (size_t)2 * r * G, terms + (size_t)(2 * r + 1) * G);
