@@ -115,7 +115,7 @@ int slmkit_f32_matmul(const float *x, int M, int K, const float *w, int N, float
  * call). Each tile of F32_NB rows is dequantised exactly as gguf-py does (slmkit_gg_row_exact, into per-thread
  * scratch) and multiplied as above, so y is, bit for bit, slmkit_f32_matmul of the dequantised weights (the same
  * products in the same order) while the weights stream from memory at 4-8 bits a weight instead of 32: the fp32
- * model transformers loads from the file, computed from the file's own codes. On AVX-512, up to 4 activation rows
+ * model transformers loads from the file, computed from the file's own codes. On AVX-512, up to 8 activation rows
  * are multiplied straight from the blocks (slmkit_gg_f32_rows: the same products, no copy of the weights). Returns
  * 0, -2 for a type or shape without a kernel, -1 out of memory. */
 int slmkit_gg_f32_matmul_parts(int nparts, const int *types, const uint8_t *const *ws, const int *Ns, int K, const float *x, int M,
@@ -146,7 +146,7 @@ int slmkit_gg_f32_matmul_parts(int nparts, const int *types, const uint8_t *cons
             continue;
         }
         const int r0 = (it - first[p]) * F32_ROWS_PER_ITEM, r1 = r0 + F32_ROWS_PER_ITEM < N ? r0 + F32_ROWS_PER_ITEM : N;
-        if (M <= F32_MB && slmkit_gg_f32_rows(type, w, rb, K, x, M, r0, r1, yp, Ntot, buf) == 0) continue;
+        if (M <= 2 * F32_MB && slmkit_gg_f32_rows(type, w, rb, K, x, M, r0, r1, yp, Ntot, buf) == 0) continue;
         for (int n0 = r0; n0 < r1; n0 += F32_NB) {
             const int nb = r1 - n0 < F32_NB ? r1 - n0 : F32_NB;
             const uint8_t *ahead = w + (size_t)n0 * rb + PREFETCH_BYTES; /* the thread's rows are contiguous: fetch ahead */

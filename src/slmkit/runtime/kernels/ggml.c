@@ -778,9 +778,10 @@ static inline __attribute__((always_inline)) void gg_w32(const int type, const u
 #define GGF_NB 4
 #define GGF_MB 4
 
+/* nb weight rows x mb activation rows (nb <= 4 and mb <= 4, or nb <= 2 and mb <= 8: 16 accumulators at most). */
 static inline __attribute__((always_inline)) void gg_f32_tile(const int type, const uint8_t *const *rows, const float *terms, int G,
                                                              const float *x, int m0, int mb, int K, int n0, int nb, float *y, int N) {
-    __m512 acc[GGF_NB][GGF_MB];
+    __m512 acc[GGF_NB][2 * GGF_MB];
     for (int r = 0; r < nb; r++)
         for (int m = 0; m < mb; m++) acc[r][m] = _mm512_setzero_ps();
     if (gg_block(type) == 32) { /* a block per step; each accumulator still adds inputs k..k+15, then k+16..k+31 */
@@ -817,11 +818,21 @@ static inline __attribute__((always_inline)) void gg_f32_tile(const int type, co
     default: gg_f32_tile(type, rows, terms, G, x, m0, 4, K, n0, NBV, y, N); break;                                     \
     }
 
+/* 5..8 activation rows: 2 weight rows at a time against all of them, so each weight is decoded once. */
+#define GGF_TILE_MB8(NBV)                                                                                              \
+    switch (M) {                                                                                                       \
+    case 5: gg_f32_tile(type, rows, terms, G, x, 0, 5, K, n0, NBV, y, N); break;                                       \
+    case 6: gg_f32_tile(type, rows, terms, G, x, 0, 6, K, n0, NBV, y, N); break;                                       \
+    case 7: gg_f32_tile(type, rows, terms, G, x, 0, 7, K, n0, NBV, y, N); break;                                       \
+    default: gg_f32_tile(type, rows, terms, G, x, 0, 8, K, n0, NBV, y, N); break;                                      \
+    }
+
 static inline __attribute__((always_inline)) void gg_f32_range(const int type, const uint8_t *w, int rb, int K, const float *x, int M,
                                                               int r0, int r1, float *y, int N, float *terms) {
     const int G = K / gg_group(type);
-    for (int n0 = r0; n0 < r1; n0 += GGF_NB) {
-        const int nb = r1 - n0 < GGF_NB ? r1 - n0 : GGF_NB;
+    const int wide = M > GGF_MB && M <= 2 * GGF_MB, step = wide ? GGF_NB / 2 : GGF_NB;
+    for (int n0 = r0; n0 < r1; n0 += step) {
+        const int nb = r1 - n0 < step ? r1 - n0 : step;
         const uint8_t *rows[GGF_NB];
         { /* the rows PREFETCH_BYTES ahead (a thread's rows are contiguous; a prefetch past the tensor never faults) */
             const uint8_t *ahead = w + (size_t)n0 * rb + PREFETCH_BYTES;
@@ -830,6 +841,10 @@ static inline __attribute__((always_inline)) void gg_f32_range(const int type, c
         for (int r = 0; r < nb; r++) {
             rows[r] = w + (size_t)(n0 + r) * rb;
             gg_exact_terms(type, rows[r], K, terms + (size_t)2 * r * G, terms + (size_t)(2 * r + 1) * G);
+        }
+        if (wide) {
+            if (nb == 1) GGF_TILE_MB8(1) else GGF_TILE_MB8(2)
+            continue;
         }
         for (int m0 = 0; m0 < M; m0 += GGF_MB) { /* the nb rows stay in L1 across the activation tiles */
             const int mb = M - m0 < GGF_MB ? M - m0 : GGF_MB;
