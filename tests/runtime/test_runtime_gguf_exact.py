@@ -48,21 +48,28 @@ def test_every_variant_dequantises_exactly(variant):
         assert float((y.double() - want).abs().max()) <= 1e-6 * float((x.abs().double() @ ref.abs().double().T).max()), (variant, name)
 
 
-@pytest.mark.parametrize("name", ("Q4_1", "Q8_0", "Q4_K", "Q6_K"))
+def _dense_kernel(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """kernels/f32.c's slmkit_f32_matmul for any number of rows (f32_linear takes 2..16)."""
+    y = torch.empty(x.shape[0], w.shape[0])
+    assert Q.require().slmkit_f32_matmul(x.data_ptr(), x.shape[0], x.shape[1], w.data_ptr(), w.shape[0], y.data_ptr()) == 0
+    return y
+
+
+@pytest.mark.parametrize("name", BLOCK32 + KQUANTS)
 def test_products_are_the_dense_fp32_kernels(name):
-    qt, w, ref = _weight(name, 37, 256, seed=8)
+    """Bit for bit the dense kernel on the dequantised weight, for every format, several super-blocks (K = 512) and
+    1-4, 5-8 (straight from the blocks on AVX-512) and more rows (through a dequantised copy)."""
+    qt, w, ref = _weight(name, 37, 512, seed=8)
     g = torch.Generator().manual_seed(9)
-    for m in (2, 3, 5, 8, 9, 16):  # 1-4 and 5-8 rows straight from the blocks (AVX-512), more through a dequantised copy
-        x = torch.randn(m, 256, generator=g)
-        assert torch.equal(K.f32_matmul(x, qt, w, 256), Q.f32_linear(x, ref))
-    for m in (1, 40):  # outside f32_linear's range: the same sums, checked against float64
-        x = torch.randn(m, 256, generator=g)
-        got, want = K.f32_matmul(x, qt, w, 256).double(), x.double() @ ref.double().T
-        assert float((got - want).abs().max()) <= 1e-6 * float((x.abs().double() @ ref.abs().double().T).max())
-    x = torch.randn(9, 256, generator=g)
-    full = K.f32_matmul(x, qt, w, 256)
+    for m in (*range(1, 10), 16, 40):
+        x = torch.randn(m, 512, generator=g)
+        assert torch.equal(K.f32_matmul(x, qt, w, 512), _dense_kernel(x, ref)), (name, m)
+    x = torch.randn(9, 512, generator=g)
+    full = K.f32_matmul(x, qt, w, 512)
     for rows in ([0], [3, 4, 5], list(range(1, 9))):  # a row's bits do not depend on the rows beside it
-        assert torch.equal(K.f32_matmul(x[rows], qt, w, 256), full[rows])
+        assert torch.equal(K.f32_matmul(x[rows], qt, w, 512), full[rows])
+    want = x.double() @ ref.double().T  # and the sums are fp32-accurate
+    assert float((full.double() - want).abs().max()) <= 1e-6 * float((x.abs().double() @ ref.abs().double().T).max())
 
 
 def test_a_fused_projection_is_its_parts_side_by_side():
@@ -130,6 +137,11 @@ def test_a_changed_model_is_not_run_from_the_file(loaded):
     try:
         with torch.no_grad():
             w[0, 0] += 1.0  # changed in place after loading: the file's codes no longer are this model
+        assert exact_model(model) is None
+        with torch.no_grad():
+            w.copy_(keep)
+        assert exact_model(model) is not None
+        w.data[0, 1] += 1.0  # through .data, as adapter merges do: no version counter moves
         assert exact_model(model) is None
         with pytest.raises(CodesMismatchError, match="down_proj"):
             build_gguf(path, G.FastConfig(dtype="fp32", weights="gguf-f32"), model)

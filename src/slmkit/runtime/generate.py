@@ -136,6 +136,7 @@ class FastModel:
     fused_norm: torch.Tensor | None = None  # bf16 final norm for a fused head
     fused_keep: list = field(default_factory=list)  # bf16 norm copies the descriptors point into
     rope_keys: tuple = (None,)  # the distinct rotary keys, in the order of the fused step's tables
+    exact_sources: list = field(default_factory=list)  # gguf-f32: (data_ptr of the model's weight, its GGUFExact blocks)
 
     def rope(self, x: torch.Tensor, pos: torch.Tensor, key: str | None) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin (1, N, rd) of positions ``pos`` (1, N) for rotary layer type ``key`` (Gemma 3; None: the only one)."""

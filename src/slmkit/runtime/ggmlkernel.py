@@ -151,8 +151,8 @@ class ExactParts:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` (M, k) fp32 times the weights: (M, sum of N) fp32."""
-        if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != self.k:
-            raise ValueError(f"exact GGUF matmul takes fp32 activations (M, {self.k}), got {tuple(x.shape)} {x.dtype}")
+        if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != self.k or x.device.type != "cpu":
+            raise ValueError(f"exact GGUF matmul takes fp32 CPU activations (M, {self.k}), got {tuple(x.shape)} {x.dtype} on {x.device}")
         x = x.contiguous()
         y = torch.empty(x.shape[0], self.n, dtype=torch.float32)
         rc = self._fn(self._nparts, self._types, self._ptrs, self._rows, self.k, x.data_ptr(), x.shape[0], y.data_ptr())
@@ -162,7 +162,7 @@ class ExactParts:
 
 
 def f32_matmul(x: torch.Tensor, qtype: int, w: torch.Tensor, k: int) -> torch.Tensor:
-    """``x`` (M, k) fp32 times the weight in full precision (:class:`ExactParts` of one part): for M >= 2 the result
-    equals ``f32_linear(x, exact_f32(w))`` bit for bit while the weight streams at its file size. Any M; M = 1 sums
-    in the same order (torch's gemv differs by fp32 rounding)."""
+    """``x`` (M, k) fp32 times the weight in full precision (:class:`ExactParts` of one part): for any M the result
+    equals ``kernels/f32.c``'s ``slmkit_f32_matmul`` on ``exact_f32(w)`` bit for bit (so ``q4kernel.f32_linear`` for
+    2..16 rows) while the weight streams at its file size; torch's gemv/sgemm differ by fp32 rounding."""
     return ExactParts([(qtype, w, k)])(x)

@@ -75,8 +75,8 @@ def build_gguf(path: str | Path, cfg: FastConfig = FastConfig(), model=None) -> 
     """The fast model of GGUF file ``path`` running the file's own quantised blocks.
 
     ``cfg.weights="gguf-f32"``: the blocks in full precision (fp32 activations; every weight dequantised on the fly
-    exactly as gguf-py does), so the numbers are those of ``model`` loaded from the file at a seventh of the
-    bytes; each matrix is checked bit for bit against ``model``'s (:class:`CodesMismatchError` when one differs, e.g.
+    exactly as gguf-py does), so the weights are those of ``model`` loaded from the file, at a seventh of the
+    bytes (the sums follow ``kernels/f32.c``'s order); each matrix is checked bit for bit against ``model``'s (:class:`CodesMismatchError` when one differs, e.g.
     a model changed after loading).
 
     ``model`` is the file loaded by :func:`slmkit.models.load` (loaded here when omitted); it
@@ -118,12 +118,15 @@ def build_gguf(path: str | Path, cfg: FastConfig = FastConfig(), model=None) -> 
     tensors = {t.name: t for t in reader.tensors}
     permuted = _architecture(reader) in PERMUTED_QK
     made: dict[str, Dense] = {}
+    sources: list[tuple[int, GGUFExact]] = []  # gguf-f32: (the model's weight, its blocks), for exact_model's checks
 
     def weights(hf_name: str, mod: torch.nn.Module) -> Dense:
         name = gguf_name(hf_name + ".weight")
         if hf_name == "lm_head" and "output.weight" not in tensors:
             name = "token_embd.weight"  # a tied head is the embedding table
         if name in made:
+            if exact and not torch.equal(made[name].dequantised() if isinstance(made[name], GGUFExact) else made[name].w, mod.weight.detach().float()):
+                raise CodesMismatchError(f"{path.name}: {hf_name} of the model is not the dequantised {name} of the file")
             return made[name]
         t = tensors.get(name)
         if t is None:
@@ -156,12 +159,14 @@ def build_gguf(path: str | Path, cfg: FastConfig = FastConfig(), model=None) -> 
                 made[name] = GGUFExact(raw, qtype, k, bias)
                 if not torch.equal(made[name].dequantised(), w.float()):
                     raise CodesMismatchError(f"{path.name}: {hf_name} of the model is not the dequantised {name} of the file")
+                sources.append((mod.weight.data_ptr(), made[name]))
             else:
                 made[name] = GGUFQ(raw, qtype, k, bias)
         return made[name]
 
     fcfg = FastConfig(dtype="fp32", weights="gguf-f32") if exact else FastConfig(dtype="bf16", weights="gguf", kernel=cfg.kernel)
     fm = build(model, fcfg, weights)
+    fm.exact_sources = sources
     kinds = sorted({_type_name(m.qtype) for m in made.values() if isinstance(m, GGUFQ)})
     log.info("%s on the fast path with the file's own %s blocks%s", path.name, "/".join(kinds) or "(no quantised)",
              "" if fm.fused is not None else " (per-op: the fused step does not cover this model)")
@@ -180,9 +185,9 @@ def source_file(model) -> Path | None:
     spec = str(getattr(model.config, "name_or_path", "") or "")
     if not spec:
         return None
-    if spec in zoo.ZOO:
-        return Path(zoo.locate(spec))
     try:
+        if spec in zoo.ZOO:
+            return Path(zoo.locate(spec))
         src = resolve(spec)
     except (SlmkitError, OSError):
         return None
@@ -198,37 +203,51 @@ def source_file(model) -> Path | None:
     return None
 
 
-#: model -> (its parameters' storage and version counters, the exact fast model or None): built once per model
+#: model -> (its parameters' storage and version counters, the exact fast model or None, (weight, blocks) pairs)
 _exact_built: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def _rows_still_equal(pairs) -> bool:
+    """Each matrix's first row still equal to its blocks' (a cache hit's check: ``p.data += d``, as an adapter merge
+    does, changes no version counter)."""
+    first = torch.tensor([0])
+    return all(torch.equal(blocks.rows(first, torch.float32)[0], w.detach()[0]) for w, blocks in pairs)
+
+
 def exact_model(model) -> FastModel | None:
-    """``model`` (fp32, loaded from a GGUF file) on the fast path with the file's own blocks in full precision
-    (``weights="gguf-f32"``: its numbers, the file's bytes), or None when it has no such file, the file's
+    """``model`` (fp32 on the CPU, loaded from a GGUF file) on the fast path with the file's own blocks in full
+    precision (``weights="gguf-f32"``: its weights bit for bit, read at the file's size; sums in the fp32 kernel's
+    order, which differs from torch's gemv/sgemm by fp32 rounding), or None when it has no such file, the file's
     tensors have no kernel, or its weights are not the file's (changed after loading).
 
-    Built once per model (a few seconds: the file's metadata and the bit-for-bit check) and reused until a
-    parameter is replaced or changed in place (torch's version counters)."""
-    if next(model.parameters()).dtype != torch.float32 or q4kernel.load() is None:
+    Built once per model (a few seconds: the file's metadata and the bit-for-bit check of every matrix) and reused
+    while no parameter was replaced or changed in place (torch's version counters) and every matrix's first row
+    still equals its blocks' (a change through ``.data`` bumps no counter)."""
+    params = list(model.parameters())
+    if params[0].dtype != torch.float32 or any(p.device.type != "cpu" for p in params) or q4kernel.load() is None:
         return None
-    stamp = tuple((p.data_ptr(), p._version) for p in model.parameters())
+    stamp = tuple((p.data_ptr(), p._version) for p in params)
     hit = _exact_built.get(model)
-    if hit is not None and hit[0] == stamp:
+    if hit is not None and hit[0] == stamp and _rows_still_equal(hit[2]):
         return hit[1]
-    fm, path = None, source_file(model)
+    fm, pairs, path = None, [], source_file(model)
     if path is not None:
         try:
             fm = build_gguf(path, FastConfig(dtype="fp32", weights="gguf-f32"), model)
         except (ConfigError, UnsupportedModelError, CorruptModelError) as e:
             log.info("%s: the full-precision path over its blocks does not apply (%s); dense fp32 weights run", path.name, e)
-    _exact_built[model] = (stamp, fm)
+    if fm is not None:
+        by_ptr = {p.data_ptr(): p for p in params}
+        pairs = [(by_ptr[ptr], b) for ptr, b in fm.exact_sources if ptr in by_ptr]
+    _exact_built[model] = (stamp, fm, pairs)
     return fm
 
 
 def fast_runner(model, cfg: FastConfig = FastConfig()):
     """:func:`slmkit.runtime.generate.runner` (the fast path, or transformers' forward for an architecture it does not
     describe), except that an fp32 model loaded from a GGUF file runs that file's own blocks in full precision
-    (:func:`exact_model`: the same numbers, the weights read at the file's 4.5-8.5 bits instead of 32)."""
+    (:func:`exact_model`: the same weights read at the file's 4.5-8.5 bits instead of 32, sums in the fp32 kernel's
+    order)."""
     if cfg.dtype == "fp32" and cfg.weights == "native" and not cfg.compile:
         fm = exact_model(model)
         if fm is not None:

@@ -55,7 +55,7 @@ SOURCES = tuple(KERNELS / f for f in ("q4.c", "ggml.c", "decode.c", "f32.c"))  #
 HEADERS = (KERNELS / "common.h", KERNELS / "simd.h")
 #: -Werror=vla: no stack array sized by an input may come back (a batch-sized one overflowed the stack);
 #: -Werror=frame-larger-than: every fixed one stays small beside a thread's 8 MB stack
-FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-Werror=vla", "-Werror=frame-larger-than=262144", "-lm", "-pthread"]
+FLAGS = ["-O3", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC", "-Werror=vla", "-Werror=frame-larger-than=262144", "-lm", "-pthread"]
 #: variant -> (the machine it runs on, its compiler flags, the CPU flags it needs)
 VARIANTS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
     "avx512": ("x86_64", ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mf16c", "-mfma"),

@@ -13,8 +13,9 @@
  * 16 fp32 multiply-add chains, lane j summing the inputs k = j (mod 16) in order, then a fixed pairwise
  * sum of the 16 lanes. The code is written with GCC's generic vectors (vector_size 64), which the compiler
  * lowers to one zmm register (AVX-512), two ymm (AVX2), four q registers (NEON) or SSE2/scalar code
- * (portable); whether a multiply-add is fused is the compiler's choice (-ffp-contract), so the variants
- * agree to fp32 rounding. Against torch's sgemm the order of additions differs: about 1e-7 relative.
+ * (portable); the library is built with -ffp-contract=fast, so a multiply-add is fused wherever the variant has
+ * FMA (the AVX-512 build always: kernels/ggml.c's gg_f32_tile, which writes _mm512_fmadd_ps, relies on it for
+ * its bit-for-bit equality with this kernel), and the variants agree to fp32 rounding. Against torch's sgemm the order of additions differs: about 1e-7 relative.
  *
  * Threads: OpenMP over blocks of output rows (the libgomp torch loaded, same thread count).
  */

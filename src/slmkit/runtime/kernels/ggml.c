@@ -555,7 +555,7 @@ int slmkit_gg_rows_f32(int type, const uint8_t *w, int K, const int64_t *ids, in
  * that is an fp16 value or an exact product of two (d sc_j, dmin m_j fit fp32's 24 bits), and an additive
  * term a: none for Q4_0/Q5_0/Q8_0/Q6_K, whose products (q - o) s are exact (signed zeros included); m for Q4_1/Q5_1 (gguf-py: d q + m)
  * and -dmin m_j for Q4_K/Q5_K (d sc q - dmin m), whose one rounding is the sum's: q s is exact, so fused or
- * not the result is gguf-py's. For kernels/f32.c's slmkit_gg_f32_matmul (fp32 activations on the file's codes:
+ * not the result is gguf-py's. For kernels/f32.c's slmkit_gg_f32_matmul_parts (fp32 activations on the file's codes:
  * the dequantised model's numbers at a seventh of its bytes) and exact embedding rows. */
 
 typedef float gg_v16 __attribute__((vector_size(64)));
@@ -684,35 +684,18 @@ int slmkit_gg_rows_exact(int type, const uint8_t *w, int K, const int64_t *ids, 
 #if defined(SLMKIT_AVX512)
 /* ------------------------------------------------------------------ full precision straight from the blocks (AVX-512)
  *
- * slmkit_gg_f32_matmul's tile without the dequantised copy: 16 weights at a time are decoded into a register
+ * slmkit_gg_f32_matmul_parts's tile without the dequantised copy: 16 weights at a time are decoded into a register
  * (the same value slmkit_gg_row_exact writes) and multiplied into the activation rows at once, in the order of
  * kernels/f32.c's f32_tile (lane j sums inputs k = j mod 16 in order with fused multiply-adds, then
  * _mm512_reduce_add_ps), so the products are bit for bit those of the buffered path and of the dense fp32
  * kernel, and a one-token step does not write and re-read every weight. */
 
-/* Weights k .. k+15 of a row (w = (q - o) s + a as gg_exact_row computes them); s, a: the row's group terms. */
+/* Weights k .. k+15 of a row in a K-quant format (w = (q - o) s + a as gg_exact_row computes them); s, a: the row's
+ * group terms. The 32-input block formats go through gg_w32. */
 static inline __attribute__((always_inline)) __m512 gg_w16(const int type, const uint8_t *row, int k, const float *s, const float *a) {
     const __m512i m4 = _mm512_set1_epi32(0x0F);
     __m512i v;
     switch (type) {
-    case GG_Q4_0: case GG_Q4_1: case GG_Q5_0: case GG_Q5_1: {
-        const int bs = gg_block_bytes(type), b = k >> 5, half = (k >> 4) & 1;
-        const int qs = type == GG_Q4_0 ? 2 : type == GG_Q4_1 ? 4 : type == GG_Q5_0 ? 6 : 8;
-        const uint8_t *blk = row + (size_t)b * bs;
-        v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(blk + qs)));
-        v = half ? _mm512_srli_epi32(v, 4) : _mm512_and_si512(v, m4);
-        if (type == GG_Q5_0 || type == GG_Q5_1) { /* bit i of the block's 32 high bits is input i's fifth bit */
-            uint32_t h;
-            memcpy(&h, blk + (type == GG_Q5_0 ? 2 : 4), 4);
-            v = _mm512_mask_or_epi32(v, (__mmask16)(h >> (16 * half)), v, _mm512_set1_epi32(16));
-        }
-        break;
-    }
-    case GG_Q8_0: {
-        const int b = k >> 5, half = (k >> 4) & 1;
-        const __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(row + (size_t)b * 34 + 2 + 16 * half))));
-        return _mm512_mul_ps(q, _mm512_set1_ps(s[b]));
-    }
     case GG_Q4_K: case GG_Q5_K: {
         const int bs = gg_block_bytes(type), t = k & 255, j = t >> 6, part = (t >> 5) & 1, l = t & 31;
         const uint8_t *sb = row + (size_t)(k >> 8) * bs;
