@@ -72,6 +72,13 @@ def test_products_are_the_dense_fp32_kernels(name):
     assert float((full.double() - want).abs().max()) <= 1e-6 * float((x.abs().double() @ ref.abs().double().T).max())
 
 
+def test_long_prompts_run_torchs_sgemm_on_the_exact_weights(monkeypatch):
+    qt, w, ref = _weight("Q4_1", 24, 256, seed=11)
+    monkeypatch.setattr(K, "EXACT_DEQUANT_FROM_TOKENS", 8)
+    x = torch.randn(8, 256, generator=torch.Generator().manual_seed(12))
+    assert torch.equal(K.f32_matmul(x, qt, w, 256), torch.nn.functional.linear(x, ref))
+
+
 def test_a_fused_projection_is_its_parts_side_by_side():
     """q/k/v (gate/up) as one kernel call over parts of different formats: each part's columns are the part alone, bit for bit."""
     parts = [_weight(name, n, 256, seed=i) for i, (name, n) in enumerate((("Q4_1", 40), ("Q8_0", 16), ("Q6_K", 16)))]
