@@ -272,7 +272,7 @@ def evaluate(
         weights = "int4" if int4 else "int8" if int8 else "native"
         gguf = file_codes(model, dtype, weights)  # a quantised FILE.gguf or packed DIR runs its own codes unless --dtype is given
         fcfg = FastConfig(dtype=dtype if dtype in ("fp32", "bf16") else "fp32", weights=weights)
-        exact = exact_model(m) if gguf is None and weights == "native" and fcfg.dtype == "fp32" else None
+        exact = exact_model(m, fcfg) if gguf is None else None
         fm = build_gguf(gguf, fcfg, m) if gguf is not None else exact or build(m, fcfg)
         path_name = f"fast ({'file codes' if gguf is not None else weights if weights != 'native' else dtype or 'fp32'}"
         path_name += ", the file's blocks in full precision)" if exact is not None else ")"

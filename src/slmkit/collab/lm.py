@@ -79,9 +79,8 @@ class FastLM:
 
         dt = next(model.parameters()).dtype
         self.G = G
-        self.fm = exact_model(model) if dt == torch.float32 else None
-        if self.fm is None:
-            self.fm = G.build(model, G.FastConfig(dtype="bf16" if dt == torch.bfloat16 else "fp32"))
+        cfg = G.FastConfig(dtype="bf16" if dt == torch.bfloat16 else "fp32")
+        self.fm = exact_model(model, cfg) or G.build(model, cfg)
         self.cache = self.fm.new_cache("full", context=min(self.fm.max_positions, capacity))
         self.n = 0
         self.calls = 0

@@ -59,10 +59,9 @@ class SpeculativeBackend:
         self.target, self.tokenizer, self.draft, self.k_max = target, tokenizer, draft, k_max
         self._hf = from_model(target, tokenizer)  # scores (the target's log-probs)
         self.name = name or f"speculative({self._hf.name})"
-        if next(target.parameters()).device.type == "cpu":
-            from slmkit.runtime.gguffast import exact_model
+        from slmkit.runtime.gguffast import exact_model
 
-            exact_model(target)  # the verifying engine over a GGUF file's blocks is built now, not on the first request
+        exact_model(target)  # the verifying engine over a GGUF file's blocks (if it applies) is built now, not on the first request
 
     def generate(self, prompts: Sequence[Prompt], params: GenParams) -> list[Completion]:
         # one sequence at a time: speculative decoding verifies one sequence's drafts per target pass

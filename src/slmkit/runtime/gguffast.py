@@ -71,13 +71,22 @@ class CodesMismatchError(ConfigError):
     """``weights="gguf-f32"`` was asked of a model whose weights are not the file's dequantised codes."""
 
 
+def _same_codes(path: Path, hf_name: str, name: str, made_w: Dense, weight: torch.Tensor) -> Dense:
+    """gguf-f32: ``made_w`` (tensor ``name`` of the file) is ``weight`` (the model's ``hf_name``) bit for bit, else
+    :class:`CodesMismatchError`."""
+    values = made_w.dequantised() if isinstance(made_w, GGUFExact) else made_w.w
+    if not torch.equal(values, weight.detach().float()):
+        raise CodesMismatchError(f"{path.name}: {hf_name} of the model is not the dequantised {name} of the file")
+    return made_w
+
+
 def build_gguf(path: str | Path, cfg: FastConfig = FastConfig(), model=None) -> FastModel:
     """The fast model of GGUF file ``path`` running the file's own quantised blocks.
 
     ``cfg.weights="gguf-f32"``: the blocks in full precision (fp32 activations; every weight dequantised on the fly
     exactly as gguf-py does), so the weights are those of ``model`` loaded from the file, at a seventh of the
-    bytes (the sums follow ``kernels/f32.c``'s order); each matrix is checked bit for bit against ``model``'s (:class:`CodesMismatchError` when one differs, e.g.
-    a model changed after loading).
+    bytes (the sums follow ``kernels/f32.c``'s order); each matrix is checked bit for bit against ``model``'s
+    (:class:`CodesMismatchError` when one differs, e.g. a model changed after loading).
 
     ``model`` is the file loaded by :func:`slmkit.models.load` (loaded here when omitted); it
     supplies config, norms and rotary, and the values of dense tensors. ``cfg.kernel`` is kept;
@@ -125,8 +134,8 @@ def build_gguf(path: str | Path, cfg: FastConfig = FastConfig(), model=None) -> 
         if hf_name == "lm_head" and "output.weight" not in tensors:
             name = "token_embd.weight"  # a tied head is the embedding table
         if name in made:
-            if exact and not torch.equal(made[name].dequantised() if isinstance(made[name], GGUFExact) else made[name].w, mod.weight.detach().float()):
-                raise CodesMismatchError(f"{path.name}: {hf_name} of the model is not the dequantised {name} of the file")
+            if exact:  # a tied head: the model's head must be the same table
+                _same_codes(path, hf_name, name, made[name], mod.weight)
             return made[name]
         t = tensors.get(name)
         if t is None:
@@ -156,9 +165,7 @@ def build_gguf(path: str | Path, cfg: FastConfig = FastConfig(), model=None) -> 
             elif permuted and hf_name.endswith("k_proj"):
                 raw = _unpermute_rows(raw, c.num_key_value_heads)
             if exact:
-                made[name] = GGUFExact(raw, qtype, k, bias)
-                if not torch.equal(made[name].dequantised(), w.float()):
-                    raise CodesMismatchError(f"{path.name}: {hf_name} of the model is not the dequantised {name} of the file")
+                made[name] = _same_codes(path, hf_name, name, GGUFExact(raw, qtype, k, bias), mod.weight)
                 sources.append((mod.weight.data_ptr(), made[name]))
             else:
                 made[name] = GGUFQ(raw, qtype, k, bias)
@@ -214,15 +221,18 @@ def _rows_still_equal(pairs) -> bool:
     return all(torch.equal(blocks.rows(first, torch.float32)[0], w.detach()[0]) for w, blocks in pairs)
 
 
-def exact_model(model) -> FastModel | None:
+def exact_model(model, cfg: FastConfig = FastConfig()) -> FastModel | None:
     """``model`` (fp32 on the CPU, loaded from a GGUF file) on the fast path with the file's own blocks in full
     precision (``weights="gguf-f32"``: its weights bit for bit, read at the file's size; sums in the fp32 kernel's
-    order, which differs from torch's gemv/sgemm by fp32 rounding), or None when it has no such file, the file's
-    tensors have no kernel, or its weights are not the file's (changed after loading).
+    order, which differs from torch's gemv/sgemm by fp32 rounding), or None when ``cfg`` asks for something else
+    (bf16, quantised weights, torch.compile), it has no such file, the file's tensors have no kernel, or its weights
+    are not the file's (changed after loading).
 
     Built once per model (a few seconds: the file's metadata and the bit-for-bit check of every matrix) and reused
     while no parameter was replaced or changed in place (torch's version counters) and every matrix's first row
     still equals its blocks' (a change through ``.data`` bumps no counter)."""
+    if cfg.dtype != "fp32" or cfg.weights != "native" or cfg.compile:
+        return None
     params = list(model.parameters())
     if params[0].dtype != torch.float32 or any(p.device.type != "cpu" for p in params) or q4kernel.load() is None:
         return None
@@ -248,11 +258,7 @@ def fast_runner(model, cfg: FastConfig = FastConfig()):
     describe), except that an fp32 model loaded from a GGUF file runs that file's own blocks in full precision
     (:func:`exact_model`: the same weights read at the file's 4.5-8.5 bits instead of 32, sums in the fp32 kernel's
     order)."""
-    if cfg.dtype == "fp32" and cfg.weights == "native" and not cfg.compile:
-        fm = exact_model(model)
-        if fm is not None:
-            return fm
-    return runner(model, cfg)
+    return exact_model(model, cfg) or runner(model, cfg)
 
 
 def file_codes(spec: str, dtype: str | None, weights: str = "native", require_fast: bool = True) -> Path | None:

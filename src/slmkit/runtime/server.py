@@ -76,10 +76,10 @@ def _engine_of(backend_or_engine, model_name: str | None) -> Engine:
     over a backend's model (:func:`slmkit.runtime.gguffast.fast_runner`)."""
     engine = backend_or_engine
     if not isinstance(engine, Engine):
-        from slmkit.runtime.gguffast import fast_runner as runner  # an fp32 model from a GGUF file: its blocks in full precision
+        from slmkit.runtime.gguffast import fast_runner  # an fp32 model from a GGUF file: its blocks in full precision
 
         name = model_name or backend_or_engine.name
-        engine = Engine({name: runner(backend_or_engine.model)}, backend_or_engine.tokenizer)
+        engine = Engine({name: fast_runner(backend_or_engine.model)}, backend_or_engine.tokenizer)
     elif model_name:
         engine.models = {model_name if k == engine.default else k: v for k, v in engine.models.items()}
         engine.default = model_name

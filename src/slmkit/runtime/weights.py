@@ -37,19 +37,21 @@ class Concat:
 
     def __init__(self, parts: list[Dense]):
         self.parts = parts
-        self.exact = None  # the parts as one exact GGUF call, when they all are GGUFExact (see spec)
+        self._exact_spec = None  # the parts as one exact GGUF call, when they all are GGUFExact (see spec)
 
     def __call__(self, x):
         return apply_linear(self.spec(), x)
 
     def spec(self) -> tuple:
+        if self._exact_spec is not None:
+            return self._exact_spec
         if all(type(p) is GGUFExact for p in self.parts) and len({p.k for p in self.parts}) == 1 and len(self.parts) <= 8:
-            if self.exact is None:  # one kernel call for q/k/v (gate/up): the same products, fewer calls and no cat
-                self.exact = ggmlkernel.ExactParts([(p.qtype, p.q, p.k) for p in self.parts])
+            # one kernel call for q/k/v (gate/up): the same products, fewer calls and no cat
             bias = None
             if any(p.b is not None for p in self.parts):
                 bias = torch.cat([p.b if p.b is not None else torch.zeros(p.q.shape[0]) for p in self.parts])
-            return ("gguf-f32", self.exact, None, bias, 0)
+            self._exact_spec = ("gguf-f32", ggmlkernel.ExactParts([(p.qtype, p.q, p.k) for p in self.parts]), None, bias, 0)
+            return self._exact_spec
         return ("concat", tuple(p.spec() for p in self.parts), None, None, 0)
 
     def nbytes(self) -> int:
@@ -162,8 +164,8 @@ class GGUFQ(Dense):
 
 class GGUFExact(GGUFQ):
     """A GGUF tensor's own blocks multiplied in full precision: fp32 activations times the weights exactly as gguf-py
-    dequantises them (:func:`slmkit.runtime.ggmlkernel.f32_matmul`), so the numbers are the dequantised fp32 model's
-    (what transformers loads from the file) while the weight streams at its file size. No fused-step segment."""
+    dequantises them (:class:`slmkit.runtime.ggmlkernel.ExactParts`), so the weights are the dequantised fp32 model's
+    (what transformers loads from the file) while they stream at the file's size. No fused-step segment."""
 
     def __init__(self, raw: torch.Tensor, qtype: int, k: int, b: torch.Tensor | None = None):
         super().__init__(raw, qtype, k, b)
@@ -176,8 +178,8 @@ class GGUFExact(GGUFQ):
         return ggmlkernel.exact_f32(self.qtype, self.q, self.k, ids).to(dtype)
 
     def dequantised(self) -> torch.Tensor:
-        """The fp32 weight (N, K) these blocks stand for, bit for bit gguf-py's."""
-        return ggmlkernel.exact_f32(self.qtype, self.q, self.k)
+        """The fp32 weight (N, K) these blocks stand for, bit for bit gguf-py's (every row)."""
+        return self.rows(None, torch.float32)
 
     def segments(self) -> list[list[int]]:
         raise TypeError("an exact (fp32) GGUF weight has no fused-step descriptor: the fused step rounds activations to int8")

@@ -100,6 +100,45 @@ static inline int gg_has_centre(int type) {
 /* Inputs that share one weight scale: 16 for Q6_K, 32 for every other format. */
 static inline int gg_group(int type) { return type == GG_Q6_K ? 16 : 32; }
 
+/* Scale s and additive term a of every group (gg_group inputs) of a row as gguf-py's quants.py computes them,
+ * w = (q - o) s + a (see the exact dequantisation below; a = 0 for the symmetric formats). */
+static void gg_exact_terms(int type, const uint8_t *row, int K, float *s, float *a) {
+    switch (type) {
+    case GG_Q4_0: case GG_Q4_1: case GG_Q5_0: case GG_Q5_1: case GG_Q8_0: {
+        const int bs = gg_block_bytes(type);
+        for (int b = 0; b < K / 32; b++) {
+            s[b] = h2f(row + (size_t)b * bs);
+            a[b] = gg_has_centre(type) ? h2f(row + (size_t)b * bs + 2) : 0.0f;
+        }
+        return;
+    }
+    case GG_Q4_K: case GG_Q5_K: {
+        const int bs = gg_block_bytes(type);
+        for (int i = 0; i < K / 256; i++) {
+            const uint8_t *sb = row + (size_t)i * bs;
+            uint8_t sm[16];
+            scales_mins_k4(sb + 4, sm);
+            const float d = h2f(sb), dmin = h2f(sb + 2);
+            for (int j = 0; j < 8; j++) {
+                s[8 * i + j] = d * (float)sm[j];
+                a[8 * i + j] = -(dmin * (float)sm[8 + j]);
+            }
+        }
+        return;
+    }
+    default: /* GG_Q6_K */
+        for (int i = 0; i < K / 256; i++) {
+            const uint8_t *sb = row + (size_t)i * 210;
+            const float d = h2f(sb + 208);
+            for (int j = 0; j < 16; j++) {
+                s[16 * i + j] = d * (float)(int8_t)sb[192 + j];
+                a[16 * i + j] = 0.0f;
+            }
+        }
+        return;
+    }
+}
+
 #if defined(SLMKIT_AVX512)
 /* The weight scale s and centre c of every group of a row (K / gg_group inputs each), w = (q - o) s + c. */
 static inline __attribute__((always_inline)) void gg_scales(const int type, const uint8_t *row, int K, float *s, float *cen) {
@@ -205,40 +244,13 @@ static inline __attribute__((always_inline)) __m512i gg_codes(const int type, co
 /* The offset o of the codes the generic path multiplies: Q8_0's int8 codes are used signed (o = 0). */
 static inline float gg_offset(int type) { return type == GG_Q8_0 ? 0.0f : (float)(1 << gg_shift(type)); }
 
-/* The weight scale s and centre c of every group of a row (K / gg_group inputs each), w = (q - o) s + c. */
+/* The weight scale s and centre c of every group of a row (K / gg_group inputs each), w = (q - o) s + c:
+ * gguf-py's terms with c = a + o s (o s is exact, so c has the one rounding of the sum). */
 static inline __attribute__((always_inline)) void gg_scales(const int type, const uint8_t *row, int K, float *s, float *cen) {
+    gg_exact_terms(type, row, K, s, cen);
+    if (!gg_has_centre(type)) return;
     const float o = gg_offset(type);
-    switch (type) {
-    case GG_Q4_0: case GG_Q4_1: case GG_Q5_0: case GG_Q5_1: case GG_Q8_0: {
-        const int bs = gg_block_bytes(type);
-        for (int b = 0; b < K / 32; b++) {
-            s[b] = h2f(row + (size_t)b * bs);
-            if (gg_has_centre(type)) cen[b] = o * s[b] + h2f(row + (size_t)b * bs + 2); /* w = q d + m = (q - o) d + (m + o d) */
-        }
-        return;
-    }
-    case GG_Q4_K: case GG_Q5_K: {
-        const int bs = gg_block_bytes(type);
-        for (int i = 0; i < K / 256; i++) {
-            const uint8_t *sb = row + (size_t)i * bs;
-            uint8_t sm[16];
-            scales_mins_k4(sb + 4, sm);
-            const float d = h2f(sb), dmin = h2f(sb + 2);
-            for (int j = 0; j < 8; j++) {
-                s[8 * i + j] = d * (float)sm[j]; /* d sc_j, as ggml's d1 = d * sc */
-                cen[8 * i + j] = o * s[8 * i + j] - dmin * (float)sm[8 + j]; /* o d sc - dmin m */
-            }
-        }
-        return;
-    }
-    default: /* GG_Q6_K: 16 int8 scales per super-block */
-        for (int i = 0; i < K / 256; i++) {
-            const uint8_t *sb = row + (size_t)i * 210;
-            const float d = h2f(sb + 208);
-            for (int j = 0; j < 16; j++) s[16 * i + j] = d * (float)(int8_t)sb[192 + j];
-        }
-        return;
-    }
+    for (int g = 0; g < K / gg_group(type); g++) cen[g] += o * s[g]; /* Q4_1: m + o d; Q4_K: o d sc - dmin m */
 }
 
 /* Chunk c (inputs 64c .. 64c+63) of a row: the 64 codes in input order as two halves of 32 (unsigned,
@@ -572,43 +584,6 @@ static inline float gg_exact_offset(int type) {
     }
 }
 
-/* Scale s and additive term a of every group (gg_group inputs) of a row, as gguf-py computes them. */
-static void gg_exact_terms(int type, const uint8_t *row, int K, float *s, float *a) {
-    switch (type) {
-    case GG_Q4_0: case GG_Q4_1: case GG_Q5_0: case GG_Q5_1: case GG_Q8_0: {
-        const int bs = gg_block_bytes(type);
-        for (int b = 0; b < K / 32; b++) {
-            s[b] = h2f(row + (size_t)b * bs);
-            a[b] = gg_has_centre(type) ? h2f(row + (size_t)b * bs + 2) : 0.0f;
-        }
-        return;
-    }
-    case GG_Q4_K: case GG_Q5_K: {
-        const int bs = gg_block_bytes(type);
-        for (int i = 0; i < K / 256; i++) {
-            const uint8_t *sb = row + (size_t)i * bs;
-            uint8_t sm[16];
-            scales_mins_k4(sb + 4, sm);
-            const float d = h2f(sb), dmin = h2f(sb + 2);
-            for (int j = 0; j < 8; j++) {
-                s[8 * i + j] = d * (float)sm[j];
-                a[8 * i + j] = -(dmin * (float)sm[8 + j]);
-            }
-        }
-        return;
-    }
-    default: /* GG_Q6_K */
-        for (int i = 0; i < K / 256; i++) {
-            const uint8_t *sb = row + (size_t)i * 210;
-            const float d = h2f(sb + 208);
-            for (int j = 0; j < 16; j++) {
-                s[16 * i + j] = d * (float)(int8_t)sb[192 + j];
-                a[16 * i + j] = 0.0f;
-            }
-        }
-        return;
-    }
-}
 
 static inline __attribute__((always_inline)) void gg_exact_row(const int type, const uint8_t *row, int K, float *out) {
     float s[SLMKIT_MAX_K / 16], a[SLMKIT_MAX_K / 16]; /* K / gg_group(type) groups <= SLMKIT_MAX_K / 16 */
