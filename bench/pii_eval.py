@@ -22,16 +22,20 @@ the share of gold spans found with exactly their boundaries. Detectors, same int
 
 * ``shield``: slmkit's patterns and cue words (:func:`slmkit.collab.privacy.detect`, no model);
 * ``shield+model``: the same plus names listed by the small model (``--model``, default model);
-* ``presidio``: Microsoft Presidio's analyzer, when ``presidio-analyzer`` and a spaCy model load.
+* ``presidio``: Microsoft Presidio's analyzer with spaCy pipeline ``--presidio-model`` (default
+  ``en_core_web_sm``), when ``presidio-analyzer``, spaCy and that pipeline load; otherwise reported unavailable.
+  Not a dependency of slmkit: ``pip install presidio-analyzer spacy`` plus an English spaCy pipeline
+  (spaCy's own are published on GitHub; see docs/benchmarks.md for the one measured).
 
 Usage: PYTHONPATH=src python bench/pii_eval.py [--docs 400] [--seed 0] [--detectors shield,shield+model,presidio]
-       [--model default] [--errors 10]
+       [--model default] [--presidio-model en_core_web_sm] [--errors 10]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import re
 import time
@@ -208,14 +212,28 @@ def shield_detector(small=None):
     return lambda text: [(s.kind, s.start, s.end) for s in detect(text, cfg, small)]
 
 
-def presidio_detector():
-    """Presidio's AnalyzerEngine, its entity types mapped to the shield's kinds."""
-    from presidio_analyzer import AnalyzerEngine
+PRESIDIO_KINDS = {"EMAIL_ADDRESS": "email", "PHONE_NUMBER": "phone", "CREDIT_CARD": "card", "IBAN_CODE": "iban",
+                  "PERSON": "name", "IP_ADDRESS": "ip"}  #: Presidio's entity types -> the shield's kinds
 
-    engine = AnalyzerEngine()
-    kinds = {"EMAIL_ADDRESS": "email", "PHONE_NUMBER": "phone", "CREDIT_CARD": "card", "IBAN_CODE": "iban", "PERSON": "name",
-             "IP_ADDRESS": "ip", "LOCATION": "address"}
-    return lambda text: [(kinds[r.entity_type], r.start, r.end) for r in engine.analyze(text, language="en") if r.entity_type in kinds]
+
+def presidio_detector(model: str):
+    """Presidio's AnalyzerEngine on spaCy pipeline ``model`` (Presidio's own default is en_core_web_lg), asked for
+    the entity types that match the shield's kinds (:data:`PRESIDIO_KINDS`); its other settings are its defaults.
+
+    A model that is not installed raises OSError (reported as unavailable) before Presidio would try to download it.
+    """
+    import spacy
+    from presidio_analyzer import AnalyzerEngine
+    from presidio_analyzer.nlp_engine import NlpEngineProvider
+
+    if not (spacy.util.is_package(model) or os.path.isdir(model)):
+        raise OSError(f"--presidio-model {model!r}: no such spaCy pipeline installed (a package name or a model folder)")
+    nlp = NlpEngineProvider(nlp_configuration={"nlp_engine_name": "spacy",
+                                               "models": [{"lang_code": "en", "model_name": model}]}).create_engine()
+    engine = AnalyzerEngine(nlp_engine=nlp, supported_languages=["en"])
+    entities = sorted(PRESIDIO_KINDS)
+    return lambda text: [(PRESIDIO_KINDS[r.entity_type], r.start, r.end)
+                         for r in engine.analyze(text, language="en", entities=entities)]
 
 
 def score(docs: list[Doc], predict) -> dict:
@@ -284,6 +302,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--detectors", default="shield,presidio")
     ap.add_argument("--model", default="default", help="small model for shield+model's names")
+    ap.add_argument("--presidio-model", default="en_core_web_sm", help="spaCy pipeline (package name or folder) for presidio")
     ap.add_argument("--errors", type=int, default=10, help="print this many misses and false positives per detector")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--wikitext-chars", type=int, default=300_000, help="unplanted real prose for false positives (0: skip)")
@@ -304,7 +323,7 @@ def main() -> None:
                 torch.set_num_threads(args.threads)
                 predict = shield_detector(HFBackend.from_spec(args.model))
             elif name == "presidio":
-                predict = presidio_detector()
+                predict = presidio_detector(args.presidio_model)
             else:
                 raise SystemExit(f"unknown detector {name!r}; known: shield, shield+model, presidio")
         except ImportError as err:

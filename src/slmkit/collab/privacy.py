@@ -16,9 +16,10 @@ two-group number without a ``+``/``(`` start (``2002-1025``) needs ten digits or
 cue word just before it (``call``, ``tel``, ``line``, ...). Card candidates must not be
 glued to letters (the digits of an IBAN-shaped code are not a card).
 
-Why not a PII library: Presidio (the well-kept choice) needs spaCy and a spaCy NER model
-that is downloaded from GitHub, not PyPI, so it cannot be installed on an offline
-machine. ``bench/pii_eval.py`` measures the shield per kind and compares Presidio when it loads.
+Why not a PII library: Presidio (the well-kept choice) needs spaCy and a spaCy NER model,
+which spaCy publishes on GitHub, not PyPI. ``bench/pii_eval.py`` measures the shield per kind
+and Presidio beside it in the same run when it loads (measured with a PyPI upload of
+en_core_web_sm; docs/benchmarks.md).
 
 Each distinct value gets one placeholder (``[EMAIL_1]``, ``[NAME_2]``, ...), the remote
 model sees only placeholders, and :func:`restore` puts the values back into its reply.
