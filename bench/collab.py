@@ -8,7 +8,9 @@
    ``spec_ours``/``spec_ours_fr``: the first ``--draft-layers`` blocks (FR-Spec head: the first
    ``--draft-vocab`` ids); ``assisted_hf``/``lookup_hf``: transformers' assisted generation and prompt
    lookup; ``spec_poor_depth``: an un-healed ``--poor-layers``-of-30-block depth-pruned copy (the
-   controller must fall back to plain decoding: compare with ``target_fast``). A second table runs
+   controller must fall back to plain decoding: compare with ``target_fast``), as ``speculate`` runs it (int4
+   on the fast path, the controller's estimates kept across calls), ``_cold`` without that memory (every call
+   tries the draft), ``_hf`` also drafting with transformers' forward (the engine before). A second table runs
    prompts whose answer repeats text from the prompt (prompt lookup's case).
 2. Cascade on rag-qa (question + its passage; answer checked by containment): the same
    truncated copy answers first, low mean-log-prob answers escalate to the default
@@ -158,9 +160,9 @@ def bench_speculative(model, tok, args) -> dict:
     q_draft = quantised_draft(model, "int4", lookup=True)  # the target's own int4 copy on the fast path (self-speculation)
     q_only = quantised_draft(model, "int4")
 
-    def spec(draft):
+    def spec(draft, **kw):
         def run(ids, n):
-            o = speculate(model, draft, ids, replace(cfg, max_new_tokens=n))
+            o = speculate(model, draft, ids, replace(cfg, max_new_tokens=n, **kw))
             return o.tokens, o.seconds, o
         return run
 
@@ -185,8 +187,11 @@ def bench_speculative(model, tok, args) -> dict:
         draft = small_model(model, args.draft, args.draft_layers)
         runs.update({"spec_ours": spec(draft), "spec_ours_fr": spec(ModelDrafter(draft, frequent_vocab(tok, args.draft_vocab))),
                      "assisted_hf": hf(assistant_model=draft)})
-    if args.poor_layers and (wanted is None or "spec_poor_depth" in wanted):
-        runs["spec_poor_depth"] = spec(depth_pruned(model, tok, args.poor_layers))
+    if args.poor_layers and (wanted is None or wanted & {"spec_poor_depth", "spec_poor_depth_cold", "spec_poor_depth_hf"}):
+        poor = depth_pruned(model, tok, args.poor_layers)
+        runs["spec_poor_depth"] = spec(poor)  # int4 on the fast path; the controller remembers it across calls
+        runs["spec_poor_depth_cold"] = spec(poor, remember=False)  # every call measures the draft afresh
+        runs["spec_poor_depth_hf"] = spec(poor, remember=False, draft_weights="hf")  # transformers' forward, afresh
     keep = {"target_hf", "target_fast"} | (wanted if wanted is not None else set(runs))
     runs = {k: v for k, v in runs.items() if k in keep}
     out = {"ordinary": _spec_table(model, [_chat_ids(tok, p) for p in PROMPTS[: args.prompts]], runs, args)}

@@ -72,7 +72,9 @@ def test_quantised_self_draft_is_exact_and_mostly_accepted(pair):
     assert isinstance(d, FastDrafter)
     assert speculate(target, d, ids, SpecConfig(max_new_tokens=40, k=7, k_max=7, adaptive=False)).tokens == ref
     gen = torch.Generator().manual_seed(0)
-    sampled = speculate(target, d, ids, SpecConfig(max_new_tokens=24, temperature=1.0), gen)
+    # remember=False: the fixed-k call above measured that drafting does not pay on this tiny model, and a carried
+    # estimate would decode plainly from the start; this checks that sampled drafts go through
+    sampled = speculate(target, d, ids, SpecConfig(max_new_tokens=24, temperature=1.0, remember=False), gen)
     assert len(sampled.tokens) == 24 and sampled.drafted > 0
     with pytest.raises(ConfigError, match="int4 or int8"):
         quantised_draft(target, "int2")
@@ -234,7 +236,8 @@ def test_bad_input(pair, tiny_tok):
 def test_cli_speculate_json(tiny_dir, capsys):
     from slmkit.cli import main
 
-    rc = main(["speculate", "--draft", str(tiny_dir), "--target", str(tiny_dir), "The cat", "--max-new-tokens", "12", "--json"])
+    rc = main(["speculate", "--draft", str(tiny_dir), "--target", str(tiny_dir), "The cat", "--max-new-tokens", "12", "--json",
+               "--draft-weights", "hf", "--fixed-k"])  # the target's own transformers forward drafts 4 tokens a step: all accepted
     assert rc == 0
     res = json.loads(capsys.readouterr().out)
     for key in ("text", "tokens_per_s", "speedup", "acceptance_rate"):
@@ -274,7 +277,8 @@ def test_default_pair_greedy_identical(default_model):
     text = tok.apply_chat_template([{"role": "user", "content": "Name three colours."}], tokenize=False, add_generation_prompt=True)
     ids = torch.tensor(tok(text, add_special_tokens=False).input_ids)
     ref = _hf_greedy(model, ids, 32)
-    # a fixed draft length: the adaptive controller (rightly) stops drafting with this un-healed draft
+    # a fixed draft length: the adaptive controller (rightly) stops drafting with this un-healed draft, which
+    # agrees with the target on about 1 token in 100 (it drafts on the fast path at int4: SpecConfig.draft_weights)
     out = speculate(model, draft, ids, SpecConfig(max_new_tokens=32, adaptive=False))
     assert out.tokens == ref
-    assert 0 < out.accepted < out.drafted  # a real (imperfect) draft
+    assert out.drafted > 16 and out.accepted < out.drafted  # the draft proposed, the target overruled it

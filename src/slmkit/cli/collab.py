@@ -36,6 +36,7 @@ def speculate(
     k_max: int = typer.Option(12, "--k-max", min=1, max=64, help="longest draft the adaptive rule may choose"),
     fixed: bool = typer.Option(False, "--fixed-k", help="keep k fixed instead of choosing it from measured costs and acceptance"),
     lookup: Optional[bool] = typer.Option(None, "--lookup/--no-lookup", help="also draft by prompt lookup when the context repeats (default: on for int4/int8)"),
+    draft_weights: str = typer.Option("int4", "--draft-weights", help="a draft MODEL or layers:N drafts on slmkit's fast path with these weights: int4 | int8 | native, or with transformers' forward: hf (the output never depends on it)"),
     baseline: str = typer.Option("generate", "--baseline", help="the target alone that speedup divides by: generate (transformers' model.generate) | fast (slmkit's fast path, the engine that verifies)"),
     no_baseline: bool = typer.Option(False, "--no-baseline", help="skip the target-alone run (speedup is then null)"),
     json_out: bool = typer.Option(False, "--json"),
@@ -44,7 +45,7 @@ def speculate(
     import torch
 
     from slmkit.backends.hf import token_id_list
-    from slmkit.collab.drafters import resolve_draft
+    from slmkit.collab.drafters import DRAFT_WEIGHTS, resolve_draft
     from slmkit.collab.proxy import encode_prompt
     from slmkit.collab.speculative import SpecConfig, autoregressive, hf_generate, speculate as run
     from slmkit.errors import ConfigError
@@ -52,12 +53,14 @@ def speculate(
 
     if baseline not in ("generate", "fast"):
         raise ConfigError(f"--baseline must be generate or fast, got {baseline!r}")
+    if draft_weights not in DRAFT_WEIGHTS:
+        raise ConfigError(f"--draft-weights must be one of {', '.join(DRAFT_WEIGHTS)}, got {draft_weights!r}")
     t_model, t_tok = load(target, dtype=dtype)
     d_model = resolve_draft(draft, t_model, t_tok, dtype, "the draft (--draft)", lookup=lookup)
     eos = {t for t in (t_tok.eos_token_id, *token_id_list(t_model.generation_config.eos_token_id)) if t is not None}
     cfg = SpecConfig(
         max_new_tokens=max_new_tokens, k=min(k, k_max), first_k=min(first_k, k_max), k_max=k_max, adaptive=not fixed,
-        temperature=temperature, top_p=top_p, eos_token_ids=tuple(sorted(eos)),
+        temperature=temperature, top_p=top_p, eos_token_ids=tuple(sorted(eos)), draft_weights=draft_weights,
     )
     ids = encode_prompt(t_tok, prompt, chat)
 

@@ -5,7 +5,10 @@
   :func:`frequent_vocab`); :func:`layer_draft` makes one from the target's first N blocks.
 * :class:`FastDrafter`: a model on slmkit's fast path, above all the target's own int4 copy
   (:func:`quantised_draft`; self-speculation with a quantised draft, e.g. Zhao et al. 2024 "QSpec",
-  arXiv:2410.11305): one fused C call per draft token.
+  arXiv:2410.11305): one fused C call per draft token. A draft model given to ``speculate`` runs here too
+  (:func:`model_draft`, int4 by default: ``SpecConfig.draft_weights``) where the fast path runs it, since a
+  transformers step of a small model costs several fused int4 steps and the draft's numerics never change
+  the output.
 * :class:`LookupDrafter` and :func:`lookup_draft`: prompt lookup (Saxena 2023, "Prompt Lookup Decoding"):
   copy what followed the most recent earlier occurrence of the context's last n-gram; no model.
 
@@ -19,6 +22,7 @@ registered beside its maker with :func:`draft_kind`) or a MODEL spec.
 from __future__ import annotations
 
 import copy
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -87,6 +91,9 @@ class Drafter(Protocol):
     calls: int
     has_model: bool
     lookup: bool
+    #: optional: how many tokens of the context the draft has read (the controller prices the catch-up before a
+    #: draft; a drafter without it is priced as if it had read everything)
+    seen: int
 
     def catch_up(self, ctx: torch.Tensor) -> None:
         """Feed the context not seen yet, all but its last token (the prompt; plain steps' tokens), so that the
@@ -134,6 +141,10 @@ class ModelDrafter:
     @property
     def calls(self) -> int:
         return self.lm.calls
+
+    @property
+    def seen(self) -> int:
+        return self.lm.n
 
     def catch_up(self, ctx: torch.Tensor) -> None:
         tail = ctx[self.lm.n : -1]
@@ -209,6 +220,10 @@ class FastDrafter:
         self.calls += 1
         return G.forward(self.fm, [G.Segment(feed, self.cache)])[0]
 
+    @property
+    def seen(self) -> int:
+        return 0 if self.cache is None else self.cache.seen
+
     def catch_up(self, ctx: torch.Tensor) -> None:
         self._ensure(ctx.shape[0] + 1)
         tail = ctx[self.cache.seen : -1]
@@ -262,6 +277,46 @@ def quantised_draft(target, weights: str = "int4", lookup: bool = False) -> Fast
             "give a draft model, 'layers:N' or 'lookup'",
         )
     return FastDrafter(G.build(target, G.FastConfig(weights=weights)), lookup=lookup)
+
+
+#: draft models already on the fast path: model -> (weight stamp, weights, FastModel)
+_fast_drafts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+#: how a draft model may run: on slmkit's fast path with these weights, or "hf" (transformers' forward)
+DRAFT_WEIGHTS = ("int4", "int8", "native", "hf")
+
+
+@dataclass(frozen=True, eq=False)
+class DraftModel:
+    """A draft model that also drafts by prompt lookup when ``lookup``: :func:`as_drafter` runs it as
+    :func:`model_draft` says with ``SpecConfig.draft_weights`` (a bare model is the same with ``lookup=False``)."""
+
+    model: Any
+    lookup: bool = False
+
+
+def model_draft(model, lookup: bool = False, weights: str = "int4"):
+    """A draft model as a drafter: on slmkit's fast path with ``weights`` ("int4", "int8" or "native") where that
+    runs it (an architecture :mod:`slmkit.runtime.arch` describes, on the CPU), else with transformers' forward
+    (:class:`ModelDrafter`, also for ``weights="hf"``).
+
+    The draft's numerics never change the output (the target verifies every token), and a fused int4 step of a
+    small model costs a fraction of a transformers step, which is what decides whether drafting pays (a poor
+    draft's tries cost less, a good draft's tokens more often pay). The fast copy is built once per model and
+    rebuilt when its weights change (parameter storage or version counter).
+    """
+    from slmkit.runtime import generate as G
+
+    if weights not in DRAFT_WEIGHTS:
+        raise ConfigError(f"draft weights must be one of {', '.join(DRAFT_WEIGHTS)}, got {weights!r}")
+    if weights == "hf" or not G.supports(model) or model_device(model).type != "cpu":
+        return ModelDrafter(model, lookup=lookup)
+    stamp = tuple((p.data_ptr(), p._version) for p in model.parameters())
+    hit = _fast_drafts.get(model)
+    if hit is None or hit[0] != stamp or hit[1] != weights:
+        hit = (stamp, weights, G.build(model, G.FastConfig(weights=weights)))
+        _fast_drafts[model] = hit
+    return FastDrafter(hit[2], lookup=lookup)
 
 
 def layer_draft(model, n_layers: int):
@@ -347,7 +402,7 @@ def int8_kind(target, arg: str, lookup: bool | None):
 @draft_kind("layers:N", summary="the {target}'s first {arg} decoder blocks")
 def layers_kind(target, arg: str, lookup: bool | None):
     model = layer_draft(target, int(arg))
-    return ModelDrafter(model, lookup=True) if lookup else model
+    return DraftModel(model, lookup=True) if lookup else model
 
 
 def resolve_draft(spec: str, target, target_tok, dtype: str = "fp32", what: str = "the draft", lookup: bool | None = None):
@@ -376,15 +431,15 @@ def resolve_draft(spec: str, target, target_tok, dtype: str = "fp32", what: str 
     path = file_codes(spec, None, require_fast=False)  # the draft's numerics never change the output: its own codes when it can
     if path is not None and G.supports(model):
         return FastDrafter(build_gguf(path, model=model), lookup=bool(lookup))
-    return ModelDrafter(model, lookup=True) if lookup else model
+    return DraftModel(model, lookup=True) if lookup else model
 
 
-def as_drafter(draft, target) -> Drafter:
+def as_drafter(draft, target, weights: str = "int4") -> Drafter:
     """A fresh :class:`Drafter` for one sequence from what :func:`~slmkit.collab.speculative.speculate` accepts.
 
-    ``draft``: a causal LM sharing the target's vocabulary, a drafter object, a draft kind of :data:`DRAFT_KINDS`
-    (``"int4"``/``"int8"``: the target's own quantised copy, ``"layers:N"``: its first N blocks, each with prompt
-    lookup), or ``"lookup"``/None (prompt lookup alone).
+    ``draft``: a causal LM sharing the target's vocabulary or a :class:`DraftModel` (run as :func:`model_draft` says
+    with ``weights``), a drafter object, a draft kind of :data:`DRAFT_KINDS` (``"int4"``/``"int8"``: the target's own quantised copy,
+    ``"layers:N"``: its first N blocks, each with prompt lookup), or ``"lookup"``/None (prompt lookup alone).
     """
     if draft is None or (isinstance(draft, str) and draft == "lookup"):
         return LookupDrafter()
@@ -392,7 +447,7 @@ def as_drafter(draft, target) -> Drafter:
         found = find_draft_kind(draft)
         if found is None:
             raise ConfigError(f"draft must be a model or a draft kind ({' | '.join(DRAFT_KINDS.names())}), got {draft!r}")
-        return as_drafter(found[0].make(target, found[1], True), target)
+        return as_drafter(found[0].make(target, found[1], True), target, weights)
     if isinstance(draft, FastDrafter):
         vt = int(target.get_output_embeddings().weight.shape[0])
         if draft.fm.vocab != vt:
@@ -401,7 +456,10 @@ def as_drafter(draft, target) -> Drafter:
     if isinstance(draft, ModelDrafter):
         check_same_vocab(target, draft.model)
         return draft.fresh()
+    if isinstance(draft, DraftModel):
+        check_same_vocab(target, draft.model)
+        return model_draft(draft.model, draft.lookup, weights)
     if hasattr(draft, "propose") and hasattr(draft, "fresh"):  # any other Drafter
         return draft.fresh()
     check_same_vocab(target, draft)
-    return ModelDrafter(draft)
+    return model_draft(draft, weights=weights)

@@ -11,7 +11,12 @@ but measured while decoding:
 * a target pass over ``n`` tokens costs ``t(n) = a + b n`` seconds, fitted by least squares to the
   passes seen so far (per-``n`` moving averages); plain decoding is ``t(1)`` per token.
 
-Each step takes the source and ``k`` that maximise ``E(k) / (k t_d + t(k+1))``, and ``k = 0`` (plain
+* the model draft first reads the context it has not seen (the target's last token, and every token emitted
+  by prompt lookup or plain steps since it last drafted): ``t_c(u)`` seconds for ``u`` tokens, fitted like ``t(n)``;
+  before any was timed, a draft token's cost per token.
+
+Each step takes the source and ``k`` that maximise ``E(k) / (t_c(u) + k t_d + t(k+1))`` (``t_c = 0`` for
+prompt lookup), and ``k = 0`` (plain
 decoding with the target) when no draft beats ``1 / t(1)``: a draft that is slow or rarely right
 then costs almost nothing. While drafting does not pay, the model draft is re-tried with a short
 probe after ``probe_every`` plain steps, the gap doubling after each probe that still does not pay
@@ -19,10 +24,16 @@ probe after ``probe_every`` plain steps, the gap doubling after each probe that 
 on every step for free: its proposal is compared with the tokens the target emitted
 (:meth:`DraftController.shadow`), so it drafts as soon as the context starts to repeat.
 None of this touches exactness: the choice depends only on the past, never on the tokens being drawn.
+
+The estimates outlive one call: :meth:`DraftController.carry_over` starts a new sequence from the last one's
+(same draft, same target: the model draft's acceptance and costs, the target's pass costs, the probe schedule),
+so a server or a batch of prompts pays a poor draft's first try once, not once per request; prompt lookup's
+acceptance starts afresh (it is a property of the prompt).
 """
 
 from __future__ import annotations
 
+import copy
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -32,19 +43,23 @@ if TYPE_CHECKING:
 OUTLIER = 3.0
 
 
-def expected_tokens_per_cost(alpha: float, k: int, cost_ratio: float, verify_cost: float) -> float:
+def expected_tokens_per_cost(alpha: float, k: int, cost_ratio: float, verify_cost: float, fixed: float = 0.0) -> float:
     """Expected emitted tokens per unit of target-step time for draft length ``k`` (``k = 0``: plain decoding, 1).
 
     Leviathan et al. 2023, Eq. 1: E[tokens] = (1 - alpha^(k+1)) / (1 - alpha); one step costs
-    ``k * c`` draft time plus one verification, which we model as ``1 + verify_cost * k``.
+    ``k * c`` draft time plus one verification, which we model as ``1 + verify_cost * k``, plus ``fixed``
+    (a drafting step's cost that does not grow with ``k``: the draft reading context it has not seen).
     """
+    if k == 0:
+        return 1.0
     tokens = float(k + 1) if alpha >= 1 else (1 - alpha ** (k + 1)) / (1 - alpha)
-    return tokens / (k * cost_ratio + 1 + verify_cost * k)
+    return tokens / (fixed + k * cost_ratio + 1 + verify_cost * k)
 
 
-def choose_draft_length(alpha: float, cost_ratio: float, verify_cost: float, k_max: int, k_min: int = 1) -> int:
+def choose_draft_length(alpha: float, cost_ratio: float, verify_cost: float, k_max: int, k_min: int = 1,
+                        fixed: float = 0.0) -> int:
     """The k in [k_min, k_max] that maximises :func:`expected_tokens_per_cost` (``k_min=0`` allows plain decoding)."""
-    return max(range(k_min, k_max + 1), key=lambda k: expected_tokens_per_cost(alpha, k, cost_ratio, verify_cost))
+    return max(range(k_min, k_max + 1), key=lambda k: expected_tokens_per_cost(alpha, k, cost_ratio, verify_cost, fixed))
 
 
 class Acceptance:
@@ -111,9 +126,9 @@ class DraftController:
     """Chooses each step's draft source ("model" or "lookup") and length ``k``; see the module docstring.
 
     Sources: ``has_model`` (a draft model that :meth:`choose` may call) and ``lookup`` (prompt lookup).
-    Record every step with :meth:`drafted`, :meth:`verified`, :meth:`accepted` (and :meth:`shadow`).
-    With ``cfg.cost_ratio`` set, the costs are fixed (draft token = ``cost_ratio``, each extra verified
-    token = ``verify_cost`` times a target step) instead of measured.
+    Record every step with :meth:`drafted`, :meth:`verified`, :meth:`accepted` (and :meth:`shadow`,
+    :meth:`caught_up`). With ``cfg.cost_ratio`` set, the costs are fixed (draft token = ``cost_ratio``, each
+    extra verified token = ``verify_cost`` times a target step, catch-up free) instead of measured.
     """
 
     def __init__(self, cfg: SpecConfig, has_model: bool, lookup: bool):
@@ -122,8 +137,18 @@ class DraftController:
         self.alpha = {s: Acceptance(cfg.prior_acceptance, cfg.decay) for s in ("model", "lookup")}
         self.t_draft: dict[str, float] = {}  # source -> seconds per draft token
         self.verify = VerifyCost(cfg.verify_cost)
+        self.catch = VerifyCost(1.0)  # the model draft reading u unseen context tokens before it drafts: t_c(u)
         self.gap = cfg.probe_every  # plain steps before the next probe of the model draft
         self.plain = 0  # plain steps since the model last drafted
+
+    def carry_over(self, prev: DraftController) -> None:
+        """Start from ``prev``'s estimates (the last sequence with the same draft and target): the model draft's
+        acceptance and costs, the target's pass costs and the probe schedule. Prompt lookup starts afresh."""
+        self.alpha["model"] = copy.deepcopy(prev.alpha["model"])
+        if "model" in prev.t_draft:
+            self.t_draft["model"] = prev.t_draft["model"]
+        self.verify, self.catch = copy.deepcopy(prev.verify), copy.deepcopy(prev.catch)
+        self.gap, self.plain = prev.gap, prev.plain
 
     def _costs(self, source: str) -> tuple[float, float] | None:
         """(draft cost per token, extra verify cost per token), both in units of one plain target step."""
@@ -135,18 +160,30 @@ class DraftController:
         t1, b = fit
         return self.t_draft[source] / t1, b / t1
 
-    def _best(self, source: str, k_max: int) -> tuple[int, float]:
+    def _catch_cost(self, unseen: int, per_token: float) -> float:
+        """t_c(unseen) in plain target steps (0 with fixed costs; ``per_token`` each before any catch-up was timed)."""
+        if unseen < 1 or self.cfg.cost_ratio is not None:
+            return 0.0
+        fit, t = self.catch.fit(), self.verify.fit()
+        if fit is None or t is None:
+            return unseen * per_token
+        c1, b = fit
+        return (c1 + b * (unseen - 1)) / t[0]
+
+    def _best(self, source: str, k_max: int, unseen: int = 0) -> tuple[int, float]:
         """(best k >= 1, its expected tokens per plain-step time) for one source; rate 0 when unknown."""
         costs = self._costs(source)
         if costs is None or k_max < 1:
             return min(self.cfg.k, k_max), 0.0
         c, v = costs
         a = self.alpha[source].alpha
-        k = choose_draft_length(a, c, v, k_max)
-        return k, expected_tokens_per_cost(a, k, c, v)
+        fixed = self._catch_cost(unseen, c) if source == "model" else 0.0
+        k = choose_draft_length(a, c, v, k_max, fixed=fixed)
+        return k, expected_tokens_per_cost(a, k, c, v, fixed)
 
-    def choose(self, room: int, lookup_len: int) -> tuple[str, int]:
-        """(source, k) for the next step: ``room`` tokens may still be drafted, ``lookup_len`` were found by lookup."""
+    def choose(self, room: int, lookup_len: int, unseen: int = 0) -> tuple[str, int]:
+        """(source, k) for the next step: ``room`` tokens may still be drafted, ``lookup_len`` were found by lookup,
+        the model draft has ``unseen`` context tokens to read before it can draft."""
         cfg = self.cfg
         if room < 1 or not (self.has_model or lookup_len):
             return "model", 0
@@ -159,7 +196,7 @@ class DraftController:
         if lookup_len:
             options.append(("lookup", *self._best("lookup", min(lookup_len, room))))
         if self.has_model:
-            options.append(("model", *self._best("model", k_model)))
+            options.append(("model", *self._best("model", k_model, unseen)))
         source, k, _ = max(options, key=lambda o: o[2])
         if source == "model":
             self.gap = cfg.probe_every
@@ -170,7 +207,7 @@ class DraftController:
             self.plain += 1
             if self.plain >= self.gap:
                 self.plain, self.gap = 0, min(cfg.probe_max, 2 * self.gap)
-                return "model", self._best("model", k_model)[0]
+                return "model", self._best("model", k_model, unseen)[0]
         return "model", 0
 
     def drafted(self, source: str, k: int, seconds: float) -> None:
@@ -178,6 +215,11 @@ class DraftController:
             per = seconds / k
             old = self.t_draft.get(source)
             self.t_draft[source] = per if old is None else 0.7 * old + 0.3 * min(per, OUTLIER * old)
+
+    def caught_up(self, n: int, seconds: float) -> None:
+        """The model draft read ``n`` unseen context tokens in ``seconds`` before drafting."""
+        if n > 0:
+            self.catch.add(n, seconds)
 
     def verified(self, n: int, seconds: float) -> None:
         self.verify.add(n, seconds)

@@ -47,7 +47,8 @@ fast path's ``FullCache.rewind`` moves its fill mark; ``DynamicCache.crop`` drop
 
 Draft length: :mod:`slmkit.collab.draftlen` chooses the source (draft model or prompt lookup) and
 k each step from measured costs and running acceptance, k = 0 (plain decoding) when drafting does
-not pay.
+not pay. Its estimates carry over from one call to the next with the same draft object and target
+(``SpecConfig.remember``), so a poor draft's first try is paid once per draft, not once per prompt.
 """
 
 from __future__ import annotations
@@ -55,13 +56,14 @@ from __future__ import annotations
 import logging
 import math
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from slmkit.collab.draftlen import DraftController
-from slmkit.collab.drafters import as_drafter, lookup_draft
+from slmkit.collab.drafters import DRAFT_WEIGHTS, as_drafter, lookup_draft
 from slmkit.collab.lm import (  # noqa: F401  (CachedLM, check_same_tokenizer, ...: importable from here as before)
     CachedLM,
     FastLM,
@@ -97,6 +99,8 @@ class SpecConfig:
     probe_every: int = 32  #: plain steps before re-trying a draft that did not pay (doubles after each failed probe)
     probe_max: int = 128  #: longest gap between such probes (plain steps)
     fast_target: bool | None = None  #: verify on slmkit's fast path (llama on CPU; transformers' fp32 logits up to fp32 rounding: multi-token passes use kernels/f32.c); None = speculate does when it can, autoregressive does not
+    draft_weights: str = "int4"  #: a draft given as a model drafts on slmkit's fast path with these weights ("int4", "int8", "native") where it can, or with transformers' forward ("hf"); the output never depends on it
+    remember: bool = True  #: start from the controller's estimates of the last call with the same draft object and target (a poor draft is tried once per draft, not per prompt)
 
     def __post_init__(self):
         if self.max_new_tokens < 0:
@@ -119,6 +123,8 @@ class SpecConfig:
             raise ConfigError(f"prior_acceptance must be in (0, 1), got {self.prior_acceptance}")
         if not 1 <= self.probe_every <= self.probe_max:
             raise ConfigError(f"need 1 <= probe_every <= probe_max, got {self.probe_every}, {self.probe_max}")
+        if self.draft_weights not in DRAFT_WEIGHTS:
+            raise ConfigError(f"draft_weights must be one of {', '.join(DRAFT_WEIGHTS)}, got {self.draft_weights!r}")
         if not 1 <= self.ngram_min <= self.ngram_max:
             raise ConfigError(f"need 1 <= ngram_min <= ngram_max, got {self.ngram_min}, {self.ngram_max}")
         object.__setattr__(self, "eos_token_ids", tuple(int(t) for t in self.eos_token_ids))
@@ -304,25 +310,30 @@ def speculate(
     """
     t0 = time.perf_counter()
     ctx = as_ids(ids)
-    drafter = as_drafter(draft, target)
+    drafter = as_drafter(draft, target, cfg.draft_weights)
     tgt = _target_lm(target, cfg, ctx.shape[0] + cfg.max_new_tokens + cfg.k_max + 1, default=True)
     dev = model_device(target) if isinstance(tgt, CachedLM) else torch.device("cpu")
     ctl = DraftController(cfg, drafter.has_model, drafter.lookup)
+    if cfg.remember:
+        _recall(ctl, draft, target)
     out = SpecOutput(tokens=[])
     eos = set(cfg.eos_token_ids)
     if ctx.shape[0] > 1:  # prefill all but the last token; the last is fed with the first draft
         tgt.feed(ctx[:-1].to(dev), 1)
     while len(out.tokens) < cfg.max_new_tokens:
         room = cfg.max_new_tokens - len(out.tokens) - 1  # drafts beyond this could never be emitted
-        t = time.perf_counter()
         look = lookup_draft(ctx, min(cfg.k_max, room), cfg.ngram_max, cfg.ngram_min) if drafter.lookup and room > 0 else ctx[:0]
-        source, k = ctl.choose(room, look.shape[0])
+        seen = getattr(drafter, "seen", None) if drafter.has_model else None
+        unseen = max(0, ctx.shape[0] - 1 - seen) if seen is not None else 0  # what the model draft must read first
+        source, k = ctl.choose(room, look.shape[0], unseen)
+        t = time.perf_counter()
         if source == "lookup":
             d_toks, q = look[:k], None
         elif k > 0:
             catch_up = getattr(drafter, "catch_up", None)  # optional: drafters written before it still work
-            if catch_up is not None:  # the unseen context is not a draft cost: timed in, it made a good draft look slow
+            if catch_up is not None:  # timed apart: a cost of switching to the model, not of each draft token
                 catch_up(ctx)
+                ctl.caught_up(unseen, time.perf_counter() - t)
                 t = time.perf_counter()
             d_toks, q = drafter.propose(ctx, k, cfg, gen)
         else:
@@ -364,7 +375,34 @@ def speculate(
     out.target_calls = tgt.calls
     out.draft_calls = drafter.calls
     out.seconds = time.perf_counter() - t0
+    if cfg.remember:
+        _keep(ctl, draft, target)
     return finish_output(out, cfg)
+
+
+#: the controller of the last call per draft object: draft -> (weak reference to the target, DraftController)
+_controllers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _recall(ctl: DraftController, draft, target) -> None:
+    """Start ``ctl`` from the last call's estimates with the same ``draft`` object and ``target`` (if any)."""
+    if draft is None or isinstance(draft, str):  # made afresh on every call: nothing to remember it by
+        return
+    try:
+        hit = _controllers.get(draft)
+    except TypeError:  # a drafter that cannot be weakly referenced
+        return
+    if hit is not None and hit[0]() is target:
+        ctl.carry_over(hit[1])
+
+
+def _keep(ctl: DraftController, draft, target) -> None:
+    if draft is None or isinstance(draft, str):
+        return
+    try:
+        _controllers[draft] = (weakref.ref(target), ctl)
+    except TypeError:
+        pass
 
 
 def speedup(baseline: SpecOutput, fast: SpecOutput) -> float:
