@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from slmkit.collab.draftlen import DraftController
+from slmkit.collab.draftlen import DraftController, ReadCost
 from slmkit.collab.drafters import FastDrafter, ModelDrafter, model_draft
 from slmkit.collab.speculative import SpecConfig, speculate
 from slmkit.errors import ConfigError
@@ -109,3 +109,16 @@ def test_model_drafts_run_on_the_fast_path_built_once(target, tiny_tok):
     for w in ("int4", "native", "hf"):  # the draft's engine never changes the output
         out = speculate(target, draft_model, ids, SpecConfig(max_new_tokens=16, draft_weights=w, adaptive=False, k=3))
         assert out.tokens == want and out.drafted > 0
+
+
+def test_read_cost_interpolates_between_the_lengths_timed():
+    rc = ReadCost()
+    assert rc.at(3) is None
+    rc.add(40, 0.020)  # a prompt read in one pass: half a millisecond a token
+    assert rc.at(4) == pytest.approx(0.002)  # one length: proportional
+    rc.add(1, 0.004)  # a one-token read is a draft step
+    assert rc.at(1) == pytest.approx(0.004)  # the one-token read itself, not a line through both lengths
+    assert rc.at(20) == pytest.approx(0.004 + 0.016 * 19 / 39)
+    assert rc.at(80) == pytest.approx(0.020 + 0.016 / 39 * 40)  # along the last segment
+    rc.add(1, 0.004 * 100)  # one stall moves the mean by at most OUTLIER times
+    assert rc.at(1) < 0.004 * 2

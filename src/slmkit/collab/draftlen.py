@@ -11,9 +11,10 @@ but measured while decoding:
 * a target pass over ``n`` tokens costs ``t(n) = a + b n`` seconds, fitted by least squares to the
   passes seen so far (per-``n`` moving averages); plain decoding is ``t(1)`` per token.
 
-* the model draft first reads the context it has not seen (the target's last token, and every token emitted
-  by prompt lookup or plain steps since it last drafted): ``t_c(u)`` seconds for ``u`` tokens, fitted like ``t(n)``;
-  before any was timed, a draft token's cost per token.
+* the model draft first reads the context it has not seen (its last accepted draft token, and every token
+  emitted by prompt lookup or plain steps since it last drafted): ``t_c(u)`` seconds for ``u`` tokens, per-``u``
+  moving averages interpolated between the lengths measured (:class:`ReadCost`); before any was timed, a draft
+  token's cost per token.
 
 Each step takes the source and ``k`` that maximise ``E(k) / (t_c(u) + k t_d + t(k+1))`` (``t_c = 0`` for
 prompt lookup), and ``k = 0`` (plain
@@ -122,6 +123,39 @@ class VerifyCost:
         return t1, b
 
 
+class ReadCost:
+    """Seconds for the draft to read ``n`` unseen context tokens, kept per ``n`` (moving averages) and read back by
+    linear interpolation between the lengths measured (proportionally below the shortest, along the last segment
+    above the longest). A straight line does not fit here: one-token reads are draft steps, a prompt is read in
+    one batched pass at a fraction of that per token, and a line through both overprices the usual one-token read."""
+
+    def __init__(self, decay: float = 0.7):
+        self.decay = decay
+        self.mean: dict[int, float] = {}
+
+    def add(self, n: int, seconds: float) -> None:
+        old = self.mean.get(n)
+        self.mean[n] = seconds if old is None else self.decay * old + (1 - self.decay) * min(seconds, OUTLIER * old)
+
+    def at(self, n: int) -> float | None:
+        """Estimated seconds to read ``n`` tokens; None before any read was timed."""
+        if not self.mean:
+            return None
+        if n in self.mean:
+            return self.mean[n]
+        ns = sorted(self.mean)
+        lo = max((m for m in ns if m < n), default=None)
+        hi = min((m for m in ns if m > n), default=None)
+        if lo is None:  # below the shortest read measured
+            return self.mean[hi] * n / hi
+        if hi is None:  # above the longest: the last segment's slope (proportional with one length)
+            if len(ns) == 1:
+                return self.mean[lo] * n / lo
+            a, b = ns[-2], ns[-1]
+            return self.mean[b] + max(0.0, (self.mean[b] - self.mean[a]) / (b - a)) * (n - b)
+        return self.mean[lo] + (self.mean[hi] - self.mean[lo]) * (n - lo) / (hi - lo)
+
+
 class DraftController:
     """Chooses each step's draft source ("model" or "lookup") and length ``k``; see the module docstring.
 
@@ -137,7 +171,7 @@ class DraftController:
         self.alpha = {s: Acceptance(cfg.prior_acceptance, cfg.decay) for s in ("model", "lookup")}
         self.t_draft: dict[str, float] = {}  # source -> seconds per draft token
         self.verify = VerifyCost(cfg.verify_cost)
-        self.catch = VerifyCost(1.0)  # the model draft reading u unseen context tokens before it drafts: t_c(u)
+        self.catch = ReadCost()  # the model draft reading u unseen context tokens before it drafts: t_c(u)
         self.gap = cfg.probe_every  # plain steps before the next probe of the model draft
         self.plain = 0  # plain steps since the model last drafted
 
@@ -164,11 +198,10 @@ class DraftController:
         """t_c(unseen) in plain target steps (0 with fixed costs; ``per_token`` each before any catch-up was timed)."""
         if unseen < 1 or self.cfg.cost_ratio is not None:
             return 0.0
-        fit, t = self.catch.fit(), self.verify.fit()
-        if fit is None or t is None:
+        seconds, t = self.catch.at(unseen), self.verify.fit()
+        if seconds is None or t is None:
             return unseen * per_token
-        c1, b = fit
-        return (c1 + b * (unseen - 1)) / t[0]
+        return seconds / t[0]
 
     def _best(self, source: str, k_max: int, unseen: int = 0) -> tuple[int, float]:
         """(best k >= 1, its expected tokens per plain-step time) for one source; rate 0 when unknown."""
