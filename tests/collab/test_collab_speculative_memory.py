@@ -78,7 +78,7 @@ def test_the_probe_schedule_continues_across_calls(target, tiny_tok):
 
 
 def test_catch_up_over_unseen_context_is_priced():
-    """A model draft that must first read many unseen tokens is not chosen when that costs more than it saves."""
+    """A model draft that must first read many unseen tokens is chosen only when the tokens still to come repay it."""
     cfg = SpecConfig(prior_acceptance=0.7)
     ctl = DraftController(cfg, has_model=True, lookup=False)
     for _ in range(8):  # a draft token costs a tenth of a target step and is mostly accepted
@@ -89,7 +89,8 @@ def test_catch_up_over_unseen_context_is_priced():
     for n, s in ((1, 0.001), (2, 0.002), (8, 0.008)):  # reading context: a millisecond per token
         ctl.caught_up(n, s)
     assert ctl.choose(12, 0, unseen=1)[1] > 0  # the usual case: drafting pays
-    assert ctl.choose(12, 0, unseen=60)[1] == 0  # 60 ms of catch-up for a few tokens: decode plainly
+    assert ctl.choose(6, 0, unseen=60)[1] == 0  # a 60 ms backlog to read for the last 6 tokens: decode plainly
+    assert ctl.choose(500, 0, unseen=60)[1] > 0  # ... but worth reading once when 500 tokens are still to come
 
 
 def test_model_drafts_run_on_the_fast_path_built_once(target, tiny_tok):

@@ -16,8 +16,10 @@ but measured while decoding:
   moving averages interpolated between the lengths measured (:class:`ReadCost`); before any was timed, a draft
   token's cost per token.
 
-Each step takes the source and ``k`` that maximise ``E(k) / (t_c(u) + k t_d + t(k+1))`` (``t_c = 0`` for
-prompt lookup), and ``k = 0`` (plain
+Each step takes the source and ``k`` that maximise ``E(k) / (t_c(1) + k t_d + t(k+1))`` (``t_c = 0`` for
+prompt lookup; the steady state reads one token before each draft), a backlog's extra read ``t_c(u) - t_c(1)``
+spread over the ``R`` tokens still to come (rate ``R / (R / rate + extra)``: it is paid once, and a per-step
+charge would lock the model out as plain steps add to it), and ``k = 0`` (plain
 decoding with the target) when no draft beats ``1 / t(1)``: a draft that is slow or rarely right
 then costs almost nothing. While drafting does not pay, the model draft is re-tried with a short
 probe after ``probe_every`` plain steps, the gap doubling after each probe that still does not pay
@@ -203,16 +205,26 @@ class DraftController:
             return unseen * per_token
         return seconds / t[0]
 
-    def _best(self, source: str, k_max: int, unseen: int = 0) -> tuple[int, float]:
-        """(best k >= 1, its expected tokens per plain-step time) for one source; rate 0 when unknown."""
+    def _best(self, source: str, k_max: int, unseen: int = 0, room: int = 1) -> tuple[int, float]:
+        """(best k >= 1, its expected tokens per plain-step time) for one source; rate 0 when unknown. The model's
+        rate spreads the read of a backlog of ``unseen`` tokens over the ``room`` tokens still to come."""
         costs = self._costs(source)
         if costs is None or k_max < 1:
             return min(self.cfg.k, k_max), 0.0
         c, v = costs
         a = self.alpha[source].alpha
-        fixed = self._catch_cost(unseen, c) if source == "model" else 0.0
-        k = choose_draft_length(a, c, v, k_max, fixed=fixed)
-        return k, expected_tokens_per_cost(a, k, c, v, fixed)
+        if source != "model":
+            k = choose_draft_length(a, c, v, k_max)
+            return k, expected_tokens_per_cost(a, k, c, v)
+        # the steady state reads one token before each draft (the last accepted draft token); reading a longer
+        # backlog (what lookup or plain steps emitted meanwhile) is paid once and then spread over the tokens
+        # still to come: over R tokens drafting takes R / rate + extra target-step times instead of R
+        steady = self._catch_cost(min(unseen, 1), c)
+        k = choose_draft_length(a, c, v, k_max, fixed=steady)
+        rate = expected_tokens_per_cost(a, k, c, v, steady)
+        extra = max(0.0, self._catch_cost(unseen, c) - steady)
+        horizon = max(1, room)
+        return k, horizon / (horizon / rate + extra)
 
     def choose(self, room: int, lookup_len: int, unseen: int = 0) -> tuple[str, int]:
         """(source, k) for the next step: ``room`` tokens may still be drafted, ``lookup_len`` were found by lookup,
@@ -229,7 +241,7 @@ class DraftController:
         if lookup_len:
             options.append(("lookup", *self._best("lookup", min(lookup_len, room))))
         if self.has_model:
-            options.append(("model", *self._best("model", k_model, unseen)))
+            options.append(("model", *self._best("model", k_model, unseen, room)))
         source, k, _ = max(options, key=lambda o: o[2])
         if source == "model":
             self.gap = cfg.probe_every
