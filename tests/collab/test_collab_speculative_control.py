@@ -57,9 +57,13 @@ def test_verify_cost_fit_recovers_a_line():
     vc.add(5, 0.010 + 0.002 * 5)
     t1, b = vc.fit()  # one length: the prior slope splits it
     assert t1 == pytest.approx(0.020 / (1 + 0.5 * 4)) and b == pytest.approx(0.5 * t1)
+    vc.add(1, 0.012)
+    vc.add(3, 0.016)
+    t1, b = vc.fit()  # two multi-token passes: the slope is half fitted, half the prior's
+    assert t1 == pytest.approx(0.012) and b == pytest.approx((2 * 0.002 + 2 * 0.5 * 0.012) / 4)
     for n in (1, 3, 9):
         vc.add(n, 0.010 + 0.002 * n)
-    t1, b = vc.fit()
+    t1, b = vc.fit()  # four multi-token passes: the fit alone
     assert t1 == pytest.approx(0.012) and b == pytest.approx(0.002)
 
 

@@ -45,9 +45,9 @@ class Slow:
 
 def test_a_poor_draft_is_tried_once_per_draft_not_once_per_call(target, tiny_tok):
     ids = torch.tensor(tiny_tok("The small bird finds a question.").input_ids)
-    ref = speculate(target, "lookup", ids, SpecConfig(max_new_tokens=12)).tokens
+    ref = speculate(target, "lookup", ids, SpecConfig(max_new_tokens=24)).tokens
     bad = next(t for t in range(len(tiny_tok)) if t not in ref)
-    cfg = SpecConfig(max_new_tokens=12, probe_every=64, probe_max=128)
+    cfg = SpecConfig(max_new_tokens=24, probe_every=128, probe_max=128)
     draft = Slow(bad, delay=0.05)
     first = speculate(target, draft, ids, cfg)
     assert first.tokens == ref and first.drafted > 0 and first.accepted == 0  # the first call tries the draft
@@ -55,7 +55,10 @@ def test_a_poor_draft_is_tried_once_per_draft_not_once_per_call(target, tiny_tok
         again = speculate(target, draft, ids, cfg)
         assert again.tokens == ref and again.drafted == 0
     # remember=False, another draft object, another target: each starts afresh and tries the draft once
-    assert speculate(target, draft, ids, SpecConfig(max_new_tokens=12, remember=False)).drafted > 0
+    short = Slow(bad, delay=0.05)
+    speculate(target, short, ids, SpecConfig(max_new_tokens=4))  # a warm-up's few steps are not remembered
+    assert speculate(target, short, ids, cfg).drafted > 0
+    assert speculate(target, draft, ids, SpecConfig(max_new_tokens=24, remember=False)).drafted > 0
     assert speculate(target, Slow(bad, delay=0.05), ids, cfg).drafted > 0
     other = tiny_model(tiny_llama_config(tiny_tok, layers=2), seed=3)
     assert speculate(other, draft, ids, cfg).drafted > 0
@@ -64,17 +67,17 @@ def test_a_poor_draft_is_tried_once_per_draft_not_once_per_call(target, tiny_tok
 def test_the_probe_schedule_continues_across_calls(target, tiny_tok):
     """After the draft stops paying, the next probe comes after probe_every plain steps counted over calls."""
     ids = torch.tensor(tiny_tok("My friend reads the old book.").input_ids)
-    ref = speculate(target, "lookup", ids, SpecConfig(max_new_tokens=10)).tokens
+    ref = speculate(target, "lookup", ids, SpecConfig(max_new_tokens=20)).tokens
     bad = next(t for t in range(len(tiny_tok)) if t not in ref)
     draft = Slow(bad, delay=0.02)
-    cfg = SpecConfig(max_new_tokens=10, probe_every=12, probe_max=12)
+    cfg = SpecConfig(max_new_tokens=20, probe_every=24, probe_max=24)
     tries = []
     for _ in range(5):
         out = speculate(target, draft, ids, cfg)
         assert out.tokens == ref
         tries.append(sum(1 for k in out.draft_lengths if k))
     assert tries[0] >= 1 and sum(tries[1:]) >= 1  # probed again in a later call ...
-    assert sum(tries[1:]) <= 4  # ... about every 12 plain steps (40 steps in calls 2-5), not once per call
+    assert sum(tries[1:]) <= 4  # ... about every 24 plain steps (76 steps in calls 2-5), not once per call
 
 
 def test_catch_up_over_unseen_context_is_priced():

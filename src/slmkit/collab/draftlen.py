@@ -16,8 +16,9 @@ but measured while decoding:
   moving averages interpolated between the lengths measured (:class:`ReadCost`); before any was timed, a draft
   token's cost per token.
 
-Each step takes the source and ``k`` that maximise ``E(k) / (t_c(1) + k t_d + t(k+1))`` (``t_c = 0`` for
-prompt lookup; the steady state reads one token before each draft), a backlog's extra read ``t_c(u) - t_c(1)``
+Each step takes the source and ``k`` that maximise ``E(k) / (alpha^k t_c(1) + k t_d + t(k+1))`` (``t_c = 0`` for
+prompt lookup; the steady state reads one token before a draft when all k drafts of the last step were accepted),
+a backlog's extra read ``t_c(u) - t_c(1)``
 spread over the ``R`` tokens still to come (rate ``R / (R / rate + extra)``: it is paid once, and a per-step
 charge would lock the model out as plain steps add to it), and ``k = 0`` (plain
 decoding with the target) when no draft beats ``1 / t(1)``: a draft that is slow or rarely right
@@ -44,6 +45,11 @@ if TYPE_CHECKING:
 
 #: a timing above this multiple of its running mean counts as this multiple (damps stalls; real changes still come through)
 OUTLIER = 3.0
+#: multi-token target passes before the fitted slope of t(n) replaces the prior (shrunk towards it before that)
+PRIOR_PASSES = 4
+#: a call carries its estimates over to the next (:meth:`DraftController.carry_over`) only after this many steps:
+#: a warm-up call's few timings include one-off costs and one draft's fate says little about acceptance
+REMEMBER_STEPS = 16
 
 
 def expected_tokens_per_cost(alpha: float, k: int, cost_ratio: float, verify_cost: float, fixed: float = 0.0) -> float:
@@ -122,6 +128,9 @@ class VerifyCost:
             n0 = min(self.mean)
             t1 = self.mean[n0] / (1 + self.prior_slope * (n0 - 1))
             b = min(b, t1)
+        multi = sum(c for n, c in self.count.items() if n > 1)
+        if multi < PRIOR_PASSES:  # a slope from one or two multi-token passes (the first is often slow) leans on the prior
+            b = (multi * b + (PRIOR_PASSES - multi) * self.prior_slope * t1) / PRIOR_PASSES
         return t1, b
 
 
@@ -216,13 +225,14 @@ class DraftController:
         if source != "model":
             k = choose_draft_length(a, c, v, k_max)
             return k, expected_tokens_per_cost(a, k, c, v)
-        # the steady state reads one token before each draft (the last accepted draft token); reading a longer
-        # backlog (what lookup or plain steps emitted meanwhile) is paid once and then spread over the tokens
-        # still to come: over R tokens drafting takes R / rate + extra target-step times instead of R
-        steady = self._catch_cost(min(unseen, 1), c)
-        k = choose_draft_length(a, c, v, k_max, fixed=steady)
-        rate = expected_tokens_per_cost(a, k, c, v, steady)
-        extra = max(0.0, self._catch_cost(unseen, c) - steady)
+        # the steady state reads one token before a draft after a step whose k drafts were all accepted (the last
+        # of them; probability a^k); reading a longer backlog (what lookup or plain steps emitted meanwhile) is paid
+        # once and then spread over the tokens still to come: over R tokens drafting takes R / rate + extra
+        # target-step times instead of R
+        read1 = self._catch_cost(1, c)
+        k = max(range(1, k_max + 1), key=lambda j: expected_tokens_per_cost(a, j, c, v, read1 * a ** j))
+        rate = expected_tokens_per_cost(a, k, c, v, read1 * a ** k)
+        extra = max(0.0, self._catch_cost(unseen, c) - read1)
         horizon = max(1, room)
         return k, horizon / (horizon / rate + extra)
 

@@ -62,7 +62,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from slmkit.collab.draftlen import DraftController
+from slmkit.collab.draftlen import REMEMBER_STEPS, DraftController
 from slmkit.collab.drafters import DRAFT_WEIGHTS, as_drafter, lookup_draft
 from slmkit.collab.lm import (  # noqa: F401  (CachedLM, check_same_tokenizer, ...: importable from here as before)
     CachedLM,
@@ -100,7 +100,7 @@ class SpecConfig:
     probe_max: int = 128  #: longest gap between such probes (plain steps)
     fast_target: bool | None = None  #: verify on slmkit's fast path (llama on CPU; transformers' fp32 logits up to fp32 rounding: multi-token passes use kernels/f32.c); None = speculate does when it can, autoregressive does not
     draft_weights: str = "int4"  #: a draft given as a model drafts on slmkit's fast path with these weights ("int4", "int8", "native") where it can, or with transformers' forward ("hf"); the output never depends on it
-    remember: bool = True  #: start from the controller's estimates of the last call with the same draft object and target (a poor draft is tried once per draft, not per prompt)
+    remember: bool = True  #: start from the controller's estimates of the last call (of at least draftlen.REMEMBER_STEPS steps) with the same draft object and target (a poor draft is tried once per draft, not per prompt)
 
     def __post_init__(self):
         if self.max_new_tokens < 0:
@@ -375,7 +375,7 @@ def speculate(
     out.target_calls = tgt.calls
     out.draft_calls = drafter.calls
     out.seconds = time.perf_counter() - t0
-    if cfg.remember:
+    if cfg.remember and len(out.draft_lengths) >= REMEMBER_STEPS:
         _keep(ctl, draft, target)
     return finish_output(out, cfg)
 
