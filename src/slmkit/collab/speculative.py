@@ -318,8 +318,8 @@ def speculate(
         _recall(ctl, draft, target)
     out = SpecOutput(tokens=[])
     eos = set(cfg.eos_token_ids)
-    if ctx.shape[0] > 1:  # prefill all but the last token; the last is fed with the first draft
-        tgt.feed(ctx[:-1].to(dev), 1)
+    # no separate prefill: the first pass reads the prompt with the first step's drafts (a plain first step would
+    # otherwise cost one more target pass)
     while len(out.tokens) < cfg.max_new_tokens:
         room = cfg.max_new_tokens - len(out.tokens) - 1  # drafts beyond this could never be emitted
         look = lookup_draft(ctx, min(cfg.k_max, room), cfg.ngram_max, cfg.ngram_min) if drafter.lookup and room > 0 else ctx[:0]
@@ -348,7 +348,8 @@ def speculate(
             n_acc, nxt = greedy_accept(logits.argmax(-1), d_toks)
         else:
             n_acc, nxt = rejection_accept(token_probs(logits, cfg.temperature, cfg.top_p), q, d_toks, gen)
-        ctl.verified(feed.shape[0], time.perf_counter() - t)
+        if feed.shape[0] == kd + 1:  # the first pass also reads the prompt: not a verification's cost
+            ctl.verified(feed.shape[0], time.perf_counter() - t)
         new = [*d_toks[:n_acc].tolist(), nxt]
         base = ctx.shape[0]
         tgt.crop(base + n_acc)  # roll back: the rejected drafts' keys and values are forgotten
