@@ -24,7 +24,9 @@ charge would lock the model out as plain steps add to it), and ``k = 0`` (plain
 decoding with the target) when no draft beats ``1 / t(1)``: a draft that is slow or rarely right
 then costs almost nothing. While drafting does not pay, the model draft is re-tried with a short
 probe after ``probe_every`` plain steps, the gap doubling after each probe that still does not pay
-(up to ``probe_max``), so a draft that starts agreeing again is picked up. Prompt lookup is scored
+(up to ``probe_max``), so a draft that starts agreeing again is picked up; a probe loses ``1 - rate``
+of a step, so a draft whose expected rate is close to paying is probed sooner (the gap times
+``2 (1 - rate)`` when that is below 1: one early rejection of a good draft costs a few plain steps, not 32). Prompt lookup is scored
 on every step for free: its proposal is compared with the tokens the target emitted
 (:meth:`DraftController.shadow`), so it drafts as soon as the context starts to repeat.
 None of this touches exactness: the choice depends only on the past, never on the tokens being drawn.
@@ -260,9 +262,12 @@ class DraftController:
             return source, k
         if self.has_model:  # drafting does not pay now: probe the model draft now and then
             self.plain += 1
-            if self.plain >= self.gap:
+            k_probe, rate = self._best("model", k_model, unseen)  # a probe pays its whole backlog read itself
+            # a probe loses (1 - rate) of a step: one that nearly pays is cheap to try, so it comes sooner (the
+            # gap scaled by 2 (1 - rate) when that is below 1); a draft far from paying waits the whole gap
+            if self.plain >= self.gap * min(1.0, 2 * (1 - rate)):
                 self.plain, self.gap = 0, min(cfg.probe_max, 2 * self.gap)
-                return "model", self._best("model", k_model, unseen)[0]
+                return "model", k_probe
         return "model", 0
 
     def drafted(self, source: str, k: int, seconds: float) -> None:
