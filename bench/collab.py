@@ -11,7 +11,8 @@
    controller must fall back to plain decoding: compare with ``target_fast``), as ``speculate`` runs it (int4
    on the fast path, the controller's estimates kept across calls), ``_cold`` without that memory (every call
    tries the draft), ``_hf`` also drafting with transformers' forward (the engine before). A second table runs
-   prompts whose answer repeats text from the prompt (prompt lookup's case).
+   chat prompts that ask for text of the prompt again, a third raw completions whose continuation copies the
+   prompt (prompt lookup's cases).
 2. Cascade on rag-qa (question + its passage; answer checked by containment): the same
    truncated copy answers first, low mean-log-prob answers escalate to the default
    model; quality kept vs share escalated, against random routing at the same rate.
@@ -84,6 +85,19 @@ REPEAT_PROMPTS = [
     "Rewrite the function above with a docstring, keeping the code the same.",
     "Here is a list: apples, oranges, bananas, pears, plums, cherries, grapes, lemons, limes, peaches.\n\n"
     "Write the list above again, one item per line, in the same order.",
+]
+
+_PARAGRAPH = ("The water cycle describes how water evaporates from oceans, lakes and rivers, rises into the atmosphere, "
+              "cools and condenses into clouds, and falls back to the surface as rain or snow. Some of it soaks into the "
+              "ground and some flows back to the sea, where the cycle begins again.")
+_CODE = ("def mean(values):\n    total = 0\n    for v in values:\n        total += v\n    return total / len(values)\n\n\n"
+         "def variance(values):\n    m = mean(values)\n    total = 0\n    for v in values:\n        total += (v - m) ** 2\n"
+         "    return total / len(values)\n")
+#: raw completions (no chat template) whose natural continuation copies text of the prompt: the editing, logging
+#: and code cases prompt lookup was made for; the chat prompts above ask for a copy, which this model paraphrases
+REPEAT_RAW = [
+    f"Original text:\n{_PARAGRAPH}\n\nCopy of the text:\n",
+    f"# utils.py (version 1)\n{_CODE}\n\n# utils.py (version 2, unchanged)\n",
 ]
 
 
@@ -198,6 +212,10 @@ def bench_speculative(model, tok, args) -> dict:
     if args.repeat_prompts:
         rep = {k: runs[k] for k in ("target_hf", "target_fast", "lookup_ours", "lookup_hf", "spec_int4") if k in runs}
         out["repeated"] = _spec_table(model, [_chat_ids(tok, p) for p in REPEAT_PROMPTS[: args.repeat_prompts]], rep, args)
+    if args.repeat_raw:
+        rep = {k: runs[k] for k in ("target_hf", "target_fast", "lookup_ours", "spec_int4") if k in runs}
+        raw = [torch.tensor(tok(p).input_ids) for p in REPEAT_RAW[: args.repeat_raw]]
+        out["repeated_raw"] = _spec_table(model, raw, rep, args)
     return out
 
 
@@ -299,6 +317,7 @@ def main() -> None:
     ap.add_argument("--draft-layers", type=int, default=10)
     ap.add_argument("--draft-vocab", type=int, default=8192, help="FR-Spec draft head: the first N token ids")
     ap.add_argument("--repeat-prompts", type=int, default=2, help="prompts with text to repeat (prompt lookup's case), 0 = none")
+    ap.add_argument("--repeat-raw", type=int, default=2, help="raw completions whose continuation copies the prompt, 0 = none")
     ap.add_argument("--poor-layers", type=int, default=10, help="the poor draft: an un-healed depth-pruned copy keeping N blocks (0 = skip)")
     ap.add_argument("--spec-methods", default="", help="comma list of speculative rows to run (target_hf and target_fast always run); empty = all")
     ap.add_argument("--small-layers", type=int, default=20)

@@ -220,6 +220,8 @@ class DraftController:
         """(best k >= 1, its expected tokens per plain-step time) for one source; rate 0 when unknown. The model's
         rate spreads the read of a backlog of ``unseen`` tokens over the ``room`` tokens still to come."""
         costs = self._costs(source)
+        if costs is None and source == "lookup":  # free to draft: the prior's costs until a pass was timed
+            costs = 0.0, self.cfg.verify_cost
         if costs is None or k_max < 1:
             return min(self.cfg.k, k_max), 0.0
         c, v = costs
@@ -247,8 +249,12 @@ class DraftController:
         if not cfg.adaptive:
             return ("model", min(cfg.k, room)) if self.has_model else ("lookup", min(cfg.k, lookup_len))
         k_model = min(cfg.k_max, room)
-        if self.has_model and self._costs("model") is None:  # nothing measured yet: draft cfg.first_k to measure
-            return "model", min(cfg.first_k, k_model)
+        if self.has_model and self._costs("model") is None:  # the model draft not measured yet
+            if lookup_len:  # prompt lookup proposes for free: use it while it is expected to pay (the model's first
+                k, rate = self._best("lookup", min(lookup_len, room))  # try reads the whole prompt first)
+                if rate > 1.0:
+                    return "lookup", k
+            return "model", min(cfg.first_k, k_model)  # draft cfg.first_k to measure
         options = [("plain", 0, 1.0)]
         if lookup_len:
             options.append(("lookup", *self._best("lookup", min(lookup_len, room))))
