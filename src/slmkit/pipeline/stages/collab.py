@@ -111,8 +111,9 @@ def speculative(ctx: Context, cfg: SpeculativeStageConfig) -> StageResult:
         ctx.progress(i, len(prompts))
         chat = [{"role": "user", "content": p}] if getattr(ttok, "chat_template", None) else p
         ids = ttok(render_prompt(ttok, chat), add_special_tokens=isinstance(chat, str), return_tensors="pt").input_ids[0]
-        if i == 0:
-            autoregressive(teacher, ids, replace(scfg, max_new_tokens=2))  # warm-up: first-call overheads off the clock
+        if i == 0:  # warm-up, off the clock: first-call overheads (the verifying engine over a GGUF file's blocks is
+            autoregressive(teacher, ids, replace(scfg, max_new_tokens=2))  # built on first use: seconds)
+            speculate(teacher, draft, ids, replace(scfg, max_new_tokens=2))
         base = autoregressive(teacher, ids, scfg, torch.Generator().manual_seed(ctx.recipe.seed))
         out = speculate(teacher, draft, ids, scfg, torch.Generator().manual_seed(ctx.recipe.seed))
         identical += out.tokens == base.tokens
