@@ -9,7 +9,9 @@ but measured while decoding:
   (an exponential moving average; a single timing counts at most ``OUTLIER`` times the average, so a
   stall caused by another process does not lock a good draft out);
 * a target pass over ``n`` tokens costs ``t(n) = a + b n`` seconds, fitted by least squares to the
-  passes seen so far (per-``n`` moving averages); plain decoding is ``t(1)`` per token.
+  passes seen so far (per-``n`` moving averages; the slope is shrunk towards the prior ``verify_cost``
+  until ``PRIOR_PASSES`` multi-token passes were timed); plain decoding is ``t(1)`` per token. The first
+  pass of a call also reads the prompt and is not timed.
 
 * the model draft first reads the context it has not seen (its last accepted draft token, and every token
   emitted by prompt lookup or plain steps since it last drafted): ``t_c(u)`` seconds for ``u`` tokens, per-``u``
@@ -29,10 +31,13 @@ of a step, so a draft whose expected rate is close to paying is probed sooner (t
 ``2 (1 - rate)`` when that is below 1: one early rejection of a good draft costs a few plain steps, not 32). Prompt lookup is scored
 on every step for free: its proposal is compared with the tokens the target emitted
 (:meth:`DraftController.shadow`), so it drafts as soon as the context starts to repeat.
+Until the model draft's cost is known it drafts ``first_k`` tokens to measure it, unless prompt lookup
+(free, priced with the prior's costs until a pass was timed) is expected to pay first.
 None of this touches exactness: the choice depends only on the past, never on the tokens being drawn.
 
 The estimates outlive one call: :meth:`DraftController.carry_over` starts a new sequence from the last one's
-(same draft, same target: the model draft's acceptance and costs, the target's pass costs, the probe schedule),
+of at least ``REMEMBER_STEPS`` steps (same draft object and target: the model draft's acceptance and
+costs, the target's pass costs, the probe schedule),
 so a server or a batch of prompts pays a poor draft's first try once, not once per request; prompt lookup's
 acceptance starts afresh (it is a property of the prompt).
 """

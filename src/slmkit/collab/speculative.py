@@ -90,13 +90,13 @@ class SpecConfig:
     temperature: float = 0.0  #: 0 = greedy; > 0 samples with the exact rejection rule
     top_p: float = 1.0  #: nucleus mass applied to both target and draft distributions, in (0, 1]
     cost_ratio: float | None = None  #: fixed draft-token cost / target step cost; None = measured while decoding
-    verify_cost: float = 0.03  #: extra target cost per additional verified token (fraction of one step): fixed with cost_ratio, else the prior until two lengths were timed
+    verify_cost: float = 0.03  #: extra target cost per additional verified token (fraction of one step): fixed with cost_ratio, else the prior, which the fitted slope is shrunk towards until draftlen.PRIOR_PASSES multi-token passes were timed
     decay: float = 0.9  #: forgetting factor of the running acceptance estimate, in (0, 1]
     prior_acceptance: float = 0.6  #: acceptance rate assumed before any draft was checked
     ngram_max: int = 3  #: prompt lookup: longest n-gram matched
     ngram_min: int = 1  #: prompt lookup: shortest n-gram matched
     eos_token_ids: tuple[int, ...] = ()  #: generation stops after emitting one of these
-    probe_every: int = 32  #: plain steps before re-trying a draft that did not pay (doubles after each failed probe)
+    probe_every: int = 32  #: plain steps before re-trying a draft that did not pay (doubles after each failed probe; scaled by 2 (1 - rate) for a draft whose expected rate is above 0.5)
     probe_max: int = 128  #: longest gap between such probes (plain steps)
     fast_target: bool | None = None  #: verify on slmkit's fast path (llama on CPU; transformers' fp32 logits up to fp32 rounding: multi-token passes use kernels/f32.c); None = speculate does when it can, autoregressive does not
     draft_weights: str = "int4"  #: a draft given as a model drafts on slmkit's fast path with these weights ("int4", "int8", "native") where it can, or with transformers' forward ("hf"); the output never depends on it
@@ -137,7 +137,7 @@ class SpecOutput:
     tokens: list[int]  #: generated token ids (prompt excluded; a final EOS included)
     drafted: int = 0  #: draft tokens proposed
     accepted: int = 0  #: draft tokens the target accepted
-    target_calls: int = 0  #: target forward passes (prefill included)
+    target_calls: int = 0  #: target forward passes (the first also reads the prompt: no separate prefill)
     draft_calls: int = 0  #: draft forward passes (prefill included)
     draft_lengths: list[int] = field(default_factory=list)  #: k chosen at each step (0: a plain target step)
     lookup_drafted: int = 0  #: of ``drafted``, tokens drafted by prompt lookup
