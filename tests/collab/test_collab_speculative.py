@@ -48,7 +48,9 @@ def test_greedy_identical_to_target_alone(pair, prompt):
     target, draft, tok = pair
     ids = torch.tensor(tok(prompt).input_ids)
     ref = _hf_greedy(target, ids, 32)
-    cfg = SpecConfig(max_new_tokens=32)
+    # remember=False: the module's draft object, used by the other prompt's calls, may have measured that drafting
+    # does not pay on these tiny models; a carried estimate could then decode plainly (drafted == 0) by timing
+    cfg = SpecConfig(max_new_tokens=32, remember=False)
     assert autoregressive(target, ids, cfg).tokens == ref
     out = speculate(target, draft, ids, cfg)
     assert out.tokens == ref

@@ -4,6 +4,7 @@ catch-up over unseen context is priced, and draft models run on slmkit's fast pa
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -54,6 +55,9 @@ def test_a_poor_draft_is_tried_once_per_draft_not_once_per_call(target, tiny_tok
     for _ in range(2):  # later calls with the same draft and target start from what the first one measured
         again = speculate(target, draft, ids, cfg)
         assert again.tokens == ref and again.drafted == 0
+    # ... but not on another engine: seconds timed on the int4 draft and the fast target misprice the others
+    assert speculate(target, draft, ids, replace(cfg, draft_weights="hf")).drafted > 0
+    assert speculate(target, draft, ids, replace(cfg, fast_target=False)).drafted > 0
     # remember=False, another draft object, another target: each starts afresh and tries the draft once
     short = Slow(bad, delay=0.05)
     speculate(target, short, ids, SpecConfig(max_new_tokens=4))  # a warm-up's few steps are not remembered
@@ -62,6 +66,15 @@ def test_a_poor_draft_is_tried_once_per_draft_not_once_per_call(target, tiny_tok
     assert speculate(target, Slow(bad, delay=0.05), ids, cfg).drafted > 0
     other = tiny_model(tiny_llama_config(tiny_tok, layers=2), seed=3)
     assert speculate(other, draft, ids, cfg).drafted > 0
+
+
+def test_carried_estimates_take_the_new_calls_settings():
+    prev = DraftController(SpecConfig(probe_every=64, probe_max=128), has_model=True, lookup=False)
+    prev.gap = 128
+    ctl = DraftController(SpecConfig(probe_every=2, probe_max=8, decay=0.5, verify_cost=0.1), has_model=True, lookup=False)
+    ctl.carry_over(prev)
+    assert ctl.gap == 8 and ctl.alpha["model"].decay == 0.5 and ctl.verify.prior_slope == 0.1
+    assert prev.gap == 128 and prev.alpha["model"].decay == 0.9 and prev.verify.prior_slope == 0.03  # prev unchanged
 
 
 def test_the_probe_schedule_continues_across_calls(target, tiny_tok):

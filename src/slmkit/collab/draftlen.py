@@ -195,12 +195,15 @@ class DraftController:
 
     def carry_over(self, prev: DraftController) -> None:
         """Start from ``prev``'s estimates (the last sequence with the same draft and target): the model draft's
-        acceptance and costs, the target's pass costs and the probe schedule. Prompt lookup starts afresh."""
+        acceptance and costs, the target's pass costs and the probe schedule. Prompt lookup starts afresh. This
+        call's settings (``decay``, ``verify_cost``, ``probe_max``) apply to what is carried; ``prev`` is not changed."""
         self.alpha["model"] = copy.deepcopy(prev.alpha["model"])
+        self.alpha["model"].decay = self.cfg.decay
         if "model" in prev.t_draft:
             self.t_draft["model"] = prev.t_draft["model"]
         self.verify, self.catch = copy.deepcopy(prev.verify), copy.deepcopy(prev.catch)
-        self.gap, self.plain = prev.gap, prev.plain
+        self.verify.prior_slope = self.cfg.verify_cost
+        self.gap, self.plain = min(prev.gap, self.cfg.probe_max), prev.plain
 
     def _costs(self, source: str) -> tuple[float, float] | None:
         """(draft cost per token, extra verify cost per token), both in units of one plain target step."""

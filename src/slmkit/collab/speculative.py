@@ -100,7 +100,7 @@ class SpecConfig:
     probe_max: int = 128  #: longest gap between such probes (plain steps)
     fast_target: bool | None = None  #: verify on slmkit's fast path (llama on CPU; transformers' fp32 logits up to fp32 rounding: multi-token passes use kernels/f32.c); None = speculate does when it can, autoregressive does not
     draft_weights: str = "int4"  #: a draft given as a model drafts on slmkit's fast path with these weights ("int4", "int8", "native") where it can, or with transformers' forward ("hf"); the output never depends on it
-    remember: bool = True  #: start from the controller's estimates of the last call (of at least draftlen.REMEMBER_STEPS steps) with the same draft object and target (a poor draft is tried once per draft, not per prompt)
+    remember: bool = True  #: start from the controller's estimates of the last call (of at least draftlen.REMEMBER_STEPS steps) with the same draft object, target, draft_weights and target engine (a poor draft is tried once per draft, not per prompt)
 
     def __post_init__(self):
         if self.max_new_tokens < 0:
@@ -314,8 +314,9 @@ def speculate(
     tgt = _target_lm(target, cfg, ctx.shape[0] + cfg.max_new_tokens + cfg.k_max + 1, default=True)
     dev = model_device(target) if isinstance(tgt, CachedLM) else torch.device("cpu")
     ctl = DraftController(cfg, drafter.has_model, drafter.lookup)
+    engines = (cfg.draft_weights, isinstance(tgt, FastLM))  # the measured costs are these engines' costs
     if cfg.remember:
-        _recall(ctl, draft, target)
+        _recall(ctl, draft, target, engines)
     out = SpecOutput(tokens=[])
     eos = set(cfg.eos_token_ids)
     # no separate prefill: the first pass reads the prompt with the first step's drafts (a plain first step would
@@ -377,31 +378,32 @@ def speculate(
     out.draft_calls = drafter.calls
     out.seconds = time.perf_counter() - t0
     if cfg.remember and len(out.draft_lengths) >= REMEMBER_STEPS:
-        _keep(ctl, draft, target)
+        _keep(ctl, draft, target, engines)
     return finish_output(out, cfg)
 
 
-#: the controller of the last call per draft object: draft -> (weak reference to the target, DraftController)
+#: the controller of the last call per draft object: draft -> (weak reference to the target, engines, DraftController)
 _controllers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _recall(ctl: DraftController, draft, target) -> None:
-    """Start ``ctl`` from the last call's estimates with the same ``draft`` object and ``target`` (if any)."""
+def _recall(ctl: DraftController, draft, target, engines: tuple) -> None:
+    """Start ``ctl`` from the last call's estimates with the same ``draft`` object, ``target`` and ``engines``
+    (``(cfg.draft_weights, verifies on the fast path)``: seconds timed on one engine misprice another), if any."""
     if draft is None or isinstance(draft, str):  # made afresh on every call: nothing to remember it by
         return
     try:
         hit = _controllers.get(draft)
     except TypeError:  # a drafter that cannot be weakly referenced
         return
-    if hit is not None and hit[0]() is target:
-        ctl.carry_over(hit[1])
+    if hit is not None and hit[0]() is target and hit[1] == engines:
+        ctl.carry_over(hit[2])
 
 
-def _keep(ctl: DraftController, draft, target) -> None:
+def _keep(ctl: DraftController, draft, target, engines: tuple) -> None:
     if draft is None or isinstance(draft, str):
         return
     try:
-        _controllers[draft] = (weakref.ref(target), ctl)
+        _controllers[draft] = (weakref.ref(target), engines, ctl)
     except TypeError:
         pass
 
