@@ -59,6 +59,12 @@ PRIOR_PASSES = 4
 REMEMBER_STEPS = 16
 
 
+def smoothed(old: float | None, new: float, decay: float) -> float:
+    """A timing's moving average: the first timing as it is, then ``decay * old + (1 - decay) * new``, a timing above
+    ``OUTLIER`` times the average counting as that (one stall, another process or a page fault, moves it a little)."""
+    return new if old is None else decay * old + (1 - decay) * min(new, OUTLIER * old)
+
+
 def expected_tokens_per_cost(alpha: float, k: int, cost_ratio: float, verify_cost: float, fixed: float = 0.0) -> float:
     """Expected emitted tokens per unit of target-step time for draft length ``k`` (``k = 0``: plain decoding, 1).
 
@@ -109,11 +115,8 @@ class VerifyCost:
         self.count: dict[int, int] = {}
 
     def add(self, n: int, seconds: float) -> None:
-        c = self.count.get(n, 0)
-        if c:
-            seconds = min(seconds, OUTLIER * self.mean[n])  # one stall (another process, a page fault) moves the mean a little
-        self.mean[n] = seconds if c == 0 else self.decay * self.mean[n] + (1 - self.decay) * seconds
-        self.count[n] = c + 1
+        self.mean[n] = smoothed(self.mean.get(n), seconds, self.decay)
+        self.count[n] = self.count.get(n, 0) + 1
 
     def fit(self) -> tuple[float, float] | None:
         """``(t(1), b)`` in seconds, or None before any pass was measured."""
@@ -152,8 +155,7 @@ class ReadCost:
         self.mean: dict[int, float] = {}
 
     def add(self, n: int, seconds: float) -> None:
-        old = self.mean.get(n)
-        self.mean[n] = seconds if old is None else self.decay * old + (1 - self.decay) * min(seconds, OUTLIER * old)
+        self.mean[n] = smoothed(self.mean.get(n), seconds, self.decay)
 
     def at(self, n: int) -> float | None:
         """Estimated seconds to read ``n`` tokens; None before any read was timed."""
@@ -286,9 +288,7 @@ class DraftController:
 
     def drafted(self, source: str, k: int, seconds: float) -> None:
         if k > 0:
-            per = seconds / k
-            old = self.t_draft.get(source)
-            self.t_draft[source] = per if old is None else 0.7 * old + 0.3 * min(per, OUTLIER * old)
+            self.t_draft[source] = smoothed(self.t_draft.get(source), seconds / k, 0.7)
 
     def caught_up(self, n: int, seconds: float) -> None:
         """The model draft read ``n`` unseen context tokens in ``seconds`` before drafting."""

@@ -386,26 +386,29 @@ def speculate(
 _controllers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def _rememberable(draft) -> bool:
+    """A draft object the controller's estimates can be kept for: not made afresh per call (a string, None), hashable
+    and weakly referenceable (the keys of ``_controllers``)."""
+    if draft is None or isinstance(draft, str):
+        return False
+    try:
+        hash(draft), weakref.ref(draft)
+    except TypeError:
+        return False
+    return True
+
+
 def _recall(ctl: DraftController, draft, target, engines: tuple) -> None:
     """Start ``ctl`` from the last call's estimates with the same ``draft`` object, ``target`` and ``engines``
     (``(cfg.draft_weights, verifies on the fast path)``: seconds timed on one engine misprice another), if any."""
-    if draft is None or isinstance(draft, str):  # made afresh on every call: nothing to remember it by
-        return
-    try:
-        hit = _controllers.get(draft)
-    except TypeError:  # a drafter that cannot be weakly referenced
-        return
+    hit = _controllers.get(draft) if _rememberable(draft) else None
     if hit is not None and hit[0]() is target and hit[1] == engines:
         ctl.carry_over(hit[2])
 
 
 def _keep(ctl: DraftController, draft, target, engines: tuple) -> None:
-    if draft is None or isinstance(draft, str):
-        return
-    try:
+    if _rememberable(draft):
         _controllers[draft] = (weakref.ref(target), engines, ctl)
-    except TypeError:
-        pass
 
 
 def speedup(baseline: SpecOutput, fast: SpecOutput) -> float:

@@ -96,6 +96,12 @@ static inline void store_bf16x16(uint16_t *out, __m512 w) {
 
 #include "simd.h"
 
+/* Prefetch the `bytes` bytes that start PREFETCH_BYTES past p: the weight rows a thread streams through in order
+ * (a prefetch past the end of a tensor never faults). */
+static inline void slmkit_prefetch_ahead(const uint8_t *p, size_t bytes) {
+    for (size_t off = 0; off < bytes; off += 64) SLMKIT_PREFETCH(p + PREFETCH_BYTES + off);
+}
+
 /* Most inputs a row may have (K, D, F, H * hd): every entry point refuses larger ones, so the
  * fixed stack arrays sized from it (per-row scales, 16 KB for 4096 groups) are bounded. */
 #define SLMKIT_MAX_K 65536

@@ -150,8 +150,7 @@ int slmkit_gg_f32_matmul_parts(int nparts, const int *types, const uint8_t *cons
         if (M <= 2 * F32_MB && slmkit_gg_f32_rows(type, w, rb, K, x, M, r0, r1, yp, Ntot, buf) == 0) continue;
         for (int n0 = r0; n0 < r1; n0 += F32_NB) {
             const int nb = r1 - n0 < F32_NB ? r1 - n0 : F32_NB;
-            const uint8_t *ahead = w + (size_t)n0 * rb + PREFETCH_BYTES; /* the thread's rows are contiguous: fetch ahead */
-            for (size_t off = 0; off < (size_t)F32_NB * rb; off += 64) SLMKIT_PREFETCH(ahead + off);
+            slmkit_prefetch_ahead(w + (size_t)n0 * rb, (size_t)F32_NB * rb); /* the thread's rows are contiguous */
             for (int r = 0; r < nb; r++) slmkit_gg_row_exact(type, w + (size_t)(n0 + r) * rb, K, buf + (size_t)r * K);
             f32_block(x, M, K, buf, n0, nb, yp, Ntot);
         }

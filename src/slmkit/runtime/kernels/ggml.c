@@ -792,10 +792,7 @@ static inline __attribute__((always_inline)) void gg_f32_range(const int type, c
     for (int n0 = r0; n0 < r1; n0 += step) {
         const int nb = r1 - n0 < step ? r1 - n0 : step;
         const uint8_t *rows[GGF_NB];
-        { /* the rows PREFETCH_BYTES ahead (a thread's rows are contiguous; a prefetch past the tensor never faults) */
-            const uint8_t *ahead = w + (size_t)n0 * rb + PREFETCH_BYTES;
-            for (size_t off = 0; off < (size_t)GGF_NB * rb; off += 64) SLMKIT_PREFETCH(ahead + off);
-        }
+        slmkit_prefetch_ahead(w + (size_t)n0 * rb, (size_t)GGF_NB * rb); /* a thread's rows are contiguous */
         for (int r = 0; r < nb; r++) {
             rows[r] = w + (size_t)(n0 + r) * rb;
             gg_exact_terms(type, rows[r], K, terms + (size_t)2 * r * G, terms + (size_t)(2 * r + 1) * G);
