@@ -158,6 +158,26 @@ class _Stop(TrainerCallback):
             raise KeyboardInterrupt
 
 
+def test_bf16_autocast_trains_and_returns_a_full_precision_model(tiny_tok, tmp_path):
+    """--precision bf16: the Trainer runs under bf16 autocast, but the returned model's forward is its own
+    again (fp32 logits equal to a plain fp32 forward of the same weights, not the bf16-autocast ones)."""
+    base = tiny_model(tiny_llama_config(tiny_tok), seed=1)
+    cfg = SFTConfig(lora=LoraSettings(r=4, alpha=8), max_steps=3, learning_rate=5e-3, batch_size=4, max_length=64,
+                    save_steps=0, bf16=True)
+    res = sft(base, tiny_tok, toy_convs(), cfg, tmp_path / "c")
+    assert res.steps == 3 and res.train_loss == res.train_loss
+    ids = torch.tensor([tiny_tok("the cat sat on the mat").input_ids])
+    with torch.no_grad():
+        logits = res.model(input_ids=ids).logits
+        merged = res.model.merge_and_unload()
+        plain = merged(input_ids=ids).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            autocast = merged(input_ids=ids).logits
+    assert logits.dtype == torch.float32
+    assert torch.allclose(logits, plain, atol=1e-5)
+    assert not torch.allclose(logits, autocast.float(), atol=1e-5)  # the check above can tell the two apart
+
+
 def test_interrupted_training_resumes_to_the_same_weights(tiny_tok, tmp_path):
     cfg = SFTConfig(max_steps=4, save_steps=2, learning_rate=1e-3, batch_size=1, max_length=32)
     convs = toy_convs(4)

@@ -10,8 +10,8 @@ from typing import Optional
 
 import typer
 
-from slmkit.cli._common import (DEVICE_HELP, DTYPE_HELP, FORCE_HELP, RegistryHelpCommand, console, kv_table,
-                                print_json, registry_names)
+from slmkit.cli._common import (DEVICE_HELP, DTYPE_HELP, FORCE_HELP, PRECISION_HELP, RegistryHelpCommand, console,
+                                kv_table, mixed_precision, print_json, registry_names)
 from slmkit.cli.progress import quiet_libraries, with_progress
 from slmkit.progress import trainer_callback
 
@@ -72,6 +72,7 @@ def sft(
     limit: int = typer.Option(0, "--limit", min=0, help="first N examples only (0 = all)"),
     seed: int = typer.Option(0, "--seed"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help=DTYPE_HELP),
+    precision: str = typer.Option("auto", "--precision", help=PRECISION_HELP),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP + " (a GPU other than the first: CUDA_VISIBLE_DEVICES)"),
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
@@ -88,7 +89,8 @@ def sft(
         raise ConfigError("--merge needs --lora (full fine-tuning already writes a model)")
     dev = _training_device(device)
     cfg = SFTConfig(lora=_lora(lora, lora_r, lora_alpha), max_steps=max_steps, learning_rate=lr, batch_size=batch_size,
-                    grad_accum=grad_accum, max_length=max_length, packing=packing, save_steps=save_steps, seed=seed)
+                    grad_accum=grad_accum, max_length=max_length, packing=packing, save_steps=save_steps, seed=seed,
+                    bf16=mixed_precision(precision, dev))
     rag_info = {}
     if rag is not None:
         convs, rag_info = _rag_conversations(rag, data, limit, rag_k, seed)
@@ -162,6 +164,7 @@ def dpo(
     resume: bool = typer.Option(False, "--resume"),
     limit: int = typer.Option(0, "--limit", min=0, help="first N pairs only (0 = all)"),
     seed: int = typer.Option(0, "--seed"),
+    precision: str = typer.Option("auto", "--precision", help=PRECISION_HELP),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP + " (a GPU other than the first: CUDA_VISIBLE_DEVICES)"),
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
@@ -180,7 +183,8 @@ def dpo(
     dev = _training_device(device)
     cfg = PreferenceConfig(method=method, beta=beta, lora=_lora(lora, lora_r, None), max_steps=max_steps,
                            learning_rate=lr, batch_size=batch_size,
-                           max_length=max_length, save_steps=save_steps, seed=seed)
+                           max_length=max_length, save_steps=save_steps, seed=seed,
+                           bf16=mixed_precision(precision, dev))
 
     def read(path):
         return read_hh(path, limit=limit) if hh else read_preferences(path, limit=limit)

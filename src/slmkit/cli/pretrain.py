@@ -7,8 +7,8 @@ from typing import Optional
 
 import typer
 
-from slmkit.cli._common import (DEVICE_HELP, FORCE_HELP, RegistryHelpCommand, console, kv_table, print_json,
-                                registry_names)
+from slmkit.cli._common import (DEVICE_HELP, FORCE_HELP, PRECISION_HELP, RegistryHelpCommand, console, kv_table,
+                                mixed_precision, print_json, registry_names)
 from slmkit.cli.progress import quiet_libraries, with_progress
 
 #: --flag -> StudentConfig field
@@ -65,7 +65,7 @@ def pretrain_cmd(
     eval_data: Optional[Path] = typer.Option(None, "--eval-data", help="held-out text: perplexity before and after training"),
     eval_tokens: int = typer.Option(0, "--eval-tokens", min=0, help="score only the first N tokens of --eval-data (0: all)"),
     seed: int = typer.Option(0, "--seed"),
-    precision: str = typer.Option("auto", "--precision", help="auto (bf16 autocast on a GPU, fp32 on the CPU) | fp32 | bf16"),
+    precision: str = typer.Option("auto", "--precision", help=PRECISION_HELP),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP + " (a GPU other than the first: CUDA_VISIBLE_DEVICES)"),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     json_out: bool = typer.Option(False, "--json"),
@@ -80,9 +80,7 @@ def pretrain_cmd(
 
     dev = resolve_device(device)
     training_device_check(dev)
-    if precision not in ("auto", "fp32", "bf16"):
-        raise ConfigError(f"--precision {precision}: unknown", "use auto, fp32 or bf16")
-    bf16 = precision == "bf16" or (precision == "auto" and dev.type == "cuda" and _gpu_bf16())
+    bf16 = mixed_precision(precision, dev)
     student = student_from_flags(preset, block_size, layers=layers, hidden=hidden, heads=heads, kv_heads=kv_heads,
                                  intermediate=intermediate, share=share_blocks)
     cfg = PretrainConfig(student=student, block_size=block_size, max_steps=max_steps, batch_size=batch_size,
@@ -107,9 +105,3 @@ def pretrain_cmd(
         return
     console.print(kv_table(f"pretrain -> {output}", [(k, f"{v:.4f}" if isinstance(v, float) else v)
                                                      for k, v in out.items() if v is not None]))
-
-
-def _gpu_bf16() -> bool:
-    import torch
-
-    return torch.cuda.is_bf16_supported()
