@@ -163,7 +163,7 @@ def bench_answers(args, model, tok, index, embedder, qs, out, workdir):
         run(f"generation k={args.k}", base, RAGConfig(k=args.k, max_new_tokens=args.max_new_tokens))
     if "extractive" in args.modes:
         run(f"extractive k={args.k}", base, RAGConfig(k=args.k, max_new_tokens=args.max_new_tokens,
-                                                      extractive=ExtractConfig(min_score=args.min_span_score)))
+                                                      extractive=ExtractConfig(method=args.extractive_method, min_score=args.min_span_score)))
     if "adapter" in args.modes:
         tuned, info = train_adapter(args, model, tok, index, embedder, workdir)
         res["adapter_training"] = info
@@ -173,7 +173,7 @@ def bench_answers(args, model, tok, index, embedder, qs, out, workdir):
         run(f"adapter k={args.k}", ad, RAGConfig(k=args.k, max_new_tokens=args.max_new_tokens))
         if "extractive" in args.modes:  # slow (about a hundred span scorings per question)
             run(f"adapter extractive k={args.k}", ad, RAGConfig(k=args.k, max_new_tokens=args.max_new_tokens,
-                                                                 extractive=ExtractConfig(min_score=args.min_span_score)))
+                                                                 extractive=ExtractConfig(method=args.extractive_method, min_score=args.min_span_score)))
         with contextlib.suppress(AttributeError):
             tuned.unload()  # back to the base weights for later parts
     out["answers"] = res
@@ -231,6 +231,7 @@ def main():
     ap.add_argument("--rerank-depth", type=int, default=12)
     ap.add_argument("--retriever", default="hybrid", choices=("dense", "bm25", "hybrid"), help="retriever for the answer parts")
     ap.add_argument("--min-span-score", type=float, default=-2.5)
+    ap.add_argument("--extractive-method", default="score", help="score (rank candidate spans) or decode (constrained copy)")
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--sft-steps", type=int, default=60)
     ap.add_argument("--sft-batch", type=int, default=4)

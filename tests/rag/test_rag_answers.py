@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 from slmkit.backends import HFBackend
 from slmkit.backends.base import TokenScores
 from slmkit.collab.retrieval import FilterConfig
 from slmkit.errors import ConfigError, DataError
 from slmkit.rag.answer import RAGConfig, answer, locate
-from slmkit.rag.extract import ExtractConfig, best_span, candidates, end_marker, extract_prompt, words
+from slmkit.rag.extract import ExtractConfig, best_span, candidates, decode_span, end_marker, extract_prompt, words
 from slmkit.rag.index import Hit
 
 SOURCES = ["Zebras of the Karoo have faint stripes.", "The lamp room (built 1893) was painted orange. It faces west."]
@@ -143,3 +145,66 @@ def test_rag_training_rows_put_the_gold_among_distractors(tmp_path):
     qa.write_text(json.dumps({"question": "q"}) + "\n")
     with pytest.raises(DataError, match=r"qa.jsonl:1: missing field 'answer'"):
         read_qa(qa)
+
+
+class _Scripted(torch.nn.Module):
+    """A stand-in causal LM whose next-token logits follow ``plan[step]`` (token ids, most preferred first)."""
+
+    def __init__(self, vocab: int, plan: list[list[int]]):
+        super().__init__()
+        self.vocab, self.plan, self.step = vocab, plan, 0
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # decode_span reads the device from the parameters
+        self.prompts = []
+
+    def forward(self, input_ids, cache=None, use_cache=True, logits_to_keep=1):
+        if cache is None:
+            self.step = 0
+            self.prompts.append(input_ids[0].tolist())
+        logits = torch.zeros(1, 1, self.vocab)
+        for rank, t in enumerate(self.plan[min(self.step, len(self.plan) - 1)]):
+            logits[0, 0, t] = 20.0 - rank
+        self.step += 1
+        return SimpleNamespace(logits=logits, cache="kept")
+
+
+def test_decode_span_copies_a_source_run_and_follows_the_models_preferences(tiny_tok):
+    """Constrained decoding: the model's favourite token is skipped when it would not continue a copy of a
+    source; the first token may be a word's bare form ("f" for the source's " f"); the span ends where the
+    model prefers the end of turn; offsets point at the copied text."""
+    tok = tiny_tok
+    ids = lambda s: tok(s, add_special_tokens=False).input_ids  # noqa: E731
+    outside = next(t for t in range(len(tok)) if t not in set(ids(SOURCES[0]) + ids(SOURCES[1])) and t > 10)
+    faint, stripes, orange, end = ids("faint"), ids(" stripes"), ids(" orange"), ids("<|im_end|>")[0]
+    plan = [[outside, t] for t in faint] + [[outside, orange[0], stripes[0]]] + [[outside, t] for t in stripes[1:]]
+    plan += [[outside, end]]
+    model = _Scripted(len(tok), plan)
+    backend = SimpleNamespace(tokenizer=tok, model=model, score_choices=None)
+    span = decode_span(backend, "Which zebras have faint stripes?", SOURCES, ExtractConfig(method="decode"))
+    assert (span.source, span.text) == (0, "faint stripes") and SOURCES[0][span.start: span.end] == "faint stripes"
+    assert span.tokens == len(faint) + len(stripes) + 1
+    # log-probabilities under the unconstrained logits: 20 for the top token, 19 for the second, ...
+    logz = float(torch.logsumexp(torch.tensor([20.0, 19.0, 18.0] + [0.0] * (len(tok) - 3)), 0))
+    logz2 = float(torch.logsumexp(torch.tensor([20.0, 19.0] + [0.0] * (len(tok) - 2)), 0))
+    assert span.logprob == pytest.approx((span.tokens - 1) * (19.0 - logz2) + (18.0 - logz), abs=1e-3)
+    # the prompt is the one generated answers (and sft --rag conversations) use
+    assert tok.decode(model.prompts[0]).count("Answer the question using the numbered sources") == 1
+    # a span may not run past max_tokens: the end is then forced
+    short = decode_span(backend, "q", SOURCES, ExtractConfig(method="decode", max_tokens=2))
+    assert short.tokens == 3 and short.text == SOURCES[0][short.start: short.end] and "faint".startswith(short.text)
+
+
+def test_extractive_method_is_chosen_by_name(backend):
+    hits = [Hit(f"s{i}@0", f"s{i}", t, 0.5) for i, t in enumerate(SOURCES)]
+    import slmkit.rag.answer as rag_answer
+
+    real = rag_answer.retrieve
+    rag_answer.retrieve = lambda index, emb, qs, k, *a: [list(hits) for _ in qs]
+    try:
+        cfg = RAGConfig(k=2, max_new_tokens=4, extractive=ExtractConfig(method="decode", min_score=float("-inf"), max_tokens=4))
+        (a,) = answer(backend, object(), None, ["Which zebras have faint stripes?"], cfg)
+    finally:
+        rag_answer.retrieve = real
+    src = {h.id: h.text for h in hits}[a.span["id"]]
+    assert a.mode == "extractive" and a.answer and a.answer == src[a.span["start"]: a.span["end"]]
+    with pytest.raises(ConfigError, match="unknown extractive method 'decoder'.*decode, score"):
+        ExtractConfig(method="decoder")

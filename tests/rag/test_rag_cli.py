@@ -39,6 +39,15 @@ def test_extractive_and_reranked_answers_in_json(capsys, index, tiny_dir):
     assert a["answer"] == src[a["span"]["id"]][a["span"]["start"]: a["span"]["end"]]
     code, out, err = run(capsys, "rag", "ask", index, "What colour?", "--model", tiny_dir, "--k", 0, "--extractive")
     assert code == 2 and "need retrieved passages" in err
+    code, out, err = run(capsys, "rag", "ask", index, "What colour is the lamp room?", "--model", tiny_dir, "--k", 2,
+                         "--extractive", "--extractive-method", "decode", "--min-span-score", "-1000", "--json")
+    assert code == 0, err
+    (a,) = json.loads(out)
+    src = {s["id"]: s["text"] for s in a["sources"]}
+    assert a["mode"] == "extractive" and a["answer"] == src[a["span"]["id"]][a["span"]["start"]: a["span"]["end"]]
+    code, out, err = run(capsys, "rag", "ask", index, "What colour?", "--model", tiny_dir, "--extractive",
+                         "--extractive-method", "copy")
+    assert code == 2 and "unknown extractive method 'copy'" in err
 
 
 def test_filter_reports_passages_and_prompt_length(capsys, index, tiny_dir):

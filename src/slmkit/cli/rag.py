@@ -81,6 +81,9 @@ def rag_ask(
     rerank_method: str = typer.Option("query-likelihood", "--rerank-method", help=registry_names("slmkit.rag.retrieve", "RERANKERS")),
     rerank_depth: int = typer.Option(12, "--rerank-depth", min=1),
     extractive: bool = typer.Option(False, "--extractive", help="answer with the source span the model scores highest"),
+    extractive_method: str = typer.Option("score", "--extractive-method",
+                                          help=registry_names("slmkit.rag.extract", "SPAN_METHODS") + ": rank candidate "
+                                               "spans, or decode constrained to copy a source (suits an sft --rag adapter)"),
     min_span_score: float = typer.Option(-2.5, "--min-span-score",
                                          help="--extractive: mean log-prob/token below which the span is not trusted "
                                               "(then generate; abstain when that answer is in no source)"),
@@ -114,7 +117,7 @@ def rag_ask(
     qs = _read_questions(questions, limit) if questions is not None else [question]
     cfg = RAGConfig(k=k, max_new_tokens=max_new_tokens,
                     rerank=RerankConfig(method=rerank_method, depth=rerank_depth) if rerank else None,
-                    extractive=ExtractConfig(min_score=min_span_score) if extractive else None,
+                    extractive=ExtractConfig(method=extractive_method, min_score=min_span_score) if extractive else None,
                     filter=FilterConfig(threshold=filter_threshold) if filter_model else None)
     idx = VectorIndex.open(index)  # also checks INDEX with --k 0, so a typo fails early
     emb = None

@@ -29,14 +29,10 @@ from slmkit.collab.cascade import normalize_answer, token_f1
 from slmkit.collab.retrieval import FilterConfig, filter_passages
 from slmkit.errors import ConfigError
 from slmkit.rag.embed import Embedder
-from slmkit.rag.extract import ExtractConfig, Span, best_span, words
+from slmkit.rag.extract import SYSTEM_RAG, ExtractConfig, Span, find_span, source_messages, words
 from slmkit.rag.index import Hit, VectorIndex
 from slmkit.rag.retrieve import RerankConfig, rank, rerank
 
-SYSTEM_RAG = (
-    "Answer the question using the numbered sources. Reply with a short answer, then cite the "
-    "sources you used like [1]. If the sources do not contain the answer, say you do not know."
-)
 SYSTEM_PLAIN = "Answer the question with a short answer."
 GROUNDED_F1 = 0.5  #: a generated answer is "in a source" when some window of it scores this token F1
 
@@ -95,11 +91,7 @@ def build_prompt(question: str, hits: list[Hit], cfg: RAGConfig) -> list[dict]:
     """Chat messages: the instruction, the numbered sources and the question."""
     if not hits:
         return [{"role": "system", "content": cfg.system or SYSTEM_PLAIN}, {"role": "user", "content": question}]
-    sources = "\n\n".join(f"[{i}] {h.text[: cfg.max_source_chars]}" for i, h in enumerate(hits, 1))
-    return [
-        {"role": "system", "content": cfg.system or SYSTEM_RAG},
-        {"role": "user", "content": f"Sources:\n{sources}\n\nQuestion: {question}"},
-    ]
+    return source_messages(question, [h.text for h in hits], cfg.system or SYSTEM_RAG, cfg.max_source_chars)
 
 
 _CITE = re.compile(r"\[(\d+)\]")
@@ -163,7 +155,7 @@ def _prompt_size(backend: Backend, messages: list[dict]) -> tuple[int, int | Non
 
 def _extractive(backend: Backend, a: Answer, cfg: RAGConfig) -> bool:
     """Fill ``a`` from the best span; False when the span is too weak (the caller generates instead)."""
-    span: Span | None = best_span(backend, a.question, [h.text for h in a.sources], cfg.extractive)
+    span: Span | None = find_span(backend, a.question, [h.text for h in a.sources], cfg.extractive)
     if span is None:
         return False
     a.candidate = {"text": span.text, "score": span.score}

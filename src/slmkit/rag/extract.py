@@ -1,5 +1,10 @@
 """Extractive answers: the span of a retrieved passage that the model itself scores highest as the answer.
 
+Two methods, chosen by :attr:`ExtractConfig.method` (registry :data:`SPAN_METHODS`):
+
+* ``score`` (:func:`best_span`): likelihood ranking of candidate spans, described below;
+* ``decode`` (:func:`decode_span`): greedy decoding constrained to copy a passage, described there.
+
 The model reads the numbered sources and the question (the same layout as generated answers) and
 every candidate span ``s`` is scored by the model's own log-probability of ``s`` followed by the end
 of its turn, ``log p(s + END | prompt)``: the probability that ``s`` is the whole answer. The end
@@ -29,7 +34,13 @@ from dataclasses import dataclass
 import torch
 
 from slmkit.errors import ConfigError
+from slmkit.registry import Registry
 
+#: the instruction of generated RAG answers (and of ``sft --rag`` training conversations)
+SYSTEM_RAG = (
+    "Answer the question using the numbered sources. Reply with a short answer, then cite the "
+    "sources you used like [1]. If the sources do not contain the answer, say you do not know."
+)
 SYSTEM_EXTRACT = ("Answer the question with a short phrase copied exactly from the numbered sources. "
                   "Reply with the phrase only.")
 _WORD = re.compile(r"\S+")
@@ -38,16 +49,25 @@ _TRAIL = ".,;:!?\"')]}”’»"
 _SENTENCE_END = (".", "!", "?", ";")
 
 
+#: name -> ``fn(backend, question, sources, cfg) -> Span | None``
+SPAN_METHODS: Registry = Registry("extractive method")
+
+
 @dataclass(frozen=True)
 class ExtractConfig:
+    method: str = "score"  #: a name in SPAN_METHODS: score (rank candidate spans), decode (constrained copy)
     max_words: int = 8  #: longest candidate span, in words
     starts: int = 12  #: distinct start words kept after the first-token pass
     positions: int = 3  #: occurrences of each start word expanded (the first ones, in source order)
     min_score: float = -2.5  #: mean log-prob per token (nats) below which a span is not trusted
     max_source_chars: int = 2000  #: each source is cut to this many characters in the prompt
     batch_tokens: int = 512  #: padded continuation tokens per scoring pass (bounds memory: one KV copy per span)
+    max_tokens: int = 32  #: decode: longest span, in tokens
 
     def __post_init__(self):
+        SPAN_METHODS.get(self.method)
+        if self.max_tokens < 1:
+            raise ConfigError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if min(self.max_words, self.starts, self.positions) < 1 or self.batch_tokens < 16:
             raise ConfigError(f"max_words, starts and positions must be >= 1 and batch_tokens >= 16, got "
                               f"{self.max_words}, {self.starts}, {self.positions}, {self.batch_tokens}")
@@ -122,15 +142,21 @@ def end_marker(tokenizer, chat: bool) -> str:
     return after.split()[0] if after else (tokenizer.eos_token or "\n")
 
 
-def extract_prompt(tokenizer, question: str, sources: list[str], cfg: ExtractConfig) -> tuple[str, bool]:
+def source_messages(question: str, sources: list[str], system: str, max_chars: int) -> list[dict]:
+    """Chat messages: ``system``, then the numbered sources (``[1] ...``, each cut to ``max_chars``) and the question."""
+    listed = "\n\n".join(f"[{i}] {s[: max_chars]}" for i, s in enumerate(sources, 1))
+    return [{"role": "system", "content": system}, {"role": "user", "content": f"Sources:\n{listed}\n\nQuestion: {question}"}]
+
+
+def extract_prompt(tokenizer, question: str, sources: list[str], cfg: ExtractConfig,
+                   system: str = SYSTEM_EXTRACT) -> tuple[str, bool]:
     """The prompt text (chat template applied when the tokenizer has one) and whether it is a chat."""
     from slmkit.backends.hf import render_prompt
 
-    listed = "\n\n".join(f"[{i}] {s[: cfg.max_source_chars]}" for i, s in enumerate(sources, 1))
-    user = f"Sources:\n{listed}\n\nQuestion: {question}"
+    messages = source_messages(question, sources, system, cfg.max_source_chars)
     if getattr(tokenizer, "chat_template", None):
-        return render_prompt(tokenizer, [{"role": "system", "content": SYSTEM_EXTRACT}, {"role": "user", "content": user}]), True
-    return f"{SYSTEM_EXTRACT}\n\n{user}\nAnswer:", False
+        return render_prompt(tokenizer, messages), True
+    return f"{system}\n\n{messages[1]['content']}\nAnswer:", False
 
 
 @torch.inference_mode()
@@ -143,11 +169,17 @@ def _first_token_logprobs(backend, prompt: str) -> torch.Tensor:
     return torch.log_softmax(logits.float(), -1)
 
 
-def best_span(backend, question: str, sources: list[str], cfg: ExtractConfig = ExtractConfig()) -> Span | None:
-    """The span of ``sources`` the model scores highest as the complete answer (None: no words)."""
+def _local(backend) -> None:
     if not (hasattr(backend, "score_choices") and hasattr(backend, "model")):
         raise ConfigError("extractive answers need a local model (spans are scored with its log-probabilities)",
                           "pass --model default, a hub id or a directory, not an endpoint")
+
+
+@SPAN_METHODS.register("score")
+def best_span(backend, question: str, sources: list[str], cfg: ExtractConfig | None = None) -> Span | None:
+    """The span of ``sources`` the model scores highest as the complete answer (None: no words)."""
+    _local(backend)
+    cfg = cfg or ExtractConfig()
     tok = backend.tokenizer
     sources = [s[: cfg.max_source_chars] for s in sources]
     prompt, chat = extract_prompt(tok, question, sources, cfg)
@@ -177,3 +209,108 @@ def best_span(backend, question: str, sources: list[str], cfg: ExtractConfig = E
     si, a, b = cands[best]
     n = len(tok(texts[best], add_special_tokens=False).input_ids)
     return Span(si, a, b, sources[si][a:b], float(totals[best]), n)
+
+
+def find_span(backend, question: str, sources: list[str], cfg: ExtractConfig) -> Span | None:
+    """The answer span of ``cfg.method``."""
+    return SPAN_METHODS.get(cfg.method)(backend, question, sources, cfg)
+
+
+_SPACE_MARKS = ("Ġ", "▁")  # byte-level BPE and SentencePiece spellings of a leading space
+
+
+def _bare(tok, tid: int) -> int | None:
+    """The id of token ``tid`` without its leading space (``"Ġorange"`` -> ``"orange"``), None when the
+    vocabulary has no such token: a reply opens with the bare form of a word that follows a space in the source."""
+    piece = tok.convert_ids_to_tokens(tid)
+    if not isinstance(piece, str) or len(piece) < 2 or not piece.startswith(_SPACE_MARKS):
+        return None
+    bare = tok.convert_tokens_to_ids(piece[1:])
+    return bare if isinstance(bare, int) and bare != tok.unk_token_id else None
+
+
+def _stop_ids(tok, chat: bool) -> set[int]:
+    """Tokens that end a copied span: the end of the turn (and eos), a newline, a citation's opening bracket."""
+    out = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+    for text in (end_marker(tok, chat), "\n", " [", "["):
+        ids = tok(text, add_special_tokens=False).input_ids
+        if len(ids) == 1:
+            out.add(ids[0])
+    return out
+
+
+def _token_offsets(tok, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids of ``text`` and each token's character span in it."""
+    if getattr(tok, "is_fast", False):
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        return enc.input_ids, [tuple(o) for o in enc.offset_mapping]
+    ids = tok(text, add_special_tokens=False).input_ids  # slow tokenizers: offsets from growing prefixes
+    offsets, prev = [], 0
+    for i in range(len(ids)):
+        end = min(len(text), len(tok.decode(ids[: i + 1])))
+        offsets.append((prev, end))
+        prev = end
+    return ids, offsets
+
+
+@SPAN_METHODS.register("decode")
+@torch.inference_mode()
+def decode_span(backend, question: str, sources: list[str], cfg: ExtractConfig | None = None) -> Span | None:
+    """The answer the model writes when every token it may write continues a copy of a source.
+
+    Greedy decoding with the prompt of generated RAG answers (:data:`SYSTEM_RAG`, the layout ``sft --rag``
+    trains), where the first token may be any source token (or its form without the leading space)
+    and each later one must extend a run of tokens that occurs in some source, or end the span (end of
+    turn, newline, or a citation bracket); the model's unconstrained log-probabilities pick among the
+    allowed tokens. This is the span-constrained decoding of generative readers, with the set of
+    allowed continuations kept as a prefix trie over the sources (as GENRE's constrained beam search,
+    De Cao et al. 2021, arXiv:2010.00904, keeps one over entity names); the span is located by the
+    token offsets of the run it copied. ``Span.logprob`` sums the chosen tokens' log-probabilities and
+    the end's under the unconstrained model, so ``score`` is comparable with ``min_score``.
+    """
+    _local(backend)
+    cfg = cfg or ExtractConfig(method="decode")
+    tok, model = backend.tokenizer, backend.model
+    sources = [s[: cfg.max_source_chars] for s in sources]
+    tables = [_token_offsets(tok, s) for s in sources]
+    bare: dict[int, int | None] = {}
+    follow: dict[int, list[tuple[int, int]]] = {}  # allowed token -> (source, index of the token after it)
+    for si, (ids, _) in enumerate(tables):
+        for p, t in enumerate(ids):
+            follow.setdefault(t, []).append((si, p + 1))
+            if t not in bare:
+                bare[t] = _bare(tok, t)
+            if bare[t] is not None and bare[t] != t:
+                follow.setdefault(bare[t], []).append((si, p + 1))
+    if not follow:
+        return None
+    prompt, chat = extract_prompt(tok, question, sources, cfg, system=SYSTEM_RAG)
+    stops = _stop_ids(tok, chat)
+    dev = next(model.parameters()).device
+    step_ids = torch.tensor([tok(prompt, add_special_tokens=False).input_ids], device=dev)
+    past, picked, total, at = None, [], 0.0, []
+    while True:
+        out = model(input_ids=step_ids, cache=past, use_cache=True, logits_to_keep=1)
+        past = out.cache
+        logp = torch.log_softmax(out.logits[0, -1].float(), -1)
+        room = len(picked) < cfg.max_tokens
+        allowed = (list(follow) if room else []) + (sorted(stops) if picked else [])
+        choice = torch.tensor(allowed, device=logp.device)
+        t = int(choice[int(logp[choice].argmax())])
+        total += float(logp[t])
+        if picked and t in stops:
+            break
+        picked.append(t)
+        at = follow[t]
+        follow = {}
+        for si, p in at:
+            if p < len(tables[si][0]):
+                follow.setdefault(tables[si][0][p], []).append((si, p + 1))
+        step_ids = torch.tensor([[t]], device=dev)
+    si, end_tok = at[0]
+    offsets = tables[si][1]
+    start, end = offsets[end_tok - len(picked)][0], offsets[end_tok - 1][1]
+    text = sources[si]
+    while start < end and text[start].isspace():
+        start += 1
+    return Span(si, start, end, text[start:end], total, len(picked) + 1)
