@@ -282,10 +282,10 @@ def decode_span(backend, question: str, sources: list[str], cfg: ExtractConfig |
                 bare[t] = _bare(tok, t)
             if bare[t] is not None and bare[t] != t:
                 follow.setdefault(bare[t], []).append((si, p + 1))
-    if not follow:
-        return None
     prompt, chat = extract_prompt(tok, question, sources, cfg, system=SYSTEM_RAG)
     stops = _stop_ids(tok, chat)
+    if not set(follow) - stops:
+        return None
     dev = next(model.parameters()).device
     step_ids = torch.tensor([tok(prompt, add_special_tokens=False).input_ids], device=dev)
     past, picked, total, at = None, [], 0.0, []
@@ -294,7 +294,10 @@ def decode_span(backend, question: str, sources: list[str], cfg: ExtractConfig |
         past = out.cache
         logp = torch.log_softmax(out.logits[0, -1].float(), -1)
         room = len(picked) < cfg.max_tokens
-        allowed = (list(follow) if room else []) + (sorted(stops) if picked else [])
+        if picked:
+            allowed = (list(follow) if room else []) + sorted(stops)
+        else:  # a span opens with a copied token, never with what ends one
+            allowed = [t for t in follow if t not in stops]
         choice = torch.tensor(allowed, device=logp.device)
         t = int(choice[int(logp[choice].argmax())])
         total += float(logp[t])
