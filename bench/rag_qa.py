@@ -111,15 +111,17 @@ def bench_recall(args, indexes, embedder, backend, qs, out):
 def train_adapter(args, model, tok, index, embedder, workdir):
     """LoRA on ``sft --rag`` conversations built from the dev split (never the held-out one)."""
     from slmkit.data import data_file
-    from slmkit.rag.train import RAGTrainConfig, rag_conversations, read_qa
+    from slmkit.rag.train import RAGTrainConfig, cloze_rows, named_passages, rag_conversations, read_qa
     from slmkit.train.sft import LoraSettings, SFTConfig, sft
 
     rows = split_rows(read_qa(data_file("rag-qa/questions.jsonl")), "dev")
-    built = rag_conversations(rows, index, embedder, RAGTrainConfig(k=args.k, seed=0))
+    extra = cloze_rows(named_passages(index, rows), args.sft_cloze, seed=0) if args.sft_cloze else []  # dev passages only
+    built = rag_conversations(rows + extra, index, embedder, RAGTrainConfig(k=args.k, seed=0))
     cfg = SFTConfig(lora=LoraSettings(r=16, alpha=32.0), max_steps=args.sft_steps, batch_size=args.sft_batch,
                     learning_rate=args.sft_lr, max_length=args.sft_max_length, packing=False, save_steps=0, seed=0,
                     bf16=args.sft_precision == "bf16")
-    info = {"conversations": len(built.conversations), "skipped": built.skipped, "precision": args.sft_precision}
+    info = {"conversations": len(built.conversations), "cloze": len(extra), "skipped": built.skipped,
+            "precision": args.sft_precision}
     if args.adapter:  # a run's saved adapter: evaluate without training again
         from peft import PeftModel
 
@@ -236,6 +238,7 @@ def main():
     ap.add_argument("--sft-steps", type=int, default=60)
     ap.add_argument("--sft-batch", type=int, default=4)
     ap.add_argument("--sft-lr", type=float, default=2e-4)
+    ap.add_argument("--sft-cloze", type=int, default=0, help="blanked-phrase questions per dev passage chunk (sft --rag-cloze)")
     ap.add_argument("--sft-precision", default="bf16", choices=("fp32", "bf16"),
                     help="adapter training: bf16 autocast (~2x faster on AVX512-BF16/AMX CPUs) or fp32 (the first runs)")
     ap.add_argument("--save-adapter", default=None, help="write the trained adapter here")

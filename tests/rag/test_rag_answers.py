@@ -208,3 +208,20 @@ def test_extractive_method_is_chosen_by_name(backend):
     assert a.mode == "extractive" and a.answer and a.answer == src[a.span["start"]: a.span["end"]]
     with pytest.raises(ConfigError, match="unknown extractive method 'decoder'.*decode, score"):
         ExtractConfig(method="decoder")
+
+
+def test_cloze_rows_blank_one_phrase_of_a_passage_sentence():
+    from slmkit.rag.train import cloze_rows
+
+    text = ("The lamp room (built 1893) was painted bright orange by the keepers. It faces west over the bay. "
+            "Zebras of the Karoo have faint stripes on their legs and flanks.")
+    rows = cloze_rows([("p", text), ("q", "Too short.")], per_passage=5, seed=1)
+    assert rows == cloze_rows([("p", text), ("q", "Too short.")], per_passage=5, seed=1)  # seeded
+    assert len(rows) == 2 and {r["passage_id"] for r in rows} == {"p"}  # the 6-word sentence is too short
+    for r in rows:
+        assert r["question"].count("__") == 1 and r["answer"] in text
+        assert r["question"].replace("__", r["answer"]) in text  # the sentence, with the phrase put back
+        assert not set("()") & set(r["answer"]) and r["answer"].split()[0].lower() not in {"the", "of", "a"}
+    assert {r["answer"] for r in rows} <= {"1893", "Karoo"}  # names and numbers first (not a sentence's first word)
+    with pytest.raises(ConfigError):
+        cloze_rows([("p", text)], per_passage=0)

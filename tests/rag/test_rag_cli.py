@@ -64,10 +64,11 @@ def test_sft_rag_trains_an_adapter_that_rag_ask_serves(capsys, index, tiny_dir, 
     qa.write_text(json.dumps({"question": "What colour is the lamp room?", "answer": "bright orange", "passage_id": "l"}) + "\n"
                   + json.dumps({"question": "Which zebras have faint stripes?", "answer": "Zebras of the Karoo"}) + "\n")
     code, out, err = run(capsys, "sft", tiny_dir, "--rag", index, "--data", qa, "--rag-k", 2, "--lora", "--max-steps", 2,
-                         "--max-length", 480, "--no-packing", "--precision", "bf16", "--output", tmp_path / "ad", "--json")
+                         "--max-length", 480, "--no-packing", "--precision", "bf16", "--rag-cloze", 1, "--output", tmp_path / "ad", "--json")
     assert code == 0, err
     res = json.loads(out)
-    assert res["kind"] == "adapter" and res["examples"] == 2 and res["rag_skipped"] == 0
+    # one cloze question from the one passage the QA file names (l); none from z or b
+    assert res["kind"] == "adapter" and res["examples"] == 3 and res["rag_skipped"] == 0 and res["rag_cloze"] == 1
     code, _, err = run(capsys, "sft", tiny_dir, "--rag", index, "--data", qa, "--max-length", 32, "--lora",
                        "--output", tmp_path / "short")
     assert code == 2 and "longer than --max-length 32 tokens" in err

@@ -56,6 +56,8 @@ def sft(
     rag: Optional[Path] = typer.Option(None, "--rag", help="an index: train on question + retrieved passages "
                                                           "(the answer's passage among distractors) -> answer"),
     rag_k: int = typer.Option(4, "--rag-k", min=1, help="--rag: sources per training prompt (gold + distractors)"),
+    rag_cloze: int = typer.Option(0, "--rag-cloze", min=0, help="--rag: also train on N blanked-phrase questions per "
+                                                                "chunk of each passage the QA file names (its passage_id)"),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     lora: bool = typer.Option(False, "--lora", help="train LoRA adapters; the base stays frozen"),
     merge: bool = typer.Option(False, "--merge", help="with --lora: fold the adapters into the weights and write a model"),
@@ -93,7 +95,7 @@ def sft(
                     bf16=mixed_precision(precision, dev))
     rag_info = {}
     if rag is not None:
-        convs, rag_info = _rag_conversations(rag, data, limit, rag_k, seed)
+        convs, rag_info = _rag_conversations(rag, data, limit, rag_k, seed, rag_cloze)
     else:
         convs = read_sft(data, limit=limit)
     check_training_output(output, force)
@@ -131,17 +133,19 @@ def _check_rag_lengths(tok, convs: list, max_length: int) -> int:
     return too_long
 
 
-def _rag_conversations(index: Path, data: Path, limit: int, k: int, seed: int) -> tuple[list, dict]:
-    """``sft --rag``: training conversations from a QA file and an index (slmkit.rag.train)."""
+def _rag_conversations(index: Path, data: Path, limit: int, k: int, seed: int, cloze: int = 0) -> tuple[list, dict]:
+    """``sft --rag``: training conversations from a QA file and an index (slmkit.rag.train); ``cloze`` extra
+    blanked-phrase questions per chunk of the passages the QA file names."""
     from slmkit.rag.embed import Embedder
     from slmkit.rag.index import VectorIndex
-    from slmkit.rag.train import RAGTrainConfig, rag_conversations, read_qa
+    from slmkit.rag.train import RAGTrainConfig, cloze_rows, named_passages, rag_conversations, read_qa
 
     rows = read_qa(data, limit)
     idx = VectorIndex.open(index)
+    extra = cloze_rows(named_passages(idx, rows), cloze, seed) if cloze else []
     emb = Embedder.load(idx.embedder_identity["spec"]) if idx.retriever.needs_embedder else None
-    built = rag_conversations(rows, idx, emb, RAGTrainConfig(k=k, search=max(20, k), seed=seed))
-    return built.conversations, {"rag_index": str(index), "rag_k": k, "rag_skipped": built.skipped}
+    built = rag_conversations(rows + extra, idx, emb, RAGTrainConfig(k=k, search=max(20, k), seed=seed))
+    return built.conversations, {"rag_index": str(index), "rag_k": k, "rag_skipped": built.skipped, "rag_cloze": len(extra)}
 
 
 def dpo(

@@ -15,6 +15,7 @@ among the retrieved chunks. Rows whose answer is in no such chunk are skipped an
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,6 +66,17 @@ def _doc_hits(index: VectorIndex, passage_id) -> list[Hit]:
     return [index.hit(i, 1.0) for i, c in enumerate(index.chunks) if live[i] and c["doc"].endswith(suffix)]
 
 
+def named_passages(index: VectorIndex, rows: list[dict]) -> list[tuple[object, str]]:
+    """``(passage_id, chunk text)`` of every live chunk of the passages the rows name (``passage_id``), in
+    the order the rows first name them: the text :func:`cloze_rows` may draw from without reaching
+    passages the QA file does not cover (a held-out split's, say)."""
+    seen: dict[object, None] = {}
+    for r in rows:
+        if "passage_id" in r:
+            seen.setdefault(r["passage_id"], None)
+    return [(pid, h.text) for pid in seen for h in _doc_hits(index, pid)]
+
+
 def rag_conversations(rows: list[dict], index: VectorIndex, embedder: Embedder | None,
                       cfg: RAGTrainConfig = RAGTrainConfig()) -> RAGTrainSet:
     """One training conversation per row whose gold chunk is found (see the module docstring)."""
@@ -89,3 +101,59 @@ def rag_conversations(rows: list[dict], index: VectorIndex, embedder: Embedder |
         raise DataError(f"none of the {len(rows)} answers occurs in a chunk of the index",
                         "index the passages the questions were written on")
     return RAGTrainSet(convs, skipped)
+
+
+_SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"“(])")
+_TOKEN = re.compile(r"[\w'’\-]+(?:[.,]\d+)*")
+_STOP = frozenset("a an the of in on at to for by with from and or but as is are was were be been that this these those "
+                  "it its his her their which who whom whose what when where while than then there also not".split())
+
+
+def _answer_spans(sentence: str) -> list[tuple[int, int]]:
+    """Candidate answers in ``sentence`` as character spans: runs of capitalised words or numbers (not the
+    sentence's first word alone), else content-word runs of 1-3 words; never a stop word at either end,
+    never across punctuation (a run's words are separated by spaces only)."""
+    toks = [(m.start(), m.end(), m.group()) for m in _TOKEN.finditer(sentence)]
+
+    def joined(a: int, b: int) -> bool:  # tokens a..b are one run of words
+        return all(not sentence[toks[k][1]: toks[k + 1][0]].strip() for k in range(a, b))
+
+    named, i = [], 1
+    while i < len(toks):
+        j = i
+        while j < len(toks) and (toks[j][2][0].isupper() or toks[j][2][0].isdigit()) and (j == i or joined(j - 1, j)):
+            j += 1
+        if j > i:
+            named.append((toks[i][0], toks[j - 1][1]))
+            i = j
+        else:
+            i += 1
+    if named:
+        return named
+    content = [k for k, t in enumerate(toks) if t[2].lower() not in _STOP and len(t[2]) > 2]
+    return [(toks[a][0], toks[b][1]) for a in content for b in content if 0 <= b - a < 3 and joined(a, b)]
+
+
+def cloze_rows(passages: list[tuple[object, str]], per_passage: int, seed: int = 0, min_words: int = 8) -> list[dict]:
+    """Extra training questions written from the passages themselves: a sentence with one phrase blanked out
+    (``"__ is by far the most important source of energy"`` -> ``"the sun"``), the phrase being the answer.
+
+    ``passages`` are ``(passage_id, text)``; up to ``per_passage`` sentences of at least ``min_words``
+    words are drawn from each (seeded), one blank per sentence, preferring names and numbers. The rows
+    have the shape :func:`read_qa` returns, so :func:`rag_conversations` turns them into conversations
+    with retrieved distractors. Cloze questions are the self-supervised reading task of Lewis et al.
+    2019 (unsupervised QA by cloze translation, arXiv:1906.04980), used here to give a small QA file
+    more examples of finding and copying a span."""
+    if per_passage < 1 or min_words < 2:
+        raise ConfigError(f"need per_passage >= 1 and min_words >= 2, got {per_passage}, {min_words}")
+    rng = random.Random(seed)
+    rows = []
+    for pid, text in passages:
+        sentences = [s.strip() for s in _SENTENCE.split(text) if len(s.split()) >= min_words]
+        for sentence in rng.sample(sentences, min(per_passage, len(sentences))):
+            spans = _answer_spans(sentence)
+            if not spans:
+                continue
+            a, b = rng.choice(spans)
+            rows.append({"question": f"{sentence[:a]}__{sentence[b:]}".strip(), "answer": sentence[a:b], "passage_id": pid})
+    return rows
