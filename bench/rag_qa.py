@@ -69,9 +69,28 @@ def scores(preds, rows):
     from slmkit.collab.cascade import normalize_answer, token_f1
 
     clean = [re.sub(r"\[\d+\]", " ", p) if p is not None else "" for p in preds]
-    f1 = sum(token_f1(p, r["answer"]) for p, r in zip(clean, rows)) / len(rows)
+    each = [token_f1(p, r["answer"]) for p, r in zip(clean, rows)]
     em = sum(normalize_answer(p) == normalize_answer(r["answer"]) for p, r in zip(clean, rows)) / len(rows)
-    return {"f1": f1, "exact_match": em, "n": len(rows)}
+    return {"f1": sum(each) / len(rows), "exact_match": em, "n": len(rows), "f1_each": each}
+
+
+def gains(res: dict, k: int) -> dict:
+    """F1 gain from retrieval of each mode at k = K over the same model at k = 0 (the base model for generation
+    and extractive answers, the adapter for the adapter's modes), with a paired bootstrap 95% interval."""
+    from slmkit.trust.stats import bootstrap_ci
+
+    out = {}
+    for name, r in res.items():
+        if "f1_each" not in r or name.endswith("k=0"):
+            continue
+        base = res.get("adapter k=0" if name.startswith("adapter") else "generation k=0")
+        if base is None:
+            continue
+        diff = [a - b for a, b in zip(r["f1_each"], base["f1_each"])]
+        lo, hi = bootstrap_ci(diff, lambda v: sum(v) / len(v), n_boot=2000)
+        out[name] = {"gain": sum(diff) / len(diff), "ci95": [lo, hi], "over": "adapter k=0" if name.startswith("adapter")
+                     else "generation k=0"}
+    return out
 
 
 def build_indexes(workdir, embedder):
@@ -181,6 +200,9 @@ def bench_answers(args, model, tok, index, embedder, qs, out, workdir):
     out["answers"] = res
     table(f"answers, {len(qs)} {args.split} questions", ["mode", "F1", "EM"],
           [[m, r["f1"], r["exact_match"]] for m, r in res.items() if "f1" in r])
+    out["gains"] = gains(res, args.k)
+    table("F1 gain from retrieval (paired bootstrap 95% interval)", ["mode", "over", "gain", "interval"],
+          [[m, g["over"], g["gain"], f"[{g['ci95'][0]:+.3f}, {g['ci95'][1]:+.3f}]"] for m, g in out["gains"].items()])
 
 
 def bench_filter(args, model, tok, index, embedder, qs, out):
