@@ -225,3 +225,19 @@ def test_cloze_rows_blank_one_phrase_of_a_passage_sentence():
     assert {r["answer"] for r in rows} <= {"1893", "Karoo"}  # names and numbers first (not a sentence's first word)
     with pytest.raises(ConfigError):
         cloze_rows([("p", text)], per_passage=0)
+
+
+def test_decode_each_reads_sources_alone_and_keeps_the_best_supported_span(tiny_tok):
+    from slmkit.rag.extract import decode_each_span
+
+    tok = tiny_tok
+    ids = lambda s: tok(s, add_special_tokens=False).input_ids  # noqa: E731
+    plan = [[t] for t in ids("faint") + ids(" stripes")] + [[ids("<|im_end|>")[0]]]
+    model = _Scripted(len(tok), plan)
+    backend = SimpleNamespace(tokenizer=tok, model=model, score_choices=None)
+    cfg = ExtractConfig(method="decode-each")
+    span = decode_each_span(backend, "Which zebras have faint stripes?", SOURCES[::-1], cfg)
+    assert (span.source, span.text) == (1, "faint stripes") and len(model.prompts) == 2
+    assert all("Sources:\n[1] " in tok.decode(p) and "[2]" not in tok.decode(p) for p in model.prompts)  # one source each
+    alone = decode_span(backend, "Which zebras have faint stripes?", [SOURCES[0]], cfg)
+    assert span.logprob == pytest.approx(alone.logprob) and span.score > -1.0

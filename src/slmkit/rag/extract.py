@@ -3,7 +3,8 @@
 Two methods, chosen by :attr:`ExtractConfig.method` (registry :data:`SPAN_METHODS`):
 
 * ``score`` (:func:`best_span`): likelihood ranking of candidate spans, described below;
-* ``decode`` (:func:`decode_span`): greedy decoding constrained to copy a passage, described there.
+* ``decode`` (:func:`decode_span`): greedy decoding constrained to copy a passage, described there;
+* ``decode-each`` (:func:`decode_each_span`): the same on each passage alone, the best-supported span kept.
 
 The model reads the numbered sources and the question (the same layout as generated answers) and
 every candidate span ``s`` is scored by the model's own log-probability of ``s`` followed by the end
@@ -55,7 +56,7 @@ SPAN_METHODS: Registry = Registry("extractive method")
 
 @dataclass(frozen=True)
 class ExtractConfig:
-    method: str = "score"  #: a name in SPAN_METHODS: score (rank candidate spans), decode (constrained copy)
+    method: str = "score"  #: a name in SPAN_METHODS: score (rank candidate spans), decode / decode-each (constrained copy)
     max_words: int = 8  #: longest candidate span, in words
     starts: int = 12  #: distinct start words kept after the first-token pass
     positions: int = 3  #: occurrences of each start word expanded (the first ones, in source order)
@@ -317,3 +318,19 @@ def decode_span(backend, question: str, sources: list[str], cfg: ExtractConfig |
     while start < end and text[start].isspace():
         start += 1
     return Span(si, start, end, text[start:end], total, len(picked) + 1)
+
+
+@SPAN_METHODS.register("decode-each")
+def decode_each_span(backend, question: str, sources: list[str], cfg: ExtractConfig | None = None) -> Span | None:
+    """:func:`decode_span` on each source alone; the span with the highest mean log-probability per token wins.
+
+    Reading one passage at a time spares a small model the search across passages (and costs the same
+    tokens); the passages' answers are compared by the model's own support for them, as extractive
+    readers over many passages pick the best-scored paragraph answer (BERTserini, Yang et al. 2019,
+    arXiv:1902.01718, without the retriever's score)."""
+    best = None
+    for si, source in enumerate(sources):
+        span = decode_span(backend, question, [source], cfg)
+        if span is not None and (best is None or span.score > best.score):
+            best = Span(si, span.start, span.end, span.text, span.logprob, span.tokens)
+    return best
