@@ -183,18 +183,22 @@ def bench_answers(args, model, tok, index, embedder, qs, out, workdir):
         run("generation k=0", base, RAGConfig(k=0, max_new_tokens=args.max_new_tokens))
         run(f"generation k={args.k}", base, RAGConfig(k=args.k, max_new_tokens=args.max_new_tokens))
     if "extractive" in args.modes:
-        run(f"extractive k={args.k}", base, RAGConfig(k=args.k, max_new_tokens=args.max_new_tokens,
-                                                      extractive=ExtractConfig(method=args.extractive_method, min_score=args.min_span_score)))
-    if "adapter" in args.modes:
+        for method in args.extractive_method.split(","):
+            run(f"extractive ({method}) k={args.k}", base, RAGConfig(
+                k=args.k, max_new_tokens=args.max_new_tokens, extractive=ExtractConfig(method=method, min_score=args.min_span_score)))
+    if args.modes & {"adapter", "adapter-extractive"}:
         tuned, info = train_adapter(args, model, tok, index, embedder, workdir)
         res["adapter_training"] = info
         tuned.eval()
         ad = HFBackend(tuned, tok)
         run("adapter k=0", ad, RAGConfig(k=0, max_new_tokens=args.max_new_tokens))
-        run(f"adapter k={args.k}", ad, RAGConfig(k=args.k, max_new_tokens=args.max_new_tokens))
-        if "extractive" in args.modes:  # slow (about a hundred span scorings per question)
-            run(f"adapter extractive k={args.k}", ad, RAGConfig(k=args.k, max_new_tokens=args.max_new_tokens,
-                                                                 extractive=ExtractConfig(method=args.extractive_method, min_score=args.min_span_score)))
+        if "adapter" in args.modes:
+            run(f"adapter k={args.k}", ad, RAGConfig(k=args.k, max_new_tokens=args.max_new_tokens))
+        if args.modes & {"extractive", "adapter-extractive"}:
+            for method in args.extractive_method.split(","):
+                run(f"adapter extractive ({method}) k={args.k}", ad, RAGConfig(
+                    k=args.k, max_new_tokens=args.max_new_tokens,
+                    extractive=ExtractConfig(method=method, min_score=args.min_span_score)))
         with contextlib.suppress(AttributeError):
             tuned.unload()  # back to the base weights for later parts
     out["answers"] = res
@@ -247,7 +251,9 @@ def main():
     ap.add_argument("--split", default="heldout", choices=("heldout", "dev", "all"))
     ap.add_argument("--questions", type=int, default=0, help="first N questions of the split (0 = all)")
     ap.add_argument("--parts", default="recall,answer")
-    ap.add_argument("--modes", default="generation,extractive,adapter")
+    ap.add_argument("--modes", default="generation,extractive,adapter",
+                    help="generation, extractive, adapter (its generation, and its extractive modes with extractive), "
+                         "adapter-extractive (the adapter's k=0 baseline and extractive modes only)")
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--rerank", action="store_true")
     ap.add_argument("--rerank-method", default="query-likelihood")
@@ -255,7 +261,7 @@ def main():
     ap.add_argument("--rerank-depth", type=int, default=12)
     ap.add_argument("--retriever", default="hybrid", choices=("dense", "bm25", "hybrid"), help="retriever for the answer parts")
     ap.add_argument("--min-span-score", type=float, default=-2.5)
-    ap.add_argument("--extractive-method", default="score", help="score (rank candidate spans) or decode (constrained copy)")
+    ap.add_argument("--extractive-method", default="score", help="comma-separated: score (rank candidate spans), decode, decode-each (constrained copy)")
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--sft-steps", type=int, default=60)
     ap.add_argument("--sft-batch", type=int, default=4)
