@@ -250,6 +250,7 @@ def main():
     ap.add_argument("--embedder", default="all-MiniLM-L6-v2")
     ap.add_argument("--split", default="heldout", choices=("heldout", "dev", "all"))
     ap.add_argument("--questions", type=int, default=0, help="first N questions of the split (0 = all)")
+    ap.add_argument("--offset", type=int, default=0, help="skip the split's first N questions (e.g. a fresh half after a sweep)")
     ap.add_argument("--parts", default="recall,answer")
     ap.add_argument("--modes", default="generation,extractive,adapter",
                     help="generation, extractive, adapter (its generation, and its extractive modes with extractive), "
@@ -290,6 +291,7 @@ def main():
 
     workdir = args.workdir or tempfile.mkdtemp(prefix="rag-qa-")
     qs = split_rows([r for _, r in iter_rows(data_file("rag-qa/questions.jsonl"))], args.split)
+    qs = qs[args.offset:]
     if args.questions:
         qs = qs[: args.questions]
     out = {"device": f"{platform.machine()} CPU, torch {torch.__version__}, {args.threads} threads", "model": args.model,
