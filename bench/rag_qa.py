@@ -74,7 +74,7 @@ def scores(preds, rows):
     return {"f1": sum(each) / len(rows), "exact_match": em, "n": len(rows), "f1_each": each}
 
 
-def gains(res: dict, k: int) -> dict:
+def gains(res: dict) -> dict:
     """F1 gain from retrieval of each mode at k = K over the same model at k = 0 (the base model for generation
     and extractive answers, the adapter for the adapter's modes), with a paired bootstrap 95% interval."""
     from slmkit.trust.stats import bootstrap_ci
@@ -130,21 +130,21 @@ def bench_recall(args, indexes, embedder, backend, qs, out):
 def train_adapter(args, model, tok, index, embedder, workdir):
     """LoRA on ``sft --rag`` conversations built from the dev split (never the held-out one)."""
     from slmkit.data import data_file
-    from slmkit.rag.train import RAGTrainConfig, cloze_rows, named_passages, rag_conversations, read_qa
+    from slmkit.rag.train import RAGTrainConfig, rag_conversations, read_qa, training_rows
     from slmkit.train.sft import LoraSettings, SFTConfig, sft
 
-    rows = split_rows(read_qa(data_file("rag-qa/questions.jsonl")), "dev")
-    extra = cloze_rows(named_passages(index, rows), args.sft_cloze, seed=0) if args.sft_cloze else []  # dev passages only
-    built = rag_conversations(rows + extra, index, embedder, RAGTrainConfig(k=args.k, seed=0))
-    cfg = SFTConfig(lora=LoraSettings(r=16, alpha=32.0), max_steps=args.sft_steps, batch_size=args.sft_batch,
-                    learning_rate=args.sft_lr, max_length=args.sft_max_length, packing=False, save_steps=0, seed=0,
-                    bf16=args.sft_precision == "bf16")
-    info = {"conversations": len(built.conversations), "cloze": len(extra), "skipped": built.skipped,
-            "precision": args.sft_precision}
     if args.adapter:  # a run's saved adapter: evaluate without training again
         from peft import PeftModel
 
-        return PeftModel.from_pretrained(model, args.adapter), info | {"adapter": args.adapter}
+        return PeftModel.from_pretrained(model, args.adapter), {"adapter": args.adapter}
+    dev = split_rows(read_qa(data_file("rag-qa/questions.jsonl")), "dev")
+    rows, added = training_rows(dev, index, args.sft_cloze, seed=0)  # cloze from dev passages only
+    built = rag_conversations(rows, index, embedder, RAGTrainConfig(k=args.k, seed=0))
+    cfg = SFTConfig(lora=LoraSettings(r=16, alpha=32.0), max_steps=args.sft_steps, batch_size=args.sft_batch,
+                    learning_rate=args.sft_lr, max_length=args.sft_max_length, packing=False, save_steps=0, seed=0,
+                    bf16=args.sft_precision == "bf16")
+    info = {"conversations": len(built.conversations), "cloze": added, "skipped": built.skipped,
+            "precision": args.sft_precision}
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):
         res = sft(model, tok, built.conversations, cfg, Path(workdir) / "sft-checkpoints")
@@ -204,7 +204,7 @@ def bench_answers(args, model, tok, index, embedder, qs, out, workdir):
     out["answers"] = res
     table(f"answers, {len(qs)} {args.split} questions", ["mode", "F1", "EM"],
           [[m, r["f1"], r["exact_match"]] for m, r in res.items() if "f1" in r])
-    out["gains"] = gains(res, args.k)
+    out["gains"] = gains(res)
     table("F1 gain from retrieval (paired bootstrap 95% interval)", ["mode", "over", "gain", "interval"],
           [[m, g["over"], g["gain"], f"[{g['ci95'][0]:+.3f}, {g['ci95'][1]:+.3f}]"] for m, g in out["gains"].items()])
 

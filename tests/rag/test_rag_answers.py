@@ -206,7 +206,7 @@ def test_extractive_method_is_chosen_by_name(backend):
         rag_answer.retrieve = real
     src = {h.id: h.text for h in hits}[a.span["id"]]
     assert a.mode == "extractive" and a.answer and a.answer == src[a.span["start"]: a.span["end"]]
-    with pytest.raises(ConfigError, match="unknown extractive method 'decoder'.*decode, score"):
+    with pytest.raises(ConfigError, match="unknown extractive method 'decoder'.*decode, decode-each, score"):
         ExtractConfig(method="decoder")
 
 
@@ -215,16 +215,18 @@ def test_cloze_rows_blank_one_phrase_of_a_passage_sentence():
 
     text = ("The lamp room (built 1893) was painted bright orange by the keepers. It faces west over the bay. "
             "Zebras of the Karoo have faint stripes on their legs and flanks.")
-    rows = cloze_rows([("p", text), ("q", "Too short.")], per_passage=5, seed=1)
-    assert rows == cloze_rows([("p", text), ("q", "Too short.")], per_passage=5, seed=1)  # seeded
+    rows = cloze_rows([("p", text), ("q", "Too short.")], per_chunk=5, seed=1)
+    assert rows == cloze_rows([("p", text), ("q", "Too short.")], per_chunk=5, seed=1)  # seeded
     assert len(rows) == 2 and {r["passage_id"] for r in rows} == {"p"}  # the 6-word sentence is too short
     for r in rows:
         assert r["question"].count("__") == 1 and r["answer"] in text
-        assert r["question"].replace("__", r["answer"]) in text  # the sentence, with the phrase put back
+        assert r["question"].replace("__", r["answer"]) == r["context"] and r["context"] in text  # the phrase put back
         assert not set("()") & set(r["answer"]) and r["answer"].split()[0].lower() not in {"the", "of", "a"}
     assert {r["answer"] for r in rows} <= {"1893", "Karoo"}  # names and numbers first (not a sentence's first word)
+    (city,) = cloze_rows([("c", "New York City is the largest city of the state, by far.")], per_chunk=1)
+    assert city["answer"] == "New York City"  # a name may open the sentence
     with pytest.raises(ConfigError):
-        cloze_rows([("p", text)], per_passage=0)
+        cloze_rows([("p", text)], per_chunk=0)
 
 
 def test_decode_each_reads_sources_alone_and_keeps_the_best_supported_span(tiny_tok):
@@ -241,3 +243,27 @@ def test_decode_each_reads_sources_alone_and_keeps_the_best_supported_span(tiny_
     assert all("Sources:\n[1] " in tok.decode(p) and "[2]" not in tok.decode(p) for p in model.prompts)  # one source each
     alone = decode_span(backend, "Which zebras have faint stripes?", [SOURCES[0]], cfg)
     assert span.logprob == pytest.approx(alone.logprob) and span.score > -1.0
+
+
+def test_a_copy_that_reaches_the_end_of_its_source_ends_there(tiny_tok):
+    tok = tiny_tok
+    ids = lambda s: tok(s, add_special_tokens=False).input_ids  # noqa: E731
+    outside = next(t for t in range(len(tok)) if t not in set(ids("faint stripes")) and t > 10)
+    plan = [[outside, t] for t in ids("faint") + ids(" stripes")] + [[outside, ids(" zebra")[0]]]  # wants to go on
+    backend = SimpleNamespace(tokenizer=tok, model=_Scripted(len(tok), plan), score_choices=None)
+    span = decode_span(backend, "q", ["faint stripes"], ExtractConfig(method="decode"))
+    assert span.text == "faint stripes" and (span.start, span.end) == (0, 13)
+
+
+def test_token_offsets_without_a_fast_tokenizer(tiny_tok):
+    from slmkit.rag.extract import _token_offsets
+
+    text = "The lamp room (built 1893) was painted orange."
+    fast_ids, fast = _token_offsets(tiny_tok, text)
+    slow_tok = lambda s, add_special_tokens=False: tiny_tok(s, add_special_tokens=add_special_tokens)  # noqa: E731
+    slow_tok.is_fast, slow_tok.decode = False, tiny_tok.decode
+    ids, offsets = _token_offsets(slow_tok, text)
+    assert ids == fast_ids and len(offsets) == len(ids)
+    for t, (a, b) in zip(ids, offsets):
+        assert text[a:b] == tiny_tok.decode([t]).strip()
+    assert [text[a:b] for a, b in offsets] == [text[a:b].strip() for a, b in fast]

@@ -48,6 +48,8 @@ def test_extractive_and_reranked_answers_in_json(capsys, index, tiny_dir):
     code, out, err = run(capsys, "rag", "ask", index, "What colour?", "--model", tiny_dir, "--extractive",
                          "--extractive-method", "copy")
     assert code == 2 and "unknown extractive method 'copy'" in err
+    code, out, err = run(capsys, "rag", "ask", index, "What colour?", "--model", tiny_dir, "--extractive-method", "decode")
+    assert code == 2 and "--extractive-method decode needs --extractive" in err
 
 
 def test_filter_reports_passages_and_prompt_length(capsys, index, tiny_dir):

@@ -138,14 +138,13 @@ def _rag_conversations(index: Path, data: Path, limit: int, k: int, seed: int, c
     blanked-phrase questions per chunk of the passages the QA file names."""
     from slmkit.rag.embed import Embedder
     from slmkit.rag.index import VectorIndex
-    from slmkit.rag.train import RAGTrainConfig, cloze_rows, named_passages, rag_conversations, read_qa
+    from slmkit.rag.train import RAGTrainConfig, rag_conversations, read_qa, training_rows
 
-    rows = read_qa(data, limit)
     idx = VectorIndex.open(index)
-    extra = cloze_rows(named_passages(idx, rows), cloze, seed) if cloze else []
+    rows, added = training_rows(read_qa(data, limit), idx, cloze, seed)
     emb = Embedder.load(idx.embedder_identity["spec"]) if idx.retriever.needs_embedder else None
-    built = rag_conversations(rows + extra, idx, emb, RAGTrainConfig(k=k, search=max(20, k), seed=seed))
-    return built.conversations, {"rag_index": str(index), "rag_k": k, "rag_skipped": built.skipped, "rag_cloze": len(extra)}
+    built = rag_conversations(rows, idx, emb, RAGTrainConfig(k=k, search=max(20, k), seed=seed))
+    return built.conversations, {"rag_index": str(index), "rag_k": k, "rag_skipped": built.skipped, "rag_cloze": added}
 
 
 def dpo(
@@ -168,7 +167,6 @@ def dpo(
     resume: bool = typer.Option(False, "--resume"),
     limit: int = typer.Option(0, "--limit", min=0, help="first N pairs only (0 = all)"),
     seed: int = typer.Option(0, "--seed"),
-    precision: str = typer.Option("auto", "--precision", help=PRECISION_HELP),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP + " (a GPU other than the first: CUDA_VISIBLE_DEVICES)"),
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
@@ -187,8 +185,7 @@ def dpo(
     dev = _training_device(device)
     cfg = PreferenceConfig(method=method, beta=beta, lora=_lora(lora, lora_r, None), max_steps=max_steps,
                            learning_rate=lr, batch_size=batch_size,
-                           max_length=max_length, save_steps=save_steps, seed=seed,
-                           bf16=mixed_precision(precision, dev))
+                           max_length=max_length, save_steps=save_steps, seed=seed)
 
     def read(path):
         return read_hh(path, limit=limit) if hh else read_preferences(path, limit=limit)

@@ -114,6 +114,8 @@ def rag_ask(
     dtype = resolve_dtype(dtype, dev)
     if (question is None) == (questions is None):
         raise ConfigError("give either a QUESTION or --questions FILE.jsonl")
+    if extractive_method != "score" and not extractive:
+        raise ConfigError(f"--extractive-method {extractive_method} needs --extractive")
     qs = _read_questions(questions, limit) if questions is not None else [question]
     cfg = RAGConfig(k=k, max_new_tokens=max_new_tokens,
                     rerank=RerankConfig(method=rerank_method, depth=rerank_depth) if rerank else None,

@@ -30,7 +30,7 @@ fallback and the abstention).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -245,12 +245,13 @@ def _token_offsets(tok, text: str) -> tuple[list[int], list[tuple[int, int]]]:
     if getattr(tok, "is_fast", False):
         enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
         return enc.input_ids, [tuple(o) for o in enc.offset_mapping]
-    ids = tok(text, add_special_tokens=False).input_ids  # slow tokenizers: offsets from growing prefixes
+    ids = tok(text, add_special_tokens=False).input_ids  # slow tokenizers: each token's text found in order
     offsets, prev = [], 0
-    for i in range(len(ids)):
-        end = min(len(text), len(tok.decode(ids[: i + 1])))
-        offsets.append((prev, end))
-        prev = end
+    for t in ids:
+        piece = tok.decode([t]).strip()
+        at = text.find(piece, prev) if piece else -1
+        offsets.append((at, at + len(piece)) if at >= 0 else (prev, prev))
+        prev = at + len(piece) if at >= 0 else prev
     return ids, offsets
 
 
@@ -259,8 +260,9 @@ def _token_offsets(tok, text: str) -> tuple[list[int], list[tuple[int, int]]]:
 def decode_span(backend, question: str, sources: list[str], cfg: ExtractConfig | None = None) -> Span | None:
     """The answer the model writes when every token it may write continues a copy of a source.
 
-    Greedy decoding with the prompt of generated RAG answers (:data:`SYSTEM_RAG`, the layout ``sft --rag``
-    trains), where the first token may be any source token (or its form without the leading space)
+    Greedy decoding with the prompt of generated RAG answers (:data:`SYSTEM_RAG` and the sources cut to
+    ``cfg.max_source_chars``: the layout ``sft --rag`` trains with default settings; a ``RAGConfig.system``
+    override does not reach it), where the first token may be any source token (or its form without the leading space)
     and each later one must extend a run of tokens that occurs in some source, or end the span (end of
     turn, newline, or a citation bracket); the model's unconstrained log-probabilities pick among the
     allowed tokens. This is the span-constrained decoding of generative readers, with the set of
@@ -299,6 +301,8 @@ def decode_span(backend, question: str, sources: list[str], cfg: ExtractConfig |
             allowed = (list(follow) if room else []) + sorted(stops)
         else:  # a span opens with a copied token, never with what ends one
             allowed = [t for t in follow if t not in stops]
+        if not allowed:  # the copy reached the end of its sources and nothing ends a turn in one token
+            break
         choice = torch.tensor(allowed, device=logp.device)
         t = int(choice[int(logp[choice].argmax())])
         total += float(logp[t])
@@ -324,13 +328,13 @@ def decode_span(backend, question: str, sources: list[str], cfg: ExtractConfig |
 def decode_each_span(backend, question: str, sources: list[str], cfg: ExtractConfig | None = None) -> Span | None:
     """:func:`decode_span` on each source alone; the span with the highest mean log-probability per token wins.
 
-    Reading one passage at a time spares a small model the search across passages (and costs the same
-    tokens); the passages' answers are compared by the model's own support for them, as extractive
+    Reading one passage at a time spares a small model the search across passages (at the cost of one
+    prompt and one decoding per source); the passages' answers are compared by the model's own support for them, as extractive
     readers over many passages pick the best-scored paragraph answer (BERTserini, Yang et al. 2019,
     arXiv:1902.01718, without the retriever's score)."""
     best = None
     for si, source in enumerate(sources):
         span = decode_span(backend, question, [source], cfg)
         if span is not None and (best is None or span.score > best.score):
-            best = Span(si, span.start, span.end, span.text, span.logprob, span.tokens)
+            best = replace(span, source=si)
     return best

@@ -87,7 +87,8 @@ def rag_conversations(rows: list[dict], index: VectorIndex, embedder: Embedder |
     for row, hits in zip(rows, retrieved):
         ans = row["answer"].strip()
         pool = _doc_hits(index, row["passage_id"]) if "passage_id" in row else hits
-        gold = next((h for h in pool if ans.lower() in h.text.lower()), None)
+        anchor = (row.get("context") or ans).lower()  # a cloze row's own sentence picks its chunk
+        gold = next((h for h in pool if anchor in h.text.lower()), None)
         if gold is None:
             skipped += 1
             continue
@@ -118,42 +119,48 @@ def _answer_spans(sentence: str) -> list[tuple[int, int]]:
     def joined(a: int, b: int) -> bool:  # tokens a..b are one run of words
         return all(not sentence[toks[k][1]: toks[k + 1][0]].strip() for k in range(a, b))
 
-    named, i = [], 1
+    named, i = [], 0
     while i < len(toks):
         j = i
         while j < len(toks) and (toks[j][2][0].isupper() or toks[j][2][0].isdigit()) and (j == i or joined(j - 1, j)):
             j += 1
-        if j > i:
+        if j > i + (i == 0):  # the sentence's capitalised first word alone is no name
             named.append((toks[i][0], toks[j - 1][1]))
-            i = j
-        else:
-            i += 1
+        i = max(j, i + 1)
     if named:
         return named
     content = [k for k, t in enumerate(toks) if t[2].lower() not in _STOP and len(t[2]) > 2]
     return [(toks[a][0], toks[b][1]) for a in content for b in content if 0 <= b - a < 3 and joined(a, b)]
 
 
-def cloze_rows(passages: list[tuple[object, str]], per_passage: int, seed: int = 0, min_words: int = 8) -> list[dict]:
+def cloze_rows(passages: list[tuple[object, str]], per_chunk: int, seed: int = 0, min_words: int = 8) -> list[dict]:
     """Extra training questions written from the passages themselves: a sentence with one phrase blanked out
     (``"__ is by far the most important source of energy"`` -> ``"the sun"``), the phrase being the answer.
 
-    ``passages`` are ``(passage_id, text)``; up to ``per_passage`` sentences of at least ``min_words``
-    words are drawn from each (seeded), one blank per sentence, preferring names and numbers. The rows
-    have the shape :func:`read_qa` returns, so :func:`rag_conversations` turns them into conversations
-    with retrieved distractors. Cloze questions are the self-supervised reading task of Lewis et al.
+    ``passages`` are ``(passage_id, chunk text)`` (:func:`named_passages`); up to ``per_chunk`` sentences
+    of at least ``min_words`` words are drawn from each (seeded), one blank per sentence, preferring names
+    and numbers. The rows have the shape :func:`read_qa` returns plus ``context`` (the whole sentence, by
+    which :func:`rag_conversations` finds the chunk it came from), so they become conversations with
+    retrieved distractors like any QA row. Cloze questions are the self-supervised reading task of Lewis et al.
     2019 (unsupervised QA by cloze translation, arXiv:1906.04980), used here to give a small QA file
     more examples of finding and copying a span."""
-    if per_passage < 1 or min_words < 2:
-        raise ConfigError(f"need per_passage >= 1 and min_words >= 2, got {per_passage}, {min_words}")
+    if per_chunk < 1 or min_words < 2:
+        raise ConfigError(f"need per_chunk >= 1 and min_words >= 2, got {per_chunk}, {min_words}")
     rng = random.Random(seed)
     rows = []
     for pid, text in passages:
         sentences = [s.strip() for s in _SENTENCE.split(text) if len(s.split()) >= min_words]
-        for sentence in rng.sample(sentences, min(per_passage, len(sentences))):
+        for sentence in rng.sample(sentences, min(per_chunk, len(sentences))):
             spans = _answer_spans(sentence)
             if not spans:
                 continue
             a, b = rng.choice(spans)
-            rows.append({"question": f"{sentence[:a]}__{sentence[b:]}".strip(), "answer": sentence[a:b], "passage_id": pid})
+            rows.append({"question": f"{sentence[:a]}__{sentence[b:]}".strip(), "answer": sentence[a:b], "passage_id": pid,
+                         "context": sentence})
     return rows
+
+
+def training_rows(rows: list[dict], index: VectorIndex, cloze_per_chunk: int = 0, seed: int = 0) -> tuple[list[dict], int]:
+    """The QA rows plus ``cloze_per_chunk`` cloze rows per chunk of the passages they name, and how many were added."""
+    extra = cloze_rows(named_passages(index, rows), cloze_per_chunk, seed) if cloze_per_chunk else []
+    return rows + extra, len(extra)

@@ -74,7 +74,6 @@ class PreferenceConfig:
     save_steps: int = 50
     logging_steps: int = 10
     seed: int = 0
-    bf16: bool = False  #: bf16 autocast over the weights' dtype (as :class:`~slmkit.train.sft.SFTConfig`)
 
     def __post_init__(self):
         PREFERENCE_METHODS.get(self.method)

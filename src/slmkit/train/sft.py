@@ -269,7 +269,7 @@ def run_identity(kind: str, model, rows, cfg) -> dict:
                                   "rows": len(rows), "config": settings}, default=str))
 
 
-def trainer_args(cfg, ckpt: Path, model) -> dict:
+def trainer_args(cfg, ckpt: Path, model, bf16: bool = False) -> dict:
     """Training arguments common to SFT and preference trainers (:func:`slmkit.train.args.trainer_arguments`:
     no reporting; training stays on ``model``'s device, the CPU or the first visible GPU)."""
     from slmkit.train.args import trainer_arguments
@@ -278,7 +278,7 @@ def trainer_args(cfg, ckpt: Path, model) -> dict:
         trainer_arguments(ckpt, model, max_steps=cfg.max_steps, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
                           learning_rate=cfg.lr, save_steps=cfg.save_steps, logging=cfg.logging_steps, seed=cfg.seed,
                           warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay,
-                          bf16=cfg.bf16),  # explicit: TRL's own default is bf16 autocast (run_trainer unwraps it)
+                          bf16=bf16),  # explicit: TRL's own default is bf16 autocast (run_trainer unwraps it)
         gradient_checkpointing=False,
     )
 
@@ -310,7 +310,7 @@ def sft(
     dataset = build_dataset(tokenizer, conversations)
     ckpt = Path(checkpoints)
     args = TRLSFTConfig(
-        **trainer_args(cfg, ckpt, model),
+        **trainer_args(cfg, ckpt, model, bf16=cfg.bf16),
         max_length=cfg.max_length,
         packing=cfg.packing,
         packing_strategy="bfd",
