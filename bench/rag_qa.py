@@ -182,10 +182,13 @@ def bench_answers(args, model, tok, index, embedder, qs, out, workdir):
     if "generation" in args.modes:
         run("generation k=0", base, RAGConfig(k=0, max_new_tokens=args.max_new_tokens))
         run(f"generation k={args.k}", base, RAGConfig(k=args.k, max_new_tokens=args.max_new_tokens))
-    if "extractive" in args.modes:
+    def extractive(prefix, backend):  # each --extractive-method at k = K
         for method in args.extractive_method.split(","):
-            run(f"extractive ({method}) k={args.k}", base, RAGConfig(
+            run(f"{prefix}extractive ({method}) k={args.k}", backend, RAGConfig(
                 k=args.k, max_new_tokens=args.max_new_tokens, extractive=ExtractConfig(method=method, min_score=args.min_span_score)))
+
+    if "extractive" in args.modes:
+        extractive("", base)
     if args.modes & {"adapter", "adapter-extractive"}:
         tuned, info = train_adapter(args, model, tok, index, embedder, workdir)
         res["adapter_training"] = info
@@ -195,10 +198,7 @@ def bench_answers(args, model, tok, index, embedder, qs, out, workdir):
         if "adapter" in args.modes:
             run(f"adapter k={args.k}", ad, RAGConfig(k=args.k, max_new_tokens=args.max_new_tokens))
         if args.modes & {"extractive", "adapter-extractive"}:
-            for method in args.extractive_method.split(","):
-                run(f"adapter extractive ({method}) k={args.k}", ad, RAGConfig(
-                    k=args.k, max_new_tokens=args.max_new_tokens,
-                    extractive=ExtractConfig(method=method, min_score=args.min_span_score)))
+            extractive("adapter ", ad)
         with contextlib.suppress(AttributeError):
             tuned.unload()  # back to the base weights for later parts
     out["answers"] = res
