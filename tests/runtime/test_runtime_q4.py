@@ -70,7 +70,10 @@ def test_pack_reproduces_weights_on_a_4bit_grid():
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("m_rows,k,n", [(1, 64, 8), (3, 192, 37), (6, 128, 16), (9, 64, 5)])
+@pytest.mark.parametrize("m_rows,k,n", [(1, 64, 8), (3, 192, 37), (6, 128, 16), (9, 64, 5),
+                                        # superblocks of 512 inputs (with and without chunked groups after them),
+                                        # more tokens than one pass over the weights takes (8)
+                                        (1, 512, 9), (8, 576, 24), (17, 1088, 11), (12, 1536, 8)])
 def test_matmul_matches_its_reference(dtype, m_rows, k, n):
     g = torch.Generator().manual_seed(m_rows * 1000 + k + n)
     w = torch.randn(n, k, generator=g) * 0.05 + 0.01
@@ -84,6 +87,8 @@ def test_matmul_matches_its_reference(dtype, m_rows, k, n):
     assert (y.float() - ref).abs().max() <= tol * ref.abs().max(), (y.float() - ref).abs().max()
     exact = x.float() @ Q.unpack(q, s, m).T  # int8 activations: within a percent or so of the exact product
     assert (y.float() - exact).norm() <= 0.03 * exact.norm()
+    for i in {0, m_rows // 2, m_rows - 1}:  # a token's products do not depend on the tokens beside it (batch invariance)
+        assert torch.equal(Q.matmul(x[i : i + 1], q, s, m)[0], y[i])
 
 
 def _dequantised_copy(model):

@@ -53,6 +53,7 @@
 #include <arm_neon.h>
 #endif
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -108,8 +109,16 @@ static inline void slmkit_prefetch_ahead(const uint8_t *p, size_t bytes) {
 
 /* Per-thread scratch (q4.c): slot `slot` of the calling thread grown to at least `bytes` (64-byte
  * aligned; NULL when out of memory). Each thread's buffers are freed when it exits (a pthread key
- * destructor) or by slmkit_scratch_release(); slots are owned by one entry point each. */
-enum { SCR_Q4 = 0, SCR_GG = 4, SCR_DEC = 11, SCR_GF = 20, SCR_N = 21 };
+ * destructor) or by slmkit_scratch_release() (the caller's and its OpenMP team's); slots are owned by one entry point each. */
+enum { SCR_Q4 = 0, SCR_GG = 4, SCR_DEC = 11, SCR_GF = 20, SCR_Q4T = 21, SCR_N = 22 };
+
+/* This thread's share [*lo, *hi) of n work items, contiguous and as even as OpenMP's schedule(static) makes them;
+ * all of them outside a parallel region. For loops whose body wants the whole share in one call. */
+static inline void slmkit_share(int n, int *lo, int *hi) {
+    const int nt = omp_get_num_threads(), id = omp_get_thread_num(), q = n / nt, r = n % nt;
+    *lo = id * q + (id < r ? id : r);
+    *hi = *lo + q + (id < r);
+}
 void *slmkit_scratch(int slot, size_t bytes);
 size_t slmkit_scratch_live_bytes(void);
 void slmkit_scratch_release(void);

@@ -69,7 +69,8 @@ static void quantize_for(const float *x, int M, int K, int gg, const acts *a) {
     if (gg) slmkit_gg_prepare(a->xq, a->xs, M, K, a->xc32, a->xc16, a->xs16);
 }
 
-/* y (M x ldy) columns of the matrices sg[0..n) side by side, one worksharing loop over tiles of 8 rows. */
+/* y (M x ldy) columns of the matrices sg[0..n) side by side: tiles of 8 rows split across the team in contiguous
+ * shares (one kernel call per thread and matrix: the q4 kernel transposes the activations once per call), then a barrier. */
 static void mm_segs(const int64_t *sg, int n, int K, const acts *a, int M, float *y, int ldy) {
     const int tile = 8;
     int first[S_N + 1] = {0}, col[S_N] = {0};
@@ -81,12 +82,13 @@ static void mm_segs(const int64_t *sg, int n, int K, const acts *a, int M, float
         first[s + 1] = first[s] + (rows + tile - 1) / tile;
     }
     const slmkit_gg_act ga = {a->xq, a->xs, a->xsum, a->xc32, a->xc16, a->xs16};
-#pragma omp for schedule(static)
-    for (int it = 0; it < first[n]; it++) {
-        int s = 0;
-        while (it >= first[s + 1]) s++;
+    int lo, hi;
+    slmkit_share(first[n], &lo, &hi);
+    for (int s = 0; s < n; s++) {
+        const int t0 = lo > first[s] ? lo : first[s], t1 = hi < first[s + 1] ? hi : first[s + 1];
+        if (t0 >= t1) continue;
         const int64_t *d = sg + s * SEG_N;
-        const int rows = (int)d[SEG_ROWS], r0 = (it - first[s]) * tile, r1 = r0 + tile < rows ? r0 + tile : rows;
+        const int rows = (int)d[SEG_ROWS], r0 = (t0 - first[s]) * tile, r1 = (t1 - first[s]) * tile < rows ? (t1 - first[s]) * tile : rows;
         if (d[SEG_KIND] == KIND_Q4)
             slmkit_q4_rows((const uint8_t *)(intptr_t)d[SEG_P0], (const uint16_t *)(intptr_t)d[SEG_P1],
                            (const uint16_t *)(intptr_t)d[SEG_P2], K, a->xq, a->xs, a->xsum, a->xcorr, M, r0, r1,
@@ -94,6 +96,7 @@ static void mm_segs(const int64_t *sg, int n, int K, const acts *a, int M, float
         else
             slmkit_gg_rows((int)d[SEG_TYPE], (const uint8_t *)(intptr_t)d[SEG_P0], K, &ga, M, r0, r1, y + col[s], ldy, 0);
     }
+#pragma omp barrier
 }
 
 /* Whether the matrices are well formed for K inputs and add up to `rows` outputs; whether one is GGUF. */

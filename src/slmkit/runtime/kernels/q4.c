@@ -74,14 +74,18 @@ void *slmkit_scratch(int slot, size_t bytes) {
 
 size_t slmkit_scratch_live_bytes(void) { return __atomic_load_n(&scr_live, __ATOMIC_RELAXED); }
 
-/* Free the calling thread's scratch now (it is recreated on the thread's next call). */
+/* Free the calling thread's scratch now, and that of the OpenMP team it starts (the matmuls' worker threads keep
+ * the transposed activations of slmkit_q4_rows); each is recreated on its thread's next call. */
 void slmkit_scratch_release(void) {
     pthread_once(&scr_once, scr_init);
     if (!scr_key_ok) return;
-    scratch_t *s = (scratch_t *)pthread_getspecific(scr_key);
-    if (s) {
-        pthread_setspecific(scr_key, NULL);
-        scr_free(s);
+#pragma omp parallel
+    {
+        scratch_t *s = (scratch_t *)pthread_getspecific(scr_key);
+        if (s) {
+            pthread_setspecific(scr_key, NULL);
+            scr_free(s);
+        }
     }
 }
 
@@ -148,20 +152,90 @@ __attribute__((optimize("fp-contract=off"))) void slmkit_q4_quantize(const void 
 #endif
 
 #if defined(SLMKIT_AVX512)
-/* T tokens (1..4) against rows [r0, r1): y[t, r] for the given tokens. */
-static inline void rows_kernel(const uint8_t *q, const uint16_t *s, const uint16_t *m, int K,
-                               const int8_t *xq, const float *xs, const float *xsum, const float *xcorr, int T,
-                               int r0, int r1, void *out, int ldo, int out_bf16) {
-    const int nb = K / GROUP, nc = K / 64;
+/* Superblocks: 16 groups (512 inputs) of a row are multiplied as one register of 16 per-group int32 sums.
+ *
+ * A chunk unpacks into a register whose dword 8h + p holds inputs 4p..4p+3 of group 2c + h; so one
+ * vpdpbusd yields 8 partial sums per group and each would need its own conversion and scale. Eight
+ * chunks (one superblock) are transposed in registers instead, so that register p holds dword p of
+ * every group (dword g: group g); eight vpdpbusd then accumulate each group's whole integer dot product
+ * in lane g, and one conversion, one scale product and one fma per superblock and token remain (was:
+ * one each per chunk and token). The activations are transposed the same way once per call
+ * (transpose_acts), so the weight transposition is shared by every token of the call. Each token's
+ * arithmetic does not depend on how many tokens share the call (batch invariance of the server). */
+#define SB 512
+#define SB_TOKENS 8 /* tokens per pass over the weights */
+
+/* The 16 x 8 dword transpose above, in place: three perfect shuffles (the even dwords of a pair of
+ * registers to the first, the odd ones to the second), pairing registers 1, 2 and 4 apart. */
+static inline void transpose_sb(__m512i v[8]) {
+    const __m512i ev = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    const __m512i od = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+    for (int st = 1; st < 8; st <<= 1)
+        for (int a = 0; a < 8; a++)
+            if (!(a & st)) {
+                const __m512i lo = _mm512_permutex2var_epi32(v[a], ev, v[a + st]);
+                v[a + st] = _mm512_permutex2var_epi32(v[a], od, v[a + st]);
+                v[a] = lo;
+            }
+}
+
+/* The superblocks of M quantised activation rows (K inputs each), transposed as the weights are: xqt holds
+ * M x (K / SB) blocks of SB bytes. */
+static void transpose_acts(const int8_t *xq, int M, int K, int8_t *xqt) {
+    const int nsb = K / SB;
+    for (int t = 0; t < M; t++)
+        for (int b = 0; b < nsb; b++) {
+            const int8_t *src = xq + (size_t)t * K + (size_t)b * SB;
+            int8_t *dst = xqt + ((size_t)t * nsb + b) * SB;
+            __m512i v[8];
+            for (int c = 0; c < 8; c++) v[c] = _mm512_loadu_si512((const void *)(src + 64 * c));
+            transpose_sb(v);
+            for (int c = 0; c < 8; c++) _mm512_storeu_si512((void *)(dst + 64 * c), v[c]);
+        }
+}
+
+/* T tokens (1..SB_TOKENS) against rows [r0, r1): y[t, r]. The first nsb superblocks of each row use the
+ * transposed activations xqt (M rows of nsb blocks; any nsb <= K / SB); the remaining groups go chunk by chunk. */
+static inline void rows_kernel(const uint8_t *q, const uint16_t *s, const uint16_t *m, int K, const int8_t *xq,
+                               const int8_t *xqt, int nsb, const float *xs, const float *xsum, const float *xcorr,
+                               int T, int r0, int r1, void *out, int ldo, int out_bf16) {
+    const int nb = K / GROUP, g0 = nsb * (SB / GROUP), sbs = K / SB;
     const __m256i lowmask = _mm256_set1_epi8(0x0F);
-    float comb[4][SLMKIT_MAX_K / GROUP]; /* s_b * xs_b per token (32 KB) */
+    float comb[SB_TOKENS][SB / GROUP]; /* the chunked tail: s_b * xs_b per token (fewer than 16 groups, or all without xqt) */
     for (int r = r0; r < r1; r++) {
         const uint8_t *qr = q + (size_t)r * (K / 2);
         const uint16_t *sr = s + (size_t)r * nb, *mr = m + (size_t)r * nb;
-        /* fp16 scales and centres of the row to fp32; combined scales; the offset terms start the sums */
-        __m512 acc[4];
+        __m512 acc[SB_TOKENS];
         for (int t = 0; t < T; t++) acc[t] = _mm512_setzero_ps();
-        for (int b = 0; b < nb; b += 16) {
+        for (int b = 0; b < nsb; b++) {
+            __m512i v[8];
+            for (int c = 0; c < 8; c++) {
+                const uint8_t *p = qr + (size_t)b * (SB / 2) + 32 * c;
+                _mm_prefetch((const char *)p + PREFETCH_BYTES, _MM_HINT_T0); /* rows stream: fetch ahead */
+                __m256i raw = _mm256_loadu_si256((const __m256i *)p);
+                __m256i lo = _mm256_and_si256(raw, lowmask);
+                __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), lowmask);
+                v[c] = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+            }
+            transpose_sb(v);
+            const __m512 sv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sr + b * 16)));
+            const __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(mr + b * 16)));
+            for (int t = 0; t < T; t++) {
+                const int8_t *xt = xqt + ((size_t)t * sbs + b) * SB;
+                __m512i i0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v[0], _mm512_loadu_si512((const void *)xt));
+                __m512i i1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v[1], _mm512_loadu_si512((const void *)(xt + 64)));
+                for (int c = 2; c < 8; c += 2) {
+                    i0 = _mm512_dpbusd_epi32(i0, v[c], _mm512_loadu_si512((const void *)(xt + 64 * c)));
+                    i1 = _mm512_dpbusd_epi32(i1, v[c + 1], _mm512_loadu_si512((const void *)(xt + 64 * c + 64)));
+                }
+                const size_t f = (size_t)t * nb + (size_t)b * 16;
+                const __m512 sc = _mm512_mul_ps(sv, _mm512_loadu_ps(xs + f));
+                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(i0, i1)), sc, acc[t]);
+                acc[t] = _mm512_fmadd_ps(mv, _mm512_loadu_ps(xsum + f), _mm512_fnmadd_ps(sv, _mm512_loadu_ps(xcorr + f), acc[t]));
+            }
+        }
+        /* the groups after the superblocks, two per 64-wide chunk: per-chunk sums, as llama.cpp's Q4_1 x Q8_1 */
+        for (int b = g0; b < nb; b += 16) {
             __mmask16 k = nb - b >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (nb - b)) - 1);
             __m512 sv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, sr + b));
             __m512 mv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, mr + b));
@@ -169,22 +243,24 @@ static inline void rows_kernel(const uint8_t *q, const uint16_t *s, const uint16
                 __m512 xsv = _mm512_maskz_loadu_ps(k, xs + t * nb + b);
                 __m512 xsumv = _mm512_maskz_loadu_ps(k, xsum + t * nb + b);
                 __m512 xcv = _mm512_maskz_loadu_ps(k, xcorr + t * nb + b);
-                _mm512_mask_storeu_ps(comb[t] + b, k, _mm512_mul_ps(sv, xsv));
+                _mm512_storeu_ps(comb[t], _mm512_mul_ps(sv, xsv));
                 acc[t] = _mm512_fmadd_ps(mv, xsumv, _mm512_fnmadd_ps(sv, xcv, acc[t]));
             }
-        }
-        for (int c = 0; c < nc; c++) {
-            _mm_prefetch((const char *)(qr + 32 * c) + PREFETCH_BYTES, _MM_HINT_T0); /* rows stream: fetch ahead */
-            __m256i raw = _mm256_loadu_si256((const __m256i *)(qr + 32 * c));
-            __m256i lo = _mm256_and_si256(raw, lowmask);
-            __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), lowmask);
-            __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-            for (int t = 0; t < T; t++) {
-                __m512i xv = _mm512_loadu_si512((const void *)(xq + (size_t)t * K + 64 * c));
-                __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, xv);
-                __m512 sc = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_broadcast_ss(comb[t] + 2 * c)),
-                                               _mm256_broadcast_ss(comb[t] + 2 * c + 1), 1);
-                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sc, acc[t]);
+            const int c1 = (b + 16 < nb ? b + 16 : nb) / 2;
+            for (int c = b / 2; c < c1; c++) {
+                _mm_prefetch((const char *)(qr + 32 * c) + PREFETCH_BYTES, _MM_HINT_T0);
+                __m256i raw = _mm256_loadu_si256((const __m256i *)(qr + 32 * c));
+                __m256i lo = _mm256_and_si256(raw, lowmask);
+                __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), lowmask);
+                __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+                const int j = 2 * c - b;
+                for (int t = 0; t < T; t++) {
+                    __m512i xv = _mm512_loadu_si512((const void *)(xq + (size_t)t * K + 64 * c));
+                    __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, xv);
+                    __m512 sc = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_broadcast_ss(comb[t] + j)),
+                                                   _mm256_broadcast_ss(comb[t] + j + 1), 1);
+                    acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sc, acc[t]);
+                }
             }
         }
         for (int t = 0; t < T; t++) {
@@ -234,6 +310,37 @@ static inline void rows_kernel(const uint8_t *q, const uint16_t *s, const uint16
 }
 #endif
 
+#if defined(SLMKIT_AVX512)
+/* Rows [r0, r1) of y (M x N, row stride ldy) = W x for activations already quantised, SB_TOKENS tokens at a time.
+ * The activations' superblocks are transposed once per call (into this thread's scratch), so a caller should
+ * pass each thread's whole share of rows in one call. Without the scratch every group goes chunk by chunk
+ * (the same values up to the order of fp32 additions). */
+void slmkit_q4_rows(const uint8_t *q, const uint16_t *s, const uint16_t *m, int K, const int8_t *xq, const float *xs,
+                    const float *xsum, const float *xcorr, int M, int r0, int r1, void *y, int ldy, int y_bf16) {
+    const int nb = K / GROUP, sbs = K / SB;
+    int8_t *xqt = sbs ? (int8_t *)slmkit_scratch(SCR_Q4T, (size_t)M * sbs * SB) : NULL;
+    const int nsb = xqt ? sbs : 0;
+    if (xqt) transpose_acts(xq, M, K, xqt);
+    for (int t0 = 0; t0 < M; t0 += SB_TOKENS) {
+        const int T = M - t0 < SB_TOKENS ? M - t0 : SB_TOKENS;
+        const int8_t *xqa = xq + (size_t)t0 * K, *xqb = xqt ? xqt + (size_t)t0 * sbs * SB : NULL;
+        const float *xst = xs + (size_t)t0 * nb, *xsumt = xsum + (size_t)t0 * nb, *xct = xcorr + (size_t)t0 * nb;
+        void *o = y_bf16 ? (void *)((uint16_t *)y + (size_t)t0 * ldy) : (void *)((float *)y + (size_t)t0 * ldy);
+#define ROWS(n) rows_kernel(q, s, m, K, xqa, xqb, nsb, xst, xsumt, xct, n, r0, r1, o, ldy, y_bf16)
+        switch (T) {
+        case 1: ROWS(1); break;
+        case 2: ROWS(2); break;
+        case 3: ROWS(3); break;
+        case 4: ROWS(4); break;
+        case 5: ROWS(5); break;
+        case 6: ROWS(6); break;
+        case 7: ROWS(7); break;
+        default: ROWS(8); break;
+        }
+#undef ROWS
+    }
+}
+#else
 /* Rows [r0, r1) of y (M x N, row stride ldy) = W x for activations already quantised, four tokens at a time. */
 void slmkit_q4_rows(const uint8_t *q, const uint16_t *s, const uint16_t *m, int K, const int8_t *xq, const float *xs,
                     const float *xsum, const float *xcorr, int M, int r0, int r1, void *y, int ldy, int y_bf16) {
@@ -252,18 +359,18 @@ void slmkit_q4_rows(const uint8_t *q, const uint16_t *s, const uint16_t *m, int 
     }
 }
 
-/* The row tiles of y (M x N) = W x for activations already quantised; an orphaned worksharing loop:
- * inside a parallel region the team splits the tiles (implicit barrier at the end), outside one it runs
- * on the calling thread. */
+#endif
+
+/* y (M x N) = W x for activations already quantised, rows split across the team in contiguous shares of whole
+ * 8-row tiles (one slmkit_q4_rows call per thread: it transposes the activations once), then a barrier; outside a
+ * parallel region the calling thread does every row. */
 static void mm_tiles(const uint8_t *q, const uint16_t *s, const uint16_t *m, int K, const int8_t *xq, const float *xs,
                      const float *xsum, const float *xcorr, int M, int N, void *y, int y_bf16) {
-    const int tile = 8; /* rows per work item */
-    const int ntiles = (N + tile - 1) / tile;
-#pragma omp for schedule(static)
-    for (int it = 0; it < ntiles; it++) {
-        int r0 = it * tile, r1 = r0 + tile < N ? r0 + tile : N;
-        slmkit_q4_rows(q, s, m, K, xq, xs, xsum, xcorr, M, r0, r1, y, N, y_bf16);
-    }
+    const int tile = 8;
+    int lo, hi;
+    slmkit_share((N + tile - 1) / tile, &lo, &hi);
+    if (lo < hi) slmkit_q4_rows(q, s, m, K, xq, xs, xsum, xcorr, M, lo * tile, hi * tile < N ? hi * tile : N, y, N, y_bf16);
+#pragma omp barrier
 }
 
 /* y (M x N) = x (M x K) @ W^T. x and y are fp32, or bf16 when the flag is set. Returns 0 on success. */
