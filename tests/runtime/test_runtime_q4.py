@@ -182,9 +182,11 @@ def test_many_tokens_use_a_bf16_matmul_on_the_dequantised_weight():
     wb = Q.dequant_bf16(q, s, m)
     assert wb.dtype == torch.bfloat16 and wb.shape == (40, 192)
     assert torch.allclose(wb.float(), exact, rtol=8e-3, atol=1e-6)
-    x = torch.randn(Q.DEQUANT_FROM_TOKENS + 3, 192, generator=g).bfloat16()
+    x = torch.randn(Q.dequant_from_tokens() + 3, 192, generator=g).bfloat16()
     y = Q.linear(x, q, s, m)
     ref = x.float() @ exact.T
     assert y.dtype == torch.bfloat16 and (y.float() - ref).norm() <= 0.01 * ref.norm()
+    assert torch.equal(y, torch.nn.functional.linear(x, wb))  # the bf16 matmul, not the int8 kernel
+    assert Q.dequant_from_tokens() == Q.DEQUANT_FROM_TOKENS_BY_VARIANT.get(Q.variant(), Q.DEQUANT_FROM_TOKENS)
     few = Q.linear(x[:2], q, s, m)  # below the threshold: the int8 dot-product kernel
     assert torch.equal(few, Q.matmul(x[:2], q, s, m))

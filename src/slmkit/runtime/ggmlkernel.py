@@ -33,7 +33,7 @@ TYPES: dict[int, tuple[str, int, int]] = {
     13: ("Q5_K", 256, 176),
     14: ("Q6_K", 256, 210),
 }
-DEQUANT_FROM_TOKENS = q4kernel.DEQUANT_FROM_TOKENS
+DEQUANT_FROM_TOKENS = 32  #: where the GGUF block kernels (ggml.c, per 32-input block) stop beating a bf16 matmul
 
 
 def type_id(name: str) -> int:

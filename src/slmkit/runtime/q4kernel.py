@@ -299,8 +299,17 @@ def f32_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
 
 
 #: from this many tokens per call on, :func:`linear` dequantises to bf16 and runs a bf16 matmul
-#: (AMX / AVX512-BF16 kernels): long prompts are compute-bound, decode steps bandwidth-bound.
+#: (AMX / AVX512-BF16 kernels): long prompts are compute-bound, decode steps bandwidth-bound. This is the
+#: per-chunk kernels' crossover; :data:`DEQUANT_FROM_TOKENS_BY_VARIANT` holds the variants that differ.
 DEQUANT_FROM_TOKENS = 32
+#: the avx512 kernel's superblocks (q4.c) keep int8 ahead until about 64 tokens: a whole prompt through the default
+#: model's int4 fast path, int8 / dequantised bf16 time 0.82 at 48 tokens, 0.99 at 64, 1.07 at 80 (docs/benchmarks.md)
+DEQUANT_FROM_TOKENS_BY_VARIANT = {"avx512": 64}
+
+
+def dequant_from_tokens() -> int:
+    """Tokens per call from which :func:`linear` takes the bf16 matmul, for the loaded kernel variant."""
+    return DEQUANT_FROM_TOKENS_BY_VARIANT.get(variant() or "", DEQUANT_FROM_TOKENS)
 
 
 def dequant_bf16(q: torch.Tensor, s: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
@@ -312,6 +321,6 @@ def dequant_bf16(q: torch.Tensor, s: torch.Tensor, m: torch.Tensor) -> torch.Ten
 
 def linear(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """``x`` (M, K) times the packed weight: int8 dot products for few tokens, a bf16 matmul for many."""
-    if x.shape[0] >= DEQUANT_FROM_TOKENS:
+    if x.shape[0] >= dequant_from_tokens():
         return torch.nn.functional.linear(x.to(torch.bfloat16), dequant_bf16(q, s, m)).to(x.dtype)
     return matmul(x, q, s, m)
