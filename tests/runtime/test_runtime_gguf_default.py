@@ -33,23 +33,27 @@ def test_fast_gguf_greedy_matches_transformers(default_model):
 
     model, tok = default_model
     fm = build_gguf(locate("default"), model=model)
-    firsts, agreements = [], []
+    kls, agreements = [], []
     for prompt in PROMPTS:
         ids = tok(prompt, return_tensors="pt").input_ids
         with torch.no_grad():
-            ref = model.generate(ids, do_sample=False, max_new_tokens=32, min_new_tokens=32)[0, ids.shape[1]:].tolist()
+            ref_ids = model.generate(ids, do_sample=False, max_new_tokens=32, min_new_tokens=32)
+            ref_logits = model(ref_ids).logits[0, ids.shape[1] - 1 : -1].float()
+        ref = ref_ids[0, ids.shape[1]:].tolist()
         ours = [s.token for s in stream(fm, ids[0], 32)]
         first = next((j for j, (a, b) in enumerate(zip(ours, ref)) if a != b), len(ref))
-        firsts.append(first)
         # teacher-forced through the same decode steps: the prompt, then transformers' tokens one by one
         cache = fm.new_cache(context=ids.shape[1] + 33)
-        logits = [prefill(fm, ids[0], cache)] + [decode_one_token(fm, t, cache) for t in ref[:-1]]
-        picks = [int(x.argmax()) for x in logits]
-        agree = sum(a == b for a, b in zip(picks, ref)) / len(ref)
-        print(f"{prompt!r}: identical for {first} of 32 tokens, teacher-forced agreement {agree:.2f}")
+        logits = torch.stack([prefill(fm, ids[0], cache)] + [decode_one_token(fm, t, cache) for t in ref[:-1]]).float()
+        agree = sum(int(x.argmax()) == b for x, b in zip(logits, ref)) / len(ref)
+        lp, lq = torch.log_softmax(ref_logits, -1), torch.log_softmax(logits, -1)
+        kl = float((lp.exp() * (lp - lq)).sum(-1).mean())
+        print(f"{prompt!r}: identical for {first} of 32 tokens, teacher-forced agreement {agree:.2f}, KL {kl:.4f}")
         assert agree >= 0.85, (prompt, agree)
         agreements.append(agree)
+        kls.append(kl)
     assert sum(agreements) / len(agreements) >= 0.9
-    # free-running greedy text follows transformers' for a while; where a near-tie flips with the int8 activations
-    # depends on the CPU's fp32 kernels (on one machine all 32 tokens of a prompt matched, on another 29, 8 and 21)
-    assert max(firsts) >= 16, firsts
+    # the distributions, not only the argmax: int8 activations keep the mean KL to transformers' fp32 logits near
+    # 0.004 (measured with the chunked and the superblock kernels alike); where free-running greedy text first
+    # differs is a near-tie lottery that depends on the CPU's fp32 kernels, so it is printed, not asserted
+    assert sum(kls) / len(kls) <= 0.01, kls

@@ -78,6 +78,8 @@ def test_matmul_is_exact_where_int8_activations_are(name):
         assert (y.double() - exact).abs().max() <= 1e-5 * exact.abs().max(), name
         yb = K.matmul(x.bfloat16(), qt, w, k)  # bf16 in and out
         assert yb.dtype == torch.bfloat16 and (yb.double() - exact).abs().max() <= 1e-2 * exact.abs().max()
+        # a token's products do not depend on the tokens beside it (the server's batch invariance)
+        assert all(torch.equal(K.matmul(x[i : i + 1], qt, w, k)[0], y[i]) for i in range(m))
 
 
 @needs_kernel

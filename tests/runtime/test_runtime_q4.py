@@ -71,9 +71,9 @@ def test_pack_reproduces_weights_on_a_4bit_grid():
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("m_rows,k,n", [(1, 64, 8), (3, 192, 37), (6, 128, 16), (9, 64, 5),
-                                        # superblocks of 512 inputs (with and without chunked groups after them),
+                                        # superblocks of 512 inputs (with and without chunked groups after them: 2, 4, 14),
                                         # more tokens than one pass over the weights takes (8)
-                                        (1, 512, 9), (8, 576, 24), (17, 1088, 11), (12, 1536, 8)])
+                                        (1, 512, 9), (8, 576, 24), (17, 1088, 11), (12, 1536, 8), (5, 960, 6)])
 def test_matmul_matches_its_reference(dtype, m_rows, k, n):
     g = torch.Generator().manual_seed(m_rows * 1000 + k + n)
     w = torch.randn(n, k, generator=g) * 0.05 + 0.01
@@ -182,11 +182,17 @@ def test_many_tokens_use_a_bf16_matmul_on_the_dequantised_weight():
     wb = Q.dequant_bf16(q, s, m)
     assert wb.dtype == torch.bfloat16 and wb.shape == (40, 192)
     assert torch.allclose(wb.float(), exact, rtol=8e-3, atol=1e-6)
-    x = torch.randn(Q.dequant_from_tokens() + 3, 192, generator=g).bfloat16()
+    x = torch.randn(Q.dequant_from_tokens(192) + 3, 192, generator=g).bfloat16()
     y = Q.linear(x, q, s, m)
     ref = x.float() @ exact.T
     assert y.dtype == torch.bfloat16 and (y.float() - ref).norm() <= 0.01 * ref.norm()
     assert torch.equal(y, torch.nn.functional.linear(x, wb))  # the bf16 matmul, not the int8 kernel
-    assert Q.dequant_from_tokens() == Q.DEQUANT_FROM_TOKENS_BY_VARIANT.get(Q.variant(), Q.DEQUANT_FROM_TOKENS)
+    # matrices of 512+ inputs on the avx512 superblock kernel stay on int8 up to 63 tokens
+    assert Q.dequant_from_tokens(192) == Q.DEQUANT_FROM_TOKENS
+    assert (Q.dequant_from_tokens(576) == 64) == (Q.variant() == "avx512")
+    w2 = torch.randn(8, 576, generator=g) * 0.05
+    q2, s2, m2 = Q.pack(w2)
+    x2 = torch.randn(Q.dequant_from_tokens(576) - 1, 576, generator=g)
+    assert torch.equal(Q.linear(x2, q2, s2, m2), Q.matmul(x2, q2, s2, m2))
     few = Q.linear(x[:2], q, s, m)  # below the threshold: the int8 dot-product kernel
     assert torch.equal(few, Q.matmul(x[:2], q, s, m))

@@ -272,7 +272,7 @@ class Engine:
 
         A sequence's numbers then never depend on what else the server runs: the fused int4 step
         computes each row on its own (bitwise the same alone or in a batch of 16), whereas a prompt
-        chunk in the same call would push every row past ``DEQUANT_FROM_TOKENS`` onto the bf16
+        chunk in the same call would push every row past ``q4kernel.dequant_from_tokens`` onto the bf16
         matmul, and a matmul's rounding depends on its row count. So a seeded request gets the same
         tokens at any concurrency (``gen-data --concurrency``), at the cost of one more call per step
         while prompts are being read.

@@ -302,13 +302,17 @@ def f32_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
 #: (AMX / AVX512-BF16 kernels): long prompts are compute-bound, decode steps bandwidth-bound. This is the
 #: per-chunk kernels' crossover; :data:`DEQUANT_FROM_TOKENS_BY_VARIANT` holds the variants that differ.
 DEQUANT_FROM_TOKENS = 32
-#: the avx512 kernel's superblocks (q4.c) keep int8 ahead until about 64 tokens: a whole prompt through the default
-#: model's int4 fast path, int8 / dequantised bf16 time 0.82 at 48 tokens, 0.99 at 64, 1.07 at 80 (docs/benchmarks.md)
+#: the avx512 kernel's superblocks (q4.c: matrices of at least 512 inputs) keep int8 ahead until about 64 tokens: a
+#: whole prompt through the default model's int4 fast path, int8 / dequantised bf16 time 0.82 at 48 tokens, 0.99 at
+#: 64, 1.07 at 80 (docs/benchmarks.md)
 DEQUANT_FROM_TOKENS_BY_VARIANT = {"avx512": 64}
 
 
-def dequant_from_tokens() -> int:
-    """Tokens per call from which :func:`linear` takes the bf16 matmul, for the loaded kernel variant."""
+def dequant_from_tokens(k: int) -> int:
+    """Tokens per call from which :func:`linear` takes the bf16 matmul for a weight of ``k`` inputs, on the loaded
+    kernel variant (narrower matrices have no superblocks and keep :data:`DEQUANT_FROM_TOKENS`)."""
+    if k < 512:
+        return DEQUANT_FROM_TOKENS
     return DEQUANT_FROM_TOKENS_BY_VARIANT.get(variant() or "", DEQUANT_FROM_TOKENS)
 
 
@@ -321,6 +325,6 @@ def dequant_bf16(q: torch.Tensor, s: torch.Tensor, m: torch.Tensor) -> torch.Ten
 
 def linear(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """``x`` (M, K) times the packed weight: int8 dot products for few tokens, a bf16 matmul for many."""
-    if x.shape[0] >= dequant_from_tokens():
+    if x.shape[0] >= dequant_from_tokens(x.shape[-1]):
         return torch.nn.functional.linear(x.to(torch.bfloat16), dequant_bf16(q, s, m)).to(x.dtype)
     return matmul(x, q, s, m)

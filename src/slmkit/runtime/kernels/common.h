@@ -53,7 +53,9 @@
 #include <arm_neon.h>
 #endif
 #include <math.h>
+#if defined(_OPENMP)
 #include <omp.h>
+#endif
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -109,19 +111,72 @@ static inline void slmkit_prefetch_ahead(const uint8_t *p, size_t bytes) {
 
 /* Per-thread scratch (q4.c): slot `slot` of the calling thread grown to at least `bytes` (64-byte
  * aligned; NULL when out of memory). Each thread's buffers are freed when it exits (a pthread key
- * destructor) or by slmkit_scratch_release() (the caller's and its OpenMP team's); slots are owned by one entry point each. */
+ * destructor) or by slmkit_scratch_release() (the caller's, and its OpenMP team's when called outside a parallel
+ * region with the team size the matmuls used); slots are owned by one entry point each. */
 enum { SCR_Q4 = 0, SCR_GG = 4, SCR_DEC = 11, SCR_GF = 20, SCR_Q4T = 21, SCR_N = 22 };
 
 /* This thread's share [*lo, *hi) of n work items, contiguous and as even as OpenMP's schedule(static) makes them;
  * all of them outside a parallel region. For loops whose body wants the whole share in one call. */
 static inline void slmkit_share(int n, int *lo, int *hi) {
-    const int nt = omp_get_num_threads(), id = omp_get_thread_num(), q = n / nt, r = n % nt;
+#if defined(_OPENMP)
+    const int nt = omp_get_num_threads(), id = omp_get_thread_num();
+#else
+    const int nt = 1, id = 0;
+#endif
+    const int q = n / nt, r = n % nt;
     *lo = id * q + (id < r ? id : r);
     *hi = *lo + q + (id < r);
 }
 void *slmkit_scratch(int slot, size_t bytes);
 size_t slmkit_scratch_live_bytes(void);
 void slmkit_scratch_release(void);
+
+#if defined(SLMKIT_AVX512)
+/* Superblocks (q4.c explains them): 16 groups of 32 inputs, the codes of 8 chunks of 64
+ * transposed in registers so that register p holds dword p (inputs 4p..4p+3) of every group, dword g for
+ * group g. A chunk's register holds groups 2c, 2c + 1 as dwords 8h + p; three perfect shuffles (the even
+ * dwords of a pair of registers to the first, the odd ones to the second, pairing registers 1, 2 and 4
+ * apart) turn the 16 x 8 dword matrix around. */
+#define SB 512
+static inline void slmkit_transpose_sb(__m512i v[8]) {
+    const __m512i ev = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    const __m512i od = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+    for (int st = 1; st < 8; st <<= 1)
+        for (int a = 0; a < 8; a++)
+            if (!(a & st)) {
+                const __m512i lo = _mm512_permutex2var_epi32(v[a], ev, v[a + st]);
+                v[a + st] = _mm512_permutex2var_epi32(v[a], od, v[a + st]);
+                v[a] = lo;
+            }
+}
+
+/* The superblocks of M quantised activation rows (K inputs each) transposed as the codes are: xqt holds
+ * M x (K / SB) blocks of SB bytes. */
+static inline void slmkit_transpose_acts(const int8_t *xq, int M, int K, int8_t *xqt) {
+    const int nsb = K / SB;
+    for (int t = 0; t < M; t++)
+        for (int b = 0; b < nsb; b++) {
+            const int8_t *src = xq + (size_t)t * K + (size_t)b * SB;
+            int8_t *dst = xqt + ((size_t)t * nsb + b) * SB;
+            __m512i v[8];
+            for (int c = 0; c < 8; c++) v[c] = _mm512_loadu_si512((const void *)(src + 64 * c));
+            slmkit_transpose_sb(v);
+            for (int c = 0; c < 8; c++) _mm512_storeu_si512((void *)(dst + 64 * c), v[c]);
+        }
+}
+
+/* Eight dot products of a superblock's transposed codes v with one token's transposed activations xt: each
+ * group's whole integer sum in its lane. */
+static inline __m512i slmkit_sb_dots(const __m512i v[8], const int8_t *xt) {
+    __m512i i0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v[0], _mm512_loadu_si512((const void *)xt));
+    __m512i i1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v[1], _mm512_loadu_si512((const void *)(xt + 64)));
+    for (int c = 2; c < 8; c += 2) {
+        i0 = _mm512_dpbusd_epi32(i0, v[c], _mm512_loadu_si512((const void *)(xt + 64 * c)));
+        i1 = _mm512_dpbusd_epi32(i1, v[c + 1], _mm512_loadu_si512((const void *)(xt + 64 * c + 64)));
+    }
+    return _mm512_add_epi32(i0, i1);
+}
+#endif
 
 /* ---- q4.c: slmkit's own 4-bit layout */
 

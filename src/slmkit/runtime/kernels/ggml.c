@@ -417,7 +417,7 @@ static inline __attribute__((always_inline)) void gg_rows_T(const int type, cons
 
 #undef comb
 
-#define GG_T(type, T) gg_rows_T(type, T, w, K, &at, r0, r1, o, ldy, y_bf16)
+#define GG_T(type, T) gg_rows_T(type, T, w, K, &at, ra, rb, o, ldy, y_bf16)
 #define GG_TYPE(type)                          \
     case type:                                 \
         switch (T) {                           \
@@ -428,8 +428,10 @@ static inline __attribute__((always_inline)) void gg_rows_T(const int type, cons
         }                                      \
         break;
 
-/* Rows [r0, r1) of y (M x N, row stride ldy) = W x for a weight in GGUF format `type`, activations prepared. */
-void slmkit_gg_rows(int type, const uint8_t *w, int K, const slmkit_gg_act *a, int M, int r0, int r1, void *y, int ldy, int y_bf16) {
+/* Rows [ra, rb) of y for every token, 4 tokens per pass (its own function: each inlined format instance holds its
+ * own stack arrays, and one frame holding them all must stay under the -Wframe-larger-than bound). */
+static __attribute__((noinline)) void gg_rows_tile(int type, const uint8_t *w, int K, const slmkit_gg_act *a, int M,
+                                                   int ra, int rb, void *y, int ldy, int y_bf16) {
     const int nb = K / GROUP;
     for (int t0 = 0; t0 < M; t0 += 4) {
         const int T = M - t0 < 4 ? M - t0 : 4;
@@ -450,6 +452,13 @@ void slmkit_gg_rows(int type, const uint8_t *w, int K, const slmkit_gg_act *a, i
     }
 }
 
+/* Rows [r0, r1) of y (M x N, row stride ldy) = W x for a weight in GGUF format `type`, activations prepared:
+ * 8 rows at a time, every token pass over them while they are in cache (callers pass a thread's whole share). */
+void slmkit_gg_rows(int type, const uint8_t *w, int K, const slmkit_gg_act *a, int M, int r0, int r1, void *y, int ldy, int y_bf16) {
+    for (int ra = r0; ra < r1; ra += 8)
+        gg_rows_tile(type, w, K, a, M, ra, ra + 8 < r1 ? ra + 8 : r1, y, ldy, y_bf16);
+}
+
 /* y (M x N) = x (M x K) @ W^T with W (N rows of K) in GGUF format `type`. x and y are fp32, or bf16
  * when the flag is set. Returns 0 on success, -2 for a type or shape without a kernel, -1 out of memory. */
 int slmkit_gg_matmul(const void *x, int x_bf16, int M, int K, int type, const uint8_t *w, int N, void *y, int y_bf16) {
@@ -466,10 +475,11 @@ int slmkit_gg_matmul(const void *x, int x_bf16, int M, int K, int type, const ui
     slmkit_gg_prepare(xq, xs, M, K, xc32, xc16, xs16);
     const slmkit_gg_act a = {xq, xs, xsum, xc32, xc16, xs16};
     const int tile = 8, ntiles = (N + tile - 1) / tile;
-#pragma omp parallel for schedule(static)
-    for (int it = 0; it < ntiles; it++) {
-        const int r0 = it * tile, r1 = r0 + tile < N ? r0 + tile : N;
-        slmkit_gg_rows(type, w, K, &a, M, r0, r1, y, N, y_bf16);
+#pragma omp parallel
+    { /* contiguous shares of whole tiles, one slmkit_gg_rows call per thread (it transposes the activations once) */
+        int lo, hi;
+        slmkit_share(ntiles, &lo, &hi);
+        if (lo < hi) slmkit_gg_rows(type, w, K, &a, M, lo * tile, hi * tile < N ? hi * tile : N, y, N, y_bf16);
     }
     return 0;
 }

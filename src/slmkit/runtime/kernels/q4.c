@@ -156,43 +156,13 @@ __attribute__((optimize("fp-contract=off"))) void slmkit_q4_quantize(const void 
  *
  * A chunk unpacks into a register whose dword 8h + p holds inputs 4p..4p+3 of group 2c + h; so one
  * vpdpbusd yields 8 partial sums per group and each would need its own conversion and scale. Eight
- * chunks (one superblock) are transposed in registers instead, so that register p holds dword p of
- * every group (dword g: group g); eight vpdpbusd then accumulate each group's whole integer dot product
- * in lane g, and one conversion, one scale product and one fma per superblock and token remain (was:
- * one each per chunk and token). The activations are transposed the same way once per call
- * (transpose_acts), so the weight transposition is shared by every token of the call. Each token's
- * arithmetic does not depend on how many tokens share the call (batch invariance of the server). */
-#define SB 512
+ * chunks (one superblock) are transposed in registers instead (slmkit_transpose_sb, common.h), so that
+ * register p holds dword p of every group (dword g: group g); eight vpdpbusd then accumulate each group's
+ * whole integer dot product in lane g, and one conversion, one scale product and one fma per superblock
+ * and token remain (was: one each per chunk and token). The activations are transposed the same way once
+ * per call (slmkit_transpose_acts), so the weight transposition is shared by every token of the call. Each
+ * token's arithmetic does not depend on how many tokens share the call (batch invariance of the server). */
 #define SB_TOKENS 8 /* tokens per pass over the weights */
-
-/* The 16 x 8 dword transpose above, in place: three perfect shuffles (the even dwords of a pair of
- * registers to the first, the odd ones to the second), pairing registers 1, 2 and 4 apart. */
-static inline void transpose_sb(__m512i v[8]) {
-    const __m512i ev = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
-    const __m512i od = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
-    for (int st = 1; st < 8; st <<= 1)
-        for (int a = 0; a < 8; a++)
-            if (!(a & st)) {
-                const __m512i lo = _mm512_permutex2var_epi32(v[a], ev, v[a + st]);
-                v[a + st] = _mm512_permutex2var_epi32(v[a], od, v[a + st]);
-                v[a] = lo;
-            }
-}
-
-/* The superblocks of M quantised activation rows (K inputs each), transposed as the weights are: xqt holds
- * M x (K / SB) blocks of SB bytes. */
-static void transpose_acts(const int8_t *xq, int M, int K, int8_t *xqt) {
-    const int nsb = K / SB;
-    for (int t = 0; t < M; t++)
-        for (int b = 0; b < nsb; b++) {
-            const int8_t *src = xq + (size_t)t * K + (size_t)b * SB;
-            int8_t *dst = xqt + ((size_t)t * nsb + b) * SB;
-            __m512i v[8];
-            for (int c = 0; c < 8; c++) v[c] = _mm512_loadu_si512((const void *)(src + 64 * c));
-            transpose_sb(v);
-            for (int c = 0; c < 8; c++) _mm512_storeu_si512((void *)(dst + 64 * c), v[c]);
-        }
-}
 
 /* T tokens (1..SB_TOKENS) against rows [r0, r1): y[t, r]. The first nsb superblocks of each row use the
  * transposed activations xqt (M rows of nsb blocks; any nsb <= K / SB); the remaining groups go chunk by chunk. */
@@ -217,20 +187,14 @@ static inline void rows_kernel(const uint8_t *q, const uint16_t *s, const uint16
                 __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), lowmask);
                 v[c] = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
             }
-            transpose_sb(v);
+            slmkit_transpose_sb(v);
             const __m512 sv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sr + b * 16)));
             const __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(mr + b * 16)));
             for (int t = 0; t < T; t++) {
-                const int8_t *xt = xqt + ((size_t)t * sbs + b) * SB;
-                __m512i i0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v[0], _mm512_loadu_si512((const void *)xt));
-                __m512i i1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v[1], _mm512_loadu_si512((const void *)(xt + 64)));
-                for (int c = 2; c < 8; c += 2) {
-                    i0 = _mm512_dpbusd_epi32(i0, v[c], _mm512_loadu_si512((const void *)(xt + 64 * c)));
-                    i1 = _mm512_dpbusd_epi32(i1, v[c + 1], _mm512_loadu_si512((const void *)(xt + 64 * c + 64)));
-                }
+                const __m512i dots = slmkit_sb_dots(v, xqt + ((size_t)t * sbs + b) * SB);
                 const size_t f = (size_t)t * nb + (size_t)b * 16;
                 const __m512 sc = _mm512_mul_ps(sv, _mm512_loadu_ps(xs + f));
-                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(i0, i1)), sc, acc[t]);
+                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots), sc, acc[t]);
                 acc[t] = _mm512_fmadd_ps(mv, _mm512_loadu_ps(xsum + f), _mm512_fnmadd_ps(sv, _mm512_loadu_ps(xcorr + f), acc[t]));
             }
         }
@@ -314,30 +278,33 @@ static inline void rows_kernel(const uint8_t *q, const uint16_t *s, const uint16
 /* Rows [r0, r1) of y (M x N, row stride ldy) = W x for activations already quantised, SB_TOKENS tokens at a time.
  * The activations' superblocks are transposed once per call (into this thread's scratch), so a caller should
  * pass each thread's whole share of rows in one call. Without the scratch every group goes chunk by chunk
- * (the same values up to the order of fp32 additions). */
+ * (the same values within fp32 rounding). */
 void slmkit_q4_rows(const uint8_t *q, const uint16_t *s, const uint16_t *m, int K, const int8_t *xq, const float *xs,
                     const float *xsum, const float *xcorr, int M, int r0, int r1, void *y, int ldy, int y_bf16) {
     const int nb = K / GROUP, sbs = K / SB;
     int8_t *xqt = sbs ? (int8_t *)slmkit_scratch(SCR_Q4T, (size_t)M * sbs * SB) : NULL;
     const int nsb = xqt ? sbs : 0;
-    if (xqt) transpose_acts(xq, M, K, xqt);
-    for (int t0 = 0; t0 < M; t0 += SB_TOKENS) {
-        const int T = M - t0 < SB_TOKENS ? M - t0 : SB_TOKENS;
-        const int8_t *xqa = xq + (size_t)t0 * K, *xqb = xqt ? xqt + (size_t)t0 * sbs * SB : NULL;
-        const float *xst = xs + (size_t)t0 * nb, *xsumt = xsum + (size_t)t0 * nb, *xct = xcorr + (size_t)t0 * nb;
-        void *o = y_bf16 ? (void *)((uint16_t *)y + (size_t)t0 * ldy) : (void *)((float *)y + (size_t)t0 * ldy);
-#define ROWS(n) rows_kernel(q, s, m, K, xqa, xqb, nsb, xst, xsumt, xct, n, r0, r1, o, ldy, y_bf16)
-        switch (T) {
-        case 1: ROWS(1); break;
-        case 2: ROWS(2); break;
-        case 3: ROWS(3); break;
-        case 4: ROWS(4); break;
-        case 5: ROWS(5); break;
-        case 6: ROWS(6); break;
-        case 7: ROWS(7); break;
-        default: ROWS(8); break;
-        }
+    if (xqt) slmkit_transpose_acts(xq, M, K, xqt);
+    for (int ra = r0; ra < r1; ra += 8) { /* 8 rows at a time, every token pass over them while they are in cache */
+        const int rb = ra + 8 < r1 ? ra + 8 : r1;
+        for (int t0 = 0; t0 < M; t0 += SB_TOKENS) {
+            const int T = M - t0 < SB_TOKENS ? M - t0 : SB_TOKENS;
+            const int8_t *xqa = xq + (size_t)t0 * K, *xqb = xqt ? xqt + (size_t)t0 * sbs * SB : NULL;
+            const float *xst = xs + (size_t)t0 * nb, *xsumt = xsum + (size_t)t0 * nb, *xct = xcorr + (size_t)t0 * nb;
+            void *o = y_bf16 ? (void *)((uint16_t *)y + (size_t)t0 * ldy) : (void *)((float *)y + (size_t)t0 * ldy);
+#define ROWS(n) rows_kernel(q, s, m, K, xqa, xqb, nsb, xst, xsumt, xct, n, ra, rb, o, ldy, y_bf16)
+            switch (T) {
+            case 1: ROWS(1); break;
+            case 2: ROWS(2); break;
+            case 3: ROWS(3); break;
+            case 4: ROWS(4); break;
+            case 5: ROWS(5); break;
+            case 6: ROWS(6); break;
+            case 7: ROWS(7); break;
+            default: ROWS(8); break;
+            }
 #undef ROWS
+        }
     }
 }
 #else
@@ -345,16 +312,19 @@ void slmkit_q4_rows(const uint8_t *q, const uint16_t *s, const uint16_t *m, int 
 void slmkit_q4_rows(const uint8_t *q, const uint16_t *s, const uint16_t *m, int K, const int8_t *xq, const float *xs,
                     const float *xsum, const float *xcorr, int M, int r0, int r1, void *y, int ldy, int y_bf16) {
     const int nb = K / GROUP;
-    for (int t0 = 0; t0 < M; t0 += 4) {
-        int T = M - t0 < 4 ? M - t0 : 4;
-        const int8_t *xqt = xq + (size_t)t0 * K;
-        const float *xst = xs + (size_t)t0 * nb, *xsumt = xsum + (size_t)t0 * nb, *xct = xcorr + (size_t)t0 * nb;
-        void *o = y_bf16 ? (void *)((uint16_t *)y + (size_t)t0 * ldy) : (void *)((float *)y + (size_t)t0 * ldy);
-        switch (T) {
-        case 1: rows_kernel(q, s, m, K, xqt, xst, xsumt, xct, 1, r0, r1, o, ldy, y_bf16); break;
-        case 2: rows_kernel(q, s, m, K, xqt, xst, xsumt, xct, 2, r0, r1, o, ldy, y_bf16); break;
-        case 3: rows_kernel(q, s, m, K, xqt, xst, xsumt, xct, 3, r0, r1, o, ldy, y_bf16); break;
-        default: rows_kernel(q, s, m, K, xqt, xst, xsumt, xct, 4, r0, r1, o, ldy, y_bf16); break;
+    for (int ra = r0; ra < r1; ra += 8) { /* 8 rows at a time, every token pass over them while they are in cache */
+        const int rb = ra + 8 < r1 ? ra + 8 : r1;
+        for (int t0 = 0; t0 < M; t0 += 4) {
+            int T = M - t0 < 4 ? M - t0 : 4;
+            const int8_t *xqt = xq + (size_t)t0 * K;
+            const float *xst = xs + (size_t)t0 * nb, *xsumt = xsum + (size_t)t0 * nb, *xct = xcorr + (size_t)t0 * nb;
+            void *o = y_bf16 ? (void *)((uint16_t *)y + (size_t)t0 * ldy) : (void *)((float *)y + (size_t)t0 * ldy);
+            switch (T) {
+            case 1: rows_kernel(q, s, m, K, xqt, xst, xsumt, xct, 1, ra, rb, o, ldy, y_bf16); break;
+            case 2: rows_kernel(q, s, m, K, xqt, xst, xsumt, xct, 2, ra, rb, o, ldy, y_bf16); break;
+            case 3: rows_kernel(q, s, m, K, xqt, xst, xsumt, xct, 3, ra, rb, o, ldy, y_bf16); break;
+            default: rows_kernel(q, s, m, K, xqt, xst, xsumt, xct, 4, ra, rb, o, ldy, y_bf16); break;
+            }
         }
     }
 }
@@ -362,15 +332,15 @@ void slmkit_q4_rows(const uint8_t *q, const uint16_t *s, const uint16_t *m, int 
 #endif
 
 /* y (M x N) = W x for activations already quantised, rows split across the team in contiguous shares of whole
- * 8-row tiles (one slmkit_q4_rows call per thread: it transposes the activations once), then a barrier; outside a
- * parallel region the calling thread does every row. */
+ * 8-row tiles (one slmkit_q4_rows call per thread: it transposes the activations once); outside a parallel
+ * region the calling thread does every row. */
 static void mm_tiles(const uint8_t *q, const uint16_t *s, const uint16_t *m, int K, const int8_t *xq, const float *xs,
                      const float *xsum, const float *xcorr, int M, int N, void *y, int y_bf16) {
     const int tile = 8;
     int lo, hi;
     slmkit_share((N + tile - 1) / tile, &lo, &hi);
-    if (lo < hi) slmkit_q4_rows(q, s, m, K, xq, xs, xsum, xcorr, M, lo * tile, hi * tile < N ? hi * tile : N, y, N, y_bf16);
-#pragma omp barrier
+    if (lo < hi)
+        slmkit_q4_rows(q, s, m, K, xq, xs, xsum, xcorr, M, lo * tile, hi * tile < N ? hi * tile : N, y, N, y_bf16);
 }
 
 /* y (M x N) = x (M x K) @ W^T. x and y are fp32, or bf16 when the flag is set. Returns 0 on success. */
