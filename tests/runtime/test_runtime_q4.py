@@ -196,3 +196,32 @@ def test_many_tokens_use_a_bf16_matmul_on_the_dequantised_weight():
     assert torch.equal(Q.linear(x2, q2, s2, m2), Q.matmul(x2, q2, s2, m2))
     few = Q.linear(x[:2], q, s, m)  # below the threshold: the int8 dot-product kernel
     assert torch.equal(few, Q.matmul(x[:2], q, s, m))
+
+
+@needs_kernel
+def test_fused_step_at_superblock_widths(tiny_tok):
+    """A model whose matrices have 512+ inputs (hidden 576 as the default model, MLP 1152: superblocks plus a chunked
+    tail) through the fused step: the dequantised model's logits up to int8 activations, and each sequence's logits
+    bitwise the same alone or batched with others (the server's batch invariance)."""
+    from slmkit.models.tiny import tiny_llama_config, tiny_model
+
+    model = tiny_model(tiny_llama_config(tiny_tok, layers=1, hidden=576, heads=9, kv_heads=3, initializer_range=0.05), seed=2)
+    fm = G.build(model, G.FastConfig(weights="int4"))
+    assert fm.fused is not None
+    ref_model = _dequantised_copy(model)
+    prompts = [tiny_tok(t, return_tensors="pt").input_ids[0] for t in ("The cat sees the", "A dog likes green apples. It is")]
+    alone = []
+    for p in prompts:
+        c = fm.new_cache(context=len(p) + 4)
+        G.prefill(fm, p, c)
+        logits = G.decode_one_token(fm, 7, c)
+        with torch.no_grad():
+            ref = torch.log_softmax(ref_model(input_ids=torch.cat([p, torch.tensor([7])])[None]).logits[0, -1], -1)
+        got = torch.log_softmax(logits, -1)
+        assert float((ref.exp() * (ref - got)).sum()) < 0.02
+        alone.append(logits)
+    caches = [fm.new_cache(context=len(p) + 4) for p in prompts]
+    for p, c in zip(prompts, caches):
+        G.prefill(fm, p, c)
+    together = G.forward(fm, [G.Segment(torch.tensor([7]), c) for c in caches])
+    assert all(torch.equal(a, b) for a, b in zip(alone, together))
