@@ -68,6 +68,7 @@ ORDER = ("avx512", "avx2", "neon", "portable")  #: best first
 ENV = settings.KERNEL  #: forces a variant
 CPUINFO = Path("/proc/cpuinfo")  #: where :func:`cpu_flags` reads the CPU's flags
 GROUP = 32
+SUPERBLOCK = 512  #: inputs per superblock of the avx512 kernel (16 groups; SB in kernels/common.h)
 
 _lib: ctypes.CDLL | None = None
 _why: str | None = None  # why the kernel is unavailable (None: not tried yet, or available)
@@ -302,7 +303,7 @@ def f32_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
 #: (AMX / AVX512-BF16 kernels): long prompts are compute-bound, decode steps bandwidth-bound. This is the
 #: per-chunk kernels' crossover; :data:`DEQUANT_FROM_TOKENS_BY_VARIANT` holds the variants that differ.
 DEQUANT_FROM_TOKENS = 32
-#: the avx512 kernel's superblocks (q4.c: matrices of at least 512 inputs) keep int8 ahead until about 64 tokens: a
+#: the avx512 kernel's superblocks (q4.c: matrices of at least SUPERBLOCK inputs) keep int8 ahead until about 64 tokens: a
 #: whole prompt through the default model's int4 fast path, int8 / dequantised bf16 time 0.82 at 48 tokens, 0.99 at
 #: 64, 1.07 at 80 (docs/benchmarks.md)
 DEQUANT_FROM_TOKENS_BY_VARIANT = {"avx512": 64}
@@ -311,7 +312,7 @@ DEQUANT_FROM_TOKENS_BY_VARIANT = {"avx512": 64}
 def dequant_from_tokens(k: int) -> int:
     """Tokens per call from which :func:`linear` takes the bf16 matmul for a weight of ``k`` inputs, on the loaded
     kernel variant (narrower matrices have no superblocks and keep :data:`DEQUANT_FROM_TOKENS`)."""
-    if k < 512:
+    if k < SUPERBLOCK:
         return DEQUANT_FROM_TOKENS
     return DEQUANT_FROM_TOKENS_BY_VARIANT.get(variant() or "", DEQUANT_FROM_TOKENS)
 

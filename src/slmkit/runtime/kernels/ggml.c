@@ -476,7 +476,7 @@ int slmkit_gg_matmul(const void *x, int x_bf16, int M, int K, int type, const ui
     const slmkit_gg_act a = {xq, xs, xsum, xc32, xc16, xs16};
     const int tile = 8, ntiles = (N + tile - 1) / tile;
 #pragma omp parallel
-    { /* contiguous shares of whole tiles, one slmkit_gg_rows call per thread (it transposes the activations once) */
+    { /* contiguous shares of whole tiles, one slmkit_gg_rows call per thread (as decode.c's mm_segs) */
         int lo, hi;
         slmkit_share(ntiles, &lo, &hi);
         if (lo < hi) slmkit_gg_rows(type, w, K, &a, M, lo * tile, hi * tile < N ? hi * tile : N, y, N, y_bf16);

@@ -162,30 +162,33 @@ __attribute__((optimize("fp-contract=off"))) void slmkit_q4_quantize(const void 
  * and token remain (was: one each per chunk and token). The activations are transposed the same way once
  * per call (slmkit_transpose_acts), so the weight transposition is shared by every token of the call. Each
  * token's arithmetic does not depend on how many tokens share the call (batch invariance of the server). */
-#define SB_TOKENS 8 /* tokens per pass over the weights */
+#define PASS_TOKENS 8 /* tokens per pass over the weights */
 
-/* T tokens (1..SB_TOKENS) against rows [r0, r1): y[t, r]. The first nsb superblocks of each row use the
+/* The 64 codes of the 64-wide chunk at p (32 bytes, layout above) in input order, one byte each. */
+static inline __m512i q4_chunk(const uint8_t *p) {
+    const __m256i lowmask = _mm256_set1_epi8(0x0F), raw = _mm256_loadu_si256((const __m256i *)p);
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(raw, lowmask)),
+                              _mm256_and_si256(_mm256_srli_epi16(raw, 4), lowmask), 1);
+}
+
+/* T tokens (1..PASS_TOKENS) against rows [r0, r1): y[t, r]. The first nsb superblocks of each row use the
  * transposed activations xqt (M rows of nsb blocks; any nsb <= K / SB); the remaining groups go chunk by chunk. */
 static inline void rows_kernel(const uint8_t *q, const uint16_t *s, const uint16_t *m, int K, const int8_t *xq,
                                const int8_t *xqt, int nsb, const float *xs, const float *xsum, const float *xcorr,
                                int T, int r0, int r1, void *out, int ldo, int out_bf16) {
     const int nb = K / GROUP, g0 = nsb * (SB / GROUP), sbs = K / SB;
-    const __m256i lowmask = _mm256_set1_epi8(0x0F);
-    float comb[SB_TOKENS][SB / GROUP]; /* the chunked tail: s_b * xs_b per token (fewer than 16 groups, or all without xqt) */
+    float comb[PASS_TOKENS][SB / GROUP]; /* the chunked tail: s_b * xs_b per token (fewer than 16 groups, or all without xqt) */
     for (int r = r0; r < r1; r++) {
         const uint8_t *qr = q + (size_t)r * (K / 2);
         const uint16_t *sr = s + (size_t)r * nb, *mr = m + (size_t)r * nb;
-        __m512 acc[SB_TOKENS];
+        __m512 acc[PASS_TOKENS];
         for (int t = 0; t < T; t++) acc[t] = _mm512_setzero_ps();
         for (int b = 0; b < nsb; b++) {
             __m512i v[8];
             for (int c = 0; c < 8; c++) {
                 const uint8_t *p = qr + (size_t)b * (SB / 2) + 32 * c;
                 _mm_prefetch((const char *)p + PREFETCH_BYTES, _MM_HINT_T0); /* rows stream: fetch ahead */
-                __m256i raw = _mm256_loadu_si256((const __m256i *)p);
-                __m256i lo = _mm256_and_si256(raw, lowmask);
-                __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), lowmask);
-                v[c] = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+                v[c] = q4_chunk(p);
             }
             slmkit_transpose_sb(v);
             const __m512 sv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sr + b * 16)));
@@ -213,10 +216,7 @@ static inline void rows_kernel(const uint8_t *q, const uint16_t *s, const uint16
             const int c1 = (b + 16 < nb ? b + 16 : nb) / 2;
             for (int c = b / 2; c < c1; c++) {
                 _mm_prefetch((const char *)(qr + 32 * c) + PREFETCH_BYTES, _MM_HINT_T0);
-                __m256i raw = _mm256_loadu_si256((const __m256i *)(qr + 32 * c));
-                __m256i lo = _mm256_and_si256(raw, lowmask);
-                __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), lowmask);
-                __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+                const __m512i w = q4_chunk(qr + 32 * c);
                 const int j = 2 * c - b;
                 for (int t = 0; t < T; t++) {
                     __m512i xv = _mm512_loadu_si512((const void *)(xq + (size_t)t * K + 64 * c));
@@ -236,9 +236,13 @@ static inline void rows_kernel(const uint8_t *q, const uint16_t *s, const uint16
 }
 #else
 /* T tokens (1..4) against rows [r0, r1): the generic path (simd.h), two 32-input groups per chunk. */
-static inline void rows_kernel(const uint8_t *q, const uint16_t *s, const uint16_t *m, int K,
-                               const int8_t *xq, const float *xs, const float *xsum, const float *xcorr, int T,
-                               int r0, int r1, void *out, int ldo, int out_bf16) {
+#define PASS_TOKENS 4 /* tokens per pass over the weights */
+
+/* (xqt and nsb: the avx512 build's superblocks; unused here.) */
+static inline void rows_kernel(const uint8_t *q, const uint16_t *s, const uint16_t *m, int K, const int8_t *xq,
+                               const int8_t *xqt, int nsb, const float *xs, const float *xsum, const float *xcorr,
+                               int T, int r0, int r1, void *out, int ldo, int out_bf16) {
+    (void)xqt, (void)nsb;
     const int nb = K / GROUP, nc = K / 64;
     float comb[4][SLMKIT_MAX_K / GROUP], sf[SLMKIT_MAX_K / GROUP], mf[SLMKIT_MAX_K / GROUP];
     for (int r = r0; r < r1; r++) {
@@ -274,22 +278,29 @@ static inline void rows_kernel(const uint8_t *q, const uint16_t *s, const uint16
 }
 #endif
 
-#if defined(SLMKIT_AVX512)
-/* Rows [r0, r1) of y (M x N, row stride ldy) = W x for activations already quantised, SB_TOKENS tokens at a time.
- * The activations' superblocks are transposed once per call (into this thread's scratch), so a caller should
- * pass each thread's whole share of rows in one call. Without the scratch every group goes chunk by chunk
- * (the same values within fp32 rounding). */
+/* Rows [r0, r1) of y (M x N, row stride ldy) = W x for activations already quantised, PASS_TOKENS tokens at a time,
+ * 8 rows at a time with every token pass over them while they are in cache. The avx512 build transposes the
+ * activations' superblocks once per call (into this thread's scratch), so a caller should pass each thread's whole
+ * share of rows in one call; without the scratch every group goes chunk by chunk (the same values within fp32
+ * rounding). */
 void slmkit_q4_rows(const uint8_t *q, const uint16_t *s, const uint16_t *m, int K, const int8_t *xq, const float *xs,
                     const float *xsum, const float *xcorr, int M, int r0, int r1, void *y, int ldy, int y_bf16) {
-    const int nb = K / GROUP, sbs = K / SB;
-    int8_t *xqt = sbs ? (int8_t *)slmkit_scratch(SCR_Q4T, (size_t)M * sbs * SB) : NULL;
-    const int nsb = xqt ? sbs : 0;
-    if (xqt) slmkit_transpose_acts(xq, M, K, xqt);
-    for (int ra = r0; ra < r1; ra += 8) { /* 8 rows at a time, every token pass over them while they are in cache */
+    const int nb = K / GROUP;
+    int8_t *xqt = NULL;
+    size_t xqt_row = 0; /* transposed bytes per token */
+    int nsb = 0;        /* superblocks per row read from xqt */
+#if defined(SLMKIT_AVX512)
+    xqt_row = (size_t)(K / SB) * SB;
+    if (xqt_row && (xqt = (int8_t *)slmkit_scratch(SCR_Q4T, (size_t)M * xqt_row))) {
+        slmkit_transpose_acts(xq, M, K, xqt);
+        nsb = K / SB;
+    }
+#endif
+    for (int ra = r0; ra < r1; ra += 8) {
         const int rb = ra + 8 < r1 ? ra + 8 : r1;
-        for (int t0 = 0; t0 < M; t0 += SB_TOKENS) {
-            const int T = M - t0 < SB_TOKENS ? M - t0 : SB_TOKENS;
-            const int8_t *xqa = xq + (size_t)t0 * K, *xqb = xqt ? xqt + (size_t)t0 * sbs * SB : NULL;
+        for (int t0 = 0; t0 < M; t0 += PASS_TOKENS) {
+            const int T = M - t0 < PASS_TOKENS ? M - t0 : PASS_TOKENS;
+            const int8_t *xqa = xq + (size_t)t0 * K, *xqb = xqt ? xqt + (size_t)t0 * xqt_row : NULL;
             const float *xst = xs + (size_t)t0 * nb, *xsumt = xsum + (size_t)t0 * nb, *xct = xcorr + (size_t)t0 * nb;
             void *o = y_bf16 ? (void *)((uint16_t *)y + (size_t)t0 * ldy) : (void *)((float *)y + (size_t)t0 * ldy);
 #define ROWS(n) rows_kernel(q, s, m, K, xqa, xqb, nsb, xst, xsumt, xct, n, ra, rb, o, ldy, y_bf16)
@@ -297,39 +308,18 @@ void slmkit_q4_rows(const uint8_t *q, const uint16_t *s, const uint16_t *m, int 
             case 1: ROWS(1); break;
             case 2: ROWS(2); break;
             case 3: ROWS(3); break;
+#if PASS_TOKENS > 4
             case 4: ROWS(4); break;
             case 5: ROWS(5); break;
             case 6: ROWS(6); break;
             case 7: ROWS(7); break;
-            default: ROWS(8); break;
+#endif
+            default: ROWS(PASS_TOKENS); break;
             }
 #undef ROWS
         }
     }
 }
-#else
-/* Rows [r0, r1) of y (M x N, row stride ldy) = W x for activations already quantised, four tokens at a time. */
-void slmkit_q4_rows(const uint8_t *q, const uint16_t *s, const uint16_t *m, int K, const int8_t *xq, const float *xs,
-                    const float *xsum, const float *xcorr, int M, int r0, int r1, void *y, int ldy, int y_bf16) {
-    const int nb = K / GROUP;
-    for (int ra = r0; ra < r1; ra += 8) { /* 8 rows at a time, every token pass over them while they are in cache */
-        const int rb = ra + 8 < r1 ? ra + 8 : r1;
-        for (int t0 = 0; t0 < M; t0 += 4) {
-            int T = M - t0 < 4 ? M - t0 : 4;
-            const int8_t *xqt = xq + (size_t)t0 * K;
-            const float *xst = xs + (size_t)t0 * nb, *xsumt = xsum + (size_t)t0 * nb, *xct = xcorr + (size_t)t0 * nb;
-            void *o = y_bf16 ? (void *)((uint16_t *)y + (size_t)t0 * ldy) : (void *)((float *)y + (size_t)t0 * ldy);
-            switch (T) {
-            case 1: rows_kernel(q, s, m, K, xqt, xst, xsumt, xct, 1, ra, rb, o, ldy, y_bf16); break;
-            case 2: rows_kernel(q, s, m, K, xqt, xst, xsumt, xct, 2, ra, rb, o, ldy, y_bf16); break;
-            case 3: rows_kernel(q, s, m, K, xqt, xst, xsumt, xct, 3, ra, rb, o, ldy, y_bf16); break;
-            default: rows_kernel(q, s, m, K, xqt, xst, xsumt, xct, 4, ra, rb, o, ldy, y_bf16); break;
-            }
-        }
-    }
-}
-
-#endif
 
 /* y (M x N) = W x for activations already quantised, rows split across the team in contiguous shares of whole
  * 8-row tiles (one slmkit_q4_rows call per thread: it transposes the activations once); outside a parallel
@@ -371,12 +361,8 @@ void slmkit_q4_dequant_bf16(const uint8_t *q, const uint16_t *s, const uint16_t 
         const uint8_t *qr = q + (size_t)r * (K / 2);
         uint16_t *o = out + (size_t)r * K;
         for (int c = 0; c < nc; c++) {
-            __m256i raw = _mm256_loadu_si256((const __m256i *)(qr + 32 * c));
-            __m256i lo = _mm256_and_si256(raw, _mm256_set1_epi8(0x0F));
-            __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), _mm256_set1_epi8(0x0F));
             uint8_t codes[64];
-            _mm256_storeu_si256((__m256i *)codes, lo);
-            _mm256_storeu_si256((__m256i *)(codes + 32), hi);
+            _mm512_storeu_si512((void *)codes, q4_chunk(qr + 32 * c));
             for (int half = 0; half < 2; half++) { /* group 2c + half: 32 codes */
                 const int b = 2 * c + half;
                 const float sv = _cvtsh_ss(s[(size_t)r * nb + b]), mv = _cvtsh_ss(m[(size_t)r * nb + b]);
