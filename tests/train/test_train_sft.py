@@ -79,6 +79,36 @@ def test_loss_gradient_is_zero_outside_assistant_tokens(tiny_llama, tiny_tok):
     assert torch.allclose(loss.detach(), manual, atol=1e-5)
 
 
+def test_labelled_loss_equals_the_full_logits_loss_with_its_gradients(tiny_llama, tiny_tok):
+    """The CPU loss scores only the labelled positions; a right-padded batch of rows whose assistant turns sit at
+    different positions gives the loss and the gradients of the full-logits loss (transformers' own)."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from slmkit.train.sft import labelled_loss
+
+    model, _ = tiny_llama
+    rows = [tokenize_chat(tiny_tok, CONV), tokenize_chat(tiny_tok, toy_convs(1)[0])]
+    batch = DataCollatorForLanguageModeling(pad_token_id=tiny_tok.pad_token_id)(rows)
+    assert batch["input_ids"].shape[1] > len(rows[1]["input_ids"])  # the short row is padded
+
+    def grads(loss):
+        model.zero_grad()
+        loss.backward()
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    full = model(**batch, use_cache=False).loss
+    g_full = grads(full)
+    mine, correct, n = labelled_loss(model, batch)
+    g_mine = grads(mine)
+    assert n == int((batch["labels"][:, 1:] != -100).sum()) and 0 <= correct <= n
+    assert torch.allclose(mine, full, atol=1e-5)
+    assert len(g_mine) == len(g_full) and all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g_mine, g_full))
+    # with the Trainer's token count of an accumulated batch, the sum is divided by that count instead
+    half, _, _ = labelled_loss(model, batch, num_items_in_batch=2 * n)
+    assert torch.allclose(half, full / 2, atol=1e-5)
+    model.zero_grad()
+
+
 def test_packed_rows_keep_examples_apart(tiny_llama, tiny_tok):
     """Loss on a packed row (position ids restart per example) equals the loss of the examples alone."""
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
