@@ -106,6 +106,12 @@ def test_labelled_loss_equals_the_full_logits_loss_with_its_gradients(tiny_llama
     # with the Trainer's token count of an accumulated batch, the sum is divided by that count instead
     half, _, _ = labelled_loss(model, batch, num_items_in_batch=2 * n)
     assert torch.allclose(half, full / 2, atol=1e-5)
+    # a packed row (padding-free: position ids, no attention mask) as well
+    packed = {"input_ids": sum((r["input_ids"] for r in rows), []), "labels": sum((r["labels"] for r in rows), []),
+              "seq_lengths": [len(r["input_ids"]) for r in rows]}
+    pb = DataCollatorForLanguageModeling(pad_token_id=tiny_tok.pad_token_id, padding_free=True)([packed])
+    with torch.no_grad():
+        assert torch.allclose(labelled_loss(model, pb)[0], model(**pb, use_cache=False).loss, atol=1e-5)
     model.zero_grad()
 
 

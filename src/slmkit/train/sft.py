@@ -346,6 +346,9 @@ def labelled_loss(model, inputs: dict, num_items_in_batch=None) -> tuple[torch.T
     trained = target != -100
     at = trained.any(0).nonzero().squeeze(-1)  # positions whose next token some row trains
     logits = model(**{k: v for k, v in inputs.items() if k != "labels"}, use_cache=False, logits_to_keep=at).logits
+    if logits.shape[1] != at.numel():
+        raise UnsupportedModelError(f"{type(model).__name__} ignores logits_to_keep (returned {logits.shape[1]} positions, "
+                                    f"asked for {at.numel()})", "train it on a GPU, where TRL's loss is used")
     picked = target[:, at]
     total = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), picked.flatten(), ignore_index=-100, reduction="sum")
     n = int(trained.sum())
@@ -358,18 +361,23 @@ def _trainer_class(base):
     """``base`` (TRL's ``SFTTrainer``) with :func:`labelled_loss` where TRL would score every position.
 
     TRL's fused LM head scores only the labelled positions on devices with Triton (CUDA, XPU); elsewhere (the CPU)
-    it projects every position onto the vocabulary in fp32 tiles, which took 80% of a Gemma 3 270M LoRA step here.
+    it projects every position onto the vocabulary in vocabulary tiles, which took 80% of a Gemma 3 270M LoRA step
+    here. TRL's own loss still runs for what this one does not do (a custom loss, label smoothing, DFT, MoE auxiliary
+    losses, returned outputs). Logged on the CPU path: ``mean_token_accuracy``, not TRL's ``entropy`` or ``num_tokens``.
     """
 
     class Trainer(base):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if return_outputs or next(model.parameters()).device.type in ("cuda", "xpu"):
+            own = not (return_outputs or self.compute_loss_func is not None or self.label_smoother is not None
+                       or self.args.loss_type != "nll" or self.aux_loss_enabled)
+            if not own or next(model.parameters()).device.type in ("cuda", "xpu"):
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             loss, correct, n = labelled_loss(model, inputs, num_items_in_batch)
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 loss = loss * self.accelerator.num_processes  # DDP averages the gradients; as TRL's compute_loss
             mode = "train" if model.training else "eval"
-            totals = self.accelerator.gather_for_metrics(torch.tensor([correct, n], device=loss.device)).view(-1, 2).sum(0)
+            # gather, not gather_for_metrics: that one cuts the last batch's gathered rows to the dataset's remainder
+            totals = self.accelerator.gather(torch.tensor([correct, n], device=loss.device)).view(-1, 2).sum(0)
             self._metrics[mode]["mean_token_accuracy"].append(float(totals[0] / totals[1]) if totals[1] > 0 else 0.0)
             return loss
 
