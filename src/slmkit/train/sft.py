@@ -10,7 +10,8 @@ as the server renders a request (:func:`slmkit.runtime.tools.render`: the templa
 support, or the documented fallback prompt); the assistant's calls and answers are trained, the
 system prompt listing the functions, the user turns and the ``tool`` results are not.
 Sequences can be packed (TRL's best-fit-decreasing packing; attention stays
-within each packed example through position ids).
+within each packed example through position ids). On the CPU the loss runs the LM head on the
+labelled positions only (:func:`labelled_loss`); TRL's fused head scores every position there.
 
 LoRA: Hu et al. 2021 (arXiv:2106.09685), ``W x + (alpha / r) B A x`` with
 ``A`` (r, in) and ``B`` (out, r), from PEFT. QLoRA (Dettmers et al. 2023)
@@ -352,7 +353,7 @@ def labelled_loss(model, inputs: dict, num_items_in_batch=None) -> tuple[torch.T
     picked = target[:, at]
     total = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), picked.flatten(), ignore_index=-100, reduction="sum")
     n = int(trained.sum())
-    count = num_items_in_batch if num_items_in_batch is not None else max(n, 1)
+    count = num_items_in_batch if num_items_in_batch is not None else n
     correct = int(((logits.argmax(-1) == picked) & (picked != -100)).sum())
     return total / torch.as_tensor(count, device=total.device).clamp(min=1), correct, n
 
